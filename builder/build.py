@@ -1,0 +1,184 @@
+"""`llmc build`: source → normalised spec → weights in the target dtype → artifact directory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import llmc
+from llmc.artifacts.files import sha256_file
+from llmc.artifacts.manifest import (
+    FORMAT_VERSION,
+    BuildInfo,
+    FileInfo,
+    GenerationDefaults,
+    Manifest,
+    SourceInfo,
+    TokenizerInfo,
+)
+from llmc.artifacts.writer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, ArtifactWriter
+from llmc.builder.arch import spec_from_config
+from llmc.builder.sources import ModelSource, open_source
+from llmc.errors import BadInputError, BadModelError
+from llmc.logs import get_logger
+from llmc.runtime.model import CausalLM
+
+log = get_logger("llmc.builder")
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+TARGETS = ("cpu",)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str | None
+    gguf_file: str | None
+    weights: str | None
+    output: Path
+    dtype: str = "auto"
+    target: str = "cpu"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    manifest: Manifest
+    seconds: float
+
+    def summary(self) -> dict[str, object]:
+        m = self.manifest
+        params = sum(_numel(t.shape) for t in m.tensors)
+        return {
+            "ok": True,
+            "output": str(self.output),
+            "model_name": m.model_name,
+            "architecture": m.model.architecture,
+            "dtype": m.dtype,
+            "target": m.target,
+            "format_version": m.format_version,
+            "parameters": params,
+            "tensors": len(m.tensors),
+            "bytes": sum(f.size for f in m.files),
+            "files": {f.path: f.sha256 for f in m.files},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _resolve_dtype(option: str, target: str) -> str:
+    if option != "auto":
+        if option not in DTYPES:
+            raise BadInputError(f"--dtype {option!r} is not one of auto, {', '.join(DTYPES)}")
+        return option
+    # On CPUs f32 matmuls are the fast unquantized path (bf16 needs AMX/AVX512-BF16 to pay off).
+    return "f32" if target == "cpu" else "bf16"
+
+
+def _expected_shapes(source: ModelSource) -> dict[str, list[int]]:
+    spec = spec_from_config(source.config)
+    with torch.device("meta"):
+        model = CausalLM(spec, max_positions=1)
+    return {name: list(p.shape) for name, p in model.named_parameters(remove_duplicate=True)}
+
+
+def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
+    started = time.perf_counter()
+    if options.target not in TARGETS:
+        raise BadInputError(f"--target {options.target!r} is not supported; supported: {', '.join(TARGETS)}")
+    dtype_name = _resolve_dtype(options.dtype, options.target)
+    dtype = DTYPES[dtype_name]
+    source = open_source(options.model, options.gguf_file, options.weights)
+    spec = spec_from_config(source.config)
+    expected = _expected_shapes(source)
+    available = source.tensors()
+    if spec.tie_word_embeddings:
+        available.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(available))
+    unexpected = sorted(set(available) - set(expected))
+    if missing or unexpected:
+        raise BadModelError(f"model tensors do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if available[name].shape != shape:
+            raise BadModelError(f"tensor {name} has shape {available[name].shape}, its config implies {shape}")
+    log.info("build.source", kind=source.kind, name=source.name, architecture=spec.architecture, dtype=dtype_name)
+
+    writer = ArtifactWriter(options.output)
+    try:
+        done = 0
+        total = len(expected)
+
+        def tick(name: str) -> None:
+            nonlocal done
+            done += 1
+            if on_progress is not None:
+                on_progress(name, done, total)
+
+        writer.write_weights(
+            {name: (dtype, shape) for name, shape in expected.items()},
+            lambda name: source.load(name).to(dtype),
+            on_tensor=tick,
+        )
+        tok = source.tokenizer
+        writer.write_bytes(TOKENIZER_FILE, tok.tokenizer_json)
+        if tok.chat_template is not None:
+            writer.write_bytes(CHAT_TEMPLATE_FILE, tok.chat_template.encode("utf-8"))
+        gen = source.generation_config
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model_name=options.name or _default_name(source.name),
+            target=options.target,
+            dtype=dtype_name,
+            model=spec,
+            tokenizer=TokenizerInfo(
+                file=TOKENIZER_FILE,
+                chat_template_file=CHAT_TEMPLATE_FILE if tok.chat_template is not None else None,
+                bos_token=tok.bos_token,
+                eos_token=tok.eos_token,
+                eos_token_ids=tok.eos_token_ids,
+                add_bos_token=tok.add_bos_token,
+            ),
+            generation=GenerationDefaults(
+                temperature=float(gen.get("temperature", 1.0)),
+                top_p=float(gen.get("top_p", 1.0)),
+                top_k=int(gen.get("top_k", 0) or 0),
+            ),
+            tensors=writer.tensors,
+            files=writer.file_infos(),
+            build=BuildInfo(
+                llmc_version=llmc.__version__,
+                source=SourceInfo(
+                    kind=source.kind,
+                    name=source.name,
+                    files=[_input_file_info(p) for p in source.input_files],
+                ),
+                flags={"dtype": dtype_name, "target": options.target},
+                torch_version=torch.__version__.split("+")[0],
+            ),
+        )
+        writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - started
+    log.info("build.done", output=str(options.output), seconds=round(seconds, 3))
+    return BuildResult(options.output, manifest, seconds)
+
+
+def _default_name(source_name: str) -> str:
+    name = Path(source_name).name if Path(source_name).exists() else source_name
+    return name.removesuffix(".gguf")
+
+
+def _input_file_info(path: Path) -> FileInfo:
+    return FileInfo(path=path.name, size=path.stat().st_size, sha256=sha256_file(path))

@@ -1,0 +1,44 @@
+"""What every model source gives the builder: an HF-style config, a tokenizer, and lazy tensors."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenizerBundle:
+    tokenizer_json: bytes
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    eos_token_ids: list[int]
+    add_bos_token: bool
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: list[int]
+    dtype: torch.dtype  # the dtype `load` returns, before the build's dtype conversion
+
+
+@dataclass
+class ModelSource(abc.ABC):
+    kind: str
+    name: str
+    config: dict[str, Any]
+    tokenizer: TokenizerBundle
+    generation_config: dict[str, Any]
+    input_files: list[Path] = field(default_factory=list)
+
+    @abc.abstractmethod
+    def tensors(self) -> dict[str, TensorMeta]:
+        """Canonical (HF Llama-layout) tensor names and what `load` returns for each."""
+
+    @abc.abstractmethod
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor in canonical layout; sources read lazily so only one shard is ever resident."""

@@ -1,0 +1,1 @@
+"""Compute kernels. Each has a plain-torch reference beside its fast paths; tests compare them."""

@@ -1,0 +1,69 @@
+"""Attention over a paged KV cache: plain-torch path (the CPU path and the reference).
+
+The cache of one layer is a pair of tensors shaped [num_blocks, block_size, num_kv_heads, head_dim].
+A sequence's keys live in the blocks its block table lists, in order; token `t` of the sequence is
+at block `table[t // block_size]`, offset `t % block_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a flattened step."""
+
+    query_start: int  # offset of its first new token in the step's flattened tokens
+    query_len: int  # new tokens this step (a prefill chunk, or 1 when decoding)
+    context_len: int  # tokens in its cache after this step, the new ones included
+    block_table: torch.Tensor  # int64 block ids, at least ceil(context_len / block_size) of them
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store the step's new keys/values ([N, kv_heads, head_dim]) at flat slots block*block_size+offset."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first `context_len` cached entries of one sequence: [context_len, kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-context_len // block_size)
+    blocks = cache.index_select(0, block_table[:num_blocks])
+    return blocks.flatten(0, 1)[:context_len]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqs: list[SeqSlice],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the new queries ([N, heads, head_dim]) over each sequence's cache."""
+    out = torch.empty_like(q)
+    num_heads = q.shape[1]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    for seq in seqs:
+        qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)  # [H, Lq, D]
+        keys = gather_kv(k_cache, seq.block_table, seq.context_len).transpose(0, 1)  # [Hkv, Lk, D]
+        values = gather_kv(v_cache, seq.block_table, seq.context_len).transpose(0, 1)
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=0)
+            values = values.repeat_interleave(group, dim=0)
+        mask = None
+        if seq.query_len > 1:
+            # Query i sits at position context_len - query_len + i and sees keys up to it.
+            q_pos = torch.arange(seq.context_len - seq.query_len, seq.context_len).unsqueeze(1)
+            mask = torch.arange(seq.context_len).unsqueeze(0) <= q_pos
+        attended = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)
+        out[seq.query_start : seq.query_start + seq.query_len] = attended.transpose(0, 1)
+    return out

@@ -1,0 +1,60 @@
+"""Structured logging: one named event per line with key=value fields.
+
+Messages are event names, never formatted strings, so logs can be grepped and parsed.
+Prompts and API keys are never passed as fields at INFO level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+
+class _KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        parts = [f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()}"]
+        parts += [f"{k}={json.dumps(v, default=str)}" for k, v in fields.items()]
+        return " ".join(parts)
+
+
+class EventLogger:
+    """A thin wrapper: `log.info("engine.started", blocks=128)`."""
+
+    def __init__(self, name: str) -> None:
+        self._logger = logging.getLogger(name)
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if self._logger.isEnabledFor(level):
+            self._logger.log(level, event, extra={"fields": fields})
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._logger.exception(event, extra={"fields": fields})
+
+
+def get_logger(name: str) -> EventLogger:
+    return EventLogger(name)
+
+
+def configure(level: str = "INFO") -> None:
+    """Send llmc's logs to stderr (stdout is kept for machine-readable output)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_KeyValueFormatter())
+    root = logging.getLogger("llmc")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

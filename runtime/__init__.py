@@ -1,0 +1,1 @@
+"""The serving runtime: maps an artifact and serves it. Never imports llmc.builder."""

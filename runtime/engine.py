@@ -1,0 +1,159 @@
+"""The engine loop: a thread that schedules, runs the model, samples and hands outputs back.
+
+The API's async handlers never block on the model: they `submit` a request with a callback
+(`sink`) that the engine calls from its thread; the handler's sink hops back onto its event loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmc.artifacts.reader import Artifact
+from llmc.errors import BadInputError, OutOfResourcesError
+from llmc.logs import get_logger
+from llmc.runtime.block_manager import BlockManager
+from llmc.runtime.model import build_model
+from llmc.runtime.model_runner import ModelRunner
+from llmc.runtime.output_processor import OutputProcessor, RequestOutput
+from llmc.runtime.sampler import Sampler
+from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.scheduler import Scheduler
+from llmc.runtime.sequence import Sequence
+from llmc.runtime.tokenizer import Tokenizer
+
+log = get_logger("llmc.engine")
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int | None = None  # None: the model's own context length
+    kv_cache_mb: int = 1024  # default KV budget: 1 GiB holds ~22k tokens of SmolLM2 in f32
+    block_size: int = 16  # tokens per KV block: vLLM's default, a good balance of waste and table size
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 8192
+    seed: int | None = None
+    threads: int | None = None
+
+
+@dataclass
+class _Submit:
+    seq: Sequence
+    sink: Sink
+
+
+class Engine:
+    def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        manifest = artifact.manifest
+        spec = manifest.model
+        self.model_name = manifest.model_name
+        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
+        model = build_model(spec, dict(artifact.weights()), self.max_model_len)
+        bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
+        num_blocks = config.kv_cache_mb * 1024 * 1024 // bytes_per_block
+        if num_blocks * config.block_size < self.max_model_len:
+            raise OutOfResourcesError(
+                f"a KV cache of {config.kv_cache_mb} MB holds {num_blocks * config.block_size} tokens, fewer than "
+                f"max_model_len {self.max_model_len}; raise --mem or lower --max-model-len"
+            )
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens)
+        self.sampler = Sampler(config.seed)
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
+        self._inbox: queue.SimpleQueue[_Submit | str | None] = queue.SimpleQueue()
+        self._sinks: dict[int, Sink] = {}
+        self._by_request: dict[str, Sequence] = {}
+        self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
+        log.info("engine.ready", model=self.model_name, kv_blocks=num_blocks, block_size=config.block_size)
+
+    # ---- called from any thread -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join()
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise BadInputError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{num_prompt_tokens} prompt tokens and asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
+                param="max_tokens",
+            )
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+        if not prompt_ids:
+            raise BadInputError("the prompt is empty", param="prompt")
+        self.check_length(len(prompt_ids), params.max_tokens)
+        self._inbox.put(_Submit(Sequence(request_id, prompt_ids, params), sink))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(request_id)
+
+    # ---- the engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            block = not self.scheduler.has_work()
+            while True:
+                try:
+                    item = self._inbox.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if item is None:
+                    return
+                self._accept(item)
+            if self.scheduler.has_work():
+                self._step_safely()
+
+    def _accept(self, item: _Submit | str) -> None:
+        if isinstance(item, str):
+            seq = self._by_request.get(item)
+            if seq is not None:
+                self._finish(seq, RequestOutput(item, "", [], True, "abort"))
+            return
+        seq = item.seq
+        self._sinks[seq.seq_id] = item.sink
+        self._by_request[seq.request_id] = seq
+        self.outputs.start(seq)
+        self.scheduler.add(seq)
+
+    def _finish(self, seq: Sequence, output: RequestOutput) -> None:
+        self.scheduler.finish(seq)
+        self.outputs.discard(seq)
+        self._by_request.pop(seq.request_id, None)
+        sink = self._sinks.pop(seq.seq_id)
+        sink(output)
+
+    def _step_safely(self) -> None:
+        try:
+            self.step()
+        except Exception as exc:  # a bug must not take the server down: fail the batch, keep serving
+            log.exception("engine.step_failed", error=type(exc).__name__)
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self._finish(seq, RequestOutput(seq.request_id, "", [], True, "error", error="internal error"))
+
+    def step(self) -> None:
+        seqs, _is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return
+        logits = self.runner.run(seqs)
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.output_ids.append(token)
+            output = self.outputs.on_token(seq, token)
+            if output.finished:
+                self._finish(seq, output)
+            else:
+                self._sinks[seq.seq_id](output)

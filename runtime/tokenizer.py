@@ -1,0 +1,122 @@
+"""Tokenizer, chat template and incremental detokenization for one artifact."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HfTokenizer
+
+from llmc.artifacts.manifest import TokenizerInfo
+from llmc.errors import BadArtifactError, BadInputError
+
+REPLACEMENT_CHAR = "\ufffd"
+# Tokens decoded again around the point of emission so that merges (e.g. a space folded into the
+# next token, multi-byte characters split over tokens) come out right: vLLM's proven window.
+_DETOKENIZE_CONTEXT = 5
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HfTokenizer, info: TokenizerInfo, chat_template: str | None) -> None:
+        self._tok = tokenizer
+        self.info = info
+        self.bos_id = tokenizer.token_to_id(info.bos_token) if info.bos_token else None
+        self.eos_ids = frozenset(info.eos_token_ids)
+        self._template = _compile_template(chat_template) if chat_template else None
+
+    @classmethod
+    def from_artifact(cls, root: Path, info: TokenizerInfo) -> Tokenizer:
+        try:
+            tok = HfTokenizer.from_file(str(root / info.file))
+        except Exception as exc:  # tokenizers raises a bare Exception
+            raise BadArtifactError(f"tokenizer file {info.file} cannot be loaded: {exc}") from exc
+        template = None
+        if info.chat_template_file:
+            template = (root / info.chat_template_file).read_text(encoding="utf-8")
+        return cls(tok, info, template)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for `text`, with BOS prepended when the model wants one and it is not there yet."""
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        if self.info.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[Any] | None = None
+    ) -> str:
+        if self._template is None:
+            raise BadInputError("this model has no chat template; use /v1/completions with a raw prompt")
+        try:
+            return str(
+                self._template.render(
+                    messages=messages,
+                    tools=tools,
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.info.bos_token or "",
+                    eos_token=self.info.eos_token or "",
+                )
+            )
+        except TemplateError as exc:
+            raise BadInputError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
+        self._tok = tokenizer
+        self.ids = list(prompt_ids[-_DETOKENIZE_CONTEXT:])
+        self._prefix_offset = 0
+        self._read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._tok.decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self._tok.decode(self.ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT_CHAR):
+            return ""  # wait: an incomplete character or nothing new yet
+        delta = full[len(prefix) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self.ids)
+        return delta
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _compile_template(source: str) -> Any:
+    # Templates come from model authors we do not know: render them sandboxed, with the helpers
+    # Hugging Face templates expect (raise_exception, strftime_now, tojson that keeps Unicode).
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
+    try:
+        return env.from_string(source)
+    except TemplateError as exc:
+        raise BadArtifactError(f"the artifact's chat template does not compile: {exc}") from exc

@@ -1,0 +1,51 @@
+"""Test helpers that drive the engine synchronously (no thread, no server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmc.artifacts.reader import Artifact
+from llmc.runtime.engine import Engine, EngineConfig
+from llmc.runtime.output_processor import RequestOutput
+from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sequence import Sequence
+
+
+def open_engine(artifact_dir: Path, **config: object) -> Engine:
+    return Engine(Artifact.open(artifact_dir), EngineConfig(**config))  # type: ignore[arg-type]
+
+
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Run prompts to completion by stepping the engine in this thread; return generated ids."""
+    results: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    done: set[str] = set()
+
+    def sink(out: RequestOutput) -> None:
+        results[out.request_id].extend(out.token_ids)
+        if out.finished:
+            done.add(out.request_id)
+
+    for i, ids in enumerate(prompts):
+        engine.submit(f"r{i}", ids, params, sink)
+    while len(done) < len(prompts):
+        while True:
+            try:
+                item = engine._inbox.get_nowait()
+            except Exception:
+                break
+            assert item is not None
+            engine._accept(item)
+        engine.step()
+    return [results[f"r{i}"] for i in range(len(prompts))]
+
+
+def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """Logits at every prompt position, computed through the paged KV cache."""
+    seq = Sequence("logits", ids, SamplingParams(max_tokens=1))
+    engine.block_manager.allocate(seq)
+    try:
+        return engine.runner.run([seq], all_logits=True)
+    finally:
+        engine.block_manager.free(seq)

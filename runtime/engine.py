@@ -55,6 +55,7 @@ class Engine:
         manifest = artifact.manifest
         spec = manifest.model
         self.model_name = manifest.model_name
+        self.generation_defaults = manifest.generation
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
         model = build_model(spec, dict(artifact.weights()), self.max_model_len)

@@ -1,0 +1,129 @@
+"""The `llmc` command line: build, inspect, run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from llmc.errors import LlmcError
+from llmc.logs import configure
+
+
+def _fail(error: LlmcError, as_json: bool) -> None:
+    if as_json:
+        body = {"ok": False, "error": {"kind": error.kind.value, "message": error.message}}
+        click.echo(msgspec.json.encode(body).decode())
+    else:
+        click.echo(f"llmc: error: {error.message}", err=True)
+    sys.exit(error.exit_code)
+
+
+@click.group()
+@click.version_option(package_name="llmc")
+@click.option("--log-level", default="WARNING", show_default=True, help="Log level for llmc's own logs (stderr).")
+def main(log_level: str) -> None:
+    """llmc: compile an LLM into a self-contained artifact, then serve it."""
+    configure(log_level)
+
+
+@main.command()
+@click.option("--m", "model", help="Model: a Hugging Face id, a local folder, or a .gguf path.")
+@click.option("--f", "gguf_file", help="GGUF file, alone or inside the --m folder / repository.")
+@click.option("--w", "weights", help="Folder holding the safetensors weights, if not the --m folder.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "f32", "f16", "bf16"]),
+              help="Weight dtype; auto is f32 for the cpu target.")
+@click.option("--name", help="Model name the server answers to (default: from the source).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
+def build(model: str | None, gguf_file: str | None, weights: str | None, dtype: str, name: str | None,
+          output: Path, as_json: bool) -> None:
+    """Build an artifact from a model."""
+    from llmc.builder.build import BuildOptions
+    from llmc.builder.build import build as run_build
+
+    options = BuildOptions(model=model, gguf_file=gguf_file, weights=weights, output=output, dtype=dtype, name=name)
+    show_progress = not as_json and sys.stderr.isatty()
+    bar: Any = None
+
+    def progress(tensor: str, done: int, total: int) -> None:
+        nonlocal bar
+        if not show_progress:
+            return
+        if bar is None:
+            bar = click.progressbar(length=total, label="writing tensors", file=sys.stderr)
+            bar.__enter__()
+        bar.update(1)
+        if done == total:
+            bar.__exit__(None, None, None)
+
+    try:
+        result = run_build(options, on_progress=progress)
+    except LlmcError as exc:
+        _fail(exc, as_json)
+        return
+    summary = result.summary()
+    if as_json:
+        click.echo(msgspec.json.encode(summary).decode())
+    else:
+        click.echo(
+            f"built {summary['output']}: {summary['model_name']} ({summary['architecture']}, {summary['dtype']}, "
+            f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes) in {summary['seconds']} s"
+        )
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@click.option("--verify/--no-verify", default=False, help="Also check every file's sha256.")
+def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
+    """Summarise an artifact."""
+    from llmc.artifacts.inspect import summarize
+    from llmc.artifacts.reader import Artifact
+
+    try:
+        opened = Artifact.open(artifact, verify=verify)
+    except LlmcError as exc:
+        _fail(exc, as_json)
+        return
+    summary = summarize(opened.manifest)
+    if as_json:
+        click.echo(msgspec.json.encode(summary).decode())
+        return
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--p", "--port", "port", default=2000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--h", "--host", "host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--served-model-name", help="Model name clients must send (default: the artifact's).")
+@click.option("--max-model-len", type=int, help="Context length cap (default: the model's).")
+@click.option("--mem", "kv_cache_mb", default=1024, show_default=True, type=int, help="KV cache size in MB.")
+@click.option("--block-size", default=16, show_default=True, type=int, help="Tokens per KV cache block.")
+@click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences decoded together at most.")
+@click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
+@click.option("--threads", type=int, help="CPU threads for the model (default: torch's choice).")
+def run(artifact: Path, port: int, host: str, served_model_name: str | None, max_model_len: int | None,
+        kv_cache_mb: int, block_size: int, max_num_seqs: int, seed: int | None, threads: int | None) -> None:
+    """Serve an artifact with an OpenAI-compatible API."""
+    from llmc.runtime.server import ServeConfig, serve
+
+    config = ServeConfig(
+        artifact=str(artifact), host=host, port=port, served_model_name=served_model_name,
+        max_model_len=max_model_len, kv_cache_mb=kv_cache_mb, block_size=block_size,
+        max_num_seqs=max_num_seqs, seed=seed, threads=threads,
+    )
+    try:
+        serve(config)
+    except LlmcError as exc:
+        _fail(exc, False)

@@ -1,0 +1,136 @@
+"""Validate decoded OpenAI requests and turn them into prompt ids and SamplingParams."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from llmc.errors import BadInputError
+from llmc.runtime.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.tokenizer import Tokenizer
+
+# Bounds on request fields, so no request can make the server do unbounded work.
+MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; more is harmless, unbounded is not
+MAX_STOP_CHARS = 256
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
+
+_PATH_RE = re.compile(r"at `\$\.?([^`\[.]*)")
+_MISSING_RE = re.compile(r"missing required field `([^`]*)`")
+
+
+def validation_param(message: str) -> str | None:
+    """msgspec says '... - at `$.messages[0].content`'; OpenAI's `param` is the top-level field."""
+    match = _PATH_RE.search(message)
+    if match:
+        return match.group(1) or None
+    missing = _MISSING_RE.search(message)
+    return missing.group(1) if missing else None
+
+
+def _unsupported(field: str, issue: str) -> BadInputError:
+    return BadInputError(f"`{field}` is not supported by llmc yet ({issue})", param=field)
+
+
+def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.n != 1:
+        raise _unsupported("n", "only n=1 is served for now")
+    if req.logprobs:
+        raise _unsupported("logprobs", "coming with the tool-calling/logprobs work")
+    if req.presence_penalty or req.frequency_penalty:
+        raise _unsupported("presence_penalty" if req.presence_penalty else "frequency_penalty", "coming with the engine work")
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "coming with the engine work")
+
+
+def sampling_params(
+    req: ChatCompletionRequest | CompletionRequest,
+    defaults: dict[str, Any],
+    max_tokens_default: int,
+    max_tokens: int | None,
+    vocab_size: int,
+) -> SamplingParams:
+    _check_common(req)
+    temperature = req.temperature if req.temperature is not None else defaults["temperature"]
+    top_p = req.top_p if req.top_p is not None else defaults["top_p"]
+    top_k = req.top_k if req.top_k is not None else defaults["top_k"]
+    if not 0.0 <= temperature <= 2.0:
+        raise BadInputError("temperature must be between 0 and 2", param="temperature")
+    if not 0.0 < top_p <= 1.0:
+        raise BadInputError("top_p must be in (0, 1]", param="top_p")
+    if top_k == -1:
+        top_k = 0  # vLLM's spelling of "no top-k"
+    if top_k < 0:
+        raise BadInputError("top_k must be >= 0 (or -1 for no cut)", param="top_k")
+    if max_tokens is not None and max_tokens < 1:
+        raise BadInputError("max_tokens must be at least 1", param="max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise BadInputError(
+            f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most {MAX_STOP_CHARS} characters",
+            param="stop",
+        )
+    if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
+        raise BadInputError("seed is out of the 64-bit range", param="seed")
+    stop_ids = req.stop_token_ids or []
+    if any(not 0 <= t < vocab_size for t in stop_ids):
+        raise BadInputError("stop_token_ids holds an id outside the vocabulary", param="stop_token_ids")
+    return SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else max_tokens_default,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        seed=req.seed,
+        stop=tuple(stop),
+        stop_token_ids=frozenset(stop_ids),
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    if not req.messages:
+        raise BadInputError("messages must not be empty", param="messages")
+    if req.tools:
+        raise _unsupported("tools", "tool calling is coming with the OpenAI API work")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", "structured output is coming with the OpenAI API work")
+    if req.top_logprobs:
+        raise _unsupported("top_logprobs", "coming with logprobs")
+    return [_message_dict(m) for m in req.messages]
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    if message.role not in CHAT_ROLES:
+        raise BadInputError(
+            f"message role {message.role!r} is not one of {', '.join(sorted(CHAT_ROLES))}", param="messages"
+        )
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise BadInputError(f"content parts of type {part.type!r} are not supported", param="messages")
+            texts.append(part.text)
+        content = "".join(texts)
+    return {"role": message.role, "content": content or ""}
+
+
+def completion_prompt(req: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    if req.echo:
+        raise _unsupported("echo", "coming with logprobs")
+    if req.suffix:
+        raise _unsupported("suffix", "no llmc model does fill-in-the-middle yet")
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = [int(t) for t in prompt]
+        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            raise BadInputError("prompt holds a token id outside the vocabulary", param="prompt")
+        return ids
+    if not prompt:
+        raise BadInputError("prompt must not be empty", param="prompt")
+    if all(isinstance(t, str) for t in prompt) or all(isinstance(t, list) for t in prompt):
+        raise _unsupported("prompt", "a batch of several prompts in one request")
+    raise BadInputError("prompt must be a string or a list of token ids", param="prompt")

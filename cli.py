@@ -34,13 +34,25 @@ def main(log_level: str) -> None:
 @click.option("--m", "model", help="Model: a Hugging Face id, a local folder, or a .gguf path.")
 @click.option("--f", "gguf_file", help="GGUF file, alone or inside the --m folder / repository.")
 @click.option("--w", "weights", help="Folder holding the safetensors weights, if not the --m folder.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "f32", "f16", "bf16"]),
-              help="Weight dtype; auto is f32 for the cpu target.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "f32", "f16", "bf16"]),
+    help="Weight dtype; auto is f32 for the cpu target.",
+)
 @click.option("--name", help="Model name the server answers to (default: from the source).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
-def build(model: str | None, gguf_file: str | None, weights: str | None, dtype: str, name: str | None,
-          output: Path, as_json: bool) -> None:
+def build(
+    model: str | None,
+    gguf_file: str | None,
+    weights: str | None,
+    dtype: str,
+    name: str | None,
+    output: Path,
+    as_json: bool,
+) -> None:
     """Build an artifact from a model."""
     from llmc.builder.build import BuildOptions
     from llmc.builder.build import build as run_build
@@ -113,15 +125,32 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
 @click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences decoded together at most.")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=int, help="CPU threads for the model (default: torch's choice).")
-def run(artifact: Path, port: int, host: str, served_model_name: str | None, max_model_len: int | None,
-        kv_cache_mb: int, block_size: int, max_num_seqs: int, seed: int | None, threads: int | None) -> None:
+def run(
+    artifact: Path,
+    port: int,
+    host: str,
+    served_model_name: str | None,
+    max_model_len: int | None,
+    kv_cache_mb: int,
+    block_size: int,
+    max_num_seqs: int,
+    seed: int | None,
+    threads: int | None,
+) -> None:
     """Serve an artifact with an OpenAI-compatible API."""
     from llmc.runtime.server import ServeConfig, serve
 
     config = ServeConfig(
-        artifact=str(artifact), host=host, port=port, served_model_name=served_model_name,
-        max_model_len=max_model_len, kv_cache_mb=kv_cache_mb, block_size=block_size,
-        max_num_seqs=max_num_seqs, seed=seed, threads=threads,
+        artifact=str(artifact),
+        host=host,
+        port=port,
+        served_model_name=served_model_name,
+        max_model_len=max_model_len,
+        kv_cache_mb=kv_cache_mb,
+        block_size=block_size,
+        max_num_seqs=max_num_seqs,
+        seed=seed,
+        threads=threads,
     )
     try:
         serve(config)

@@ -28,9 +28,13 @@ class Artifact:
         root = Path(path)
         manifest_path = root / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise BadArtifactError(f"{root} is not an llmc artifact: {MANIFEST_NAME} is missing; build one with `llmc build`")
+            raise BadArtifactError(
+                f"{root} is not an llmc artifact: {MANIFEST_NAME} is missing; build one with `llmc build`"
+            )
         if manifest_path.stat().st_size > _MAX_MANIFEST_BYTES:
-            raise BadArtifactError(f"{manifest_path} is larger than {_MAX_MANIFEST_BYTES} bytes; it is not an llmc manifest")
+            raise BadArtifactError(
+                f"{manifest_path} is larger than {_MAX_MANIFEST_BYTES} bytes; it is not an llmc manifest"
+            )
         raw = manifest_path.read_bytes()
         try:
             header: Any = msgspec.json.decode(raw)
@@ -56,7 +60,9 @@ class Artifact:
         for info in self.manifest.files:
             path = self.root / info.path
             if not path.is_file():
-                raise BadArtifactError(f"artifact file {info.path} is missing from {self.root}; rebuild or re-copy the artifact")
+                raise BadArtifactError(
+                    f"artifact file {info.path} is missing from {self.root}; rebuild or re-copy the artifact"
+                )
             if path.stat().st_size != info.size:
                 raise BadArtifactError(
                     f"artifact file {info.path} has {path.stat().st_size} bytes, the manifest says {info.size}: "

@@ -107,7 +107,9 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
     missing = sorted(set(expected) - set(available))
     unexpected = sorted(set(available) - set(expected))
     if missing or unexpected:
-        raise BadModelError(f"model tensors do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise BadModelError(
+            f"model tensors do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, shape in expected.items():
         if available[name].shape != shape:
             raise BadModelError(f"tensor {name} has shape {available[name].shape}, its config implies {shape}")

@@ -89,7 +89,8 @@ class Engine:
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise BadInputError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
-                f"{num_prompt_tokens} prompt tokens and asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
+                f"{num_prompt_tokens} prompt tokens and asks for {max_tokens} more. "
+                "Shorten the prompt or lower max_tokens.",
                 param="max_tokens",
             )
 

@@ -6,6 +6,7 @@ the builder maps every source onto these names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from llmc.kernels.paged_attention import SeqSlice, paged_attention, write_kv
 from llmc.runtime.rope import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass
@@ -150,13 +151,16 @@ def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], max_positions
     given = set(weights) - ({"lm_head.weight"} if spec.tie_word_embeddings else set())
     if expected != given:
         missing, extra = sorted(expected - given), sorted(given - expected)
-        raise BadArtifactError(f"artifact tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise BadArtifactError(
+            f"artifact tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     model.load_state_dict({k: weights[k] for k in expected}, strict=False, assign=True)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # The rope tables were made on the meta device with the module: make them for real, shared by all layers.
     rope = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
     for layer in model.model.layers:
+        assert isinstance(layer, DecoderLayer)
         layer.self_attn.rope = rope
     model.requires_grad_(False)
     return model.eval()

@@ -98,7 +98,9 @@ class SafetensorsFolderSource(ModelSource):
         if not (folder / "config.json").is_file():
             raise BadModelError(f"{folder} has no config.json; pass a Hugging Face model folder or a .gguf file")
         config = read_json(folder / "config.json")
-        generation = read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+        generation = (
+            read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+        )
         tokenizer = load_hf_tokenizer(folder, config, generation)
         weights_dir = weights_folder or folder
         files = sorted(weights_dir.glob("*.safetensors"))

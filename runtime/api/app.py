@@ -7,6 +7,7 @@ reaches the engine. Streaming responses are Server-Sent Events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,7 +35,7 @@ _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
-class ClientGone(Exception):
+class ClientGoneError(Exception):
     """The client disconnected; the request is aborted and its resources freed."""
 
 
@@ -70,7 +71,7 @@ class App:
             await handler(scope, receive, send)
         except LlmcError as exc:
             await _send_error(send, exc)
-        except ClientGone:
+        except ClientGoneError:
             pass
         except Exception as exc:  # a bug in a handler must not take the server down
             log.exception("api.handler_failed", path=path, error=type(exc).__name__)
@@ -81,7 +82,9 @@ class App:
         await _send_json(send, 200, b'{"status":"ok"}')
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        card = p.ModelCard(id=self.model_name, created=self.created, owned_by="llmc", max_model_len=self.engine.max_model_len)
+        card = p.ModelCard(
+            id=self.model_name, created=self.created, owned_by="llmc", max_model_len=self.engine.max_model_len
+        )
         await _send_json(send, 200, msgspec.json.encode(p.ModelList(data=[card])))
 
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,7 +104,9 @@ class App:
             def chunk(delta: p.Delta, finish: str | None = None, usage: p.Usage | None = None) -> bytes:
                 choices = [] if usage is not None else [p.ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
                 return msgspec.json.encode(
-                    p.ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
+                    p.ChatCompletionChunk(
+                        id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+                    )
                 )
 
             async def events() -> AsyncIterator[bytes]:
@@ -121,7 +126,9 @@ class App:
             id=request_id,
             created=created,
             model=self.model_name,
-            choices=[p.ChatChoice(index=0, message=p.ResponseMessage("assistant", text), finish_reason=last.finish_reason)],
+            choices=[
+                p.ChatChoice(index=0, message=p.ResponseMessage("assistant", text), finish_reason=last.finish_reason)
+            ],
             usage=_usage(last),
         )
         await _send_json(send, 200, msgspec.json.encode(body))
@@ -167,13 +174,19 @@ class App:
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
             raise HttpError(
-                404, f"the model {model!r} does not exist; this server serves {self.model_name!r}", param="model",
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
                 code="model_not_found",
             )
 
     def _params(self, req: Any, ids: list[int], max_tokens: int | None) -> Any:
         params = sampling_params(
-            req, self.defaults, max(1, self.engine.max_model_len - len(ids)), max_tokens, self.engine.tokenizer.vocab_size
+            req,
+            self.defaults,
+            max(1, self.engine.max_model_len - len(ids)),
+            max_tokens,
+            self.engine.tokenizer.vocab_size,
         )
         self.engine.check_length(len(ids), params.max_tokens)
         return params
@@ -184,10 +197,9 @@ class App:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def sink(out: RequestOutput) -> None:  # runs on the engine thread
-            try:
+            # RuntimeError: the event loop is closed because the server is shutting down.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, out)
-            except RuntimeError:
-                pass  # the event loop is closed: the server is shutting down
 
         self.engine.submit(request_id, ids, params, sink)
         log.info("api.request", request_id=request_id, prompt_tokens=len(ids), max_tokens=params.max_tokens)
@@ -202,7 +214,7 @@ class App:
                     done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                     if getter not in done:
                         getter.cancel()
-                        raise ClientGone()
+                        raise ClientGoneError()
                     out = getter.result()
                     if out.finish_reason == "error":
                         finished = True
@@ -211,8 +223,11 @@ class App:
                     if out.finished:
                         finished = True
                         log.info(
-                            "api.done", request_id=request_id, completion_tokens=out.completion_tokens,
-                            finish_reason=out.finish_reason, seconds=round(time.perf_counter() - started, 3),
+                            "api.done",
+                            request_id=request_id,
+                            completion_tokens=out.completion_tokens,
+                            finish_reason=out.finish_reason,
+                            seconds=round(time.perf_counter() - started, 3),
                         )
                         return
             finally:
@@ -232,7 +247,7 @@ class App:
             # Headers are gone: report the error as a final event, as OpenAI does.
             _, body = error_response(exc)
             await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True})
-        except ClientGone:
+        except ClientGoneError:
             return
         except Exception:
             log.exception("api.stream_failed", request_id=request_id)
@@ -272,7 +287,7 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone()
+            raise ClientGoneError()
         body = message.get("body", b"")
         size += len(body)
         if size > MAX_BODY_BYTES:

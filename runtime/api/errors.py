@@ -24,7 +24,12 @@ _STATUS = {
     ErrorKind.OUT_OF_RESOURCES: 503,
     ErrorKind.INTERNAL: 500,
 }
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+}
 
 
 def error_response(error: LlmcError) -> tuple[int, bytes]:

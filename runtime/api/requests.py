@@ -39,7 +39,9 @@ def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
     if req.logprobs:
         raise _unsupported("logprobs", "coming with the tool-calling/logprobs work")
     if req.presence_penalty or req.frequency_penalty:
-        raise _unsupported("presence_penalty" if req.presence_penalty else "frequency_penalty", "coming with the engine work")
+        raise _unsupported(
+            "presence_penalty" if req.presence_penalty else "frequency_penalty", "coming with the engine work"
+        )
     if req.logit_bias:
         raise _unsupported("logit_bias", "coming with the engine work")
 

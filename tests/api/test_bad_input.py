@@ -45,7 +45,12 @@ BAD_REQUESTS = [
     (CHAT, {"model": "tiny", "messages": []}, 400, "messages"),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "messages"),
     (CHAT, {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    (
+        CHAT,
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        400,
+        "temperature",
+    ),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),

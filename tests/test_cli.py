@@ -1,0 +1,65 @@
+"""The CLI's contract for CI pipelines: JSON on stdout, exit codes by error kind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llmc.errors import EXIT_CODES, ErrorKind
+
+
+def _llmc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llmc", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = _llmc("build", "--m", str(tiny_llama_dir), "-o", str(tmp_path / "a"), "--json", "--name", "tiny")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] is True and summary["model_name"] == "tiny" and summary["dtype"] == "f32"
+    assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja"}
+    inspected = _llmc("inspect", str(tmp_path / "a"), "--json", "--verify")
+    assert inspected.returncode == 0, inspected.stderr
+    info = json.loads(inspected.stdout)
+    assert info["model"]["num_layers"] == 2 and info["parameters"] == summary["parameters"]
+    text = _llmc("inspect", str(tmp_path / "a"))
+    assert "model_name: tiny" in text.stdout
+
+
+def test_build_errors_have_kind_exit_codes(tmp_path: Path) -> None:
+    missing = _llmc("build", "--m", str(tmp_path / "nope"), "-o", str(tmp_path / "a"), "--json")
+    assert missing.returncode == EXIT_CODES[ErrorKind.BAD_INPUT]
+    assert json.loads(missing.stdout)["error"]["kind"] == "bad_input"
+    (tmp_path / "empty").mkdir()
+    no_config = _llmc("build", "--m", str(tmp_path / "empty"), "-o", str(tmp_path / "a"))
+    assert no_config.returncode == EXIT_CODES[ErrorKind.BAD_MODEL]
+    assert "config.json" in no_config.stderr and no_config.stderr.count("\n") == 1
+    nothing = _llmc("build", "-o", str(tmp_path / "a"))
+    assert nothing.returncode == EXIT_CODES[ErrorKind.BAD_INPUT]
+
+
+def test_unsupported_architecture_lists_supported(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["FancyForCausalLM"]
+    (src / "config.json").write_text(json.dumps(config))
+    result = _llmc("build", "--m", str(src), "-o", str(tmp_path / "a"))
+    assert result.returncode == EXIT_CODES[ErrorKind.BAD_MODEL]
+    assert "LlamaForCausalLM" in result.stderr
+
+
+def test_uncached_hub_id_names_the_id(tmp_path: Path) -> None:
+    env_result = subprocess.run(
+        [sys.executable, "-m", "llmc", "build", "--m", "nobody-here/no-such-model", "-o", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert env_result.returncode == EXIT_CODES[ErrorKind.BAD_MODEL]
+    assert "nobody-here/no-such-model" in env_result.stderr

@@ -57,8 +57,8 @@ test: install-test lint
 test-all: install-test lint
 	$(PY) -m pytest -q
 
-bench: install-bench build-default
-	$(PY) benchmarks/e2e.py --artifact $(ARTIFACT) --gguf "$(SMOLLM2_GGUF)"
+bench: install-bench
+	$(PY) benchmarks/e2e.py --gguf "$(SMOLLM2_GGUF)" --json-out bench-e2e.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

@@ -48,8 +48,9 @@ def _hf_name(gguf_name: str) -> str | None:
 
 def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (interleaved rope pairs → HF's rotate-half halves)."""
+    # llama.cpp's converter reshaped rows as (head, 2, half) and swapped the last two; undo that.
     rows = weight.shape[0]
-    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 class GgufSource(ModelSource):
@@ -98,7 +99,8 @@ class GgufSource(ModelSource):
         tensor = self._tensors[name]
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         shape = [int(d) for d in reversed(tensor.shape.tolist())]
-        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
+        out = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
             out = _unpermute(out, self._n_head)
         elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):

@@ -1,0 +1,146 @@
+"""End-to-end benchmark: build time, cold start, single-stream decode — llmc beside llama.cpp.
+
+Both run in this one process tree on the same machine, the same GGUF and the same prompt, one
+after the other (never at once: they would fight over the cores). Prints a Markdown table and
+writes JSON for docs/BENCHMARKS.md.
+
+    python benchmarks/e2e.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPT = "The history of the printing press begins"
+# Long enough for a stable rate, short enough to stay inside a small context.
+DECODE_TOKENS = 128
+# Seconds a server may take to come up before the benchmark gives up.
+STARTUP_LIMIT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def bench_build(gguf: Path, out: Path, dtype: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "llmc", "build", "--m", str(gguf), "--name", "bench", "--dtype", dtype, "-o", str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def _stream_completion(base: str, max_tokens: int) -> list[float]:
+    """Arrival times of each streamed token (one token per SSE event while no stop string is set)."""
+    times: list[float] = []
+    body = {
+        "model": "bench",
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                times.append(time.perf_counter())
+    return times
+
+
+def bench_llmc_server(artifact: Path, threads: int, runs: int) -> dict[str, float]:
+    port = _free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - started > STARTUP_LIMIT_S or proc.poll() is not None:
+                raise RuntimeError("llmc run did not start")
+            time.sleep(0.02)
+        cold_start = time.perf_counter() - started
+        _stream_completion(base, 8)  # warm-up
+        rates = []
+        for _ in range(runs):
+            times = _stream_completion(base, DECODE_TOKENS)
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+        return {"cold_start_s": cold_start, "decode_tok_s": statistics.median(rates)}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def bench_llama_cpp(gguf: Path, threads: int, runs: int) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    started = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=512, verbose=False)
+    llm.create_completion(PROMPT, max_tokens=1, temperature=0)
+    load = time.perf_counter() - started
+    rates = []
+    for _ in range(runs):
+        times = []
+        for _chunk in llm.create_completion(PROMPT, max_tokens=DECODE_TOKENS, temperature=0, stream=True):
+            times.append(time.perf_counter())
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return {"load_to_first_token_s": load, "decode_tok_s": statistics.median(rates)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--gguf", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtype", default="f32")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / "artifact"
+        build_s = bench_build(args.gguf, artifact, args.dtype)
+        ours = bench_llmc_server(artifact, args.threads, args.runs)
+    peer = bench_llama_cpp(args.gguf, args.threads, args.runs)
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "threads": args.threads,
+        "model": args.gguf.name,
+        "llmc_dtype": args.dtype,
+        "llmc_build_s": round(build_s, 2),
+        "llmc_cold_start_s": round(ours["cold_start_s"], 2),
+        "llmc_decode_tok_s": round(ours["decode_tok_s"], 1),
+        "llama_cpp_load_s": round(peer["load_to_first_token_s"], 2),
+        "llama_cpp_decode_tok_s": round(peer["decode_tok_s"], 1),
+        "decode_ratio": round(ours["decode_tok_s"] / peer["decode_tok_s"], 2),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import torch
-from safetensors import safe_open
 
 from llmc.artifacts.files import sha256_file
 from llmc.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
 from llmc.errors import BadArtifactError
+
+if TYPE_CHECKING:
+    import torch
 
 # A manifest lists every tensor; even a 1T-parameter model's stays far below this.
 _MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -78,6 +79,9 @@ class Artifact:
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every tensor, memory-mapped from its safetensors file (no copy until written)."""
+        # Imported here: `llmc run` verifies an artifact in its parent process, which never needs torch.
+        from safetensors import safe_open
+
         by_file: dict[str, list[str]] = {}
         for tensor in self.manifest.tensors:
             by_file.setdefault(tensor.file, []).append(tensor.name)

@@ -19,7 +19,11 @@ from llmc.kernels.paged_attention import SeqSlice, paged_attention, write_kv
 from llmc.runtime.rope import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 @dataclass

@@ -63,3 +63,25 @@ def test_uncached_hub_id_names_the_id(tmp_path: Path) -> None:
     )
     assert env_result.returncode == EXIT_CODES[ErrorKind.BAD_MODEL]
     assert "nobody-here/no-such-model" in env_result.stderr
+
+
+def test_cached_hub_id_builds_offline(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A Hugging Face id already in the cache builds with the network switched off."""
+    import os
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    result = subprocess.run(
+        [sys.executable, "-m", "llmc", "build", "--m", "someone/tiny-llama", "-o", str(tmp_path / "a"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model_name"] == "someone/tiny-llama"

@@ -1,0 +1,102 @@
+"""Acceptance: the real openai SDK against `llmc run` on the SmolLM2 artifact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.server import running_server
+
+MODEL = "artifact"  # the smollm2_artifact fixture's directory name is the default model name
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_artifact: Path) -> Iterator[OpenAI]:
+    with running_server(smollm2_artifact) as base:
+        yield OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def test_chat_streamed_equals_non_streamed(client: OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    text = full.choices[0].message.content
+    assert text and "Paris" in text
+    assert full.choices[0].finish_reason in {"stop", "length"}
+    assert full.usage is not None and full.usage.completion_tokens <= 24
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completion_streamed_equals_non_streamed(client: OpenAI) -> None:
+    prompt = "The three primary colors are"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    text = full.choices[0].text
+    assert text
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == text
+
+
+def test_eos_ends_chat_with_stop(client: OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=200,
+        temperature=0,
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens < 200
+    assert "<|im_end|>" not in (reply.choices[0].message.content or "")
+
+
+def test_stop_string_is_honoured_and_not_emitted(client: OpenAI) -> None:
+    prompt = "Count: one, two, three, four, five,"
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+    assert " seven" in free, free
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[" seven"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == free[: free.index(" seven")]
+    streamed = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[" seven"], stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_seed_reproduces_sampled_text(client: OpenAI) -> None:
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=1234, **args).choices[0].text  # type: ignore[call-overload]
+    b = client.completions.create(seed=1234, **args).choices[0].text  # type: ignore[call-overload]
+    assert a == b
+
+
+def test_max_tokens_gives_length(client: OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="Tell me a story:", max_tokens=5, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+
+
+def test_health_answers_during_generation(client: OpenAI) -> None:
+    base = str(client.base_url).removesuffix("/v1/")
+    stream = client.completions.create(
+        model=MODEL, prompt="Write a long essay:", max_tokens=64, temperature=0, stream=True
+    )
+    next(iter(stream))
+    assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+    stream.close()

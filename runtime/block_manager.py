@@ -1,17 +1,37 @@
-"""The block manager knows only block ids: which are free, and which a sequence holds."""
+"""The block manager knows only block ids, reference counts and content hashes.
+
+Prefix caching: a full block is identified by a hash of its tokens chained with the hash of the
+blocks before it, so equal prefixes map to equal block chains. A sequence whose prompt starts
+with cached blocks takes them (reference count + 1) and skips computing them. Freed blocks keep
+their content and hash until they are reused for something else, oldest-freed first.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from llmc.runtime.sequence import Sequence
 
+_NO_HASH = -1
+
+
+def block_hash(tokens: tuple[int, ...], parent: int) -> int:
+    # Python's hash of a tuple of ints is deterministic across processes (no hash randomisation
+    # for ints); a collision is caught by comparing the stored tokens before reuse.
+    return hash((parent, tokens))
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_cache = enable_prefix_cache
+        self._refs = [0] * num_blocks
+        self._hash = [_NO_HASH] * num_blocks
+        self._tokens: list[tuple[int, ...]] = [()] * num_blocks
+        self._by_hash: dict[int, int] = {}
+        # Free blocks in the order they were freed: the oldest cached content is evicted first.
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
     @property
     def num_free(self) -> int:
@@ -20,13 +40,55 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix; the last token is always left to compute."""
+        if not self.enable_prefix_cache:
+            return []
+        hits: list[int] = []
+        tokens = seq.token_ids
+        parent = _NO_HASH
+        for start in range(0, (len(tokens) - 1) // self.block_size * self.block_size, self.block_size):
+            chunk = tuple(tokens[start : start + self.block_size])
+            parent = block_hash(chunk, parent)
+            block = self._by_hash.get(parent)
+            if block is None or self._tokens[block] != chunk:
+                break
+            hits.append(block)
+        return hits
+
+    # ---- allocation -------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(len(seq)) <= self.num_free
+        hits = self._cached_prefix(seq)
+        reusable_free = sum(1 for b in hits if self._refs[b] == 0)
+        return self.blocks_needed(len(seq)) - len(hits) + reusable_free <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence the blocks its whole current token list needs."""
+        """Give a waiting sequence blocks for all its tokens, reusing cached ones for its prefix."""
         assert not seq.block_table
-        seq.block_table = [self._free.popleft() for _ in range(self.blocks_needed(len(seq)))]
+        hits = self._cached_prefix(seq)
+        for block in hits:
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+        seq.block_table = list(hits)
+        seq.num_computed = len(hits) * self.block_size
+        if not seq.output_ids:  # first admission, not a re-admission after preemption
+            seq.num_cached = seq.num_computed
+        seq.num_hashed = len(hits)
+        seq.last_hash = self._hash[hits[-1]] if hits else _NO_HASH
+        while len(seq.block_table) < self.blocks_needed(len(seq)):
+            seq.block_table.append(self._take())
+
+    def _take(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        if self._hash[block] != _NO_HASH:
+            if self._by_hash.get(self._hash[block]) == block:
+                del self._by_hash[self._hash[block]]
+            self._hash[block] = _NO_HASH
+            self._tokens[block] = ()
+        self._refs[block] = 1
+        return block
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the sequence's newest token: a new block is needed only when the last one is full."""
@@ -34,8 +96,32 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence) -> None:
         if self.blocks_needed(len(seq)) > len(seq.block_table):
-            seq.block_table.append(self._free.popleft())
+            seq.block_table.append(self._take())
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Publish the sequence's newly computed full blocks so later requests can share them."""
+        if not self.enable_prefix_cache:
+            return
+        bs = self.block_size
+        tokens = seq.token_ids
+        while seq.num_hashed < seq.num_computed // bs:
+            index = seq.num_hashed
+            chunk = tuple(tokens[index * bs : (index + 1) * bs])
+            digest = block_hash(chunk, seq.last_hash)
+            block = seq.block_table[index]
+            if digest not in self._by_hash:
+                self._hash[block] = digest
+                self._tokens[block] = chunk
+                self._by_hash[digest] = block
+            seq.last_hash = digest
+            seq.num_hashed += 1
 
     def free(self, seq: Sequence) -> None:
-        self._free.extend(seq.block_table)
+        for block in reversed(seq.block_table):
+            self._refs[block] -= 1
+            assert self._refs[block] >= 0
+            if self._refs[block] == 0:
+                self._free[block] = None
         seq.block_table = []
+        seq.num_hashed = 0
+        seq.last_hash = _NO_HASH

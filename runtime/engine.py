@@ -37,14 +37,17 @@ class EngineConfig:
     kv_cache_mb: int = 1024  # default KV budget: 1 GiB holds ~22k tokens of SmolLM2 in f32
     block_size: int = 16  # tokens per KV block: vLLM's default, a good balance of waste and table size
     max_num_seqs: int = 64
-    max_batched_tokens: int = 8192
+    # Tokens computed per step, decodes and prefill chunks together. 512 keeps a step short
+    # (smooth streams for everyone) while big enough for efficient prefill matmuls.
+    max_batched_tokens: int = 512
+    enable_prefix_cache: bool = True
     seed: int | None = None
     threads: int | None = None
 
 
 @dataclass
 class _Submit:
-    seq: Sequence
+    seqs: list[Sequence]
     sink: Sink
 
 
@@ -67,13 +70,16 @@ class Engine:
                 f"max_model_len {self.max_model_len}; raise --mem or lower --max-model-len"
             )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_cache)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.max_batched_tokens
+        )
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self._inbox: queue.SimpleQueue[_Submit | str | None] = queue.SimpleQueue()
         self._sinks: dict[int, Sink] = {}
         self._by_request: dict[str, Sequence] = {}
+        self._followers: dict[int, list[Sequence]] = {}
         self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
         log.info("engine.ready", model=self.model_name, kv_blocks=num_blocks, block_size=config.block_size)
 
@@ -94,14 +100,25 @@ class Engine:
                 param="max_tokens",
             )
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+    def submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams | list[SamplingParams], sink: Sink
+    ) -> list[str]:
+        """Queue one sequence per SamplingParams (n choices share the prompt); return their ids.
+
+        Outputs of choice i carry request id f"{request_id}/{i}" when there are several.
+        """
         if not prompt_ids:
             raise BadInputError("the prompt is empty", param="prompt")
-        self.check_length(len(prompt_ids), params.max_tokens)
-        self._inbox.put(_Submit(Sequence(request_id, prompt_ids, params), sink))
+        choices = params if isinstance(params, list) else [params]
+        for p in choices:
+            self.check_length(len(prompt_ids), p.max_tokens)
+        ids = [request_id] if len(choices) == 1 else [f"{request_id}/{i}" for i in range(len(choices))]
+        self._inbox.put(_Submit([Sequence(i, prompt_ids, p) for i, p in zip(ids, choices, strict=True)], sink))
+        return ids
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(request_id)
+    def abort(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self._inbox.put(request_id)
 
     # ---- the engine thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -125,13 +142,23 @@ class Engine:
             if seq is not None:
                 self._finish(seq, RequestOutput(item, "", [], True, "abort"))
             return
-        seq = item.seq
-        self._sinks[seq.seq_id] = item.sink
-        self._by_request[seq.request_id] = seq
-        self.outputs.start(seq)
-        self.scheduler.add(seq)
+        leader, *followers = item.seqs
+        for seq in item.seqs:
+            self._sinks[seq.seq_id] = item.sink
+            self._by_request[seq.request_id] = seq
+            self.outputs.start(seq)
+        # Followers wait until the leader has prefilled the shared prompt, then find it in the
+        # prefix cache and compute only its last partial block.
+        self._followers[leader.seq_id] = followers
+        self.scheduler.add(leader)
+
+    def _release_followers(self, seq: Sequence) -> None:
+        for follower in self._followers.pop(seq.seq_id, []):
+            if follower.request_id in self._by_request:  # not aborted meanwhile
+                self.scheduler.add(follower)
 
     def _finish(self, seq: Sequence, output: RequestOutput) -> None:
+        self._release_followers(seq)
         self.scheduler.finish(seq)
         self.outputs.discard(seq)
         self._by_request.pop(seq.request_id, None)
@@ -143,18 +170,22 @@ class Engine:
             self.step()
         except Exception as exc:  # a bug must not take the server down: fail the batch, keep serving
             log.exception("engine.step_failed", error=type(exc).__name__)
-            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            for seq in list(self._by_request.values()):
                 self._finish(seq, RequestOutput(seq.request_id, "", [], True, "error", error="internal error"))
 
     def step(self) -> None:
-        seqs, _is_prefill = self.scheduler.schedule()
-        if not seqs:
+        batch = self.scheduler.schedule()
+        if not batch:
             return
-        logits = self.runner.run(seqs)
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, token in zip(seqs, tokens, strict=True):
+        seqs, logits = self.runner.run(batch)
+        for seq, _ in batch:
+            self.block_manager.register_computed(seq)
+        tokens, logprobs = self.sampler.sample(logits, seqs)
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            if not seq.output_ids:
+                self._release_followers(seq)
             seq.output_ids.append(token)
-            output = self.outputs.on_token(seq, token)
+            output = self.outputs.on_token(seq, token, logprob)
             if output.finished:
                 self._finish(seq, output)
             else:

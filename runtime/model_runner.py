@@ -26,36 +26,36 @@ class ModelRunner:
         element = model.model.embed_tokens.weight.element_size()
         return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element
 
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
-        """One step: each sequence's not-yet-computed tokens go in; logits for its last one come out.
-
-        With `all_logits`, logits for every input position (for tests and prompt scoring).
-        """
+    def run(self, batch: list[tuple[Sequence, int]], all_logits: bool = False) -> tuple[list[Sequence], torch.Tensor]:
+        """Compute `n` more tokens of each (seq, n); return the sequences now fully computed, with
+        the logits of their last token (every position's logits instead with `all_logits`)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         slices: list[SeqSlice] = []
-        last_rows: list[int] = []
-        for seq in seqs:
-            tokens = seq.token_ids
+        done: list[Sequence] = []
+        rows: list[int] = []
+        bs = self.block_size
+        for seq, count in batch:
             start = seq.num_computed
-            new = tokens[start:]
+            end = start + count
+            tokens = seq.token_ids
             slices.append(
                 SeqSlice(
                     query_start=len(input_ids),
-                    query_len=len(new),
-                    context_len=len(tokens),
+                    query_len=count,
+                    context_len=end,
                     block_table=torch.tensor(seq.block_table, dtype=torch.int64),
                 )
             )
-            input_ids.extend(new)
-            positions.extend(range(start, len(tokens)))
-            slots.extend(self._slot(seq, p) for p in range(start, len(tokens)))
-            last_rows.append(len(input_ids) - 1)
+            input_ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            seq.num_computed = end
+            if end == len(tokens):
+                done.append(seq)
+                rows.append(len(input_ids) - 1)
         ctx = StepContext(slot_mapping=torch.tensor(slots, dtype=torch.int64), seqs=slices)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64),
@@ -63,8 +63,6 @@ class ModelRunner:
             self.kv_caches,
             ctx,
         )
-        for seq in seqs:
-            seq.num_computed = len(seq)
         if not all_logits:
-            hidden = hidden[torch.tensor(last_rows)]
-        return self.model.compute_logits(hidden)
+            hidden = hidden[torch.tensor(rows, dtype=torch.int64)]
+        return done, self.model.compute_logits(hidden)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmc.runtime.sampler import TokenLogprob
 from llmc.runtime.sequence import Sequence
 from llmc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -22,6 +23,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
 
 
@@ -31,6 +34,7 @@ class _TextState:
     text: str = ""  # everything decoded so far
     emitted: int = 0  # characters of `text` already sent
     pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -45,10 +49,12 @@ class OutputProcessor:
     def discard(self, seq: Sequence) -> None:
         self._states.pop(seq.seq_id, None)
 
-    def on_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         """Record `token` (already appended to seq.output_ids) and return what to send."""
         state = self._states[seq.seq_id]
         state.pending_ids.append(token)
+        if logprob is not None:
+            state.pending_logprobs.append(logprob)
         params = seq.params
         reason: str | None = None
         is_stop_token = (token in self.tokenizer.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
@@ -73,6 +79,7 @@ class OutputProcessor:
         delta = state.text[state.emitted : end] if end > state.emitted else ""
         state.emitted = max(state.emitted, end)
         ids, state.pending_ids = state.pending_ids, []
+        logprobs, state.pending_logprobs = state.pending_logprobs, []
         out = RequestOutput(
             request_id=seq.request_id,
             text=delta,
@@ -81,6 +88,8 @@ class OutputProcessor:
             finish_reason=reason,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
+            cached_tokens=seq.num_cached,
+            logprobs=logprobs,
         )
         if reason is not None:
             seq.finish_reason = reason

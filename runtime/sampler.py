@@ -1,16 +1,48 @@
-"""The sampler turns one step's logits into one token per sequence, honouring each one's settings."""
+"""The sampler turns one step's logits into one token per sequence, honouring each one's settings.
+
+Order, as in vLLM: logit_bias and penalties on the raw logits; then greedy argmax, or
+temperature, min_p, top_k and top_p cuts and a draw. A sequence with a seed draws from its own
+generator, so its text does not depend on what else is in the batch. Logprobs are of the model's
+raw distribution (log_softmax of its logits), as OpenAI reports them.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sequence import Sequence
 
 
-def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k and top-p cuts, on one row of float32 logits."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    params = seq.params
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.int64)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
+        counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.int64), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then min-p, top-k and top-p cuts, on one row of float32 logits."""
     logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
@@ -31,15 +63,34 @@ class Sampler:
         else:
             self._generator.seed()
 
-    def sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        out: list[int] = []
-        for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-            if p.greedy:
-                out.append(int(greedy[row]))
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits: [len(seqs), vocab] float32. Returns one token and its logprobs (if asked) per sequence."""
+        raw_logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
+        tokens: list[int] = []
+        for row, seq in enumerate(seqs):
+            params = seq.params
+            row_logits = logits[row]
+            if params.logit_bias or params.has_penalties:
+                row_logits = row_logits.clone()
+                for token, bias in params.logit_bias:
+                    row_logits[token] += bias
+                apply_penalties(row_logits, seq)
+            if params.greedy:
+                tokens.append(int(row_logits.argmax()))
                 continue
-            probs = _filter(logits[row], p).softmax(-1)
-            out.append(int(torch.multinomial(probs, 1, generator=gen or self._generator).item()))
-        return out
+            probs = filter_logits(row_logits, params).softmax(-1)
+            generator = seq.generator or self._generator
+            tokens.append(int(torch.multinomial(probs, 1, generator=generator).item()))
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            for row, seq in enumerate(seqs):
+                k = seq.params.logprobs
+                if k is None:
+                    continue
+                top = torch.topk(raw_logprobs[row], k) if k > 0 else None
+                logprobs[row] = TokenLogprob(
+                    token_id=tokens[row],
+                    logprob=float(raw_logprobs[row, tokens[row]]),
+                    top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else [],
+                )
+        return tokens, logprobs

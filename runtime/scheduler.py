@@ -1,4 +1,10 @@
-"""The scheduler sees only sequences and budgets: who prefills, who decodes, who is preempted."""
+"""The scheduler sees only sequences and budgets: who runs this step, with how many tokens.
+
+Each step has a token budget. Decoding sequences (one token each) go first, so streams stay
+smooth; prompts are prefilled in chunks with what is left (chunked prefill), so a long prompt
+never stalls the others. When the KV cache runs out, the newest sequences are preempted: their
+blocks are freed and they are recomputed later (their tokens are kept).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,20 @@ from collections import deque
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.sequence import Sequence, SequenceStatus
 
+ScheduledBatch = list[tuple[Sequence, int]]  # each sequence with the number of tokens it computes
+
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int, prefill_chunk: int
+    ) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -22,44 +34,48 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Prefill waiting sequences when any fit, otherwise decode every running one."""
-        batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_batched_tokens
+        batch: ScheduledBatch = []
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue  # preempted earlier in this loop, or the step is full
+            remaining = len(seq) - seq.num_computed
+            if remaining == 1 and not self._reserve_slot(seq):
+                continue  # seq itself was preempted
+            take = min(remaining, budget, self.prefill_chunk) if remaining > 1 else 1
+            batch.append((seq, take))
+            budget -= take
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if batch and tokens + len(seq) > self.max_batched_tokens:
-                break
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = SequenceStatus.RUNNING
-            tokens += len(seq)
-            batch.append(seq)
-        if batch:
-            self.running.extend(batch)
-            return batch, True
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted for an earlier sequence in this loop
-            while not self.blocks.can_append(seq):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is SequenceStatus.RUNNING:
-                self.blocks.append_slot(seq)
-                batch.append(seq)
-        return batch, False
+            self.running.append(seq)
+            take = min(len(seq) - seq.num_computed, budget, self.prefill_chunk)
+            batch.append((seq, take))
+            budget -= take
+        return batch
+
+    def _reserve_slot(self, seq: Sequence) -> bool:
+        """Make room for seq's next token, preempting the newest sequences if blocks run out."""
+        while not self.blocks.can_append(seq):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.append_slot(seq)
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free a sequence's blocks and requeue it first; its tokens are recomputed on re-admission."""
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -30,6 +30,11 @@ class Sequence:
         self.block_table: list[int] = []
         # Tokens whose K/V are in the cache; after a preemption this drops to 0 and all are recomputed.
         self.num_computed = 0
+        self.num_cached = 0  # prompt tokens found in the prefix cache when admitted (for usage)
+        # Prefix-cache bookkeeping, owned by the block manager: full blocks hashed so far and the
+        # hash of the last one, so each block is hashed once.
+        self.num_hashed = 0
+        self.last_hash = -1
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

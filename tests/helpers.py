@@ -46,6 +46,6 @@ def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     seq = Sequence("logits", ids, SamplingParams(max_tokens=1))
     engine.block_manager.allocate(seq)
     try:
-        return engine.runner.run([seq], all_logits=True)
+        return engine.runner.run([(seq, len(ids))], all_logits=True)[1]
     finally:
         engine.block_manager.free(seq)

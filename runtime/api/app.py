@@ -11,6 +11,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -22,6 +23,8 @@ from llmc.runtime.api.errors import HttpError, error_response
 from llmc.runtime.api.requests import chat_messages, completion_prompt, sampling_params, validation_param
 from llmc.runtime.engine import Engine
 from llmc.runtime.output_processor import RequestOutput
+from llmc.runtime.sampler import TokenLogprob
+from llmc.runtime.sampling_params import SamplingParams
 
 log = get_logger("llmc.api")
 
@@ -101,35 +104,41 @@ class App:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            def chunk(delta: p.Delta, finish: str | None = None, usage: p.Usage | None = None) -> bytes:
-                choices = [] if usage is not None else [p.ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
-                return msgspec.json.encode(
-                    p.ChatCompletionChunk(
-                        id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
-                    )
+            def chunk(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> bytes:
+                body = p.ChatCompletionChunk(
+                    id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
                 )
+                return msgspec.json.encode(body)
 
             async def events() -> AsyncIterator[bytes]:
-                yield chunk(p.Delta(role="assistant", content=""))
-                async for out in outputs:
-                    if out.text:
-                        yield chunk(p.Delta(content=out.text))
+                for index in range(len(params)):
+                    yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))])
+                usage = _UsageCounter()
+                async for index, out in outputs:
+                    usage.add(out)
+                    logprobs = self._chat_logprobs(out.logprobs) if out.logprobs else None
+                    if out.text or logprobs:
+                        delta = p.Delta(content=out.text)
+                        yield chunk([p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
                     if out.finished:
-                        yield chunk(p.Delta(), finish=out.finish_reason)
-                        if include_usage:
-                            yield chunk(p.Delta(), usage=_usage(out))
+                        yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=out.finish_reason)])
+                if include_usage:
+                    yield chunk([], usage=usage.usage())
 
             await self._stream(send, request_id, events())
             return
-        text, last = await _collect(outputs)
+        results = await _collect(outputs, len(params))
+        choices = [
+            p.ChatChoice(
+                index=index,
+                message=p.ResponseMessage("assistant", r.text),
+                finish_reason=r.finish_reason,
+                logprobs=self._chat_logprobs(r.logprobs) if params[index].logprobs is not None else None,
+            )
+            for index, r in enumerate(results)
+        ]
         body = p.ChatCompletion(
-            id=request_id,
-            created=created,
-            model=self.model_name,
-            choices=[
-                p.ChatChoice(index=0, message=p.ResponseMessage("assistant", text), finish_reason=last.finish_reason)
-            ],
-            usage=_usage(last),
+            id=request_id, created=created, model=self.model_name, choices=choices, usage=_usage_of(results)
         )
         await _send_json(send, 200, msgspec.json.encode(body))
 
@@ -145,32 +154,62 @@ class App:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            def chunk(text: str, finish: str | None = None, usage: p.Usage | None = None) -> bytes:
-                choices = [] if usage is not None else [p.CompletionChoice(index=0, text=text, finish_reason=finish)]
-                return msgspec.json.encode(
-                    p.Completion(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
-                )
+            def chunk(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> bytes:
+                body = p.Completion(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
+                return msgspec.json.encode(body)
 
             async def events() -> AsyncIterator[bytes]:
-                async for out in outputs:
-                    if out.text or out.finished:
-                        yield chunk(out.text, out.finish_reason)
-                    if out.finished and include_usage:
-                        yield chunk("", usage=_usage(out))
+                usage = _UsageCounter()
+                offsets = [0] * len(params)
+                async for index, out in outputs:
+                    usage.add(out)
+                    if out.text or out.finished or out.logprobs:
+                        logprobs = self._completion_logprobs(out.logprobs, offsets[index]) if out.logprobs else None
+                        offsets[index] += len(out.text)
+                        yield chunk([p.CompletionChoice(index, out.text, out.finish_reason, logprobs)])
+                if include_usage:
+                    yield chunk([], usage=usage.usage())
 
             await self._stream(send, request_id, events())
             return
-        text, last = await _collect(outputs)
+        results = await _collect(outputs, len(params))
+        choices = [
+            p.CompletionChoice(
+                index=index,
+                text=r.text,
+                finish_reason=r.finish_reason,
+                logprobs=self._completion_logprobs(r.logprobs, 0) if params[index].logprobs is not None else None,
+            )
+            for index, r in enumerate(results)
+        ]
         body = p.Completion(
-            id=request_id,
-            created=created,
-            model=self.model_name,
-            choices=[p.CompletionChoice(index=0, text=text, finish_reason=last.finish_reason)],
-            usage=_usage(last),
+            id=request_id, created=created, model=self.model_name, choices=choices, usage=_usage_of(results)
         )
         await _send_json(send, 200, msgspec.json.encode(body))
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _token(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> p.ChatLogprobs:
+        content = []
+        for lp in logprobs:
+            text = self._token(lp.token_id)
+            top = [p.TopLogprob(self._token(t), v, list(self._token(t).encode())) for t, v in lp.top]
+            content.append(p.ChatTokenLogprob(text, lp.logprob, list(text.encode()), top))
+        return p.ChatLogprobs(content=content)
+
+    def _completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> p.CompletionLogprobs:
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in logprobs:
+            text = self._token(lp.token_id)
+            tokens.append(text)
+            values.append(lp.logprob)
+            tops.append({self._token(t): v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(text)
+        return p.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
             raise HttpError(
@@ -180,19 +219,19 @@ class App:
                 code="model_not_found",
             )
 
-    def _params(self, req: Any, ids: list[int], max_tokens: int | None) -> Any:
-        params = sampling_params(
-            req,
-            self.defaults,
-            max(1, self.engine.max_model_len - len(ids)),
-            max_tokens,
-            self.engine.tokenizer.vocab_size,
-        )
-        self.engine.check_length(len(ids), params.max_tokens)
+    def _params(self, req: Any, ids: list[int], max_tokens: int | None) -> list[SamplingParams]:
+        room = max(1, self.engine.max_model_len - len(ids))  # default max_tokens: the rest of the context
+        params = sampling_params(req, self.defaults, room, max_tokens, self.engine.tokenizer.vocab_size)
+        self.engine.check_length(len(ids), params[0].max_tokens)
         return params
 
-    def _submit(self, request_id: str, ids: list[int], params: Any, receive: Receive) -> AsyncIterator[RequestOutput]:
-        """Submit to the engine; iterate its outputs; abort in the engine if the client goes away."""
+    def _submit(
+        self, request_id: str, ids: list[int], params: list[SamplingParams], receive: Receive
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Submit to the engine; yield (choice index, output) until every choice has finished.
+
+        If the client goes away first, the request is aborted in the engine and its blocks freed.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -201,39 +240,32 @@ class App:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, out)
 
-        self.engine.submit(request_id, ids, params, sink)
-        log.info("api.request", request_id=request_id, prompt_tokens=len(ids), max_tokens=params.max_tokens)
+        seq_ids = self.engine.submit(request_id, ids, params, sink)
+        index_of = {seq_id: index for index, seq_id in enumerate(seq_ids)}
+        log.info("api.request", request_id=request_id, prompt_tokens=len(ids), max_tokens=params[0].max_tokens)
         started = time.perf_counter()
 
-        async def iterate() -> AsyncIterator[RequestOutput]:
+        async def iterate() -> AsyncIterator[tuple[int, RequestOutput]]:
             watcher = asyncio.ensure_future(_wait_disconnect(receive))
-            finished = False
+            pending = set(seq_ids)
             try:
-                while True:
+                while pending:
                     getter = asyncio.ensure_future(queue.get())
                     done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                     if getter not in done:
                         getter.cancel()
                         raise ClientGoneError()
                     out = getter.result()
-                    if out.finish_reason == "error":
-                        finished = True
-                        raise InternalError(out.error or "generation failed")
-                    yield out
                     if out.finished:
-                        finished = True
-                        log.info(
-                            "api.done",
-                            request_id=request_id,
-                            completion_tokens=out.completion_tokens,
-                            finish_reason=out.finish_reason,
-                            seconds=round(time.perf_counter() - started, 3),
-                        )
-                        return
+                        pending.discard(out.request_id)
+                    if out.finish_reason == "error":
+                        raise InternalError(out.error or "generation failed")
+                    yield index_of[out.request_id], out
+                log.info("api.done", request_id=request_id, seconds=round(time.perf_counter() - started, 3))
             finally:
                 watcher.cancel()
-                if not finished:
-                    self.engine.abort(request_id)
+                if pending:
+                    self.engine.abort(sorted(pending))
                     log.info("api.aborted", request_id=request_id)
 
         return iterate()
@@ -257,18 +289,53 @@ class App:
             return
 
 
-async def _collect(outputs: AsyncIterator[RequestOutput]) -> tuple[str, RequestOutput]:
-    parts: list[str] = []
-    last: RequestOutput | None = None
-    async for out in outputs:
-        parts.append(out.text)
-        last = out
-    assert last is not None and last.finished
-    return "".join(parts), last
+@dataclass
+class _ChoiceResult:
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-def _usage(out: RequestOutput) -> p.Usage:
-    return p.Usage(out.prompt_tokens, out.completion_tokens, out.prompt_tokens + out.completion_tokens)
+async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[_ChoiceResult]:
+    results = [_ChoiceResult() for _ in range(n)]
+    parts: list[list[str]] = [[] for _ in range(n)]
+    async for index, out in outputs:
+        result = results[index]
+        parts[index].append(out.text)
+        result.logprobs.extend(out.logprobs)
+        result.finish_reason = out.finish_reason
+        result.completion_tokens = out.completion_tokens
+        result.prompt_tokens = out.prompt_tokens
+        result.cached_tokens = out.cached_tokens
+    for result, texts in zip(results, parts, strict=True):
+        result.text = "".join(texts)
+    return results
+
+
+def _usage(prompt: int, completion: int, cached: int) -> p.Usage:
+    return p.Usage(prompt, completion, prompt + completion, p.PromptTokensDetails(cached_tokens=cached))
+
+
+def _usage_of(results: list[_ChoiceResult]) -> p.Usage:
+    return _usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results), results[0].cached_tokens)
+
+
+class _UsageCounter:
+    """Usage for a stream: the last output of each choice carries its running totals."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, RequestOutput] = {}
+
+    def add(self, out: RequestOutput) -> None:
+        self._last[out.request_id] = out
+
+    def usage(self) -> p.Usage:
+        outs = list(self._last.values())
+        first = outs[0] if outs else RequestOutput("", "", [])
+        return _usage(first.prompt_tokens, sum(o.completion_tokens for o in outs), first.cached_tokens)
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -13,6 +13,9 @@ from llmc.runtime.tokenizer import Tokenizer
 # Bounds on request fields, so no request can make the server do unbounded work.
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; more is harmless, unbounded is not
 MAX_STOP_CHARS = 256
+MAX_N = 16  # choices per request: each is a full sequence in the batch
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
+MAX_LOGIT_BIAS_ENTRIES = 1024
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 
@@ -33,17 +36,26 @@ def _unsupported(field: str, issue: str) -> BadInputError:
     return BadInputError(f"`{field}` is not supported by llmc yet ({issue})", param=field)
 
 
-def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
-    if req.n != 1:
-        raise _unsupported("n", "only n=1 is served for now")
-    if req.logprobs:
-        raise _unsupported("logprobs", "coming with the tool-calling/logprobs work")
-    if req.presence_penalty or req.frequency_penalty:
-        raise _unsupported(
-            "presence_penalty" if req.presence_penalty else "frequency_penalty", "coming with the engine work"
-        )
-    if req.logit_bias:
-        raise _unsupported("logit_bias", "coming with the engine work")
+def _logprobs(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """None for no logprobs, else how many alternatives to report per token."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise BadInputError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+        if not req.logprobs:
+            if req.top_logprobs:
+                raise BadInputError("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return req.top_logprobs or 0
+    if req.logprobs is None or req.logprobs is False:
+        return None
+    if req.logprobs is True or not 0 <= int(req.logprobs) <= MAX_TOP_LOGPROBS:
+        raise BadInputError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
+    return int(req.logprobs)
+
+
+def _range(value: float, low: float, high: float, name: str) -> None:
+    if not low <= value <= high:
+        raise BadInputError(f"{name} must be between {low} and {high}", param=name)
 
 
 def sampling_params(
@@ -52,19 +64,25 @@ def sampling_params(
     max_tokens_default: int,
     max_tokens: int | None,
     vocab_size: int,
-) -> SamplingParams:
-    _check_common(req)
+) -> list[SamplingParams]:
+    """One SamplingParams per requested choice (`n`); choice i of a seeded request uses seed + i."""
     temperature = req.temperature if req.temperature is not None else defaults["temperature"]
     top_p = req.top_p if req.top_p is not None else defaults["top_p"]
     top_k = req.top_k if req.top_k is not None else defaults["top_k"]
-    if not 0.0 <= temperature <= 2.0:
-        raise BadInputError("temperature must be between 0 and 2", param="temperature")
+    _range(temperature, 0.0, 2.0, "temperature")
     if not 0.0 < top_p <= 1.0:
         raise BadInputError("top_p must be in (0, 1]", param="top_p")
     if top_k == -1:
         top_k = 0  # vLLM's spelling of "no top-k"
     if top_k < 0:
         raise BadInputError("top_k must be >= 0 (or -1 for no cut)", param="top_k")
+    _range(req.min_p, 0.0, 1.0, "min_p")
+    _range(req.presence_penalty, -2.0, 2.0, "presence_penalty")
+    _range(req.frequency_penalty, -2.0, 2.0, "frequency_penalty")
+    if not 0.0 < req.repetition_penalty <= 2.0:
+        raise BadInputError("repetition_penalty must be in (0, 2]", param="repetition_penalty")
+    if not 1 <= req.n <= MAX_N:
+        raise BadInputError(f"n must be between 1 and {MAX_N}", param="n")
     if max_tokens is not None and max_tokens < 1:
         raise BadInputError("max_tokens must be at least 1", param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -73,21 +91,46 @@ def sampling_params(
             f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most {MAX_STOP_CHARS} characters",
             param="stop",
         )
-    if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
+    if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX - MAX_N:
         raise BadInputError("seed is out of the 64-bit range", param="seed")
     stop_ids = req.stop_token_ids or []
     if any(not 0 <= t < vocab_size for t in stop_ids):
         raise BadInputError("stop_token_ids holds an id outside the vocabulary", param="stop_token_ids")
-    return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else max_tokens_default,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        seed=req.seed,
-        stop=tuple(stop),
-        stop_token_ids=frozenset(stop_ids),
-        ignore_eos=req.ignore_eos,
-    )
+    bias = _logit_bias(req.logit_bias, vocab_size)
+    logprobs = _logprobs(req)
+    return [
+        SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else max_tokens_default,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            min_p=float(req.min_p),
+            presence_penalty=float(req.presence_penalty),
+            frequency_penalty=float(req.frequency_penalty),
+            repetition_penalty=float(req.repetition_penalty),
+            logit_bias=bias,
+            seed=None if req.seed is None else req.seed + choice,
+            stop=tuple(stop),
+            stop_token_ids=frozenset(stop_ids),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+        for choice in range(req.n)
+    ]
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise BadInputError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries", param="logit_bias")
+    out = []
+    for key, value in bias.items():
+        if not key.isdigit() or not 0 <= int(key) < vocab_size:
+            raise BadInputError(f"logit_bias key {key!r} is not a token id of this model", param="logit_bias")
+        _range(value, -100.0, 100.0, "logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(sorted(out))
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -97,8 +140,6 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
         raise _unsupported("tools", "tool calling is coming with the OpenAI API work")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise _unsupported("response_format", "structured output is coming with the OpenAI API work")
-    if req.top_logprobs:
-        raise _unsupported("top_logprobs", "coming with logprobs")
     return [_message_dict(m) for m in req.messages]
 
 
@@ -120,7 +161,7 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
 
 def completion_prompt(req: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
     if req.echo:
-        raise _unsupported("echo", "coming with logprobs")
+        raise _unsupported("echo", "coming with prompt logprobs")
     if req.suffix:
         raise _unsupported("suffix", "no llmc model does fill-in-the-middle yet")
     prompt = req.prompt

@@ -33,6 +33,11 @@ def _valid_chat(client: httpx.Client) -> None:
     assert body["usage"]["completion_tokens"] >= 1
 
 
+def _chat(**extra: object) -> dict[str, object]:
+    """A valid chat body with `extra` fields set (or overriding)."""
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
 BAD_REQUESTS = [
     # (path, raw body or JSON, expected status, expected param)
     (CHAT, b"{not json", 400, None),
@@ -45,22 +50,17 @@ BAD_REQUESTS = [
     (CHAT, {"model": "tiny", "messages": []}, 400, "messages"),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "messages"),
     (CHAT, {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
-    (
-        CHAT,
-        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
-        400,
-        "temperature",
-    ),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "seed"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}, 400, "logit_bias"),
-    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 5}, 400, "presence_penalty"),
+    (CHAT, _chat(temperature="hot"), 400, "temperature"),
+    (CHAT, _chat(temperature=9), 400, "temperature"),
+    (CHAT, _chat(top_p=0), 400, "top_p"),
+    (CHAT, _chat(max_tokens=0), 400, "max_tokens"),
+    (CHAT, _chat(max_tokens=10**6), 400, "max_tokens"),
+    (CHAT, _chat(seed=2**70), 400, "seed"),
+    (CHAT, _chat(stop=[""]), 400, "stop"),
+    (CHAT, _chat(n=99), 400, "n"),
+    (CHAT, _chat(top_logprobs=3), 400, "top_logprobs"),
+    (CHAT, _chat(logit_bias={"x": 1}), 400, "logit_bias"),
+    (CHAT, _chat(presence_penalty=5), 400, "presence_penalty"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     (CHAT, {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]}, 400, "max_tokens"),

@@ -35,6 +35,7 @@ Sink = Callable[[RequestOutput], None]
 class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     kv_cache_mb: int = 1024  # default KV budget: 1 GiB holds ~22k tokens of SmolLM2 in f32
+    kv_blocks: int | None = None  # an exact block count, overriding kv_cache_mb
     block_size: int = 16  # tokens per KV block: vLLM's default, a good balance of waste and table size
     max_num_seqs: int = 64
     # Tokens computed per step, decodes and prefill chunks together. 512 keeps a step short
@@ -63,11 +64,11 @@ class Engine:
         self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
         model = build_model(spec, dict(artifact.weights()), self.max_model_len)
         bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
-        num_blocks = config.kv_cache_mb * 1024 * 1024 // bytes_per_block
+        num_blocks = config.kv_blocks or config.kv_cache_mb * 1024 * 1024 // bytes_per_block
         if num_blocks * config.block_size < self.max_model_len:
             raise OutOfResourcesError(
-                f"a KV cache of {config.kv_cache_mb} MB holds {num_blocks * config.block_size} tokens, fewer than "
-                f"max_model_len {self.max_model_len}; raise --mem or lower --max-model-len"
+                f"a KV cache of {num_blocks} blocks holds {num_blocks * config.block_size} tokens, fewer than "
+                f"max_model_len {self.max_model_len}; raise --mem / --kv-blocks or lower --max-model-len"
             )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 
 import torch
@@ -17,26 +18,39 @@ def open_engine(artifact_dir: Path, **config: object) -> Engine:
     return Engine(Artifact.open(artifact_dir), EngineConfig(**config))  # type: ignore[arg-type]
 
 
-def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+def drain_inbox(engine: Engine) -> None:
+    """Do what the engine thread does with newly submitted work, in this thread."""
+    while True:
+        try:
+            item = engine._inbox.get_nowait()
+        except queue.Empty:
+            return
+        assert item is not None
+        engine._accept(item)
+
+
+def generate(
+    engine: Engine,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    collect: list[RequestOutput] | None = None,
+) -> list[list[int]]:
     """Run prompts to completion by stepping the engine in this thread; return generated ids."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     results: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     done: set[str] = set()
 
     def sink(out: RequestOutput) -> None:
         results[out.request_id].extend(out.token_ids)
+        if collect is not None:
+            collect.append(out)
         if out.finished:
             done.add(out.request_id)
 
-    for i, ids in enumerate(prompts):
-        engine.submit(f"r{i}", ids, params, sink)
+    for i, (ids, p) in enumerate(zip(prompts, per_prompt, strict=True)):
+        engine.submit(f"r{i}", ids, p, sink)
     while len(done) < len(prompts):
-        while True:
-            try:
-                item = engine._inbox.get_nowait()
-            except Exception:
-                break
-            assert item is not None
-            engine._accept(item)
+        drain_inbox(engine)
         engine.step()
     return [results[f"r{i}"] for i in range(len(prompts))]
 

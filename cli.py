@@ -12,6 +12,9 @@ import msgspec
 from llmc.errors import LlmcError
 from llmc.logs import configure
 
+POSITIVE = click.IntRange(min=1)
+PORT = click.IntRange(1, 65535)
+
 
 def _fail(error: LlmcError, as_json: bool) -> None:
     if as_json:
@@ -116,42 +119,31 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--p", "--port", "port", default=2000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--p", "--port", "port", default=2000, show_default=True, type=PORT, help="Port to listen on.")
 @click.option("--h", "--host", "host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--served-model-name", help="Model name clients must send (default: the artifact's).")
-@click.option("--max-model-len", type=int, help="Context length cap (default: the model's).")
-@click.option("--mem", "kv_cache_mb", default=1024, show_default=True, type=int, help="KV cache size in MB.")
-@click.option("--block-size", default=16, show_default=True, type=int, help="Tokens per KV cache block.")
-@click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences decoded together at most.")
+@click.option("--max-model-len", type=POSITIVE, help="Context length cap (default: the model's).")
+@click.option("--mem", "kv_cache_mb", default=1024, show_default=True, type=POSITIVE, help="KV cache size in MB.")
+@click.option("--kv-blocks", type=POSITIVE, help="KV cache size in blocks (overrides --mem).")
+@click.option("--block-size", default=16, show_default=True, type=POSITIVE, help="Tokens per KV cache block.")
+@click.option(
+    "--max-num-seqs", default=64, show_default=True, type=POSITIVE, help="Sequences decoded together at most."
+)
+@click.option(
+    "--prefill-chunk-size",
+    default=512,
+    show_default=True,
+    type=POSITIVE,
+    help="Tokens computed per step: decodes plus chunks of prompts being prefilled.",
+)
+@click.option("--disable-prefix-cache", is_flag=True, help="Do not reuse KV blocks of equal prompt prefixes.")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
-@click.option("--threads", type=int, help="CPU threads for the model (default: torch's choice).")
-def run(
-    artifact: Path,
-    port: int,
-    host: str,
-    served_model_name: str | None,
-    max_model_len: int | None,
-    kv_cache_mb: int,
-    block_size: int,
-    max_num_seqs: int,
-    seed: int | None,
-    threads: int | None,
-) -> None:
+@click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
+def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     """Serve an artifact with an OpenAI-compatible API."""
     from llmc.runtime.server import ServeConfig, serve
 
-    config = ServeConfig(
-        artifact=str(artifact),
-        host=host,
-        port=port,
-        served_model_name=served_model_name,
-        max_model_len=max_model_len,
-        kv_cache_mb=kv_cache_mb,
-        block_size=block_size,
-        max_num_seqs=max_num_seqs,
-        seed=seed,
-        threads=threads,
-    )
+    config = ServeConfig(artifact=str(artifact), enable_prefix_cache=not disable_prefix_cache, **options)
     try:
         serve(config)
     except LlmcError as exc:

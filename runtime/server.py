@@ -21,8 +21,11 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     served_model_name: str | None = None
     max_model_len: int | None = None
     kv_cache_mb: int = 1024
+    kv_blocks: int | None = None
     block_size: int = 16
     max_num_seqs: int = 64
+    prefill_chunk_size: int = 512
+    enable_prefix_cache: bool = True
     seed: int | None = None
     threads: int | None = None
     log_level: str = "INFO"
@@ -42,8 +45,11 @@ def create_app() -> object:
         EngineConfig(
             max_model_len=config.max_model_len,
             kv_cache_mb=config.kv_cache_mb,
+            kv_blocks=config.kv_blocks,
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
+            max_batched_tokens=config.prefill_chunk_size,
+            enable_prefix_cache=config.enable_prefix_cache,
             seed=config.seed,
             threads=config.threads,
         ),

@@ -136,6 +136,11 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
     type=POSITIVE,
     help="Tokens computed per step: decodes plus chunks of prompts being prefilled.",
 )
+@click.option(
+    "--api-key",
+    envvar="LLMC_API_KEY",
+    help="Require `Authorization: Bearer KEY` on every route but /health (env: LLMC_API_KEY).",
+)
 @click.option("--disable-prefix-cache", is_flag=True, help="Do not reuse KV blocks of equal prompt prefixes.")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")

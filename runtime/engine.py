@@ -92,6 +92,16 @@ class Engine:
         self._inbox.put(None)
         self._thread.join()
 
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics. Read from another thread: each value is one atomic read."""
+        blocks = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_usage": 1.0 - blocks.num_free / blocks.num_blocks,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
     def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise BadInputError(

@@ -29,6 +29,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     seed: int | None = None
     threads: int | None = None
     log_level: str = "INFO"
+    api_key: str | None = None
 
 
 def create_app() -> object:
@@ -56,7 +57,7 @@ def create_app() -> object:
     )
     engine.start()
     log.info("server.ready", host=config.host, port=config.port, model=engine.model_name)
-    return App(engine, config.served_model_name)
+    return App(engine, config.served_model_name, api_key=config.api_key)
 
 
 def serve(config: ServeConfig) -> None:

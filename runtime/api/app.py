@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,10 +17,13 @@ from typing import Any
 
 import msgspec
 
+import llmc
 from llmc.errors import BadInputError, InternalError, LlmcError
 from llmc.logs import get_logger
 from llmc.runtime.api import protocol as p
 from llmc.runtime.api.errors import HttpError, error_response
+from llmc.runtime.api.metrics import CONTENT_TYPE, Metrics
+from llmc.runtime.api.openapi import openapi_spec
 from llmc.runtime.api.requests import chat_messages, completion_prompt, sampling_params, validation_param
 from llmc.runtime.engine import Engine
 from llmc.runtime.output_processor import RequestOutput
@@ -43,8 +47,10 @@ class ClientGoneError(Exception):
 
 
 class App:
-    def __init__(self, engine: Engine, served_model_name: str | None = None) -> None:
+    def __init__(self, engine: Engine, served_model_name: str | None = None, api_key: str | None = None) -> None:
         self.engine = engine
+        self._api_key = api_key.encode() if api_key else None
+        self.metrics = Metrics(engine.stats)
         self.model_name = served_model_name or engine.model_name
         self.created = int(time.time())
         gen = engine.generation_defaults
@@ -54,7 +60,14 @@ class App:
             ("GET", "/v1/models"): self.models,
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
+            ("POST", "/tokenize"): self.tokenize,
+            ("POST", "/detokenize"): self.detokenize,
+            ("GET", "/metrics"): self.metrics_route,
+            ("GET", "/openapi.json"): self.openapi,
         }
+        self._tokenize_decoder = msgspec.json.Decoder(p.TokenizeRequest)
+        self._detokenize_decoder = msgspec.json.Decoder(p.DetokenizeRequest)
+        self._openapi = msgspec.json.encode(openapi_spec(llmc.__version__, auth=api_key is not None))
         self._chat_decoder = msgspec.json.Decoder(p.ChatCompletionRequest)
         self._completion_decoder = msgspec.json.Decoder(p.CompletionRequest)
 
@@ -66,23 +79,82 @@ class App:
             return
         path = scope["path"].rstrip("/") or "/"
         handler = self._routes.get((scope["method"], path))
+        status = 500
+        route = path if any(route_path == path for _, route_path in self._routes) else "unknown"
+
+        async def send_recording_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
+            if self._api_key is not None and path != "/health":
+                self._authorize(scope)
             if handler is None:
-                if any(route_path == path for _, route_path in self._routes):
+                if route != "unknown":
                     raise HttpError(405, f"method {scope['method']} is not allowed on {path}")
                 raise HttpError(404, f"no route {path}", code="not_found")
-            await handler(scope, receive, send)
+            await handler(scope, receive, send_recording_status)
         except LlmcError as exc:
-            await _send_error(send, exc)
+            await _send_error(send_recording_status, exc)
         except ClientGoneError:
-            pass
+            status = 499  # nginx's "client closed request"
         except Exception as exc:  # a bug in a handler must not take the server down
             log.exception("api.handler_failed", path=path, error=type(exc).__name__)
-            await _send_error(send, InternalError("internal server error; see the server log"))
+            await _send_error(send_recording_status, InternalError("internal server error; see the server log"))
+        self.metrics.requests.labels(route, str(status)).inc()
+
+    def _authorize(self, scope: Scope) -> None:
+        assert self._api_key is not None
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                given = value
+        if not hmac.compare_digest(given, b"Bearer " + self._api_key):
+            raise HttpError(
+                401,
+                "missing or incorrect API key: send it as `Authorization: Bearer KEY`",
+                code="invalid_api_key",
+            )
 
     # ---- routes --------------------------------------------------------------------------
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_json(send, 200, b'{"status":"ok"}')
+
+    async def openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, self._openapi)
+
+    async def metrics_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", CONTENT_TYPE.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.metrics.render()})
+
+    async def tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
+        req = _decode(self._tokenize_decoder, await _read_body(scope, receive))
+        if req.model is not None:
+            self._check_model(req.model)
+        tokenizer = self.engine.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise BadInputError("send exactly one of `prompt` and `messages`", param="prompt")
+        if req.messages is not None:
+            chat = p.ChatCompletionRequest(model=self.model_name, messages=req.messages)
+            text = tokenizer.apply_chat_template(chat_messages(chat), add_generation_prompt=req.add_generation_prompt)
+        else:
+            assert req.prompt is not None
+            text = req.prompt
+        ids = tokenizer.encode(text)
+        body = p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.engine.max_model_len)
+        await _send_json(send, 200, msgspec.json.encode(body))
+
+    async def detokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
+        req = _decode(self._detokenize_decoder, await _read_body(scope, receive))
+        if req.model is not None:
+            self._check_model(req.model)
+        if any(not 0 <= t < self.engine.tokenizer.vocab_size for t in req.tokens):
+            raise BadInputError("tokens holds an id outside the vocabulary", param="tokens")
+        text = self.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)
+        await _send_json(send, 200, msgspec.json.encode(p.DetokenizeResponse(prompt=text)))
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         card = p.ModelCard(
@@ -244,10 +316,13 @@ class App:
         index_of = {seq_id: index for index, seq_id in enumerate(seq_ids)}
         log.info("api.request", request_id=request_id, prompt_tokens=len(ids), max_tokens=params[0].max_tokens)
         started = time.perf_counter()
+        self.metrics.prompt_tokens.inc(len(ids))
+        metrics = self.metrics
 
         async def iterate() -> AsyncIterator[tuple[int, RequestOutput]]:
             watcher = asyncio.ensure_future(_wait_disconnect(receive))
             pending = set(seq_ids)
+            last_output: float | None = None
             try:
                 while pending:
                     getter = asyncio.ensure_future(queue.get())
@@ -256,6 +331,14 @@ class App:
                         getter.cancel()
                         raise ClientGoneError()
                     out = getter.result()
+                    now = time.perf_counter()
+                    if out.token_ids:
+                        metrics.generation_tokens.inc(len(out.token_ids))
+                        if last_output is None:
+                            metrics.ttft.observe(now - started)
+                        else:
+                            metrics.itl.observe(now - last_output)
+                        last_output = now
                     if out.finished:
                         pending.discard(out.request_id)
                     if out.finish_reason == "error":

@@ -141,6 +141,13 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
     envvar="LLMC_API_KEY",
     help="Require `Authorization: Bearer KEY` on every route but /health (env: LLMC_API_KEY).",
 )
+@click.option(
+    "--tool-parser",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "hermes", "mistral", "llama", "json"]),
+    help="Tool-call output format; auto reads the chat template.",
+)
 @click.option("--disable-prefix-cache", is_flag=True, help="Do not reuse KV blocks of equal prompt prefixes.")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")

@@ -24,6 +24,7 @@ from llmc.runtime.sampler import Sampler
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.sequence import Sequence
+from llmc.runtime.structured_output import GrammarCompiler
 from llmc.runtime.tokenizer import Tokenizer
 
 log = get_logger("llmc.engine")
@@ -81,6 +82,9 @@ class Engine:
         self._sinks: dict[int, Sink] = {}
         self._by_request: dict[str, Sequence] = {}
         self._followers: dict[int, list[Sequence]] = {}
+        self._artifact_root = artifact.root
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
         log.info("engine.ready", model=self.model_name, kv_blocks=num_blocks, block_size=config.block_size)
 
@@ -91,6 +95,16 @@ class Engine:
     def stop(self) -> None:
         self._inbox.put(None)
         self._thread.join()
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Built on first use: loading llguidance's view of the vocabulary takes a moment."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                tokenizer_json = (self._artifact_root / self.tokenizer.info.file).read_text(encoding="utf-8")
+                vocab = self.runner.model.spec.vocab_size
+                self._grammars = GrammarCompiler(tokenizer_json, vocab, sorted(self.tokenizer.eos_ids))
+            return self._grammars
 
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics. Read from another thread: each value is one atomic read."""
@@ -155,6 +169,8 @@ class Engine:
             return
         leader, *followers = item.seqs
         for seq in item.seqs:
+            if seq.params.grammar is not None:
+                seq.constraint = self.grammars.constraint(seq.params.grammar)
             self._sinks[seq.seq_id] = item.sink
             self._by_request[seq.request_id] = seq
             self.outputs.start(seq)

@@ -68,6 +68,8 @@ class OutputProcessor:
                     state.text = state.text[:at]
                     reason = "stop"
                     break
+        if reason is None and seq.constraint is not None and seq.constraint.finished:
+            reason = "stop"  # the grammar is complete: nothing more may follow
         if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_model_len):
             reason = "length"
         if reason is None:

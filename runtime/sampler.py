@@ -75,12 +75,17 @@ class Sampler:
                 for token, bias in params.logit_bias:
                     row_logits[token] += bias
                 apply_penalties(row_logits, seq)
+            if seq.constraint is not None:
+                row_logits = row_logits.masked_fill(~seq.constraint.allowed(), float("-inf"))
             if params.greedy:
-                tokens.append(int(row_logits.argmax()))
-                continue
-            probs = filter_logits(row_logits, params).softmax(-1)
-            generator = seq.generator or self._generator
-            tokens.append(int(torch.multinomial(probs, 1, generator=generator).item()))
+                token = int(row_logits.argmax())
+            else:
+                probs = filter_logits(row_logits, params).softmax(-1)
+                generator = seq.generator or self._generator
+                token = int(torch.multinomial(probs, 1, generator=generator).item())
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
+            tokens.append(token)
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             for row, seq in enumerate(seqs):

@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+    grammar: str | None = None  # llguidance grammar the output must follow (structured output)
 
     @property
     def greedy(self) -> bool:

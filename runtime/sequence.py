@@ -8,6 +8,7 @@ import itertools
 import torch
 
 from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.structured_output import Constraint
 
 _ids = itertools.count()
 
@@ -35,6 +36,7 @@ class Sequence:
         # hash of the last one, so each block is hashed once.
         self.num_hashed = 0
         self.last_hash = -1
+        self.constraint: Constraint | None = None  # set by the engine when params.grammar is given
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

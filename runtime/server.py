@@ -30,6 +30,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     threads: int | None = None
     log_level: str = "INFO"
     api_key: str | None = None
+    tool_parser: str = "auto"
 
 
 def create_app() -> object:
@@ -57,7 +58,7 @@ def create_app() -> object:
     )
     engine.start()
     log.info("server.ready", host=config.host, port=config.port, model=engine.model_name)
-    return App(engine, config.served_model_name, api_key=config.api_key)
+    return App(engine, config.served_model_name, api_key=config.api_key, tool_parser=config.tool_parser)
 
 
 def serve(config: ServeConfig) -> None:

@@ -26,6 +26,7 @@ class Tokenizer:
         self.info = info
         self.bos_id = tokenizer.token_to_id(info.bos_token) if info.bos_token else None
         self.eos_ids = frozenset(info.eos_token_ids)
+        self.chat_template_source = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
 
     @classmethod

@@ -12,7 +12,7 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -21,14 +21,17 @@ import llmc
 from llmc.errors import BadInputError, InternalError, LlmcError
 from llmc.logs import get_logger
 from llmc.runtime.api import protocol as p
+from llmc.runtime.api.chat_plan import ChatPlan, plan_chat
 from llmc.runtime.api.errors import HttpError, error_response
 from llmc.runtime.api.metrics import CONTENT_TYPE, Metrics
 from llmc.runtime.api.openapi import openapi_spec
-from llmc.runtime.api.requests import chat_messages, completion_prompt, sampling_params, validation_param
+from llmc.runtime.api.requests import completion_prompt, sampling_params, validation_param
 from llmc.runtime.engine import Engine
 from llmc.runtime.output_processor import RequestOutput
 from llmc.runtime.sampler import TokenLogprob
 from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.tool_calls import ContentEvent, ToolCall, ToolCallParser, choose_format
+from llmc.runtime.tool_calls.base import parse_all
 
 log = get_logger("llmc.api")
 
@@ -47,8 +50,15 @@ class ClientGoneError(Exception):
 
 
 class App:
-    def __init__(self, engine: Engine, served_model_name: str | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        served_model_name: str | None = None,
+        api_key: str | None = None,
+        tool_parser: str = "auto",
+    ) -> None:
         self.engine = engine
+        self.tool_format = choose_format(tool_parser, engine.tokenizer.chat_template_source)
         self._api_key = api_key.encode() if api_key else None
         self.metrics = Metrics(engine.stats)
         self.model_name = served_model_name or engine.model_name
@@ -138,8 +148,8 @@ class App:
         if (req.prompt is None) == (req.messages is None):
             raise BadInputError("send exactly one of `prompt` and `messages`", param="prompt")
         if req.messages is not None:
-            chat = p.ChatCompletionRequest(model=self.model_name, messages=req.messages)
-            text = tokenizer.apply_chat_template(chat_messages(chat), add_generation_prompt=req.add_generation_prompt)
+            plan = self._plan(p.ChatCompletionRequest(model=self.model_name, messages=req.messages))
+            text = tokenizer.apply_chat_template(plan.messages, add_generation_prompt=req.add_generation_prompt)
         else:
             assert req.prompt is not None
             text = req.prompt
@@ -165,16 +175,17 @@ class App:
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = _decode(self._chat_decoder, await _read_body(scope, receive))
         self._check_model(req.model)
-        messages = chat_messages(req)
-        prompt = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        plan = self._plan(req)
+        prompt = self.engine.tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True, tools=plan.tools)
         ids = self.engine.tokenizer.encode(prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._params(req, ids, max_tokens)
+        params = [replace(sp, grammar=plan.grammar) for sp in self._params(req, ids, max_tokens)]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = self._submit(request_id, ids, params, receive)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            parsers = [ToolCallParser(plan.tool_format) if plan.tool_format else None for _ in params]
 
             def chunk(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> bytes:
                 body = p.ChatCompletionChunk(
@@ -189,30 +200,40 @@ class App:
                 async for index, out in outputs:
                     usage.add(out)
                     logprobs = self._chat_logprobs(out.logprobs) if out.logprobs else None
-                    if out.text or logprobs:
-                        delta = p.Delta(content=out.text)
-                        yield chunk([p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+                    parser = parsers[index]
+                    deltas = _deltas(parser, out.text, out.finished) if parser else [p.Delta(content=out.text)]
+                    for delta in deltas:
+                        if delta.content or delta.tool_calls or logprobs:
+                            yield chunk([p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+                            logprobs = None
                     if out.finished:
-                        yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=out.finish_reason)])
+                        reason = "tool_calls" if parser and parser.calls else out.finish_reason
+                        yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason)])
                 if include_usage:
                     yield chunk([], usage=usage.usage())
 
             await self._stream(send, request_id, events())
             return
         results = await _collect(outputs, len(params))
-        choices = [
-            p.ChatChoice(
-                index=index,
-                message=p.ResponseMessage("assistant", r.text),
-                finish_reason=r.finish_reason,
-                logprobs=self._chat_logprobs(r.logprobs) if params[index].logprobs is not None else None,
-            )
-            for index, r in enumerate(results)
-        ]
+        choices = []
+        for index, r in enumerate(results):
+            message = p.ResponseMessage("assistant", r.text)
+            reason = r.finish_reason
+            if plan.tool_format is not None:
+                content, calls = parse_all(plan.tool_format, r.text)
+                if calls:
+                    message = p.ResponseMessage("assistant", content or None, [_tool_call_out(c) for c in calls])
+                    reason = "tool_calls"
+            logprobs = self._chat_logprobs(r.logprobs) if params[index].logprobs is not None else None
+            choices.append(p.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
         body = p.ChatCompletion(
             id=request_id, created=created, model=self.model_name, choices=choices, usage=_usage_of(results)
         )
         await _send_json(send, 200, msgspec.json.encode(body))
+
+    def _plan(self, req: p.ChatCompletionRequest) -> ChatPlan:
+        template = self.engine.tokenizer.chat_template_source or ""
+        return plan_chat(req, self.tool_format, "tools" in template, lambda: self.engine.grammars)
 
     async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = _decode(self._completion_decoder, await _read_body(scope, receive))
@@ -419,6 +440,29 @@ class _UsageCounter:
         outs = list(self._last.values())
         first = outs[0] if outs else RequestOutput("", "", [])
         return _usage(first.prompt_tokens, sum(o.completion_tokens for o in outs), first.cached_tokens)
+
+
+def _tool_call_out(call: ToolCall) -> p.ToolCallOut:
+    return p.ToolCallOut(id=call.id, function=p.FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _deltas(parser: ToolCallParser, text: str, finished: bool) -> list[p.Delta]:
+    """Stream deltas for new text: content as it is known to be content; each tool call as one
+    delta with its id and name, then one with its arguments."""
+    events = parser.feed(text) + (parser.finish() if finished else [])
+    deltas = []
+    for event in events:
+        if isinstance(event, ContentEvent):
+            deltas.append(p.Delta(content=event.text))
+            continue
+        call = event.call
+        head = p.FunctionCallDelta(name=call.name, arguments="")
+        deltas.append(
+            p.Delta(tool_calls=[p.ToolCallDelta(index=event.index, id=call.id, type="function", function=head)])
+        )
+        body = p.FunctionCallDelta(arguments=call.arguments)
+        deltas.append(p.Delta(tool_calls=[p.ToolCallDelta(index=event.index, function=body)]))
+    return deltas
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from llmc.errors import BadInputError
-from llmc.runtime.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from llmc.runtime.api.protocol import ChatCompletionRequest, CompletionRequest
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.tokenizer import Tokenizer
 
@@ -17,7 +17,6 @@ MAX_N = 16  # choices per request: each is a full sequence in the batch
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
 MAX_LOGIT_BIAS_ENTRIES = 1024
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 
 _PATH_RE = re.compile(r"at `\$\.?([^`\[.]*)")
 _MISSING_RE = re.compile(r"missing required field `([^`]*)`")
@@ -131,32 +130,6 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[i
         _range(value, -100.0, 100.0, "logit_bias")
         out.append((int(key), float(value)))
     return tuple(sorted(out))
-
-
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    if not req.messages:
-        raise BadInputError("messages must not be empty", param="messages")
-    if req.tools:
-        raise _unsupported("tools", "tool calling is coming with the OpenAI API work")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", "structured output is coming with the OpenAI API work")
-    return [_message_dict(m) for m in req.messages]
-
-
-def _message_dict(message: ChatMessage) -> dict[str, Any]:
-    if message.role not in CHAT_ROLES:
-        raise BadInputError(
-            f"message role {message.role!r} is not one of {', '.join(sorted(CHAT_ROLES))}", param="messages"
-        )
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.type != "text" or part.text is None:
-                raise BadInputError(f"content parts of type {part.type!r} are not supported", param="messages")
-            texts.append(part.text)
-        content = "".join(texts)
-    return {"role": message.role, "content": content or ""}
 
 
 def completion_prompt(req: CompletionRequest, tokenizer: Tokenizer) -> list[int]:

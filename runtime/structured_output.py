@@ -19,6 +19,13 @@ from llmc.errors import BadInputError
 # A request's grammar (a JSON schema or Lark text) is capped so no request can make grammar
 # construction take unbounded time or memory.
 MAX_GRAMMAR_CHARS = 64 * 1024
+# JSON is generated in json.dumps' layout: free whitespace would let a weak model pad forever.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def lark_json(schema: dict[str, Any]) -> str:
+    """`%json {...}` for a Lark grammar, with the same layout options as JSON schemas get."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
 
 class Constraint:
@@ -58,7 +65,7 @@ class GrammarCompiler:
         if len(text) > MAX_GRAMMAR_CHARS:
             raise BadInputError(f"the schema is larger than {MAX_GRAMMAR_CHARS} characters", param=param)
         try:
-            grammar = self._llg.LLMatcher.grammar_from_json_schema(text)
+            grammar = self._llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
         except (ValueError, RuntimeError) as exc:
             raise BadInputError(f"the JSON schema is not supported: {exc}", param=param) from exc
         return self._validated(grammar, param)

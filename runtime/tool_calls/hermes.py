@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from llmc.runtime.structured_output import lark_json
 from llmc.runtime.tool_calls.base import ToolCallFormat, call_from_object, one_of_calls
 
 
@@ -22,4 +23,4 @@ class HermesFormat(ToolCallFormat):
         return [call] if call else None
 
     def grammar(self, tools: list[dict[str, Any]]) -> str:
-        return f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {json.dumps(one_of_calls(tools))}\n'
+        return f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: {lark_json(one_of_calls(tools))}\n'

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from llmc.runtime.structured_output import lark_json
 from llmc.runtime.tool_calls.base import ToolCallFormat, call_from_object, one_of_calls
 
 
@@ -39,4 +40,4 @@ class JsonFormat(ToolCallFormat):
         return json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
 
     def grammar(self, tools: list[dict[str, Any]]) -> str:
-        return f"start: call\ncall: %json {json.dumps(one_of_calls(tools, key='parameters'))}\n"
+        return f"start: call\ncall: {lark_json(one_of_calls(tools, key='parameters'))}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from llmc.runtime.structured_output import lark_json
 from llmc.runtime.tool_calls.base import ToolCallFormat, arguments_json, tool_schemas
 
 
@@ -28,5 +29,5 @@ class LlamaFunctionFormat(ToolCallFormat):
         alternatives = []
         for index, (name, params) in enumerate(tool_schemas(tools)):
             alternatives.append(f"call{index}")
-            rules.append(f"call{index}: {json.dumps(name + '>')} args{index}\nargs{index}: %json {json.dumps(params)}")
+            rules.append(f"call{index}: {json.dumps(name + '>')} args{index}\nargs{index}: {lark_json(params)}")
         return f'start: "<function=" ({" | ".join(alternatives)}) "</function>"\n' + "\n".join(rules) + "\n"

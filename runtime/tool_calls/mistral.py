@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from llmc.runtime.structured_output import lark_json
 from llmc.runtime.tool_calls.base import ToolCallFormat, arguments_json, call_from_object, one_of_calls
 
 _ARGS = "[ARGS]"
@@ -41,4 +42,4 @@ class MistralFormat(ToolCallFormat):
 
     def grammar(self, tools: list[dict[str, Any]]) -> str:
         schema = {"type": "array", "items": one_of_calls(tools), "minItems": 1, "maxItems": 1}
-        return f'start: "[TOOL_CALLS] " calls\ncalls: %json {json.dumps(schema)}\n'
+        return f'start: "[TOOL_CALLS] " calls\ncalls: {lark_json(schema)}\n'

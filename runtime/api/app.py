@@ -77,7 +77,9 @@ class App:
         }
         self._tokenize_decoder = msgspec.json.Decoder(p.TokenizeRequest)
         self._detokenize_decoder = msgspec.json.Decoder(p.DetokenizeRequest)
-        self._openapi = msgspec.json.encode(openapi_spec(llmc.__version__, auth=api_key is not None))
+        self._openapi = msgspec.json.encode(
+            openapi_spec(llmc.__version__, auth=api_key is not None, model_name=self.model_name)
+        )
         self._chat_decoder = msgspec.json.Decoder(p.ChatCompletionRequest)
         self._completion_decoder = msgspec.json.Decoder(p.CompletionRequest)
 

@@ -30,10 +30,14 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def openapi_spec(version: str, auth: bool) -> dict[str, Any]:
+def openapi_spec(version: str, auth: bool, model_name: str) -> dict[str, Any]:
     types = [t for _, _, _, req, resp in ROUTES for t in (req, resp) if t is not None] + [p.ErrorResponse]
     (refs, components) = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     by_type = dict(zip(types, refs, strict=True))
+    # The one model this server answers to: documenting it lets clients and fuzzers know it.
+    for schema in components.values():
+        if "model" in schema.get("properties", {}):
+            schema["properties"]["model"] = {"type": "string", "enum": [model_name]}
     paths: dict[str, Any] = {}
     error = {"content": {"application/json": {"schema": by_type[p.ErrorResponse]}}}
     for method, path, summary, req, resp in ROUTES:

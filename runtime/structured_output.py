@@ -9,7 +9,7 @@ tens of microseconds per token. Its grammars take JSON schemas and Lark with emb
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class GrammarCompiler:
         if len(text) > MAX_GRAMMAR_CHARS:
             raise BadInputError(f"the schema is larger than {MAX_GRAMMAR_CHARS} characters", param=param)
         try:
-            grammar = self._llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+            grammar = self._llg.LLMatcher.grammar_from_json_schema(text, defaults=cast(Any, JSON_OPTIONS))
         except (ValueError, RuntimeError) as exc:
             raise BadInputError(f"the JSON schema is not supported: {exc}", param=param) from exc
         return self._validated(grammar, param)

@@ -100,3 +100,57 @@ def test_health_answers_during_generation(client: OpenAI) -> None:
     next(iter(stream))
     assert httpx.get(f"{base}/health", timeout=5).status_code == 200
     stream.close()
+
+
+ADD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers and return their sum",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+
+
+def test_tool_call_round_trip(client: OpenAI) -> None:
+    import json
+
+    messages: list[dict[str, object]] = [{"role": "user", "content": "What is 2 + 3? Use the add tool."}]
+    forced = {"type": "function", "function": {"name": "add"}}
+    args = dict(model=MODEL, tools=[ADD_TOOL], tool_choice=forced, temperature=0, max_tokens=64)
+    first = client.chat.completions.create(messages=messages, **args)  # type: ignore[call-overload]
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "add" and set(arguments) >= {"a", "b"}
+
+    stream = client.chat.completions.create(messages=messages, stream=True, **args)  # type: ignore[call-overload]
+    names: dict[int, str] = {}
+    parts: dict[int, list[str]] = {}
+    reasons = []
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        for tool_delta in delta.tool_calls or []:
+            if tool_delta.function and tool_delta.function.name:
+                names[tool_delta.index] = tool_delta.function.name
+            if tool_delta.function and tool_delta.function.arguments:
+                parts.setdefault(tool_delta.index, []).append(tool_delta.function.arguments)
+        if chunk.choices[0].finish_reason:
+            reasons.append(chunk.choices[0].finish_reason)
+    assert reasons == ["tool_calls"]
+    assert [(names[i], "".join(parts[i])) for i in sorted(names)] == [(call.function.name, call.function.arguments)]
+
+    messages.append(choice.message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": str(arguments["a"] + arguments["b"])})
+    final = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[ADD_TOOL], temperature=0, max_tokens=40
+    )  # type: ignore[arg-type]
+    assert final.choices[0].finish_reason in {"stop", "length", "tool_calls"}
+    assert final.choices[0].message.content or final.choices[0].message.tool_calls

@@ -13,9 +13,13 @@ MANIFEST_NAME = "manifest.json"
 
 
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """Architecture hyperparameters, normalised from whatever the source called them."""
+    """Architecture hyperparameters, normalised from whatever the source called them.
 
-    architecture: str
+    One generic decoder covers every family; each field below switches on one small difference
+    (the defaults are plain Llama).
+    """
+
+    architecture: str  # the source family, e.g. "llama", "qwen3", "gemma2" (for reports and checks)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -29,8 +33,22 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     rope_scaling: dict[str, Any] | None = None
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rope (Qwen3, Gemma-3)
+    norm: str = "rms"  # "rms", or "layer" (LayerNorm with bias: StableLM)
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    sandwich_norm: bool = False  # extra norms on the attention and MLP outputs (Gemma-2/3, GLM-4)
+    partial_rotary_factor: float = 1.0  # share of head_dim that is rotated (StableLM, GLM-4)
+    rope_interleaved: bool = False  # rotate (even, odd) pairs instead of halves (GLM-4)
+    embed_scale: float = 1.0  # multiply embeddings (Gemma: sqrt(hidden_size))
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None  # tanh soft-capping of attention scores (Gemma-2)
+    final_softcap: float | None = None  # tanh soft-capping of the logits (Gemma-2)
+    sliding_window: int | None = None  # keys a query may see on sliding layers, itself included
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"
+    rope_local_theta: float | None = None  # rope base on sliding layers, if different (Gemma-3)
 
 
 class TensorInfo(msgspec.Struct, forbid_unknown_fields=True):

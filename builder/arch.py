@@ -1,80 +1,202 @@
-"""Normalise a Hugging Face style config into the artifact's ModelSpec.
+"""Normalise a Hugging Face style config into the artifact's ModelSpec, and map the source's
+tensor names (fused or renamed per family) onto the generic decoder's names.
 
 Every source (safetensors folder, GGUF, hub) first produces an HF-style config dict, so this is the
-one place that knows what each family calls its hyperparameters.
+one place that knows what each family calls its hyperparameters and tensors.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from llmc.artifacts.manifest import ModelSpec
 from llmc.errors import BadModelError
 
-# HF `architectures` entries → our architecture name. Mistral and SmolLM2 are Llama-shaped.
+# HF `architectures` entries → our family name.
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "StableLmForCausalLM": "stablelm",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Glm4ForCausalLM": "glm4",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def spec_from_config(config: dict[str, Any]) -> ModelSpec:
+def family_of(config: dict[str, Any]) -> str:
     archs = config.get("architectures") or []
-    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
+    family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if family is None:
         raise BadModelError(
             f"model architecture {archs or config.get('model_type')!r} is not supported; supported: "
             + ", ".join(sorted(ARCHITECTURES))
         )
+    return family
+
+
+def spec_from_config(config: dict[str, Any]) -> ModelSpec:
+    family = family_of(config)
     try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        spec = ModelSpec(
-            architecture=arch,
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=head_dim,
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(_rope_theta(config)),
-            rope_scaling=_rope_scaling(config),
-            hidden_act=str(config.get("hidden_act", "silu")),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
-        )
+        return _spec(family, config)
     except (KeyError, TypeError, ValueError) as exc:
-        raise BadModelError(f"model config is missing or has a malformed field: {exc}") from exc
-    if config.get("sliding_window") and config.get("use_sliding_window", True) and arch == "llama":
-        window = int(config["sliding_window"])
-        if window < spec.max_position_embeddings:
-            raise BadModelError(
-                f"this model uses a sliding attention window ({window} tokens), which llmc does not support yet"
-            )
+        raise BadModelError(f"model config is missing or has a malformed field: {exc!r}") from exc
+
+
+def _rope_params(config: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:
+    """transformers >= 5 keeps rope settings in `rope_parameters` (per layer type for Gemma-3);
+    older configs use top-level rope_theta / rope_scaling / partial_rotary_factor."""
+    params = config.get("rope_parameters") or {}
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
+    elif isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
+    merged = dict(config.get("rope_scaling") or {})
+    merged.update(params)
+    return merged
+
+
+def _rope_scaling(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any] | None:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise BadModelError(f"rope scaling {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if kind == "default":
+        return None
+    scaling = {k: v for k, v in sorted(params.items()) if k not in ("rope_theta", "partial_rotary_factor", "type")}
+    scaling["rope_type"] = kind
+    if kind == "longrope":
+        scaling.setdefault("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+        scaling.setdefault("max_position_embeddings", config.get("max_position_embeddings"))
+    return scaling
+
+
+def _spec(family: str, c: dict[str, Any]) -> ModelSpec:
+    hidden = int(c["hidden_size"])
+    heads = int(c["num_attention_heads"])
+    head_dim = int(c.get("head_dim") or hidden // heads)
+    rope = _rope_params(c)
+    partial = float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+    common: dict[str, Any] = dict(
+        architecture=family,
+        vocab_size=int(c["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(c["intermediate_size"]),
+        num_layers=int(c["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6))),
+        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        rope_scaling=_rope_scaling(c, rope),
+        hidden_act=str(c.get("hidden_act") or c.get("hidden_activation") or "silu"),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        partial_rotary_factor=partial,
+    )
+    bias = bool(c.get("attention_bias", False))
+    common.update(qkv_bias=bias, o_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)))
+    if family == "qwen2":
+        common.update(qkv_bias=True, o_bias=False)
+    elif family == "qwen3":
+        common.update(qk_norm=True)
+    elif family == "glm4":
+        common.update(o_bias=False, sandwich_norm=True, rope_interleaved=True)
+    elif family == "stablelm":
+        if c.get("qk_layernorm") or c.get("use_parallel_residual"):
+            raise BadModelError("StableLM with qk_layernorm or a parallel residual is not supported yet")
+        common.update(norm="layer", qkv_bias=bool(c.get("use_qkv_bias", False)), o_bias=False)
+    elif family in ("gemma2", "gemma3"):
+        common.update(
+            norm_weight_offset=1.0,
+            sandwich_norm=True,
+            embed_scale=math.sqrt(hidden),
+            attn_scale=float(c.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+            attn_softcap=c.get("attn_logit_softcapping"),
+            final_softcap=c.get("final_logit_softcapping"),
+            qk_norm=family == "gemma3",
+        )
+        if family == "gemma3":
+            local = _rope_params(c, "sliding_attention")
+            common["rope_local_theta"] = float(local.get("rope_theta", c.get("rope_local_base_freq", 10000.0)))
+    _sliding(family, c, common)
+    spec = ModelSpec(**common)
     if spec.num_heads % spec.num_kv_heads:
         raise BadModelError(f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads")
     return spec
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
-    params = config.get("rope_parameters") or {}
-    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+def _sliding(family: str, c: dict[str, Any], common: dict[str, Any]) -> None:
+    """Which layers use a sliding window, and how wide it is."""
+    window = c.get("sliding_window")
+    if not window or (family in ("qwen2", "qwen3") and not c.get("use_sliding_window", False)):
+        return
+    layers = common["num_layers"]
+    types = c.get("layer_types")
+    if not types:
+        if family == "gemma2":
+            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        elif family == "gemma3":
+            pattern = int(c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6)
+            types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+        else:
+            types = ["sliding_attention"] * layers
+    if "sliding_attention" not in types:
+        return
+    common["sliding_window"] = int(window)
+    common["layer_types"] = [str(t) for t in types]
 
 
-def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
-    # transformers >= 5 folds rope_theta and rope_scaling into `rope_parameters`.
-    scaling = config.get("rope_scaling") or config.get("rope_parameters")
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise BadModelError(f"rope scaling {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if kind == "default":
-        return None
-    return {k: v for k, v in sorted(scaling.items()) if k != "rope_theta"}
+@dataclass(frozen=True)
+class TensorSource:
+    """Where a canonical tensor comes from: a source tensor, or a row range of a fused one."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+
+
+# Per family: layer-local source suffix → canonical suffix.
+_RENAMES: dict[str, dict[str, str]] = {
+    "gemma2": {
+        "post_attention_layernorm.weight": "post_self_attn_layernorm.weight",
+        "pre_feedforward_layernorm.weight": "post_attention_layernorm.weight",
+        "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
+    },
+}
+_RENAMES["gemma3"] = _RENAMES["gemma2"]
+
+
+def tensor_plan(spec: ModelSpec, source_names: list[str]) -> dict[str, TensorSource]:
+    """Canonical tensor name → its source, splitting fused projections (Phi-3, GLM-4)."""
+    q = spec.num_heads * spec.head_dim
+    kv = spec.num_kv_heads * spec.head_dim
+    inter = spec.intermediate_size
+    renames = _RENAMES.get(spec.architecture, {})
+    plan: dict[str, TensorSource] = {}
+    for name in source_names:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # older checkpoints saved the rope table; it is recomputed
+        prefix, _, suffix = name.rpartition(".self_attn.")
+        if suffix.startswith("qkv_proj."):
+            kind = suffix.removeprefix("qkv_proj.")
+            for part, (start, stop) in zip("qkv", [(0, q), (q, q + kv), (q + kv, q + 2 * kv)], strict=True):
+                plan[f"{prefix}.self_attn.{part}_proj.{kind}"] = TensorSource(name, (start, stop))
+            continue
+        prefix, _, suffix = name.rpartition(".mlp.")
+        if suffix.startswith("gate_up_proj."):
+            kind = suffix.removeprefix("gate_up_proj.")
+            plan[f"{prefix}.mlp.gate_proj.{kind}"] = TensorSource(name, (0, inter))
+            plan[f"{prefix}.mlp.up_proj.{kind}"] = TensorSource(name, (inter, 2 * inter))
+            continue
+        parts = name.split(".")
+        local = ".".join(parts[3:])
+        if name.startswith("model.layers.") and local in renames:
+            name_out = ".".join([*parts[:3], renames[local]])
+        else:
+            name_out = name
+        plan[name_out] = TensorSource(name)
+    return plan

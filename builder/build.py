@@ -21,7 +21,7 @@ from llmc.artifacts.manifest import (
     TokenizerInfo,
 )
 from llmc.artifacts.writer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, ArtifactWriter
-from llmc.builder.arch import spec_from_config
+from llmc.builder.arch import spec_from_config, tensor_plan
 from llmc.builder.sources import ModelSource, open_source
 from llmc.errors import BadInputError, BadModelError
 from llmc.logs import get_logger
@@ -102,17 +102,30 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
     spec = spec_from_config(source.config)
     expected = _expected_shapes(source)
     available = source.tensors()
+    plan = tensor_plan(spec, sorted(available))
     if spec.tie_word_embeddings:
-        available.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(available))
-    unexpected = sorted(set(available) - set(expected))
+        plan.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(plan))
+    unexpected = sorted(set(plan) - set(expected))
     if missing or unexpected:
         raise BadModelError(
             f"model tensors do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, shape in expected.items():
-        if available[name].shape != shape:
-            raise BadModelError(f"tensor {name} has shape {available[name].shape}, its config implies {shape}")
+        ref = plan[name]
+        got = list(available[ref.name].shape)
+        if ref.rows is not None:
+            got[0] = ref.rows[1] - ref.rows[0]
+        if got != shape:
+            raise BadModelError(f"tensor {name} has shape {got}, its config implies {shape}")
+
+    def load(name: str) -> torch.Tensor:
+        ref = plan[name]
+        tensor = source.load(ref.name)
+        if ref.rows is not None:
+            tensor = tensor[ref.rows[0] : ref.rows[1]]
+        return tensor.to(dtype)
+
     log.info("build.source", kind=source.kind, name=source.name, architecture=spec.architecture, dtype=dtype_name)
 
     writer = ArtifactWriter(options.output)
@@ -128,7 +141,7 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
 
         writer.write_weights(
             {name: (dtype, shape) for name, shape in expected.items()},
-            lambda name: source.load(name).to(dtype),
+            load,
             on_tensor=tick,
         )
         tok = source.tokenizer

@@ -46,8 +46,14 @@ def paged_attention(
     v_cache: torch.Tensor,
     seqs: list[SeqSlice],
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the new queries ([N, heads, head_dim]) over each sequence's cache."""
+    """Causal attention of the new queries ([N, heads, head_dim]) over each sequence's cache.
+
+    `window`: a query sees only the last `window` positions, itself included (sliding window).
+    `softcap`: scores become softcap * tanh(scores / softcap) before the softmax (Gemma-2).
+    """
     out = torch.empty_like(q)
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
@@ -60,10 +66,20 @@ def paged_attention(
             keys = keys.repeat_interleave(group, dim=0)
             values = values.repeat_interleave(group, dim=0)
         mask = None
-        if seq.query_len > 1:
+        if seq.query_len > 1 or (window is not None and seq.context_len > window):
             # Query i sits at position context_len - query_len + i and sees keys up to it.
             q_pos = torch.arange(seq.context_len - seq.query_len, seq.context_len).unsqueeze(1)
-            mask = torch.arange(seq.context_len).unsqueeze(0) <= q_pos
-        attended = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)
+            k_pos = torch.arange(seq.context_len).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= q_pos - k_pos < window
+        if softcap is None:
+            attended = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)
+        else:
+            scores = torch.matmul(qs, keys.transpose(-1, -2)).float() * scale
+            scores = softcap * torch.tanh(scores / softcap)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            attended = torch.matmul(scores.softmax(-1).to(values.dtype), values)
         out[seq.query_start : seq.query_start + seq.query_len] = attended.transpose(0, 1)
     return out

@@ -72,7 +72,11 @@ class Engine:
                 f"max_model_len {self.max_model_len}; raise --mem / --kv-blocks or lower --max-model-len"
             )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_cache)
+        # Phi-3's longrope recomputes a sequence's cache with other factors once it outgrows the
+        # original context (below); blocks shared through the prefix cache must not be rewritten.
+        self._long_rope_after = model.long_rope_after
+        prefix_cache = config.enable_prefix_cache and self._long_rope_after is None
+        self.block_manager = BlockManager(num_blocks, config.block_size, prefix_cache)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.max_batched_tokens
         )
@@ -212,6 +216,8 @@ class Engine:
             if not seq.output_ids:
                 self._release_followers(seq)
             seq.output_ids.append(token)
+            if self._long_rope_after is not None and len(seq) - 1 == self._long_rope_after:
+                seq.num_computed = 0  # as transformers does: recompute the whole cache with long factors
             output = self.outputs.on_token(seq, token, logprob)
             if output.finished:
                 self._finish(seq, output)

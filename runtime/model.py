@@ -1,7 +1,8 @@
-"""The Llama-family decoder: one definition, used by the builder to trace and by the runtime to run.
+"""The generic decoder: one definition, used by the builder to check shapes and by the runtime to run.
 
 Tensor names follow Hugging Face's Llama layout (`model.layers.N.self_attn.q_proj.weight`, ...);
-the builder maps every source onto these names.
+the builder maps every source and family onto these names. What differs between families is a
+field of ModelSpec that switches on a small piece here, never a copied model file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from llmc.errors import BadArtifactError
 from llmc.kernels.paged_attention import SeqSlice, paged_attention, write_kv
 from llmc.runtime.rope import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "gemma2", "gemma3", "glm4")
+SLIDING = "sliding_attention"
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -32,32 +34,45 @@ class StepContext:
 
     slot_mapping: torch.Tensor  # [N] int64 cache slot for each new token
     seqs: list[SeqSlice]
+    rope_long: torch.Tensor | None = None  # [N] bool: longrope's long factors apply (Phi-3)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales in float32 by (1 + weight), then casts
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
+def make_norm(spec: ModelSpec, dim: int) -> nn.Module:
+    if spec.norm == "layer":
+        return nn.LayerNorm(dim, eps=spec.rms_norm_eps)
+    return RMSNorm(dim, spec.rms_norm_eps, spec.norm_weight_offset)
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding, sliding: bool) -> None:
         super().__init__()
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
-        self.scale = spec.head_dim**-0.5
-        bias = spec.attention_bias
-        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * spec.head_dim, bias=bias)
-        self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim, bias=bias)
-        self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim, bias=bias)
-        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=bias)
+        self.scale = spec.attn_scale if spec.attn_scale is not None else spec.head_dim**-0.5
+        self.window = spec.sliding_window if sliding else None
+        self.softcap = spec.attn_softcap
+        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * spec.head_dim, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=spec.o_bias)
+        self.q_norm = make_norm(spec, spec.head_dim) if spec.qk_norm else None
+        self.k_norm = make_norm(spec, spec.head_dim) if spec.qk_norm else None
         self.rope = rope
 
     def forward(
@@ -71,10 +86,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k, ctx.rope_long)
         k_cache, v_cache = kv
         write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, ctx.seqs, self.scale)
+        out = paged_attention(q, k_cache, v_cache, ctx.seqs, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -92,27 +109,56 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding, sliding: bool) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, rope)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_layernorm = make_norm(spec, spec.hidden_size)
+        self.self_attn = Attention(spec, rope, sliding)
+        self.post_attention_layernorm = make_norm(spec, spec.hidden_size)  # the norm before the MLP
         self.mlp = MLP(spec)
+        self.post_self_attn_layernorm = make_norm(spec, spec.hidden_size) if spec.sandwich_norm else None
+        self.post_mlp_layernorm = make_norm(spec, spec.hidden_size) if spec.sandwich_norm else None
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), positions, kv, ctx)
+        if self.post_self_attn_layernorm is not None:
+            h = self.post_self_attn_layernorm(h)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if self.post_mlp_layernorm is not None:
+            h = self.post_mlp_layernorm(h)
+        return x + h
+
+
+def _ropes(spec: ModelSpec, max_positions: int) -> tuple[RotaryEmbedding, RotaryEmbedding]:
+    """(rope of full-attention layers, rope of sliding layers): one table each, shared by layers."""
+    full = RotaryEmbedding(
+        spec.head_dim,
+        max_positions,
+        spec.rope_theta,
+        spec.rope_scaling,
+        spec.partial_rotary_factor,
+        spec.rope_interleaved,
+    )
+    if spec.rope_local_theta is None:
+        return full, full
+    local = RotaryEmbedding(
+        spec.head_dim, max_positions, spec.rope_local_theta, None, spec.partial_rotary_factor, spec.rope_interleaved
+    )
+    return full, local
 
 
 class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        rope = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(spec, rope) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        full, local = _ropes(spec, max_positions)
+        types = spec.layer_types or ["full_attention"] * spec.num_layers
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, local if kind == SLIDING else full, kind == SLIDING) for kind in types
+        )
+        self.norm = make_norm(spec, spec.hidden_size)
 
 
 class CausalLM(nn.Module):
@@ -130,6 +176,11 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Phi-3's longrope switches factors once a sequence is longer than this.
+        scaling = spec.rope_scaling or {}
+        self.long_rope_after: int | None = (
+            int(scaling["original_max_position_embeddings"]) if scaling.get("rope_type") == "longrope" else None
+        )
 
     def forward(
         self,
@@ -139,12 +190,18 @@ class CausalLM(nn.Module):
         ctx: StepContext,
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        if self.spec.embed_scale != 1.0:
+            x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, positions, kv, ctx)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if self.spec.final_softcap is not None:
+            cap = self.spec.final_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
 
 def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], max_positions: int) -> CausalLM:
@@ -161,10 +218,11 @@ def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], max_positions
     model.load_state_dict({k: weights[k] for k in expected}, strict=False, assign=True)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # The rope tables were made on the meta device with the module: make them for real, shared by all layers.
-    rope = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
-    for layer in model.model.layers:
+    # The rope tables were made on the meta device with the module: make them for real, shared.
+    full, local = _ropes(spec, max_positions)
+    types = spec.layer_types or ["full_attention"] * spec.num_layers
+    for layer, kind in zip(model.model.layers, types, strict=True):
         assert isinstance(layer, DecoderLayer)
-        layer.self_attn.rope = rope
+        layer.self_attn.rope = local if kind == SLIDING else full
     model.requires_grad_(False)
     return model.eval()

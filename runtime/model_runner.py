@@ -36,6 +36,8 @@ class ModelRunner:
         slices: list[SeqSlice] = []
         done: list[Sequence] = []
         rows: list[int] = []
+        long_rope: list[bool] = []
+        long_after = self.model.long_rope_after
         bs = self.block_size
         for seq, count in batch:
             start = seq.num_computed
@@ -52,11 +54,19 @@ class ModelRunner:
             input_ids.extend(tokens[start:end])
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            if long_after is not None:
+                # longrope picks its factors by the sequence's whole length (HF: the longest
+                # position in the forward pass), so every chunk of a long prompt agrees.
+                long_rope.extend([len(tokens) > long_after] * count)
             seq.num_computed = end
             if end == len(tokens):
                 done.append(seq)
                 rows.append(len(input_ids) - 1)
-        ctx = StepContext(slot_mapping=torch.tensor(slots, dtype=torch.int64), seqs=slices)
+        ctx = StepContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            seqs=slices,
+            rope_long=torch.tensor(long_rope) if long_after is not None else None,
+        )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64),
             torch.tensor(positions, dtype=torch.int64),

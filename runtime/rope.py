@@ -1,4 +1,5 @@
-"""Rotary position embeddings (the rotate-half convention of Hugging Face Llama)."""
+"""Rotary position embeddings: rotate-half (Llama) or interleaved pairs (GLM), full or partial,
+with the default, linear, llama3 and longrope (Phi-3) frequency schemes."""
 
 from __future__ import annotations
 
@@ -9,17 +10,24 @@ import torch
 
 from llmc.errors import BadArtifactError
 
-SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3")
+SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "longrope")
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+def rope_kind(scaling: dict[str, Any] | None) -> str:
+    return str((scaling or {}).get("rope_type", (scaling or {}).get("type", "default")))
+
+
+def inverse_frequencies(
+    dim: int, theta: float, scaling: dict[str, Any] | None, long: bool = False
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for `dim` rotated channels, and the factor cos/sin are scaled by."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = rope_kind(scaling)
     if kind == "default":
-        return inv_freq
+        return inv_freq, 1.0
     assert scaling is not None
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])
+        return inv_freq / float(scaling["factor"]), 1.0
     if kind == "llama3":
         # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
         factor = float(scaling["factor"])
@@ -33,31 +41,69 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(is_medium, blended, scaled)
-    raise BadArtifactError(
-        f"rope scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_SCALING)}"
-    )
+        return torch.where(is_medium, blended, scaled), 1.0
+    if kind == "longrope":
+        # Phi-3: per-channel stretch factors, one set for short contexts and one for long ones,
+        # and an attention factor that keeps the softmax temperature steady.
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        original = float(scaling["original_max_position_embeddings"])
+        scale = float(scaling.get("max_position_embeddings", original)) / original
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (factors * theta**exponents), float(attention)
+    supported = ", ".join(SUPPORTED_ROPE_SCALING)
+    raise BadArtifactError(f"rope scaling type {kind!r} is not supported; supported: {supported}")
+
+
+def _table(
+    max_positions: int, dim: int, theta: float, scaling: dict[str, Any] | None, interleaved: bool, long: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq, attention = inverse_frequencies(dim, theta, scaling, long)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * attention, emb.sin() * attention
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        partial_factor: float = 1.0,
+        interleaved: bool = False,
+    ) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos: torch.Tensor
-        self.sin: torch.Tensor
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.rotary_dim = int(head_dim * partial_factor)
+        self.interleaved = interleaved
+        self.cos, self.sin = _table(max_positions, self.rotary_dim, theta, scaling, interleaved, long=False)
+        # longrope switches to its long factors once a sequence outgrows the original context.
+        self.long_after: int | None = None
+        if rope_kind(scaling) == "longrope":
+            assert scaling is not None
+            self.long_after = int(scaling["original_max_position_embeddings"])
+            self.cos_long, self.sin_long = _table(max_positions, self.rotary_dim, theta, scaling, interleaved, True)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [N, H, D], k: [N, Hkv, D]; positions: [N]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, use_long: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [N, H, D], k: [N, Hkv, D]; positions: [N]; use_long: [N] bool (longrope only)."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        if use_long is not None and self.long_after is not None:
+            pick = use_long.unsqueeze(-1)
+            cos = torch.where(pick, self.cos_long[positions], cos)
+            sin = torch.where(pick, self.sin_long[positions], sin)
+        return self._rotate(q, cos.unsqueeze(1), sin.unsqueeze(1)), self._rotate(k, cos.unsqueeze(1), sin.unsqueeze(1))
 
-
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.interleaved:
+            rotated = torch.stack([-rot[..., 1::2], rot[..., 0::2]], dim=-1).flatten(-2)
+        else:
+            half = self.rotary_dim // 2
+            rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        out = (rot.float() * cos + rotated.float() * sin).to(x.dtype)
+        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out

@@ -41,7 +41,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop, or the step is full
             remaining = len(seq) - seq.num_computed
-            if remaining == 1 and not self._reserve_slot(seq):
+            if not self._reserve_slot(seq):
                 continue  # seq itself was preempted
             take = min(remaining, budget, self.prefill_chunk) if remaining > 1 else 1
             batch.append((seq, take))

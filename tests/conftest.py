@@ -90,7 +90,7 @@ def smollm2_artifact(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Pat
     from llmc.builder.build import BuildOptions, build
 
     out = tmp_path_factory.mktemp("smollm2") / "artifact"
-    build(BuildOptions(model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, dtype="f32"))
+    build(BuildOptions(model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, dtype="f32", name="smollm2"))
     return out
 
 

@@ -11,7 +11,7 @@ from openai import OpenAI
 
 from tests.server import running_server
 
-MODEL = "artifact"  # the smollm2_artifact fixture's directory name is the default model name
+MODEL = "smollm2"  # the name the smollm2_artifact fixture builds with
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,13 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     sliding_window: int | None = None  # keys a query may see on sliding layers, itself included
     layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"
     rope_local_theta: float | None = None  # rope base on sliding layers, if different (Gemma-3)
+    # Mixture of experts (Qwen2-MoE, Qwen3-MoE): 0 experts means a dense MLP everywhere.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0  # a gated always-on expert beside the routed ones
+    moe_layers: list[int] | None = None  # which layers route to experts (the others are dense)
 
 
 class TensorInfo(msgspec.Struct, forbid_unknown_fields=True):

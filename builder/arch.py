@@ -25,6 +25,8 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Glm4ForCausalLM": "glm4",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
@@ -100,10 +102,12 @@ def _spec(family: str, c: dict[str, Any]) -> ModelSpec:
     )
     bias = bool(c.get("attention_bias", False))
     common.update(qkv_bias=bias, o_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)))
-    if family == "qwen2":
-        common.update(qkv_bias=True, o_bias=False)
-    elif family == "qwen3":
+    if family in ("qwen2", "qwen2_moe"):
+        common.update(qkv_bias=bool(c.get("qkv_bias", True)), o_bias=False)
+    elif family in ("qwen3", "qwen3_moe"):
         common.update(qk_norm=True)
+    if family in ("qwen2_moe", "qwen3_moe"):
+        _moe(c, common)
     elif family == "glm4":
         common.update(o_bias=False, sandwich_norm=True, rope_interleaved=True)
     elif family == "stablelm":
@@ -130,10 +134,26 @@ def _spec(family: str, c: dict[str, Any]) -> ModelSpec:
     return spec
 
 
+def _moe(c: dict[str, Any], common: dict[str, Any]) -> None:
+    experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)
+    if experts == 0:
+        return
+    step = int(c.get("decoder_sparse_step", 1) or 1)
+    dense = set(c.get("mlp_only_layers") or [])
+    common.update(
+        num_experts=experts,
+        num_experts_per_tok=int(c["num_experts_per_tok"]),
+        moe_intermediate_size=int(c["moe_intermediate_size"]),
+        norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size") or 0),
+        moe_layers=[i for i in range(common["num_layers"]) if i not in dense and (i + 1) % step == 0],
+    )
+
+
 def _sliding(family: str, c: dict[str, Any], common: dict[str, Any]) -> None:
     """Which layers use a sliding window, and how wide it is."""
     window = c.get("sliding_window")
-    if not window or (family in ("qwen2", "qwen3") and not c.get("use_sliding_window", False)):
+    if not window or (family.startswith("qwen") and not c.get("use_sliding_window", False)):
         return
     layers = common["num_layers"]
     types = c.get("layer_types")
@@ -153,10 +173,12 @@ def _sliding(family: str, c: dict[str, Any], common: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class TensorSource:
-    """Where a canonical tensor comes from: a source tensor, or a row range of a fused one."""
+    """Where a canonical tensor comes from: a source tensor, a row range of a fused one, or (for
+    experts saved one by one) a stack over experts of the concatenation of each group's tensors."""
 
     name: str
     rows: tuple[int, int] | None = None
+    stack: tuple[tuple[str, ...], ...] | None = None
 
 
 # Per family: layer-local source suffix → canonical suffix.
@@ -177,7 +199,15 @@ def tensor_plan(spec: ModelSpec, source_names: list[str]) -> dict[str, TensorSou
     inter = spec.intermediate_size
     renames = _RENAMES.get(spec.architecture, {})
     plan: dict[str, TensorSource] = {}
-    for name in source_names:
+    per_expert = [n for n in source_names if ".mlp.experts." in n and n.split(".mlp.experts.")[1][:1].isdigit()]
+    for layer_prefix in sorted({n.split(".mlp.experts.")[0] for n in per_expert}):
+        experts = range(spec.num_experts)
+        base = f"{layer_prefix}.mlp.experts"
+        gate_up = tuple((f"{base}.{e}.gate_proj.weight", f"{base}.{e}.up_proj.weight") for e in experts)
+        down = tuple((f"{base}.{e}.down_proj.weight",) for e in experts)
+        plan[f"{base}.gate_up_proj"] = TensorSource(gate_up[0][0], stack=gate_up)
+        plan[f"{base}.down_proj"] = TensorSource(down[0][0], stack=down)
+    for name in sorted(set(source_names) - set(per_expert)):
         if name.endswith("rotary_emb.inv_freq"):
             continue  # older checkpoints saved the rope table; it is recomputed
         prefix, _, suffix = name.rpartition(".self_attn.")

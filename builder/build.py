@@ -116,11 +116,15 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         got = list(available[ref.name].shape)
         if ref.rows is not None:
             got[0] = ref.rows[1] - ref.rows[0]
+        if ref.stack is not None:
+            got = [len(ref.stack), sum(available[n].shape[0] for n in ref.stack[0]), *got[1:]]
         if got != shape:
             raise BadModelError(f"tensor {name} has shape {got}, its config implies {shape}")
 
     def load(name: str) -> torch.Tensor:
         ref = plan[name]
+        if ref.stack is not None:
+            return torch.stack([torch.cat([source.load(n) for n in group]) for group in ref.stack]).to(dtype)
         tensor = source.load(ref.name)
         if ref.rows is not None:
             tensor = tensor[ref.rows[0] : ref.rows[1]]

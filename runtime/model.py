@@ -19,7 +19,19 @@ from llmc.errors import BadArtifactError
 from llmc.kernels.paged_attention import SeqSlice, paged_attention, write_kv
 from llmc.runtime.rope import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "gemma2", "gemma3", "glm4")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "stablelm",
+    "gemma2",
+    "gemma3",
+    "glm4",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 SLIDING = "sliding_attention"
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -96,25 +108,79 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, intermediate: int | None = None) -> None:
         super().__init__()
         bias = spec.mlp_bias
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=bias)
+        size = intermediate or spec.intermediate_size
+        self.gate_proj = nn.Linear(spec.hidden_size, size, bias=bias)
+        self.up_proj = nn.Linear(spec.hidden_size, size, bias=bias)
+        self.down_proj = nn.Linear(size, spec.hidden_size, bias=bias)
         self.act = _ACTIVATIONS[spec.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Experts(nn.Module):
+    """All routed experts' weights stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        experts, size, hidden = spec.num_experts, spec.moe_intermediate_size, spec.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * size, hidden))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, size))
+        self.act = _ACTIVATIONS[spec.hidden_act]
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids, weights [N, k]. Tokens are grouped per expert: one matmul pair per
+        expert that has tokens this step, never a loop over tokens."""
+        out = torch.zeros_like(x)
+        k = expert_ids.shape[1]
+        flat = expert_ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of, slot_of = order // k, order % k
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens, slots = token_of[start : start + count], slot_of[start : start + count]
+            start += count
+            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            h = F.linear(self.act(gate) * up, self.down_proj[expert]) * weights[tokens, slots, None]
+            out.index_add_(0, tokens, h.to(out.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.top_k = spec.num_experts_per_tok
+        self.norm_topk_prob = spec.norm_topk_prob
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.experts = Experts(spec)
+        shared = spec.shared_expert_intermediate_size
+        self.shared_expert = MLP(spec, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self.experts(x, expert_ids, weights.to(x.dtype))
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding, sliding: bool) -> None:
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding, sliding: bool, moe: bool) -> None:
         super().__init__()
         self.input_layernorm = make_norm(spec, spec.hidden_size)
         self.self_attn = Attention(spec, rope, sliding)
         self.post_attention_layernorm = make_norm(spec, spec.hidden_size)  # the norm before the MLP
-        self.mlp = MLP(spec)
+        self.mlp: nn.Module = MoE(spec) if moe else MLP(spec)
         self.post_self_attn_layernorm = make_norm(spec, spec.hidden_size) if spec.sandwich_norm else None
         self.post_mlp_layernorm = make_norm(spec, spec.hidden_size) if spec.sandwich_norm else None
 
@@ -155,8 +221,10 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         full, local = _ropes(spec, max_positions)
         types = spec.layer_types or ["full_attention"] * spec.num_layers
+        moe = set(spec.moe_layers or [])
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, local if kind == SLIDING else full, kind == SLIDING) for kind in types
+            DecoderLayer(spec, local if kind == SLIDING else full, kind == SLIDING, i in moe)
+            for i, kind in enumerate(types)
         )
         self.norm = make_norm(spec, spec.hidden_size)
 

@@ -86,6 +86,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16, attention_bias=True)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(head_dim=16, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True),
+    ),
 }
 
 
@@ -141,3 +157,31 @@ def test_unsupported_family_lists_supported(tmp_path: Path) -> None:
 
     with pytest.raises(BadModelError, match="Gemma2ForCausalLM"):
         spec_from_config({"architectures": ["BertModel"]})
+
+
+def test_experts_saved_one_by_one(tmp_path: Path) -> None:
+    """Older MoE checkpoints store each expert's projections separately: they are stacked at build."""
+    from safetensors.torch import load_file, save_file
+
+    hf = make_family(tmp_path / "src", "qwen3_moe")
+    weights_file = tmp_path / "src" / "model.safetensors"
+    fused = load_file(weights_file)
+    split: dict[str, torch.Tensor] = {}
+    for name, tensor in fused.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base = name.removesuffix(".gate_up_proj")
+            for e, expert in enumerate(tensor):
+                gate, up = expert.chunk(2)
+                split[f"{base}.{e}.gate_proj.weight"], split[f"{base}.{e}.up_proj.weight"] = gate.clone(), up.clone()
+        elif name.endswith("mlp.experts.down_proj"):
+            base = name.removesuffix(".down_proj")
+            for e, expert in enumerate(tensor):
+                split[f"{base}.{e}.down_proj.weight"] = expert.clone()
+        else:
+            split[name] = tensor
+    save_file(split, str(weights_file), metadata={"format": "pt"})
+    build(BuildOptions(model=str(tmp_path / "src"), gguf_file=None, weights=None, output=tmp_path / "art"))
+    ids = torch.randint(3, 320, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    assert (prompt_logits(open_engine(tmp_path / "art"), ids) - expected).abs().max().item() < 1e-4

@@ -4,7 +4,7 @@ Both run in this one process tree on the same machine, the same GGUF and the sam
 after the other (never at once: they would fight over the cores). Prints a Markdown table and
 writes JSON for docs/BENCHMARKS.md.
 
-    python benchmarks/e2e.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m benchmarks.e2e --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Time to first token for a request sharing a long prefix with an earlier one, cache on vs off.
 
-    python benchmarks/prefix_cache.py --artifact out/smollm2
+    python -m benchmarks.prefix_cache --artifact out/smollm2
 
 For each of a few distinct ~500-token documents, request A reads the document and asks one
 question; request B, sent after A finishes, reads the same document and asks another. B's TTFT is
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from tests.server import running_server
 
 SENTENCES = [
     "The river bends twice before it reaches the old mill.",
@@ -28,13 +27,6 @@ SENTENCES = [
     "Children fish for trout below the weir on summer evenings.",
 ]
 PREFIX_TOKENS = 500  # the issue's shared-prefix length
-STARTUP_LIMIT_S = 120.0  # a server that is not healthy by then has failed
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _document(client: httpx.Client, seed: int) -> str:
@@ -64,23 +56,8 @@ def _ttft(client: httpx.Client, model: str, prompt: str) -> float:
 
 
 def run(artifact: Path, cache: bool, documents: int) -> tuple[list[float], list[float]]:
-    port = _port()
-    cmd = [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port)]
-    proc = subprocess.Popen(
-        [*cmd] + ([] if cache else ["--disable-prefix-cache"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.1)
+    extra = [] if cache else ["--disable-prefix-cache"]
+    with running_server(artifact, *extra) as base, httpx.Client(base_url=base, timeout=300) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
         first, second = [], []
         for seed in range(documents):
@@ -88,9 +65,6 @@ def run(artifact: Path, cache: bool, documents: int) -> tuple[list[float], list[
             first.append(_ttft(client, model, doc + "\nQuestion: what crosses the river?\nAnswer:"))
             second.append(_ttft(client, model, doc + "\nQuestion: who fishes below the weir?\nAnswer:"))
         return first, second
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def main() -> None:

@@ -56,6 +56,18 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     norm_topk_prob: bool = False
     shared_expert_intermediate_size: int = 0  # a gated always-on expert beside the routed ones
     moe_layers: list[int] | None = None  # which layers route to experts (the others are dense)
+    shared_expert_gated: bool = True  # Qwen2-MoE gates its shared expert; DeepSeek adds it as is
+    router: str = "softmax"  # "softmax" | "group_softmax" (DeepSeek-V2) | "group_sigmoid" (DeepSeek-V3)
+    n_group: int = 1  # expert groups for group-limited routing
+    topk_group: int = 1  # groups a token may route into
+    routed_scaling_factor: float = 1.0
+    # Multi-head latent attention (DeepSeek-V2/V3); head_dim is then qk_nope + qk_rope.
+    mla: bool = False
+    q_lora_rank: int = 0  # 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
 
 class TensorInfo(msgspec.Struct, forbid_unknown_fields=True):

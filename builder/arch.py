@@ -27,8 +27,10 @@ ARCHITECTURES: dict[str, str] = {
     "Glm4ForCausalLM": "glm4",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 def family_of(config: dict[str, Any]) -> str:
@@ -108,6 +110,8 @@ def _spec(family: str, c: dict[str, Any]) -> ModelSpec:
         common.update(qk_norm=True)
     if family in ("qwen2_moe", "qwen3_moe"):
         _moe(c, common)
+    if family.startswith("deepseek"):
+        _deepseek(family, c, common)
     elif family == "glm4":
         common.update(o_bias=False, sandwich_norm=True, rope_interleaved=True)
     elif family == "stablelm":
@@ -147,6 +151,51 @@ def _moe(c: dict[str, Any], common: dict[str, Any]) -> None:
         norm_topk_prob=bool(c.get("norm_topk_prob", False)),
         shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size") or 0),
         moe_layers=[i for i in range(common["num_layers"]) if i not in dense and (i + 1) % step == 0],
+    )
+
+
+def _deepseek(family: str, c: dict[str, Any], common: dict[str, Any]) -> None:
+    """MLA attention, group-limited routing, shared experts, the first layers dense."""
+    nope, rope_dim = int(c["qk_nope_head_dim"]), int(c["qk_rope_head_dim"])
+    head_dim = nope + rope_dim
+    scale = head_dim**-0.5
+    scaling = common["rope_scaling"] or {}
+    if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
+        from llmc.runtime.rope import yarn_mscale
+
+        scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+    layers = common["num_layers"]
+    first_dense = int(c.get("first_k_dense_replace") or 0)
+    frequency = int(c.get("moe_layer_freq") or 1)
+    if family == "deepseek_v3":
+        router = "group_sigmoid"
+    else:
+        router = "group_softmax" if c.get("topk_method") == "group_limited_greedy" else "softmax"
+    common.update(
+        mla=True,
+        head_dim=head_dim,
+        num_kv_heads=common["num_heads"],
+        q_lora_rank=int(c.get("q_lora_rank") or 0),
+        kv_lora_rank=int(c["kv_lora_rank"]),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=int(c["v_head_dim"]),
+        attn_scale=scale,
+        rope_interleaved=bool(c.get("rope_interleave", True)),
+        partial_rotary_factor=1.0,
+        qkv_bias=bool(c.get("attention_bias", False)),
+        o_bias=bool(c.get("attention_bias", False)),
+        num_experts=int(c.get("n_routed_experts") or 0),
+        num_experts_per_tok=int(c["num_experts_per_tok"]),
+        moe_intermediate_size=int(c["moe_intermediate_size"]),
+        norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(c["moe_intermediate_size"]) * int(c.get("n_shared_experts") or 0),
+        shared_expert_gated=False,
+        moe_layers=[i for i in range(first_dense, layers) if i % frequency == 0],
+        router=router,
+        n_group=int(c.get("n_group") or 1),
+        topk_group=int(c.get("topk_group") or 1),
+        routed_scaling_factor=float(c.get("routed_scaling_factor") or 1.0),
     )
 
 
@@ -228,5 +277,7 @@ def tensor_plan(spec: ModelSpec, source_names: list[str]) -> dict[str, TensorSou
             name_out = ".".join([*parts[:3], renames[local]])
         else:
             name_out = name
+        if spec.architecture.startswith("deepseek"):
+            name_out = name_out.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
         plan[name_out] = TensorSource(name)
     return plan

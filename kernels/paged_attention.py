@@ -27,9 +27,8 @@ def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store the step's new keys/values ([N, kv_heads, head_dim]) at flat slots block*block_size+offset."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, k)
+    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, v)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
@@ -54,7 +53,7 @@ def paged_attention(
     `window`: a query sees only the last `window` positions, itself included (sliding window).
     `softcap`: scores become softcap * tanh(scores / softcap) before the softmax (Gemma-2).
     """
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])  # values may be narrower (MLA)
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads

@@ -31,6 +31,8 @@ SUPPORTED_ARCHITECTURES = (
     "glm4",
     "qwen2_moe",
     "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
 )
 SLIDING = "sliding_attention"
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -107,6 +109,56 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from a low-rank latent,
+    and only qk_rope_head_dim channels carry position. The cache holds the expanded per-head keys
+    (nope + rope channels) and values (v_head_dim channels)."""
+
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        heads, hidden = spec.num_heads, spec.hidden_size
+        self.num_heads = heads
+        self.nope, self.rope_dim, self.v_dim = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        self.kv_lora_rank = spec.kv_lora_rank
+        self.scale = spec.attn_scale if spec.attn_scale is not None else spec.head_dim**-0.5
+        qk = self.nope + self.rope_dim
+        bias = spec.qkv_bias
+        self.q_proj = nn.Linear(hidden, heads * qk, bias=False) if not spec.q_lora_rank else None
+        self.q_a_proj = nn.Linear(hidden, spec.q_lora_rank, bias=bias) if spec.q_lora_rank else None
+        self.q_a_layernorm = RMSNorm(spec.q_lora_rank, spec.rms_norm_eps) if spec.q_lora_rank else None
+        self.q_b_proj = nn.Linear(spec.q_lora_rank, heads * qk, bias=False) if spec.q_lora_rank else None
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, spec.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, spec.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(spec.kv_lora_rank, heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_dim, hidden, bias=spec.o_bias)
+        self.rope = rope
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        ctx: StepContext,
+    ) -> torch.Tensor:
+        n, heads = x.shape[0], self.num_heads
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            assert self.q_a_proj is not None and self.q_a_layernorm is not None and self.q_b_proj is not None
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(n, heads, self.nope + self.rope_dim)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        expanded = self.kv_b_proj(self.kv_a_layernorm(latent)).view(n, heads, self.nope + self.v_dim)
+        k_nope, v = expanded.split([self.nope, self.v_dim], dim=-1)
+        q_rot, k_rot = self.rope(positions, q[..., self.nope :], k_rot.view(n, 1, self.rope_dim), ctx.rope_long)
+        q = torch.cat([q[..., : self.nope], q_rot], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(n, heads, self.rope_dim)], dim=-1)
+        k_cache, v_cache = kv
+        write_kv(k_cache, v_cache, k, v.contiguous(), ctx.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, ctx.seqs, self.scale)
+        return self.o_proj(out.reshape(n, heads * self.v_dim))
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, intermediate: int | None = None) -> None:
         super().__init__()
@@ -152,25 +204,71 @@ class Experts(nn.Module):
         return out
 
 
+class Router(nn.Module):
+    """Picks each token's experts and their weights, in float32.
+
+    softmax: top-k of the softmax (Qwen-MoE). group_softmax: the same, limited to the topk_group
+    groups with the best single expert (DeepSeek-V2). group_sigmoid: sigmoid scores plus a learned
+    correction bias choose, groups ranked by their two best experts; weights come from the
+    uncorrected scores (DeepSeek-V3).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.kind = spec.router
+        self.top_k = spec.num_experts_per_tok
+        self.norm_topk_prob = spec.norm_topk_prob
+        self.n_group, self.topk_group = spec.n_group, spec.topk_group
+        self.scaling = spec.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size))
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.empty(spec.num_experts)) if spec.router == "group_sigmoid" else None
+        )
+
+    def _group_mask(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        chosen = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(group_scores).scatter_(1, chosen, 1.0).bool()
+        return mask.repeat_interleave(scores.shape[-1] // self.n_group, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        if self.kind == "group_sigmoid":
+            assert self.e_score_correction_bias is not None
+            scores = logits.sigmoid()
+            biased = scores + self.e_score_correction_bias.float()
+            grouped = biased.view(-1, self.n_group, biased.shape[-1] // self.n_group)
+            mask = self._group_mask(biased, grouped.topk(2, dim=-1).values.sum(dim=-1))
+            ids = torch.topk(biased.masked_fill(~mask, float("-inf")), k=self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        else:
+            scores = logits.softmax(dim=-1)
+            if self.kind == "group_softmax":
+                grouped = scores.view(-1, self.n_group, scores.shape[-1] // self.n_group)
+                scores = scores.masked_fill(~self._group_mask(scores, grouped.max(dim=-1).values), 0.0)
+            weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
 class MoE(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.top_k = spec.num_experts_per_tok
-        self.norm_topk_prob = spec.norm_topk_prob
-        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.gate = Router(spec)
         self.experts = Experts(spec)
         shared = spec.shared_expert_intermediate_size
         self.shared_expert = MLP(spec, shared) if shared else None
-        self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if shared else None
+        gated = shared and spec.shared_expert_gated
+        self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        expert_ids, weights = self.gate(x)
         out = self.experts(x, expert_ids, weights.to(x.dtype))
-        if self.shared_expert is not None and self.shared_expert_gate is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
         return out
 
 
@@ -178,7 +276,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, rope: RotaryEmbedding, sliding: bool, moe: bool) -> None:
         super().__init__()
         self.input_layernorm = make_norm(spec, spec.hidden_size)
-        self.self_attn = Attention(spec, rope, sliding)
+        self.self_attn: nn.Module = LatentAttention(spec, rope) if spec.mla else Attention(spec, rope, sliding)
         self.post_attention_layernorm = make_norm(spec, spec.hidden_size)  # the norm before the MLP
         self.mlp: nn.Module = MoE(spec) if moe else MLP(spec)
         self.post_self_attn_layernorm = make_norm(spec, spec.hidden_size) if spec.sandwich_norm else None
@@ -199,8 +297,9 @@ class DecoderLayer(nn.Module):
 
 def _ropes(spec: ModelSpec, max_positions: int) -> tuple[RotaryEmbedding, RotaryEmbedding]:
     """(rope of full-attention layers, rope of sliding layers): one table each, shared by layers."""
+    rotated = spec.qk_rope_head_dim if spec.mla else spec.head_dim  # MLA rotates its rope channels only
     full = RotaryEmbedding(
-        spec.head_dim,
+        rotated,
         max_positions,
         spec.rope_theta,
         spec.rope_scaling,

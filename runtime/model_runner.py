@@ -15,16 +15,17 @@ class ModelRunner:
         self.block_size = block_size
         spec = model.spec
         dtype = model.model.embed_tokens.weight.dtype
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        k_shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        v_shape = (num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim or spec.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(spec.num_layers)
+            (torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)) for _ in range(spec.num_layers)
         ]
 
     @staticmethod
     def kv_bytes_per_token(model: CausalLM) -> int:
         spec = model.spec
         element = model.model.embed_tokens.weight.element_size()
-        return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element
+        return spec.num_layers * spec.num_kv_heads * (spec.head_dim + (spec.v_head_dim or spec.head_dim)) * element
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], all_logits: bool = False) -> tuple[list[Sequence], torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 from llmc.errors import BadArtifactError
 
-SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 def rope_kind(scaling: dict[str, Any] | None) -> str:
@@ -53,8 +53,45 @@ def inverse_frequencies(
             attention = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         return 1.0 / (factors * theta**exponents), float(attention)
+    if kind == "yarn":
+        return _yarn(dim, theta, scaling)
     supported = ", ".join(SUPPORTED_ROPE_SCALING)
     raise BadArtifactError(f"rope scaling type {kind!r} is not supported; supported: {supported}")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction for a context stretched `scale` times."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN: high frequencies extrapolate, low ones interpolate by `factor`, a linear ramp between."""
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    attention = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if attention is None:
+        if mscale and mscale_all_dim:
+            attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention = yarn_mscale(factor)
+    beta_fast = float(scaling.get("beta_fast") or 32)  # the YaRN paper's defaults
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention)
 
 
 def _table(

@@ -39,6 +39,45 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) 
     return blocks.flatten(0, 1)[:context_len]
 
 
+def _decode_batched(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqs: list[SeqSlice],
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """One query per sequence: gather every sequence's blocks into one padded batch and attend in
+    a single call, instead of one call per sequence. Returns [len(seqs), heads, v_dim]."""
+    block_size = k_cache.shape[1]
+    lengths = torch.tensor([s.context_len for s in seqs])
+    max_blocks = -(-int(lengths.max()) // block_size)
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int64)  # padding points at block 0, masked below
+    for row, seq in enumerate(seqs):
+        used = -(-seq.context_len // block_size)
+        tables[row, :used] = seq.block_table[:used]
+    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    group = q.shape[1] // k_cache.shape[2]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    positions = torch.arange(keys.shape[2]).unsqueeze(0)
+    mask = positions < lengths.unsqueeze(1)
+    if window is not None:
+        mask &= positions >= (lengths - window).unsqueeze(1)
+    mask = mask[:, None, None, :]  # [B, 1, 1, L]
+    queries = q[[s.query_start for s in seqs]].unsqueeze(2)  # [B, H, 1, D]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    else:
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
+        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+    return out.squeeze(2)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -57,7 +96,13 @@ def paged_attention(
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
+    decoding = [s for s in seqs if s.query_len == 1]
+    if len(decoding) > 1:
+        rows = torch.tensor([s.query_start for s in decoding])
+        out[rows] = _decode_batched(q, k_cache, v_cache, decoding, scale, window, softcap)
     for seq in seqs:
+        if seq.query_len == 1 and len(decoding) > 1:
+            continue
         qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)  # [H, Lq, D]
         keys = gather_kv(k_cache, seq.block_table, seq.context_len).transpose(0, 1)  # [Hkv, Lk, D]
         values = gather_kv(v_cache, seq.block_table, seq.context_len).transpose(0, 1)

@@ -57,3 +57,12 @@ def test_greedy_continuation_matches(hf, engine: Engine) -> None:  # type: ignor
     ours = generate(engine, [ids], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
     assert ours == expected[0, len(ids) :].tolist()
     assert "Paris" in tok.decode(ours)
+
+
+def test_16_concurrent_greedy_requests_equal_alone(engine: Engine) -> None:
+    """Issue 4: batch invariance on the real model, f32 on the CPU."""
+    words = TEXT.split()
+    prompts = [engine.tokenizer.encode(" ".join(words[: 3 + 3 * i])) for i in range(16)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    alone = [generate(engine, [p], params)[0] for p in prompts]
+    assert generate(engine, prompts, params) == alone

@@ -60,9 +60,6 @@ def _decode_batched(
     keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     values = v_cache[tables].flatten(1, 2).transpose(1, 2)
     group = q.shape[1] // k_cache.shape[2]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
     positions = torch.arange(keys.shape[2]).unsqueeze(0)
     mask = positions < lengths.unsqueeze(1)
     if window is not None:
@@ -70,8 +67,9 @@ def _decode_batched(
     mask = mask[:, None, None, :]  # [B, 1, 1, L]
     queries = q[[s.query_start for s in seqs]].unsqueeze(2)  # [B, H, 1, D]
     if softcap is None:
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     else:
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
         scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
         out = torch.matmul(scores.softmax(-1).to(values.dtype), values)
@@ -106,9 +104,6 @@ def paged_attention(
         qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)  # [H, Lq, D]
         keys = gather_kv(k_cache, seq.block_table, seq.context_len).transpose(0, 1)  # [Hkv, Lk, D]
         values = gather_kv(v_cache, seq.block_table, seq.context_len).transpose(0, 1)
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=0)
-            values = values.repeat_interleave(group, dim=0)
         mask = None
         if seq.query_len > 1 or (window is not None and seq.context_len > window):
             # Query i sits at position context_len - query_len + i and sees keys up to it.
@@ -118,8 +113,11 @@ def paged_attention(
             if window is not None:
                 mask &= q_pos - k_pos < window
         if softcap is None:
-            attended = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)
+            attended = F.scaled_dot_product_attention(
+                qs, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1
+            )
         else:
+            keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
             scores = torch.matmul(qs, keys.transpose(-1, -2)).float() * scale
             scores = softcap * torch.tanh(scores / softcap)
             if mask is not None:

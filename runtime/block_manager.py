@@ -43,8 +43,8 @@ class BlockManager:
     # ---- prefix cache -----------------------------------------------------------------------
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix; the last token is always left to compute."""
-        if not self.enable_prefix_cache:
-            return []
+        if not self.enable_prefix_cache or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         hits: list[int] = []
         tokens = seq.token_ids
         parent = _NO_HASH

@@ -20,7 +20,7 @@ from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.model import build_model
 from llmc.runtime.model_runner import ModelRunner
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
-from llmc.runtime.sampler import Sampler
+from llmc.runtime.sampler import Sampler, token_logprob
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.sequence import Sequence
@@ -196,6 +196,14 @@ class Engine:
         sink = self._sinks.pop(seq.seq_id)
         sink(output)
 
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk predicted (the chunk's positions, shifted by one)."""
+        k = seq.params.prompt_logprobs or 0
+        logprobs = logits.log_softmax(-1)
+        first = len(seq.prompt_logprobs)  # the prompt token the chunk's first row predicts
+        for row in range(logprobs.shape[0]):
+            seq.prompt_logprobs.append(token_logprob(logprobs[row], seq.prompt_ids[first + row], k))
+
     def _step_safely(self) -> None:
         try:
             self.step()
@@ -211,6 +219,8 @@ class Engine:
         seqs, logits = self.runner.run(batch)
         for seq, _ in batch:
             self.block_manager.register_computed(seq)
+            if seq.seq_id in self.runner.prompt_logits:
+                self._record_prompt_logprobs(seq, self.runner.prompt_logits[seq.seq_id])
         tokens, logprobs = self.sampler.sample(logits, seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if not seq.output_ids:

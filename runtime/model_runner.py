@@ -13,6 +13,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
+        # After run(): seq_id -> logits at the prompt positions of sequences that asked for prompt logprobs.
+        self.prompt_logits: dict[int, torch.Tensor] = {}
         spec = model.spec
         dtype = model.model.embed_tokens.weight.dtype
         k_shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
@@ -37,6 +39,7 @@ class ModelRunner:
         slices: list[SeqSlice] = []
         done: list[Sequence] = []
         rows: list[int] = []
+        prompt_rows: dict[int, list[int]] = {}  # seq_id -> rows whose next token is a prompt token
         long_rope: list[bool] = []
         long_after = self.model.long_rope_after
         bs = self.block_size
@@ -59,6 +62,9 @@ class ModelRunner:
                 # longrope picks its factors by the sequence's whole length (HF: the longest
                 # position in the forward pass), so every chunk of a long prompt agrees.
                 long_rope.extend([len(tokens) > long_after] * count)
+            if seq.params.prompt_logprobs is not None and start < len(seq.prompt_ids) - 1:
+                first = len(input_ids) - count
+                prompt_rows[seq.seq_id] = list(range(first, first + min(end, len(seq.prompt_ids) - 1) - start))
             seq.num_computed = end
             if end == len(tokens):
                 done.append(seq)
@@ -74,6 +80,10 @@ class ModelRunner:
             self.kv_caches,
             ctx,
         )
+        self.prompt_logits = {
+            seq_id: self.model.compute_logits(hidden[torch.tensor(r, dtype=torch.int64)])
+            for seq_id, r in prompt_rows.items()
+        }
         if not all_logits:
             hidden = hidden[torch.tensor(rows, dtype=torch.int64)]
         return done, self.model.compute_logits(hidden)

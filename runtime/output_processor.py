@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmc.runtime.sampler import TokenLogprob
+from llmc.runtime.sampling_params import TokenLogprob
 from llmc.runtime.sequence import Sequence
 from llmc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -25,6 +25,8 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With the first output of a request that asked for them: one per prompt token (None first).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
 
 
@@ -92,6 +94,9 @@ class OutputProcessor:
             completion_tokens=len(seq.output_ids),
             cached_tokens=seq.num_cached,
             logprobs=logprobs,
+            prompt_logprobs=seq.prompt_logprobs
+            if len(seq.output_ids) == 1 and seq.params.prompt_logprobs is not None
+            else None,
         )
         if reason is not None:
             seq.finish_reason = reason

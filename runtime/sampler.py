@@ -8,19 +8,10 @@ raw distribution (log_softmax of its logits), as OpenAI reports them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -89,13 +80,13 @@ class Sampler:
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             for row, seq in enumerate(seqs):
-                k = seq.params.logprobs
-                if k is None:
-                    continue
-                top = torch.topk(raw_logprobs[row], k) if k > 0 else None
-                logprobs[row] = TokenLogprob(
-                    token_id=tokens[row],
-                    logprob=float(raw_logprobs[row, tokens[row]]),
-                    top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else [],
-                )
+                if seq.params.logprobs is not None:
+                    logprobs[row] = token_logprob(raw_logprobs[row], tokens[row], seq.params.logprobs)
         return tokens, logprobs
+
+
+def token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """One position's logprob of `token` and its `k` most likely alternatives, from log_softmax output."""
+    top = torch.topk(logprobs, k) if k > 0 else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=pairs)

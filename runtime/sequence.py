@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.structured_output import Constraint
 
 _ids = itertools.count()
@@ -36,6 +36,8 @@ class Sequence:
         # hash of the last one, so each block is hashed once.
         self.num_hashed = 0
         self.last_hash = -1
+        # Logprob of each prompt token given the ones before it (the first has none), when asked for.
+        self.prompt_logprobs: list[TokenLogprob | None] = [None]
         self.constraint: Constraint | None = None  # set by the engine when params.grammar is given
         self.generator: torch.Generator | None = None
         if params.seed is not None:

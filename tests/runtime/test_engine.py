@@ -160,3 +160,22 @@ def test_logprobs_are_of_the_model_distribution(tiny: Path) -> None:
         assert lp.top[0][0] == lp.token_id  # greedy picks the most likely
         assert lp.logprob == pytest.approx(lp.top[0][1])
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_prompt_logprobs_match_a_full_forward(tiny: Path, chunk: int) -> None:
+    from tests.helpers import prompt_logits
+
+    engine = open_engine(tiny, max_batched_tokens=chunk)
+    prompt = _prompts(1, seed=10, low=30, high=31)[0]
+    expected = prompt_logits(open_engine(tiny), prompt).log_softmax(-1)
+    outputs: list[RequestOutput] = []
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    generate(engine, [prompt], params, collect=outputs)
+    got = outputs[0].prompt_logprobs
+    assert got is not None and len(got) == len(prompt) and got[0] is None
+    for position, entry in enumerate(got[1:]):
+        assert entry is not None and entry.token_id == prompt[position + 1]
+        assert entry.logprob == pytest.approx(float(expected[position, prompt[position + 1]]), abs=1e-5)
+        assert len(entry.top) == 2
+    assert all(o.prompt_logprobs is None for o in outputs[1:])

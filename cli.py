@@ -148,6 +148,12 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
     type=click.Choice(["auto", "hermes", "mistral", "llama", "json"]),
     help="Tool-call output format; auto reads the chat template.",
 )
+@click.option("--ui-server", is_flag=True, help="Also serve a chat page at /ui on the same port.")
+@click.option(
+    "--mcp-config",
+    type=click.Path(exists=True, dir_okay=False),
+    help='An mcp.json ({"mcpServers": {...}}): the model may call its servers\' tools; llmc runs the calls.',
+)
 @click.option("--disable-prefix-cache", is_flag=True, help="Do not reuse KV blocks of equal prompt prefixes.")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 
@@ -31,13 +32,18 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     log_level: str = "INFO"
     api_key: str | None = None
     tool_parser: str = "auto"
+    ui_server: bool = False  # serve the chat page at /ui
+    mcp_config: str | None = None  # an mcp.json: its servers' tools are offered to the model
+    mcp_cwd: str | None = None  # where stdio MCP servers run: the directory `llmc run` started in
 
 
 def create_app() -> object:
     """Granian's factory, run inside the worker: load the engine, start its thread, return the app."""
     from llmc.artifacts.reader import Artifact
     from llmc.runtime.api.app import App
+    from llmc.runtime.api.chat_plan import MAX_TOOLS
     from llmc.runtime.engine import Engine, EngineConfig
+    from llmc.runtime.mcp_tools import McpManager, load_config
 
     config = msgspec.json.decode(os.environ[_CONFIG_ENV], type=ServeConfig)
     configure(config.log_level)
@@ -57,8 +63,20 @@ def create_app() -> object:
         ),
     )
     engine.start()
+    mcp = None
+    if config.mcp_config is not None:
+        mcp = McpManager(load_config(config.mcp_config, config.mcp_cwd), max_tools=MAX_TOOLS)
+        mcp.start()
+        atexit.register(mcp.close)
     log.info("server.ready", host=config.host, port=config.port, model=engine.model_name)
-    return App(engine, config.served_model_name, api_key=config.api_key, tool_parser=config.tool_parser)
+    return App(
+        engine,
+        config.served_model_name,
+        api_key=config.api_key,
+        tool_parser=config.tool_parser,
+        ui=config.ui_server,
+        mcp=mcp,
+    )
 
 
 def serve(config: ServeConfig) -> None:
@@ -70,6 +88,13 @@ def serve(config: ServeConfig) -> None:
 
     Artifact.open(config.artifact, verify=True)
     config.artifact = str(Path(config.artifact).resolve())
+    if config.mcp_config is not None:  # a bad config fails here, not in the worker
+        from llmc.runtime.mcp_tools import check_sdk, load_config
+
+        check_sdk()
+        load_config(config.mcp_config)
+        config.mcp_config = str(Path(config.mcp_config).resolve())
+        config.mcp_cwd = os.getcwd()
     # Granian resolves its import target against the working directory and mistakes a directory
     # holding an __init__.py (such as a source checkout of llmc) for a parent package: serve from
     # the artifact's directory, which never holds one.

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -28,10 +28,12 @@ from llmc.runtime.api.openapi import openapi_spec
 from llmc.runtime.api.requests import completion_prompt, sampling_params, validation_param
 from llmc.runtime.engine import Engine
 from llmc.runtime.output_processor import RequestOutput
-from llmc.runtime.sampler import TokenLogprob
-from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.tool_calls import ContentEvent, ToolCall, ToolCallParser, choose_format
 from llmc.runtime.tool_calls.base import parse_all
+
+if TYPE_CHECKING:
+    from llmc.runtime.mcp_tools import McpManager
 
 log = get_logger("llmc.api")
 
@@ -56,8 +58,11 @@ class App:
         served_model_name: str | None = None,
         api_key: str | None = None,
         tool_parser: str = "auto",
+        ui: bool = False,
+        mcp: McpManager | None = None,
     ) -> None:
         self.engine = engine
+        self.mcp = mcp
         self.tool_format = choose_format(tool_parser, engine.tokenizer.chat_template_source)
         self._api_key = api_key.encode() if api_key else None
         self.metrics = Metrics(engine.stats)
@@ -75,6 +80,13 @@ class App:
             ("GET", "/metrics"): self.metrics_route,
             ("GET", "/openapi.json"): self.openapi,
         }
+        self._public = {"/health"}  # served without the API key
+        if ui:  # the chat page: it asks for the key itself, so it must load without one
+            from llmc.runtime.api.ui import ROUTES, UiAssets
+
+            self._ui = UiAssets()
+            self._routes.update({("GET", path): self.ui_route for path in ROUTES})
+            self._public.update(ROUTES)
         self._tokenize_decoder = msgspec.json.Decoder(p.TokenizeRequest)
         self._detokenize_decoder = msgspec.json.Decoder(p.DetokenizeRequest)
         self._openapi = msgspec.json.encode(
@@ -101,7 +113,7 @@ class App:
             await send(message)
 
         try:
-            if self._api_key is not None and path != "/health":
+            if self._api_key is not None and path not in self._public:
                 self._authorize(scope)
             if handler is None:
                 if route != "unknown":
@@ -136,6 +148,11 @@ class App:
 
     async def openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_json(send, 200, self._openapi)
+
+    async def ui_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers, body = self._ui.response(scope["path"].rstrip("/"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def metrics_route(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", CONTENT_TYPE.encode())]
@@ -177,6 +194,11 @@ class App:
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = _decode(self._chat_decoder, await _read_body(scope, receive))
         self._check_model(req.model)
+        if self.mcp is not None and self.mcp.tools and req.tools is None and req.n == 1:
+            from llmc.runtime.api.mcp_loop import chat_with_mcp  # the MCP tool loop; needs this module
+
+            await chat_with_mcp(self, self.mcp, req, receive, send)
+            return
         plan = self._plan(req)
         prompt = self.engine.tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True, tools=plan.tools)
         ids = self.engine.tokenizer.encode(prompt)

@@ -121,6 +121,10 @@ def _message_dict(message: ChatMessage, tool_format: ToolCallFormat, template_re
     out: dict[str, Any] = {"role": message.role, "content": content or ""}
     if message.role == "tool":
         out["tool_call_id"] = message.tool_call_id
+        if not template_renders_tools:
+            # A template without tools knows no "tool" role either: hand the result back as the
+            # user turn Hermes-style models expect.
+            out = {"role": "user", "content": f"<tool_response>\n{out['content']}\n</tool_response>"}
     if message.tool_calls:
         calls = [_template_call(c) for c in message.tool_calls]
         out["tool_calls"] = calls

@@ -265,9 +265,14 @@ class App:
         ids = completion_prompt(req, self.engine.tokenizer)
         # OpenAI's legacy completions default to 16 tokens.
         params = self._params(req, ids, req.max_tokens if req.max_tokens is not None else 16)
+        echo = ""
+        if req.echo:
+            echo = req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(ids, False)
+            params = [replace(sp, prompt_logprobs=sp.logprobs) for sp in params]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = self._submit(request_id, ids, params, receive)
         created = int(time.time())
+        wants_logprobs = params[0].logprobs is not None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -280,6 +285,10 @@ class App:
                 offsets = [0] * len(params)
                 async for index, out in outputs:
                     usage.add(out)
+                    if echo and offsets[index] == 0:
+                        prompt_lps = self._echo_logprobs(ids, out.prompt_logprobs) if wants_logprobs else None
+                        yield chunk([p.CompletionChoice(index, echo, None, prompt_lps)])
+                        offsets[index] = len(echo)
                     if out.text or out.finished or out.logprobs:
                         logprobs = self._completion_logprobs(out.logprobs, offsets[index]) if out.logprobs else None
                         offsets[index] += len(out.text)
@@ -290,19 +299,36 @@ class App:
             await self._stream(send, request_id, events())
             return
         results = await _collect(outputs, len(params))
-        choices = [
-            p.CompletionChoice(
-                index=index,
-                text=r.text,
-                finish_reason=r.finish_reason,
-                logprobs=self._completion_logprobs(r.logprobs, 0) if params[index].logprobs is not None else None,
-            )
-            for index, r in enumerate(results)
-        ]
+        choices = []
+        for index, r in enumerate(results):
+            logprobs = None
+            if wants_logprobs:
+                logprobs = self._completion_logprobs(r.logprobs, len(echo))
+                if echo:
+                    head = self._echo_logprobs(ids, r.prompt_logprobs)
+                    logprobs = p.CompletionLogprobs(
+                        tokens=head.tokens + logprobs.tokens,
+                        token_logprobs=head.token_logprobs + logprobs.token_logprobs,
+                        top_logprobs=head.top_logprobs + logprobs.top_logprobs,
+                        text_offset=head.text_offset + logprobs.text_offset,
+                    )
+            choices.append(p.CompletionChoice(index, echo + r.text, r.finish_reason, logprobs))
         body = p.Completion(
             id=request_id, created=created, model=self.model_name, choices=choices, usage=_usage_of(results)
         )
         await _send_json(send, 200, msgspec.json.encode(body))
+
+    def _echo_logprobs(self, ids: list[int], prompt_logprobs: list[TokenLogprob | None] | None) -> p.CompletionLogprobs:
+        """The prompt's own tokens, as OpenAI echoes them: the first has no logprob."""
+        entries = prompt_logprobs or [None] * len(ids)
+        tokens = [self._token(t) for t in ids]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return p.CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[None if lp is None else lp.logprob for lp in entries],
+            top_logprobs=[None if lp is None else {self._token(t): v for t, v in lp.top} for lp in entries],
+            text_offset=offsets,
+        )
 
     # ---- helpers ---------------------------------------------------------------------------
     def _token(self, token_id: int) -> str:
@@ -317,7 +343,10 @@ class App:
         return p.ChatLogprobs(content=content)
 
     def _completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> p.CompletionLogprobs:
-        tokens, values, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for lp in logprobs:
             text = self._token(lp.token_id)
             tokens.append(text)
@@ -425,6 +454,7 @@ class _ChoiceResult:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[_ChoiceResult]:
@@ -438,6 +468,8 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], n: int) ->
         result.completion_tokens = out.completion_tokens
         result.prompt_tokens = out.prompt_tokens
         result.cached_tokens = out.cached_tokens
+        if out.prompt_logprobs is not None:
+            result.prompt_logprobs = out.prompt_logprobs
     for result, texts in zip(results, parts, strict=True):
         result.text = "".join(texts)
     return results

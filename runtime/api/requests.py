@@ -133,8 +133,6 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[i
 
 
 def completion_prompt(req: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    if req.echo:
-        raise _unsupported("echo", "coming with prompt logprobs")
     if req.suffix:
         raise _unsupported("suffix", "no llmc model does fill-in-the-middle yet")
     prompt = req.prompt

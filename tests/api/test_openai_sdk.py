@@ -154,3 +154,40 @@ def test_tool_call_round_trip(client: OpenAI) -> None:
     )  # type: ignore[arg-type]
     assert final.choices[0].finish_reason in {"stop", "length", "tool_calls"}
     assert final.choices[0].message.content or final.choices[0].message.tool_calls
+
+
+def test_completion_echo_and_logprobs(client: OpenAI) -> None:
+    prompt = "The three primary colors are"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=2)
+    choice = echoed.choices[0]
+    assert choice.text == prompt + plain
+    assert choice.logprobs is not None and choice.logprobs.token_logprobs is not None
+    assert choice.logprobs.token_logprobs[0] is None  # the first prompt token has no context
+    prompt_len = echoed.usage.prompt_tokens if echoed.usage else 0
+    assert len(choice.logprobs.tokens or []) == prompt_len + 8
+    assert all(v is not None and v <= 0 for v in choice.logprobs.token_logprobs[1:])
+    assert "".join(choice.logprobs.tokens or []) == choice.text
+    streamed = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=2, stream=True
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    stream_lps = [v for c in chunks if c.choices[0].logprobs for v in (c.choices[0].logprobs.token_logprobs or [])]
+    assert stream_lps[1:] == pytest.approx(choice.logprobs.token_logprobs[1:], abs=1e-4)
+
+
+def test_chat_logprobs(client: OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,  # type: ignore[arg-type]
+    )
+    content = reply.choices[0].logprobs.content if reply.choices[0].logprobs else None
+    assert content is not None and len(content) == reply.usage.completion_tokens  # type: ignore[union-attr]
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy takes the most likely

@@ -66,3 +66,20 @@ def test_16_concurrent_greedy_requests_equal_alone(engine: Engine) -> None:
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = [generate(engine, [p], params)[0] for p in prompts]
     assert generate(engine, prompts, params) == alone
+
+
+def test_500_token_shared_prefix_is_cached(smollm2_artifact: Path) -> None:
+    """Issue 4: a request sharing a 500-token prefix reports >= 480 cached tokens and answers as
+    it does with the cache off."""
+    from llmc.runtime.output_processor import RequestOutput
+
+    cached = open_engine(smollm2_artifact)
+    prefix = cached.tokenizer.encode((TEXT + " ") * 8)[:500]
+    first, second = [*prefix, *cached.tokenizer.encode(" Who flew?")], [*prefix, *cached.tokenizer.encode(" When?")]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    generate(cached, [first], params)
+    outputs: list[RequestOutput] = []
+    answer = generate(cached, [second], params, collect=outputs)[0]
+    assert outputs[-1].cached_tokens >= 480
+    uncached = open_engine(smollm2_artifact, enable_prefix_cache=False)
+    assert generate(uncached, [second], params)[0] == answer

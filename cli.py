@@ -119,6 +119,21 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--gguf", "gguf_path", required=True, type=click.Path(path_type=Path), help="GGUF file to write.")
+def export(artifact: Path, gguf_path: Path) -> None:
+    """Write an artifact back to a GGUF file (llama.cpp loads it)."""
+    from llmc.builder.gguf_export import export_gguf
+
+    try:
+        export_gguf(artifact, gguf_path)
+    except LlmcError as exc:
+        _fail(exc, False)
+        return
+    click.echo(f"wrote {gguf_path}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--p", "--port", "port", default=2000, show_default=True, type=PORT, help="Port to listen on.")
 @click.option("--h", "--host", "host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--served-model-name", help="Model name clients must send (default: the artifact's).")

@@ -1,0 +1,69 @@
+"""`llmc export --gguf`: the GGUF builds back into the same weights, and llama.cpp runs it."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmc.artifacts.reader import Artifact
+from llmc.builder.build import BuildOptions, build
+from llmc.runtime.sampling_params import SamplingParams
+from tests.helpers import generate, open_engine
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "smollm2.gguf"
+    result = subprocess.run(
+        [sys.executable, "-m", "llmc", "export", str(smollm2_artifact), "--gguf", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_round_trip_keeps_every_weight(smollm2_artifact: Path, exported: Path, tmp_path: Path) -> None:
+    build(BuildOptions(model=str(exported), gguf_file=None, weights=None, output=tmp_path / "again", name="smollm2"))
+    original = dict(Artifact.open(smollm2_artifact).weights())
+    again = dict(Artifact.open(tmp_path / "again").weights())
+    assert original.keys() == again.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, again[name]), name
+
+
+def test_llama_cpp_greedy_text_equals_ours(smollm2_artifact: Path, exported: Path) -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is in the bench extra (make install-bench)")
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(exported), n_threads=2, n_ctx=256, verbose=False)
+    engine = open_engine(smollm2_artifact)
+    prompt = "The capital of France is"
+    ids = engine.tokenizer.encode(prompt)
+    assert llm.tokenize(prompt.encode(), add_bos=False) == ids
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        theirs.append(token)
+        if len(theirs) == 16:
+            break
+    ours = generate(engine, [ids], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+    assert ours == theirs
+
+
+def test_unsupported_artifacts_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    build(BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=tmp_path / "tiny"))
+    result = subprocess.run(
+        [sys.executable, "-m", "llmc", "export", str(tmp_path / "tiny"), "--gguf", str(tmp_path / "x.gguf")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "pre-tokenizer" in result.stderr

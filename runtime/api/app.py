@@ -7,7 +7,6 @@ reaches the engine. Streaming responses are Server-Sent Events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
 import uuid
@@ -22,6 +21,7 @@ from llmc.errors import BadInputError, InternalError, LlmcError
 from llmc.logs import get_logger
 from llmc.runtime.api import protocol as p
 from llmc.runtime.api.chat_plan import ChatPlan, plan_chat
+from llmc.runtime.api.dispatch import LoopDispatcher
 from llmc.runtime.api.errors import HttpError, error_response
 from llmc.runtime.api.metrics import CONTENT_TYPE, Metrics
 from llmc.runtime.api.openapi import openapi_spec
@@ -63,6 +63,8 @@ class App:
     ) -> None:
         self.engine = engine
         self.mcp = mcp
+        self._loop_dispatcher: LoopDispatcher | None = None
+        self._loop_dispatcher_loop: asyncio.AbstractEventLoop | None = None
         self.tool_format = choose_format(tool_parser, engine.tokenizer.chat_template_source)
         self._api_key = api_key.encode() if api_key else None
         self.metrics = Metrics(engine.stats)
@@ -371,6 +373,13 @@ class App:
         self.engine.check_length(len(ids), params[0].max_tokens)
         return params
 
+    def _dispatcher(self) -> LoopDispatcher:
+        """The dispatcher of the running event loop (Granian runs one loop per worker)."""
+        loop = asyncio.get_running_loop()
+        if self._loop_dispatcher is None or self._loop_dispatcher_loop is not loop:
+            self._loop_dispatcher, self._loop_dispatcher_loop = LoopDispatcher(loop), loop
+        return self._loop_dispatcher
+
     def _submit(
         self, request_id: str, ids: list[int], params: list[SamplingParams], receive: Receive
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -378,13 +387,11 @@ class App:
 
         If the client goes away first, the request is aborted in the engine and its blocks freed.
         """
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        dispatcher = self._dispatcher()
 
         def sink(out: RequestOutput) -> None:  # runs on the engine thread
-            # RuntimeError: the event loop is closed because the server is shutting down.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+            dispatcher.post(queue, out)
 
         seq_ids = self.engine.submit(request_id, ids, params, sink)
         index_of = {seq_id: index for index, seq_id in enumerate(seq_ids)}

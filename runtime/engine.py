@@ -54,16 +54,39 @@ class _Submit:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
-        if config.threads:
-            torch.set_num_threads(config.threads)
+    """Construct, then either `start()` the engine thread (the server) or call `step()` yourself
+    (tests, benchmarks). In the server the model is built on the engine thread itself: OpenMP
+    thread pools belong to the thread that first runs parallel work, and torch's kernels run
+    several times slower for small matmuls on a thread other than the pool's owner."""
+
+    def __init__(self, artifact: Artifact, config: EngineConfig, *, build_on_start: bool = False) -> None:
         manifest = artifact.manifest
         spec = manifest.model
+        self._artifact = artifact
+        self._config = config
         self.model_name = manifest.model_name
         self.generation_defaults = manifest.generation
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
-        model = build_model(spec, dict(artifact.weights()), self.max_model_len)
+        self._inbox: queue.SimpleQueue[_Submit | str | None] = queue.SimpleQueue()
+        self._sinks: dict[int, Sink] = {}
+        self._by_request: dict[str, Sequence] = {}
+        self._followers: dict[int, list[Sequence]] = {}
+        self._artifact_root = artifact.root
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run_thread, name="llmc-engine", daemon=True)
+        self._ready = threading.Event()
+        self._setup_error: BaseException | None = None
+        if not build_on_start:
+            self._build()
+
+    def _build(self) -> None:
+        """Load the model and size the KV cache (on whichever thread will run the model)."""
+        config, spec = self._config, self._artifact.manifest.model
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model = build_model(spec, dict(self._artifact.weights()), self.max_model_len)
         bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
         num_blocks = config.kv_blocks or config.kv_cache_mb * 1024 * 1024 // bytes_per_block
         if num_blocks * config.block_size < self.max_model_len:
@@ -82,19 +105,15 @@ class Engine:
         )
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
-        self._inbox: queue.SimpleQueue[_Submit | str | None] = queue.SimpleQueue()
-        self._sinks: dict[int, Sink] = {}
-        self._by_request: dict[str, Sequence] = {}
-        self._followers: dict[int, list[Sequence]] = {}
-        self._artifact_root = artifact.root
-        self._grammars: GrammarCompiler | None = None
-        self._grammar_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
         log.info("engine.ready", model=self.model_name, kv_blocks=num_blocks, block_size=config.block_size)
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> None:
+        """Start the engine thread; return once the model is loaded (or raise why it could not be)."""
         self._thread.start()
+        self._ready.wait()
+        if self._setup_error is not None:
+            raise self._setup_error
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -150,6 +169,17 @@ class Engine:
             self._inbox.put(request_id)
 
     # ---- the engine thread ------------------------------------------------------------------
+    def _run_thread(self) -> None:
+        if not hasattr(self, "runner"):
+            try:
+                self._build()
+            except BaseException as exc:  # handed to start(), which raises it in the caller
+                self._setup_error = exc
+                self._ready.set()
+                return
+        self._ready.set()
+        self._loop()
+
     def _loop(self) -> None:
         while True:
             block = not self.scheduler.has_work()

@@ -61,6 +61,7 @@ def create_app() -> object:
             seed=config.seed,
             threads=config.threads,
         ),
+        build_on_start=True,  # the model is built on the engine thread, which will run it
     )
     engine.start()
     mcp = None

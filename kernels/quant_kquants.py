@@ -1,0 +1,528 @@
+"""GGML K-quant codecs (q2k q3k q4k q5k q6k): vectorized torch, byte-identical block layouts.
+
+Every 256-weight super-block is one GGML struct (block_q2_K ... block_q6_K) with the fields in
+GGML's order and little-endian f16 super-scales, so a row of our bytes is a row of a GGUF tensor.
+
+The quantizers follow llama.cpp's reference (no importance matrix) recipe, so our files quantize
+as well as llama.cpp's: fit a scale (and for q2k/q4k/q5k a min) per sub-block with ggml's searches
+(make_qkx2_quants, make_qx_quants, make_q3_quants), quantize those sub-block scales against one
+f16 super-scale, then re-round every weight against the scale it will really be decoded with. The
+searches keep ggml's candidate order and acceptance rules but run every sub-block at once: the
+only Python loops are over the fixed candidate lists (and q3k's 16 weight positions). Two small
+departures can only lower the error: exact error ties go to the earlier candidate instead of to
+float32 noise, and a sub-block whose scale rounds to 0 gets the min level nearest its mean.
+
+The dequantizers are the plain-torch reference: they reproduce gguf-py's numpy dequantizers bit
+for bit (the same float32 operations in the same order).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmc.kernels.quant_formats import FORMATS, QK_K
+
+GROUP_MAX_EPS = 1e-15  # a sub-block whose largest |x| is below this is all zeros (ggml's threshold)
+# Weights encoded per chunk of rows. The candidate searches make ~10 passes per candidate over a chunk,
+# so it should stay cache-sized; q3k's per-weight descent instead does many small [chunk/16] steps, so
+# its chunk is larger to amortize per-op overhead. Both keep the working set to tens of MB.
+_CHUNK_WEIGHTS = 1 << 18
+_Q3K_CHUNK_WEIGHTS = 1 << 20
+
+assert sys.byteorder == "little", "the f16 fields are written in native byte order"
+
+
+@dataclass(frozen=True)
+class _AffineSearch:
+    """Scale+min search (make_qkx2_quants): candidate inverse scales (nmax + rmin + rdelta*i) / (max - min)."""
+
+    nmax: int  # largest quant level
+    rmin: float  # first offset from nmax
+    rdelta: float  # offset step
+    nstep: int  # i runs over 0..nstep
+    use_mad: bool  # weighted absolute error instead of weighted squared error
+
+
+_Q2K_SEARCH = _AffineSearch(nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
+_Q4K_SEARCH = _AffineSearch(nmax=15, rmin=-1.0, rdelta=0.1, nstep=20, use_mad=False)
+_Q5K_SEARCH = _AffineSearch(nmax=31, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=False)
+# A candidate must beat the best by this fraction of the zero-approximation error (sum w|x| or sum wx^2):
+# float32 noise in the error sums then cannot flip exact ties (common: an outlier alone on the grid).
+_TIE_RTOL = 1e-6
+
+# Symmetric search (make_qx_quants): candidate inverse scales -(nmax + _SYM_DELTA*i) / max, |i| <= _SYM_STEPS.
+_SYM_STEPS = 9
+_SYM_DELTA = 0.1
+_Q3K_DESCENT_PASSES = 5  # make_q3_quants: sweeps of per-weight re-rounding
+
+_Q2K_SUB = 16  # weights per sub-block (q2k, q3k, q6k)
+_Q4K_SUB = 32  # weights per sub-block (q4k, q5k)
+_Q2K_SCALE_LEVELS = 15  # q2k's 4-bit sub-block scales and mins
+_K4_SCALE_LEVELS = 63  # q4k/q5k's 6-bit sub-block scales and mins
+_Q3K_SCALE_HALF = 32  # q3k's signed 6-bit sub-block scales: -32..31, stored +32
+_Q6K_SCALE_HALF = 128  # q6k's int8 sub-block scales: -128..127
+_Q3K_NMAX = 4  # q3k weights: -4..3
+_Q6K_NMAX = 32  # q6k weights: -32..31
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 [N] → the f16 bytes [N, 2] GGML stores (round to nearest even, little-endian)."""
+    return x.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def _read_f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The f16 field at byte `offset` of every block [N, type_size], as float32 [N, 1]."""
+    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float()
+
+
+def _as_blocks(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+    """uint8 [rows, n_blocks * type_size] → ([rows * n_blocks, type_size], rows)."""
+    size = FORMATS[name].type_size
+    assert blocks.dtype == torch.uint8 and blocks.dim() == 2 and blocks.shape[1] % size == 0, (name, blocks.shape)
+    return blocks.reshape(-1, size), blocks.shape[0]
+
+
+def _by_row_chunks(
+    w: torch.Tensor, name: str, encode: Callable[[torch.Tensor], torch.Tensor], chunk_weights: int
+) -> torch.Tensor:
+    """Run `encode` (float32 [n_blocks, 256] → uint8 [n_blocks, type_size]) over row chunks of w.
+
+    Rows are independent, so chunking changes nothing but speed and memory. The work is thousands
+    of small cache-sized ops, which intra-op threads do not speed up but which slow down by orders
+    of magnitude when another process holds a core (every op waits on a preempted worker), so this
+    thread runs them single-threaded and then restores its thread count.
+    """
+    assert w.dim() == 2 and w.shape[1] % QK_K == 0, (name, tuple(w.shape))
+    w = w.detach().float().contiguous()
+    rows, cols = w.shape
+    out = torch.empty(rows, FORMATS[name].row_bytes(cols), dtype=torch.uint8)
+    step = max(1, chunk_weights // cols)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in range(0, rows, step):
+            chunk = w[r : r + step]
+            out[r : r + step] = encode(chunk.reshape(-1, QK_K)).reshape(chunk.shape[0], -1)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _shifts(bits: int, count: int, dims: int, dim: int) -> torch.Tensor:
+    """[0, bits, 2*bits, ...] (count values) laid along `dim` of a `dims`-dimensional broadcastable int tensor."""
+    shape = [1] * dims
+    shape[dim] = count
+    return (torch.arange(count, dtype=torch.int32) * bits).reshape(shape)
+
+
+def _pack_fields(levels: torch.Tensor, bits: int, lanes: int) -> torch.Tensor:
+    """Interleave `lanes` consecutive 32-weight runs into bytes: run k lands at bit k*bits.
+
+    levels: int [N, G * lanes * 32] → uint8 [N, G * 32]; GGML's 2-bit qs, hmask and qh layouts.
+    """
+    n = levels.shape[0]
+    grouped = levels.to(torch.int32).reshape(n, -1, lanes, 32) << _shifts(bits, lanes, 4, 2)
+    return grouped.sum(2).to(torch.uint8).reshape(n, -1)
+
+
+def _unpack_fields(packed: torch.Tensor, bits: int, lanes: int) -> torch.Tensor:
+    """Inverse of _pack_fields: uint8 [N, G * 32] → uint8 [N, G * lanes * 32]."""
+    n = packed.shape[0]
+    mask = (1 << bits) - 1
+    parts = packed.reshape(n, -1, 1, 32) >> _shifts(bits, lanes, 4, 2).to(torch.uint8)
+    return (parts & mask).reshape(n, -1)
+
+
+def _pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
+    """int [N, G * 64] → uint8 [N, G * 32]: of each 64 weights, the first 32 in low nibbles, the next in high."""
+    return _pack_fields(levels & 0xF, 4, 2)
+
+
+def _pack_k4_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """q4k/q5k's 12 scale bytes from 8 six-bit scales and 8 six-bit mins (int [N, 8] each)."""
+    ls, lm = ls.to(torch.int32), lm.to(torch.int32)
+    low = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    high = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([low, mid, high], 1).to(torch.uint8)
+
+
+def _unpack_k4_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4k/q5k's 12 scale bytes [N, 12] → (scales, mins), uint8 [N, 8] each."""
+    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0xF) | ((d >> 2) & 0x30)], 1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], 1)
+    return sc, mn
+
+
+def _pack_q3_scales(ls: torch.Tensor) -> torch.Tensor:
+    """q3k's 12 scale bytes from 16 six-bit (offset) scales int [N, 16]: low nibbles, then 2-bit high parts."""
+    ls = ls.to(torch.int32)
+    low = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    high = ((ls.reshape(-1, 4, 4) >> 4) << _shifts(2, 4, 3, 1)).sum(1)
+    return torch.cat([low, high], 1).to(torch.uint8)
+
+
+def _unpack_q3_scales(scales: torch.Tensor) -> torch.Tensor:
+    """q3k's 12 scale bytes [N, 12] → the 16 offset scales, uint8 [N, 16] (0..63, decoded as value - 32)."""
+    n = scales.shape[0]
+    low = (scales[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 2, 1)).reshape(n, 16)
+    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(2, 4, 3, 1).to(torch.uint8).reshape(1, 4, 1)).reshape(n, 16)
+    return (low & 0xF) | ((high & 0x3) << 4)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den == 0 (ggml's `d ? x/d : 0` guards)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _flat_mins(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dmin: torch.Tensor, levels: int) -> torch.Tensor:
+    """Min levels [N, S] where sub-blocks (x [N, S, n]) whose scale level rounded to 0 get their mean's.
+
+    Such a sub-block decodes to the constant -dmin*m for every weight; ggml leaves m at the fitted
+    min, which is the worst constant (common next to an outlier that sets the super-scale). The mean
+    (clamped to <= 0, all a min can express) is the least-squares constant, so this only lowers error.
+    """
+    fit = torch.round(_safe_div(-x.mean(-1), dmin.expand_as(lm))).clamp_(0, levels)
+    return torch.where(ls == 0, fit, lm)
+
+
+def _requantize(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, zero_level: int) -> torch.Tensor:
+    """Round x / step to the levels lo..hi (int32); zero_level where step is 0 (all levels decode alike there)."""
+    q = torch.round(_safe_div(x, step.expand_as(x))).clamp_(lo, hi).to(torch.int32)
+    return torch.where(step != 0, q, zero_level)
+
+
+# ----------------------------------------------------------------------------- sub-block scale searches
+# The searches take sub-blocks as columns, x [n, G] (one group of n weights per column): every step is
+# then a contiguous [G]-wide vector op and the per-group sums reduce over dim 0, which torch does fast.
+# Each normalizes its groups by max|x| first: the fits are scale-invariant, and this keeps the float32
+# sums (up to x^3 * l^2) far from underflow and overflow whatever the weights' magnitude.
+
+
+def _columns(x: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 [N, 256] → [n, N * 256 / n]: each column one sub-block of n consecutive weights."""
+    return x.reshape(-1, n).t().contiguous()
+
+
+def _normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / max|x| per column, that max with 1 where it is 0)."""
+    amax = x.abs().amax(0, keepdim=True)
+    norm = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return x / norm, norm
+
+
+def _affine_search(x: torch.Tensor, weight: torch.Tensor, p: _AffineSearch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, the (scale, min) of make_qkx2_quants: x ≈ scale * L - min, L in 0..nmax, min >= 0.
+
+    x, weight: float32 [n, G] → (scale [G], min [G]). First the plain grid from min(x, 0) to max(x);
+    then, in ggml's order, grids stretched to nmax + rmin + rdelta*i levels over [best min so far, max],
+    each refit by weighted least squares (a positive offset is clamped to 0 and the scale refit) and
+    kept when its weighted error is smaller (by more than float noise). A constant column keeps scale 0
+    and min -min(x, 0).
+    """
+    x, norm = _normalize(x)
+    lo = x.amin(0, keepdim=True).clamp(max=0)
+    hi = x.amax(0, keepdim=True)
+    flat = hi == lo
+    sum_w = weight.sum(0, keepdim=True)
+    wx = weight * x
+    sum_x = wx.sum(0, keepdim=True)
+    sum_x2 = (wx * x).sum(0, keepdim=True)
+    margin = _TIE_RTOL * ((weight * x.abs()).sum(0, keepdim=True) if p.use_mad else sum_x2)
+
+    def levels(inv: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(-mn * inv, x, inv).round_().clamp_(0, p.nmax)  # round((x - mn) * inv)
+
+    def sums(lv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        wl = lv * weight
+        return wl.sum(0, keepdim=True), (wl * lv).sum(0, keepdim=True), (lv * wx).sum(0, keepdim=True)
+
+    def error(lv: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, s: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if p.use_mad:
+            return (torch.addcmul(mn - x, lv, scale).abs_() * weight).sum(0, keepdim=True)
+        sum_l, sum_l2, sum_xl = s  # sum w (scale*l + mn - x)^2, expanded in the sums already taken
+        return scale * (scale * sum_l2 + 2 * mn * sum_l - 2 * sum_xl) + mn * (mn * sum_w - 2 * sum_x) + sum_x2
+
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+    inv = p.nmax / span
+    lv = levels(inv, lo)
+    best_scale, best_min = 1 / inv, lo
+    best_err = error(lv, best_scale, best_min, sums(lv))
+    for i in range(p.nstep + 1):
+        span = hi - best_min
+        ok = span > 0
+        inv = (p.nmax + p.rmin + p.rdelta * i) / torch.where(ok, span, torch.ones_like(span))
+        lv = levels(inv, best_min)
+        s = sums(lv)
+        sum_l, sum_l2, sum_xl = s
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok &= det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        mn = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = mn > 0
+        scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), scale)
+        mn = torch.where(positive, torch.zeros_like(mn), mn)
+        err = error(lv, scale, mn, s)
+        better = ok & (err < best_err - margin)
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, mn, best_min)
+
+    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    best_min = torch.where(flat, lo, best_min)
+    return (best_scale * norm).squeeze(0), (-best_min * norm).squeeze(0)
+
+
+def _symmetric_search(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Per column, make_qx_quants' signed scale for x ≈ scale * L, L in -nmax..nmax-1, weighting by x^2.
+
+    x: float32 [n, G] → scale [G]. Candidates put the largest-|x| weight at level -(nmax + 0.1*i), the
+    plain i = 0 grid first, then i = -9..9; the best least-squares fit (largest sum(wxl)^2 / sum(wl^2))
+    wins, ties to the earlier one. Columns whose max |x| is below GROUP_MAX_EPS get 0.
+    """
+    x, norm = _normalize(x)
+    zero = norm < GROUP_MAX_EPS
+    peak = x.gather(0, x.abs().argmax(0, keepdim=True))  # ±1: the signed largest weight
+    w = x * x
+    wx = w * x
+    best_score = best_scale = torch.zeros_like(peak)
+    for i in [0] + [i for i in range(-_SYM_STEPS, _SYM_STEPS + 1) if i != 0]:
+        lv = (x * (-(nmax + _SYM_DELTA * i) / peak)).round_().clamp_(-nmax, nmax - 1)
+        sum_xl = (lv * wx).sum(0, keepdim=True)
+        sum_l2 = (lv * lv * w).sum(0, keepdim=True)
+        ok = sum_l2 > 0
+        sum_l2 = torch.where(ok, sum_l2, torch.ones_like(sum_l2))
+        score = sum_xl * sum_xl / sum_l2
+        better = ok & (score > best_score) if i else ok
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, sum_xl / sum_l2, best_scale)
+    return torch.where(zero, torch.zeros_like(best_scale), best_scale * norm).squeeze(0)
+
+
+def _q3_descent(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Per column, make_q3_quants' signed scale for x ≈ scale * L, L in -nmax..nmax-1, weighting by x^2.
+
+    x: float32 [n, G] → scale [G]. Start from the grid that puts the largest-|x| weight at -nmax, then
+    sweep the weights in order _Q3K_DESCENT_PASSES times: re-round each against the least-squares
+    scale of the others and keep the change when it raises sum(wxl)^2 / sum(wl^2). A sweep that
+    changes nothing leaves the next ones idle too, so running them all equals ggml's early exit.
+    """
+    x, norm = _normalize(x)
+    zero = norm < GROUP_MAX_EPS
+    peak = x.gather(0, x.abs().argmax(0, keepdim=True))
+    lv = (x * (-nmax / peak)).round_().clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sum_xl = (lv * wx).sum(0)
+    sum_l2 = (lv * lv * w).sum(0)
+    for _ in range(_Q3K_DESCENT_PASSES):
+        for j in range(x.shape[0]):
+            lj, wj, wxj = lv[j], w[j], wx[j]
+            xl_rest = sum_xl - wxj * lj
+            l2_rest = sum_l2 - wj * lj * lj
+            new = (x[j] * l2_rest / xl_rest).round_().clamp_(-nmax, nmax - 1)
+            xl_new = xl_rest + wxj * new
+            l2_new = l2_rest + wj * new * new
+            take = (xl_rest > 0) & (new != lj) & (l2_new > 0) & (xl_new * xl_new * sum_l2 > sum_xl * sum_xl * l2_new)
+            lv[j] = torch.where(take, new, lj)
+            sum_xl = torch.where(take, xl_new, sum_xl)
+            sum_l2 = torch.where(take, l2_new, sum_l2)
+    scale = torch.where(sum_l2 > 0, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), 0.0)
+    return torch.where(zero, torch.zeros_like(scale), scale * norm).squeeze(0)
+
+
+# ----------------------------------------------------------------------------- q2k
+
+
+def _encode_q2k(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 256] → block_q2_K [N, 84]: scale|min<<4 bytes, 2-bit weights, d, dmin."""
+    n = x.shape[0]
+    sub = _columns(x, _Q2K_SUB)
+    scales, mins = _affine_search(sub, sub.abs(), _Q2K_SEARCH)
+    scales, mins = scales.reshape(n, -1), mins.reshape(n, -1)
+    max_scale = scales.amax(1, keepdim=True).clamp(min=0)
+    max_min = mins.amax(1, keepdim=True).clamp(min=0)
+    ls = torch.round(_safe_div(_Q2K_SCALE_LEVELS * scales, max_scale.expand_as(scales))).clamp_(0, _Q2K_SCALE_LEVELS)
+    lm = torch.round(_safe_div(_Q2K_SCALE_LEVELS * mins, max_min.expand_as(mins))).clamp_(0, _Q2K_SCALE_LEVELS)
+    d = (max_scale / _Q2K_SCALE_LEVELS).half()
+    dmin = (max_min / _Q2K_SCALE_LEVELS).half()
+    x = x.reshape(n, -1, _Q2K_SUB)
+    lm = _flat_mins(x, ls, lm, dmin.float(), _Q2K_SCALE_LEVELS)
+    step = (d.float() * ls).unsqueeze(2)
+    offset = (dmin.float() * lm).unsqueeze(2)
+    q = _requantize(x + offset, step, 0, 3, 0).reshape(n, QK_K)
+    packed_scales = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)).to(torch.uint8)
+    return torch.cat([packed_scales, _pack_fields(q, 2, 4), _f16_bytes(d), _f16_bytes(dmin)], 1)
+
+
+def quantize_q2k(w: torch.Tensor) -> torch.Tensor:
+    """float [rows, cols] → block_q2_K bytes uint8 [rows, cols/256*84]: 2-bit weights, 4-bit scales and mins."""
+    return _by_row_chunks(w, "q2k", _encode_q2k, _CHUNK_WEIGHTS)
+
+
+def dequantize_q2k(blocks: torch.Tensor) -> torch.Tensor:
+    """block_q2_K bytes [rows, n*84] → float32 [rows, n*256]; d*sc*q - dmin*m, as gguf-py computes it."""
+    b, rows = _as_blocks(blocks, "q2k")
+    sc, qs = b[:, 0:16], b[:, 16:80]
+    d, dmin = _read_f16(b, 80), _read_f16(b, 82)
+    dl = (d * (sc & 0xF).float()).unsqueeze(2)
+    ml = (dmin * (sc >> 4).float()).unsqueeze(2)
+    q = _unpack_fields(qs, 2, 4).float().reshape(-1, 16, 16)
+    return (dl * q - ml).reshape(rows, -1)
+
+
+# ----------------------------------------------------------------------------- q3k
+
+
+def _encode_q3k(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 256] → block_q3_K [N, 110]: high-bit mask, low 2 bits, packed 6-bit scales, d."""
+    n = x.shape[0]
+    scales = _q3_descent(_columns(x, _Q2K_SUB), _Q3K_NMAX).reshape(n, -1)
+    at = scales.abs().argmax(1, keepdim=True)
+    peak = scales.gather(1, at)  # the signed largest sub-block scale → -32
+    iscale = _safe_div(torch.full_like(peak, -_Q3K_SCALE_HALF), peak)
+    ls = torch.round(iscale * scales).clamp_(-_Q3K_SCALE_HALF, _Q3K_SCALE_HALF - 1).to(torch.int32)
+    d = _safe_div(torch.ones_like(iscale), iscale).half()
+    step = (d.float() * ls).unsqueeze(2)
+    q = _requantize(x.reshape(n, -1, _Q2K_SUB), step, -_Q3K_NMAX, _Q3K_NMAX - 1, 0).reshape(n, QK_K) + _Q3K_NMAX
+    return torch.cat(
+        [_pack_fields(q >> 2, 1, 8), _pack_fields(q & 3, 2, 4), _pack_q3_scales(ls + _Q3K_SCALE_HALF), _f16_bytes(d)],
+        1,
+    )
+
+
+def quantize_q3k(w: torch.Tensor) -> torch.Tensor:
+    """float [rows, cols] → block_q3_K bytes uint8 [rows, cols/256*110]: 3-bit weights, signed 6-bit scales."""
+    return _by_row_chunks(w, "q3k", _encode_q3k, _Q3K_CHUNK_WEIGHTS)
+
+
+def dequantize_q3k(blocks: torch.Tensor) -> torch.Tensor:
+    """block_q3_K bytes [rows, n*110] → float32 [rows, n*256]; d*(sc-32)*(low2 - 4*(1-high)), as gguf-py."""
+    b, rows = _as_blocks(blocks, "q3k")
+    hmask, qs, sc = b[:, 0:32], b[:, 32:96], b[:, 96:108]
+    d = _read_f16(b, 108)
+    dl = (d * (_unpack_q3_scales(sc).to(torch.int32) - _Q3K_SCALE_HALF).float()).unsqueeze(2)
+    low = _unpack_fields(qs, 2, 4).to(torch.int32)
+    high = _unpack_fields(hmask, 1, 8).to(torch.int32)
+    q = (low - ((1 - high) << 2)).float().reshape(-1, 16, 16)
+    return (dl * q).reshape(rows, -1)
+
+
+# ----------------------------------------------------------------------------- q4k / q5k
+
+
+def _encode_k4(x: torch.Tensor, search: _AffineSearch) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4k/q5k's shared part, x [N, 256] → (d, dmin, scales: header bytes [N, 16]; levels int32 [N, 256])."""
+    n = x.shape[0]
+    sub = _columns(x, _Q4K_SUB)
+    rms = sub.square().mean(0, keepdim=True).sqrt()
+    scales, mins = _affine_search(sub, rms + sub.abs(), search)  # weights favour large |x| (ggml's choice)
+    scales, mins = scales.reshape(n, -1), mins.reshape(n, -1)
+    max_scale = scales.amax(1, keepdim=True).clamp(min=0)
+    max_min = mins.amax(1, keepdim=True).clamp(min=0)
+    ls = torch.round(_safe_div(_K4_SCALE_LEVELS * scales, max_scale.expand_as(scales))).clamp_(0, _K4_SCALE_LEVELS)
+    lm = torch.round(_safe_div(_K4_SCALE_LEVELS * mins, max_min.expand_as(mins))).clamp_(0, _K4_SCALE_LEVELS)
+    d = (max_scale / _K4_SCALE_LEVELS).half()
+    dmin = (max_min / _K4_SCALE_LEVELS).half()
+    x = x.reshape(n, -1, _Q4K_SUB)
+    lm = _flat_mins(x, ls, lm, dmin.float(), _K4_SCALE_LEVELS)
+    step = (d.float() * ls).unsqueeze(2)
+    offset = (dmin.float() * lm).unsqueeze(2)
+    q = _requantize(x + offset, step, 0, search.nmax, 0).reshape(n, QK_K)
+    header = torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k4_scales(ls.to(torch.int32), lm.to(torch.int32))], 1)
+    return header, q
+
+
+def _encode_q4k(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 256] → block_q4_K [N, 144]: header, then nibbles."""
+    header, q = _encode_k4(x, _Q4K_SEARCH)
+    return torch.cat([header, _pack_nibbles(q)], 1)
+
+
+def _encode_q5k(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 256] → block_q5_K [N, 176]: header, the fifth bits (qh), then the low nibbles."""
+    header, q = _encode_k4(x, _Q5K_SEARCH)
+    return torch.cat([header, _pack_fields(q >> 4, 1, 8), _pack_nibbles(q)], 1)
+
+
+def quantize_q4k(w: torch.Tensor) -> torch.Tensor:
+    """float [rows, cols] → block_q4_K bytes uint8 [rows, cols/256*144]: 4-bit weights, 6-bit scales and mins."""
+    return _by_row_chunks(w, "q4k", _encode_q4k, _CHUNK_WEIGHTS)
+
+
+def quantize_q5k(w: torch.Tensor) -> torch.Tensor:
+    """float [rows, cols] → block_q5_K bytes uint8 [rows, cols/256*176]: 5-bit weights, 6-bit scales and mins."""
+    return _by_row_chunks(w, "q5k", _encode_q5k, _CHUNK_WEIGHTS)
+
+
+def _decode_k4(b: torch.Tensor, q: torch.Tensor, rows: int) -> torch.Tensor:
+    """d*sc*q - dmin*m over 8 sub-blocks of 32, in gguf-py's float32 order."""
+    d, dmin = _read_f16(b, 0), _read_f16(b, 2)
+    sc, mn = _unpack_k4_scales(b[:, 4:16])
+    dl = (d * sc.float()).unsqueeze(2)
+    ml = (dmin * mn.float()).unsqueeze(2)
+    return (dl * q.float().reshape(-1, 8, 32) - ml).reshape(rows, -1)
+
+
+def dequantize_q4k(blocks: torch.Tensor) -> torch.Tensor:
+    """block_q4_K bytes [rows, n*144] → float32 [rows, n*256]."""
+    b, rows = _as_blocks(blocks, "q4k")
+    return _decode_k4(b, _unpack_fields(b[:, 16:144], 4, 2), rows)
+
+
+def dequantize_q5k(blocks: torch.Tensor) -> torch.Tensor:
+    """block_q5_K bytes [rows, n*176] → float32 [rows, n*256]."""
+    b, rows = _as_blocks(blocks, "q5k")
+    q = _unpack_fields(b[:, 48:176], 4, 2) | (_unpack_fields(b[:, 16:48], 1, 8) << 4)
+    return _decode_k4(b, q, rows)
+
+
+# ----------------------------------------------------------------------------- q6k
+
+
+def _encode_q6k(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 256] → block_q6_K [N, 210]: low nibbles, high 2 bits, int8 scales, d."""
+    n = x.shape[0]
+    scales = _symmetric_search(_columns(x, _Q2K_SUB), _Q6K_NMAX).reshape(n, -1)
+    amax, at = scales.abs().max(1, keepdim=True)
+    live = amax >= GROUP_MAX_EPS  # an all-zero super-block is stored as all-zero bytes
+    peak = torch.where(live, scales.gather(1, at), torch.ones_like(amax))
+    iscale = -_Q6K_SCALE_HALF / peak
+    ls = torch.round(iscale * scales).clamp_(-_Q6K_SCALE_HALF, _Q6K_SCALE_HALF - 1).to(torch.int32)
+    ls = torch.where(live, ls, 0)
+    d = torch.where(live, 1 / iscale, 0.0).half()
+    step = (d.float() * ls).unsqueeze(2)
+    q = _requantize(x.reshape(n, -1, _Q2K_SUB), step, -_Q6K_NMAX, _Q6K_NMAX - 1, 0).reshape(n, QK_K) + _Q6K_NMAX
+    q = torch.where(live, q, 0)
+    halves = q.reshape(n, 2, 4, 32)
+    ql = (halves[:, :, :2] & 0xF) | ((halves[:, :, 2:] & 0xF) << 4)  # runs 0,1 low nibbles; runs 2,3 high
+    qh = _pack_fields(q >> 4, 2, 4)
+    return torch.cat([ql.to(torch.uint8).reshape(n, -1), qh, ls.to(torch.int8).view(torch.uint8), _f16_bytes(d)], 1)
+
+
+def quantize_q6k(w: torch.Tensor) -> torch.Tensor:
+    """float [rows, cols] → block_q6_K bytes uint8 [rows, cols/256*210]: 6-bit weights, int8 scales."""
+    return _by_row_chunks(w, "q6k", _encode_q6k, _CHUNK_WEIGHTS)
+
+
+def dequantize_q6k(blocks: torch.Tensor) -> torch.Tensor:
+    """block_q6_K bytes [rows, n*210] → float32 [rows, n*256]; d*sc*(q-32), as gguf-py computes it."""
+    b, rows = _as_blocks(blocks, "q6k")
+    n = b.shape[0]
+    ql, qh, sc = b[:, 0:128], b[:, 128:192], b[:, 192:208]
+    d = _read_f16(b, 208)
+    dl = (d * sc.view(torch.int8).float()).unsqueeze(2)
+    low = (ql.reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)) & 0xF
+    high = _unpack_fields(qh, 2, 4).reshape(n, 2, 2, 64)
+    q = ((low | (high << 4)).to(torch.int32) - _Q6K_NMAX).float().reshape(n, 16, 16)
+    return (dl * q).reshape(rows, -1)

@@ -1,0 +1,32 @@
+"""Random but valid GGML blocks, for testing kernels independently of any quantizer."""
+
+from __future__ import annotations
+
+import torch
+
+from llmc.kernels.quant_formats import FORMATS
+
+# Byte offsets of each format's f16 scale fields (d, and dmin/m where it has one) inside its block.
+_F16_FIELDS: dict[str, tuple[int, ...]] = {
+    "q4_0": (0,),
+    "q4_1": (0, 2),
+    "q5_0": (0,),
+    "q5_1": (0, 2),
+    "q8_0": (0,),
+    "q2k": (80, 82),
+    "q3k": (108,),
+    "q4k": (0, 2),
+    "q5k": (0, 2),
+    "q6k": (208,),
+}
+
+
+def random_blocks(fmt: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random quant bytes with finite, small f16 scales (random bytes there could be inf/NaN)."""
+    spec = FORMATS[fmt]
+    n_blocks = k // spec.block_size
+    raw = torch.randint(0, 256, (n, n_blocks, spec.type_size), dtype=torch.uint8, generator=gen)
+    for off in _F16_FIELDS[fmt]:
+        scale = (torch.rand(n, n_blocks, generator=gen) * 0.049 + 0.001).to(torch.float16)
+        raw[:, :, off : off + 2] = scale.view(torch.uint8).reshape(n, n_blocks, 2)
+    return raw.reshape(n, n_blocks * spec.type_size)

@@ -44,6 +44,11 @@ def main(log_level: str) -> None:
     type=click.Choice(["auto", "f32", "f16", "bf16"]),
     help="Weight dtype; auto is f32 for the cpu target.",
 )
+@click.option(
+    "--isq",
+    help="In-situ quantization: q4_0 q4_1 q5_0 q5_1 q8_0 q2k q3k q4k q5k q6k, or none to dequantize "
+    "everything. Default: keep a GGUF source's quantized blocks, leave other sources unquantized.",
+)
 @click.option("--name", help="Model name the server answers to (default: from the source).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
@@ -52,6 +57,7 @@ def build(
     gguf_file: str | None,
     weights: str | None,
     dtype: str,
+    isq: str | None,
     name: str | None,
     output: Path,
     as_json: bool,
@@ -60,7 +66,9 @@ def build(
     from llmc.builder.build import BuildOptions
     from llmc.builder.build import build as run_build
 
-    options = BuildOptions(model=model, gguf_file=gguf_file, weights=weights, output=output, dtype=dtype, name=name)
+    options = BuildOptions(
+        model=model, gguf_file=gguf_file, weights=weights, output=output, dtype=dtype, name=name, isq=isq
+    )
     show_progress = not as_json and sys.stderr.isatty()
     bar: Any = None
 
@@ -88,23 +96,37 @@ def build(
             f"built {summary['output']}: {summary['model_name']} ({summary['architecture']}, {summary['dtype']}, "
             f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes) in {summary['seconds']} s"
         )
+        if result.report is not None:
+            from llmc.artifacts.inspect import report_table
+
+            body = {"summary": result.report.summary(), **result.report.report_body()}
+            for line in report_table(msgspec.to_builtins(body)):
+                click.echo(line)
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 @click.option("--verify/--no-verify", default=False, help="Also check every file's sha256.")
-def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
+@click.option("--report", is_flag=True, help="Also show the quantization report: every quantized tensor.")
+def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
     """Summarise an artifact."""
-    from llmc.artifacts.inspect import summarize
+    from llmc.artifacts.inspect import report_table, summarize
     from llmc.artifacts.reader import Artifact
 
     try:
         opened = Artifact.open(artifact, verify=verify)
+        body = opened.report() if report else None
     except LlmcError as exc:
         _fail(exc, as_json)
         return
     summary = summarize(opened.manifest)
+    if body is not None:
+        if as_json:
+            summary["report"] = body
+        else:
+            for line in report_table(body):
+                click.echo(line)
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())
         return

@@ -8,7 +8,7 @@ import msgspec
 
 # Version of the on-disk layout. Readers refuse any other value: an old runtime cannot guess
 # what a newer builder meant, and silently misreading weights is worse than refusing.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized tensors (TensorInfo.quant) and the build report
 MANIFEST_NAME = "manifest.json"
 
 
@@ -72,9 +72,11 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
 
 class TensorInfo(msgspec.Struct, forbid_unknown_fields=True):
     name: str
-    dtype: str
-    shape: list[int]
+    dtype: str  # as stored: U8 for quantized tensors
+    shape: list[int]  # as stored: [rows, row_bytes] for quantized tensors
     file: str
+    # GGML block format ("q4k", ...; see kernels/quant_formats.py) of a quantized tensor, else None.
+    quant: str | None = None
 
 
 class FileInfo(msgspec.Struct, forbid_unknown_fields=True):
@@ -110,6 +112,7 @@ class BuildInfo(msgspec.Struct, forbid_unknown_fields=True):
     source: SourceInfo
     flags: dict[str, Any]
     torch_version: str
+    report_file: str | None = None  # per-tensor quantization report (build_report.json)
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):

@@ -74,6 +74,20 @@ class Artifact:
                     f"artifact file {info.path} fails its sha256 check: the artifact is damaged; rebuild or re-copy it"
                 )
 
+    def report(self) -> dict[str, Any] | None:
+        """The build's quantization report (build_report.json), if the build quantized anything."""
+        name = self.manifest.build.report_file
+        if name is None:
+            return None
+        path = self.root / name
+        if not path.is_file() or path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise BadArtifactError(f"artifact file {name} is missing or oversized; rebuild the artifact")
+        try:
+            body: dict[str, Any] = msgspec.json.decode(path.read_bytes())
+        except msgspec.DecodeError as exc:
+            raise BadArtifactError(f"{path} is not valid JSON ({exc}); rebuild the artifact") from exc
+        return body
+
     def path(self, name: str) -> Path:
         return self.root / name
 

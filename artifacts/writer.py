@@ -64,8 +64,12 @@ class ArtifactWriter:
         shapes: dict[str, tuple[torch.dtype, list[int]]],
         load: Callable[[str], torch.Tensor],
         on_tensor: Callable[[str], None] | None = None,
+        quant: dict[str, str] | None = None,
     ) -> None:
-        """Write tensors sharded by size, loading them one shard at a time via `load(name)`."""
+        """Write tensors sharded by size, loading them one shard at a time via `load(name)`.
+
+        `quant` names the tensors that are GGML blocks (uint8) and their format, for the manifest."""
+        quant = quant or {}
         names = sorted(shapes)
         sizes = [(n, _nbytes(*shapes[n])) for n in names]
         shards = _plan_shards(sizes)
@@ -77,7 +81,9 @@ class ArtifactWriter:
                 dtype, shape = shapes[name]
                 assert tensor.dtype == dtype and list(tensor.shape) == shape, name
                 tensors[name] = tensor
-                self.tensors.append(TensorInfo(name=name, dtype=_dtype_name(dtype), shape=shape, file=file_name))
+                self.tensors.append(
+                    TensorInfo(name=name, dtype=_dtype_name(dtype), shape=shape, file=file_name, quant=quant.get(name))
+                )
                 if on_tensor is not None:
                     on_tensor(name)
             save_file(tensors, str(self._stage / file_name), metadata=_SAFETENSORS_METADATA)

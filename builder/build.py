@@ -17,13 +17,17 @@ from llmc.artifacts.manifest import (
     FileInfo,
     GenerationDefaults,
     Manifest,
+    ModelSpec,
     SourceInfo,
     TokenizerInfo,
 )
 from llmc.artifacts.writer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, ArtifactWriter
-from llmc.builder.arch import spec_from_config, tensor_plan
+from llmc.builder.arch import TensorSource, spec_from_config, tensor_plan
+from llmc.builder.quant_plan import QuantChoice, plan_quantization, runs_quantized
+from llmc.builder.quant_report import REPORT_FILE, QuantReport
 from llmc.builder.sources import ModelSource, open_source
 from llmc.errors import BadInputError, BadModelError
+from llmc.kernels.quant_formats import FORMATS
 from llmc.logs import get_logger
 from llmc.runtime.model import CausalLM
 
@@ -42,6 +46,8 @@ class BuildOptions:
     dtype: str = "auto"
     target: str = "cpu"
     name: str | None = None
+    # None: keep a GGUF source's quantized blocks; "none": dequantize everything; else a format.
+    isq: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class BuildResult:
     output: Path
     manifest: Manifest
     seconds: float
+    report: QuantReport | None = None
 
     def summary(self) -> dict[str, object]:
         m = self.manifest
@@ -66,6 +73,7 @@ class BuildResult:
             "bytes": sum(f.size for f in m.files),
             "files": {f.path: f.sha256 for f in m.files},
             "seconds": round(self.seconds, 3),
+            "quantization": self.report.summary() if self.report is not None else None,
         }
 
 
@@ -121,14 +129,33 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         if got != shape:
             raise BadModelError(f"tensor {name} has shape {got}, its config implies {shape}")
 
-    def load(name: str) -> torch.Tensor:
+    def load_float(name: str) -> torch.Tensor:
         ref = plan[name]
         if ref.stack is not None:
-            return torch.stack([torch.cat([source.load(n) for n in group]) for group in ref.stack]).to(dtype)
+            return torch.stack([torch.cat([source.load(n) for n in group]) for group in ref.stack])
         tensor = source.load(ref.name)
         if ref.rows is not None:
             tensor = tensor[ref.rows[0] : ref.rows[1]]
-        return tensor.to(dtype)
+        return tensor
+
+    choices = _choose_formats(options.isq, spec, expected, plan, source)
+    formats = {name: choice.format for name, choice in choices.items() if choice.format is not None}
+    report = QuantReport(dtype_name) if formats else None
+
+    def load(name: str) -> torch.Tensor:
+        fmt = formats.get(name)
+        if fmt is None:
+            return load_float(name).to(dtype)
+        assert report is not None
+        ref = plan[name]
+        carried = source.blocks(ref.name) if ref.rows is None and ref.stack is None else None
+        if carried is not None and carried[0] == fmt:
+            report.add(name, choices[name], expected[name], carried[1], None)
+            return carried[1]
+        weight = load_float(name).float()
+        blocks = FORMATS[fmt].quantize(weight)
+        report.add(name, choices[name], expected[name], blocks, weight)
+        return blocks
 
     log.info("build.source", kind=source.kind, name=source.name, architecture=spec.architecture, dtype=dtype_name)
 
@@ -143,11 +170,15 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
             if on_progress is not None:
                 on_progress(name, done, total)
 
-        writer.write_weights(
-            {name: (dtype, shape) for name, shape in expected.items()},
-            load,
-            on_tensor=tick,
-        )
+        stored = {
+            name: (torch.uint8, [shape[0], FORMATS[formats[name]].row_bytes(shape[1])])
+            if name in formats
+            else (dtype, shape)
+            for name, shape in expected.items()
+        }
+        writer.write_weights(stored, load, on_tensor=tick, quant=formats)
+        if report is not None:
+            writer.write_bytes(REPORT_FILE, report.encode())
         tok = source.tokenizer
         writer.write_bytes(TOKENIZER_FILE, tok.tokenizer_json)
         if tok.chat_template is not None:
@@ -181,8 +212,9 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
                     name=source.name,
                     files=[_input_file_info(p) for p in source.input_files],
                 ),
-                flags={"dtype": dtype_name, "target": options.target},
+                flags={"dtype": dtype_name, "target": options.target, "isq": options.isq},
                 torch_version=torch.__version__.split("+")[0],
+                report_file=REPORT_FILE if report is not None else None,
             ),
         )
         writer.commit(manifest)
@@ -191,7 +223,30 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         raise
     seconds = time.perf_counter() - started
     log.info("build.done", output=str(options.output), seconds=round(seconds, 3))
-    return BuildResult(options.output, manifest, seconds)
+    return BuildResult(options.output, manifest, seconds, report)
+
+
+def _choose_formats(
+    isq: str | None,
+    spec: ModelSpec,
+    expected: dict[str, list[int]],
+    plan: dict[str, TensorSource],
+    source: ModelSource,
+) -> dict[str, QuantChoice]:
+    """The tensors stored quantized, with their format and why (see builder/quant_plan.py)."""
+    if isq == "none":
+        return {}
+    if isq is not None:
+        return {name: c for name, c in plan_quantization(spec, expected, isq).items() if c.format is not None}
+    chosen: dict[str, QuantChoice] = {}
+    for name, shape in expected.items():
+        ref = plan[name]
+        if ref.rows is not None or ref.stack is not None or not runs_quantized(name, shape):
+            continue
+        carried = source.blocks(ref.name)
+        if carried is not None:
+            chosen[name] = QuantChoice(name, carried[0], "carried over from the source")
+    return chosen
 
 
 def _default_name(source_name: str) -> str:

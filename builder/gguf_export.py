@@ -1,9 +1,11 @@
 """`llmc export ART --gguf FILE`: write an artifact back to a GGUF file that llama.cpp loads.
 
 Llama-family artifacts with a byte-level BPE tokenizer (llama.cpp's `gpt2` tokenizer model) are
-supported for now; tensors are written in the artifact's float dtype (f32, or f16 for f16/bf16
-artifacts, since GGUF's BF16 support varies across llama.cpp builds). Q and K rows are permuted
-back into llama.cpp's interleaved rope order, the inverse of what the GGUF source undoes.
+supported for now; float tensors are written in the artifact's float dtype (f32, or f16 for f16/bf16
+artifacts, since GGUF's BF16 support varies across llama.cpp builds) and quantized tensors as the
+GGML blocks they already are, byte for byte. Q and K rows are permuted back into llama.cpp's
+interleaved rope order (rows are independent runs of blocks, so this works on blocks too), the
+inverse of what the GGUF source undoes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from llmc.artifacts.reader import Artifact
 from llmc.builder.gguf_tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED
 from llmc.errors import BadInputError
+from llmc.kernels.quant_formats import stored_format
 
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -77,6 +80,29 @@ def _tokenizer_fields(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": name}
 
 
+# The file type a GGUF reports (informational: llama.cpp reads each tensor's own type) for the
+# format most of the quantized tensors have; K-quant builds follow the _M mixes (quant_plan.py).
+_FILE_TYPES = {
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q5_0": "MOSTLY_Q5_0",
+    "q5_1": "MOSTLY_Q5_1",
+    "q8_0": "MOSTLY_Q8_0",
+    "q2k": "MOSTLY_Q2_K",
+    "q3k": "MOSTLY_Q3_K_M",
+    "q4k": "MOSTLY_Q4_K_M",
+    "q5k": "MOSTLY_Q5_K_M",
+    "q6k": "MOSTLY_Q6_K",
+}
+
+
+def _file_type(gguf: Any, formats: list[str], half: bool) -> Any:
+    if formats:
+        most = max(sorted(set(formats)), key=formats.count)
+        return getattr(gguf.LlamaFileType, _FILE_TYPES[most])
+    return gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32
+
+
 def export_gguf(artifact_dir: Path, out: Path) -> Path:
     import gguf
 
@@ -99,7 +125,8 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
     writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
     writer.add_vocab_size(spec.vocab_size)
     half = manifest.dtype in ("f16", "bf16")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
+    quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
+    writer.add_file_type(_file_type(gguf, list(quant.values()), half))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tok["pre"])
     writer.add_token_list(tok["tokens"])
@@ -117,12 +144,16 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
     for name, tensor in artifact.weights():
         if name == "lm_head.weight" and spec.tie_word_embeddings:
             continue
-        data = tensor.float()
+        data = tensor if name in quant else tensor.float()
         if name.endswith("self_attn.q_proj.weight"):
             data = _permute(data, spec.num_heads)
         elif name.endswith("self_attn.k_proj.weight"):
             data = _permute(data, spec.num_kv_heads)
-        array: np.ndarray = data.numpy()
+        array: np.ndarray = data.contiguous().numpy()
+        if name in quant:
+            qtype = gguf.GGMLQuantizationType(stored_format(quant[name]).ggml_type)
+            writer.add_tensor(gguf_name(name), array, raw_shape=array.shape, raw_dtype=qtype)
+            continue
         if half and data.dim() > 1:  # norms stay f32, as llama.cpp's converter writes them
             array = array.astype(np.float16)
         writer.add_tensor(gguf_name(name), array)

@@ -17,7 +17,7 @@ from llmc.artifacts.reader import Artifact
 from llmc.errors import BadInputError, OutOfResourcesError
 from llmc.logs import get_logger
 from llmc.runtime.block_manager import BlockManager
-from llmc.runtime.model import build_model
+from llmc.runtime.model import COMPUTE_DTYPES, build_model
 from llmc.runtime.model_runner import ModelRunner
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
 from llmc.runtime.sampler import Sampler, token_logprob
@@ -86,7 +86,11 @@ class Engine:
         config, spec = self._config, self._artifact.manifest.model
         if config.threads:
             torch.set_num_threads(config.threads)
-        model = build_model(spec, dict(self._artifact.weights()), self.max_model_len)
+        manifest = self._artifact.manifest
+        quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
+        model = build_model(
+            spec, dict(self._artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype]
+        )
         bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
         num_blocks = config.kv_blocks or config.kv_cache_mb * 1024 * 1024 // bytes_per_block
         if num_blocks * config.block_size < self.max_model_len:

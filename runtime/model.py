@@ -17,6 +17,7 @@ from torch import nn
 from llmc.artifacts.manifest import ModelSpec
 from llmc.errors import BadArtifactError
 from llmc.kernels.paged_attention import SeqSlice, paged_attention, write_kv
+from llmc.runtime.quant_modules import QuantEmbedding, QuantLinear
 from llmc.runtime.rope import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = (
@@ -35,6 +36,8 @@ SUPPORTED_ARCHITECTURES = (
     "deepseek_v3",
 )
 SLIDING = "sliding_attention"
+# The artifact's `dtype` field → the compute dtype of activations and the KV cache.
+COMPUTE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -339,6 +342,7 @@ class CausalLM(nn.Module):
                 + ", ".join(SUPPORTED_ARCHITECTURES)
             )
         self.spec = spec
+        self.dtype = torch.float32  # the compute dtype: activations and KV cache (build_model sets it)
         self.model = Backbone(spec, max_positions)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
@@ -371,10 +375,25 @@ class CausalLM(nn.Module):
         return logits
 
 
-def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], max_positions: int) -> CausalLM:
-    """Instantiate on the meta device, then adopt `weights` (memory-mapped) without copying them."""
+def build_model(
+    spec: ModelSpec,
+    weights: dict[str, torch.Tensor],
+    max_positions: int,
+    quant: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> CausalLM:
+    """Instantiate on the meta device, then adopt `weights` (memory-mapped) without copying them.
+
+    `quant` names the tensors stored as GGML blocks and their format: their layers become
+    QuantLinear / QuantEmbedding. `dtype` is the artifact's compute dtype (the KV cache's too).
+    """
+    quant = quant or {}
     with torch.device("meta"):
         model = CausalLM(spec, max_positions)
+        for name, fmt in quant.items():
+            _quantize_module(model, name, fmt, dtype)
+        _tie(model, dtype)
+    model.dtype = dtype
     expected = {name for name, _ in model.named_parameters(remove_duplicate=True)}
     given = set(weights) - ({"lm_head.weight"} if spec.tie_word_embeddings else set())
     if expected != given:
@@ -383,8 +402,7 @@ def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], max_positions
             f"artifact tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
         )
     model.load_state_dict({k: weights[k] for k in expected}, strict=False, assign=True)
-    if spec.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    _tie(model, dtype)
     # The rope tables were made on the meta device with the module: make them for real, shared.
     full, local = _ropes(spec, max_positions)
     types = spec.layer_types or ["full_attention"] * spec.num_layers
@@ -392,4 +410,33 @@ def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor], max_positions
         assert isinstance(layer, DecoderLayer)
         layer.self_attn.rope = local if kind == SLIDING else full
     model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.prepare()
     return model.eval()
+
+
+def _tie(model: CausalLM, dtype: torch.dtype) -> None:
+    """Make lm_head share the embedding's weight (tied models); assign=True loading unties them."""
+    if not model.spec.tie_word_embeddings:
+        return
+    embed = model.model.embed_tokens
+    if isinstance(embed, QuantEmbedding) and not isinstance(model.lm_head, QuantLinear):
+        # One table of blocks serves both the lookup and the logits.
+        model.lm_head = QuantLinear(embed.fmt, model.spec.hidden_size, model.spec.vocab_size, False, dtype)
+    model.lm_head.weight = embed.weight
+
+
+def _quantize_module(model: CausalLM, name: str, fmt: str, dtype: torch.dtype) -> None:
+    """Swap the layer owning the weight `name` for its quantized twin."""
+    path, _, leaf = name.rpartition(".")
+    owner_path, _, attr = path.rpartition(".")
+    module = model.get_submodule(path)
+    owner = model.get_submodule(owner_path)
+    if leaf == "weight" and isinstance(module, nn.Linear):
+        quantized: nn.Module = QuantLinear(fmt, module.in_features, module.out_features, module.bias is not None, dtype)
+    elif leaf == "weight" and isinstance(module, nn.Embedding):
+        quantized = QuantEmbedding(fmt, module.num_embeddings, module.embedding_dim, dtype)
+    else:
+        raise BadArtifactError(f"tensor {name} is stored quantized, but this runtime cannot run it quantized")
+    setattr(owner, attr, quantized)

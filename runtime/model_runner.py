@@ -16,7 +16,7 @@ class ModelRunner:
         # After run(): seq_id -> logits at the prompt positions of sequences that asked for prompt logprobs.
         self.prompt_logits: dict[int, torch.Tensor] = {}
         spec = model.spec
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = model.dtype
         k_shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         v_shape = (num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim or spec.head_dim)
         self.kv_caches = [
@@ -26,7 +26,7 @@ class ModelRunner:
     @staticmethod
     def kv_bytes_per_token(model: CausalLM) -> int:
         spec = model.spec
-        element = model.model.embed_tokens.weight.element_size()
+        element = model.dtype.itemsize
         return spec.num_layers * spec.num_kv_heads * (spec.head_dim + (spec.v_head_dim or spec.head_dim)) * element
 
     @torch.inference_mode()

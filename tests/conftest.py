@@ -86,11 +86,24 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    """SmolLM2 built once per test session as f32."""
+    """SmolLM2 built once per test session as f32 (its Q4_1 blocks dequantized: exact comparisons)."""
     from llmc.builder.build import BuildOptions, build
 
     out = tmp_path_factory.mktemp("smollm2") / "artifact"
-    build(BuildOptions(model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, dtype="f32", name="smollm2"))
+    options = BuildOptions(
+        model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, dtype="f32", name="smollm2", isq="none"
+    )
+    build(options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_quant_artifact(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """SmolLM2 built as `make run` builds it: the GGUF's Q4_1 / Q8_0 blocks carried over."""
+    from llmc.builder.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("smollm2q") / "artifact"
+    build(BuildOptions(model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, name="smollm2"))
     return out
 
 

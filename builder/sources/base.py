@@ -42,3 +42,8 @@ class ModelSource(abc.ABC):
     @abc.abstractmethod
     def load(self, name: str) -> torch.Tensor:
         """One tensor in canonical layout; sources read lazily so only one shard is ever resident."""
+
+    def blocks(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """(format, uint8 [rows, row_bytes]) if the source stores `name` in a GGML block format llmc
+        knows, so the build can carry the blocks over instead of requantizing; else None."""
+        return None

@@ -12,6 +12,7 @@ import torch
 from llmc.builder.gguf_tokenizer import read_gguf_fields, tokenizer_from_gguf
 from llmc.builder.sources.base import ModelSource, TensorMeta, TokenizerBundle
 from llmc.errors import BadModelError
+from llmc.kernels.quant_formats import BY_GGML_TYPE
 
 # llama.cpp's tensor names → HF Llama names. `{n}` is the layer index.
 _LAYER_NAMES = {
@@ -93,6 +94,21 @@ class GgufSource(ModelSource):
             for name, t in self._tensors.items()
         }
 
+    def blocks(self, name: str) -> tuple[str, torch.Tensor] | None:
+        tensor = self._tensors[name]
+        fmt = BY_GGML_TYPE.get(int(tensor.tensor_type))
+        if fmt is None or len(tensor.shape) != 2:
+            return None
+        # Rows are independent runs of blocks, so un-permuting Q/K rows works on the bytes as is.
+        return fmt.name, self._unpermute_qk(name, torch.from_numpy(np.array(tensor.data, dtype=np.uint8)))
+
+    def _unpermute_qk(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+            return _unpermute(rows, self._n_head)
+        if name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+            return _unpermute(rows, self._n_kv_head)
+        return rows
+
     def load(self, name: str) -> torch.Tensor:
         import gguf
 
@@ -100,12 +116,7 @@ class GgufSource(ModelSource):
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         shape = [int(d) for d in reversed(tensor.shape.tolist())]
         # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
-        out = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)
-        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
-            out = _unpermute(out, self._n_head)
-        elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
-            out = _unpermute(out, self._n_kv_head)
-        return out
+        return self._unpermute_qk(name, torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape))
 
 
 def _config_from_fields(arch: str, fields: dict[str, Any], tied: bool) -> dict[str, Any]:

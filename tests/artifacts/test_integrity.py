@@ -57,13 +57,13 @@ def test_missing_file_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
         Artifact.open(art)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 1, 0, "2", None])
 def test_unknown_format_version_is_refused(tiny_llama_dir: Path, tmp_path: Path, version: object) -> None:
     art = _build(tiny_llama_dir, tmp_path / "a")
     manifest = json.loads((art / MANIFEST_NAME).read_text())
     manifest["format_version"] = version
     (art / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(BadArtifactError, match=r"format_version .* this llmc reads format_version 1"):
+    with pytest.raises(BadArtifactError, match=r"format_version .* this llmc reads format_version 2"):
         Artifact.open(art)
 
 

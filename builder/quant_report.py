@@ -1,0 +1,65 @@
+"""The build report of a quantized artifact: per tensor its format, bytes before and after, and
+relative RMSE (||w - dequantize(quantize(w))|| / ||w||), so a user sees what the quantization cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import torch
+
+from llmc.builder.quant_plan import QuantChoice
+from llmc.kernels.quant_formats import FORMATS
+
+REPORT_FILE = "build_report.json"
+# Significant digits kept for the RMSE: enough to compare quantizers, few enough that the report
+# stays byte-identical across rebuilds (float summation order can move the last bits).
+_RMSE_DIGITS = 4
+_FLOAT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+class TensorReport(msgspec.Struct):
+    name: str
+    format: str
+    shape: list[int]
+    bytes_before: int  # the tensor in the build's float dtype
+    bytes_after: int
+    rel_rmse: float | None  # None: blocks carried over from the source, nothing was requantized
+    reason: str
+
+
+class QuantReport:
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.tensors: list[TensorReport] = []
+
+    def add(
+        self, name: str, choice: QuantChoice, shape: list[int], blocks: torch.Tensor, weight: torch.Tensor | None
+    ) -> None:
+        assert choice.format is not None
+        rmse = None
+        if weight is not None:
+            w = weight.double()
+            err = (w - FORMATS[choice.format].dequantize(blocks).double()).norm()
+            norm = w.norm()
+            rmse = float(f"{(err / norm).item() if norm > 0 else 0.0:.{_RMSE_DIGITS}g}")
+        before = shape[0] * shape[1] * _FLOAT_BYTES[self.dtype]
+        self.tensors.append(TensorReport(name, choice.format, list(shape), before, blocks.numel(), rmse, choice.reason))
+
+    def summary(self) -> dict[str, Any]:
+        by_format: dict[str, int] = {}
+        for t in self.tensors:
+            by_format[t.format] = by_format.get(t.format, 0) + 1
+        return {
+            "tensors_quantized": len(self.tensors),
+            "formats": dict(sorted(by_format.items())),
+            "bytes_before": sum(t.bytes_before for t in self.tensors),
+            "bytes_after": sum(t.bytes_after for t in self.tensors),
+        }
+
+    def report_body(self) -> dict[str, Any]:
+        return {"tensors": sorted(self.tensors, key=lambda t: t.name)}
+
+    def encode(self) -> bytes:
+        body = {"summary": self.summary(), **self.report_body()}
+        return msgspec.json.format(msgspec.json.encode(body, order="sorted"), indent=2) + b"\n"

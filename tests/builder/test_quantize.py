@@ -20,10 +20,12 @@ from llmc.builder.build import BuildOptions, build
 from llmc.builder.quant_plan import plan_quantization
 from llmc.errors import BadInputError
 from llmc.kernels.quant_formats import FORMATS
+from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
-from tests.helpers import open_engine, prompt_logits
+from tests.helpers import generate, open_engine, prompt_logits
 from tests.server import running_server
 
+GREEDY_TOKENS = 16  # issue 3: llama.cpp's greedy text equals ours for at least the first 16 tokens
 SMOLLM2_SHAPES = ModelSpec(
     architecture="llama",
     vocab_size=49152,
@@ -172,10 +174,15 @@ def test_inspect_shows_the_report(smollm2_quant_artifact: Path) -> None:
     assert len(summary["report"]["tensors"]) == 211
 
 
-def test_smollm2_q4k_chats_coherently(smollm2_gguf: Path, tmp_path: Path) -> None:
-    out = tmp_path / "q4k"
+@pytest.fixture(scope="module")
+def smollm2_q4k(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("q4k") / "artifact"
     build(BuildOptions(model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, name="smollm2", isq="q4k"))
-    with running_server(out) as base:
+    return out
+
+
+def test_smollm2_q4k_chats_coherently(smollm2_q4k: Path) -> None:
+    with running_server(smollm2_q4k) as base:
         client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         answer = client.chat.completions.create(
             model="smollm2",
@@ -185,3 +192,21 @@ def test_smollm2_q4k_chats_coherently(smollm2_gguf: Path, tmp_path: Path) -> Non
         )
     text = answer.choices[0].message.content
     assert text and "Paris" in text
+
+
+def test_smollm2_q4k_exported_greedy_text_equals_llama_cpp(smollm2_q4k: Path, tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the bench extra (make install-bench)")
+    out = tmp_path / "q4k.gguf"
+    subprocess.run(
+        [sys.executable, "-m", "llmc", "export", str(smollm2_q4k), "--gguf", str(out)], check=True, timeout=300
+    )
+    llm = llama_cpp.Llama(model_path=str(out), n_threads=2, n_ctx=256, verbose=False)
+    engine = open_engine(smollm2_q4k)
+    ids = engine.tokenizer.encode("The capital of France is")
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        theirs.append(token)
+        if len(theirs) == GREEDY_TOKENS:
+            break
+    ours = generate(engine, [ids], SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True))[0]
+    assert ours == theirs, (engine.tokenizer.decode(ours), engine.tokenizer.decode(theirs))

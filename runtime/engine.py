@@ -54,12 +54,13 @@ class _Submit:
 
 
 class Engine:
-    """Construct, then either `start()` the engine thread (the server) or call `step()` yourself
-    (tests, benchmarks). In the server the model is built on the engine thread itself: OpenMP
-    thread pools belong to the thread that first runs parallel work, and torch's kernels run
-    several times slower for small matmuls on a thread other than the pool's owner."""
+    """Construct, then run the engine loop with `run()` on the thread that built it (the server's
+    main thread), or step it yourself with `step()` (tests, benchmarks). `start()` runs the loop on
+    a thread of its own instead, for embedding; it is slower: torch's OpenMP-parallel CPU kernels
+    (bf16 and int4 matmuls) run 2-3x slower when their parallel regions open from a thread other
+    than the process's main one (docs/BENCHMARKS.md)."""
 
-    def __init__(self, artifact: Artifact, config: EngineConfig, *, build_on_start: bool = False) -> None:
+    def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
         manifest = artifact.manifest
         spec = manifest.model
         self._artifact = artifact
@@ -75,11 +76,8 @@ class Engine:
         self._artifact_root = artifact.root
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run_thread, name="llmc-engine", daemon=True)
-        self._ready = threading.Event()
-        self._setup_error: BaseException | None = None
-        if not build_on_start:
-            self._build()
+        self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
+        self._build()
 
     def _build(self) -> None:
         """Load the model and size the KV cache (on whichever thread will run the model)."""
@@ -113,15 +111,14 @@ class Engine:
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; return once the model is loaded (or raise why it could not be)."""
+        """Run the engine loop on a thread of its own (see the class docstring for its cost)."""
         self._thread.start()
-        self._ready.wait()
-        if self._setup_error is not None:
-            raise self._setup_error
 
     def stop(self) -> None:
+        """Make `run()` return once the current step is done (and wait for it on `start()`'s thread)."""
         self._inbox.put(None)
-        self._thread.join()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -173,18 +170,8 @@ class Engine:
             self._inbox.put(request_id)
 
     # ---- the engine thread ------------------------------------------------------------------
-    def _run_thread(self) -> None:
-        if not hasattr(self, "runner"):
-            try:
-                self._build()
-            except BaseException as exc:  # handed to start(), which raises it in the caller
-                self._setup_error = exc
-                self._ready.set()
-                return
-        self._ready.set()
-        self._loop()
-
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The engine loop: accept work, step while there is any; return after `stop()`."""
         while True:
             block = not self.scheduler.has_work()
             while True:

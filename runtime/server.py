@@ -1,18 +1,24 @@
-"""`llmc run`: verify the artifact, then serve it from a Granian worker."""
+"""`llmc run`: verify the artifact, load the engine, serve the OpenAI API from Granian."""
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
-from pathlib import Path
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
+from llmc.errors import OutOfResourcesError
 from llmc.logs import configure, get_logger
 
 log = get_logger("llmc.server")
 
-_CONFIG_ENV = "LLMC_SERVE_CONFIG"  # how the parent hands its settings to Granian's worker process
+# How long shutdown waits for in-flight responses to close before the process exits anyway.
+_HTTP_STOP_TIMEOUT_S = 10.0
 
 
 class ServeConfig(msgspec.Struct, kw_only=True):
@@ -34,20 +40,31 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     tool_parser: str = "auto"
     ui_server: bool = False  # serve the chat page at /ui
     mcp_config: str | None = None  # an mcp.json: its servers' tools are offered to the model
-    mcp_cwd: str | None = None  # where stdio MCP servers run: the directory `llmc run` started in
 
 
-def create_app() -> object:
-    """Granian's factory, run inside the worker: load the engine, start its thread, return the app."""
+def serve(config: ServeConfig) -> None:
+    """Verify the artifact (a damaged one never loads), load the engine, serve until SIGINT/SIGTERM.
+
+    One process, two threads: the model runs on the main thread, because torch's OpenMP-parallel
+    CPU kernels run 2-3x slower when their parallel regions open from any other thread; HTTP is an
+    embedded Granian on a second thread with its own asyncio loop. The API hands requests to the
+    engine through its queue and gets outputs back with call_soon_threadsafe.
+    """
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
     from llmc.artifacts.reader import Artifact
     from llmc.runtime.api.app import App
     from llmc.runtime.api.chat_plan import MAX_TOOLS
     from llmc.runtime.engine import Engine, EngineConfig
-    from llmc.runtime.mcp_tools import McpManager, load_config
+    from llmc.runtime.mcp_tools import McpManager, check_sdk, load_config
 
-    config = msgspec.json.decode(os.environ[_CONFIG_ENV], type=ServeConfig)
     configure(config.log_level)
-    artifact = Artifact.open(config.artifact, verify=False)  # the parent verified it before starting us
+    mcp_config = None
+    if config.mcp_config is not None:  # a bad config fails before the model loads
+        check_sdk()
+        mcp_config = load_config(config.mcp_config, os.getcwd())
+    artifact = Artifact.open(config.artifact, verify=True)
     engine = Engine(
         artifact,
         EngineConfig(
@@ -61,16 +78,13 @@ def create_app() -> object:
             seed=config.seed,
             threads=config.threads,
         ),
-        build_on_start=True,  # the model is built on the engine thread, which will run it
     )
-    engine.start()
     mcp = None
-    if config.mcp_config is not None:
-        mcp = McpManager(load_config(config.mcp_config, config.mcp_cwd), max_tools=MAX_TOOLS)
+    if mcp_config is not None:
+        mcp = McpManager(mcp_config, max_tools=MAX_TOOLS)
         mcp.start()
         atexit.register(mcp.close)
-    log.info("server.ready", host=config.host, port=config.port, model=engine.model_name)
-    return App(
+    app = App(
         engine,
         config.served_model_name,
         api_key=config.api_key,
@@ -78,36 +92,59 @@ def create_app() -> object:
         ui=config.ui_server,
         mcp=mcp,
     )
+    http = _HttpThread(
+        Server(
+            app,
+            address=config.host,
+            port=config.port,
+            interface=Interfaces.ASGI,
+            log_access=False,
+            log_level=config.log_level.lower(),  # type: ignore[arg-type]
+        ),
+        on_exit=engine.stop,
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: engine.stop())
+    http.on_listening(lambda: log.info("server.ready", host=config.host, port=config.port, model=engine.model_name))
+    http.start()
+    try:
+        engine.run()
+    finally:
+        http.stop()
+    if http.error is not None:
+        reason = (str(http.error).splitlines() or [type(http.error).__name__])[0]  # not Rust's backtrace
+        raise OutOfResourcesError(
+            f"could not serve on {config.host}:{config.port}: {reason}; choose another --p or --h"
+        )
 
 
-def serve(config: ServeConfig) -> None:
-    """Verify checksums here (a damaged artifact never starts a worker), then hand over to Granian."""
-    from granian import Granian
-    from granian.constants import Interfaces
+class _HttpThread:
+    """Granian's embedded server on a thread with its own event loop; `on_exit` runs if it ends."""
 
-    from llmc.artifacts.reader import Artifact
+    def __init__(self, server: Any, on_exit: Callable[[], None]) -> None:
+        self._server = server
+        self._on_exit = on_exit
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="llmc-http", daemon=True)
+        self.error: BaseException | None = None
 
-    Artifact.open(config.artifact, verify=True)
-    config.artifact = str(Path(config.artifact).resolve())
-    if config.mcp_config is not None:  # a bad config fails here, not in the worker
-        from llmc.runtime.mcp_tools import check_sdk, load_config
+    def on_listening(self, hook: Callable[[], None]) -> None:
+        """Call `hook` once the socket is bound (Granian's startup hooks run after binding)."""
+        self._server.on_startup(hook)
 
-        check_sdk()
-        load_config(config.mcp_config)
-        config.mcp_config = str(Path(config.mcp_config).resolve())
-        config.mcp_cwd = os.getcwd()
-    # Granian resolves its import target against the working directory and mistakes a directory
-    # holding an __init__.py (such as a source checkout of llmc) for a parent package: serve from
-    # the artifact's directory, which never holds one.
-    os.chdir(config.artifact)
-    os.environ[_CONFIG_ENV] = msgspec.json.encode(config).decode()
-    Granian(
-        "llmc.runtime.server:create_app",
-        address=config.host,
-        port=config.port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        factory=True,
-        log_access=False,
-        log_level=config.log_level.lower(),  # type: ignore[arg-type]
-    ).serve()
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._server.serve())
+        except BaseException as exc:  # e.g. the port is taken: reported by serve() in the main thread
+            self.error = exc
+        finally:
+            self._on_exit()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._server.stop)
+            self._thread.join(timeout=_HTTP_STOP_TIMEOUT_S)

@@ -36,10 +36,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bench_build(gguf: Path, out: Path, dtype: str) -> float:
+def bench_build(gguf: Path, out: Path, dtype: str, isq: str | None = None) -> float:
     started = time.perf_counter()
+    flags = ["--isq", isq] if isq else []
     subprocess.run(
-        [sys.executable, "-m", "llmc", "build", "--m", str(gguf), "--name", "bench", "--dtype", dtype, "-o", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "llmc",
+            "build",
+            "--m",
+            str(gguf),
+            "--name",
+            "bench",
+            "--dtype",
+            dtype,
+            *flags,
+            "-o",
+            str(out),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -117,12 +132,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", default="f32")
+    parser.add_argument("--isq", help="llmc build --isq (default: keep the GGUF's quantized blocks, as `make run`)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "artifact"
-        build_s = bench_build(args.gguf, artifact, args.dtype)
+        build_s = bench_build(args.gguf, artifact, args.dtype, args.isq)
         ours = bench_llmc_server(artifact, args.threads, args.runs)
     peer = bench_llama_cpp(args.gguf, args.threads, args.runs)
     result = {
@@ -130,6 +146,7 @@ def main() -> None:
         "threads": args.threads,
         "model": args.gguf.name,
         "llmc_dtype": args.dtype,
+        "llmc_isq": args.isq or "keep (the GGUF's blocks)",
         "llmc_build_s": round(build_s, 2),
         "llmc_cold_start_s": round(ours["cold_start_s"], 2),
         "llmc_decode_tok_s": round(ours["decode_tok_s"], 1),

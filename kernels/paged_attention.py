@@ -113,9 +113,11 @@ def paged_attention(
             if window is not None:
                 mask &= q_pos - k_pos < window
         if softcap is None:
+            # 4-D inputs: torch's fused CPU attention kernel takes them (3-D ones fall back to the
+            # unfused math path, ~5x slower for a decode step; docs/BENCHMARKS.md).
             attended = F.scaled_dot_product_attention(
-                qs, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1
-            )
+                qs[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=group > 1
+            )[0]
         else:
             keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
             scores = torch.matmul(qs, keys.transpose(-1, -2)).float() * scale

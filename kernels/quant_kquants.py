@@ -1,16 +1,28 @@
-"""GGML K-quant codecs (q2k q3k q4k q5k q6k): vectorized torch, byte-identical block layouts.
+"""GGML K-quant codecs (q2k q3k q4k q5k q6k): vectorized torch, byte-identical to llama.cpp's quantizer.
 
 Every 256-weight super-block is one GGML struct (block_q2_K ... block_q6_K) with the fields in
 GGML's order and little-endian f16 super-scales, so a row of our bytes is a row of a GGUF tensor.
 
-The quantizers follow llama.cpp's reference (no importance matrix) recipe, so our files quantize
-as well as llama.cpp's: fit a scale (and for q2k/q4k/q5k a min) per sub-block with ggml's searches
-(make_qkx2_quants, make_qx_quants, make_q3_quants), quantize those sub-block scales against one
-f16 super-scale, then re-round every weight against the scale it will really be decoded with. The
-searches keep ggml's candidate order and acceptance rules but run every sub-block at once: the
-only Python loops are over the fixed candidate lists (and q3k's 16 weight positions). Two small
-departures can only lower the error: exact error ties go to the earlier candidate instead of to
-float32 noise, and a sub-block whose scale rounds to 0 gets the min level nearest its mean.
+The quantizers reproduce llama.cpp's reference (no importance matrix) quantizers, quantize_row_q*_K_ref,
+bit for bit: fit a scale (and for q2k/q4k/q5k a min) per sub-block with ggml's searches
+(make_qkx2_quants, make_qx_quants, make_q3_quants), quantize those sub-block scales against one f16
+super-scale, then re-round every weight against the scale it will really be decoded with.
+
+Exactness is what makes the error match too. Near-grid weights (e.g. a dequantized Q4_1 model) put
+many candidates on exact rounding ties: q5k's first candidate stretches a 16-level sub-block over
+30.5 steps, so its top weight lands on 30.5. ggml's iscale = 30.5f / (max - min), then
+nearest_int(iscale * (x - min)), rounds it to 30 and fits the grid exactly; computing the same in
+another order (30.5 * (1 / span), x * iscale - min * iscale) gave 31, missed the fit and made q5k 4.5%
+worse. So every step is ggml's float32 operation in ggml's order: sums accumulate left to right
+(torch's reductions reorder), rounding is half-to-even like nearest_int, `c / t` is a true division
+(torch computes c * (1 / t)), sqrt goes through float64 (torch's float32 sqrt is not correctly
+rounded), candidates win only on a strict improvement, and a sub-block whose scale level rounds to 0
+keeps the levels its search found. Each sub-block is first scaled by a power of two, which is exact,
+so only weights whose float32 products under/overflow in ggml can come out differently (there ggml
+loses precision and we do not): |x| around 1e-6 or 1e4 for q3k's x^9 products, far wider for the rest.
+
+The searches run every sub-block at once: the only Python loops are over the fixed candidate lists
+and over weight positions (the ordered sums, q3k's per-weight descent).
 
 The dequantizers are the plain-torch reference: they reproduce gguf-py's numpy dequantizers bit
 for bit (the same float32 operations in the same order).
@@ -27,9 +39,10 @@ import torch
 from llmc.kernels.quant_formats import FORMATS, QK_K
 
 GROUP_MAX_EPS = 1e-15  # a sub-block whose largest |x| is below this is all zeros (ggml's threshold)
-# Weights encoded per chunk of rows. The candidate searches make ~10 passes per candidate over a chunk,
-# so it should stay cache-sized; q3k's per-weight descent instead does many small [chunk/16] steps, so
-# its chunk is larger to amortize per-op overhead. Both keep the working set to tens of MB.
+# Weights encoded per chunk of rows. The candidate searches make ~100 small passes per candidate over a
+# chunk (the ordered sums go weight position by position), so it should stay cache-sized; q3k's
+# per-weight descent does even more small [chunk/16] steps, so its chunk is larger to amortize per-op
+# overhead. Both keep the working set to tens of MB.
 _CHUNK_WEIGHTS = 1 << 18
 _Q3K_CHUNK_WEIGHTS = 1 << 20
 
@@ -38,7 +51,7 @@ assert sys.byteorder == "little", "the f16 fields are written in native byte ord
 
 @dataclass(frozen=True)
 class _AffineSearch:
-    """Scale+min search (make_qkx2_quants): candidate inverse scales (nmax + rmin + rdelta*i) / (max - min)."""
+    """Scale+min search (make_qkx2_quants): candidate inverse scales (rmin + rdelta*i + nmax) / (max - min)."""
 
     nmax: int  # largest quant level
     rmin: float  # first offset from nmax
@@ -50,9 +63,6 @@ class _AffineSearch:
 _Q2K_SEARCH = _AffineSearch(nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
 _Q4K_SEARCH = _AffineSearch(nmax=15, rmin=-1.0, rdelta=0.1, nstep=20, use_mad=False)
 _Q5K_SEARCH = _AffineSearch(nmax=31, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=False)
-# A candidate must beat the best by this fraction of the zero-approximation error (sum w|x| or sum wx^2):
-# float32 noise in the error sums then cannot flip exact ties (common: an outlier alone on the grid).
-_TIE_RTOL = 1e-6
 
 # Symmetric search (make_qx_quants): candidate inverse scales -(nmax + _SYM_DELTA*i) / max, |i| <= _SYM_STEPS.
 _SYM_STEPS = 9
@@ -67,6 +77,8 @@ _Q3K_SCALE_HALF = 32  # q3k's signed 6-bit sub-block scales: -32..31, stored +32
 _Q6K_SCALE_HALF = 128  # q6k's int8 sub-block scales: -128..127
 _Q3K_NMAX = 4  # q3k weights: -4..3
 _Q6K_NMAX = 32  # q6k weights: -32..31
+_MAX_F32_EXPONENT = 127  # 2**127 is float32's largest power of two
+_BYTE_MASK = 0xFF  # ggml stores some int levels in uint8_t: negative ones wrap
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -184,28 +196,47 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _flat_mins(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dmin: torch.Tensor, levels: int) -> torch.Tensor:
-    """Min levels [N, S] where sub-blocks (x [N, S, n]) whose scale level rounded to 0 get their mean's.
-
-    Such a sub-block decodes to the constant -dmin*m for every weight; ggml leaves m at the fitted
-    min, which is the worst constant (common next to an outlier that sets the super-scale). The mean
-    (clamped to <= 0, all a min can express) is the least-squares constant, so this only lowers error.
-    """
-    fit = torch.round(_safe_div(-x.mean(-1), dmin.expand_as(lm))).clamp_(0, levels)
-    return torch.where(ls == 0, fit, lm)
+def _f32(x: float) -> float:
+    """x rounded to float32: the value of one step of a C float expression."""
+    return torch.tensor(x, dtype=torch.float32).item()
 
 
-def _requantize(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, zero_level: int) -> torch.Tensor:
-    """Round x / step to the levels lo..hi (int32); zero_level where step is 0 (all levels decode alike there)."""
+def _div(num: float, den: torch.Tensor) -> torch.Tensor:
+    """num / den as a true float32 division (torch evaluates `num / den` as num * (1 / den), rounding twice)."""
+    return torch.full_like(den, num) / den
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 ([n, ...] → [...]) in float32, left to right as ggml's loops add: torch.sum reorders."""
+    acc = torch.zeros_like(t[0])
+    for row in t.unbind(0):
+        acc.add_(row)
+    return acc
+
+
+def _requantize(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, fallback: torch.Tensor) -> torch.Tensor:
+    """Round x / step to the levels lo..hi (int32); where step is 0, ggml keeps the search's levels `fallback`."""
     q = torch.round(_safe_div(x, step.expand_as(x))).clamp_(lo, hi).to(torch.int32)
-    return torch.where(step != 0, q, zero_level)
+    return torch.where(step != 0, q, fallback)
+
+
+def _scale_levels(values: torch.Tensor, peak: torch.Tensor, top: int) -> torch.Tensor:
+    """nearest_int((top / peak) * values) as int32 (values [N, S], peak [N, 1]); 0 where peak is not positive."""
+    inv = torch.where(peak > 0, _div(float(top), peak), 0.0)
+    return (inv * values).round_().to(torch.int32)
+
+
+def _positive_max(values: torch.Tensor) -> torch.Tensor:
+    """Row max of values [N, S] as [N, 1], +0.0 unless positive (ggml's running max from 0: never -0.0)."""
+    peak = values.amax(1, keepdim=True)
+    return torch.where(peak > 0, peak, 0.0)
 
 
 # ----------------------------------------------------------------------------- sub-block scale searches
 # The searches take sub-blocks as columns, x [n, G] (one group of n weights per column): every step is
-# then a contiguous [G]-wide vector op and the per-group sums reduce over dim 0, which torch does fast.
-# Each normalizes its groups by max|x| first: the fits are scale-invariant, and this keeps the float32
-# sums (up to x^3 * l^2) far from underflow and overflow whatever the weights' magnitude.
+# then a contiguous [G]-wide vector op, and the ordered sums add one row at a time. Each first scales
+# its columns by a power of two near 1 / max|x|: that is exact (every float32 result scales alike), and
+# keeps the sums (up to x^3 * l^2) far from underflow and overflow whatever the weights' magnitude.
 
 
 def _columns(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -213,118 +244,146 @@ def _columns(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(-1, n).t().contiguous()
 
 
+def _rows(levels: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Inverse of _columns for the searches' levels: [n, blocks * 256 / n] → [blocks, 256]."""
+    return levels.t().reshape(blocks, QK_K)
+
+
 def _normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / max|x| per column, that max with 1 where it is 0)."""
-    amax = x.abs().amax(0, keepdim=True)
-    norm = torch.where(amax > 0, amax, torch.ones_like(amax))
+    """(x / 2^e per column, 2^e) with max|x| < 2^e <= 2 max|x| (1 for an all-zero column)."""
+    amax = x.abs().amax(0)
+    exponent = torch.frexp(amax).exponent.clamp_(max=_MAX_F32_EXPONENT)
+    norm = torch.ldexp(torch.ones_like(amax), exponent)
     return x / norm, norm
 
 
-def _affine_search(x: torch.Tensor, weight: torch.Tensor, p: _AffineSearch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column, the (scale, min) of make_qkx2_quants: x ≈ scale * L - min, L in 0..nmax, min >= 0.
+def _affine_search(
+    x: torch.Tensor, weight: torch.Tensor, p: _AffineSearch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per column, make_qkx2_quants: x ≈ scale * L + min, L in 0..nmax, min <= 0.
 
-    x, weight: float32 [n, G] → (scale [G], min [G]). First the plain grid from min(x, 0) to max(x);
-    then, in ggml's order, grids stretched to nmax + rmin + rdelta*i levels over [best min so far, max],
-    each refit by weighted least squares (a positive offset is clamped to 0 and the scale refit) and
-    kept when its weighted error is smaller (by more than float noise). A constant column keeps scale 0
-    and min -min(x, 0).
+    x, weight: float32 [n, G] → (scale [G], -min [G], L int32 [n, G]). First the plain grid from
+    min(x, 0) to max(x); then, in ggml's order, grids of rmin + rdelta*i + nmax steps over [best min
+    so far, max], each refit by weighted least squares (a positive min is clamped to 0 and the scale
+    refit) and kept when its weighted error is strictly smaller. A constant column keeps scale 0,
+    levels 0 and min min(x, 0). Only the winning grid (inverse scale, origin) is tracked; its levels
+    are recomputed once at the end, and every pass writes into buffers allocated once.
     """
     x, norm = _normalize(x)
-    lo = x.amin(0, keepdim=True).clamp(max=0)
-    hi = x.amax(0, keepdim=True)
+    weight = weight / norm  # weights are linear in x (|x|, rms + |x|): the same exact rescaling
+    nmax = p.nmax
+    lo = x.amin(0).clamp(max=0)
+    hi = x.amax(0)
     flat = hi == lo
-    sum_w = weight.sum(0, keepdim=True)
-    wx = weight * x
-    sum_x = wx.sum(0, keepdim=True)
-    sum_x2 = (wx * x).sum(0, keepdim=True)
-    margin = _TIE_RTOL * ((weight * x.abs()).sum(0, keepdim=True) if p.use_mad else sum_x2)
+    sum_w = _seq_sum(weight)
+    sum_x = _seq_sum(weight * x)
+    lv, diff = torch.empty_like(x), torch.empty_like(x)
+    terms = x.new_empty(x.shape[0], 3, x.shape[1])  # per weight: w*l, w*l*l, w*l*x, summed together
+    w_l, w_l2, w_xl = terms.unbind(1)
 
-    def levels(inv: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(-mn * inv, x, inv).round_().clamp_(0, p.nmax)  # round((x - mn) * inv)
+    def levels(iscale: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        return torch.sub(x, origin, out=lv).mul_(iscale).round_().clamp_(0, nmax)  # round(iscale * (x - origin))
 
-    def sums(lv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        wl = lv * weight
-        return wl.sum(0, keepdim=True), (wl * lv).sum(0, keepdim=True), (lv * wx).sum(0, keepdim=True)
+    def error(scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        torch.mul(lv, scale, out=diff).add_(mn).sub_(x)  # scale * l + min - x
+        return _seq_sum((diff.abs_() if p.use_mad else diff.mul_(diff)).mul_(weight))
 
-    def error(lv: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, s: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if p.use_mad:
-            return (torch.addcmul(mn - x, lv, scale).abs_() * weight).sum(0, keepdim=True)
-        sum_l, sum_l2, sum_xl = s  # sum w (scale*l + mn - x)^2, expanded in the sums already taken
-        return scale * (scale * sum_l2 + 2 * mn * sum_l - 2 * sum_xl) + mn * (mn * sum_w - 2 * sum_x) + sum_x2
-
-    span = torch.where(flat, torch.ones_like(hi), hi - lo)
-    inv = p.nmax / span
-    lv = levels(inv, lo)
-    best_scale, best_min = 1 / inv, lo
-    best_err = error(lv, best_scale, best_min, sums(lv))
+    best_iscale = _div(float(nmax), torch.where(flat, 1.0, hi - lo))
+    best_origin = best_min = lo
+    best_scale = _div(1.0, best_iscale)
+    levels(best_iscale, lo)
+    best_err = error(best_scale, best_min)
     for i in range(p.nstep + 1):
         span = hi - best_min
-        ok = span > 0
-        inv = (p.nmax + p.rmin + p.rdelta * i) / torch.where(ok, span, torch.ones_like(span))
-        lv = levels(inv, best_min)
-        s = sums(lv)
-        sum_l, sum_l2, sum_xl = s
+        live = span > 0  # ggml would divide by a span <= 0 (a refit min above max): no usable grid
+        steps = _f32(_f32(p.rmin + _f32(_f32(p.rdelta) * i)) + nmax)
+        iscale = _div(steps, torch.where(live, span, 1.0))
+        levels(iscale, best_min)
+        torch.mul(weight, lv, out=w_l)
+        torch.mul(w_l, lv, out=w_l2)
+        torch.mul(w_l, x, out=w_xl)
+        sum_l, sum_l2, sum_xl = _seq_sum(terms).unbind(0)
         det = sum_w * sum_l2 - sum_l * sum_l
-        ok &= det > 0
-        det = torch.where(ok, det, torch.ones_like(det))
+        ok = live & (det > 0)
+        det = torch.where(ok, det, 1.0)
         scale = (sum_w * sum_xl - sum_x * sum_l) / det
         mn = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = mn > 0
-        scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), scale)
-        mn = torch.where(positive, torch.zeros_like(mn), mn)
-        err = error(lv, scale, mn, s)
-        better = ok & (err < best_err - margin)
+        scale = torch.where(positive, sum_xl / torch.where(sum_l2 != 0, sum_l2, 1.0), scale)
+        mn = torch.where(positive, 0.0, mn)
+        err = error(scale, mn)
+        better = ok & (err < best_err)
         best_err = torch.where(better, err, best_err)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_origin = torch.where(better, best_min, best_origin)
         best_scale = torch.where(better, scale, best_scale)
         best_min = torch.where(better, mn, best_min)
 
-    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
-    best_min = torch.where(flat, lo, best_min)
-    return (best_scale * norm).squeeze(0), (-best_min * norm).squeeze(0)
+    found = torch.where(flat, 0.0, levels(best_iscale, best_origin)).to(torch.int32)
+    return torch.where(flat, 0.0, best_scale) * norm, -best_min * norm, found
 
 
-def _symmetric_search(x: torch.Tensor, nmax: int) -> torch.Tensor:
-    """Per column, make_qx_quants' signed scale for x ≈ scale * L, L in -nmax..nmax-1, weighting by x^2.
+def _symmetric_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, make_qx_quants (rmse_type 1): x ≈ scale * l, l in -nmax..nmax-1, weighting by x^2.
 
-    x: float32 [n, G] → scale [G]. Candidates put the largest-|x| weight at level -(nmax + 0.1*i), the
-    plain i = 0 grid first, then i = -9..9; the best least-squares fit (largest sum(wxl)^2 / sum(wl^2))
-    wins, ties to the earlier one. Columns whose max |x| is below GROUP_MAX_EPS get 0.
+    x: float32 [n, G] → (scale [G], L = l + nmax int32 [n, G]). Candidates put the largest-|x| weight
+    at level -(nmax + 0.1*i), the plain i = 0 grid first, then i = -9..9; a candidate replaces the best
+    when its least-squares fit is strictly better (sum(wxl)^2 / sum(wl^2), compared as ggml does).
+    Columns whose max |x| is below GROUP_MAX_EPS get scale 0 and L = 0.
     """
+    zero = x.abs().amax(0) < GROUP_MAX_EPS
     x, norm = _normalize(x)
-    zero = norm < GROUP_MAX_EPS
-    peak = x.gather(0, x.abs().argmax(0, keepdim=True))  # ±1: the signed largest weight
+    peak = torch.where(zero, 1.0, x.gather(0, x.abs().argmax(0, keepdim=True)).squeeze(0))  # the signed max
     w = x * x
     wx = w * x
-    best_score = best_scale = torch.zeros_like(peak)
-    for i in [0] + [i for i in range(-_SYM_STEPS, _SYM_STEPS + 1) if i != 0]:
-        lv = (x * (-(nmax + _SYM_DELTA * i) / peak)).round_().clamp_(-nmax, nmax - 1)
-        sum_xl = (lv * wx).sum(0, keepdim=True)
-        sum_l2 = (lv * lv * w).sum(0, keepdim=True)
-        ok = sum_l2 > 0
-        sum_l2 = torch.where(ok, sum_l2, torch.ones_like(sum_l2))
-        score = sum_xl * sum_xl / sum_l2
-        better = ok & (score > best_score) if i else ok
-        best_score = torch.where(better, score, best_score)
-        best_scale = torch.where(better, sum_xl / sum_l2, best_scale)
-    return torch.where(zero, torch.zeros_like(best_scale), best_scale * norm).squeeze(0)
+    lv = torch.empty_like(x)
+    terms = x.new_empty(x.shape[0], 2, x.shape[1])  # per weight: w*x*l, w*l*l, summed together
+    w_xl, w_l2 = terms.unbind(1)
+
+    def levels(iscale: torch.Tensor) -> torch.Tensor:
+        return torch.mul(x, iscale, out=lv).round_().clamp_(-nmax, nmax - 1)
+
+    def fit(steps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        iscale = _div(-steps, peak)
+        levels(iscale)
+        torch.mul(wx, lv, out=w_xl)
+        torch.mul(w, lv, out=w_l2).mul_(lv)
+        sum_xl, sum_l2 = _seq_sum(terms).unbind(0)
+        return iscale, sum_xl, sum_l2
+
+    best_iscale, sum_xl, sum_l2 = fit(float(nmax))
+    scale = torch.where(sum_l2 != 0, sum_xl / torch.where(sum_l2 != 0, sum_l2, 1.0), 0.0)
+    best = scale * sum_xl
+    for i in range(-_SYM_STEPS, _SYM_STEPS + 1):
+        if i == 0:
+            continue
+        iscale, sum_xl, sum_l2 = fit(_f32(nmax + _f32(_f32(_SYM_DELTA) * i)))
+        better = (sum_l2 > 0) & (sum_xl * sum_xl > best * sum_l2)
+        fitted = sum_xl / torch.where(better, sum_l2, 1.0)
+        scale = torch.where(better, fitted, scale)
+        best = torch.where(better, fitted * sum_xl, best)
+        best_iscale = torch.where(better, iscale, best_iscale)
+    found = torch.where(zero, 0, levels(best_iscale).to(torch.int32) + nmax)
+    return torch.where(zero, 0.0, scale * norm), found
 
 
-def _q3_descent(x: torch.Tensor, nmax: int) -> torch.Tensor:
-    """Per column, make_q3_quants' signed scale for x ≈ scale * L, L in -nmax..nmax-1, weighting by x^2.
+def _q3_descent(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, make_q3_quants: x ≈ scale * l, l in -nmax..nmax-1, weighting by x^2.
 
-    x: float32 [n, G] → scale [G]. Start from the grid that puts the largest-|x| weight at -nmax, then
-    sweep the weights in order _Q3K_DESCENT_PASSES times: re-round each against the least-squares
-    scale of the others and keep the change when it raises sum(wxl)^2 / sum(wl^2). A sweep that
-    changes nothing leaves the next ones idle too, so running them all equals ggml's early exit.
+    x: float32 [n, G] → (scale [G], L = l + nmax int32 [n, G]). Start from the grid that puts the
+    largest-|x| weight at -nmax, then sweep the weights in order _Q3K_DESCENT_PASSES times: re-round
+    each against the least-squares scale of the others and keep the change when it raises
+    sum(wxl)^2 / sum(wl^2). A sweep that changes nothing leaves the next ones idle too, so running them
+    all equals ggml's early exit. Columns whose max |x| is below GROUP_MAX_EPS get scale 0 and L = 0.
     """
+    zero = x.abs().amax(0) < GROUP_MAX_EPS
     x, norm = _normalize(x)
-    zero = norm < GROUP_MAX_EPS
-    peak = x.gather(0, x.abs().argmax(0, keepdim=True))
-    lv = (x * (-nmax / peak)).round_().clamp_(-nmax, nmax - 1)
+    peak = torch.where(zero, 1.0, x.gather(0, x.abs().argmax(0, keepdim=True)).squeeze(0))
+    lv = (_div(-float(nmax), peak) * x).round_().clamp_(-nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sum_xl = (lv * wx).sum(0)
-    sum_l2 = (lv * lv * w).sum(0)
+    sum_xl = _seq_sum(wx * lv)
+    sum_l2 = _seq_sum(w * lv * lv)
     for _ in range(_Q3K_DESCENT_PASSES):
         for j in range(x.shape[0]):
             lj, wj, wxj = lv[j], w[j], wx[j]
@@ -337,8 +396,9 @@ def _q3_descent(x: torch.Tensor, nmax: int) -> torch.Tensor:
             lv[j] = torch.where(take, new, lj)
             sum_xl = torch.where(take, xl_new, sum_xl)
             sum_l2 = torch.where(take, l2_new, sum_l2)
-    scale = torch.where(sum_l2 > 0, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), 0.0)
-    return torch.where(zero, torch.zeros_like(scale), scale * norm).squeeze(0)
+    scale = torch.where(sum_l2 > 0, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), 0.0)
+    levels = torch.where(zero, 0, lv.to(torch.int32) + nmax)
+    return torch.where(zero, 0.0, scale * norm), levels
 
 
 # ----------------------------------------------------------------------------- q2k
@@ -348,21 +408,20 @@ def _encode_q2k(x: torch.Tensor) -> torch.Tensor:
     """x [N, 256] → block_q2_K [N, 84]: scale|min<<4 bytes, 2-bit weights, d, dmin."""
     n = x.shape[0]
     sub = _columns(x, _Q2K_SUB)
-    scales, mins = _affine_search(sub, sub.abs(), _Q2K_SEARCH)
+    scales, mins, found = _affine_search(sub, sub.abs(), _Q2K_SEARCH)
     scales, mins = scales.reshape(n, -1), mins.reshape(n, -1)
-    max_scale = scales.amax(1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(1, keepdim=True).clamp(min=0)
-    ls = torch.round(_safe_div(_Q2K_SCALE_LEVELS * scales, max_scale.expand_as(scales))).clamp_(0, _Q2K_SCALE_LEVELS)
-    lm = torch.round(_safe_div(_Q2K_SCALE_LEVELS * mins, max_min.expand_as(mins))).clamp_(0, _Q2K_SCALE_LEVELS)
-    d = (max_scale / _Q2K_SCALE_LEVELS).half()
+    max_scale = _positive_max(scales)
+    max_min = _positive_max(mins)
+    ls = _scale_levels(scales, max_scale, _Q2K_SCALE_LEVELS)
+    lm = _scale_levels(mins, max_min, _Q2K_SCALE_LEVELS)
+    packed = ((ls & _BYTE_MASK) | (lm << 4)) & _BYTE_MASK  # ggml ORs the uint8_t fields unclamped
+    d = (max_scale / _Q2K_SCALE_LEVELS).half()  # 0 where max_scale is 0, as ggml sets it
     dmin = (max_min / _Q2K_SCALE_LEVELS).half()
+    step = (d.float() * (packed & 0xF)).unsqueeze(2)
+    offset = (dmin.float() * (packed >> 4)).unsqueeze(2)
     x = x.reshape(n, -1, _Q2K_SUB)
-    lm = _flat_mins(x, ls, lm, dmin.float(), _Q2K_SCALE_LEVELS)
-    step = (d.float() * ls).unsqueeze(2)
-    offset = (dmin.float() * lm).unsqueeze(2)
-    q = _requantize(x + offset, step, 0, 3, 0).reshape(n, QK_K)
-    packed_scales = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)).to(torch.uint8)
-    return torch.cat([packed_scales, _pack_fields(q, 2, 4), _f16_bytes(d), _f16_bytes(dmin)], 1)
+    q = _requantize(x + offset, step, 0, 3, _rows(found, n).reshape(x.shape)).reshape(n, QK_K)
+    return torch.cat([packed.to(torch.uint8), _pack_fields(q, 2, 4), _f16_bytes(d), _f16_bytes(dmin)], 1)
 
 
 def quantize_q2k(w: torch.Tensor) -> torch.Tensor:
@@ -387,14 +446,18 @@ def dequantize_q2k(blocks: torch.Tensor) -> torch.Tensor:
 def _encode_q3k(x: torch.Tensor) -> torch.Tensor:
     """x [N, 256] → block_q3_K [N, 110]: high-bit mask, low 2 bits, packed 6-bit scales, d."""
     n = x.shape[0]
-    scales = _q3_descent(_columns(x, _Q2K_SUB), _Q3K_NMAX).reshape(n, -1)
-    at = scales.abs().argmax(1, keepdim=True)
-    peak = scales.gather(1, at)  # the signed largest sub-block scale → -32
-    iscale = _safe_div(torch.full_like(peak, -_Q3K_SCALE_HALF), peak)
+    scales, found = _q3_descent(_columns(x, _Q2K_SUB), _Q3K_NMAX)
+    scales = scales.reshape(n, -1)
+    peak = scales.gather(1, scales.abs().argmax(1, keepdim=True))  # the signed largest sub-block scale → -32
+    live = peak != 0  # else ggml leaves the scale bytes 0 (level -32) and d 0
+    iscale = _div(-float(_Q3K_SCALE_HALF), torch.where(live, peak, 1.0))
     ls = torch.round(iscale * scales).clamp_(-_Q3K_SCALE_HALF, _Q3K_SCALE_HALF - 1).to(torch.int32)
-    d = _safe_div(torch.ones_like(iscale), iscale).half()
+    ls = torch.where(live, ls, -_Q3K_SCALE_HALF)
+    d = torch.where(live, _div(1.0, iscale), 0.0).half()
     step = (d.float() * ls).unsqueeze(2)
-    q = _requantize(x.reshape(n, -1, _Q2K_SUB), step, -_Q3K_NMAX, _Q3K_NMAX - 1, 0).reshape(n, QK_K) + _Q3K_NMAX
+    x = x.reshape(n, -1, _Q2K_SUB)
+    fallback = _rows(found, n).reshape(x.shape) - _Q3K_NMAX
+    q = _requantize(x, step, -_Q3K_NMAX, _Q3K_NMAX - 1, fallback).reshape(n, QK_K) + _Q3K_NMAX
     return torch.cat(
         [_pack_fields(q >> 2, 1, 8), _pack_fields(q & 3, 2, 4), _pack_q3_scales(ls + _Q3K_SCALE_HALF), _f16_bytes(d)],
         1,
@@ -425,21 +488,22 @@ def _encode_k4(x: torch.Tensor, search: _AffineSearch) -> tuple[torch.Tensor, to
     """q4k/q5k's shared part, x [N, 256] → (d, dmin, scales: header bytes [N, 16]; levels int32 [N, 256])."""
     n = x.shape[0]
     sub = _columns(x, _Q4K_SUB)
-    rms = sub.square().mean(0, keepdim=True).sqrt()
-    scales, mins = _affine_search(sub, rms + sub.abs(), search)  # weights favour large |x| (ggml's choice)
+    # sqrtf is correctly rounded; torch's float32 sqrt is not (1 ulp off in ~15% of cases), double sqrt is.
+    rms = torch.sqrt((_seq_sum(sub * sub) / _Q4K_SUB).double()).float()
+    scales, mins, found = _affine_search(sub, rms + sub.abs(), search)  # weights favour large |x| (ggml's choice)
     scales, mins = scales.reshape(n, -1), mins.reshape(n, -1)
-    max_scale = scales.amax(1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(1, keepdim=True).clamp(min=0)
-    ls = torch.round(_safe_div(_K4_SCALE_LEVELS * scales, max_scale.expand_as(scales))).clamp_(0, _K4_SCALE_LEVELS)
-    lm = torch.round(_safe_div(_K4_SCALE_LEVELS * mins, max_min.expand_as(mins))).clamp_(0, _K4_SCALE_LEVELS)
+    max_scale = _positive_max(scales)
+    max_min = _positive_max(mins)
+    # ggml stores the levels in uint8_t before clamping to 63: a negative one wraps to the top.
+    ls = (_scale_levels(scales, max_scale, _K4_SCALE_LEVELS) & _BYTE_MASK).clamp_(max=_K4_SCALE_LEVELS)
+    lm = (_scale_levels(mins, max_min, _K4_SCALE_LEVELS) & _BYTE_MASK).clamp_(max=_K4_SCALE_LEVELS)
     d = (max_scale / _K4_SCALE_LEVELS).half()
     dmin = (max_min / _K4_SCALE_LEVELS).half()
-    x = x.reshape(n, -1, _Q4K_SUB)
-    lm = _flat_mins(x, ls, lm, dmin.float(), _K4_SCALE_LEVELS)
     step = (d.float() * ls).unsqueeze(2)
     offset = (dmin.float() * lm).unsqueeze(2)
-    q = _requantize(x + offset, step, 0, search.nmax, 0).reshape(n, QK_K)
-    header = torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k4_scales(ls.to(torch.int32), lm.to(torch.int32))], 1)
+    x = x.reshape(n, -1, _Q4K_SUB)
+    q = _requantize(x + offset, step, 0, search.nmax, _rows(found, n).reshape(x.shape)).reshape(n, QK_K)
+    header = torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k4_scales(ls, lm)], 1)
     return header, q
 
 
@@ -493,16 +557,19 @@ def dequantize_q5k(blocks: torch.Tensor) -> torch.Tensor:
 def _encode_q6k(x: torch.Tensor) -> torch.Tensor:
     """x [N, 256] → block_q6_K [N, 210]: low nibbles, high 2 bits, int8 scales, d."""
     n = x.shape[0]
-    scales = _symmetric_search(_columns(x, _Q2K_SUB), _Q6K_NMAX).reshape(n, -1)
-    amax, at = scales.abs().max(1, keepdim=True)
-    live = amax >= GROUP_MAX_EPS  # an all-zero super-block is stored as all-zero bytes
-    peak = torch.where(live, scales.gather(1, at), torch.ones_like(amax))
-    iscale = -_Q6K_SCALE_HALF / peak
+    scales, found = _symmetric_search(_columns(x, _Q2K_SUB), _Q6K_NMAX)
+    scales = scales.reshape(n, -1)
+    at = scales.abs().argmax(1, keepdim=True)
+    peak = scales.gather(1, at)
+    live = peak.abs() >= GROUP_MAX_EPS  # an all-zero super-block is stored as all-zero bytes
+    iscale = _div(-float(_Q6K_SCALE_HALF), torch.where(live, peak, 1.0))
     ls = torch.round(iscale * scales).clamp_(-_Q6K_SCALE_HALF, _Q6K_SCALE_HALF - 1).to(torch.int32)
     ls = torch.where(live, ls, 0)
-    d = torch.where(live, 1 / iscale, 0.0).half()
+    d = torch.where(live, _div(1.0, iscale), 0.0).half()
     step = (d.float() * ls).unsqueeze(2)
-    q = _requantize(x.reshape(n, -1, _Q2K_SUB), step, -_Q6K_NMAX, _Q6K_NMAX - 1, 0).reshape(n, QK_K) + _Q6K_NMAX
+    x = x.reshape(n, -1, _Q2K_SUB)
+    fallback = _rows(found, n).reshape(x.shape) - _Q6K_NMAX
+    q = _requantize(x, step, -_Q6K_NMAX, _Q6K_NMAX - 1, fallback).reshape(n, QK_K) + _Q6K_NMAX
     q = torch.where(live, q, 0)
     halves = q.reshape(n, 2, 4, 32)
     ql = (halves[:, :, :2] & 0xF) | ((halves[:, :, 2:] & 0xF) << 4)  # runs 0,1 low nibbles; runs 2,3 high

@@ -1,13 +1,16 @@
-"""The K-quant codecs against gguf-py, which mirrors llama.cpp's reference C code.
+"""The K-quant codecs against gguf-py and llama.cpp.
 
-gguf-py has no K-quant quantizers, so there are no reference bytes to match: instead gguf-py must
-read our blocks to the very float32 bits our dequantizer gives, our dequantizer must match gguf-py's
-on arbitrary bytes we did not produce, and the quantizers' error must stay at llama.cpp's level.
+gguf-py must read our blocks to the very float32 bits our dequantizer gives, and our dequantizer must
+match gguf-py's on arbitrary bytes we did not produce. Our quantizers must give the very bytes of
+llama.cpp's own (ggml_quantize_chunk, from the libggml that llama-cpp-python ships) where that is
+installed, and their error must stay at llama.cpp's level everywhere.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +146,53 @@ def test_shapes_through_the_registry(name: str) -> None:
 def test_width_must_be_whole_super_blocks() -> None:
     with pytest.raises(AssertionError):
         FORMATS["q4k"].quantize(torch.zeros(2, 300))
+
+
+def _ggml_quantize() -> Callable[[str, np.ndarray], np.ndarray]:
+    """llama.cpp's quantizer: ggml_quantize_chunk without an importance matrix (the *_ref recipes)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+    lib.ggml_quantize_chunk.argtypes += [ctypes.c_void_p]
+
+    def quantize(name: str, rows: np.ndarray) -> np.ndarray:
+        src = np.ascontiguousarray(rows, dtype=np.float32)
+        out = np.zeros((src.shape[0], FORMATS[name].row_bytes(src.shape[1])), dtype=np.uint8)
+        lib.ggml_quantize_chunk(FORMATS[name].ggml_type, src.ctypes.data, out.ctypes.data, 0, *src.shape, None)
+        return out
+
+    return quantize
+
+
+def _on_q4_1_grid(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Weights on a per-32 4-bit grid (d*q + m, as a dequantized Q4_1 model): the near-tie case where
+    many candidate grids fit almost exactly and only ggml's exact float32 arithmetic picks its winner."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols // 32, 32), generator=g).float()
+    d = torch.rand(rows, cols // 32, 1, generator=g) * 0.01 + 1e-3
+    m = -8.5 * d + torch.randn(rows, cols // 32, 1, generator=g) * 0.005
+    return (d * q + m).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bytes_match_llama_cpp(name: str) -> None:
+    ggml_quantize = _ggml_quantize()
+    w = torch.cat(
+        [
+            _gaussian(8, 1024, seed=8) * 10.0 ** torch.linspace(-3, 1, 8).unsqueeze(1),
+            _heavy_tailed(8, 1024, seed=9),
+            _on_q4_1_grid(8, 1024, seed=10),
+        ]
+    )
+    w[0, :QK_K] = 0.0
+    w[1, :QK_K] = -0.5
+    w[2, QK_K : 2 * QK_K] = 0.25
+    w[3, 7] = OUTLIER
+    w[4, QK_K : QK_K + 16] = 0.0  # one zero sub-block beside live ones
+    ours = _codec(name)[0](w).numpy()
+    theirs = ggml_quantize(name, w.numpy())
+    differing = np.nonzero(
+        (ours.reshape(-1, FORMATS[name].type_size) != theirs.reshape(-1, FORMATS[name].type_size)).any(1)
+    )[0]
+    assert differing.size == 0, f"{name}: blocks {differing[:8].tolist()} differ from llama.cpp's"

@@ -1,54 +1,102 @@
 """`llmc export ART --gguf FILE`: write an artifact back to a GGUF file that llama.cpp loads.
 
-Llama-family artifacts with a byte-level BPE tokenizer (llama.cpp's `gpt2` tokenizer model) are
-supported for now; float tensors are written in the artifact's float dtype (f32, or f16 for f16/bf16
-artifacts, since GGUF's BF16 support varies across llama.cpp builds) and quantized tensors as the
-GGML blocks they already are, byte for byte. Q and K rows are permuted back into llama.cpp's
-interleaved rope order (rows are independent runs of blocks, so this works on blocks too), the
-inverse of what the GGUF source undoes.
+Every family with a llama.cpp architecture is written in that architecture's layout (see
+`builder/sources/gguf_file.py`, which reads it back): Mistral as `llama`, Qwen2-MoE as `qwen2moe`,
+and so on. Artifacts with a byte-level BPE tokenizer (llama.cpp's `gpt2` tokenizer model) are
+supported for now; float tensors are written in the artifact's float dtype (f32, or f16 for
+f16/bf16 artifacts, since GGUF's BF16 support varies across llama.cpp builds) and quantized tensors
+as the GGML blocks they already are, byte for byte. llama.cpp's conventions are applied as its
+converter does: Q and K rows permuted into interleaved rope order for the `llama` arch (rows are
+independent runs of blocks, so this works on blocks too), Gemma norms stored as (1 + w), Phi-3's
+q/k/v and the Phi-3 / GLM-4 gate and up projections fused, stacked experts split into gate and up.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from llmc.artifacts.manifest import ModelSpec
 from llmc.artifacts.reader import Artifact
-from llmc.builder.gguf_tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED
+from llmc.builder.gguf_tokenizer import (
+    PRE_TOKENIZERS,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNUSED,
+    TOKEN_USER_DEFINED,
+)
+from llmc.builder.sources.gguf_file import (
+    EXPERTS_GATE_UP,
+    GEMMA_ARCHITECTURES,
+    GLOBAL_NAMES,
+    JOINED_EXPERTS,
+    PERMUTED_QK_ARCHITECTURES,
+    ROPE_FACTORS,
+    ROW_VECTORS,
+    layer_names,
+    longrope_attn_factor,
+)
 from llmc.errors import BadInputError
 from llmc.kernels.quant_formats import stored_format
 
-_GLOBAL = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
+# llmc family → llama.cpp architecture.
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "stablelm": "stablelm",
+    "glm4": "glm4",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
 }
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
+EXPORTABLE = tuple(GGUF_ARCHITECTURES)
+_GLOBAL = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
+# Gemma's canonical norm names (builder/arch.py renames them) → the HF names GGUF names map from.
+_GEMMA_CANONICAL = {
+    "post_self_attn_layernorm.weight": "post_attention_layernorm.weight",
+    "post_attention_layernorm.weight": "pre_feedforward_layernorm.weight",
+    "post_mlp_layernorm.weight": "post_feedforward_layernorm.weight",
 }
-EXPORTABLE = ("llama", "mistral")
+# Projections llama.cpp stores fused, per architecture: fused HF name → its canonical parts, in row order.
+_FUSED: dict[str, dict[str, tuple[str, ...]]] = {
+    "phi3": {
+        "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    },
+    "glm4": {"mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")},
+}
+# Where llama.cpp has no place for a value, the export is refused rather than silently different.
+_ROPE_SCALING: dict[str, tuple[str, ...] | None] = {"linear": None, "longrope": ("phi3",)}
 
 
-def gguf_name(name: str) -> str:
+def _layer_table(arch: str) -> dict[str, str]:
+    """Canonical layer-local name → GGUF layer-local name."""
+    table = {hf: gguf for gguf, hf in layer_names(arch).items()}
+    if arch in GEMMA_ARCHITECTURES:
+        renamed = {canonical: table[hf] for canonical, hf in _GEMMA_CANONICAL.items()}
+        table = {k: v for k, v in table.items() if k not in _GEMMA_CANONICAL.values()} | renamed
+    return table
+
+
+def gguf_name(name: str, arch: str = "llama") -> str:
+    """The GGUF name of a canonical (or, for fused tensors, HF) tensor name."""
     if name in _GLOBAL:
         return _GLOBAL[name]
     parts = name.split(".")
     local = ".".join(parts[3:])
-    if parts[:2] == ["model", "layers"] and local in _LAYER:
-        return f"blk.{parts[2]}.{_LAYER[local]}"
-    raise BadInputError(f"tensor {name} has no GGUF name in llmc's exporter")
+    table = _layer_table(arch)
+    if parts[:2] == ["model", "layers"] and local in table:
+        return f"blk.{parts[2]}.{table[local]}"
+    raise BadInputError(f"tensor {name} has no GGUF name in llmc's {arch} exporter")
 
 
 def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -57,7 +105,7 @@ def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _tokenizer_fields(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
+def _tokenizer_fields(tokenizer_json: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise BadInputError("only byte-level BPE tokenizers can be exported to GGUF for now")
@@ -68,11 +116,13 @@ def _tokenizer_fields(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
         raise BadInputError("this tokenizer's pre-tokenizer has no llama.cpp name; it cannot be exported to GGUF")
     vocab: dict[str, int] = model["vocab"]
     added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
-    size = max([*vocab.values(), *added]) + 1
-    tokens = [""] * size
-    types = [TOKEN_NORMAL] * size
+    # llama.cpp wants one token per embedding row: pad as its converter does, with unused tokens.
+    size = max([*vocab.values(), *added, vocab_size - 1]) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [TOKEN_UNUSED] * size
     for token, index in vocab.items():
         tokens[index] = token
+        types[index] = TOKEN_NORMAL
     for index, entry in added.items():
         tokens[index] = entry["content"]
         types[index] = TOKEN_CONTROL if entry.get("special") else TOKEN_USER_DEFINED
@@ -103,27 +153,129 @@ def _file_type(gguf: Any, formats: list[str], half: bool) -> Any:
     return gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32
 
 
-def export_gguf(artifact_dir: Path, out: Path) -> Path:
-    import gguf
+def _check_exportable(spec: ModelSpec, arch: str) -> None:
+    """Refuse what the GGUF layout cannot say, rather than writing a file that means something else."""
+    scaling = (spec.rope_scaling or {}).get("rope_type")
+    if scaling is not None and (scaling not in _ROPE_SCALING or arch not in (_ROPE_SCALING[scaling] or (arch,))):
+        raise BadInputError(f"{spec.architecture} with {scaling} rope scaling cannot be exported to GGUF yet")
+    if arch == "gemma2" and not spec.tie_word_embeddings:
+        raise BadInputError("llama.cpp's gemma2 has no separate output matrix: untied Gemma-2 cannot be exported")
+    if spec.qkv_bias != spec.o_bias and arch not in ("qwen2", "qwen2moe", "stablelm", "glm4"):
+        raise BadInputError(f"{spec.architecture} with a q/k/v bias but no output bias cannot be exported to GGUF")
 
-    artifact = Artifact.open(artifact_dir)
-    manifest = artifact.manifest
-    spec = manifest.model
-    if spec.architecture not in EXPORTABLE:
-        raise BadInputError(f"GGUF export supports {', '.join(EXPORTABLE)} artifacts; this one is {spec.architecture}")
-    tok = _tokenizer_fields(json.loads((artifact.root / manifest.tokenizer.file).read_text(encoding="utf-8")))
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(manifest.model_name)
+
+def _metadata(writer: Any, gguf: Any, spec: ModelSpec, arch: str) -> None:
     writer.add_context_length(spec.max_position_embeddings)
     writer.add_embedding_length(spec.hidden_size)
     writer.add_block_count(spec.num_layers)
     writer.add_feed_forward_length(spec.intermediate_size)
     writer.add_head_count(spec.num_heads)
     writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
     writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_rope_dimension_count(spec.head_dim)
-    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    writer.add_rope_dimension_count(round(spec.head_dim * spec.partial_rotary_factor))
+    if spec.norm == "layer":
+        writer.add_layer_norm_eps(spec.rms_norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
     writer.add_vocab_size(spec.vocab_size)
+    if spec.sliding_window is not None and spec.layer_types is not None:
+        writer.add_sliding_window(spec.sliding_window)
+        if len(set(spec.layer_types)) > 1:
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in spec.layer_types])
+    if spec.rope_local_theta is not None:
+        writer.add_rope_freq_base_swa(spec.rope_local_theta)
+    if spec.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(spec.attn_softcap)
+    if spec.final_softcap is not None:
+        writer.add_final_logit_softcapping(spec.final_softcap)
+    if spec.attn_scale is not None and arch in GEMMA_ARCHITECTURES:
+        writer.add_attention_scale(spec.attn_scale)  # llama.cpp guesses it from the model size
+    scaling = spec.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif scaling.get("rope_type") == "longrope":
+        original = int(scaling["original_max_position_embeddings"])
+        writer.add_rope_scaling_orig_ctx_len(original)
+        factor = scaling.get("attention_factor")
+        writer.add_rope_scaling_attn_factors(
+            float(factor) if factor is not None else longrope_attn_factor(spec.max_position_embeddings, original)
+        )
+    if spec.num_experts:
+        writer.add_expert_count(spec.num_experts)
+        writer.add_expert_used_count(spec.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(spec.moe_intermediate_size)
+        writer.add_expert_weights_norm(spec.norm_topk_prob)
+        if spec.shared_expert_intermediate_size:
+            writer.add_expert_shared_feed_forward_length(spec.shared_expert_intermediate_size)
+
+
+def _dequantized(tensor: torch.Tensor, fmt: str | None) -> torch.Tensor:
+    return tensor.float() if fmt is None else stored_format(fmt).dequantize(tensor).float()
+
+
+def _gguf_tensors(
+    spec: ModelSpec, arch: str, weights: dict[str, torch.Tensor], quant: dict[str, str]
+) -> Iterator[tuple[str, torch.Tensor, str | None]]:
+    """(GGUF name, data, GGML block format or None for float) for every tensor, in llama.cpp's layout."""
+    fused = {part: (whole, parts) for whole, parts in _FUSED.get(arch, {}).items() for part in parts}
+    scaling = spec.rope_scaling or {}
+    if scaling.get("rope_type") == "longrope":
+        for gguf_key, key in ROPE_FACTORS.items():
+            yield gguf_key, torch.tensor(scaling[key], dtype=torch.float32), None
+    for name, tensor in weights.items():
+        if name == "lm_head.weight" and spec.tie_word_embeddings:
+            continue
+        prefix, local = ".".join(name.split(".")[:3]), ".".join(name.split(".")[3:])
+        if local in fused:
+            whole, parts = fused[local]
+            if local != parts[0]:
+                continue  # written with its first part
+            names = [f"{prefix}.{p}" for p in parts]
+            formats = {quant.get(n) for n in names}
+            if len(formats) == 1:  # same format (or all float): rows concatenate as they are
+                yield gguf_name(f"{prefix}.{whole}", arch), torch.cat([weights[n] for n in names]), formats.pop()
+            else:
+                yield (
+                    gguf_name(f"{prefix}.{whole}", arch),
+                    torch.cat([_dequantized(weights[n], quant.get(n)) for n in names]),
+                    None,
+                )
+            continue
+        if local == EXPERTS_GATE_UP:
+            gate, up = tensor.float().chunk(2, dim=1)
+            for gguf_local, half in zip(JOINED_EXPERTS, (gate, up), strict=True):
+                yield f"blk.{name.split('.')[2]}.{gguf_local}", half, None
+            continue
+        data = tensor if name in quant else tensor.float()
+        if arch in PERMUTED_QK_ARCHITECTURES and local == "self_attn.q_proj.weight":
+            data = _permute(data, spec.num_heads)
+        elif arch in PERMUTED_QK_ARCHITECTURES and local == "self_attn.k_proj.weight":
+            data = _permute(data, spec.num_kv_heads)
+        elif spec.norm_weight_offset and name.endswith("norm.weight"):
+            data = data + spec.norm_weight_offset  # llama.cpp multiplies by the stored weight
+        elif name.endswith(ROW_VECTORS):
+            data = data.flatten()
+        yield gguf_name(name, arch), data, quant.get(name)
+
+
+def export_gguf(artifact_dir: Path, out: Path) -> Path:
+    import gguf
+
+    artifact = Artifact.open(artifact_dir)
+    manifest = artifact.manifest
+    spec = manifest.model
+    arch = GGUF_ARCHITECTURES.get(spec.architecture)
+    if arch is None:
+        raise BadInputError(f"GGUF export supports {', '.join(EXPORTABLE)} artifacts; this one is {spec.architecture}")
+    _check_exportable(spec, arch)
+    tokenizer_json = json.loads((artifact.root / manifest.tokenizer.file).read_text(encoding="utf-8"))
+    tok = _tokenizer_fields(tokenizer_json, spec.vocab_size)
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_name(manifest.model_name)
+    _metadata(writer, gguf, spec, arch)
     half = manifest.dtype in ("f16", "bf16")
     quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
     writer.add_file_type(_file_type(gguf, list(quant.values()), half))
@@ -141,22 +293,15 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
     writer.add_add_bos_token(info.add_bos_token)
     if info.chat_template_file:
         writer.add_chat_template((artifact.root / info.chat_template_file).read_text(encoding="utf-8"))
-    for name, tensor in artifact.weights():
-        if name == "lm_head.weight" and spec.tie_word_embeddings:
-            continue
-        data = tensor if name in quant else tensor.float()
-        if name.endswith("self_attn.q_proj.weight"):
-            data = _permute(data, spec.num_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            data = _permute(data, spec.num_kv_heads)
+    for name, data, fmt in _gguf_tensors(spec, arch, dict(artifact.weights()), quant):
         array: np.ndarray = data.contiguous().numpy()
-        if name in quant:
-            qtype = gguf.GGMLQuantizationType(stored_format(quant[name]).ggml_type)
-            writer.add_tensor(gguf_name(name), array, raw_shape=array.shape, raw_dtype=qtype)
+        if fmt is not None:
+            qtype = gguf.GGMLQuantizationType(stored_format(fmt).ggml_type)
+            writer.add_tensor(name, array, raw_shape=array.shape, raw_dtype=qtype)
             continue
         if half and data.dim() > 1:  # norms stay f32, as llama.cpp's converter writes them
             array = array.astype(np.float16)
-        writer.add_tensor(gguf_name(name), array)
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

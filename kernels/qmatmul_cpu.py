@@ -13,12 +13,14 @@ The reference is `quant_formats.reference_qmatmul`: dequantize in float32, then 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from llmc.kernels import quant_kquants, quant_legacy
 from llmc.kernels.quant_formats import FORMATS
 
-INT4_FORMATS = ("q4_0", "q4_1", "q4k")
 INT4_GROUP = 32  # weights per (scale, offset) pair in all three int4 formats
 # `innerKTiles` of the int4 packing: 2 is what the CPU kernel is tuned for (torchao uses it).
 _INNER_K_TILES = 2
@@ -27,43 +29,19 @@ _INT4_N_MULTIPLE = 16  # the packing interleaves 16 output rows; other row count
 COMPUTE_DTYPE = torch.bfloat16
 
 
-def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """The little-endian f16 at byte `offset` of every block, as float32. blocks: [..., n_blocks, size]."""
-    return blocks[..., offset : offset + 2].contiguous().view(torch.float16).squeeze(-1).float()
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """GGML's nibble order within a run of bytes: all low nibbles first, then all high nibbles."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+# The codecs split each int4 format into (q, scale, offset); see their int4_parts_* functions.
+_INT4_PARTS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+    "q4_0": quant_legacy.int4_parts_q4_0,
+    "q4_1": quant_legacy.int4_parts_q4_1,
+    "q4k": quant_kquants.int4_parts_q4k,
+}
+INT4_FORMATS = tuple(_INT4_PARTS)
 
 
 def int4_parts(blocks: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split q4_0 / q4_1 / q4k blocks into 4-bit values and per-32 scale and offset.
-
-    Returns q uint8 [rows, cols] in 0..15, scale and offset float32 [rows, cols // 32] such that
-    the dequantized weight is q * scale + offset (exactly, in float32).
-    """
-    info = FORMATS[fmt]
-    rows = blocks.shape[0]
-    b = blocks.view(rows, -1, info.type_size)
-    if fmt == "q4_0":
-        d = _f16(b, 0)
-        return _nibbles(b[..., 2:]).reshape(rows, -1), d, -float(_INT4_ZERO_POINT) * d
-    if fmt == "q4_1":
-        return _nibbles(b[..., 4:]).reshape(rows, -1), _f16(b, 0), _f16(b, 2)
-    assert fmt == "q4k", fmt
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc_bytes, qs = b[..., 4:16].int(), b[..., 16:]
-    low, mid, high = sc_bytes[..., 0:4], sc_bytes[..., 4:8], sc_bytes[..., 8:12]
-    # 8 six-bit scales and mins per super-block: the first four in the low 6 bits of bytes 0-3
-    # (scales) and 4-7 (mins); the last four from bytes 8-11's nibbles plus those bytes' top 2 bits.
-    scales = torch.cat([low & 63, (high & 0x0F) | ((low >> 6) << 4)], dim=-1).float()
-    mins = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=-1).float()
-    # 4 chunks of 32 bytes: each chunk's low nibbles are one 32-weight sub-block, high the next.
-    q = _nibbles(qs.reshape(rows, -1, 4, 32)).reshape(rows, -1)
-    scale = (d[..., None] * scales).reshape(rows, -1)
-    offset = -(dmin[..., None] * mins).reshape(rows, -1)
-    return q, scale, offset
+    """q uint8 [rows, cols] in 0..15, scale and offset float32 [rows, cols // 32]: the weight is
+    q * scale + offset, exactly."""
+    return _INT4_PARTS[fmt](blocks)
 
 
 class CpuQMatmul:

@@ -538,6 +538,16 @@ def _decode_k4(b: torch.Tensor, q: torch.Tensor, rows: int) -> torch.Tensor:
     return (dl * q.float().reshape(-1, 8, 32) - ml).reshape(rows, -1)
 
 
+def int4_parts_q4k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4k as 4-bit values with one scale and offset per 32-weight sub-block, w = q * scale + offset
+    (exact in float32): the form the CPU's packed int4 matmul takes (kernels/qmatmul_cpu.py)."""
+    b, rows = _as_blocks(blocks, "q4k")
+    d, dmin = _read_f16(b, 0), _read_f16(b, 2)
+    sc, mn = _unpack_k4_scales(b[:, 4:16])
+    q = _unpack_fields(b[:, 16:144], 4, 2)
+    return q.reshape(rows, -1), (d * sc.float()).reshape(rows, -1), (-(dmin * mn.float())).reshape(rows, -1)
+
+
 def dequantize_q4k(blocks: torch.Tensor) -> torch.Tensor:
     """block_q4_K bytes [rows, n*144] → float32 [rows, n*256]."""
     b, rows = _as_blocks(blocks, "q4k")

@@ -45,6 +45,8 @@ Q8_0_BYTES = _F16_BYTES + QK  # 34
 _CHUNK_BLOCKS = 1 << 18
 
 _BlockFn = Callable[[torch.Tensor], torch.Tensor]
+# (q uint8 [rows, cols] in 0..15, scale and offset float32 [rows, cols // 32])
+Int4Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _map_blocks(
@@ -220,6 +222,26 @@ def _q8_0_values(b: torch.Tensor) -> torch.Tensor:
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
+
+
+def _int4_parts(blocks: torch.Tensor, type_size: int, offset_of: Callable[[torch.Tensor], torch.Tensor]) -> Int4Parts:
+    _check_blocks(blocks, type_size)
+    rows = blocks.shape[0]
+    b = blocks.contiguous().view(-1, type_size)
+    d = _f16_field(b, 0)
+    q = _unpack_nibbles(b[:, type_size - _HALF :])
+    return q.view(rows, -1), d.view(rows, -1), offset_of(b).view(rows, -1)
+
+
+def int4_parts_q4_0(blocks: torch.Tensor) -> Int4Parts:
+    """4-bit values, per-block scale and offset with w = q * scale + offset (exact in float32): the
+    form the CPU's packed int4 matmul takes (kernels/qmatmul_cpu.py)."""
+    return _int4_parts(blocks, Q4_0_BYTES, lambda b: -(_Q4_LEVELS // 2) * _f16_field(b, 0))
+
+
+def int4_parts_q4_1(blocks: torch.Tensor) -> Int4Parts:
+    """As int4_parts_q4_0: the offset is the block's stored minimum."""
+    return _int4_parts(blocks, Q4_1_BYTES, lambda b: _f16_field(b, _F16_BYTES))
 
 
 def _quantize(w: torch.Tensor, fn: _BlockFn, type_size: int) -> torch.Tensor:

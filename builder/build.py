@@ -148,10 +148,10 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
             return load_float(name).to(dtype)
         assert report is not None
         ref = plan[name]
-        carried = source.blocks(ref.name) if ref.rows is None and ref.stack is None else None
-        if carried is not None and carried[0] == fmt:
-            report.add(name, choices[name], expected[name], carried[1], None)
-            return carried[1]
+        if ref.rows is None and ref.stack is None and source.block_format(ref.name) == fmt:
+            carried = source.blocks(ref.name)
+            report.add(name, choices[name], expected[name], carried, None)
+            return carried
         weight = load_float(name).float()
         blocks = FORMATS[fmt].quantize(weight)
         report.add(name, choices[name], expected[name], blocks, weight)
@@ -243,9 +243,9 @@ def _choose_formats(
         ref = plan[name]
         if ref.rows is not None or ref.stack is not None or not runs_quantized(name, shape):
             continue
-        carried = source.blocks(ref.name)
+        carried = source.block_format(ref.name)
         if carried is not None:
-            chosen[name] = QuantChoice(name, carried[0], "carried over from the source")
+            chosen[name] = QuantChoice(name, carried, "carried over from the source")
     return chosen
 
 

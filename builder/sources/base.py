@@ -43,7 +43,11 @@ class ModelSource(abc.ABC):
     def load(self, name: str) -> torch.Tensor:
         """One tensor in canonical layout; sources read lazily so only one shard is ever resident."""
 
-    def blocks(self, name: str) -> tuple[str, torch.Tensor] | None:
-        """(format, uint8 [rows, row_bytes]) if the source stores `name` in a GGML block format llmc
-        knows, so the build can carry the blocks over instead of requantizing; else None."""
+    def block_format(self, name: str) -> str | None:
+        """The GGML block format (llmc's name) the source stores `name` in, if llmc knows it, so the
+        build can carry the blocks over instead of requantizing; else None. Metadata only."""
         return None
+
+    def blocks(self, name: str) -> torch.Tensor:
+        """`name`'s blocks as stored, uint8 [rows, row_bytes]; only for names with a block_format."""
+        raise NotImplementedError(f"{self.kind} sources store no GGML blocks")

@@ -186,13 +186,17 @@ class GgufSource(ModelSource):
             out[name] = TensorMeta(shape=shape, dtype=torch.float32)
         return out
 
-    def blocks(self, name: str) -> tuple[str, torch.Tensor] | None:
+    def block_format(self, name: str) -> str | None:
         parts = self._parts[name]
         fmt = BY_GGML_TYPE.get(int(parts[0].tensor_type))
         if fmt is None or len(parts) != 1 or len(parts[0].shape) != 2:
             return None
+        return fmt.name
+
+    def blocks(self, name: str) -> torch.Tensor:
+        assert self.block_format(name) is not None, name
         # Rows are independent runs of blocks, so un-permuting Q/K rows works on the bytes as is.
-        return fmt.name, self._unpermute_qk(name, torch.from_numpy(np.array(parts[0].data, dtype=np.uint8)))
+        return self._unpermute_qk(name, torch.from_numpy(np.array(self._parts[name][0].data, dtype=np.uint8)))
 
     def _unpermute_qk(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         if self._arch not in PERMUTED_QK_ARCHITECTURES:

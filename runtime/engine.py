@@ -61,34 +61,16 @@ class Engine:
     than the process's main one (docs/BENCHMARKS.md)."""
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
         manifest = artifact.manifest
         spec = manifest.model
-        self._artifact = artifact
-        self._config = config
         self.model_name = manifest.model_name
         self.generation_defaults = manifest.generation
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
-        self._inbox: queue.SimpleQueue[_Submit | str | None] = queue.SimpleQueue()
-        self._sinks: dict[int, Sink] = {}
-        self._by_request: dict[str, Sequence] = {}
-        self._followers: dict[int, list[Sequence]] = {}
-        self._artifact_root = artifact.root
-        self._grammars: GrammarCompiler | None = None
-        self._grammar_lock = threading.Lock()
-        self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
-        self._build()
-
-    def _build(self) -> None:
-        """Load the model and size the KV cache (on whichever thread will run the model)."""
-        config, spec = self._config, self._artifact.manifest.model
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        manifest = self._artifact.manifest
         quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
-        model = build_model(
-            spec, dict(self._artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype]
-        )
+        model = build_model(spec, dict(artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype])
         bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
         num_blocks = config.kv_blocks or config.kv_cache_mb * 1024 * 1024 // bytes_per_block
         if num_blocks * config.block_size < self.max_model_len:
@@ -107,6 +89,14 @@ class Engine:
         )
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
+        self._inbox: queue.SimpleQueue[_Submit | str | None] = queue.SimpleQueue()
+        self._sinks: dict[int, Sink] = {}
+        self._by_request: dict[str, Sequence] = {}
+        self._followers: dict[int, list[Sequence]] = {}
+        self._artifact_root = artifact.root
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+        self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
         log.info("engine.ready", model=self.model_name, kv_blocks=num_blocks, block_size=config.block_size)
 
     # ---- called from any thread -------------------------------------------------------------

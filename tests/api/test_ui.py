@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -147,7 +148,14 @@ def test_ui_page_asks_for_the_api_key(
     page.click("#send")
     page.wait_for_selector(".msg.assistant[data-state=done]", timeout=WAIT_MS)
     assert page.inner_text(".msg.user") == "hello"
-    assert "8 tokens" in page.inner_text(".msg.assistant .meta")
+    # The page reports the server's usage; the random model may sample its end token early, so the
+    # count is checked against the limit rather than assumed to reach it.
+    meta = page.inner_text(".msg.assistant .meta")
+    counted = re.search(r"(\d+) tokens", meta)
+    assert counted is not None, meta
+    assert 0 <= int(counted.group(1)) <= 8
+    if "cut off at max tokens" in meta:
+        assert int(counted.group(1)) == 8
     _screenshot(page, tmp_path_factory, "ui-api-key.png")
     assert csp_errors == []
     page.close()

@@ -171,6 +171,9 @@ def _deepseek(family: str, c: dict[str, Any], common: dict[str, Any]) -> None:
         router = "group_sigmoid"
     else:
         router = "group_softmax" if c.get("topk_method") == "group_limited_greedy" else "softmax"
+    # Ungrouped routing ignores the group settings: keep them neutral, so every source (a GGUF has
+    # no groups for it) gives the same spec.
+    grouped = router != "softmax"
     common.update(
         mla=True,
         head_dim=head_dim,
@@ -193,8 +196,8 @@ def _deepseek(family: str, c: dict[str, Any], common: dict[str, Any]) -> None:
         shared_expert_gated=False,
         moe_layers=[i for i in range(first_dense, layers) if i % frequency == 0],
         router=router,
-        n_group=int(c.get("n_group") or 1),
-        topk_group=int(c.get("topk_group") or 1),
+        n_group=int(c.get("n_group") or 1) if grouped else 1,
+        topk_group=int(c.get("topk_group") or 1) if grouped else 1,
         routed_scaling_factor=float(c.get("routed_scaling_factor") or 1.0),
     )
 

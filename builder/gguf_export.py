@@ -8,7 +8,9 @@ f16/bf16 artifacts, since GGUF's BF16 support varies across llama.cpp builds) an
 as the GGML blocks they already are, byte for byte. llama.cpp's conventions are applied as its
 converter does: Q and K rows permuted into interleaved rope order for the `llama` arch (rows are
 independent runs of blocks, so this works on blocks too), Gemma norms stored as (1 + w), Phi-3's
-q/k/v and the Phi-3 / GLM-4 gate and up projections fused, stacked experts split into gate and up.
+q/k/v and the Phi-3 / GLM-4 gate and up projections fused, stacked experts split into gate and up,
+DeepSeek's kv_b_proj split per head into attn_k_b (transposed) and attn_v_b, and Llama-3 rope
+scaling written as the `rope_freqs` divisors.
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ from llmc.builder.sources.gguf_file import (
     GEMMA_ARCHITECTURES,
     GLOBAL_NAMES,
     JOINED_EXPERTS,
+    KV_B_PROJ,
     PERMUTED_QK_ARCHITECTURES,
     ROPE_FACTORS,
+    ROPE_FREQS,
     ROW_VECTORS,
+    SPLIT_KV_B,
+    YARN_LOG_MULTIPLIER_SCALE,
     layer_names,
+    llama3_rope_factors,
+    llama3_scaling_from_factors,
     longrope_attn_factor,
+    split_kv_b,
 )
 from llmc.errors import BadInputError
 from llmc.kernels.quant_formats import stored_format
@@ -57,6 +66,8 @@ GGUF_ARCHITECTURES = {
     "glm4": "glm4",
     "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
 }
 EXPORTABLE = tuple(GGUF_ARCHITECTURES)
 _GLOBAL = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
@@ -75,7 +86,23 @@ _FUSED: dict[str, dict[str, tuple[str, ...]]] = {
     "glm4": {"mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")},
 }
 # Where llama.cpp has no place for a value, the export is refused rather than silently different.
-_ROPE_SCALING: dict[str, tuple[str, ...] | None] = {"linear": None, "longrope": ("phi3",)}
+_ROPE_SCALING: dict[str, tuple[str, ...] | None] = {
+    "linear": None,
+    "longrope": ("phi3",),
+    "llama3": ("llama",),
+    "yarn": ("deepseek2",),
+}
+# The YaRN settings llama.cpp's deepseek2 reads (see gguf_file._yarn); any other key is refused.
+_YARN_KEYS = {
+    "rope_type",
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+}
+_LLAMA3_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 
 
 def _layer_table(arch: str) -> dict[str, str]:
@@ -162,6 +189,46 @@ def _check_exportable(spec: ModelSpec, arch: str) -> None:
         raise BadInputError("llama.cpp's gemma2 has no separate output matrix: untied Gemma-2 cannot be exported")
     if spec.qkv_bias != spec.o_bias and arch not in ("qwen2", "qwen2moe", "stablelm", "glm4"):
         raise BadInputError(f"{spec.architecture} with a q/k/v bias but no output bias cannot be exported to GGUF")
+    if scaling == "llama3":
+        _check_llama3(spec)
+    if arch == "deepseek2":
+        _check_deepseek2(spec)
+
+
+def _check_llama3(spec: ModelSpec) -> None:
+    """The llama3 parameters must come back from the divisors alone (plus the original context)."""
+    scaling = dict(spec.rope_scaling or {})
+    dim = round(spec.head_dim * spec.partial_rotary_factor)
+    if set(scaling) != _LLAMA3_KEYS:
+        raise BadInputError(f"llama3 rope scaling with keys {sorted(scaling)} cannot be exported to GGUF")
+    factors = llama3_rope_factors(dim, spec.rope_theta, scaling).tolist()
+    original = int(scaling["original_max_position_embeddings"])
+    if llama3_scaling_from_factors(factors, spec.rope_theta, dim, original) != scaling:
+        raise BadInputError(
+            "this model's llama3 rope scaling leaves too few blended frequencies to be read back from "
+            "llama.cpp's rope_freqs; it cannot be exported to GGUF"
+        )
+
+
+def _check_deepseek2(spec: ModelSpec) -> None:
+    """What llama.cpp's deepseek2 cannot say: biases, rotate-half rope, MoE layers that are not one
+    run after the dense ones, a shared-expert width that is not a whole number of experts."""
+    if spec.qkv_bias or spec.o_bias or spec.mlp_bias:
+        raise BadInputError("llama.cpp's deepseek2 has no attention or MLP biases; this model cannot be exported")
+    if not spec.rope_interleaved:
+        raise BadInputError("llama.cpp's deepseek2 rotates interleaved pairs; rotate-half DeepSeek cannot be exported")
+    first_dense = min(spec.moe_layers or [spec.num_layers])
+    if spec.moe_layers != list(range(first_dense, spec.num_layers)):
+        raise BadInputError("llama.cpp's deepseek2 needs every layer after the leading dense ones to be MoE")
+    if not spec.moe_intermediate_size or spec.shared_expert_intermediate_size % spec.moe_intermediate_size:
+        raise BadInputError("the shared experts' width is not a whole number of experts; cannot export to GGUF")
+    if spec.router not in ("softmax", "group_softmax", "group_sigmoid"):
+        raise BadInputError(f"router {spec.router!r} has no deepseek2 form")
+    scaling = spec.rope_scaling or {}
+    # llama.cpp has no key for YaRN's mscale: it takes it equal to mscale_all_dim.
+    yarn_unsaid = set(scaling) - _YARN_KEYS or scaling.get("mscale") != scaling.get("mscale_all_dim")
+    if scaling.get("rope_type") == "yarn" and yarn_unsaid:
+        raise BadInputError(f"YaRN settings {scaling} have no llama.cpp deepseek2 form; cannot export to GGUF")
 
 
 def _metadata(writer: Any, gguf: Any, spec: ModelSpec, arch: str) -> None:
@@ -170,11 +237,14 @@ def _metadata(writer: Any, gguf: Any, spec: ModelSpec, arch: str) -> None:
     writer.add_block_count(spec.num_layers)
     writer.add_feed_forward_length(spec.intermediate_size)
     writer.add_head_count(spec.num_heads)
-    writer.add_head_count_kv(spec.num_kv_heads)
-    writer.add_key_length(spec.head_dim)
-    writer.add_value_length(spec.head_dim)
+    if arch == "deepseek2":
+        _deepseek2_metadata(writer, gguf, spec)
+    else:
+        writer.add_head_count_kv(spec.num_kv_heads)
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_rope_dimension_count(round(spec.head_dim * spec.partial_rotary_factor))
     writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_rope_dimension_count(round(spec.head_dim * spec.partial_rotary_factor))
     if spec.norm == "layer":
         writer.add_layer_norm_eps(spec.rms_norm_eps)
     else:
@@ -203,6 +273,22 @@ def _metadata(writer: Any, gguf: Any, spec: ModelSpec, arch: str) -> None:
         writer.add_rope_scaling_attn_factors(
             float(factor) if factor is not None else longrope_attn_factor(spec.max_position_embeddings, original)
         )
+    elif scaling.get("rope_type") == "llama3":
+        # llama.cpp reads only the divisors (rope_freqs); the original context pins down which
+        # llama3 parameters they came from when llmc reads the file back.
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    elif scaling.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        if "beta_fast" in scaling:
+            writer.add_rope_scaling_yarn_beta_fast(float(scaling["beta_fast"]))
+        if "beta_slow" in scaling:
+            writer.add_rope_scaling_yarn_beta_slow(float(scaling["beta_slow"]))
+        if scaling.get("mscale_all_dim") is not None:
+            writer.add_rope_scaling_yarn_log_mul(YARN_LOG_MULTIPLIER_SCALE * float(scaling["mscale_all_dim"]))
+    if arch == "deepseek2":
+        return  # experts written by _deepseek2_metadata
     if spec.num_experts:
         writer.add_expert_count(spec.num_experts)
         writer.add_expert_used_count(spec.num_experts_per_tok)
@@ -210,6 +296,32 @@ def _metadata(writer: Any, gguf: Any, spec: ModelSpec, arch: str) -> None:
         writer.add_expert_weights_norm(spec.norm_topk_prob)
         if spec.shared_expert_intermediate_size:
             writer.add_expert_shared_feed_forward_length(spec.shared_expert_intermediate_size)
+
+
+def _deepseek2_metadata(writer: Any, gguf: Any, spec: ModelSpec) -> None:
+    """Latent attention as llama.cpp runs it (one shared key/value head of kv_lora_rank + rope
+    dimensions), the per-head sizes in the `_mla` keys, and the routing."""
+    writer.add_head_count_kv(1)
+    writer.add_key_length(spec.kv_lora_rank + spec.qk_rope_head_dim)
+    writer.add_value_length(spec.kv_lora_rank)
+    writer.add_key_length_mla(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
+    writer.add_value_length_mla(spec.v_head_dim)
+    writer.add_rope_dimension_count(spec.qk_rope_head_dim)
+    # Written even when 0: llama.cpp requires the key for all but a few known model sizes.
+    writer.add_q_lora_rank(spec.q_lora_rank)
+    writer.add_kv_lora_rank(spec.kv_lora_rank)
+    writer.add_leading_dense_block_count(min(spec.moe_layers or [spec.num_layers]))
+    writer.add_expert_count(spec.num_experts)
+    writer.add_expert_used_count(spec.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(spec.moe_intermediate_size)
+    writer.add_expert_shared_count(spec.shared_expert_intermediate_size // spec.moe_intermediate_size)
+    writer.add_expert_weights_scale(spec.routed_scaling_factor)
+    writer.add_expert_weights_norm(spec.norm_topk_prob)
+    sigmoid = spec.router == "group_sigmoid"
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    if spec.router != "softmax":  # ungrouped V2 routing: llama.cpp groups whenever the count is > 1
+        writer.add_expert_group_count(spec.n_group)
+        writer.add_expert_group_used_count(spec.topk_group)
 
 
 def _dequantized(tensor: torch.Tensor, fmt: str | None) -> torch.Tensor:
@@ -225,6 +337,9 @@ def _gguf_tensors(
     if scaling.get("rope_type") == "longrope":
         for gguf_key, key in ROPE_FACTORS.items():
             yield gguf_key, torch.tensor(scaling[key], dtype=torch.float32), None
+    elif scaling.get("rope_type") == "llama3":
+        dim = round(spec.head_dim * spec.partial_rotary_factor)
+        yield ROPE_FREQS, torch.from_numpy(llama3_rope_factors(dim, spec.rope_theta, scaling)), None
     for name, tensor in weights.items():
         if name == "lm_head.weight" and spec.tie_word_embeddings:
             continue
@@ -243,6 +358,11 @@ def _gguf_tensors(
                     torch.cat([_dequantized(weights[n], quant.get(n)) for n in names]),
                     None,
                 )
+            continue
+        if arch == "deepseek2" and local == KV_B_PROJ:
+            halves = split_kv_b(_dequantized(tensor, quant.get(name)), spec.num_heads, spec.qk_nope_head_dim)
+            for gguf_local, half in zip(SPLIT_KV_B, halves, strict=True):
+                yield f"blk.{name.split('.')[2]}.{gguf_local}", half, None
             continue
         if local == EXPERTS_GATE_UP:
             gate, up = tensor.float().chunk(2, dim=1)

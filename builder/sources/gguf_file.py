@@ -3,7 +3,9 @@
 Each llama.cpp architecture llmc runs maps back onto its Hugging Face family: tensors get the HF
 names `builder/arch.py` already knows (fused ones, like Phi-3's `attn_qkv`, stay fused and are
 split there), and llama.cpp's conventions are undone where they differ from HF's: the llama
-arch's interleaved Q/K rows, Gemma's norms stored as (1 + w), stacked experts split in gate and up.
+arch's interleaved Q/K rows, Gemma's norms stored as (1 + w), stacked experts split in gate and up,
+DeepSeek's kv_b_proj split per head into attn_k_b / attn_v_b, and Llama-3 rope scaling stored as
+per-pair frequency divisors (`rope_freqs`), read back as the llama3 parameters that give them.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ HF_ARCHITECTURES = {
     "glm4": "Glm4ForCausalLM",
     "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "deepseek2": "DeepseekV2ForCausalLM",  # V3 when its router is a sigmoid (see _deepseek2)
 }
 SUPPORTED_GGUF_ARCHITECTURES = tuple(HF_ARCHITECTURES)
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
+# Architectures whose routed experts are stacked ffn_{gate,up,down}_exps tensors.
+STACKED_EXPERT_ARCHITECTURES = (*MOE_ARCHITECTURES, "deepseek2")
 # llama.cpp's Gemma converter stores RMSNorm weights as (1 + w); HF (and llmc's spec) keep w.
 GEMMA_NORM_OFFSET = 1.0
 # Only llama.cpp's `llama` arch rotates interleaved pairs; its converter permutes HF's Q/K rows for it.
@@ -88,10 +93,25 @@ ARCH_LAYER_NAMES: dict[str, dict[str, str]] = {
     },
     "qwen2moe": _MOE_NAMES,
     "qwen3moe": _MOE_NAMES,
+    # Latent attention; shared experts already under llmc's canonical `shared_expert` name.
+    "deepseek2": {
+        **_MOE_NAMES,
+        "attn_q_a.weight": "self_attn.q_a_proj.weight",
+        "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+        "attn_q_b.weight": "self_attn.q_b_proj.weight",
+        "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+        "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+        "attn_kv_b.weight": "self_attn.kv_b_proj.weight",  # older files; current ones split it (below)
+        "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    },
 }
 # Stacked experts: llama.cpp keeps gate and up apart, transformers 5 (and llmc) stack them as one.
 JOINED_EXPERTS = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1}
 EXPERTS_GATE_UP = "mlp.experts.gate_up_proj"
+# llama.cpp's converter splits latent attention's kv_b_proj per head into k_b (transposed, so the
+# key half can be absorbed into the query) and v_b; both are joined back into kv_b_proj.
+SPLIT_KV_B = {"attn_k_b.weight": 0, "attn_v_b.weight": 1}
+KV_B_PROJ = "self_attn.kv_b_proj.weight"
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -100,6 +120,20 @@ GLOBAL_NAMES = {
 }
 # Phi-3's longrope factors live in tensors; they become config, not weights.
 ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
+# Llama-3 rope scaling, as llama.cpp stores it: one frequency divisor per rotated pair.
+ROPE_FREQS = "rope_freqs.weight"
+# The divisors are float32, and llama.cpp's converter computes them in float32 arithmetic: llama3
+# parameters read back from them must reproduce every divisor to this relative tolerance.
+ROPE_FREQS_RTOL = 1e-5
+# Llama-3's low_freq_factor, assumed when a file does not say the original context (llama.cpp's
+# converter never does): the divisors fix only the ratios of the three llama3 parameters.
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+# llama.cpp's deepseek2 stores YaRN's mscale_all_dim times this as `rope.scaling.yarn_log_multiplier`.
+YARN_LOG_MULTIPLIER_SCALE = 0.1
+# gguf's ExpertGatingFuncType.SIGMOID: DeepSeek-V3's router.
+EXPERT_GATING_SIGMOID = 2
+# Significant digits tried, fewest first, when reading llama3 parameters back as decimals.
+MAX_DECIMAL_DIGITS = 17
 # Stored 1-D ({n_embd}) as llama.cpp declares it; HF's linear layer has one row.
 ROW_VECTORS = ("mlp.shared_expert_gate.weight",)
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -150,15 +184,23 @@ class GgufSource(ModelSource):
                 parts.setdefault(GLOBAL_NAMES[tensor.name], {})[0] = tensor
             elif tensor.name in ROPE_FACTORS and arch == "phi3":
                 extra[ROPE_FACTORS[tensor.name]] = tensor
+            elif tensor.name == ROPE_FREQS and arch == "llama":
+                extra[ROPE_FREQS] = tensor
             elif match and local in locals_:
                 parts.setdefault(f"model.layers.{match.group(1)}.{locals_[local]}", {})[0] = tensor
-            elif match and local in JOINED_EXPERTS and arch in MOE_ARCHITECTURES:
+            elif match and local in JOINED_EXPERTS and arch in STACKED_EXPERT_ARCHITECTURES:
                 parts.setdefault(f"model.layers.{match.group(1)}.{EXPERTS_GATE_UP}", {})[JOINED_EXPERTS[local]] = tensor
+            elif match and local in SPLIT_KV_B and arch == "deepseek2":
+                parts.setdefault(f"model.layers.{match.group(1)}.{KV_B_PROJ}", {})[SPLIT_KV_B[local]] = tensor
             else:
                 raise BadModelError(f"GGUF tensor {tensor.name!r} is not part of the {arch} layout llmc knows")
         for hf, found in parts.items():
-            if sorted(found) != list(range(len(found))) or (hf.endswith(EXPERTS_GATE_UP) and len(found) != 2):
-                raise BadModelError(f"GGUF tensors for {hf} are incomplete (need both ffn_gate_exps and ffn_up_exps)")
+            joined = hf.endswith(EXPERTS_GATE_UP) or (hf.endswith(KV_B_PROJ) and len(found) > 1)
+            if sorted(found) != list(range(len(found))) or (joined and len(found) != 2):
+                raise BadModelError(
+                    f"GGUF tensors for {hf} are incomplete (need both ffn_gate_exps and ffn_up_exps, "
+                    "or both attn_k_b and attn_v_b)"
+                )
         self._parts = {hf: [found[i] for i in sorted(found)] for hf, found in parts.items()}
         config = _config_from_fields(arch, fields, self._parts, extra)
         tok = tokenizer_from_gguf(fields)
@@ -179,7 +221,10 @@ class GgufSource(ModelSource):
         for name, parts in self._parts.items():
             shapes = [[int(d) for d in reversed(p.shape.tolist())] for p in parts]
             shape = shapes[0]
-            if len(parts) > 1:
+            if name.endswith(KV_B_PROJ) and len(parts) > 1:
+                (heads, rank, nope), (_, v_dim, _) = shapes
+                shape = [heads * (nope + v_dim), rank]
+            elif len(parts) > 1:
                 shape[-2] = sum(s[-2] for s in shapes)
             if name.endswith(ROW_VECTORS) and len(shape) == 1:
                 shape = [1, *shape]
@@ -208,6 +253,8 @@ class GgufSource(ModelSource):
         return rows
 
     def load(self, name: str) -> torch.Tensor:
+        if name.endswith(KV_B_PROJ) and len(self._parts[name]) > 1:
+            return _join_kv_b(*(_dequantize(t) for t in self._parts[name]))
         tensor = torch.cat([_dequantize(t) for t in self._parts[name]], dim=-2 if len(self._parts[name]) > 1 else 0)
         if name.endswith(ROW_VECTORS) and tensor.dim() == 1:
             tensor = tensor.unsqueeze(0)
@@ -215,6 +262,20 @@ class GgufSource(ModelSource):
             # Exact: (1 + w) - 1 in float32 gives back a w' with 1 + w' == 1 + w, all the runtime computes.
             tensor = tensor - GEMMA_NORM_OFFSET
         return self._unpermute_qk(name, tensor)
+
+
+def _join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """attn_k_b [heads, rank, nope] and attn_v_b [heads, v, rank] → kv_b_proj [heads * (nope + v), rank]."""
+    heads, rank, _ = k_b.shape
+    if v_b.dim() != 3 or v_b.shape[0] != heads or v_b.shape[2] != rank:
+        raise BadModelError(f"GGUF attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} do not fit together")
+    return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, rank).contiguous()
+
+
+def split_kv_b(kv_b: torch.Tensor, heads: int, nope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_proj → (attn_k_b, attn_v_b) as llama.cpp's converter writes them; inverse of _join_kv_b."""
+    per_head = kv_b.reshape(heads, -1, kv_b.shape[-1])
+    return per_head[:, :nope].transpose(1, 2).contiguous(), per_head[:, nope:].contiguous()
 
 
 def _dequantize(tensor: Any) -> torch.Tensor:
@@ -301,6 +362,8 @@ def _config_from_fields(
         _gemma(arch, fields, config)
     if arch in MOE_ARCHITECTURES:
         _moe(arch, fields, config, layers, parts)
+    if arch == "deepseek2":
+        _deepseek2(fields, config, rope_dim)
     return config
 
 
@@ -308,19 +371,31 @@ def _rope_scaling(
     arch: str, fields: dict[str, Any], config: dict[str, Any], extra: dict[str, Any], rope_dim: int
 ) -> None:
     scaling_type = fields.get(f"{arch}.rope.scaling.type")
+    original = fields.get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        original = _bounded(f"{arch}.rope.scaling.original_context_length", original, MAX_CONTEXT)
     if scaling_type == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": _decimal(fields[f"{arch}.rope.scaling.factor"])}
+    elif ROPE_FREQS in extra:
+        tensor = extra[ROPE_FREQS]
+        if int(np.prod(tensor.shape.tolist())) != rope_dim // 2:
+            raise BadModelError(f"GGUF {ROPE_FREQS} has {tensor.shape.tolist()} values, rope needs {rope_dim // 2}")
+        factors = _dequantize(tensor).flatten().tolist()
+        scaling = llama3_scaling_from_factors(factors, config["rope_theta"], rope_dim, original)
+        if scaling is None:
+            raise BadModelError(
+                f"GGUF {ROPE_FREQS} is not Llama-3 rope scaling; other per-pair factors are not supported"
+            )
+        config["rope_scaling"] = scaling
+    elif scaling_type == "yarn" and arch == "deepseek2":
+        config["rope_scaling"] = _yarn(arch, fields, original)
     elif extra and set(extra) == set(ROPE_FACTORS.values()):  # Phi-3's longrope
         rope: dict[str, Any] = {"rope_type": "longrope", "rope_theta": config["rope_theta"]}
         for key, tensor in extra.items():
             if int(np.prod(tensor.shape.tolist())) != rope_dim // 2:
                 raise BadModelError(f"GGUF {key} tensor has {tensor.shape.tolist()} values, rope needs {rope_dim // 2}")
             rope[key] = _dequantize(tensor).flatten().tolist()
-        original = _bounded(
-            f"{arch}.rope.scaling.original_context_length",
-            fields.get(f"{arch}.rope.scaling.original_context_length"),
-            MAX_CONTEXT,
-        )
+        original = _bounded(f"{arch}.rope.scaling.original_context_length", original, MAX_CONTEXT)
         config["original_max_position_embeddings"] = original
         attn_factor = fields.get(f"{arch}.rope.scaling.attn_factor")
         if attn_factor is not None and not math.isclose(
@@ -332,6 +407,79 @@ def _rope_scaling(
         raise BadModelError("GGUF file has only one of rope_factors_short / rope_factors_long")
     elif scaling_type not in (None, "none"):
         raise BadModelError(f"GGUF rope scaling {scaling_type!r} is not supported yet")
+
+
+def _yarn(arch: str, fields: dict[str, Any], original: int | None) -> dict[str, Any]:
+    """YaRN as llama.cpp's deepseek2 reads it: the log multiplier is 0.1 * mscale_all_dim, and
+    mscale, which has no key, is taken equal to mscale_all_dim (as in DeepSeek's configs)."""
+    if original is None:
+        raise BadModelError(f"GGUF YaRN rope scaling needs {arch}.rope.scaling.original_context_length")
+    scaling: dict[str, Any] = {
+        "rope_type": "yarn",
+        "factor": _decimal(fields[f"{arch}.rope.scaling.factor"]),
+        "original_max_position_embeddings": original,
+    }
+    for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        if (value := fields.get(f"{arch}.rope.scaling.{key}")) is not None:
+            scaling[name] = _decimal(value)
+    log_multiplier = fields.get(f"{arch}.rope.scaling.yarn_log_multiplier")
+    if log_multiplier is not None:
+        # Divided in float32, as llama.cpp does, so 0.1 * m written in float32 reads back as m.
+        mscale_all_dim = _decimal(np.float32(log_multiplier) / np.float32(YARN_LOG_MULTIPLIER_SCALE))
+        scaling["mscale_all_dim"] = scaling["mscale"] = mscale_all_dim
+    return scaling
+
+
+def llama3_rope_factors(dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """The per-pair frequency divisors llama.cpp applies for Llama-3 rope scaling (its
+    `rope_freqs` tensor): 1 for short wavelengths, `factor` for long ones, a blend between."""
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, blended))
+    return factors.astype(np.float32)
+
+
+def llama3_scaling_from_factors(
+    factors: list[float], theta: float, dim: int, original: int | None
+) -> dict[str, Any] | None:
+    """The llama3 rope parameters that give these divisors, as short decimals, or None if none do.
+
+    In the blended band 1/divisor is linear in the frequency, which fixes factor and two ratios of
+    (original context, low, high); the third comes from `original` or, when the file does not say,
+    from Llama-3's low_freq_factor of 1 (any choice gives the same rope).
+    """
+    f = np.asarray(factors, dtype=np.float64)
+    if f.size != dim // 2 or not np.all(np.isfinite(f)) or f.min() <= 0:
+        return None
+    factor = _decimal(f.max())
+    blended = (f > 1 + ROPE_FREQS_RTOL) & (f < factor * (1 - ROPE_FREQS_RTOL))
+    if factor <= 1 or blended.sum() < 2:
+        return None
+    inverse_wavelen = theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim) / (2 * math.pi)
+    smooth = (1 / f[blended] - 1 / factor) / (1 - 1 / factor)
+    # smooth = (old / wavelen - low) / (high - low) = slope / wavelen - offset
+    slope, intercept = np.polyfit(inverse_wavelen[blended], smooth, 1)
+    offset = -intercept
+    if slope <= 0 or offset <= 0:
+        return None
+    old = original if original is not None else round(LLAMA3_LOW_FREQ_FACTOR * slope / offset)
+    span = old / slope  # high - low
+    low, high = offset * span, offset * span + span
+    for digits in range(1, MAX_DECIMAL_DIGITS + 1):
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": float(f"{low:.{digits}g}"),
+            "high_freq_factor": float(f"{high:.{digits}g}"),
+            "original_max_position_embeddings": old,
+        }
+        if np.allclose(llama3_rope_factors(dim, theta, scaling), f, rtol=ROPE_FREQS_RTOL, atol=0):
+            return scaling
+    return None
 
 
 def longrope_attn_factor(max_positions: int, original: int) -> float:
@@ -359,6 +507,52 @@ def _gemma(arch: str, fields: dict[str, Any], config: dict[str, Any]) -> None:
     if arch == "gemma3":
         config["rope_local_base_freq"] = _decimal(fields.get(f"{arch}.rope.freq_base_swa", 10000.0))
         config.setdefault("sliding_window_pattern", 6)  # llama.cpp's fixed 5 local : 1 global
+
+
+def _deepseek2(fields: dict[str, Any], config: dict[str, Any], rope_dim: int) -> None:
+    """Latent attention and grouped routing, from llama.cpp's deepseek2 keys.
+
+    llama.cpp runs latent attention as one shared key/value head (key_length = kv_lora_rank +
+    rope dim); the per-head sizes are the `_mla` keys (older files: key_length itself). A sigmoid
+    router is DeepSeek-V3's (correction bias, groups ranked by their two best experts); a softmax
+    one is V2's, group-limited when the file has several expert groups.
+    """
+    arch = "deepseek2"
+
+    def count(key: str, limit: int, default: Any = None, minimum: int = 1) -> int:
+        value = fields.get(f"{arch}.{key}", default)
+        if value is None:
+            raise BadModelError(f"GGUF metadata key {arch}.{key} is missing")
+        return _bounded(f"{arch}.{key}", value, limit, minimum)
+
+    key_length = count("attention.key_length_mla", MAX_WIDTH, fields.get(f"{arch}.attention.key_length"))
+    if key_length <= rope_dim:
+        raise BadModelError(f"GGUF {arch} key length {key_length} leaves no room beside the rope dimension {rope_dim}")
+    sigmoid = fields.get(f"{arch}.expert_gating_func") == EXPERT_GATING_SIGMOID
+    n_group = count("expert_group_count", MAX_EXPERTS, 1)
+    config.pop("partial_rotary_factor", None)  # the rope dimension is qk_rope_head_dim
+    config.update(
+        architectures=["DeepseekV3ForCausalLM" if sigmoid else "DeepseekV2ForCausalLM"],
+        head_dim=key_length,
+        num_key_value_heads=config["num_attention_heads"],
+        q_lora_rank=count("attention.q_lora_rank", MAX_WIDTH, 0, minimum=0) or None,
+        kv_lora_rank=count("attention.kv_lora_rank", MAX_WIDTH),
+        qk_nope_head_dim=key_length - rope_dim,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=count("attention.value_length_mla", MAX_WIDTH, fields.get(f"{arch}.attention.value_length")),
+        rope_interleave=True,  # llama.cpp's deepseek2 rotates adjacent pairs, as DeepSeek's checkpoints do
+        n_routed_experts=(experts := count("expert_count", MAX_EXPERTS)),
+        num_experts_per_tok=count("expert_used_count", experts),
+        moe_intermediate_size=count("expert_feed_forward_length", MAX_WIDTH),
+        n_shared_experts=count("expert_shared_count", MAX_EXPERTS, 0, minimum=0),
+        first_k_dense_replace=count("leading_dense_block_count", config["num_hidden_layers"], 0, minimum=0),
+        moe_layer_freq=1,
+        norm_topk_prob=bool(fields.get(f"{arch}.expert_weights_norm", False)),
+        routed_scaling_factor=_decimal(fields.get(f"{arch}.expert_weights_scale", 1.0)),
+        n_group=n_group,
+        topk_group=count("expert_group_used_count", n_group, 1),
+        topk_method="noaux_tc" if sigmoid else "group_limited_greedy" if n_group > 1 else "greedy",
+    )
 
 
 def _moe(arch: str, fields: dict[str, Any], config: dict[str, Any], layers: int, parts: dict[str, list[Any]]) -> None:

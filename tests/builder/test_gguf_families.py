@@ -1,13 +1,15 @@
 """Issue 7, GGUF side: every family with a llama.cpp architecture goes safetensors → `llmc build` →
 `llmc export --gguf` → `llmc build` from that GGUF, and both artifacts give the same logits (f32, so
 bit for bit up to float noise); transformers' GGUF loader, where it knows the architecture, and
-llama.cpp read the exported file to the same model."""
+llama.cpp read the exported file to the same model. Llama's tiny model has Llama-3 rope scaling
+(llama.cpp's `rope_freqs` divisors), DeepSeek-V3's YaRN and grouped sigmoid routing."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.builder.gguf_export import GGUF_ARCHITECTURES, export_gguf
 from llmc.builder.gguf_tokenizer import PRE_TOKENIZERS
+from llmc.builder.sources.gguf_file import llama3_scaling_from_factors
 from llmc.runtime.sampling_params import SamplingParams
 from tests.helpers import generate, open_engine, prompt_logits
 from tests.runtime.test_families import FAMILIES, make_family
@@ -32,8 +35,12 @@ GGUF_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma2": {"tie_word_embeddings": True},
     "qwen2_moe": {"mlp_only_layers": []},
 }
+# Variants of a family's tiny model, tested as cases of their own: DeepSeek-V2 with ungrouped
+# routing, which llama.cpp runs as transformers does (see LLAMA_CPP_FAMILIES).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"deepseek_v2_greedy": ("deepseek_v2", {"topk_method": "greedy"})}
 # Metadata transformers' GGUF loader does not read (its GGUF_CONFIG_MAPPING), passed to it directly.
 TRANSFORMERS_UNREAD: dict[str, dict[str, Any]] = {
+    "llama": {"rope_parameters": FAMILIES["llama"][2]["rope_parameters"]},  # it ignores rope_freqs
     "qwen3": {"head_dim": FAMILIES["qwen3"][2]["head_dim"]},
     "phi3": {
         "pad_token_id": None,
@@ -46,10 +53,25 @@ TRANSFORMERS_UNREAD: dict[str, dict[str, Any]] = {
     "qwen2_moe": {k: FAMILIES["qwen2_moe"][2][k] for k in ("moe_intermediate_size", "shared_expert_intermediate_size")},
     "qwen3_moe": {"moe_intermediate_size": FAMILIES["qwen3_moe"][2]["moe_intermediate_size"]},
 }
-GGUF_FAMILIES = sorted(set(GGUF_ARCHITECTURES) & set(FAMILIES) - {"llama"})  # llama3 rope has no GGUF form yet
+GGUF_FAMILIES = sorted((set(GGUF_ARCHITECTURES) & set(FAMILIES)) | set(VARIANTS))
+# transformers has no GGUF loader for glm4 or deepseek2.
+TRANSFORMERS_FAMILIES = sorted(set(GGUF_FAMILIES) - {"glm4", "deepseek_v2", "deepseek_v3", "deepseek_v2_greedy"})
 # Families llama.cpp runs as the tiny model is (its llama arch has no sliding window; phi3 picks
-# longrope's factors by context size, not sequence length).
-LLAMA_CPP_FAMILIES = ["gemma2", "gemma3", "glm4", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "stablelm"]
+# longrope's factors by context size, not sequence length; its deepseek2 ranks expert groups by
+# their two best experts, V3's rule, where group-limited V2 takes the best one).
+LLAMA_CPP_FAMILIES = [
+    "deepseek_v2_greedy",
+    "deepseek_v3",
+    "gemma2",
+    "gemma3",
+    "glm4",
+    "llama",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "stablelm",
+]
 # Transformers reads a llama-arch GGUF named exactly "mistral" as Mistral, then fails (gguf-py has no
 # mistral arch); as Llama it has no window, so for Mistral it sees only a prompt the window does not cut.
 TRANSFORMERS_PROMPT = {"mistral": PROMPT[: FAMILIES["mistral"][2]["sliding_window"]]}
@@ -65,10 +87,11 @@ def _exportable_tokenizer(folder: Path) -> None:
 
 
 @functools.cache
-def _round_trip(family: str, root: Path) -> tuple[Path, Path, Path]:
-    """(safetensors-built artifact, exported GGUF, GGUF-built artifact) for one family, made once."""
+def _round_trip(case: str, root: Path) -> tuple[Path, Path, Path]:
+    """(safetensors-built artifact, exported GGUF, GGUF-built artifact) for one family or variant, made once."""
+    family, variant = VARIANTS.get(case, (case, {}))
     config, model, overrides = FAMILIES[family]
-    FAMILIES[family] = (config, model, {**overrides, **GGUF_OVERRIDES.get(family, {})})
+    FAMILIES[family] = (config, model, {**overrides, **GGUF_OVERRIDES.get(family, {}), **variant})
     try:
         make_family(root / "src", family)
     finally:
@@ -77,8 +100,8 @@ def _round_trip(family: str, root: Path) -> tuple[Path, Path, Path]:
     build(
         BuildOptions(model=str(root / "src"), gguf_file=None, weights=None, output=root / "art", name=f"tiny-{family}")
     )
-    gguf_file = export_gguf(root / "art", root / f"{family}.gguf")
-    build(BuildOptions(model=str(gguf_file), gguf_file=None, weights=None, output=root / "again", name=family))
+    gguf_file = export_gguf(root / "art", root / f"{case}.gguf")
+    build(BuildOptions(model=str(gguf_file), gguf_file=None, weights=None, output=root / "again", name=case))
     return root / "art", gguf_file, root / "again"
 
 
@@ -98,7 +121,7 @@ def test_gguf_round_trip_keeps_logits(family: str, workdir: Path) -> None:
     assert (got - expected).abs().max().item() <= SAME
 
 
-@pytest.mark.parametrize("family", sorted(set(GGUF_FAMILIES) - {"glm4"}))  # transformers has no glm4 GGUF loader
+@pytest.mark.parametrize("family", TRANSFORMERS_FAMILIES)
 def test_transformers_gguf_loader_agrees(family: str, workdir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -149,8 +172,8 @@ def test_unsupported_gguf_architecture_lists_supported(tmp_path: Path) -> None:
     from llmc.builder.sources.gguf_file import GgufSource
     from llmc.errors import BadModelError
 
-    with pytest.raises(BadModelError, match=r"supported: llama, qwen2, .*qwen3moe"):
-        GgufSource(_header_only_gguf(tmp_path / "x.gguf", "deepseek2", 4), "x")
+    with pytest.raises(BadModelError, match=r"supported: llama, qwen2, .*qwen3moe, deepseek2"):
+        GgufSource(_header_only_gguf(tmp_path / "x.gguf", "falcon", 4), "x")
 
 
 def test_gguf_sizes_are_bounded(tmp_path: Path) -> None:
@@ -161,3 +184,33 @@ def test_gguf_sizes_are_bounded(tmp_path: Path) -> None:
     fields = {"llama.embedding_length": 64, "llama.attention.head_count": 4, "llama.block_count": MAX_LAYERS + 1}
     with pytest.raises(BadModelError, match=r"llama\.block_count"):
         _config_from_fields("llama", fields, {}, {})
+
+
+def _converter_rope_freqs(dim: int, theta: float, factor: float, low: float, high: float, old: int) -> list[float]:
+    """Llama-3 divisors computed in float32 arithmetic, as llama.cpp's converter does (not llmc's
+    float64 `llama3_rope_factors`), so reading them back is tested against its rounding."""
+    wavelen = 2 * math.pi / (1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    smooth = (old / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    ones, factors = torch.ones_like(wavelen), torch.full_like(wavelen, factor)
+    return torch.where(wavelen < old / high, ones, torch.where(wavelen > old / low, factors, blended)).tolist()
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])  # Llama-3.1 and Llama-3.2
+def test_llama3_parameters_read_back_from_converter_rope_freqs(factor: float) -> None:
+    """A file from llama.cpp's converter says nothing but the divisors: Llama-3's parameters come back."""
+    freqs = _converter_rope_freqs(128, 500000.0, factor, 1.0, 4.0, 8192)
+    expected = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert llama3_scaling_from_factors(freqs, 500000.0, 128, None) == expected
+    assert llama3_scaling_from_factors(freqs, 500000.0, 128, 8192) == expected
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused() -> None:
+    freqs = (1 + torch.rand(64, generator=torch.Generator().manual_seed(0)) * 7).tolist()
+    assert llama3_scaling_from_factors(freqs, 500000.0, 128, 8192) is None

@@ -1,8 +1,14 @@
 """Attention over a paged KV cache: plain-torch path (the CPU path and the reference).
 
-The cache of one layer is a pair of tensors shaped [num_blocks, block_size, num_kv_heads, head_dim].
-A sequence's keys live in the blocks its block table lists, in order; token `t` of the sequence is
-at block `table[t // block_size]`, offset `t % block_size`.
+The cache of one layer is a pair of flat tensors shaped [num_slots, num_kv_heads, head_dim], read as
+num_slots / block_size blocks. A sequence's keys live in the blocks its block table lists, in order;
+token `t` of the sequence is at slot `table[t // block_size] * block_size + t % block_size`. The
+cache is flat so that a compiled step can update it in place with one `index_copy_` on its input
+(a write through a reshaped view of an input compiles into a copy of the whole cache).
+
+`decode_attention` is the tensor-only form (one new token per sequence, fixed-shape inputs) that the
+ahead-of-time compiled decode step traces; `paged_attention` handles any mix of prefill chunks and
+decodes, eagerly.
 """
 
 from __future__ import annotations
@@ -26,46 +32,56 @@ class SeqSlice:
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store the step's new keys/values ([N, kv_heads, head_dim]) at flat slots block*block_size+offset."""
-    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, k)
-    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, v)
+    """Store the step's new keys/values ([N, kv_heads, head_dim]) at their slots."""
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+def _blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
+    return cache.view(-1, block_size, *cache.shape[1:])
+
+
+def gather_kv(cache: torch.Tensor, block_size: int, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """The first `context_len` cached entries of one sequence: [context_len, kv_heads, head_dim]."""
-    block_size = cache.shape[1]
     num_blocks = -(-context_len // block_size)
-    blocks = cache.index_select(0, block_table[:num_blocks])
+    blocks = _blocks(cache, block_size).index_select(0, block_table[:num_blocks])
     return blocks.flatten(0, 1)[:context_len]
 
 
-def _decode_batched(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seqs: list[SeqSlice],
-    scale: float,
-    window: int | None,
-    softcap: float | None,
-) -> torch.Tensor:
-    """One query per sequence: gather every sequence's blocks into one padded batch and attend in
-    a single call, instead of one call per sequence. Returns [len(seqs), heads, v_dim]."""
-    block_size = k_cache.shape[1]
-    lengths = torch.tensor([s.context_len for s in seqs])
-    max_blocks = -(-int(lengths.max()) // block_size)
-    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int64)  # padding points at block 0, masked below
+def block_tables_tensor(seqs: list[SeqSlice], block_size: int) -> torch.Tensor:
+    """The sequences' block tables as one [B, max blocks] tensor; padding points at block 0 (masked)."""
+    max_blocks = max(-(-s.context_len // block_size) for s in seqs)
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int64)
     for row, seq in enumerate(seqs):
         used = -(-seq.context_len // block_size)
         tables[row, :used] = seq.block_table[:used]
-    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
-    group = q.shape[1] // k_cache.shape[2]
-    positions = torch.arange(keys.shape[2]).unsqueeze(0)
-    mask = positions < lengths.unsqueeze(1)
+    return tables
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_size: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One query per sequence (q [B, heads, head_dim]) over its first context_lens[b] cached
+    entries, all sequences in one padded call. block_tables [B, max blocks] int64; entries past a
+    sequence's length may point at any valid block. Returns [B, heads, v_dim]."""
+    keys = _blocks(k_cache, block_size)[block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    values = _blocks(v_cache, block_size)[block_tables].flatten(1, 2).transpose(1, 2)
+    group = q.shape[1] // k_cache.shape[1]
+    positions = torch.arange(keys.shape[2], device=q.device).unsqueeze(0)
+    lengths = context_lens.unsqueeze(1)
+    mask = positions < lengths
     if window is not None:
-        mask &= positions >= (lengths - window).unsqueeze(1)
+        mask &= positions >= lengths - window
     mask = mask[:, None, None, :]  # [B, 1, 1, L]
-    queries = q[[s.query_start for s in seqs]].unsqueeze(2)  # [B, H, 1, D]
+    queries = q.unsqueeze(2)  # [B, H, 1, D]
     if softcap is None:
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     else:
@@ -80,6 +96,7 @@ def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    block_size: int,
     seqs: list[SeqSlice],
     scale: float,
     window: int | None = None,
@@ -92,18 +109,20 @@ def paged_attention(
     """
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])  # values may be narrower (MLA)
     num_heads = q.shape[1]
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     decoding = [s for s in seqs if s.query_len == 1]
     if len(decoding) > 1:
         rows = torch.tensor([s.query_start for s in decoding])
-        out[rows] = _decode_batched(q, k_cache, v_cache, decoding, scale, window, softcap)
+        lengths = torch.tensor([s.context_len for s in decoding])
+        tables = block_tables_tensor(decoding, block_size)
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, block_size, tables, lengths, scale, window, softcap)
     for seq in seqs:
         if seq.query_len == 1 and len(decoding) > 1:
             continue
         qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)  # [H, Lq, D]
-        keys = gather_kv(k_cache, seq.block_table, seq.context_len).transpose(0, 1)  # [Hkv, Lk, D]
-        values = gather_kv(v_cache, seq.block_table, seq.context_len).transpose(0, 1)
+        keys = gather_kv(k_cache, block_size, seq.block_table, seq.context_len).transpose(0, 1)  # [Hkv, Lk, D]
+        values = gather_kv(v_cache, block_size, seq.block_table, seq.context_len).transpose(0, 1)
         mask = None
         if seq.query_len > 1 or (window is not None and seq.context_len > window):
             # Query i sits at position context_len - query_len + i and sees keys up to it.

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmc.kernels import quant_kquants, quant_legacy
 from llmc.kernels.quant_formats import FORMATS
@@ -44,26 +45,36 @@ def int4_parts(blocks: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
     return _INT4_PARTS[fmt](blocks)
 
 
-class CpuQMatmul:
-    """One weight's prepared form; call it with activations [M, K] to get [M, N] in x's dtype."""
+class CpuQMatmul(nn.Module):
+    """One weight's prepared form; call it with activations [M, K] to get [M, N] in x's dtype.
+
+    The prepared tensors are (non-persistent) buffers so that torch.export sees them as the
+    compiled step's constants, which the runtime feeds from this module at load.
+    """
+
+    packed: torch.Tensor | None
+    scales_zeros: torch.Tensor | None
+    dense: torch.Tensor | None
 
     def __init__(self, blocks: torch.Tensor, fmt: str) -> None:
+        super().__init__()
         self.fmt = fmt
         self.out_features = blocks.shape[0]
         info = FORMATS[fmt]
         self.in_features = blocks.shape[1] // info.type_size * info.block_size
-        self.packed: torch.Tensor | None = None
-        self.scales_zeros: torch.Tensor | None = None
-        self.dense: torch.Tensor | None = None
+        packed = scales_zeros = dense = None
         if fmt in INT4_FORMATS and self.out_features % _INT4_N_MULTIPLE == 0:
             q, scale, offset = int4_parts(blocks, fmt)
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), _INNER_K_TILES)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), _INNER_K_TILES)
             zero = offset + _INT4_ZERO_POINT * scale
-            self.scales_zeros = torch.stack([scale.T, zero.T], dim=-1).to(COMPUTE_DTYPE).contiguous()
+            scales_zeros = torch.stack([scale.T, zero.T], dim=-1).to(COMPUTE_DTYPE).contiguous()
         else:
-            self.dense = info.dequantize(blocks).to(COMPUTE_DTYPE)
+            dense = info.dequantize(blocks).to(COMPUTE_DTYPE)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+        self.register_buffer("dense", dense, persistent=False)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(COMPUTE_DTYPE)
         if self.packed is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP, self.scales_zeros)

@@ -59,6 +59,8 @@ def _map_blocks(
     """
     rows, cols = data.shape
     flat = data.contiguous().view(-1, in_width)
+    if 0 < flat.shape[0] <= _CHUNK_BLOCKS:  # one chunk; also keeps a traced lookup's row count symbolic
+        return fn(flat).view(rows, cols // in_width * out_width)
     out = torch.empty(flat.shape[0], out_width, dtype=out_dtype, device=data.device)
     for start in range(0, flat.shape[0], _CHUNK_BLOCKS):
         stop = start + _CHUNK_BLOCKS

@@ -16,7 +16,7 @@ from torch import nn
 
 from llmc.artifacts.manifest import ModelSpec
 from llmc.errors import BadArtifactError
-from llmc.kernels.paged_attention import SeqSlice, paged_attention, write_kv
+from llmc.kernels.paged_attention import SeqSlice, decode_attention, paged_attention, write_kv
 from llmc.runtime.quant_modules import QuantEmbedding, QuantLinear
 from llmc.runtime.rope import RotaryEmbedding
 
@@ -47,11 +47,34 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclass
 class StepContext:
-    """What attention needs to know about one step's flattened batch."""
+    """What attention needs to know about one step's flattened batch.
+
+    Two forms: `seqs` describes any mix of prefill chunks and decodes (eager only); the decode
+    form, `block_tables` and `context_lens` with one new token per sequence, is all tensors so
+    that the compiled decode step can trace it.
+    """
 
     slot_mapping: torch.Tensor  # [N] int64 cache slot for each new token
+    block_size: int
     seqs: list[SeqSlice]
     rope_long: torch.Tensor | None = None  # [N] bool: longrope's long factors apply (Phi-3)
+    block_tables: torch.Tensor | None = None  # decode form: [N, max blocks] int64
+    context_lens: torch.Tensor | None = None  # decode form: [N] int64, the new token included
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv
+        if self.block_tables is not None:
+            assert self.context_lens is not None
+            lens = self.context_lens
+            return decode_attention(q, k_cache, v_cache, self.block_size, self.block_tables, lens, scale, window, softcap)
+        return paged_attention(q, k_cache, v_cache, self.block_size, self.seqs, scale, window, softcap)
 
 
 class RMSNorm(nn.Module):
@@ -106,9 +129,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k, ctx.rope_long)
-        k_cache, v_cache = kv
-        write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, ctx.seqs, self.scale, self.window, self.softcap)
+        write_kv(kv[0], kv[1], k, v, ctx.slot_mapping)
+        out = ctx.attend(q, kv, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -156,9 +178,8 @@ class LatentAttention(nn.Module):
         q_rot, k_rot = self.rope(positions, q[..., self.nope :], k_rot.view(n, 1, self.rope_dim), ctx.rope_long)
         q = torch.cat([q[..., : self.nope], q_rot], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(n, heads, self.rope_dim)], dim=-1)
-        k_cache, v_cache = kv
-        write_kv(k_cache, v_cache, k, v.contiguous(), ctx.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, ctx.seqs, self.scale)
+        write_kv(kv[0], kv[1], k, v.contiguous(), ctx.slot_mapping)
+        out = ctx.attend(q, kv, self.scale)
         return self.o_proj(out.reshape(n, heads * self.v_dim))
 
 

@@ -17,8 +17,9 @@ class ModelRunner:
         self.prompt_logits: dict[int, torch.Tensor] = {}
         spec = model.spec
         dtype = model.dtype
-        k_shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        v_shape = (num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim or spec.head_dim)
+        # Flat [slots, kv_heads, head_dim] per layer (kernels/paged_attention.py says why).
+        k_shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        v_shape = (num_blocks * block_size, spec.num_kv_heads, spec.v_head_dim or spec.head_dim)
         self.kv_caches = [
             (torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)) for _ in range(spec.num_layers)
         ]
@@ -71,6 +72,7 @@ class ModelRunner:
                 rows.append(len(input_ids) - 1)
         ctx = StepContext(
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_size=bs,
             seqs=slices,
             rope_long=torch.tensor(long_rope) if long_after is not None else None,
         )

@@ -24,11 +24,11 @@ class QuantLinear(nn.Module):
             torch.empty(out_features, info.row_bytes(in_features), dtype=torch.uint8), requires_grad=False
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
-        self._cpu: CpuQMatmul | None = None
+        self.prepared: CpuQMatmul | None = None
 
     def prepare(self) -> None:
         if self.weight.device.type == "cpu":
-            self._cpu = CpuQMatmul(self.weight.data, self.fmt)
+            self.prepared = CpuQMatmul(self.weight.data, self.fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cuda":
@@ -36,8 +36,8 @@ class QuantLinear(nn.Module):
 
             y = qmatmul(x, self.weight, self.fmt, self.out_features, self.in_features)
         else:
-            assert self._cpu is not None, "build_model prepares every QuantLinear before the first step"
-            y = self._cpu(x)
+            assert self.prepared is not None, "build_model prepares every QuantLinear before the first step"
+            y = self.prepared(x)
         return y if self.bias is None else y + self.bias
 
 

@@ -36,8 +36,8 @@ def _reference(
 def test_matches_dense_reference(window: int | None, softcap: float | None, v_dim: int) -> None:
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block, blocks = 4, 2, 16, 4, 64
-    k_cache = torch.zeros(blocks, block, kv_heads, dim)
-    v_cache = torch.zeros(blocks, block, kv_heads, v_dim)
+    k_cache = torch.zeros(blocks * block, kv_heads, dim)
+    v_cache = torch.zeros(blocks * block, kv_heads, v_dim)
     free = list(torch.randperm(blocks, generator=gen).tolist())
     # (tokens already cached, new tokens this step): decodes, a prefill, a prefill chunk, a one-token prompt
     shapes = [(9, 1), (0, 13), (20, 1), (6, 5), (0, 1), (31, 1)]
@@ -55,5 +55,5 @@ def test_matches_dense_reference(window: int | None, softcap: float | None, v_di
         queries.append(q)
         refs.append(_reference(q, k, v, 0.25, torch.arange(cached, total), window, softcap))
         start += new
-    got = paged_attention(torch.cat(queries), k_cache, v_cache, seqs, 0.25, window, softcap)
+    got = paged_attention(torch.cat(queries), k_cache, v_cache, block, seqs, 0.25, window, softcap)
     torch.testing.assert_close(got, torch.cat(refs), atol=1e-5, rtol=1e-5)

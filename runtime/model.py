@@ -72,8 +72,8 @@ class StepContext:
         k_cache, v_cache = kv
         if self.block_tables is not None:
             assert self.context_lens is not None
-            lens = self.context_lens
-            return decode_attention(q, k_cache, v_cache, self.block_size, self.block_tables, lens, scale, window, softcap)
+            tables, lens = self.block_tables, self.context_lens
+            return decode_attention(q, k_cache, v_cache, self.block_size, tables, lens, scale, window, softcap)
         return paged_attention(q, k_cache, v_cache, self.block_size, self.seqs, scale, window, softcap)
 
 

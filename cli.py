@@ -9,7 +9,8 @@ from typing import Any
 import click
 import msgspec
 
-from llmc.errors import LlmcError
+from llmc.builder import DEFAULT_BUCKETS
+from llmc.errors import BadInputError, LlmcError
 from llmc.logs import configure
 
 POSITIVE = click.IntRange(min=1)
@@ -49,6 +50,21 @@ def main(log_level: str) -> None:
     help="In-situ quantization: q4_0 q4_1 q5_0 q5_1 q8_0 q2k q3k q4k q5k q6k, or none to dequantize "
     "everything. Default: keep a GGUF source's quantized blocks, leave other sources unquantized.",
 )
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]), help="Hardware to build for.")
+@click.option(
+    "--compile/--no-compile",
+    "compile_step",
+    default=True,
+    show_default=True,
+    help="Compile the decode step ahead of time (torch.export + AOTInductor); --no-compile: an eager artifact.",
+)
+@click.option(
+    "--buckets",
+    default=",".join(str(b) for b in DEFAULT_BUCKETS),
+    show_default=True,
+    help="Batch sizes the compiled step pads a batch up to; the largest is the most it runs at once.",
+)
+@click.option("--max-seq-len", type=POSITIVE, help="Longest context the compiled step covers (default: the model's).")
 @click.option("--name", help="Model name the server answers to (default: from the source).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
@@ -58,6 +74,10 @@ def build(
     weights: str | None,
     dtype: str,
     isq: str | None,
+    target: str,
+    compile_step: bool,
+    buckets: str,
+    max_seq_len: int | None,
     name: str | None,
     output: Path,
     as_json: bool,
@@ -65,9 +85,23 @@ def build(
     """Build an artifact from a model."""
     from llmc.builder.build import BuildOptions
     from llmc.builder.build import build as run_build
+    from llmc.builder.compile_step import CompileOptions
 
+    try:
+        sizes = tuple(int(b) for b in buckets.split(","))
+    except ValueError:
+        _fail(BadInputError(f"--buckets takes comma-separated batch sizes such as 1,2,4,8; got {buckets!r}"), as_json)
+        return
     options = BuildOptions(
-        model=model, gguf_file=gguf_file, weights=weights, output=output, dtype=dtype, name=name, isq=isq
+        model=model,
+        gguf_file=gguf_file,
+        weights=weights,
+        output=output,
+        dtype=dtype,
+        target=target,
+        name=name,
+        isq=isq,
+        compile=CompileOptions(buckets=sizes, max_seq_len=max_seq_len) if compile_step else None,
     )
     show_progress = not as_json and sys.stderr.isatty()
     bar: Any = None
@@ -96,6 +130,10 @@ def build(
             f"built {summary['output']}: {summary['model_name']} ({summary['architecture']}, {summary['dtype']}, "
             f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes) in {summary['seconds']} s"
         )
+        if result.manifest.compiled:
+            click.echo(f"compiled the decode step for batch buckets {buckets} in {summary['compile_seconds']} s")
+        elif result.compile_skipped is not None:
+            click.echo(f"not compiled (the artifact runs eagerly): {result.compile_skipped}")
         if result.report is not None:
             from llmc.artifacts.inspect import report_table
 
@@ -194,6 +232,7 @@ def export(artifact: Path, gguf_path: Path) -> None:
 @click.option("--disable-prefix-cache", is_flag=True, help="Do not reuse KV blocks of equal prompt prefixes.")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
+@click.option("--eager", is_flag=True, help="Run the model eagerly, ignoring the artifact's compiled steps.")
 def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     """Serve an artifact with an OpenAI-compatible API."""
     from llmc.runtime.server import ServeConfig, serve

@@ -8,7 +8,8 @@ import msgspec
 
 # Version of the on-disk layout. Readers refuse any other value: an old runtime cannot guess
 # what a newer builder meant, and silently misreading weights is worse than refusing.
-FORMAT_VERSION = 2  # 2: quantized tensors (TensorInfo.quant) and the build report
+# 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 
 
@@ -115,6 +116,26 @@ class BuildInfo(msgspec.Struct, forbid_unknown_fields=True):
     report_file: str | None = None  # per-tensor quantization report (build_report.json)
 
 
+class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
+    """A model step compiled ahead of time (torch.export + AOTInductor), see docs/artifact-format.md.
+
+    The package holds code only; its weights are the artifact's tensors, prepared by the runtime
+    as for eager execution and handed to the package at load, plus the few constants the compiler
+    made itself (`constants`). It runs only where it was built for: the same torch version and
+    CPU capability; elsewhere the runtime runs the model eagerly.
+    """
+
+    kind: str  # "decode": one new token per sequence over the paged KV cache
+    target: str  # "cpu"
+    package: str  # the .pt2 package, relative to the artifact root
+    constants: str  # safetensors: the compiler-made constants, by the name the package asks for
+    buckets: list[int]  # batch sizes a batch is padded up to; the largest is the most it takes
+    max_seq_len: int  # longest context (block table width * block_size) the step was traced for
+    block_size: int  # KV cache block size the step was traced for
+    torch_version: str  # torch that compiled it (e.g. "2.13.0")
+    cpu_capability: str  # torch.backends.cpu.get_cpu_capability() where it was compiled
+
+
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     format_version: int
     model_name: str
@@ -126,6 +147,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     tensors: list[TensorInfo]
     files: list[FileInfo]
     build: BuildInfo
+    compiled: list[CompiledStep] = []
 
 
 def encode(manifest: Manifest) -> bytes:

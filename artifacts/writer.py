@@ -90,6 +90,28 @@ class ArtifactWriter:
             self._files.append(file_name)
         self.tensors.sort(key=lambda t: t.name)
 
+    @property
+    def stage(self) -> Path:
+        """The directory being filled; files written here directly must be `add`ed."""
+        return self._stage
+
+    def add(self, name: str) -> None:
+        """List a file someone else wrote into the stage (relative path)."""
+        assert (self._stage / name).is_file(), name
+        self._files.append(name)
+
+    def staged_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors written so far, read back from the stage (for steps that need the model)."""
+        from safetensors import safe_open
+
+        weights: dict[str, torch.Tensor] = {}
+        for info in self.tensors:
+            if info.name not in weights:
+                with safe_open(str(self._stage / info.file), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                        weights[name] = handle.get_tensor(name)
+        return weights
+
     def write_bytes(self, name: str, data: bytes) -> None:
         (self._stage / name).write_bytes(data)
         self._files.append(name)

@@ -14,6 +14,7 @@ from llmc.artifacts.files import sha256_file
 from llmc.artifacts.manifest import (
     FORMAT_VERSION,
     BuildInfo,
+    CompiledStep,
     FileInfo,
     GenerationDefaults,
     Manifest,
@@ -23,13 +24,14 @@ from llmc.artifacts.manifest import (
 )
 from llmc.artifacts.writer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, ArtifactWriter
 from llmc.builder.arch import TensorSource, spec_from_config, tensor_plan
+from llmc.builder.compile_step import CompileOptions, check_options, compile_decode_step, not_compilable
 from llmc.builder.quant_plan import QuantChoice, plan_quantization, runs_quantized
 from llmc.builder.quant_report import REPORT_FILE, QuantReport
 from llmc.builder.sources import ModelSource, open_source
 from llmc.errors import BadInputError, BadModelError
 from llmc.kernels.quant_formats import FORMATS
 from llmc.logs import get_logger
-from llmc.runtime.model import CausalLM
+from llmc.runtime.model import CausalLM, build_model
 
 log = get_logger("llmc.builder")
 
@@ -48,6 +50,8 @@ class BuildOptions:
     name: str | None = None
     # None: keep a GGUF source's quantized blocks; "none": dequantize everything; else a format.
     isq: str | None = None
+    # Compile the decode step ahead of time (None: an eager artifact, `llmc build --no-compile`).
+    compile: CompileOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class BuildResult:
     manifest: Manifest
     seconds: float
     report: QuantReport | None = None
+    compile_skipped: str | None = None  # why a requested compile did not happen
+    compile_seconds: float | None = None
 
     def summary(self) -> dict[str, object]:
         m = self.manifest
@@ -74,6 +80,12 @@ class BuildResult:
             "files": {f.path: f.sha256 for f in m.files},
             "seconds": round(self.seconds, 3),
             "quantization": self.report.summary() if self.report is not None else None,
+            "compiled": [
+                {"kind": c.kind, "target": c.target, "buckets": c.buckets, "max_seq_len": c.max_seq_len}
+                for c in m.compiled
+            ],
+            "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 3),
+            "compile_skipped": self.compile_skipped,
         }
 
 
@@ -108,6 +120,8 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
     dtype = DTYPES[dtype_name]
     source = open_source(options.model, options.gguf_file, options.weights)
     spec = spec_from_config(source.config)
+    if options.compile is not None:
+        check_options(options.compile, spec)  # fail on bad flags before the slow part
     expected = _expected_shapes(source)
     available = source.tensors()
     plan = tensor_plan(spec, sorted(available))
@@ -179,6 +193,7 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         writer.write_weights(stored, load, on_tensor=tick, quant=formats)
         if report is not None:
             writer.write_bytes(REPORT_FILE, report.encode())
+        compiled, compile_skipped, compile_seconds = _compile(options.compile, spec, writer, formats, dtype)
         tok = source.tokenizer
         writer.write_bytes(TOKENIZER_FILE, tok.tokenizer_json)
         if tok.chat_template is not None:
@@ -212,10 +227,16 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
                     name=source.name,
                     files=[_input_file_info(p) for p in source.input_files],
                 ),
-                flags={"dtype": dtype_name, "target": options.target, "isq": options.isq},
+                flags={
+                    "dtype": dtype_name,
+                    "target": options.target,
+                    "isq": options.isq,
+                    "compile": None if options.compile is None else _compile_flags(options.compile),
+                },
                 torch_version=torch.__version__.split("+")[0],
                 report_file=REPORT_FILE if report is not None else None,
             ),
+            compiled=compiled,
         )
         writer.commit(manifest)
     except BaseException:
@@ -223,7 +244,36 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         raise
     seconds = time.perf_counter() - started
     log.info("build.done", output=str(options.output), seconds=round(seconds, 3))
-    return BuildResult(options.output, manifest, seconds, report)
+    return BuildResult(options.output, manifest, seconds, report, compile_skipped, compile_seconds)
+
+
+def _compile_flags(options: CompileOptions) -> dict[str, object]:
+    return {"buckets": list(options.buckets), "max_seq_len": options.max_seq_len, "block_size": options.block_size}
+
+
+def _compile(
+    options: CompileOptions | None,
+    spec: ModelSpec,
+    writer: ArtifactWriter,
+    formats: dict[str, str],
+    dtype: torch.dtype,
+) -> tuple[list[CompiledStep], str | None, float | None]:
+    """Compile the decode step from the weights just written: (manifest entries, why skipped, seconds)."""
+    if options is None:
+        return [], None, None
+    reason = not_compilable(spec)
+    if reason is not None:
+        log.warning("build.compile_skipped", architecture=spec.architecture, reason=reason)
+        return [], reason, None
+    started = time.perf_counter()
+    _, max_seq_len = check_options(options, spec)
+    model = build_model(spec, writer.staged_weights(), max_seq_len, formats, dtype)
+    info, files = compile_decode_step(model, options, writer.stage)
+    for name in files:
+        writer.add(name)
+    seconds = time.perf_counter() - started
+    log.info("build.compiled", kind=info.kind, buckets=info.buckets, seconds=round(seconds, 3))
+    return [info], None, seconds
 
 
 def _choose_formats(

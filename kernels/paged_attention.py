@@ -72,8 +72,13 @@ def decode_attention(
     """One query per sequence (q [B, heads, head_dim]) over its first context_lens[b] cached
     entries, all sequences in one padded call. block_tables [B, max blocks] int64; entries past a
     sequence's length may point at any valid block. Returns [B, heads, v_dim]."""
-    keys = _blocks(k_cache, block_size)[block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    values = _blocks(v_cache, block_size)[block_tables].flatten(1, 2).transpose(1, 2)
+    # Gather by slot, not by block: the cache is read without reshaping it into blocks, which
+    # keeps its length a free dimension when the step is traced (a multiple-of-block_size length
+    # made export's shape reasoning take minutes).
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = (block_tables.unsqueeze(-1) * block_size + offsets).flatten(1)  # [B, L]
+    keys = k_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
+    values = v_cache[slots].transpose(1, 2)
     group = q.shape[1] // k_cache.shape[1]
     positions = torch.arange(keys.shape[2], device=q.device).unsqueeze(0)
     lengths = context_lens.unsqueeze(1)
@@ -112,13 +117,13 @@ def paged_attention(
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     decoding = [s for s in seqs if s.query_len == 1]
-    if len(decoding) > 1:
+    if decoding:  # the same code as the compiled decode step, so that both give equal numbers
         rows = torch.tensor([s.query_start for s in decoding])
         lengths = torch.tensor([s.context_len for s in decoding])
         tables = block_tables_tensor(decoding, block_size)
         out[rows] = decode_attention(q[rows], k_cache, v_cache, block_size, tables, lengths, scale, window, softcap)
     for seq in seqs:
-        if seq.query_len == 1 and len(decoding) > 1:
+        if seq.query_len == 1:
             continue
         qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)  # [H, Lq, D]
         keys = gather_kv(k_cache, block_size, seq.block_table, seq.context_len).transpose(0, 1)  # [Hkv, Lk, D]

@@ -45,6 +45,7 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     seed: int | None = None
     threads: int | None = None
+    compiled: bool = True  # use the artifact's compiled decode step where it can run (`--eager`: never)
 
 
 @dataclass
@@ -79,6 +80,10 @@ class Engine:
                 f"max_model_len {self.max_model_len}; raise --mem / --kv-blocks or lower --max-model-len"
             )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
+        if config.compiled:
+            for info in manifest.compiled:
+                if info.kind == "decode":
+                    self.runner.load_compiled(artifact.root, info)
         # Phi-3's longrope recomputes a sequence's cache with other factors once it outgrows the
         # original context (below); blocks shared through the prefix cache must not be rewritten.
         self._long_rope_after = model.long_rope_after
@@ -97,7 +102,13 @@ class Engine:
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
-        log.info("engine.ready", model=self.model_name, kv_blocks=num_blocks, block_size=config.block_size)
+        log.info(
+            "engine.ready",
+            model=self.model_name,
+            kv_blocks=num_blocks,
+            block_size=config.block_size,
+            compiled=self.runner.compiled is not None,
+        )
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> None:

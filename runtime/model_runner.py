@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from llmc.kernels.paged_attention import SeqSlice
+from llmc.artifacts.manifest import CompiledStep, ModelSpec
+from llmc.kernels.paged_attention import SeqSlice, block_tables_tensor
+from llmc.runtime.compiled_step import CompiledDecode
+from llmc.runtime.decode_step import DecodeStep
 from llmc.runtime.model import CausalLM, StepContext
 from llmc.runtime.sequence import Sequence
+
+
+def allocate_kv_caches(spec: ModelSpec, dtype: torch.dtype, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed (keys, values) per layer, flat [num_slots, kv_heads, head_dim] (kernels/paged_attention.py)."""
+    k_shape = (num_slots, spec.num_kv_heads, spec.head_dim)
+    v_shape = (num_slots, spec.num_kv_heads, spec.v_head_dim or spec.head_dim)
+    return [(torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)) for _ in range(spec.num_layers)]
 
 
 class ModelRunner:
@@ -15,14 +27,19 @@ class ModelRunner:
         self.block_size = block_size
         # After run(): seq_id -> logits at the prompt positions of sequences that asked for prompt logprobs.
         self.prompt_logits: dict[int, torch.Tensor] = {}
-        spec = model.spec
-        dtype = model.dtype
-        # Flat [slots, kv_heads, head_dim] per layer (kernels/paged_attention.py says why).
-        k_shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
-        v_shape = (num_blocks * block_size, spec.num_kv_heads, spec.v_head_dim or spec.head_dim)
-        self.kv_caches = [
-            (torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)) for _ in range(spec.num_layers)
-        ]
+        # One block more than the block manager hands out: the rows that pad a compiled step's
+        # batch up to its bucket write their keys there, where no sequence reads.
+        self._pad_slot = num_blocks * block_size
+        self.kv_caches = allocate_kv_caches(model.spec, model.dtype, (num_blocks + 1) * block_size)
+        self._kv_flat = [cache for pair in self.kv_caches for cache in pair]
+        self.compiled: CompiledDecode | None = None
+        self.compiled_steps = 0  # steps the compiled code ran (the rest ran eagerly)
+
+    def load_compiled(self, root: Path, info: CompiledStep) -> bool:
+        """Use the artifact's compiled decode step for the steps it covers; False if it cannot run here."""
+        step = DecodeStep(self.model, self.block_size)
+        self.compiled = CompiledDecode.load(root, info, step, self._kv_flat[0].shape[0])
+        return self.compiled is not None
 
     @staticmethod
     def kv_bytes_per_token(model: CausalLM) -> int:
@@ -70,6 +87,27 @@ class ModelRunner:
             if end == len(tokens):
                 done.append(seq)
                 rows.append(len(input_ids) - 1)
+        compiled = self.compiled
+        if (
+            compiled is not None
+            and not all_logits
+            and not prompt_rows
+            and long_after is None
+            and all(s.query_len == 1 for s in slices)
+            and compiled.accepts(len(slices), max(s.context_len for s in slices))
+        ):
+            self.prompt_logits = {}
+            self.compiled_steps += 1
+            logits = compiled(
+                torch.tensor(input_ids, dtype=torch.int64),
+                torch.tensor(positions, dtype=torch.int64),
+                torch.tensor(slots, dtype=torch.int64),
+                block_tables_tensor(slices, bs),
+                torch.tensor([s.context_len for s in slices], dtype=torch.int64),
+                self._kv_flat,
+                self._pad_slot,
+            )
+            return done, logits[torch.tensor(rows, dtype=torch.int64)] if len(rows) != len(slices) else logits
         ctx = StepContext(
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
             block_size=bs,

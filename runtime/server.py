@@ -35,6 +35,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     enable_prefix_cache: bool = True
     seed: int | None = None
     threads: int | None = None
+    eager: bool = False  # ignore the artifact's compiled steps
     log_level: str = "INFO"
     api_key: str | None = None
     tool_parser: str = "auto"
@@ -77,6 +78,7 @@ def serve(config: ServeConfig) -> None:
             enable_prefix_cache=config.enable_prefix_cache,
             seed=config.seed,
             threads=config.threads,
+            compiled=not config.eager,
         ),
     )
     mcp = None

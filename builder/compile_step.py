@@ -1,0 +1,157 @@
+"""Compile the decode step ahead of time: torch.export, then an AOTInductor package (CPU).
+
+One package serves every batch bucket: the batch and the block-table width are dynamic
+dimensions (a static package per bucket took ~2 minutes each to compile on 2 cores,
+docs/notes/aot-compile-spike.md). The package holds no weights
+(`aot_inductor.package_constants_in_so=False`): the runtime prepares the artifact's tensors as
+for eager execution (the packed int4 layout depends on the CPU anyway) and hands them over at
+load. The few constants the compiler makes itself (the int4 kernel's group size, traced rope
+tables) are saved beside the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.export import Dim
+
+from llmc.artifacts.manifest import CompiledStep, ModelSpec
+from llmc.builder import DEFAULT_BUCKETS
+from llmc.errors import BadInputError
+from llmc.logs import get_logger
+from llmc.runtime.decode_step import DecodeStep
+from llmc.runtime.model import CausalLM
+from llmc.runtime.model_runner import allocate_kv_caches
+
+log = get_logger("llmc.builder.compile")
+
+DEFAULT_BLOCK_SIZE = 16  # the engine's default KV block size (runtime/engine.py)
+PACKAGE_FILE = "compiled/decode_cpu.pt2"
+CONSTANTS_FILE = "compiled/decode_cpu.constants.safetensors"
+# Upper bound of the traced KV cache length in slots: 2^28 tokens is far beyond any cache a host
+# holds; the bound only has to exist for export's range analysis.
+_MAX_KV_SLOTS = 1 << 28
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    max_seq_len: int | None = None  # None: the model's context length
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+
+def not_compilable(spec: ModelSpec) -> str | None:
+    """Why this model's decode step cannot be compiled yet, or None when it can."""
+    if spec.num_experts:
+        return "mixture-of-experts routing groups tokens by data-dependent counts, which export cannot trace"
+    if (spec.rope_scaling or {}).get("rope_type") == "longrope":
+        return "longrope switches factors per sequence length"
+    return None
+
+
+def check_options(options: CompileOptions, spec: ModelSpec) -> tuple[list[int], int]:
+    """The sorted buckets and the max sequence length, or a BadInputError saying what is wrong."""
+    buckets = sorted(set(options.buckets))
+    if not buckets or buckets[0] < 1:
+        raise BadInputError(f"--buckets must be positive batch sizes, got {list(options.buckets)}")
+    max_seq_len = options.max_seq_len or spec.max_position_embeddings
+    if max_seq_len > spec.max_position_embeddings:
+        raise BadInputError(
+            f"--max-seq-len {max_seq_len} exceeds the model's context length {spec.max_position_embeddings}"
+        )
+    if max_seq_len < options.block_size:
+        raise BadInputError(f"--max-seq-len must be at least the block size {options.block_size}")
+    return buckets, max_seq_len
+
+
+@contextlib.contextmanager
+def _recorded_constants() -> Iterator[dict[str, torch.Tensor]]:
+    """Record every constant Inductor registers, by the name its generated code uses.
+
+    AOTInductor gives no other way to learn the values of the constants it creates itself (the
+    int4 kernel's group size becomes a tensor constant), and with the weights left out of the
+    package those values must come from somewhere at load.
+    """
+    from torch._inductor.graph import GraphLowering
+
+    recorded: dict[str, torch.Tensor] = {}
+    original = GraphLowering.allocate_non_dup_const_name
+
+    def allocate(self: GraphLowering, name: str | None, data: torch.Tensor) -> str:
+        new_name: str = original(self, name, data)
+        recorded[new_name] = data
+        return new_name
+
+    GraphLowering.allocate_non_dup_const_name = allocate  # type: ignore[method-assign]
+    try:
+        yield recorded
+    finally:
+        GraphLowering.allocate_non_dup_const_name = original  # type: ignore[method-assign]
+
+
+def example_inputs(step: DecodeStep, batch: int, num_blocks: int) -> tuple[object, ...]:
+    """Valid inputs of the traced shapes: `batch` sequences over a cache of `num_blocks` blocks."""
+    spec, bs = step.model.spec, step.block_size
+    kv = [cache for pair in allocate_kv_caches(spec, step.model.dtype, num_blocks * bs) for cache in pair]
+    width = 2
+    tables = torch.arange(batch * width, dtype=torch.int64).remainder(num_blocks).view(batch, width)
+    lens = torch.full((batch,), bs + 1, dtype=torch.int64)
+    positions = lens - 1
+    slots = tables[:, 1] * bs
+    ids = torch.zeros(batch, dtype=torch.int64)
+    return ids, positions, slots, tables, lens, kv
+
+
+def compile_decode_step(model: CausalLM, options: CompileOptions, stage: Path) -> tuple[CompiledStep, list[str]]:
+    """Export and compile the model's decode step into `stage`; return its manifest entry and the
+    files written (relative to `stage`)."""
+    spec = model.spec
+    buckets, max_seq_len = check_options(options, spec)
+    step = DecodeStep(model, options.block_size).eval()
+    batch = Dim("batch", min=1, max=buckets[-1])
+    width = Dim("block_table_width", min=1, max=max_seq_len // options.block_size)
+    kv_slots = Dim("kv_slots", min=2 * options.block_size, max=_MAX_KV_SLOTS)
+    args = example_inputs(step, batch=min(3, buckets[-1]), num_blocks=8)
+    kv_count = 2 * spec.num_layers
+    dynamic = (
+        {0: batch},
+        {0: batch},
+        {0: batch},
+        {0: batch, 1: width},
+        {0: batch},
+        [{0: kv_slots}] * kv_count,
+    )
+    with torch.no_grad():
+        exported = torch.export.export(step, args, dynamic_shapes=dynamic)
+    log.info("compile.exported", layers=spec.num_layers, max_batch=buckets[-1], max_seq_len=max_seq_len)
+    package = stage / PACKAGE_FILE
+    package.parent.mkdir(parents=True, exist_ok=True)
+    fqns = {name for name, _ in step.named_parameters(remove_duplicate=False)}
+    fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
+    mangled = {name.replace(".", "_") for name in fqns}
+    configs = {"aot_inductor.package_constants_in_so": False}
+    with _recorded_constants() as recorded:
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
+    made = {
+        name: value.detach().clone().contiguous()
+        for name, value in recorded.items()
+        if name not in fqns and name not in mangled
+    }
+    save_file(made, str(stage / CONSTANTS_FILE), metadata={"format": "pt"})
+    info = CompiledStep(
+        kind="decode",
+        target="cpu",
+        package=PACKAGE_FILE,
+        constants=CONSTANTS_FILE,
+        buckets=buckets,
+        max_seq_len=max_seq_len,
+        block_size=options.block_size,
+        torch_version=torch.__version__.split("+")[0],
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+    return info, [PACKAGE_FILE, CONSTANTS_FILE]

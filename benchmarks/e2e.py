@@ -1,8 +1,9 @@
-"""End-to-end benchmark: build time, cold start, single-stream decode — llmc beside llama.cpp.
+"""End-to-end benchmark: build time, cold start, prefill and single-stream decode — llmc (its
+compiled decode step and eagerly) beside llama.cpp and transformers.
 
-Both run in this one process tree on the same machine, the same GGUF and the same prompt, one
-after the other (never at once: they would fight over the cores). Prints a Markdown table and
-writes JSON for docs/BENCHMARKS.md.
+All run in this one process tree on the same machine, the same GGUF and the same prompts, one
+after the other (never at once: they would fight over the cores). Prints JSON for
+docs/BENCHMARKS.md.
 
     python -m benchmarks.e2e --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 """
@@ -28,6 +29,11 @@ PROMPT = "The history of the printing press begins"
 DECODE_TOKENS = 128
 # Seconds a server may take to come up before the benchmark gives up.
 STARTUP_LIMIT_S = 120.0
+# The prefill benchmark's prompt length (issue 5 names 512 tokens).
+PREFILL_TOKENS = 512
+# Token ids of the prefill prompts: ordinary vocabulary entries of SmolLM2 (below its 49152),
+# varied per run so that no prefix cache can help.
+_PREFILL_BASE_ID = 1000
 
 
 def _free_port() -> int:
@@ -36,10 +42,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bench_build(gguf: Path, out: Path, dtype: str, isq: str | None = None) -> float:
+def bench_build(gguf: Path, out: Path, dtype: str, isq: str | None = None) -> dict[str, float]:
     started = time.perf_counter()
     flags = ["--isq", isq] if isq else []
-    subprocess.run(
+    done = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -54,19 +60,26 @@ def bench_build(gguf: Path, out: Path, dtype: str, isq: str | None = None) -> fl
             *flags,
             "-o",
             str(out),
+            "--json",
         ],
         check=True,
-        stdout=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )
-    return time.perf_counter() - started
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"build_s": time.perf_counter() - started, "compile_s": summary["compile_seconds"] or 0.0}
 
 
-def _stream_completion(base: str, max_tokens: int) -> list[float]:
+def prefill_prompt(run: int) -> list[int]:
+    return [_PREFILL_BASE_ID + (run * 7 + i) % 20000 for i in range(PREFILL_TOKENS)]
+
+
+def _stream_completion(base: str, max_tokens: int, prompt: str | list[int] = PROMPT) -> list[float]:
     """Arrival times of each streamed token (one token per SSE event while no stop string is set)."""
     times: list[float] = []
     body = {
         "model": "bench",
-        "prompt": PROMPT,
+        "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -79,11 +92,12 @@ def _stream_completion(base: str, max_tokens: int) -> list[float]:
     return times
 
 
-def bench_llmc_server(artifact: Path, threads: int, runs: int) -> dict[str, float]:
+def bench_llmc_server(artifact: Path, threads: int, runs: int, eager: bool) -> dict[str, float]:
     port = _free_port()
     started = time.perf_counter()
+    flags = ["--eager"] if eager else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)],
+        [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -98,13 +112,24 @@ def bench_llmc_server(artifact: Path, threads: int, runs: int) -> dict[str, floa
             if time.perf_counter() - started > STARTUP_LIMIT_S or proc.poll() is not None:
                 raise RuntimeError("llmc run did not start")
             time.sleep(0.02)
-        cold_start = time.perf_counter() - started
+        ready = time.perf_counter() - started
+        cold_start = _stream_completion(base, 1)[0] - started  # process start → first token
         _stream_completion(base, 8)  # warm-up
         rates = []
         for _ in range(runs):
             times = _stream_completion(base, DECODE_TOKENS)
             rates.append((len(times) - 1) / (times[-1] - times[0]))
-        return {"cold_start_s": cold_start, "decode_tok_s": statistics.median(rates)}
+        prefill = []
+        for run in range(runs):
+            sent = time.perf_counter()
+            first = _stream_completion(base, 1, prefill_prompt(run))[0]
+            prefill.append(PREFILL_TOKENS / (first - sent))
+        return {
+            "ready_s": ready,
+            "cold_start_s": cold_start,
+            "decode_tok_s": statistics.median(rates),
+            "prefill_tok_s": statistics.median(prefill),
+        }
     finally:
         proc.terminate()
         proc.wait()
@@ -123,7 +148,37 @@ def bench_llama_cpp(gguf: Path, threads: int, runs: int) -> dict[str, float]:
         for _chunk in llm.create_completion(PROMPT, max_tokens=DECODE_TOKENS, temperature=0, stream=True):
             times.append(time.perf_counter())
         rates.append((len(times) - 1) / (times[-1] - times[0]))
-    return {"load_to_first_token_s": load, "decode_tok_s": statistics.median(rates)}
+    prefill = []
+    n_ctx = PREFILL_TOKENS + 16
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=n_ctx, n_batch=PREFILL_TOKENS, verbose=False)
+    for run in range(runs):
+        llm.reset()
+        sent = time.perf_counter()
+        llm.create_completion(prefill_prompt(run), max_tokens=1, temperature=0)
+        prefill.append(PREFILL_TOKENS / (time.perf_counter() - sent))
+    return {
+        "load_to_first_token_s": load,
+        "decode_tok_s": statistics.median(rates),
+        "prefill_tok_s": statistics.median(prefill),
+    }
+
+
+_TRANSFORMERS_COLD_START = """
+import time, sys
+from pathlib import Path
+gguf = Path(sys.argv[1])
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=1, do_sample=False)
+"""
+
+
+def bench_transformers_cold_start(gguf: Path) -> float:
+    """A fresh Python process: import transformers, from_pretrained(gguf_file=...), first token."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _TRANSFORMERS_COLD_START, str(gguf)], check=True, capture_output=True)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -138,21 +193,32 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "artifact"
-        build_s = bench_build(args.gguf, artifact, args.dtype, args.isq)
-        ours = bench_llmc_server(artifact, args.threads, args.runs)
+        built = bench_build(args.gguf, artifact, args.dtype, args.isq)
+        ours = bench_llmc_server(artifact, args.threads, args.runs, eager=False)
+        eager = bench_llmc_server(artifact, args.threads, args.runs, eager=True)
     peer = bench_llama_cpp(args.gguf, args.threads, args.runs)
+    hf_cold = bench_transformers_cold_start(args.gguf)
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads,
         "model": args.gguf.name,
         "llmc_dtype": args.dtype,
         "llmc_isq": args.isq or "keep (the GGUF's blocks)",
-        "llmc_build_s": round(build_s, 2),
+        "llmc_build_s": round(built["build_s"], 2),
+        "llmc_compile_s": round(built["compile_s"], 2),
+        "llmc_ready_s": round(ours["ready_s"], 2),
         "llmc_cold_start_s": round(ours["cold_start_s"], 2),
+        "llmc_eager_cold_start_s": round(eager["cold_start_s"], 2),
         "llmc_decode_tok_s": round(ours["decode_tok_s"], 1),
+        "llmc_eager_decode_tok_s": round(eager["decode_tok_s"], 1),
+        "llmc_prefill_tok_s": round(ours["prefill_tok_s"], 1),
         "llama_cpp_load_s": round(peer["load_to_first_token_s"], 2),
         "llama_cpp_decode_tok_s": round(peer["decode_tok_s"], 1),
+        "llama_cpp_prefill_tok_s": round(peer["prefill_tok_s"], 1),
+        "transformers_cold_start_s": round(hf_cold, 2),
         "decode_ratio": round(ours["decode_tok_s"] / peer["decode_tok_s"], 2),
+        "eager_decode_ratio": round(eager["decode_tok_s"] / peer["decode_tok_s"], 2),
+        "prefill_ratio": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
     }
     print(json.dumps(result, indent=2))
     if args.json_out:

@@ -12,6 +12,8 @@ tables) are saved beside the package.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,29 @@ def check_options(options: CompileOptions, spec: ModelSpec) -> tuple[list[int], 
     if max_seq_len < options.block_size:
         raise BadInputError(f"--max-seq-len must be at least the block size {options.block_size}")
     return buckets, max_seq_len
+
+
+_SERIALIZATION_ID = ".data/serialization_id"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _make_reproducible(package: Path) -> None:
+    """Rewrite the package so that equal code gives equal bytes: drop the generated C++ sources
+    (the loader needs only the shared object; the sources embed cache paths and differ between a
+    fresh compile and a cached one) and derive the random serialization id from the contents."""
+    with zipfile.ZipFile(package) as source:
+        entries = [
+            (info.filename, source.read(info)) for info in source.infolist() if not info.filename.endswith(".cpp")
+        ]
+    digest = hashlib.sha1(usedforsecurity=False)
+    for name, data in sorted(entries):
+        if not name.endswith(_SERIALIZATION_ID):
+            digest.update(name.encode() + b"\0" + data)
+    with zipfile.ZipFile(package, "w", compression=zipfile.ZIP_STORED) as target:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            target.writestr(info, digest.hexdigest().encode() if name.endswith(_SERIALIZATION_ID) else data)
 
 
 @contextlib.contextmanager
@@ -134,9 +159,15 @@ def compile_decode_step(model: CausalLM, options: CompileOptions, stage: Path) -
     fqns = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
-    configs = {"aot_inductor.package_constants_in_so": False}
+    configs: dict[str, object] = {
+        "aot_inductor.package_constants_in_so": False,
+        # No -march=native: the code may use only what the recorded CPU capability promises,
+        # so that the package runs on any CPU the runtime's capability check lets it load on.
+        "cpp.march": "",
+    }
     with _recorded_constants() as recorded:
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
+    _make_reproducible(package)
     made = {
         name: value.detach().clone().contiguous()
         for name, value in recorded.items()

@@ -78,6 +78,25 @@ def test_artifact_lists_and_hashes_the_package(tiny_compiled: Path) -> None:
     assert manifest["build"]["flags"]["compile"]["buckets"] == list(BUCKETS)
 
 
+def test_compiled_build_is_reproducible(tiny_compiled: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    manifest = json.loads((tiny_compiled / "manifest.json").read_text())
+    source = manifest["build"]["source"]["name"]
+    build(
+        BuildOptions(
+            model=source,
+            gguf_file=None,
+            weights=None,
+            output=again,
+            name="tiny",
+            compile=CompileOptions(buckets=BUCKETS),
+        )
+    )
+    for info in manifest["files"]:
+        assert (again / info["path"]).read_bytes() == (tiny_compiled / info["path"]).read_bytes(), info["path"]
+    assert (again / "manifest.json").read_bytes() == (tiny_compiled / "manifest.json").read_bytes()
+
+
 def test_package_from_another_torch_runs_eagerly(tiny_compiled: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_compiled, copy)

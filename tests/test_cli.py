@@ -19,7 +19,9 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["ok"] is True and summary["model_name"] == "tiny" and summary["dtype"] == "f32"
-    assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja"}
+    compiled = {"compiled/decode_cpu.pt2", "compiled/decode_cpu.constants.safetensors"}  # the default --compile
+    assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja", *compiled}
+    assert summary["compiled"][0]["kind"] == "decode" and summary["compile_seconds"] > 0
     inspected = _llmc("inspect", str(tmp_path / "a"), "--json", "--verify")
     assert inspected.returncode == 0, inspected.stderr
     info = json.loads(inspected.stdout)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmc.artifacts.manifest import MANIFEST_NAME
+from llmc.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadArtifactError
@@ -57,13 +57,13 @@ def test_missing_file_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
         Artifact.open(art)
 
 
-@pytest.mark.parametrize("version", [3, 1, 0, "2", None])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, FORMAT_VERSION - 1, 0, str(FORMAT_VERSION), None])
 def test_unknown_format_version_is_refused(tiny_llama_dir: Path, tmp_path: Path, version: object) -> None:
     art = _build(tiny_llama_dir, tmp_path / "a")
     manifest = json.loads((art / MANIFEST_NAME).read_text())
     manifest["format_version"] = version
     (art / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(BadArtifactError, match=r"format_version .* this llmc reads format_version 2"):
+    with pytest.raises(BadArtifactError, match=rf"format_version .* this llmc reads format_version {FORMAT_VERSION}"):
         Artifact.open(art)
 
 

@@ -24,7 +24,7 @@ from torch.export import Dim
 
 from llmc.artifacts.manifest import CompiledStep, ModelSpec
 from llmc.builder import DEFAULT_BUCKETS
-from llmc.errors import BadInputError
+from llmc.errors import BadInputError, InternalError
 from llmc.logs import get_logger
 from llmc.runtime.decode_step import DecodeStep
 from llmc.runtime.model import CausalLM
@@ -95,6 +95,21 @@ def _make_reproducible(package: Path) -> None:
 
 
 @contextlib.contextmanager
+def _compiler_errors(what: str) -> Iterator[None]:
+    """torch.export's and Inductor's own failures (an untraceable op, a C++ compile error) as one
+    InternalError that says what to do, instead of a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        log.debug("compile.failed", stage=what, error=str(exc))
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InternalError(
+            f"{what} the decode step failed ({first}); build with --no-compile for an eager artifact, "
+            "and report the failure with the output of --log-level DEBUG"
+        ) from exc
+
+
+@contextlib.contextmanager
 def _recorded_constants() -> Iterator[dict[str, torch.Tensor]]:
     """Record every constant Inductor registers, by the name its generated code uses.
 
@@ -151,7 +166,7 @@ def compile_decode_step(model: CausalLM, options: CompileOptions, stage: Path) -
         {0: batch},
         [{0: kv_slots}] * kv_count,
     )
-    with torch.no_grad():
+    with torch.no_grad(), _compiler_errors("tracing"):
         exported = torch.export.export(step, args, dynamic_shapes=dynamic)
     log.info("compile.exported", layers=spec.num_layers, max_batch=buckets[-1], max_seq_len=max_seq_len)
     package = stage / PACKAGE_FILE
@@ -165,7 +180,7 @@ def compile_decode_step(model: CausalLM, options: CompileOptions, stage: Path) -
         # so that the package runs on any CPU the runtime's capability check lets it load on.
         "cpp.march": "",
     }
-    with _recorded_constants() as recorded:
+    with _recorded_constants() as recorded, _compiler_errors("compiling"):
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)
     made = {

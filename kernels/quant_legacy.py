@@ -40,6 +40,7 @@ Q4_1_BYTES = 2 * _F16_BYTES + _HALF  # 20
 Q5_0_BYTES = _F16_BYTES + _QH_BYTES + _HALF  # 22
 Q5_1_BYTES = 2 * _F16_BYTES + _QH_BYTES + _HALF  # 24
 Q8_0_BYTES = _F16_BYTES + QK  # 34
+_Q8_SHIFT = 128  # int8 + 128 is an unsigned byte: two 4-bit halves
 
 # Blocks per chunk: 8M weights keep the float32 temporaries of one chunk to a few hundred MB.
 _CHUNK_BLOCKS = 1 << 18
@@ -244,6 +245,20 @@ def int4_parts_q4_0(blocks: torch.Tensor) -> Int4Parts:
 def int4_parts_q4_1(blocks: torch.Tensor) -> Int4Parts:
     """As int4_parts_q4_0: the offset is the block's stored minimum."""
     return _int4_parts(blocks, Q4_1_BYTES, lambda b: _f16_field(b, _F16_BYTES))
+
+
+def int4_pair_q8_0(blocks: torch.Tensor) -> tuple[Int4Parts, Int4Parts]:
+    """q8_0 as the sum of two int4 weights, exactly: with u = q + 128 = 16 * hi + lo,
+    w = d * q = (hi * 16d - 128d) + (lo * d + 0). Each part is (q, scale, offset) as in
+    int4_parts_q4_0, for the CPU's packed int4 matmul (kernels/qmatmul_cpu.py)."""
+    _check_blocks(blocks, Q8_0_BYTES)
+    rows = blocks.shape[0]
+    b = blocks.contiguous().view(-1, Q8_0_BYTES)
+    d = _f16_field(b, 0).view(rows, -1)
+    shifted = (b[:, _F16_BYTES:].view(torch.int8).to(torch.int16) + _Q8_SHIFT).to(torch.uint8).view(rows, -1)
+    high = (shifted >> _NIBBLE_BITS, d * (1 << _NIBBLE_BITS), -_Q8_SHIFT * d)
+    low = (shifted & _NIBBLE, d, torch.zeros_like(d))
+    return high, low
 
 
 def _quantize(w: torch.Tensor, fn: _BlockFn, type_size: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmc.kernels import quant_legacy
 from llmc.kernels.qmatmul_cpu import INT4_FORMATS, CpuQMatmul, int4_parts
 from llmc.kernels.quant_formats import FORMATS, reference_qmatmul
 from tests.kernels.blocks import random_blocks
@@ -35,3 +36,12 @@ def test_fast_path_matches_reference(fmt: str, m: int, n: int, k: int) -> None:
     assert got.dtype == x.dtype and got.shape == (m, n)
     scale = want.abs().max()
     torch.testing.assert_close(got / scale, want / scale, atol=_BF16_TOL, rtol=0)
+
+
+def test_q8_0_is_an_exact_sum_of_two_int4_weights() -> None:
+    blocks = random_blocks("q8_0", 24, 512, torch.Generator().manual_seed(2))
+    total = torch.zeros(24, 512)
+    for q, scale, offset in quant_legacy.int4_pair_q8_0(blocks):
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15
+        total += (q.float().view(24, -1, 32) * scale[..., None] + offset[..., None]).reshape(24, 512)
+    assert torch.equal(total, FORMATS["q8_0"].dequantize(blocks))

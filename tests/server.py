@@ -24,19 +24,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(artifact: Path, *extra: str) -> Iterator[str]:
+def running_server(
+    artifact: Path,
+    *extra: str,
+    launcher: list[str] | None = None,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """`launcher`: the command before `run` (default: this interpreter's `python -m llmc`);
+    `log`: a file that receives the server's output, else it is kept for the error message."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    command = [*(launcher or [sys.executable, "-m", "llmc"]), "run", str(artifact), "--p", str(port), *extra]
+    sink = log.open("w") if log is not None else subprocess.PIPE
+    proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if proc.poll() is not None:
                 output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                output = log.read_text() if log is not None else output
                 raise RuntimeError(f"llmc run exited with {proc.returncode}:\n{output}")
             try:
                 if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
@@ -54,3 +61,5 @@ def running_server(artifact: Path, *extra: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log is not None:
+            sink.close()  # type: ignore[union-attr]

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,21 +24,13 @@ from llmc.builder.compile_step import CompileOptions
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
 from tests.helpers import generate, open_engine
+from tests.server import running_server
 
 REPO = Path(__file__).resolve().parent.parent
 # pip in a fresh venv: installing torch's wheel alone takes most of this on 2 cores.
 INSTALL_LIMIT_S = 900
-STARTUP_LIMIT_S = 120  # seconds for `llmc run` to answer /health
 PROMPT = [5, 6, 7, 8]
 MAX_TOKENS = 12
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +74,6 @@ def test_copied_artifact_runs_with_runtime_dependencies_only(
     shutil.copytree(built, copied)
     shutil.rmtree(source)  # nothing may point back at the build's inputs
 
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env |= {
         "HF_HUB_OFFLINE": "1",
@@ -92,34 +82,13 @@ def test_copied_artifact_runs_with_runtime_dependencies_only(
         "HTTPS_PROXY": "http://127.0.0.1:9",
     }
     log = tmp_path_factory.mktemp("venv-log") / "run.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(runtime_venv / "bin" / "llmc"), "--log-level", "INFO", "run", str(copied), "--p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=copied.parent,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        started = time.monotonic()
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() - started < STARTUP_LIMIT_S, log.read_text()
-            time.sleep(0.2)
+    launcher = [str(runtime_venv / "bin" / "llmc"), "--log-level", "INFO"]
+    with running_server(copied, launcher=launcher, log=log, env=env) as base:
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         reply = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
         text = open_engine(built).tokenizer.decode(expected[0])
         assert reply["choices"][0]["text"] == text
         assert reply["usage"]["completion_tokens"] == MAX_TOKENS
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     logged = log.read_text()
     assert "compiled.loaded" in logged, logged  # the compiled step ran there, not an eager fallback
     assert json.loads((copied / "manifest.json").read_text())["compiled"]

@@ -2,4 +2,7 @@
 
 from llmc.cli import main
 
-main()
+# The guard matters: the build compiles a second package in a spawned process, which imports the
+# parent's main module again.
+if __name__ == "__main__":
+    main()

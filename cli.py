@@ -131,7 +131,8 @@ def build(
             f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes) in {summary['seconds']} s"
         )
         if result.manifest.compiled:
-            click.echo(f"compiled the decode step for batch buckets {buckets} in {summary['compile_seconds']} s")
+            packages = ", ".join(f"{c.weights} weights for batches {c.buckets}" for c in result.manifest.compiled)
+            click.echo(f"compiled the decode step ({packages}) in {summary['compile_seconds']} s")
         elif result.compile_skipped is not None:
             click.echo(f"not compiled (the artifact runs eagerly): {result.compile_skipped}")
         if result.report is not None:
@@ -233,6 +234,12 @@ def export(artifact: Path, gguf_path: Path) -> None:
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
 @click.option("--eager", is_flag=True, help="Run the model eagerly, ignoring the artifact's compiled steps.")
+@click.option(
+    "--dense-weights/--no-dense-weights",
+    default=None,
+    help="Keep bf16 copies of quantized weights for prefill and batches of 8+ (2 bytes per weight; "
+    "default: when they take at most a quarter of the memory).",
+)
 def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     """Serve an artifact with an OpenAI-compatible API."""
     from llmc.runtime.server import ServeConfig, serve

@@ -9,7 +9,7 @@ import msgspec
 # Version of the on-disk layout. Readers refuse any other value: an old runtime cannot guess
 # what a newer builder meant, and silently misreading weights is worse than refusing.
 # 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 
 
@@ -134,6 +134,9 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     block_size: int  # KV cache block size the step was traced for
     torch_version: str  # torch that compiled it (e.g. "2.13.0")
     cpu_capability: str  # torch.backends.cpu.get_cpu_capability() where it was compiled
+    # Which prepared form of the quantized weights the package computes with: "packed" (the int4
+    # kernels where a format has them) or "dense" (bf16 copies; for the buckets of many rows).
+    weights: str = "packed"
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +28,14 @@ from llmc.artifacts.manifest import (
 )
 from llmc.artifacts.writer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, ArtifactWriter
 from llmc.builder.arch import TensorSource, spec_from_config, tensor_plan
-from llmc.builder.compile_step import CompileOptions, check_options, compile_decode_step, not_compilable
+from llmc.builder.compile_step import (
+    CompileOptions,
+    check_options,
+    compile_decode_step,
+    compile_from_stage,
+    not_compilable,
+    weight_forms,
+)
 from llmc.builder.quant_plan import QuantChoice, plan_quantization, runs_quantized
 from llmc.builder.quant_report import REPORT_FILE, QuantReport
 from llmc.builder.sources import ModelSource, open_source
@@ -81,7 +92,13 @@ class BuildResult:
             "seconds": round(self.seconds, 3),
             "quantization": self.report.summary() if self.report is not None else None,
             "compiled": [
-                {"kind": c.kind, "target": c.target, "buckets": c.buckets, "max_seq_len": c.max_seq_len}
+                {
+                    "kind": c.kind,
+                    "target": c.target,
+                    "weights": c.weights,
+                    "buckets": c.buckets,
+                    "max_seq_len": c.max_seq_len,
+                }
                 for c in m.compiled
             ],
             "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 3),
@@ -267,13 +284,34 @@ def _compile(
         return [], reason, None
     started = time.perf_counter()
     _, max_seq_len = check_options(options, spec)
-    model = build_model(spec, writer.staged_weights(), max_seq_len, formats, dtype)
-    info, files = compile_decode_step(model, options, writer.stage)
-    for name in files:
-        writer.add(name)
+    model = build_model(spec, writer.staged_weights(), max_seq_len, formats, dtype, dense_copies=True)
+    first, *others = weight_forms(model, options)
+    results: list[tuple[CompiledStep, list[str]]] = []
+    # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms
+    # compile in spawned processes at the same time (spawned: a forked torch may deadlock).
+    workers = min(len(others), max(1, (os.cpu_count() or 1) - 1))
+    with contextlib.ExitStack() as stack:
+        futures = []
+        if others:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            )
+            files = sorted({t.file for t in writer.tensors})
+            futures = [
+                pool.submit(compile_from_stage, writer.stage, files, spec, formats, dtype, options, form)
+                for form in others
+            ]
+        results.append(compile_decode_step(model, options, writer.stage, first))
+        results.extend(future.result() for future in futures)
+    infos = []
+    for info, names in results:
+        for name in names:
+            writer.add(name)
+        infos.append(info)
+        log.info("build.compiled", kind=info.kind, weights=info.weights, buckets=info.buckets)
     seconds = time.perf_counter() - started
-    log.info("build.compiled", kind=info.kind, buckets=info.buckets, seconds=round(seconds, 3))
-    return [info], None, seconds
+    log.info("build.compile_done", packages=len(infos), seconds=round(seconds, 3))
+    return infos, None, seconds
 
 
 def _choose_formats(

@@ -25,6 +25,7 @@ from torch.export import Dim
 from llmc.artifacts.manifest import CompiledStep, ModelSpec
 from llmc.builder import DEFAULT_BUCKETS
 from llmc.errors import BadInputError, InternalError
+from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice, weight_form
 from llmc.logs import get_logger
 from llmc.runtime.decode_step import DecodeStep
 from llmc.runtime.model import CausalLM
@@ -33,8 +34,9 @@ from llmc.runtime.model_runner import allocate_kv_caches
 log = get_logger("llmc.builder.compile")
 
 DEFAULT_BLOCK_SIZE = 16  # the engine's default KV block size (runtime/engine.py)
-PACKAGE_FILE = "compiled/decode_cpu.pt2"
-CONSTANTS_FILE = "compiled/decode_cpu.constants.safetensors"
+# One package per prepared weight form (kernels/qmatmul_cpu.py): "packed" covers every bucket,
+# "dense" the buckets of DENSE_MIN_ROWS rows and more, where bf16 GEMMs beat the int4 kernels.
+PACKAGE_STEMS = {"packed": "compiled/decode_cpu", "dense": "compiled/decode_cpu_dense"}
 # Upper bound of the traced KV cache length in slots: 2^28 tokens is far beyond any cache a host
 # holds; the bound only has to exist for export's range analysis.
 _MAX_KV_SLOTS = 1 << 28
@@ -134,6 +136,33 @@ def _recorded_constants() -> Iterator[dict[str, torch.Tensor]]:
         GraphLowering.allocate_non_dup_const_name = original  # type: ignore[method-assign]
 
 
+def compile_from_stage(
+    stage: Path,
+    tensor_files: list[str],
+    spec: ModelSpec,
+    formats: dict[str, str],
+    dtype: torch.dtype,
+    options: CompileOptions,
+    weights: str,
+) -> tuple[CompiledStep, list[str]]:
+    """compile_decode_step for a model read back from the staged tensor files: what a second
+    process runs to compile another weight form's package at the same time (build.py)."""
+    from safetensors import safe_open
+
+    from llmc.runtime.model import build_model
+
+    # One core for this process's own tensor work; the parent compiles beside it.
+    torch.set_num_threads(1)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in tensor_files:
+        with safe_open(str(stage / name), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                tensors[key] = handle.get_tensor(key)
+    _, max_seq_len = check_options(options, spec)
+    model = build_model(spec, tensors, max_seq_len, formats, dtype, dense_copies=True)
+    return compile_decode_step(model, options, stage, weights)
+
+
 def example_inputs(step: DecodeStep, batch: int, num_blocks: int) -> tuple[object, ...]:
     """Valid inputs of the traced shapes: `batch` sequences over a cache of `num_blocks` blocks."""
     spec, bs = step.model.spec, step.block_size
@@ -147,11 +176,27 @@ def example_inputs(step: DecodeStep, batch: int, num_blocks: int) -> tuple[objec
     return ids, positions, slots, tables, lens, kv
 
 
-def compile_decode_step(model: CausalLM, options: CompileOptions, stage: Path) -> tuple[CompiledStep, list[str]]:
-    """Export and compile the model's decode step into `stage`; return its manifest entry and the
-    files written (relative to `stage`)."""
+def weight_forms(model: CausalLM, options: CompileOptions) -> dict[str, list[int]]:
+    """The packages to compile for `model`, by weight form, with their buckets."""
+    buckets, _ = check_options(options, model.spec)
+    forms = {"packed": buckets}
+    large = [b for b in buckets if b >= DENSE_MIN_ROWS]
+    if large and has_dense_choice(model):
+        forms["dense"] = large
+    return forms
+
+
+def compile_decode_step(
+    model: CausalLM, options: CompileOptions, stage: Path, weights: str = "packed"
+) -> tuple[CompiledStep, list[str]]:
+    """Export and compile the model's decode step, computing with the `weights` form of its
+    quantized layers, into `stage`; return its manifest entry and the files written (relative to
+    `stage`)."""
     spec = model.spec
-    buckets, max_seq_len = check_options(options, spec)
+    buckets = weight_forms(model, options)[weights]
+    _, max_seq_len = check_options(options, spec)
+    package_file = PACKAGE_STEMS[weights] + ".pt2"
+    constants_file = PACKAGE_STEMS[weights] + ".constants.safetensors"
     step = DecodeStep(model, options.block_size).eval()
     batch = Dim("batch", min=1, max=buckets[-1])
     width = Dim("block_table_width", min=1, max=max_seq_len // options.block_size)
@@ -166,10 +211,12 @@ def compile_decode_step(model: CausalLM, options: CompileOptions, stage: Path) -
         {0: batch},
         [{0: kv_slots}] * kv_count,
     )
-    with torch.no_grad(), _compiler_errors("tracing"):
+    with torch.no_grad(), weight_form(model, weights), _compiler_errors("tracing"):
         exported = torch.export.export(step, args, dynamic_shapes=dynamic)
-    log.info("compile.exported", layers=spec.num_layers, max_batch=buckets[-1], max_seq_len=max_seq_len)
-    package = stage / PACKAGE_FILE
+    log.info(
+        "compile.exported", layers=spec.num_layers, weights=weights, max_batch=buckets[-1], max_seq_len=max_seq_len
+    )
+    package = stage / package_file
     package.parent.mkdir(parents=True, exist_ok=True)
     fqns = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
@@ -188,16 +235,17 @@ def compile_decode_step(model: CausalLM, options: CompileOptions, stage: Path) -
         for name, value in recorded.items()
         if name not in fqns and name not in mangled
     }
-    save_file(made, str(stage / CONSTANTS_FILE), metadata={"format": "pt"})
+    save_file(made, str(stage / constants_file), metadata={"format": "pt"})
     info = CompiledStep(
         kind="decode",
         target="cpu",
-        package=PACKAGE_FILE,
-        constants=CONSTANTS_FILE,
+        package=package_file,
+        constants=constants_file,
         buckets=buckets,
         max_seq_len=max_seq_len,
         block_size=options.block_size,
         torch_version=torch.__version__.split("+")[0],
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        weights=weights,
     )
-    return info, [PACKAGE_FILE, CONSTANTS_FILE]
+    return info, [package_file, constants_file]

@@ -10,13 +10,20 @@ Three fast paths, chosen per format by measurement on SmolLM2's shapes (docs/BEN
   2, which matters for the largest matrix of small models, a q8_0 lm_head.
 - dense: every other format is dequantized once at load into bf16 and multiplied by oneDNN's bf16
   GEMM (the weights then take 2 bytes each in memory; the artifact still holds the blocks).
-Both take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-only on CPUs.
+All take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-only on CPUs.
+
+The int4 kernel is the fastest for a few rows of activations but computes slowly: with enough
+rows a bf16 GEMM over a dense copy wins, from INT4_DENSE_MIN_ROWS rows for one int4 matmul and
+from PAIR_DENSE_MIN_ROWS for an int4 pair (twice the unpacking). With `dense_copy` a weight keeps
+such a copy and each call takes the faster form for its row count; `weight_form` pins the forms
+one row count would take (a traced graph cannot branch on its dynamic batch).
 The reference is `quant_formats.reference_qmatmul`: dequantize in float32, then multiply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +38,16 @@ _INNER_K_TILES = 2
 _INT4_ZERO_POINT = 8  # the int4 kernel computes (q - 8) * scale + zero
 _INT4_N_MULTIPLE = 16  # the packing interleaves 16 output rows; other row counts take the dense path
 COMPUTE_DTYPE = torch.bfloat16
+# From how many activation rows a bf16 GEMM over a dense copy beats the int4 kernels. Measured on
+# SmolLM2's 30 layers and its lm_head with every weight streamed from memory, 2 threads
+# (docs/BENCHMARKS.md): one int4 matmul per weight is still faster at 16 rows (21.9 vs 25.5 ms for
+# the layers) and slower at 32 (46.4 vs 37.2); the q8_0 pair loses from 8 rows (lm_head 5.6 vs 4.3).
+INT4_DENSE_MIN_ROWS = 32
+PAIR_DENSE_MIN_ROWS = 8
+DENSE_MIN_ROWS = min(INT4_DENSE_MIN_ROWS, PAIR_DENSE_MIN_ROWS)  # where the first weight switches
+# The weight forms a compiled package is traced with, as the row count whose choices it pins:
+# "packed" every int4 form, "dense" what DENSE_MIN_ROWS rows take (pairs dense, single int4 packed).
+WEIGHT_FORMS = {"packed": 1, "dense": DENSE_MIN_ROWS}
 
 
 # The codecs split each int4 format into (q, scale, offset); see their int4_parts_* functions.
@@ -69,9 +86,10 @@ class CpuQMatmul(nn.Module):
     scales_zeros_low: torch.Tensor | None
     dense: torch.Tensor | None
 
-    def __init__(self, blocks: torch.Tensor, fmt: str) -> None:
+    def __init__(self, blocks: torch.Tensor, fmt: str, dense_copy: bool = False) -> None:
         super().__init__()
         self.fmt = fmt
+        self.pinned_rows: int | None = None  # choose forms as for this many rows (weight_form)
         self.out_features = blocks.shape[0]
         info = FORMATS[fmt]
         self.in_features = blocks.shape[1] // info.type_size * info.block_size
@@ -82,8 +100,9 @@ class CpuQMatmul(nn.Module):
             high, low = quant_legacy.int4_pair_q8_0(blocks)
             packed, scales_zeros = _pack_int4(*high)
             packed_low, scales_zeros_low = _pack_int4(*low)
-        else:
+        if packed is None or dense_copy:
             dense = info.dequantize(blocks).to(COMPUTE_DTYPE)
+        self.dense_from_rows = PAIR_DENSE_MIN_ROWS if packed_low is not None else INT4_DENSE_MIN_ROWS
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.register_buffer("packed_low", packed_low, persistent=False)
@@ -95,13 +114,43 @@ class CpuQMatmul(nn.Module):
         low = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed_low, INT4_GROUP, self.scales_zeros_low)
         return high.float() + low.float()
 
+    def _use_dense(self, rows: int) -> bool:
+        if self.dense is None:
+            return False
+        if self.packed is None:
+            return True
+        return (rows if self.pinned_rows is None else self.pinned_rows) >= self.dense_from_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(COMPUTE_DTYPE)
+        if self._use_dense(x.shape[0]):
+            assert self.dense is not None
+            return F.linear(xc, self.dense).to(x.dtype)
         if self.packed_low is not None:
             return self._pair(xc).to(x.dtype)
-        if self.packed is not None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP, self.scales_zeros)
-        else:
-            assert self.dense is not None
-            y = F.linear(xc, self.dense)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP, self.scales_zeros)
         return y.to(x.dtype)
+
+
+def has_dense_choice(model: nn.Module) -> bool:
+    """Whether the "dense" weight form differs from "packed" for `model` (some weight has both
+    forms and switches by WEIGHT_FORMS["dense"] rows), so that a package for it is worth compiling."""
+    return any(
+        m.packed is not None and m.dense is not None and m.dense_from_rows <= WEIGHT_FORMS["dense"]
+        for m in model.modules()
+        if isinstance(m, CpuQMatmul)
+    )
+
+
+@contextlib.contextmanager
+def weight_form(model: nn.Module, form: str) -> Iterator[None]:
+    """Meanwhile every weight of `model` takes the form it takes for WEIGHT_FORMS[form] rows, whatever
+    the batch: what torch.export traces for one compiled package."""
+    modules = [m for m in model.modules() if isinstance(m, CpuQMatmul)]
+    for module in modules:
+        module.pinned_rows = WEIGHT_FORMS[form]
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.pinned_rows = None

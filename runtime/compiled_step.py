@@ -54,6 +54,7 @@ class CompiledDecode:
         self.max_blocks = info.max_seq_len // info.block_size
         self._loader = loader
         self._num_slots = num_slots
+        self.calls = 0  # steps this package ran
 
     @classmethod
     def load(cls, root: Path, info: CompiledStep, step: DecodeStep, num_slots: int) -> CompiledDecode | None:
@@ -107,6 +108,7 @@ class CompiledDecode:
             slot_mapping = torch.cat([slot_mapping, slot_mapping.new_full((extra,), pad_slot)])
             block_tables = torch.cat([block_tables, block_tables.new_full((extra, width), pad_block)])
             context_lens = torch.cat([context_lens, context_lens.new_ones(extra)])
+        self.calls += 1
         out: list[torch.Tensor] = self._loader.run(
             [input_ids, positions, slot_mapping, block_tables, context_lens, *kv_caches]
         )

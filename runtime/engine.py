@@ -6,6 +6,7 @@ The API's async handlers never block on the model: they `submit` a request with 
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llmc.artifacts.manifest import Manifest
 from llmc.artifacts.reader import Artifact
 from llmc.errors import BadInputError, OutOfResourcesError
+from llmc.kernels.quant_formats import stored_format
 from llmc.logs import get_logger
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.model import COMPUTE_DTYPES, build_model
@@ -28,6 +31,33 @@ from llmc.runtime.structured_output import GrammarCompiler
 from llmc.runtime.tokenizer import Tokenizer
 
 log = get_logger("llmc.engine")
+
+# bf16 copies of the quantized weights make prefill and big batches faster on the CPU
+# (kernels/qmatmul_cpu.py) at 2 bytes per weight; by default they are kept when they take at most
+# this share of the machine's memory, which leaves the rest for the KV cache and other processes.
+DENSE_COPY_MEMORY_SHARE = 0.25
+_BF16_BYTES = 2
+
+
+def dense_copy_bytes(manifest: Manifest) -> int:
+    """What bf16 copies of every quantized weight of the artifact take."""
+    return sum(t.shape[0] * stored_format(t.quant).cols(t.shape[1]) * _BF16_BYTES for t in manifest.tensors if t.quant)
+
+
+def physical_memory() -> int | None:
+    """The machine's memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def want_dense_copies(setting: bool | None, manifest: Manifest) -> bool:
+    if setting is not None:
+        return setting
+    memory = physical_memory()
+    return memory is not None and dense_copy_bytes(manifest) <= DENSE_COPY_MEMORY_SHARE * memory
+
 
 Sink = Callable[[RequestOutput], None]
 
@@ -46,6 +76,8 @@ class EngineConfig:
     seed: int | None = None
     threads: int | None = None
     compiled: bool = True  # use the artifact's compiled decode step where it can run (`--eager`: never)
+    # Keep bf16 copies of quantized weights for prefill and big batches; None: when memory allows.
+    dense_weights: bool | None = None
 
 
 @dataclass
@@ -71,7 +103,10 @@ class Engine:
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
         quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
-        model = build_model(spec, dict(artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype])
+        dense = want_dense_copies(config.dense_weights, manifest)
+        model = build_model(
+            spec, dict(artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype], dense
+        )
         bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
         num_blocks = config.kv_blocks or config.kv_cache_mb * 1024 * 1024 // bytes_per_block
         if num_blocks * config.block_size < self.max_model_len:
@@ -107,7 +142,8 @@ class Engine:
             model=self.model_name,
             kv_blocks=num_blocks,
             block_size=config.block_size,
-            compiled=self.runner.compiled is not None,
+            compiled=[c.info.weights for c in self.runner.compiled],
+            dense_weights=dense,
         )
 
     # ---- called from any thread -------------------------------------------------------------

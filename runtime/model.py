@@ -402,11 +402,14 @@ def build_model(
     max_positions: int,
     quant: dict[str, str] | None = None,
     dtype: torch.dtype = torch.float32,
+    dense_copies: bool = False,
 ) -> CausalLM:
     """Instantiate on the meta device, then adopt `weights` (memory-mapped) without copying them.
 
     `quant` names the tensors stored as GGML blocks and their format: their layers become
     QuantLinear / QuantEmbedding. `dtype` is the artifact's compute dtype (the KV cache's too).
+    `dense_copies`: quantized layers also keep bf16 copies for prefill and large batches
+    (kernels/qmatmul_cpu.py), at 2 bytes per weight.
     """
     quant = quant or {}
     with torch.device("meta"):
@@ -433,7 +436,7 @@ def build_model(
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            module.prepare()
+            module.prepare(dense_copies)
     return model.eval()
 
 

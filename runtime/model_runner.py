@@ -8,6 +8,7 @@ import torch
 
 from llmc.artifacts.manifest import CompiledStep, ModelSpec
 from llmc.kernels.paged_attention import SeqSlice, block_tables_tensor
+from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice
 from llmc.runtime.compiled_step import CompiledDecode
 from llmc.runtime.decode_step import DecodeStep
 from llmc.runtime.model import CausalLM, StepContext
@@ -32,14 +33,25 @@ class ModelRunner:
         self._pad_slot = num_blocks * block_size
         self.kv_caches = allocate_kv_caches(model.spec, model.dtype, (num_blocks + 1) * block_size)
         self._kv_flat = [cache for pair in self.kv_caches for cache in pair]
-        self.compiled: CompiledDecode | None = None
+        self.compiled: list[CompiledDecode] = []
         self.compiled_steps = 0  # steps the compiled code ran (the rest ran eagerly)
 
     def load_compiled(self, root: Path, info: CompiledStep) -> bool:
-        """Use the artifact's compiled decode step for the steps it covers; False if it cannot run here."""
+        """Use one of the artifact's compiled decode steps for the steps it covers; False if it
+        cannot run here (a "dense" package also needs the model's dense weight copies)."""
+        if info.weights == "dense" and not has_dense_choice(self.model):
+            return False
         step = DecodeStep(self.model, self.block_size)
-        self.compiled = CompiledDecode.load(root, info, step, self._kv_flat[0].shape[0])
-        return self.compiled is not None
+        loaded = CompiledDecode.load(root, info, step, self._kv_flat[0].shape[0])
+        if loaded is not None:
+            self.compiled.append(loaded)
+        return loaded is not None
+
+    def _compiled_for(self, batch: int, max_context: int) -> CompiledDecode | None:
+        """The package for a batch: the dense one from DENSE_MIN_ROWS sequences on (where eager
+        execution also takes the dense copies, so both compute alike), else the packed one."""
+        usable = {c.info.weights: c for c in self.compiled if c.accepts(batch, max_context)}
+        return usable.get("dense") if batch >= DENSE_MIN_ROWS and "dense" in usable else usable.get("packed")
 
     @staticmethod
     def kv_bytes_per_token(model: CausalLM) -> int:
@@ -87,15 +99,9 @@ class ModelRunner:
             if end == len(tokens):
                 done.append(seq)
                 rows.append(len(input_ids) - 1)
-        compiled = self.compiled
-        if (
-            compiled is not None
-            and not all_logits
-            and not prompt_rows
-            and long_after is None
-            and all(s.query_len == 1 for s in slices)
-            and compiled.accepts(len(slices), max(s.context_len for s in slices))
-        ):
+        decoding = not all_logits and not prompt_rows and long_after is None and all(s.query_len == 1 for s in slices)
+        compiled = self._compiled_for(len(slices), max(s.context_len for s in slices)) if decoding else None
+        if compiled is not None:
             self.prompt_logits = {}
             self.compiled_steps += 1
             logits = compiled(

@@ -26,9 +26,10 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self.prepared: CpuQMatmul | None = None
 
-    def prepare(self) -> None:
+    def prepare(self, dense_copy: bool = False) -> None:
+        """Build the CPU's fast form; `dense_copy` also keeps a bf16 copy for many-row calls."""
         if self.weight.device.type == "cpu":
-            self.prepared = CpuQMatmul(self.weight.data, self.fmt)
+            self.prepared = CpuQMatmul(self.weight.data, self.fmt, dense_copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cuda":

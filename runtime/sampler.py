@@ -57,8 +57,14 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [len(seqs), vocab] float32. Returns one token and its logprobs (if asked) per sequence."""
         raw_logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
+        # Plain greedy rows (most of a busy batch) take one argmax call for the whole batch.
+        plain = [s.params.greedy and not (s.params.logit_bias or s.params.has_penalties or s.constraint) for s in seqs]
+        argmax = logits.argmax(-1).tolist() if any(plain) else []
         tokens: list[int] = []
         for row, seq in enumerate(seqs):
+            if plain[row]:
+                tokens.append(argmax[row])
+                continue
             params = seq.params
             row_logits = logits[row]
             if params.logit_bias or params.has_penalties:

@@ -36,6 +36,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     seed: int | None = None
     threads: int | None = None
     eager: bool = False  # ignore the artifact's compiled steps
+    dense_weights: bool | None = None  # bf16 copies of quantized weights; None: when memory allows
     log_level: str = "INFO"
     api_key: str | None = None
     tool_parser: str = "auto"
@@ -79,6 +80,7 @@ def serve(config: ServeConfig) -> None:
             seed=config.seed,
             threads=config.threads,
             compiled=not config.eager,
+            dense_weights=config.dense_weights,
         ),
     )
     mcp = None

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from llmc.kernels import quant_legacy
-from llmc.kernels.qmatmul_cpu import INT4_FORMATS, CpuQMatmul, int4_parts
+from llmc.kernels.qmatmul_cpu import (
+    INT4_DENSE_MIN_ROWS,
+    INT4_FORMATS,
+    PAIR_DENSE_MIN_ROWS,
+    WEIGHT_FORMS,
+    CpuQMatmul,
+    has_dense_choice,
+    int4_parts,
+    weight_form,
+)
 from llmc.kernels.quant_formats import FORMATS, reference_qmatmul
 from tests.kernels.blocks import random_blocks
 
@@ -45,3 +54,37 @@ def test_q8_0_is_an_exact_sum_of_two_int4_weights() -> None:
         assert q.dtype == torch.uint8 and int(q.max()) <= 15
         total += (q.float().view(24, -1, 32) * scale[..., None] + offset[..., None]).reshape(24, 512)
     assert torch.equal(total, FORMATS["q8_0"].dequantize(blocks))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4k", "q8_0"])
+@pytest.mark.parametrize("m", [1, PAIR_DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS - 1, INT4_DENSE_MIN_ROWS, 33])
+def test_dense_copy_matches_reference_on_either_side_of_the_switch(fmt: str, m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    blocks = random_blocks(fmt, 48, 512, gen)
+    x = torch.randn(m, 512, generator=gen)
+    want = reference_qmatmul(x, blocks, fmt)
+    matmul = CpuQMatmul(blocks, fmt, dense_copy=True)
+    assert matmul.packed is not None and matmul.dense is not None
+    scale = want.abs().max()
+    torch.testing.assert_close(matmul(x) / scale, want / scale, atol=_BF16_TOL, rtol=0)
+
+
+def _dense_product(x: torch.Tensor, blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    return torch.nn.functional.linear(x.bfloat16(), FORMATS[fmt].dequantize(blocks).bfloat16()).float()
+
+
+@pytest.mark.parametrize(("fmt", "switch"), [("q4_0", INT4_DENSE_MIN_ROWS), ("q8_0", PAIR_DENSE_MIN_ROWS)])
+def test_rows_choose_the_form_unless_pinned(fmt: str, switch: int) -> None:
+    blocks = random_blocks(fmt, 32, 256, torch.Generator().manual_seed(3))
+    model = torch.nn.Sequential(CpuQMatmul(blocks, fmt, dense_copy=True))
+    x = torch.randn(switch, 256)
+    dense = _dense_product(x, blocks, fmt)
+    assert torch.equal(model(x), dense)  # from the switch on: the bf16 GEMM
+    assert not torch.equal(model(x[:-1]), dense[:-1])  # below it: the int4 kernel, which rounds otherwise
+    with weight_form(model, "packed"):
+        assert torch.equal(model(x)[:1], model(x[:1]))  # the int4 kernel whatever the rows
+    with weight_form(model, "dense"):
+        pinned = model(x[:1])
+    assert torch.equal(pinned, dense[:1]) == (switch <= WEIGHT_FORMS["dense"])
+    assert has_dense_choice(model) == (switch <= WEIGHT_FORMS["dense"])
+    assert not has_dense_choice(torch.nn.Sequential(CpuQMatmul(blocks, fmt)))

@@ -16,6 +16,7 @@ import torch
 from llmc.builder.build import BuildOptions, build
 from llmc.builder.compile_step import CompileOptions
 from llmc.errors import InternalError
+from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
 from tests.helpers import generate, open_engine
@@ -33,8 +34,8 @@ def _prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
 def _compare(artifact: Path, vocab: int, batches: tuple[int, ...], max_model_len: int | None = None) -> None:
     eager = open_engine(artifact, compiled=False, kv_blocks=256, max_model_len=max_model_len)
     compiled = open_engine(artifact, kv_blocks=256, max_model_len=max_model_len)
-    assert eager.runner.compiled is None
-    assert compiled.runner.compiled is not None
+    assert eager.runner.compiled == []
+    assert compiled.runner.compiled
     for batch in batches:
         prompts = _prompts(batch, vocab, seed=batch)
         expected = generate(eager, prompts, GREEDY)
@@ -66,6 +67,53 @@ def tiny_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tiny_compiled_matches_eager(tiny_compiled: Path) -> None:
     vocab = json.loads((tiny_compiled / "manifest.json").read_text())["model"]["vocab_size"]
     _compare(tiny_compiled, vocab, (1, 3, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny_q8_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Quantized to q8_0: its layers run as int4 pairs, which switch to their dense bf16 copies from
+    DENSE_MIN_ROWS rows, so the build compiles a package for each form."""
+    source = make_tiny_llama(tmp_path_factory.mktemp("aot-q8-src") / "llama")
+    out = tmp_path_factory.mktemp("aot-q8") / "tiny"
+    options = BuildOptions(
+        model=str(source),
+        gguf_file=None,
+        weights=None,
+        output=out,
+        name="tiny",
+        isq="q8_0",
+        compile=CompileOptions(buckets=BUCKETS),
+    )
+    build(options)
+    return out
+
+
+def test_quantized_build_has_a_dense_package_for_large_buckets(tiny_q8_compiled: Path) -> None:
+    manifest = json.loads((tiny_q8_compiled / "manifest.json").read_text())
+    forms = {step["weights"]: step["buckets"] for step in manifest["compiled"]}
+    assert forms == {"packed": list(BUCKETS), "dense": [b for b in BUCKETS if b >= DENSE_MIN_ROWS]}
+
+
+def test_dense_package_runs_the_large_batches_and_matches_eager(tiny_q8_compiled: Path) -> None:
+    vocab = json.loads((tiny_q8_compiled / "manifest.json").read_text())["model"]["vocab_size"]
+    engine = open_engine(tiny_q8_compiled, kv_blocks=256)
+    packed, dense = sorted(engine.runner.compiled, key=lambda c: c.info.weights != "packed")
+    assert (packed.info.weights, dense.info.weights) == ("packed", "dense")
+    _compare(tiny_q8_compiled, vocab, (1, 3, 5, 11, 16))
+    # 5 sequences pad to bucket 8 but compute with the packed weights, as eagerly; 11 pad to 16.
+    for batch, used in ((3, packed), (5, packed), (11, dense), (16, dense)):
+        before = used.calls
+        generate(engine, _prompts(batch, vocab, seed=batch), GREEDY)
+        assert used.calls - before >= GREEDY.max_tokens - 1, batch
+
+
+def test_without_dense_copies_the_packed_package_runs_every_batch(tiny_q8_compiled: Path) -> None:
+    engine = open_engine(tiny_q8_compiled, kv_blocks=256, dense_weights=False)
+    [packed] = engine.runner.compiled
+    assert packed.info.weights == "packed"
+    vocab = json.loads((tiny_q8_compiled / "manifest.json").read_text())["model"]["vocab_size"]
+    generate(engine, _prompts(16, vocab, seed=16), GREEDY)
+    assert packed.calls >= GREEDY.max_tokens - 1
 
 
 def test_artifact_lists_and_hashes_the_package(tiny_compiled: Path) -> None:
@@ -101,17 +149,17 @@ def test_package_from_another_torch_runs_eagerly(tiny_compiled: Path, tmp_path: 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_compiled, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["compiled"][0]["torch_version"] = "1.0.0"
+    for step in manifest["compiled"]:
+        step["torch_version"] = "1.0.0"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     engine = open_engine(copy, kv_blocks=64)
-    assert engine.runner.compiled is None
+    assert engine.runner.compiled == []
     assert generate(engine, [[5, 6, 7]], GREEDY)[0]  # and it still serves, eagerly
 
 
 def test_compiled_step_refuses_out_of_range_inputs(tiny_compiled: Path) -> None:
     engine = open_engine(tiny_compiled, kv_blocks=16)
-    step = engine.runner.compiled
-    assert step is not None
+    [step] = engine.runner.compiled
     kv = engine.runner._kv_flat
     slots = kv[0].shape[0]
     ids, pos = torch.tensor([1]), torch.tensor([0])

@@ -341,7 +341,10 @@ def _ropes(spec: ModelSpec, max_positions: int) -> tuple[RotaryEmbedding, Rotary
 class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec, max_positions: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # An initial weight skips Embedding's normal_() init: the weights come from the artifact,
+        # and normal_ on the meta device imports torch's decompositions (~1 s of every cold start).
+        table = torch.empty(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=table)
         full, local = _ropes(spec, max_positions)
         types = spec.layer_types or ["full_attention"] * spec.num_layers
         moe = set(spec.moe_layers or [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from pathlib import Path
 
 import torch
@@ -15,11 +17,31 @@ from llmc.runtime.model import CausalLM, StepContext
 from llmc.runtime.sequence import Sequence
 
 
+def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """`numel` zeros in fresh anonymous memory, which the OS zeroes page by page when first touched:
+    a 1 GiB cache costs nothing at startup (torch.zeros writes it all, ~0.3 s here). The tensor
+    keeps the mapping alive. Zeros matter: attention multiplies masked-out slots by 0, and garbage
+    there could be NaN."""
+    nbytes = numel * dtype.itemsize
+    if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(numel, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=dtype)
+
+
 def allocate_kv_caches(spec: ModelSpec, dtype: torch.dtype, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zeroed (keys, values) per layer, flat [num_slots, kv_heads, head_dim] (kernels/paged_attention.py)."""
     k_shape = (num_slots, spec.num_kv_heads, spec.head_dim)
     v_shape = (num_slots, spec.num_kv_heads, spec.v_head_dim or spec.head_dim)
-    return [(torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)) for _ in range(spec.num_layers)]
+    k_numel, v_numel = math.prod(k_shape), math.prod(v_shape)
+    memory = _zeroed(spec.num_layers * (k_numel + v_numel), dtype)
+    caches = []
+    for layer in range(spec.num_layers):
+        start = layer * (k_numel + v_numel)
+        keys = memory[start : start + k_numel].view(k_shape)
+        values = memory[start + k_numel : start + k_numel + v_numel].view(v_shape)
+        caches.append((keys, values))
+    return caches
 
 
 class ModelRunner:

@@ -345,7 +345,10 @@ class Backbone(nn.Module):
         # and normal_ on the meta device imports torch's decompositions (~1 s of every cold start).
         table = torch.empty(spec.vocab_size, spec.hidden_size)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=table)
-        full, local = _ropes(spec, max_positions)
+        # The rope tables are computed, not loaded: made for real on the CPU even while the module
+        # is built on the meta device (a meta computation would also import the decompositions).
+        with torch.device("cpu"):
+            full, local = _ropes(spec, max_positions)
         types = spec.layer_types or ["full_attention"] * spec.num_layers
         moe = set(spec.moe_layers or [])
         self.layers = nn.ModuleList(
@@ -430,12 +433,6 @@ def build_model(
         )
     model.load_state_dict({k: weights[k] for k in expected}, strict=False, assign=True)
     _tie(model, dtype)
-    # The rope tables were made on the meta device with the module: make them for real, shared.
-    full, local = _ropes(spec, max_positions)
-    types = spec.layer_types or ["full_attention"] * spec.num_layers
-    for layer, kind in zip(model.model.layers, types, strict=True):
-        assert isinstance(layer, DecoderLayer)
-        layer.self_attn.rope = local if kind == SLIDING else full
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, QuantLinear):

@@ -86,7 +86,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The mean square accumulates in float64: summed in any order (eager kernels and the
+        # compiled step's fused loops differ) it then rounds to the same float32, so compiled and
+        # eager steps agree bit for bit even where bf16 rounding would amplify a last-bit change.
+        mean_square = x32.double().pow(2).mean(-1, keepdim=True)
+        x32 = x32 * torch.rsqrt(mean_square + self.eps).float()
         if self.offset:  # Gemma scales in float32 by (1 + weight), then casts
             return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)

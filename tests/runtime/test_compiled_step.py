@@ -183,12 +183,10 @@ def test_compiled_step_refuses_out_of_range_inputs(tiny_compiled: Path) -> None:
         )
 
 
-# q4k is compared at batch 1 only: its quantized matmuls take bf16 activations, and Inductor's
-# fused RMSNorm sums in another order than eager's once a batch has several rows, so an
-# activation sometimes rounds to the neighbouring bf16 and a near-tie in the logits can flip a
-# greedy token (measured: logits within 0.75 at batch 16; batch 3 diverged after 14 tokens once
-# q8_0 layers ran as int4 pairs). f32 has no such rounding step and agrees at every batch.
-@pytest.mark.parametrize(("isq", "batches"), [("none", (1, 3, 16)), ("q4k", (1,))])
+# q4k's quantized matmuls take bf16 activations, which turn a last-bit difference before them into
+# a different bf16 and, a dozen tokens later, a different greedy token. RMSNorm accumulating in
+# float64 is what keeps the compiled step's fused reductions bit-equal to eager's.
+@pytest.mark.parametrize(("isq", "batches"), [("none", (1, 3, 16)), ("q4k", (1, 3, 16))])
 def test_smollm2_compiled_matches_eager(
     isq: str, batches: tuple[int, ...], smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

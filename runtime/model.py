@@ -17,7 +17,7 @@ from torch import nn
 from llmc.artifacts.manifest import ModelSpec
 from llmc.errors import BadArtifactError
 from llmc.kernels.paged_attention import SeqSlice, decode_attention, paged_attention, write_kv
-from llmc.runtime.quant_modules import QuantEmbedding, QuantLinear
+from llmc.runtime.quant_modules import FusedQuantLinear, QuantEmbedding, QuantLinear
 from llmc.runtime.rope import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = (
@@ -118,6 +118,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(spec, spec.head_dim) if spec.qk_norm else None
         self.k_norm = make_norm(spec, spec.head_dim) if spec.qk_norm else None
         self.rope = rope
+        self.qkv: FusedQuantLinear | None = None  # q/k/v as one matmul (fuse_projections)
 
     def forward(
         self,
@@ -127,9 +128,10 @@ class Attention(nn.Module):
         ctx: StepContext,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k, ctx.rope_long)
@@ -196,9 +198,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(spec.hidden_size, size, bias=bias)
         self.down_proj = nn.Linear(size, spec.hidden_size, bias=bias)
         self.act = _ACTIVATIONS[spec.hidden_act]
+        self.gate_up: FusedQuantLinear | None = None  # gate/up as one matmul (fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class Experts(nn.Module):
@@ -441,7 +445,25 @@ def build_model(
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare(dense_copies)
+    fuse_projections(model, dense_copies)
     return model.eval()
+
+
+def fuse_projections(model: CausalLM, dense_copies: bool) -> None:
+    """Run each attention's q/k/v and each MLP's gate/up as one quantized matmul where they share a
+    format (FusedQuantLinear); the separate layers then drop their prepared forms."""
+    groups: list[tuple[nn.Module, str, list[str]]] = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            groups.append((module, "qkv", ["q_proj", "k_proj", "v_proj"]))
+        elif isinstance(module, MLP):
+            groups.append((module, "gate_up", ["gate_proj", "up_proj"]))
+    for owner, fused_name, names in groups:
+        parts = [getattr(owner, name) for name in names]
+        if FusedQuantLinear.fusable(parts):
+            setattr(owner, fused_name, FusedQuantLinear(parts, dense_copies))
+            for part in parts:
+                part.prepared = None
 
 
 def _tie(model: CausalLM, dtype: torch.dtype) -> None:

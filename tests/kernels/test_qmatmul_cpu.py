@@ -88,3 +88,26 @@ def test_rows_choose_the_form_unless_pinned(fmt: str, switch: int) -> None:
     assert torch.equal(pinned, dense[:1]) == (switch <= WEIGHT_FORMS["dense"])
     assert has_dense_choice(model) == (switch <= WEIGHT_FORMS["dense"])
     assert not has_dense_choice(torch.nn.Sequential(CpuQMatmul(blocks, fmt)))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "q6k"])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_fused_projections_equal_the_separate_ones(fmt: str, m: int) -> None:
+    """q/k/v as one matmul over stacked block rows gives what three matmuls give, bias included."""
+    from llmc.runtime.quant_modules import FusedQuantLinear, QuantLinear
+
+    gen = torch.Generator().manual_seed(m)
+    parts = []
+    for rows in (64, 32, 32):
+        layer = QuantLinear(fmt, 256, rows, bias=True, dtype=torch.float32)
+        layer.weight.data = random_blocks(fmt, rows, 256, gen)
+        layer.bias.data = torch.randn(rows, generator=gen)  # type: ignore[union-attr]
+        layer.prepare(dense_copy=True)
+        parts.append(layer)
+    assert FusedQuantLinear.fusable(parts)
+    fused = FusedQuantLinear(parts, dense_copy=True)
+    x = torch.randn(m, 256, generator=gen)
+    for got, part in zip(fused(x), parts, strict=True):
+        want = part(x)
+        scale = want.abs().max()
+        torch.testing.assert_close(got / scale, want / scale, atol=1e-6, rtol=0)

@@ -442,16 +442,17 @@ def build_model(
     model.load_state_dict({k: weights[k] for k in expected}, strict=False, assign=True)
     _tie(model, dtype)
     model.requires_grad_(False)
+    fused = fuse_projections(model, dense_copies)
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) and module not in fused:
             module.prepare(dense_copies)
-    fuse_projections(model, dense_copies)
     return model.eval()
 
 
-def fuse_projections(model: CausalLM, dense_copies: bool) -> None:
+def fuse_projections(model: CausalLM, dense_copies: bool) -> set[nn.Module]:
     """Run each attention's q/k/v and each MLP's gate/up as one quantized matmul where they share a
-    format (FusedQuantLinear); the separate layers then drop their prepared forms."""
+    format (FusedQuantLinear). Returns the layers fused, which need no prepared form of their own."""
+    fused: set[nn.Module] = set()
     groups: list[tuple[nn.Module, str, list[str]]] = []
     for module in model.modules():
         if isinstance(module, Attention):
@@ -462,8 +463,8 @@ def fuse_projections(model: CausalLM, dense_copies: bool) -> None:
         parts = [getattr(owner, name) for name in names]
         if FusedQuantLinear.fusable(parts):
             setattr(owner, fused_name, FusedQuantLinear(parts, dense_copies))
-            for part in parts:
-                part.prepared = None
+            fused.update(parts)
+    return fused
 
 
 def _tie(model: CausalLM, dtype: torch.dtype) -> None:

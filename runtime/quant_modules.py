@@ -60,8 +60,8 @@ class FusedQuantLinear(nn.Module):
 
     @staticmethod
     def fusable(parts: list[nn.Module]) -> bool:
-        """Prepared CPU QuantLinears of one format whose biases are all present or all absent."""
-        if not all(isinstance(part, QuantLinear) and part.prepared is not None for part in parts):
+        """CPU QuantLinears of one format whose biases are all present or all absent."""
+        if not all(isinstance(part, QuantLinear) and part.weight.device.type == "cpu" for part in parts):
             return False
         quant = [part for part in parts if isinstance(part, QuantLinear)]
         return len({part.fmt for part in quant}) == 1 and len({part.bias is None for part in quant}) == 1

@@ -26,6 +26,10 @@ def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
     if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.zeros(numel, dtype=dtype)
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # Huge pages where the kernel allows them: attention gathers slots from all over the cache,
+        # and 2 MiB pages keep those reads from missing the TLB.
+        memory.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(memory, dtype=dtype)
 
 

@@ -214,7 +214,7 @@ def main() -> None:
         ]
         result["decode"] = []
         for fmt in DECODE_FORMATS:
-            ours = bench_llmc_server(artifacts[fmt], args.threads, args.runs)
+            ours = bench_llmc_server(artifacts[fmt], args.threads, args.runs, eager=False)
             theirs = bench_llama_cpp(llama_files[fmt], args.threads, args.runs)
             result["decode"].append(
                 {

@@ -100,17 +100,9 @@ class ArtifactWriter:
         assert (self._stage / name).is_file(), name
         self._files.append(name)
 
-    def staged_weights(self) -> dict[str, torch.Tensor]:
-        """The tensors written so far, read back from the stage (for steps that need the model)."""
-        from safetensors import safe_open
-
-        weights: dict[str, torch.Tensor] = {}
-        for info in self.tensors:
-            if info.name not in weights:
-                with safe_open(str(self._stage / info.file), framework="pt", device="cpu") as handle:
-                    for name in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                        weights[name] = handle.get_tensor(name)
-        return weights
+    def staged_tensor_files(self) -> list[str]:
+        """The weight files written so far (relative to the stage), for steps that need the model."""
+        return sorted({info.file for info in self.tensors})
 
     def write_bytes(self, name: str, data: bytes) -> None:
         (self._stage / name).write_bytes(data)
@@ -153,3 +145,15 @@ def _nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
     for dim in shape:
         count *= dim
     return count * torch.empty((), dtype=dtype).element_size()
+
+
+def read_staged_tensors(stage: Path, files: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the given safetensors files of a stage, by name."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(stage / file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                tensors[name] = handle.get_tensor(name)
+    return tensors

@@ -33,6 +33,7 @@ from llmc.builder.compile_step import (
     check_options,
     compile_decode_step,
     compile_from_stage,
+    model_from_stage,
     not_compilable,
     weight_forms,
 )
@@ -42,7 +43,7 @@ from llmc.builder.sources import ModelSource, open_source
 from llmc.errors import BadInputError, BadModelError
 from llmc.kernels.quant_formats import FORMATS
 from llmc.logs import get_logger
-from llmc.runtime.model import CausalLM, build_model
+from llmc.runtime.model import CausalLM
 
 log = get_logger("llmc.builder")
 
@@ -283,8 +284,8 @@ def _compile(
         log.warning("build.compile_skipped", architecture=spec.architecture, reason=reason)
         return [], reason, None
     started = time.perf_counter()
-    _, max_seq_len = check_options(options, spec)
-    model = build_model(spec, writer.staged_weights(), max_seq_len, formats, dtype, dense_copies=True)
+    files = writer.staged_tensor_files()
+    model = model_from_stage(writer.stage, files, spec, formats, dtype, options)
     first, *others = weight_forms(model, options)
     results: list[tuple[CompiledStep, list[str]]] = []
     # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms
@@ -296,7 +297,6 @@ def _compile(
             pool = stack.enter_context(
                 ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
             )
-            files = sorted({t.file for t in writer.tensors})
             futures = [
                 pool.submit(compile_from_stage, writer.stage, files, spec, formats, dtype, options, form)
                 for form in others

@@ -23,12 +23,13 @@ from safetensors.torch import save_file
 from torch.export import Dim
 
 from llmc.artifacts.manifest import CompiledStep, ModelSpec
+from llmc.artifacts.writer import read_staged_tensors
 from llmc.builder import DEFAULT_BUCKETS
 from llmc.errors import BadInputError, InternalError
 from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice, weight_form
 from llmc.logs import get_logger
 from llmc.runtime.decode_step import DecodeStep
-from llmc.runtime.model import CausalLM
+from llmc.runtime.model import CausalLM, build_model
 from llmc.runtime.model_runner import allocate_kv_caches
 
 log = get_logger("llmc.builder.compile")
@@ -136,6 +137,20 @@ def _recorded_constants() -> Iterator[dict[str, torch.Tensor]]:
         GraphLowering.allocate_non_dup_const_name = original  # type: ignore[method-assign]
 
 
+def model_from_stage(
+    stage: Path,
+    tensor_files: list[str],
+    spec: ModelSpec,
+    formats: dict[str, str],
+    dtype: torch.dtype,
+    options: CompileOptions,
+) -> CausalLM:
+    """The model to compile, read back from the weights the build has staged, with the dense
+    copies that the "dense" weight form needs."""
+    _, max_seq_len = check_options(options, spec)
+    return build_model(spec, read_staged_tensors(stage, tensor_files), max_seq_len, formats, dtype, dense_copies=True)
+
+
 def compile_from_stage(
     stage: Path,
     tensor_files: list[str],
@@ -145,21 +160,11 @@ def compile_from_stage(
     options: CompileOptions,
     weights: str,
 ) -> tuple[CompiledStep, list[str]]:
-    """compile_decode_step for a model read back from the staged tensor files: what a second
-    process runs to compile another weight form's package at the same time (build.py)."""
-    from safetensors import safe_open
-
-    from llmc.runtime.model import build_model
-
+    """compile_decode_step in a second process, for another weight form's package at the same
+    time as the parent's (build.py)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in tensor_files:
-        with safe_open(str(stage / name), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                tensors[key] = handle.get_tensor(key)
-    _, max_seq_len = check_options(options, spec)
-    model = build_model(spec, tensors, max_seq_len, formats, dtype, dense_copies=True)
+    model = model_from_stage(stage, tensor_files, spec, formats, dtype, options)
     return compile_decode_step(model, options, stage, weights)
 
 

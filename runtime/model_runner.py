@@ -60,7 +60,6 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(model.spec, model.dtype, (num_blocks + 1) * block_size)
         self._kv_flat = [cache for pair in self.kv_caches for cache in pair]
         self.compiled: list[CompiledDecode] = []
-        self.compiled_steps = 0  # steps the compiled code ran (the rest ran eagerly)
 
     def load_compiled(self, root: Path, info: CompiledStep) -> bool:
         """Use one of the artifact's compiled decode steps for the steps it covers; False if it
@@ -78,6 +77,11 @@ class ModelRunner:
         execution also takes the dense copies, so both compute alike), else the packed one."""
         usable = {c.info.weights: c for c in self.compiled if c.accepts(batch, max_context)}
         return usable.get("dense") if batch >= DENSE_MIN_ROWS and "dense" in usable else usable.get("packed")
+
+    @property
+    def compiled_steps(self) -> int:
+        """Steps the compiled code ran (the rest ran eagerly)."""
+        return sum(c.calls for c in self.compiled)
 
     @staticmethod
     def kv_bytes_per_token(model: CausalLM) -> int:
@@ -129,7 +133,6 @@ class ModelRunner:
         compiled = self._compiled_for(len(slices), max(s.context_len for s in slices)) if decoding else None
         if compiled is not None:
             self.prompt_logits = {}
-            self.compiled_steps += 1
             logits = compiled(
                 torch.tensor(input_ids, dtype=torch.int64),
                 torch.tensor(positions, dtype=torch.int64),

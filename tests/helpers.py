@@ -8,10 +8,22 @@ from pathlib import Path
 import torch
 
 from llmc.artifacts.reader import Artifact
+from llmc.builder.build import BuildOptions, BuildResult, build
+from llmc.builder.compile_step import CompileOptions
 from llmc.runtime.engine import Engine, EngineConfig
 from llmc.runtime.output_processor import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.sequence import Sequence
+
+
+def build_compiled(
+    model: str | Path, out: Path, name: str, compile: CompileOptions, isq: str | None = None
+) -> BuildResult:
+    """`llmc build` of a local model folder or GGUF file with its decode step compiled."""
+    options = BuildOptions(
+        model=str(model), gguf_file=None, weights=None, output=out, name=name, isq=isq, compile=compile
+    )
+    return build(options)
 
 
 def open_engine(artifact_dir: Path, **config: object) -> Engine:

@@ -19,11 +19,10 @@ import httpx
 import pytest
 import torch
 
-from llmc.builder.build import BuildOptions, build
 from llmc.builder.compile_step import CompileOptions
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
-from tests.helpers import generate, open_engine
+from tests.helpers import build_compiled, generate, open_engine
 from tests.server import running_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,15 +57,7 @@ def test_copied_artifact_runs_with_runtime_dependencies_only(
 
     source = make_tiny_llama(tmp_path_factory.mktemp("venv-src") / "llama")
     built = tmp_path_factory.mktemp("venv-artifact") / "tiny"
-    options = BuildOptions(
-        model=str(source),
-        gguf_file=None,
-        weights=None,
-        output=built,
-        name="tiny",
-        compile=CompileOptions(buckets=(1, 2)),
-    )
-    build(options)
+    build_compiled(source, built, "tiny", CompileOptions(buckets=(1, 2)))
     expected = generate(
         open_engine(built), [PROMPT], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     )

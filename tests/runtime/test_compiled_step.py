@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmc.builder.build import BuildOptions, build
 from llmc.builder.compile_step import CompileOptions
 from llmc.errors import InternalError
 from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
-from tests.helpers import generate, open_engine
+from tests.helpers import build_compiled, generate, open_engine
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 BUCKETS = (1, 2, 4, 8, 16)
@@ -50,16 +49,7 @@ def _compare(artifact: Path, vocab: int, batches: tuple[int, ...], max_model_len
 def tiny_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = make_tiny_llama(tmp_path_factory.mktemp("aot-src") / "llama")
     out = tmp_path_factory.mktemp("aot") / "tiny"
-    result = build(
-        BuildOptions(
-            model=str(source),
-            gguf_file=None,
-            weights=None,
-            output=out,
-            name="tiny",
-            compile=CompileOptions(buckets=BUCKETS),
-        )
-    )
+    result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS))
     assert [c.kind for c in result.manifest.compiled] == ["decode"]
     return out
 
@@ -75,16 +65,7 @@ def tiny_q8_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     DENSE_MIN_ROWS rows, so the build compiles a package for each form."""
     source = make_tiny_llama(tmp_path_factory.mktemp("aot-q8-src") / "llama")
     out = tmp_path_factory.mktemp("aot-q8") / "tiny"
-    options = BuildOptions(
-        model=str(source),
-        gguf_file=None,
-        weights=None,
-        output=out,
-        name="tiny",
-        isq="q8_0",
-        compile=CompileOptions(buckets=BUCKETS),
-    )
-    build(options)
+    build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS), isq="q8_0")
     return out
 
 
@@ -130,16 +111,7 @@ def test_compiled_build_is_reproducible(tiny_compiled: Path, tmp_path: Path) -> 
     again = tmp_path / "again"
     manifest = json.loads((tiny_compiled / "manifest.json").read_text())
     source = manifest["build"]["source"]["name"]
-    build(
-        BuildOptions(
-            model=source,
-            gguf_file=None,
-            weights=None,
-            output=again,
-            name="tiny",
-            compile=CompileOptions(buckets=BUCKETS),
-        )
-    )
+    build_compiled(source, again, "tiny", CompileOptions(buckets=BUCKETS))
     for info in manifest["files"]:
         assert (again / info["path"]).read_bytes() == (tiny_compiled / info["path"]).read_bytes(), info["path"]
     assert (again / "manifest.json").read_bytes() == (tiny_compiled / "manifest.json").read_bytes()
@@ -192,14 +164,5 @@ def test_smollm2_compiled_matches_eager(
 ) -> None:
     """Acceptance 1: identical greedy continuations, f32 and q4k, batches 1, 3 (padded to 4) and 16."""
     out = tmp_path_factory.mktemp(f"aot-smollm2-{isq}") / "artifact"
-    options = BuildOptions(
-        model=str(smollm2_gguf),
-        gguf_file=None,
-        weights=None,
-        output=out,
-        name="smollm2",
-        isq=isq,
-        compile=CompileOptions(buckets=BUCKETS, max_seq_len=512),
-    )
-    build(options)
+    build_compiled(smollm2_gguf, out, "smollm2", CompileOptions(buckets=BUCKETS, max_seq_len=512), isq=isq)
     _compare(out, vocab=49152, batches=batches, max_model_len=512)

@@ -5,9 +5,10 @@ Three fast paths, chosen per format by measurement on SmolLM2's shapes (docs/BEN
   (scale, offset) per 32 weights, which is exactly what torch's `_weight_int4pack_mm_for_cpu`
   computes, (q - 8) * scale + zero, apart from its bf16 scales. Its packed layout depends on the
   CPU's ISA, so the artifact keeps the GGML blocks and the packing happens here, at load.
-- int4 pair: q8_0 is the sum of two such int4 weights (its high and low nibbles,
-  quant_legacy.int4_pair_q8_0): two int4 matmuls read 1 byte per weight where a bf16 copy reads
-  2, which matters for the largest matrix of small models, a q8_0 lm_head.
+- int4 pair: q8_0, q5_0 and q5_1 are each the sum of two such int4 weights (a high and a low
+  part, quant_legacy.int4_pair_*): two int4 matmuls read about 1 byte per weight where a bf16
+  copy reads 2. That matters for the largest matrix of small models, a q8_0 lm_head, and for the
+  q5_0 that K-quant builds fall back to on rows whose width is not a multiple of 256.
 - dense: every other format is dequantized once at load into bf16 and multiplied by oneDNN's bf16
   GEMM (the weights then take 2 bytes each in memory; the artifact still holds the blocks).
 All take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-only on CPUs.
@@ -31,6 +32,7 @@ from torch import nn
 
 from llmc.kernels import quant_kquants, quant_legacy
 from llmc.kernels.quant_formats import FORMATS
+from llmc.kernels.quant_legacy import Int4Parts
 
 INT4_GROUP = 32  # weights per (scale, offset) pair in all three int4 formats
 # `innerKTiles` of the int4 packing: 2 is what the CPU kernel is tuned for (torchao uses it).
@@ -51,12 +53,18 @@ WEIGHT_FORMS = {"packed": 1, "dense": DENSE_MIN_ROWS}
 
 
 # The codecs split each int4 format into (q, scale, offset); see their int4_parts_* functions.
-_INT4_PARTS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+_INT4_PARTS: dict[str, Callable[[torch.Tensor], Int4Parts]] = {
     "q4_0": quant_legacy.int4_parts_q4_0,
     "q4_1": quant_legacy.int4_parts_q4_1,
     "q4k": quant_kquants.int4_parts_q4k,
 }
 INT4_FORMATS = tuple(_INT4_PARTS)
+_INT4_PAIRS: dict[str, Callable[[torch.Tensor], tuple[Int4Parts, Int4Parts]]] = {
+    "q8_0": quant_legacy.int4_pair_q8_0,
+    "q5_0": quant_legacy.int4_pair_q5_0,
+    "q5_1": quant_legacy.int4_pair_q5_1,
+}
+PAIR_FORMATS = tuple(_INT4_PAIRS)
 
 
 def int4_parts(blocks: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,8 +104,8 @@ class CpuQMatmul(nn.Module):
         packed = scales_zeros = packed_low = scales_zeros_low = dense = None
         if fmt in INT4_FORMATS and self.out_features % _INT4_N_MULTIPLE == 0:
             packed, scales_zeros = _pack_int4(*int4_parts(blocks, fmt))
-        elif fmt == "q8_0" and self.out_features % _INT4_N_MULTIPLE == 0:
-            high, low = quant_legacy.int4_pair_q8_0(blocks)
+        elif fmt in PAIR_FORMATS and self.out_features % _INT4_N_MULTIPLE == 0:
+            high, low = _INT4_PAIRS[fmt](blocks)
             packed, scales_zeros = _pack_int4(*high)
             packed_low, scales_zeros_low = _pack_int4(*low)
         if packed is None or dense_copy:

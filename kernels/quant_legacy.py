@@ -261,6 +261,41 @@ def int4_pair_q8_0(blocks: torch.Tensor) -> tuple[Int4Parts, Int4Parts]:
     return high, low
 
 
+def _int4_pair_q5(blocks: torch.Tensor, type_size: int, has_min: bool) -> tuple[Int4Parts, Int4Parts]:
+    """q5_0/q5_1 as the sum of two int4 weights, exactly: q = lo + 16 * hi with hi in {0, 1}.
+    The high part takes the int4 value 8 + hi at scale 16d, so that both parts' int4 zero points
+    ((q - 8) * scale + zero, kernels/qmatmul_cpu.py) are 0 or -8d: powers of two times d, which
+    round to bf16 exactly as d does (a zero of 112d, say, would not)."""
+    _check_blocks(blocks, type_size)
+    rows = blocks.shape[0]
+    b = blocks.contiguous().view(-1, type_size)
+    d = _f16_field(b, 0)
+    qh_at = type_size - _HALF - _QH_BYTES
+    low = _unpack_nibbles(b[:, type_size - _HALF :]).view(rows, -1)
+    high = (_unpack_high_bits(b[:, qh_at : qh_at + _QH_BYTES]) >> _NIBBLE_BITS) + _Q4_LEVELS // 2
+    high_scale = d * _Q4_LEVELS
+    if has_min:  # w = d * q + m = (8 + hi) * 16d - 128d + (lo * d + m)
+        high_offset = -(_Q4_LEVELS // 2) * high_scale
+        low_offset = _f16_field(b, _F16_BYTES)
+    else:  # w = d * (q - 16) = ((8 + hi) * 16d - 136d) + (lo * d - 8d)
+        low_offset = -(_Q4_LEVELS // 2) * d
+        high_offset = -(_Q4_LEVELS // 2) * high_scale + low_offset
+    return (
+        (high.view(rows, -1), high_scale.view(rows, -1), high_offset.view(rows, -1)),
+        (low, d.view(rows, -1), low_offset.view(rows, -1)),
+    )
+
+
+def int4_pair_q5_0(blocks: torch.Tensor) -> tuple[Int4Parts, Int4Parts]:
+    """q5_0 as the sum of two int4 weights (see _int4_pair_q5)."""
+    return _int4_pair_q5(blocks, Q5_0_BYTES, has_min=False)
+
+
+def int4_pair_q5_1(blocks: torch.Tensor) -> tuple[Int4Parts, Int4Parts]:
+    """q5_1 as the sum of two int4 weights (see _int4_pair_q5)."""
+    return _int4_pair_q5(blocks, Q5_1_BYTES, has_min=True)
+
+
 def _quantize(w: torch.Tensor, fn: _BlockFn, type_size: int) -> torch.Tensor:
     return _map_blocks(fn, _check_weight(w), QK, type_size, torch.uint8)
 

@@ -11,6 +11,7 @@ from llmc.kernels.qmatmul_cpu import (
     INT4_DENSE_MIN_ROWS,
     INT4_FORMATS,
     PAIR_DENSE_MIN_ROWS,
+    PAIR_FORMATS,
     WEIGHT_FORMS,
     CpuQMatmul,
     has_dense_choice,
@@ -47,16 +48,21 @@ def test_fast_path_matches_reference(fmt: str, m: int, n: int, k: int) -> None:
     torch.testing.assert_close(got / scale, want / scale, atol=_BF16_TOL, rtol=0)
 
 
-def test_q8_0_is_an_exact_sum_of_two_int4_weights() -> None:
-    blocks = random_blocks("q8_0", 24, 512, torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("fmt", PAIR_FORMATS)
+def test_pair_formats_are_an_exact_sum_of_two_int4_weights(fmt: str) -> None:
+    blocks = random_blocks(fmt, 24, 512, torch.Generator().manual_seed(2))
     total = torch.zeros(24, 512)
-    for q, scale, offset in quant_legacy.int4_pair_q8_0(blocks):
+    for q, scale, offset in getattr(quant_legacy, f"int4_pair_{fmt}")(blocks):
         assert q.dtype == torch.uint8 and int(q.max()) <= 15
         total += (q.float().view(24, -1, 32) * scale[..., None] + offset[..., None]).reshape(24, 512)
-    assert torch.equal(total, FORMATS["q8_0"].dequantize(blocks))
+        # The kernel's zero point, offset + 8 * scale, must be d times a power of two (or 0) where
+        # the format has no stored minimum, so that its bf16 rounding is d's and not a new error.
+        if fmt != "q5_1":
+            zero = offset + 8 * scale
+            assert torch.equal(zero.bfloat16().float() * scale, zero * scale.bfloat16().float())
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4k", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4k", "q8_0", "q5_0"])
 @pytest.mark.parametrize("m", [1, PAIR_DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS - 1, INT4_DENSE_MIN_ROWS, 33])
 def test_dense_copy_matches_reference_on_either_side_of_the_switch(fmt: str, m: int) -> None:
     gen = torch.Generator().manual_seed(m)

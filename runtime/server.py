@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,7 @@ def serve(config: ServeConfig) -> None:
     from llmc.runtime.mcp_tools import McpManager, check_sdk, load_config
 
     configure(config.log_level)
+    check_port_free(config.host, config.port)  # before the model loads: fail fast
     mcp_config = None
     if config.mcp_config is not None:  # a bad config fails before the model loads
         check_sdk()
@@ -120,6 +122,24 @@ def serve(config: ServeConfig) -> None:
         raise OutOfResourcesError(
             f"could not serve on {config.host}:{config.port}: {reason}; choose another --p or --h"
         )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OutOfResourcesError if something listens on host:port already.
+
+    Granian binds with SO_REUSEPORT, so a second server on a taken port would share it silently
+    and clients would reach either model at random; a plain bind (SO_REUSEADDR only, which still
+    fails on a listening socket) finds the owner. The probe closes before Granian binds.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OutOfResourcesError(
+                f"could not serve on {host}:{port}: {exc.strerror or exc}; choose another --p or --h"
+            ) from exc
 
 
 class _HttpThread:

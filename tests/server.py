@@ -15,6 +15,9 @@ import httpx
 # How long a server may take to load the model and answer /health: SmolLM2 f32 needs a few seconds
 # on 2 cores; the margin absorbs a loaded CI machine.
 STARTUP_TIMEOUT_S = 120.0
+# How long a server may take to exit after SIGTERM: it lets in-flight responses finish for up to
+# 10 s (runtime/server.py), plus a margin.
+SHUTDOWN_TIMEOUT_S = 15.0
 
 
 def free_port() -> int:
@@ -32,7 +35,8 @@ def running_server(
     env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """`launcher`: the command before `run` (default: this interpreter's `python -m llmc`);
-    `log`: a file that receives the server's output, else it is kept for the error message."""
+    `log`: a file that receives the server's output, else it is kept for the error message.
+    After the block the server gets SIGTERM and must exit cleanly, with code 0."""
     port = free_port()
     command = [*(launcher or [sys.executable, "-m", "llmc"]), "run", str(artifact), "--p", str(port), *extra]
     sink = log.open("w") if log is not None else subprocess.PIPE
@@ -54,12 +58,19 @@ def running_server(
                 raise RuntimeError("llmc run did not become healthy in time")
             time.sleep(0.2)
         yield base
+        stopped_cleanly = _terminate(proc) == 0
+        assert stopped_cleanly, f"llmc run exited with {proc.returncode} after SIGTERM"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.returncode is None:
+            _terminate(proc)
         if log is not None:
             sink.close()  # type: ignore[union-attr]
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> int:
+    proc.terminate()
+    try:
+        return proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

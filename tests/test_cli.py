@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,15 @@ def test_cached_hub_id_builds_offline(tiny_llama_dir: Path, tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["model_name"] == "someone/tiny-llama"
+
+
+def test_run_on_a_taken_port_fails_before_loading(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        # Another server, bound as Granian binds (SO_REUSEPORT): a second one could share the port.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = _llmc("run", str(tmp_path / "not-loaded"), "--p", str(port))
+    assert result.returncode == EXIT_CODES[ErrorKind.OUT_OF_RESOURCES], result.stderr
+    assert f"could not serve on 127.0.0.1:{port}" in result.stderr and "choose another --p" in result.stderr

@@ -35,6 +35,14 @@ def test_int4_parts_reproduce_the_reference_dequantizer_exactly(fmt: str) -> Non
     assert torch.equal(rebuilt, FORMATS[fmt].dequantize(blocks))
 
 
+@pytest.mark.parametrize("fmt", INT4_FORMATS)
+def test_int4_dense_copy_equals_the_dequantized_weight_in_bf16(fmt: str) -> None:
+    blocks = random_blocks(fmt, 48, 512, torch.Generator().manual_seed(4))
+    matmul = CpuQMatmul(blocks, fmt, dense_copy=True)
+    assert matmul.dense is not None
+    assert torch.equal(matmul.dense, FORMATS[fmt].dequantize(blocks).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 512), (3, 40, 256), (17, 96, 768)])
 def test_fast_path_matches_reference(fmt: str, m: int, n: int, k: int) -> None:

@@ -68,6 +68,7 @@ def test_pair_formats_are_an_exact_sum_of_two_int4_weights(fmt: str) -> None:
         if fmt != "q5_1":
             zero = offset + 8 * scale
             assert torch.equal(zero.bfloat16().float() * scale, zero * scale.bfloat16().float())
+    assert torch.equal(total, FORMATS[fmt].dequantize(blocks))
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4k", "q8_0", "q5_0"])

@@ -19,12 +19,16 @@ POSITIVE = click.IntRange(min=1)
 PORT = click.IntRange(1, 65535)
 
 
-def _fail(error: LlmcError, as_json: bool) -> None:
+def _report(error: LlmcError, as_json: bool) -> None:
     if as_json:
         body = {"ok": False, "error": {"kind": error.kind.value, "message": error.message}}
         click.echo(msgspec.json.encode(body).decode())
     else:
         click.echo(f"llmc: error: {error.message}", err=True)
+
+
+def _fail(error: LlmcError, as_json: bool) -> None:
+    _report(error, as_json)
     sys.exit(error.exit_code)
 
 
@@ -251,7 +255,7 @@ def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     try:
         serve(config)
     except LlmcError as exc:
-        click.echo(f"llmc: error: {exc.message}", err=True)
+        _report(exc, False)
         code = exc.exit_code
     _exit_without_finalizing(code)
 

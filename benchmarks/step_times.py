@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.weight_forms import median_ms
 from llmc.artifacts.reader import Artifact
 from llmc.runtime.engine import Engine, EngineConfig
 
-REPEATS = 15  # timed calls per case and turn, after two warm-up calls
+REPEATS = 15  # timed calls per case and turn, after one warm-up call
 TURNS = 3  # rounds over the artifacts
 
 
@@ -42,14 +41,7 @@ def step_ms(engine: Engine, batch: int, context: int) -> float:
     def call() -> None:
         compiled(ids, positions, slots, tables, lengths, runner._kv_flat, runner._pad_slot)
 
-    call()
-    call()
-    times = []
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return median_ms(call, REPEATS)
 
 
 def main() -> None:

@@ -40,7 +40,8 @@ def _packed(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, torch.randn(cols // INT4_GROUP, rows, 2).to(COMPUTE_DTYPE)
 
 
-def _median_ms(fn: Callable[[], None], repeats: int) -> float:
+def median_ms(fn: Callable[[], None], repeats: int) -> float:
+    """Median wall time of `repeats` calls, in ms, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -93,10 +94,10 @@ def _timings(
         torch.nn.functional.linear(x[HIDDEN], head_dense)
 
     return {
-        "layers_int4_ms": round(_median_ms(layers_packed, repeats), 2),
-        "layers_bf16_ms": round(_median_ms(layers_dense, repeats), 2),
-        "lm_head_int4_pair_ms": round(_median_ms(head_packed, repeats), 2),
-        "lm_head_bf16_ms": round(_median_ms(head_bf16, repeats), 2),
+        "layers_int4_ms": round(median_ms(layers_packed, repeats), 2),
+        "layers_bf16_ms": round(median_ms(layers_dense, repeats), 2),
+        "lm_head_int4_pair_ms": round(median_ms(head_packed, repeats), 2),
+        "lm_head_bf16_ms": round(median_ms(head_bf16, repeats), 2),
     }
 
 

@@ -65,6 +65,13 @@ def main(log_level: str) -> None:
     help="Compile the decode step ahead of time (torch.export + AOTInductor); --no-compile: an eager artifact.",
 )
 @click.option(
+    "--cpu-kernels/--no-cpu-kernels",
+    default=True,
+    show_default=True,
+    help="Compile llmc's CPU kernels (AVX-512 VNNI quantized matmuls) into a quantized artifact; "
+    "--no-cpu-kernels: torch's kernels only, for deploying to CPUs without VNNI.",
+)
+@click.option(
     "--buckets",
     default=",".join(str(b) for b in DEFAULT_BUCKETS),
     show_default=True,
@@ -82,6 +89,7 @@ def build(
     isq: str | None,
     target: str,
     compile_step: bool,
+    cpu_kernels: bool,
     buckets: str,
     max_seq_len: int | None,
     name: str | None,
@@ -108,6 +116,7 @@ def build(
         name=name,
         isq=isq,
         compile=CompileOptions(buckets=sizes, max_seq_len=max_seq_len) if compile_step else None,
+        cpu_kernels=cpu_kernels,
     )
     show_progress = not as_json and sys.stderr.isatty()
     bar: Any = None

@@ -8,8 +8,9 @@ import msgspec
 
 # Version of the on-disk layout. Readers refuse any other value: an old runtime cannot guess
 # what a newer builder meant, and silently misreading weights is worse than refusing.
-# 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps
-FORMAT_VERSION = 4
+# 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps;
+# 5: llmc's own CPU kernel library (Manifest.cpu_kernels), which compiled steps may call
+FORMAT_VERSION = 5
 MANIFEST_NAME = "manifest.json"
 
 
@@ -137,6 +138,21 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     # Which prepared form of the quantized weights the package computes with: "packed" (the int4
     # kernels where a format has them) or "dense" (bf16 copies; for the buckets of many rows).
     weights: str = "packed"
+    # Whether the package calls the artifact's CPU kernel library (its VNNI matmul): it then runs
+    # only where that library loads.
+    cpu_kernels: bool = False
+
+
+class CpuKernels(msgspec.Struct, forbid_unknown_fields=True):
+    """llmc's own C++ CPU kernels (kernels/cpu_kernels.py), compiled where the artifact was built.
+
+    A shared library of torch ops: the runtime loads it where the torch version matches and the
+    CPU has the instruction set; elsewhere it runs without it (torch's own kernels).
+    """
+
+    file: str  # the shared library, relative to the artifact root
+    torch_version: str  # torch whose headers and libraries it was compiled against
+    isa: str  # the instruction set it needs ("avx512_vnni")
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):
@@ -151,6 +167,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     files: list[FileInfo]
     build: BuildInfo
     compiled: list[CompiledStep] = []
+    cpu_kernels: CpuKernels | None = None
 
 
 def encode(manifest: Manifest) -> bytes:

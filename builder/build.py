@@ -19,6 +19,7 @@ from llmc.artifacts.manifest import (
     FORMAT_VERSION,
     BuildInfo,
     CompiledStep,
+    CpuKernels,
     FileInfo,
     GenerationDefaults,
     Manifest,
@@ -40,7 +41,8 @@ from llmc.builder.compile_step import (
 from llmc.builder.quant_plan import QuantChoice, plan_quantization, runs_quantized
 from llmc.builder.quant_report import REPORT_FILE, QuantReport
 from llmc.builder.sources import ModelSource, open_source
-from llmc.errors import BadInputError, BadModelError
+from llmc.errors import BadInputError, BadModelError, InternalError
+from llmc.kernels import cpu_kernels
 from llmc.kernels.quant_formats import FORMATS
 from llmc.logs import get_logger
 from llmc.runtime.model import CausalLM
@@ -49,6 +51,7 @@ log = get_logger("llmc.builder")
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TARGETS = ("cpu",)
+KERNELS_FILE = "kernels/" + cpu_kernels.LIBRARY_NAME
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class BuildOptions:
     isq: str | None = None
     # Compile the decode step ahead of time (None: an eager artifact, `llmc build --no-compile`).
     compile: CompileOptions | None = None
+    # Ship llmc's CPU kernels with a quantized artifact (`--no-cpu-kernels`: torch's kernels only).
+    cpu_kernels: bool = True
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,8 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         writer.write_weights(stored, load, on_tensor=tick, quant=formats)
         if report is not None:
             writer.write_bytes(REPORT_FILE, report.encode())
-        compiled, compile_skipped, compile_seconds = _compile(options.compile, spec, writer, formats, dtype)
+        kernels = _cpu_kernels(writer) if options.cpu_kernels and options.target == "cpu" else None
+        compiled, compile_skipped, compile_seconds = _compile(options.compile, spec, writer, formats, dtype, kernels)
         tok = source.tokenizer
         writer.write_bytes(TOKENIZER_FILE, tok.tokenizer_json)
         if tok.chat_template is not None:
@@ -250,11 +256,13 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
                     "target": options.target,
                     "isq": options.isq,
                     "compile": None if options.compile is None else _compile_flags(options.compile),
+                    "cpu_kernels": options.cpu_kernels,
                 },
                 torch_version=torch.__version__.split("+")[0],
                 report_file=REPORT_FILE if report is not None else None,
             ),
             compiled=compiled,
+            cpu_kernels=kernels,
         )
         writer.commit(manifest)
     except BaseException:
@@ -269,12 +277,32 @@ def _compile_flags(options: CompileOptions) -> dict[str, object]:
     return {"buckets": list(options.buckets), "max_seq_len": options.max_seq_len, "block_size": options.block_size}
 
 
+def _cpu_kernels(writer: ArtifactWriter) -> CpuKernels | None:
+    """Compile llmc's CPU kernels into the artifact and load them here (the compiled steps then
+    call them), or None where this machine cannot compile or run them: the artifact then uses
+    torch's own kernels, everywhere."""
+    reason = cpu_kernels.unsupported()
+    if reason is None:
+        try:
+            cpu_kernels.compile_library(writer.stage / KERNELS_FILE)
+        except InternalError as exc:
+            reason = str(exc)
+    if reason is None:
+        reason = cpu_kernels.load(writer.stage / KERNELS_FILE)
+    if reason is not None:
+        log.warning("build.cpu_kernels_skipped", reason=reason)
+        return None
+    writer.add(KERNELS_FILE)
+    return CpuKernels(file=KERNELS_FILE, torch_version=torch.__version__.split("+")[0], isa=cpu_kernels.ISA)
+
+
 def _compile(
     options: CompileOptions | None,
     spec: ModelSpec,
     writer: ArtifactWriter,
     formats: dict[str, str],
     dtype: torch.dtype,
+    kernels: CpuKernels | None,
 ) -> tuple[list[CompiledStep], str | None, float | None]:
     """Compile the decode step from the weights just written: (manifest entries, why skipped, seconds)."""
     if options is None:
@@ -285,7 +313,8 @@ def _compile(
         return [], reason, None
     started = time.perf_counter()
     files = writer.staged_tensor_files()
-    model = model_from_stage(writer.stage, files, spec, formats, dtype, options)
+    kernels_file = None if kernels is None else kernels.file
+    model = model_from_stage(writer.stage, files, spec, formats, dtype, options, kernels_file)
     first, *others = weight_forms(model, options)
     results: list[tuple[CompiledStep, list[str]]] = []
     # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms
@@ -298,7 +327,7 @@ def _compile(
                 ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
             )
             futures = [
-                pool.submit(compile_from_stage, writer.stage, files, spec, formats, dtype, options, form)
+                pool.submit(compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, kernels_file)
                 for form in others
             ]
         results.append(compile_decode_step(model, options, writer.stage, first))

@@ -26,6 +26,7 @@ from llmc.artifacts.manifest import CompiledStep, ModelSpec
 from llmc.artifacts.writer import read_staged_tensors
 from llmc.builder import DEFAULT_BUCKETS
 from llmc.errors import BadInputError, InternalError
+from llmc.kernels import cpu_kernels
 from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice, weight_form
 from llmc.logs import get_logger
 from llmc.runtime.decode_step import DecodeStep
@@ -144,11 +145,20 @@ def model_from_stage(
     formats: dict[str, str],
     dtype: torch.dtype,
     options: CompileOptions,
+    kernels_file: str | None,
 ) -> CausalLM:
     """The model to compile, read back from the weights the build has staged, with the dense
-    copies that the "dense" weight form needs."""
+    copies that the "dense" weight form needs, and with the VNNI kernel from the staged CPU kernel
+    library `kernels_file` (loaded into this process) if there is one."""
     _, max_seq_len = check_options(options, spec)
-    return build_model(spec, read_staged_tensors(stage, tensor_files), max_seq_len, formats, dtype, dense_copies=True)
+    if kernels_file is not None:
+        reason = cpu_kernels.load(stage / kernels_file)
+        if reason is not None:
+            raise InternalError(f"the CPU kernels just compiled do not load: {reason}")
+    weights = read_staged_tensors(stage, tensor_files)
+    return build_model(
+        spec, weights, max_seq_len, formats, dtype, dense_copies=True, cpu_kernels=kernels_file is not None
+    )
 
 
 def compile_from_stage(
@@ -159,12 +169,13 @@ def compile_from_stage(
     dtype: torch.dtype,
     options: CompileOptions,
     weights: str,
+    kernels_file: str | None,
 ) -> tuple[CompiledStep, list[str]]:
     """compile_decode_step in a second process, for another weight form's package at the same
     time as the parent's (build.py)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
-    model = model_from_stage(stage, tensor_files, spec, formats, dtype, options)
+    model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, kernels_file)
     return compile_decode_step(model, options, stage, weights)
 
 
@@ -252,5 +263,6 @@ def compile_decode_step(
         torch_version=torch.__version__.split("+")[0],
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         weights=weights,
+        cpu_kernels=model.cpu_kernels,
     )
     return info, [package_file, constants_file]

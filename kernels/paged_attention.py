@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# What kernels/paged_attention_cpu.cpp is compiled for (its accumulators live in registers).
+_KERNEL_HEAD_DIMS = (64, 128)
+_KERNEL_MAX_GROUP = 8
+
 
 @dataclass
 class SeqSlice:
@@ -58,6 +62,20 @@ def block_tables_tensor(seqs: list[SeqSlice], block_size: int) -> torch.Tensor:
     return tables
 
 
+def kernel_takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, softcap: float | None) -> bool:
+    """Whether llmc's CPU decode attention kernel covers this call: float32 on the CPU, keys and
+    values of one head dimension it is built for, at most _KERNEL_MAX_GROUP query heads per KV
+    head, no soft-capping."""
+    tensors = (q, k_cache, v_cache)
+    return (
+        softcap is None
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and q.shape[-1] == v_cache.shape[-1] in _KERNEL_HEAD_DIMS
+        and q.shape[1] % k_cache.shape[1] == 0
+        and q.shape[1] // k_cache.shape[1] <= _KERNEL_MAX_GROUP
+    )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -68,10 +86,18 @@ def decode_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    cpu_kernel: bool = False,
 ) -> torch.Tensor:
     """One query per sequence (q [B, heads, head_dim]) over its first context_lens[b] cached
     entries, all sequences in one padded call. block_tables [B, max blocks] int64; entries past a
-    sequence's length may point at any valid block. Returns [B, heads, v_dim]."""
+    sequence's length may point at any valid block. Returns [B, heads, v_dim]. `cpu_kernel`: llmc's
+    CPU kernel library is loaded (kernels/cpu_kernels.py); its kernel reads the cache in place and
+    gives each sequence the same numbers in any batch, and this function is its reference."""
+    if cpu_kernel and kernel_takes(q, k_cache, v_cache, softcap):
+        out: torch.Tensor = torch.ops.llmc.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window or 0
+        )
+        return out
     # Gather by slot, not by block: the cache is read without reshaping it into blocks, which
     # keeps its length a free dimension when the step is traced (a multiple-of-block_size length
     # made export's shape reasoning take minutes).
@@ -106,6 +132,7 @@ def paged_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    cpu_kernel: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the new queries ([N, heads, head_dim]) over each sequence's cache.
 
@@ -121,7 +148,9 @@ def paged_attention(
         rows = torch.tensor([s.query_start for s in decoding])
         lengths = torch.tensor([s.context_len for s in decoding])
         tables = block_tables_tensor(decoding, block_size)
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, block_size, tables, lengths, scale, window, softcap)
+        out[rows] = decode_attention(
+            q[rows], k_cache, v_cache, block_size, tables, lengths, scale, window, softcap, cpu_kernel
+        )
     for seq in seqs:
         if seq.query_len == 1:
             continue

@@ -440,6 +440,20 @@ def dequantize_q2k(blocks: torch.Tensor) -> torch.Tensor:
     return (dl * q - ml).reshape(rows, -1)
 
 
+def byte_parts_q2k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q2k as its 2-bit values with one scale and offset per 16-weight sub-block, w = q * scale +
+    offset (exact in float32): the form of the CPU's VNNI matmul (kernels/qmatmul_vnni.py)."""
+    b, rows = _as_blocks(blocks, "q2k")
+    sc = b[:, 0:16]
+    d, dmin = _read_f16(b, 80), _read_f16(b, 82)
+    q = _unpack_fields(b[:, 16:80], 2, 4)
+    return (
+        q.reshape(rows, -1),
+        (d * (sc & 0xF).float()).reshape(rows, -1),
+        (-(dmin * (sc >> 4).float())).reshape(rows, -1),
+    )
+
+
 # ----------------------------------------------------------------------------- q3k
 
 
@@ -479,6 +493,16 @@ def dequantize_q3k(blocks: torch.Tensor) -> torch.Tensor:
     high = _unpack_fields(hmask, 1, 8).to(torch.int32)
     q = (low - ((1 - high) << 2)).float().reshape(-1, 16, 16)
     return (dl * q).reshape(rows, -1)
+
+
+def byte_parts_q3k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q3k as unsigned 3-bit values u = q + 4 with one scale and offset per 16-weight sub-block,
+    w = u * scale - 4 * scale (exact in float32), as byte_parts_q2k."""
+    b, rows = _as_blocks(blocks, "q3k")
+    d = _read_f16(b, 108)
+    scale = d * (_unpack_q3_scales(b[:, 96:108]).to(torch.int32) - _Q3K_SCALE_HALF).float()
+    u = _unpack_fields(b[:, 32:96], 2, 4) | (_unpack_fields(b[:, 0:32], 1, 8) << 2)
+    return u.reshape(rows, -1), scale.reshape(rows, -1), (-_Q3K_NMAX * scale).reshape(rows, -1)
 
 
 # ----------------------------------------------------------------------------- q4k / q5k
@@ -548,6 +572,16 @@ def int4_parts_q4k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return q.reshape(rows, -1), (d * sc.float()).reshape(rows, -1), (-(dmin * mn.float())).reshape(rows, -1)
 
 
+def byte_parts_q5k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q5k as its 5-bit values with one scale and offset per 32-weight sub-block, w = q * scale +
+    offset (exact in float32): the form of the CPU's VNNI matmul (kernels/qmatmul_vnni.py)."""
+    b, rows = _as_blocks(blocks, "q5k")
+    d, dmin = _read_f16(b, 0), _read_f16(b, 2)
+    sc, mn = _unpack_k4_scales(b[:, 4:16])
+    q = _unpack_fields(b[:, 48:176], 4, 2) | (_unpack_fields(b[:, 16:48], 1, 8) << 4)
+    return q.reshape(rows, -1), (d * sc.float()).reshape(rows, -1), (-(dmin * mn.float())).reshape(rows, -1)
+
+
 def dequantize_q4k(blocks: torch.Tensor) -> torch.Tensor:
     """block_q4_K bytes [rows, n*144] → float32 [rows, n*256]."""
     b, rows = _as_blocks(blocks, "q4k")
@@ -590,6 +624,20 @@ def _encode_q6k(x: torch.Tensor) -> torch.Tensor:
 def quantize_q6k(w: torch.Tensor) -> torch.Tensor:
     """float [rows, cols] → block_q6_K bytes uint8 [rows, cols/256*210]: 6-bit weights, int8 scales."""
     return _by_row_chunks(w, "q6k", _encode_q6k, _CHUNK_WEIGHTS)
+
+
+def byte_parts_q6k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q6k as its 6-bit values with one scale and offset per 16-weight sub-block, w = q * scale -
+    32 * scale (float32 rounds q * scale where d * sc has over 18 significant bits), as
+    byte_parts_q2k."""
+    b, rows = _as_blocks(blocks, "q6k")
+    n = b.shape[0]
+    ql, qh, sc = b[:, 0:128], b[:, 128:192], b[:, 192:208]
+    scale = _read_f16(b, 208) * sc.view(torch.int8).float()
+    low = (ql.reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)) & 0xF
+    high = _unpack_fields(qh, 2, 4).reshape(n, 2, 2, 64)
+    u = (low | (high << 4)).reshape(rows, -1)
+    return u, scale.reshape(rows, -1), (-_Q6K_NMAX * scale).reshape(rows, -1)
 
 
 def dequantize_q6k(blocks: torch.Tensor) -> torch.Tensor:

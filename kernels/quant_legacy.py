@@ -296,6 +296,39 @@ def int4_pair_q5_1(blocks: torch.Tensor) -> tuple[Int4Parts, Int4Parts]:
     return _int4_pair_q5(blocks, Q5_1_BYTES, has_min=True)
 
 
+def _byte_parts(blocks: torch.Tensor, type_size: int, u_of: _BlockFn, offset_of: _BlockFn) -> Int4Parts:
+    _check_blocks(blocks, type_size)
+    rows = blocks.shape[0]
+    b = blocks.contiguous().view(-1, type_size)
+    return u_of(b).view(rows, -1), _f16_field(b, 0).view(rows, -1), offset_of(b).view(rows, -1)
+
+
+def _q5_levels(b: torch.Tensor) -> torch.Tensor:
+    qh_at = b.shape[1] - _HALF - _QH_BYTES
+    return _unpack_nibbles(b[:, b.shape[1] - _HALF :]) | _unpack_high_bits(b[:, qh_at : qh_at + _QH_BYTES])
+
+
+def byte_parts_q8_0(blocks: torch.Tensor) -> Int4Parts:
+    """q8_0 as unsigned bytes u = q + 128 with w = u * d - 128d (exact in float32 and in float16):
+    the form of the CPU's VNNI matmul (kernels/qmatmul_vnni.py)."""
+    return _byte_parts(
+        blocks,
+        Q8_0_BYTES,
+        lambda b: (b[:, _F16_BYTES:].view(torch.int8).to(torch.int16) + _Q8_SHIFT).to(torch.uint8),
+        lambda b: -_Q8_SHIFT * _f16_field(b, 0),
+    )
+
+
+def byte_parts_q5_0(blocks: torch.Tensor) -> Int4Parts:
+    """q5_0 as its 5-bit values q with w = q * d - 16d, as byte_parts_q8_0."""
+    return _byte_parts(blocks, Q5_0_BYTES, _q5_levels, lambda b: -(_Q5_LEVELS // 2) * _f16_field(b, 0))
+
+
+def byte_parts_q5_1(blocks: torch.Tensor) -> Int4Parts:
+    """q5_1 as its 5-bit values q with w = q * d + m, as byte_parts_q8_0."""
+    return _byte_parts(blocks, Q5_1_BYTES, _q5_levels, lambda b: _f16_field(b, _F16_BYTES))
+
+
 def _quantize(w: torch.Tensor, fn: _BlockFn, type_size: int) -> torch.Tensor:
     return _map_blocks(fn, _check_weight(w), QK, type_size, torch.uint8)
 

@@ -29,8 +29,9 @@ _NUM_RUNNERS = 1
 _CPU_DEVICE_INDEX = -1
 
 
-def incompatibility(info: CompiledStep, block_size: int) -> str | None:
-    """Why this process cannot run the compiled step, or None when it can."""
+def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = False) -> str | None:
+    """Why this process cannot run the compiled step, or None when it can; `cpu_kernels`: the model
+    computes with the artifact's CPU kernel library."""
     torch_version = torch.__version__.split("+")[0]
     if info.target != "cpu":
         return f"it targets {info.target}; this runtime runs on the cpu"
@@ -41,6 +42,10 @@ def incompatibility(info: CompiledStep, block_size: int) -> str | None:
         return f"it was compiled for a {info.cpu_capability} CPU, this one is {capability}; rebuild it here"
     if info.block_size != block_size:
         return f"it was traced for KV blocks of {info.block_size} tokens, the engine uses {block_size}"
+    if info.cpu_kernels and not cpu_kernels:
+        return "it calls the artifact's CPU kernels, which this process runs without"
+    if cpu_kernels and not info.cpu_kernels:
+        return "it was compiled without the CPU kernels this process uses"
     return None
 
 
@@ -59,7 +64,7 @@ class CompiledDecode:
     @classmethod
     def load(cls, root: Path, info: CompiledStep, step: DecodeStep, num_slots: int) -> CompiledDecode | None:
         """The loaded step, or None (with a warning) when this process cannot run it."""
-        reason = incompatibility(info, step.block_size)
+        reason = incompatibility(info, step.block_size, step.model.cpu_kernels)
         if reason is not None:
             log.warning("compiled.not_used", kind=info.kind, reason=reason)
             return None

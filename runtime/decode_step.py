@@ -36,6 +36,7 @@ class DecodeStep(nn.Module):
             seqs=[],
             block_tables=block_tables,
             context_lens=context_lens,
+            cpu_kernel=self.model.cpu_kernels,
         )
         pairs = list(zip(kv_caches[0::2], kv_caches[1::2], strict=True))
         hidden = self.model(input_ids, positions, pairs, ctx)

@@ -17,6 +17,7 @@ import torch
 from llmc.artifacts.manifest import Manifest
 from llmc.artifacts.reader import Artifact
 from llmc.errors import BadInputError, OutOfResourcesError
+from llmc.kernels import cpu_kernels
 from llmc.kernels.quant_formats import stored_format
 from llmc.logs import get_logger
 from llmc.runtime.block_manager import BlockManager
@@ -50,6 +51,22 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def load_cpu_kernels(artifact: Artifact) -> bool:
+    """Load the artifact's CPU kernel library into this process where it can run here; False (with
+    a warning saying why, when the artifact has one) where the model must use torch's kernels."""
+    info = artifact.manifest.cpu_kernels
+    if info is None:
+        return False
+    torch_version = torch.__version__.split("+")[0]
+    if info.torch_version != torch_version:
+        reason: str | None = f"they were compiled for torch {info.torch_version}, this is torch {torch_version}"
+    else:
+        reason = cpu_kernels.load(artifact.root / info.file)
+    if reason is not None:
+        log.warning("engine.cpu_kernels_not_used", reason=reason)
+    return reason is None
 
 
 def want_dense_copies(setting: bool | None, manifest: Manifest) -> bool:
@@ -104,8 +121,9 @@ class Engine:
         self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
         quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
         dense = want_dense_copies(config.dense_weights, manifest)
+        kernels = load_cpu_kernels(artifact)
         model = build_model(
-            spec, dict(artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype], dense
+            spec, dict(artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype], dense, kernels
         )
         bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
         num_blocks = config.kv_blocks or config.kv_cache_mb * 1024 * 1024 // bytes_per_block
@@ -144,6 +162,7 @@ class Engine:
             block_size=config.block_size,
             compiled=[c.info.weights for c in self.runner.compiled],
             dense_weights=dense,
+            cpu_kernels=kernels,
         )
 
     # ---- called from any thread -------------------------------------------------------------

@@ -60,6 +60,7 @@ class StepContext:
     rope_long: torch.Tensor | None = None  # [N] bool: longrope's long factors apply (Phi-3)
     block_tables: torch.Tensor | None = None  # decode form: [N, max blocks] int64
     context_lens: torch.Tensor | None = None  # decode form: [N] int64, the new token included
+    cpu_kernel: bool = False  # decode attention takes llmc's CPU kernel (kernels/paged_attention.py)
 
     def attend(
         self,
@@ -73,8 +74,10 @@ class StepContext:
         if self.block_tables is not None:
             assert self.context_lens is not None
             tables, lens = self.block_tables, self.context_lens
-            return decode_attention(q, k_cache, v_cache, self.block_size, tables, lens, scale, window, softcap)
-        return paged_attention(q, k_cache, v_cache, self.block_size, self.seqs, scale, window, softcap)
+            return decode_attention(
+                q, k_cache, v_cache, self.block_size, tables, lens, scale, window, softcap, self.cpu_kernel
+            )
+        return paged_attention(q, k_cache, v_cache, self.block_size, self.seqs, scale, window, softcap, self.cpu_kernel)
 
 
 class RMSNorm(nn.Module):
@@ -378,6 +381,7 @@ class CausalLM(nn.Module):
             )
         self.spec = spec
         self.dtype = torch.float32  # the compute dtype: activations and KV cache (build_model sets it)
+        self.cpu_kernels = False  # llmc's CPU kernel library is loaded for it (build_model sets it)
         self.model = Backbone(spec, max_positions)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
@@ -417,13 +421,16 @@ def build_model(
     quant: dict[str, str] | None = None,
     dtype: torch.dtype = torch.float32,
     dense_copies: bool = False,
+    cpu_kernels: bool = False,
 ) -> CausalLM:
     """Instantiate on the meta device, then adopt `weights` (memory-mapped) without copying them.
 
     `quant` names the tensors stored as GGML blocks and their format: their layers become
     QuantLinear / QuantEmbedding. `dtype` is the artifact's compute dtype (the KV cache's too).
     `dense_copies`: quantized layers also keep bf16 copies for prefill and large batches
-    (kernels/qmatmul_cpu.py), at 2 bytes per weight.
+    (kernels/qmatmul_cpu.py), at 2 bytes per weight. `cpu_kernels`: llmc's CPU kernel library is
+    loaded (kernels/cpu_kernels.py): quantized layers take its VNNI matmul where it applies, decode
+    attention its paged kernel.
     """
     quant = quant or {}
     with torch.device("meta"):
@@ -432,6 +439,7 @@ def build_model(
             _quantize_module(model, name, fmt, dtype)
         _tie(model, dtype)
     model.dtype = dtype
+    model.cpu_kernels = cpu_kernels
     expected = {name for name, _ in model.named_parameters(remove_duplicate=True)}
     given = set(weights) - ({"lm_head.weight"} if spec.tie_word_embeddings else set())
     if expected != given:
@@ -442,14 +450,14 @@ def build_model(
     model.load_state_dict({k: weights[k] for k in expected}, strict=False, assign=True)
     _tie(model, dtype)
     model.requires_grad_(False)
-    fused = fuse_projections(model, dense_copies)
+    fused = fuse_projections(model, dense_copies, cpu_kernels)
     for module in model.modules():
         if isinstance(module, QuantLinear) and module not in fused:
-            module.prepare(dense_copies)
+            module.prepare(dense_copies, cpu_kernels)
     return model.eval()
 
 
-def fuse_projections(model: CausalLM, dense_copies: bool) -> set[nn.Module]:
+def fuse_projections(model: CausalLM, dense_copies: bool, vnni: bool = False) -> set[nn.Module]:
     """Run each attention's q/k/v and each MLP's gate/up as one quantized matmul where they share a
     format (FusedQuantLinear). Returns the layers fused, which need no prepared form of their own."""
     fused: set[nn.Module] = set()
@@ -462,7 +470,7 @@ def fuse_projections(model: CausalLM, dense_copies: bool) -> set[nn.Module]:
     for owner, fused_name, names in groups:
         parts = [getattr(owner, name) for name in names]
         if FusedQuantLinear.fusable(parts):
-            setattr(owner, fused_name, FusedQuantLinear(parts, dense_copies))
+            setattr(owner, fused_name, FusedQuantLinear(parts, dense_copies, vnni))
             fused.update(parts)
     return fused
 

@@ -148,6 +148,7 @@ class ModelRunner:
             block_size=bs,
             seqs=slices,
             rope_long=torch.tensor(long_rope) if long_after is not None else None,
+            cpu_kernel=self.model.cpu_kernels,
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64),

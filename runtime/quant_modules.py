@@ -26,10 +26,11 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self.prepared: CpuQMatmul | None = None
 
-    def prepare(self, dense_copy: bool = False) -> None:
-        """Build the CPU's fast form; `dense_copy` also keeps a bf16 copy for many-row calls."""
+    def prepare(self, dense_copy: bool = False, vnni: bool = False) -> None:
+        """Build the CPU's fast form; `dense_copy` also keeps a bf16 copy for many-row calls,
+        `vnni` takes llmc's VNNI kernel where it can (kernels/qmatmul_cpu.py)."""
         if self.weight.device.type == "cpu":
-            self.prepared = CpuQMatmul(self.weight.data, self.fmt, dense_copy)
+            self.prepared = CpuQMatmul(self.weight.data, self.fmt, dense_copy, vnni)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cuda":
@@ -50,10 +51,10 @@ class FusedQuantLinear(nn.Module):
 
     bias: torch.Tensor | None
 
-    def __init__(self, parts: list[QuantLinear], dense_copy: bool) -> None:
+    def __init__(self, parts: list[QuantLinear], dense_copy: bool, vnni: bool = False) -> None:
         super().__init__()
         self.sizes = [part.out_features for part in parts]
-        self.prepared = CpuQMatmul(torch.cat([part.weight.data for part in parts]), parts[0].fmt, dense_copy)
+        self.prepared = CpuQMatmul(torch.cat([part.weight.data for part in parts]), parts[0].fmt, dense_copy, vnni)
         biases = [part.bias for part in parts]
         bias = torch.cat([b.data for b in biases if b is not None]) if biases[0] is not None else None
         self.register_buffer("bias", bias, persistent=False)

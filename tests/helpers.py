@@ -17,11 +17,23 @@ from llmc.runtime.sequence import Sequence
 
 
 def build_compiled(
-    model: str | Path, out: Path, name: str, compile: CompileOptions, isq: str | None = None
+    model: str | Path,
+    out: Path,
+    name: str,
+    compile: CompileOptions,
+    isq: str | None = None,
+    cpu_kernels: bool = True,
 ) -> BuildResult:
     """`llmc build` of a local model folder or GGUF file with its decode step compiled."""
     options = BuildOptions(
-        model=str(model), gguf_file=None, weights=None, output=out, name=name, isq=isq, compile=compile
+        model=str(model),
+        gguf_file=None,
+        weights=None,
+        output=out,
+        name=name,
+        isq=isq,
+        compile=compile,
+        cpu_kernels=cpu_kernels,
     )
     return build(options)
 

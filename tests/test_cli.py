@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from llmc.errors import EXIT_CODES, ErrorKind
+from llmc.kernels import cpu_kernels
 
 
 def _llmc(*args: str) -> subprocess.CompletedProcess[str]:
@@ -21,7 +22,8 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert summary["ok"] is True and summary["model_name"] == "tiny" and summary["dtype"] == "f32"
     compiled = {"compiled/decode_cpu.pt2", "compiled/decode_cpu.constants.safetensors"}  # the default --compile
-    assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja", *compiled}
+    kernels = set() if cpu_kernels.unsupported() else {"kernels/" + cpu_kernels.LIBRARY_NAME}
+    assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja", *compiled, *kernels}
     assert summary["compiled"][0]["kind"] == "decode" and summary["compile_seconds"] > 0
     inspected = _llmc("inspect", str(tmp_path / "a"), "--json", "--verify")
     assert inspected.returncode == 0, inspected.stderr

@@ -14,6 +14,7 @@ from llmc.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadArtifactError
+from llmc.kernels import cpu_kernels
 
 
 def _build(src: Path, out: Path) -> Path:
@@ -24,14 +25,16 @@ def _build(src: Path, out: Path) -> Path:
 def _digests(folder: Path) -> dict[str, str]:
     import hashlib
 
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def test_two_builds_are_byte_identical(tiny_llama_dir: Path, tmp_path: Path) -> None:
     a = _build(tiny_llama_dir, tmp_path / "a")
     b = _build(tiny_llama_dir, tmp_path / "b")
     assert _digests(a) == _digests(b)
-    assert set(_digests(a)) == {"manifest.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"}
+    kernels = set() if cpu_kernels.unsupported() else {"kernels/" + cpu_kernels.LIBRARY_NAME}
+    assert set(_digests(a)) == {"manifest.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", *kernels}
 
 
 def test_flipped_byte_is_refused_naming_the_file(tiny_llama_dir: Path, tmp_path: Path) -> None:

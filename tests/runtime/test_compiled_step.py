@@ -10,12 +10,17 @@ import json
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
+from llmc.artifacts.reader import Artifact
 from llmc.builder.compile_step import CompileOptions
 from llmc.errors import InternalError
-from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS
+from llmc.kernels import cpu_kernels
+from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, uses_vnni
+from llmc.runtime.compiled_step import incompatibility
+from llmc.runtime.engine import load_cpu_kernels
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
 from tests.helpers import build_compiled, generate, open_engine
@@ -61,12 +66,51 @@ def test_tiny_compiled_matches_eager(tiny_compiled: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_q8_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Quantized to q8_0: its layers run as int4 pairs, which switch to their dense bf16 copies from
-    DENSE_MIN_ROWS rows, so the build compiles a package for each form."""
+    """Quantized to q8_0 without llmc's CPU kernels: its layers run as int4 pairs, which switch to
+    their dense bf16 copies from DENSE_MIN_ROWS rows, so the build compiles a package for each form."""
     source = make_tiny_llama(tmp_path_factory.mktemp("aot-q8-src") / "llama")
     out = tmp_path_factory.mktemp("aot-q8") / "tiny"
+    result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS), isq="q8_0", cpu_kernels=False)
+    assert result.manifest.cpu_kernels is None
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_q8_vnni(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Quantized to q8_0 with llmc's CPU kernels: one package, computing with the VNNI kernel."""
+    reason = cpu_kernels.unsupported()
+    if reason is not None:
+        pytest.skip(reason)
+    source = make_tiny_llama(tmp_path_factory.mktemp("aot-q8v-src") / "llama")
+    out = tmp_path_factory.mktemp("aot-q8v") / "tiny"
     build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS), isq="q8_0")
     return out
+
+
+def test_vnni_build_has_one_package_calling_the_kernels_and_matches_eager(tiny_q8_vnni: Path) -> None:
+    manifest = json.loads((tiny_q8_vnni / "manifest.json").read_text())
+    assert manifest["cpu_kernels"]["file"] in {f["path"] for f in manifest["files"]}
+    [step] = manifest["compiled"]
+    assert (step["weights"], step["cpu_kernels"], step["buckets"]) == ("packed", True, list(BUCKETS))
+    engine = open_engine(tiny_q8_vnni, kv_blocks=256)
+    assert uses_vnni(engine.runner.model)
+    _compare(tiny_q8_vnni, manifest["model"]["vocab_size"], (1, 3, 16))
+
+
+def test_kernels_compiled_for_another_torch_are_not_loaded(tiny_q8_vnni: Path) -> None:
+    artifact = Artifact.open(tiny_q8_vnni)
+    assert artifact.manifest.cpu_kernels is not None
+    other = msgspec.structs.replace(artifact.manifest.cpu_kernels, torch_version="1.0.0")
+    assert not load_cpu_kernels(Artifact(artifact.root, msgspec.structs.replace(artifact.manifest, cpu_kernels=other)))
+    assert load_cpu_kernels(artifact)
+
+
+def test_a_package_calling_the_kernels_is_not_used_without_them(tiny_q8_vnni: Path) -> None:
+    manifest = Artifact.open(tiny_q8_vnni).manifest
+    [info] = manifest.compiled
+    assert incompatibility(info, info.block_size, cpu_kernels=False) == (
+        "it calls the artifact's CPU kernels, which this process runs without"
+    )
 
 
 def test_quantized_build_has_a_dense_package_for_large_buckets(tiny_q8_compiled: Path) -> None:

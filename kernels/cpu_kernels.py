@@ -1,0 +1,137 @@
+"""llmc's own C++ CPU kernels (kernels/*.cpp): compiled by the builder, shipped in the artifact,
+loaded by the runtime.
+
+They are compiled where the artifact is built, like the AOTInductor packages, and against the
+same torch: the runtime needs no compiler. A build keeps the compiled library in a cache keyed on
+the source, torch and the compiler, so that building again (the tests build many artifacts)
+costs a copy. Loading registers torch ops for the whole process (`torch.ops.llmc.*`), so a
+process holds one version of them: a second, different library is refused, and the caller runs
+without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmc.errors import InternalError
+from llmc.logs import get_logger
+
+log = get_logger("llmc.kernels")
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul_vnni.cpp", "paged_attention_cpu.cpp"))
+LIBRARY_NAME = "llmc_cpu_kernels.so"
+# The instruction sets the kernels use, checked before loading (an illegal instruction would
+# kill the process). float16 conversions (F16C) come with AVX-512F.
+ISA = "avx512_vnni"
+_ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c")
+# Compiling the one source takes ~10 s on 2 cores; a compiler stuck far beyond that is broken.
+_COMPILE_TIMEOUT_S = 300
+_CACHE_ENV = "LLMC_CACHE_DIR"
+
+_loaded: dict[str, str] = {}  # the one library this process has loaded: its sha256 → path
+
+
+def unsupported() -> str | None:
+    """Why this CPU cannot run the kernels, or None when it can."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    if not torch.cpu._is_avx512_supported() or vnni is None or not vnni():
+        return f"this CPU lacks {ISA} (AVX-512 with VNNI)"
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(_CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "llmc")
+    return Path(root).expanduser() / "cpu_kernels"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "c++"
+
+
+def _command(output: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [_compiler(), "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", *_ISA_FLAGS]
+    command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w"]
+    command += [f"-I{path}" for path in include_paths()]
+    command += [str(source) for source in SOURCES]
+    command += [f"-L{path}" for path in library_paths()] + ["-ltorch_cpu", "-lc10", "-o", str(output)]
+    return command
+
+
+def _cache_key() -> str:
+    version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256(torch.__version__.encode() + version.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def compile_library(dest: Path) -> None:
+    """Compile the kernels (or take them from the cache) into `dest`; InternalError when no C++
+    compiler works here (the build then goes on without them)."""
+    try:
+        cached = _cache_dir() / _cache_key() / LIBRARY_NAME
+        if not cached.exists():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+                built = Path(tmp) / LIBRARY_NAME
+                log.info("cpu_kernels.compiling", compiler=_compiler())
+                subprocess.run(_command(built), capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S)
+                os.replace(built, cached)  # atomic: a concurrent build sees all of it or nothing
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        raise InternalError(f"compiling llmc's CPU kernels failed: {detail.strip()[-2000:]}") from exc
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, dest)
+
+
+def load(path: Path) -> str | None:
+    """Load the kernel library at `path` into this process; return why it cannot be used, or None."""
+    reason = unsupported()
+    if reason is not None:
+        return reason
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if _loaded:
+        return None if digest in _loaded else "another version of llmc's CPU kernels is already loaded"
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as exc:
+        return f"the library does not load here ({exc})"
+    _register_fakes()
+    _loaded[digest] = str(path)
+    log.info("cpu_kernels.loaded", path=str(path))
+    return None
+
+
+def loaded() -> bool:
+    return bool(_loaded)
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops for torch.export (the builder traces with fake tensors)."""
+
+    @torch.library.register_fake("llmc::qmatmul_vnni")
+    def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0] * scales.shape[-1]), dtype=torch.float32)
+
+    @torch.library.register_fake("llmc::paged_decode_attention")
+    def _(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+        window: int,
+    ) -> torch.Tensor:
+        return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[2]))

@@ -1,0 +1,116 @@
+"""The CPU's VNNI matmul over GGML weights (kernels/qmatmul_vnni.cpp), its layout and its reference.
+
+Every GGML format is u * scale + offset per group of 32 weights (16 for q2k, q3k and q6k), with
+u an unsigned integer: up to 4-bit for q4_0, q4_1, q4k, q3k (u = q + 4) and q2k (stored two per
+byte), up to 8-bit for q8_0 (u = q + 128), q5_0, q5_1, q5k and q6k (one per byte). The kernel
+quantizes the activations to int8 per group, as llama.cpp does, and multiplies int8 by uint8 with
+`vpdpbusd`; it computes exactly `reference_vnni_matmul` up to float32 summation order. Scales and
+offsets are kept in float16: exact for the legacy formats (GGML stores them so), rounded once for
+the K-quants' sub-block scales (a relative 2^-11, well below the int8 activations' own error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from llmc.kernels import quant_kquants, quant_legacy
+
+ROWS = 16  # output rows per weight block: one vector of 16 int32 sums
+_INT8_MAX = 127
+_NIBBLE = 0x0F
+_INPUTS_PER_LANE = 4  # vpdpbusd adds 4 byte products into each 32-bit lane
+# The activations quantize per group from float32 values: their sum of |x| may not overflow.
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+# u uint8 [N, K], scale and offset float32 [N, K / group]: w = u * scale + offset per group
+Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_PARTS: dict[str, tuple[int, Callable[[torch.Tensor], Parts]]] = {
+    "q4_0": (4, quant_legacy.int4_parts_q4_0),
+    "q4_1": (4, quant_legacy.int4_parts_q4_1),
+    "q4k": (4, quant_kquants.int4_parts_q4k),
+    "q3k": (4, quant_kquants.byte_parts_q3k),
+    "q2k": (4, quant_kquants.byte_parts_q2k),
+    "q8_0": (8, quant_legacy.byte_parts_q8_0),
+    "q5_0": (8, quant_legacy.byte_parts_q5_0),
+    "q5_1": (8, quant_legacy.byte_parts_q5_1),
+    "q5k": (8, quant_kquants.byte_parts_q5k),
+    "q6k": (8, quant_kquants.byte_parts_q6k),
+}
+FORMATS = tuple(_PARTS)
+# Where u * scale is exact in float32, so that u * scale + offset rounds once, as the reference
+# dequantizer does (q6k's 19-bit scales times 6-bit values need 25 bits).
+PARTS_EXACT = frozenset(FORMATS) - {"q6k"}
+
+
+def fits(fmt: str, rows: int) -> bool:
+    return fmt in _PARTS and rows % ROWS == 0
+
+
+def parts(blocks: torch.Tensor, fmt: str) -> tuple[int, Parts]:
+    """The format's bits and (u, scale, offset) with w = u * scale + offset."""
+    bits, fn = _PARTS[fmt]
+    return bits, fn(blocks)
+
+
+def pack(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, scale, offset) → the kernel's weight uint8 [N / 16, K / G * 16 * G * bits / 8] and
+    scales float16 [N / 16, K / G, 2, 16] (layout in qmatmul_vnni.cpp). None of the scales may
+    overflow float16 (the caller checks `scales_fit`)."""
+    n, k = u.shape
+    blocks, groups = n // ROWS, scale.shape[1]
+    group = k // groups
+    by_group = u.to(torch.uint8).view(blocks, ROWS, groups, group).permute(0, 2, 1, 3)  # [b, g, row, k]
+    if bits == 4:
+        chunks = by_group.reshape(blocks, groups, ROWS, group // 8, 2, _INPUTS_PER_LANE)  # k = 8c + 4h + j
+        low, high = chunks[..., 0, :], chunks[..., 1, :]
+        weight = (low | (high << 4)).permute(0, 1, 3, 2, 4)  # [b, g, c, row, j]
+    else:
+        weight = by_group.reshape(blocks, groups, ROWS, group // _INPUTS_PER_LANE, _INPUTS_PER_LANE)
+        weight = weight.permute(0, 1, 3, 2, 4)
+    scales = torch.stack([scale, offset]).view(2, blocks, ROWS, groups).permute(1, 3, 0, 2)
+    return weight.contiguous().view(blocks, -1), scales.to(torch.float16).contiguous()
+
+
+def scales_fit(scale: torch.Tensor, offset: torch.Tensor) -> bool:
+    """Whether float16 holds every scale and offset (always, for weights GGML could store)."""
+    return bool(scale.abs().max() <= _FLOAT16_MAX and offset.abs().max() <= _FLOAT16_MAX)
+
+
+def unpack(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """The kernel's layout back to the float32 weight [N, K]: what the tests check `pack` against."""
+    blocks, groups = scales.shape[0], scales.shape[1]
+    group = weight.shape[1] * 8 // bits // groups // ROWS
+    if bits == 4:
+        w = weight.view(blocks, groups, group // 8, ROWS, _INPUTS_PER_LANE)
+        u = torch.stack([w & _NIBBLE, w >> 4], dim=3)  # [b, g, c, h, row, j]
+        u = u.permute(0, 4, 1, 2, 3, 5)
+    else:
+        u = weight.view(blocks, groups, group // _INPUTS_PER_LANE, ROWS, _INPUTS_PER_LANE).permute(0, 3, 1, 2, 4)
+    u = u.reshape(blocks * ROWS, groups, group).float()
+    s = scales.float().permute(0, 3, 1, 2).reshape(blocks * ROWS, groups, 2)
+    return (u * s[..., :1] + s[..., 1:]).view(blocks * ROWS, -1)
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] → its int8 quantization per `group` values, dequantized (float32): the activations
+    the kernel multiplies, computed with the kernel's own float32 operations."""
+    m, k = x.shape
+    groups = x.float().reshape(m, k // group, group)
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, _INT8_MAX / amax, torch.zeros_like(amax))
+    return (torch.round(groups * inv) * (amax / _INT8_MAX)).reshape(m, k)
+
+
+def reference_vnni_matmul(x: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:
+    """What the kernel computes, in plain torch (float64 sums): quantized x @ weight.T, for a
+    weight whose scale groups are `group` wide."""
+    return (quantize_activations(x, group).double() @ weight.double().T).float()
+
+
+def qmatmul_vnni(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ the packed weight → float32 [M, N]; needs the kernel library
+    loaded (kernels/cpu_kernels.py)."""
+    out: torch.Tensor = torch.ops.llmc.qmatmul_vnni(x, weight, scales, bits)
+    return out

@@ -1,0 +1,139 @@
+"""The VNNI matmul (kernels/qmatmul_vnni.cpp): its parts and layout against the reference
+dequantizers, and the compiled kernel against its plain-torch reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmc.kernels import cpu_kernels
+from llmc.kernels.qmatmul_cpu import VNNI_DENSE_MIN_ROWS, CpuQMatmul
+from llmc.kernels.qmatmul_vnni import (
+    FORMATS,
+    PARTS_EXACT,
+    pack,
+    parts,
+    qmatmul_vnni,
+    quantize_activations,
+    reference_vnni_matmul,
+    unpack,
+)
+from llmc.kernels.quant_formats import FORMATS as BLOCK_FORMATS
+from llmc.kernels.quant_formats import reference_qmatmul
+from tests.kernels.blocks import random_blocks
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> None:
+    reason = cpu_kernels.unsupported()
+    if reason is not None:
+        pytest.skip(reason)
+    library = tmp_path_factory.mktemp("kernels") / cpu_kernels.LIBRARY_NAME
+    cpu_kernels.compile_library(library)
+    assert cpu_kernels.load(library) is None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_parts_reproduce_the_reference_dequantizer_exactly(fmt: str) -> None:
+    blocks = random_blocks(fmt, 32, 512, torch.Generator().manual_seed(1))
+    bits, (u, scale, offset) = parts(blocks, fmt)
+    assert u.dtype == torch.uint8 and int(u.max()) < 2**bits
+    group = 512 // scale.shape[1]
+    rebuilt = (u.float().view(32, -1, group) * scale[..., None] + offset[..., None]).reshape(32, 512)
+    if fmt in PARTS_EXACT:
+        assert torch.equal(rebuilt, BLOCK_FORMATS[fmt].dequantize(blocks))
+    else:
+        torch.testing.assert_close(rebuilt, BLOCK_FORMATS[fmt].dequantize(blocks), rtol=2**-23, atol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pack_keeps_every_weight(fmt: str) -> None:
+    blocks = random_blocks(fmt, 48, 512, torch.Generator().manual_seed(2))
+    bits, (u, scale, offset) = parts(blocks, fmt)
+    weight, scales = pack(u, scale, offset, bits)
+    group = 512 // scale.shape[1]
+    expected = u.float().view(48, -1, group) * scale.half().float()[..., None] + offset.half().float()[..., None]
+    assert torch.equal(unpack(weight, scales, bits), expected.reshape(48, 512))
+    if fmt in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1"):  # GGML's own f16 scales: exact
+        assert torch.equal(unpack(weight, scales, bits), BLOCK_FORMATS[fmt].dequantize(blocks))
+
+
+def test_activations_quantize_per_32_to_int8_levels() -> None:
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    x[1, :32] = 0.0
+    q = quantize_activations(x, 32).view(3, 2, 32)
+    amax = x.view(3, 2, 32).abs().amax(-1, keepdim=True)
+    steps = q / torch.where(amax > 0, amax / 127, 1.0)
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and int(steps.abs().max().round()) == 127
+    assert torch.equal(q[1, 0], torch.zeros(32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 5, 8])
+def test_kernel_matches_its_reference(kernels: None, fmt: str, m: int) -> None:
+    gen = torch.Generator().manual_seed(10 + m)
+    blocks = random_blocks(fmt, 64, 768 if BLOCK_FORMATS[fmt].block_size == 256 else 96, gen)
+    bits, (u, scale, offset) = parts(blocks, fmt)
+    weight, scales = pack(u, scale, offset, bits)
+    x = torch.randn(m, u.shape[1], generator=gen)
+    y = qmatmul_vnni(x, weight, scales, bits)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), u.shape[1] // scale.shape[1])
+    assert y.dtype == torch.float32 and y.shape == (m, 64)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    # and against the float reference, within the int8 activations' error
+    ref = reference_qmatmul(x, blocks, fmt)
+    assert float((y - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_kernel_takes_bf16_activations(kernels: None) -> None:
+    gen = torch.Generator().manual_seed(5)
+    blocks = random_blocks("q4_1", 32, 128, gen)
+    bits, (u, scale, offset) = parts(blocks, "q4_1")
+    weight, scales = pack(u, scale, offset, bits)
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    expected = reference_vnni_matmul(x.float(), unpack(weight, scales, bits), 32)
+    torch.testing.assert_close(qmatmul_vnni(x, weight, scales, bits), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_refuses_mismatched_shapes(kernels: None) -> None:
+    blocks = random_blocks("q8_0", 16, 64, torch.Generator().manual_seed(6))
+    bits, (u, scale, offset) = parts(blocks, "q8_0")
+    weight, scales = pack(u, scale, offset, bits)
+    with pytest.raises(RuntimeError, match="16 or 32 inputs per scale group"):
+        qmatmul_vnni(torch.randn(1, 96), weight, scales, bits)
+    with pytest.raises(RuntimeError, match="weight does not match K"):
+        qmatmul_vnni(torch.randn(1, 64), weight, scales, 4)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        qmatmul_vnni(torch.randn(1, 64), weight, scales, 5)
+
+
+def test_a_second_different_library_is_refused(kernels: None, tmp_path: Path) -> None:
+    other = tmp_path / "other.so"
+    other.write_bytes(b"not the same library")
+    assert cpu_kernels.load(other) == "another version of llmc's CPU kernels is already loaded"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dense_copy_beside_the_vnni_form_equals_the_dequantized_weight_in_bf16(fmt: str) -> None:
+    blocks = random_blocks(fmt, 32, 512, torch.Generator().manual_seed(7))
+    matmul = CpuQMatmul(blocks, fmt, dense_copy=True, vnni=True)
+    assert matmul.vnni_weight is not None and matmul.dense is not None
+    assert torch.equal(matmul.dense, BLOCK_FORMATS[fmt].dequantize(blocks).bfloat16())
+
+
+@pytest.mark.parametrize("m", [1, 3, 31, 32, 40])
+def test_cpu_qmatmul_takes_the_vnni_kernel_below_the_dense_switch(kernels: None, m: int) -> None:
+    blocks = random_blocks("q4k", 48, 512, torch.Generator().manual_seed(8))
+    matmul = CpuQMatmul(blocks, "q4k", dense_copy=True, vnni=True)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+    ref = reference_qmatmul(x, blocks, "q4k")
+    y = matmul(x)
+    assert y.dtype == x.dtype
+    if m < VNNI_DENSE_MIN_ROWS:
+        bits, group = matmul.vnni_bits, 32
+        assert matmul.vnni_weight is not None and matmul.vnni_scales is not None
+        expected = reference_vnni_matmul(x, unpack(matmul.vnni_weight, matmul.vnni_scales, bits), group)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert float((y - ref).norm() / ref.norm()) < 2e-2

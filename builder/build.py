@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,8 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
     log.info("build.source", kind=source.kind, name=source.name, architecture=spec.architecture, dtype=dtype_name)
 
     writer = ArtifactWriter(options.output)
+    # The kernel library compiles (a C++ compiler process, on a thread) while the weights are written.
+    kernels_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc-kernels")
     try:
         done = 0
         total = len(expected)
@@ -213,10 +216,12 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
             else (dtype, shape)
             for name, shape in expected.items()
         }
+        want_kernels = options.cpu_kernels and options.target == "cpu"
+        kernels_job = _start_cpu_kernels(kernels_pool) if want_kernels else None
         writer.write_weights(stored, load, on_tensor=tick, quant=formats)
         if report is not None:
             writer.write_bytes(REPORT_FILE, report.encode())
-        kernels = _cpu_kernels(writer) if options.cpu_kernels and options.target == "cpu" else None
+        kernels = _finish_cpu_kernels(writer, kernels_job) if kernels_job is not None else None
         compiled, compile_skipped, compile_seconds = _compile(options.compile, spec, writer, formats, dtype, kernels)
         tok = source.tokenizer
         writer.write_bytes(TOKENIZER_FILE, tok.tokenizer_json)
@@ -266,8 +271,10 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         )
         writer.commit(manifest)
     except BaseException:
+        kernels_pool.shutdown(wait=False, cancel_futures=True)  # a compile under way ends on its own
         writer.abort()
         raise
+    kernels_pool.shutdown()
     seconds = time.perf_counter() - started
     log.info("build.done", output=str(options.output), seconds=round(seconds, 3))
     return BuildResult(options.output, manifest, seconds, report, compile_skipped, compile_seconds)
@@ -277,14 +284,24 @@ def _compile_flags(options: CompileOptions) -> dict[str, object]:
     return {"buckets": list(options.buckets), "max_seq_len": options.max_seq_len, "block_size": options.block_size}
 
 
-def _cpu_kernels(writer: ArtifactWriter) -> CpuKernels | None:
-    """Compile llmc's CPU kernels into the artifact and load them here (the compiled steps then
-    call them), or None where this machine cannot compile or run them: the artifact then uses
-    torch's own kernels, everywhere."""
+def _start_cpu_kernels(pool: ThreadPoolExecutor) -> Future[Path] | str:
+    """Start compiling llmc's CPU kernels (into the user's cache); or why they cannot run here."""
     reason = cpu_kernels.unsupported()
-    if reason is None:
+    if reason is not None:
+        return reason
+    return pool.submit(cpu_kernels.cached_library)
+
+
+def _finish_cpu_kernels(writer: ArtifactWriter, job: Future[Path] | str) -> CpuKernels | None:
+    """Wait for the kernels, copy them into the artifact and load them here (the compiled steps then
+    call them), or None where this machine cannot compile or run them: the artifact then uses
+    torch's own kernels."""
+    reason = job if isinstance(job, str) else None
+    if isinstance(job, Future):
         try:
-            cpu_kernels.compile_library(writer.stage / KERNELS_FILE)
+            library = job.result()
+            (writer.stage / KERNELS_FILE).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(library, writer.stage / KERNELS_FILE)
         except InternalError as exc:
             reason = str(exc)
     if reason is None:

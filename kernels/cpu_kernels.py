@@ -31,7 +31,7 @@ LIBRARY_NAME = "llmc_cpu_kernels.so"
 # kill the process). float16 conversions (F16C) come with AVX-512F.
 ISA = "avx512_vnni"
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c")
-# Compiling the one source takes ~10 s on 2 cores; a compiler stuck far beyond that is broken.
+# Compiling a source takes ~8 s here; a compiler stuck far beyond that is broken.
 _COMPILE_TIMEOUT_S = 300
 _CACHE_ENV = "LLMC_CACHE_DIR"
 
@@ -55,16 +55,40 @@ def _compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
-def _command(output: Path) -> list[str]:
-    from torch.utils.cpp_extension import include_paths, library_paths
+def _compile_command(source: Path, output: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    command = [_compiler(), "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", *_ISA_FLAGS]
-    command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w"]
-    command += [f"-I{path}" for path in include_paths()]
-    command += [str(source) for source in SOURCES]
-    command += [f"-L{path}" for path in library_paths()] + ["-ltorch_cpu", "-lc10", "-o", str(output)]
-    return command
+    command = [_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *_ISA_FLAGS]
+    command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-c", str(source), "-o", str(output)]
+    return command + [f"-I{path}" for path in include_paths()]
+
+
+def _link_command(objects: list[Path], output: Path) -> list[str]:
+    from torch.utils.cpp_extension import library_paths
+
+    command = [_compiler(), "-shared", "-fopenmp", *map(str, objects), "-o", str(output)]
+    return command + [f"-L{path}" for path in library_paths()] + ["-ltorch_cpu", "-lc10"]
+
+
+def _build(output: Path, tmp: Path) -> None:
+    """Compile every source at once (one compiler process each: parsing torch's headers dominates)
+    and link them."""
+    objects = [tmp / (source.stem + ".o") for source in SOURCES]
+    jobs = [
+        subprocess.Popen(_compile_command(source, obj), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for source, obj in zip(SOURCES, objects, strict=True)
+    ]
+    failures = []
+    for job in jobs:
+        _, stderr = job.communicate(timeout=_COMPILE_TIMEOUT_S)
+        if job.returncode != 0:
+            failures.append(stderr)
+    if failures:
+        raise subprocess.CalledProcessError(1, _compiler(), stderr="\n".join(failures))
+    subprocess.run(
+        _link_command(objects, output), capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S
+    )
 
 
 def _cache_key() -> str:
@@ -75,8 +99,8 @@ def _cache_key() -> str:
     return digest.hexdigest()[:32]
 
 
-def compile_library(dest: Path) -> None:
-    """Compile the kernels (or take them from the cache) into `dest`; InternalError when no C++
+def cached_library() -> Path:
+    """The compiled kernels in the cache, compiling them first if needed; InternalError when no C++
     compiler works here (the build then goes on without them)."""
     try:
         cached = _cache_dir() / _cache_key() / LIBRARY_NAME
@@ -85,13 +109,18 @@ def compile_library(dest: Path) -> None:
             with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
                 built = Path(tmp) / LIBRARY_NAME
                 log.info("cpu_kernels.compiling", compiler=_compiler())
-                subprocess.run(_command(built), capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S)
+                _build(built, Path(tmp))
                 os.replace(built, cached)  # atomic: a concurrent build sees all of it or nothing
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         raise InternalError(f"compiling llmc's CPU kernels failed: {detail.strip()[-2000:]}") from exc
+    return cached
+
+
+def compile_library(dest: Path) -> None:
+    """The compiled kernels (see cached_library), copied to `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached, dest)
+    shutil.copyfile(cached_library(), dest)
 
 
 def load(path: Path) -> str | None:

@@ -11,7 +11,8 @@
 // context_lens [B] int64; token t of sequence b is at slot table[b][t / bs] * bs + t % bs. With
 // `window` > 0 a query sees only the last `window` positions. Returns [B, H, D] float32.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>

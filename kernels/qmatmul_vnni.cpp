@@ -14,7 +14,8 @@
 // `scales`: float16 [N / 16, K / G, 2, 16], the 16 rows' scales then their offsets; G is K
 // divided by its second dimension.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>

@@ -41,6 +41,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
             "flags": manifest.build.flags,
         },
         "files": {f.path: f.size for f in manifest.files},
+        "cpu_kernels": msgspec.to_builtins(manifest.cpu_kernels),
     }
 
 

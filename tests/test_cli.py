@@ -12,6 +12,12 @@ from llmc.errors import EXIT_CODES, ErrorKind
 from llmc.kernels import cpu_kernels
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
 def _llmc(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "llmc", *args], capture_output=True, text=True, timeout=300)
 
@@ -29,6 +35,12 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert inspected.returncode == 0, inspected.stderr
     info = json.loads(inspected.stdout)
     assert info["model"]["num_layers"] == 2 and info["parameters"] == summary["parameters"]
+    if kernels:
+        assert info["cpu_kernels"] == {
+            "file": next(iter(kernels)),
+            "torch_version": torch_version(),
+            "isa": "avx512_vnni",
+        }
     text = _llmc("inspect", str(tmp_path / "a"))
     assert "model_name: tiny" in text.stdout
 

@@ -68,8 +68,8 @@ def main(log_level: str) -> None:
     "--cpu-kernels/--no-cpu-kernels",
     default=True,
     show_default=True,
-    help="Compile llmc's CPU kernels (AVX-512 VNNI quantized matmuls) into a quantized artifact; "
-    "--no-cpu-kernels: torch's kernels only, for deploying to CPUs without VNNI.",
+    help="Compile llmc's CPU kernels (AVX-512 VNNI quantized matmuls, paged decode attention) into the "
+    "artifact; --no-cpu-kernels: torch's kernels only, for a compiled step that runs on CPUs without VNNI.",
 )
 @click.option(
     "--buckets",

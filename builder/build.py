@@ -68,7 +68,7 @@ class BuildOptions:
     isq: str | None = None
     # Compile the decode step ahead of time (None: an eager artifact, `llmc build --no-compile`).
     compile: CompileOptions | None = None
-    # Ship llmc's CPU kernels with a quantized artifact (`--no-cpu-kernels`: torch's kernels only).
+    # Ship llmc's CPU kernels with the artifact (`--no-cpu-kernels`: torch's kernels only).
     cpu_kernels: bool = True
 
 
@@ -297,15 +297,18 @@ def _finish_cpu_kernels(writer: ArtifactWriter, job: Future[Path] | str) -> CpuK
     call them), or None where this machine cannot compile or run them: the artifact then uses
     torch's own kernels."""
     reason = job if isinstance(job, str) else None
+    staged = writer.stage / KERNELS_FILE
     if isinstance(job, Future):
         try:
             library = job.result()
-            (writer.stage / KERNELS_FILE).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(library, writer.stage / KERNELS_FILE)
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(library, staged)
         except InternalError as exc:
             reason = str(exc)
     if reason is None:
-        reason = cpu_kernels.load(writer.stage / KERNELS_FILE)
+        reason = cpu_kernels.load(staged)
+    if reason is not None:
+        staged.unlink(missing_ok=True)  # an artifact holds no file its manifest does not list
     if reason is not None:
         log.warning("build.cpu_kernels_skipped", reason=reason)
         return None

@@ -154,7 +154,7 @@ def model_from_stage(
     if kernels_file is not None:
         reason = cpu_kernels.load(stage / kernels_file)
         if reason is not None:
-            raise InternalError(f"the CPU kernels just compiled do not load: {reason}")
+            raise InternalError(f"the CPU kernels just compiled do not load: {reason}; build with --no-cpu-kernels")
     weights = read_staged_tensors(stage, tensor_files)
     return build_model(
         spec, weights, max_seq_len, formats, dtype, dense_copies=True, cpu_kernels=kernels_file is not None
@@ -200,6 +200,15 @@ def weight_forms(model: CausalLM, options: CompileOptions) -> dict[str, list[int
     if large and has_dense_choice(model):
         forms["dense"] = large
     return forms
+
+
+def calls_cpu_kernels(exported: torch.export.ExportedProgram) -> bool:
+    """Whether the traced step calls an op of llmc's CPU kernel library (it then runs only where
+    that library loads)."""
+    return any(
+        node.op == "call_function" and getattr(node.target, "namespace", None) == "llmc"
+        for node in exported.graph.nodes
+    )
 
 
 def compile_decode_step(
@@ -263,6 +272,6 @@ def compile_decode_step(
         torch_version=torch.__version__.split("+")[0],
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         weights=weights,
-        cpu_kernels=model.cpu_kernels,
+        cpu_kernels=calls_cpu_kernels(exported),
     )
     return info, [package_file, constants_file]

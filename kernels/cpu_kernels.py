@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +37,14 @@ _COMPILE_TIMEOUT_S = 300
 _CACHE_ENV = "LLMC_CACHE_DIR"
 
 _loaded: dict[str, str] = {}  # the one library this process has loaded: its sha256 → path
+# The ops a library must register, with their schemas: a library of another llmc is refused.
+OPS = {
+    "qmatmul_vnni": "llmc::qmatmul_vnni(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor",
+    "paged_decode_attention": "llmc::paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
+    "Tensor block_tables, Tensor context_lens, int block_size, float scale, int window) -> Tensor",
+}
+_COMPILER_ADVICE = "install a C++20 compiler (g++ or clang++) or name one in $CXX, or build with --no-cpu-kernels"
+_DETAIL_CHARS = 2000  # of the compiler's messages kept in the error: the last ones say what failed
 
 
 def unsupported() -> str | None:
@@ -51,15 +60,15 @@ def _cache_dir() -> Path:
     return Path(root).expanduser() / "cpu_kernels"
 
 
-def _compiler() -> str:
-    return os.environ.get("CXX") or "c++"
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX") or "c++")
 
 
 def _compile_command(source: Path, output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    command = [_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *_ISA_FLAGS]
+    command = [*_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *_ISA_FLAGS]
     command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-c", str(source), "-o", str(output)]
     return command + [f"-I{path}" for path in include_paths()]
 
@@ -67,7 +76,7 @@ def _compile_command(source: Path, output: Path) -> list[str]:
 def _link_command(objects: list[Path], output: Path) -> list[str]:
     from torch.utils.cpp_extension import library_paths
 
-    command = [_compiler(), "-shared", "-fopenmp", *map(str, objects), "-o", str(output)]
+    command = [*_compiler(), "-shared", "-fopenmp", *map(str, objects), "-o", str(output)]
     return command + [f"-L{path}" for path in library_paths()] + ["-ltorch_cpu", "-lc10"]
 
 
@@ -75,15 +84,23 @@ def _build(output: Path, tmp: Path) -> None:
     """Compile every source at once (one compiler process each: parsing torch's headers dominates)
     and link them."""
     objects = [tmp / (source.stem + ".o") for source in SOURCES]
-    jobs = [
-        subprocess.Popen(_compile_command(source, obj), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for source, obj in zip(SOURCES, objects, strict=True)
-    ]
+    jobs: list[subprocess.Popen[str]] = []
     failures = []
-    for job in jobs:
-        _, stderr = job.communicate(timeout=_COMPILE_TIMEOUT_S)
-        if job.returncode != 0:
-            failures.append(stderr)
+    try:
+        for source, obj in zip(SOURCES, objects, strict=True):
+            command = _compile_command(source, obj)
+            jobs.append(
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+            )
+        for job in jobs:
+            _, stderr = job.communicate(timeout=_COMPILE_TIMEOUT_S)
+            if job.returncode != 0:
+                failures.append(stderr)
+    finally:
+        for job in jobs:  # after a timeout or a failed start, no compiler is left running
+            if job.poll() is None:
+                job.kill()
+                job.wait()
     if failures:
         raise subprocess.CalledProcessError(1, _compiler(), stderr="\n".join(failures))
     subprocess.run(
@@ -92,9 +109,21 @@ def _build(output: Path, tmp: Path) -> None:
 
 
 def _cache_key() -> str:
-    version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, check=True).stdout
+    """What the library depends on: the compiler, its command lines (flags, torch's headers and
+    ABI), torch, the sources and this module."""
+    version = subprocess.run(
+        [*_compiler(), "--version"],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=True,
+        timeout=_COMPILE_TIMEOUT_S,
+    ).stdout
     digest = hashlib.sha256(torch.__version__.encode() + version.encode())
-    for source in SOURCES:
+    probe = Path("object.o")
+    commands = [_compile_command(source, probe) for source in SOURCES] + [_link_command([probe], probe)]
+    digest.update(repr(commands).encode())
+    for source in (*SOURCES, Path(__file__)):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:32]
 
@@ -113,7 +142,9 @@ def cached_library() -> Path:
                 os.replace(built, cached)  # atomic: a concurrent build sees all of it or nothing
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
-        raise InternalError(f"compiling llmc's CPU kernels failed: {detail.strip()[-2000:]}") from exc
+        raise InternalError(
+            f"compiling llmc's CPU kernels failed ({_COMPILER_ADVICE}): {detail.strip()[-_DETAIL_CHARS:]}"
+        ) from exc
     return cached
 
 
@@ -128,21 +159,27 @@ def load(path: Path) -> str | None:
     reason = unsupported()
     if reason is not None:
         return reason
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"the library cannot be read ({exc})"
     if _loaded:
         return None if digest in _loaded else "another version of llmc's CPU kernels is already loaded"
     try:
         torch.ops.load_library(str(path))
     except OSError as exc:
         return f"the library does not load here ({exc})"
+    for name, schema in OPS.items():
+        try:
+            found = str(getattr(torch.ops.llmc, name).default._schema)
+        except (AttributeError, RuntimeError):
+            found = None
+        if found != schema:
+            return f"the library is not this llmc's: its op {name} is {found or 'missing'}"
     _register_fakes()
     _loaded[digest] = str(path)
     log.info("cpu_kernels.loaded", path=str(path))
     return None
-
-
-def loaded() -> bool:
-    return bool(_loaded)
 
 
 def _register_fakes() -> None:

@@ -144,6 +144,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "paged_decode_attention: float32 only");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "paged_decode_attention: int64 tables and lengths");
+  TORCH_CHECK(block_tables.dim() == 2 && context_lens.dim() == 1,
+              "paged_decode_attention: block_tables [B, W] and context_lens [B]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: caches must be contiguous");
   const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t slots = k_cache.size(0), kv_heads = k_cache.size(1);
@@ -159,10 +161,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t width = tables.size(1);
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t cache_blocks = slots / block_size;
   for (int64_t b = 0; b < batch; ++b) {  // what the compiled step trusts must hold here too
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * block_size, "paged_decode_attention: a length is outside its table");
-    for (int64_t j = 0; j < (lp[b] + block_size - 1) / block_size; ++j)
-      TORCH_CHECK(tp[b * width + j] >= 0 && (tp[b * width + j] + 1) * block_size <= slots,
+    // Compared by division: no product of a stranger's values can overflow.
+    TORCH_CHECK(lp[b] >= 1 && (lp[b] - 1) / block_size < width, "paged_decode_attention: a length is outside its table");
+    for (int64_t j = 0; j <= (lp[b] - 1) / block_size; ++j)
+      TORCH_CHECK(tp[b * width + j] >= 0 && tp[b * width + j] < cache_blocks,
                   "paged_decode_attention: a block id is outside the cache");
   }
   at::Tensor out = at::empty({batch, heads, d}, q.options());

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -106,7 +107,17 @@ void quantize_activations(const float* x, int64_t count, int64_t group, int8_t* 
   for (int64_t i = 0; i < count; ++i) {
     const float* xg = x + i * group;
     float amax = 0.f;
-    for (int64_t j = 0; j < group; ++j) amax = std::max(amax, std::fabs(xg[j]));
+    bool finite = true;
+    for (int64_t j = 0; j < group; ++j) {
+      amax = std::max(amax, std::fabs(xg[j]));
+      finite = finite && std::isfinite(xg[j]);
+    }
+    if (!finite) {  // NaN or inf in x: the group's outputs are NaN, as the reference's are
+      std::fill(q + i * group, q + (i + 1) * group, int8_t{0});
+      scale[i] = std::numeric_limits<float>::quiet_NaN();
+      sum[i] = 0.f;
+      continue;
+    }
     const float inv = amax > 0.f ? kInt8Max / amax : 0.f;
     int32_t total = 0;
     for (int64_t j = 0; j < group; ++j) {

@@ -21,7 +21,7 @@ ROWS = 16  # output rows per weight block: one vector of 16 int32 sums
 _INT8_MAX = 127
 _NIBBLE = 0x0F
 _INPUTS_PER_LANE = 4  # vpdpbusd adds 4 byte products into each 32-bit lane
-# The activations quantize per group from float32 values: their sum of |x| may not overflow.
+# Scales and offsets are stored in float16: every one must be below its largest value.
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 
 # u uint8 [N, K], scale and offset float32 [N, K / group]: w = u * scale + offset per group
@@ -45,6 +45,7 @@ PARTS_EXACT = frozenset(FORMATS) - {"q6k"}
 
 
 def fits(fmt: str, rows: int) -> bool:
+    """Whether the kernel takes a weight of this format with this many output rows."""
     return fmt in _PARTS and rows % ROWS == 0
 
 

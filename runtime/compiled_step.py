@@ -43,9 +43,7 @@ def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = Fal
     if info.block_size != block_size:
         return f"it was traced for KV blocks of {info.block_size} tokens, the engine uses {block_size}"
     if info.cpu_kernels and not cpu_kernels:
-        return "it calls the artifact's CPU kernels, which this process runs without"
-    if cpu_kernels and not info.cpu_kernels:
-        return "it was compiled without the CPU kernels this process uses"
+        return "it calls the artifact's CPU kernels, which this process runs without (see the warning before)"
     return None
 
 

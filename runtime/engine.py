@@ -16,7 +16,7 @@ import torch
 
 from llmc.artifacts.manifest import Manifest
 from llmc.artifacts.reader import Artifact
-from llmc.errors import BadInputError, OutOfResourcesError
+from llmc.errors import BadArtifactError, BadInputError, OutOfResourcesError
 from llmc.kernels import cpu_kernels
 from llmc.kernels.quant_formats import stored_format
 from llmc.logs import get_logger
@@ -59,9 +59,13 @@ def load_cpu_kernels(artifact: Artifact) -> bool:
     info = artifact.manifest.cpu_kernels
     if info is None:
         return False
+    if info.file not in {f.path for f in artifact.manifest.files}:  # only checksummed files run
+        raise BadArtifactError(f"the manifest names CPU kernels {info.file!r} that it does not list; rebuild it")
     torch_version = torch.__version__.split("+")[0]
-    if info.torch_version != torch_version:
-        reason: str | None = f"they were compiled for torch {info.torch_version}, this is torch {torch_version}"
+    if info.isa != cpu_kernels.ISA:
+        reason: str | None = f"they need {info.isa}, this llmc's kernels need {cpu_kernels.ISA}"
+    elif info.torch_version != torch_version:
+        reason = f"they were compiled for torch {info.torch_version}, this is torch {torch_version}"
     else:
         reason = cpu_kernels.load(artifact.root / info.file)
     if reason is not None:

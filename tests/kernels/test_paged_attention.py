@@ -126,3 +126,10 @@ def test_cpu_kernel_refuses_lengths_and_blocks_outside_the_cache(cpu_kernels_loa
         torch.ops.llmc.paged_decode_attention(q, k_cache, v_cache, tables, lens * 100, 4, 0.2, 0)
     with pytest.raises(RuntimeError, match="outside the cache"):
         torch.ops.llmc.paged_decode_attention(q, k_cache, v_cache, tables + 1000, lens, 4, 0.2, 0)
+
+
+def test_cpu_kernel_refuses_a_block_id_whose_slot_would_overflow(cpu_kernels_loaded: None) -> None:
+    q, k_cache, v_cache, tables, lens = _decode_case(torch.Generator().manual_seed(6), [9, 3])
+    tables[0, 0] = 1 << 60  # times the block size, this wraps to a small slot in int64
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.llmc.paged_decode_attention(q, k_cache, v_cache, tables, lens, 4, 0.2, 0)

@@ -137,3 +137,13 @@ def test_cpu_qmatmul_takes_the_vnni_kernel_below_the_dense_switch(kernels: None,
         expected = reference_vnni_matmul(x, unpack(matmul.vnni_weight, matmul.vnni_scales, bits), group)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert float((y - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_non_finite_activations_reach_the_output(kernels: None) -> None:
+    blocks = random_blocks("q4_0", 16, 64, torch.Generator().manual_seed(9))
+    bits, (u, scale, offset) = parts(blocks, "q4_0")
+    weight, scales = pack(u, scale, offset, bits)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(9))
+    x[0, 3] = float("nan")
+    y = qmatmul_vnni(x, weight, scales, bits)
+    assert bool(y[0].isnan().all()) and bool(y[1].isfinite().all())

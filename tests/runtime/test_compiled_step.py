@@ -16,7 +16,7 @@ import torch
 
 from llmc.artifacts.reader import Artifact
 from llmc.builder.compile_step import CompileOptions
-from llmc.errors import InternalError
+from llmc.errors import BadArtifactError, InternalError
 from llmc.kernels import cpu_kernels
 from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, uses_vnni
 from llmc.runtime.compiled_step import incompatibility
@@ -105,12 +105,21 @@ def test_kernels_compiled_for_another_torch_are_not_loaded(tiny_q8_vnni: Path) -
     assert load_cpu_kernels(artifact)
 
 
+def test_kernels_the_manifest_does_not_list_are_refused(tiny_q8_vnni: Path) -> None:
+    artifact = Artifact.open(tiny_q8_vnni)
+    assert artifact.manifest.cpu_kernels is not None
+    unlisted = msgspec.structs.replace(artifact.manifest.cpu_kernels, file="../elsewhere.so")
+    with pytest.raises(BadArtifactError, match="does not list"):
+        load_cpu_kernels(Artifact(artifact.root, msgspec.structs.replace(artifact.manifest, cpu_kernels=unlisted)))
+
+
 def test_a_package_calling_the_kernels_is_not_used_without_them(tiny_q8_vnni: Path) -> None:
     manifest = Artifact.open(tiny_q8_vnni).manifest
     [info] = manifest.compiled
     assert incompatibility(info, info.block_size, cpu_kernels=False) == (
-        "it calls the artifact's CPU kernels, which this process runs without"
+        "it calls the artifact's CPU kernels, which this process runs without (see the warning before)"
     )
+    assert incompatibility(info, info.block_size, cpu_kernels=True) is None
 
 
 def test_quantized_build_has_a_dense_package_for_large_buckets(tiny_q8_compiled: Path) -> None:

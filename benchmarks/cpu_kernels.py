@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.weight_forms import median_ms
 from llmc.kernels import cpu_kernels
 from llmc.kernels.paged_attention import decode_attention
 from llmc.kernels.qmatmul_cpu import CpuQMatmul
@@ -35,15 +35,8 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 ATTENTION = [(1, 64), (1, 256), (16, 256), (32, 256)]
 
 
-def median_us(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e6
+def median_us(fn: Callable[[], object]) -> float:
+    return median_ms(fn, REPEATS) * 1e3
 
 
 def bench_matmul(fmt: str, n: int, k: int, rows: int) -> dict[str, object]:

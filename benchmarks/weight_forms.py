@@ -40,7 +40,7 @@ def _packed(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, torch.randn(cols // INT4_GROUP, rows, 2).to(COMPUTE_DTYPE)
 
 
-def median_ms(fn: Callable[[], None], repeats: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `repeats` calls, in ms, after one warm-up call."""
     fn()
     times = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -300,9 +299,7 @@ def _finish_cpu_kernels(writer: ArtifactWriter, job: Future[Path] | str) -> CpuK
     staged = writer.stage / KERNELS_FILE
     if isinstance(job, Future):
         try:
-            library = job.result()
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(library, staged)
+            cpu_kernels.install(job.result(), staged)
         except InternalError as exc:
             reason = str(exc)
     if reason is None:

@@ -148,10 +148,15 @@ def cached_library() -> Path:
     return cached
 
 
-def compile_library(dest: Path) -> None:
-    """The compiled kernels (see cached_library), copied to `dest`."""
+def install(library: Path, dest: Path) -> None:
+    """Copy a compiled library (from cached_library) to `dest`, e.g. into an artifact."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached_library(), dest)
+    shutil.copyfile(library, dest)
+
+
+def compile_library(dest: Path) -> None:
+    """The compiled kernels (see cached_library), installed at `dest`."""
+    install(cached_library(), dest)
 
 
 def load(path: Path) -> str | None:

@@ -204,11 +204,6 @@ def has_dense_choice(model: nn.Module) -> bool:
     )
 
 
-def uses_vnni(model: nn.Module) -> bool:
-    """Whether some quantized layer of `model` computes with the VNNI kernel."""
-    return any(isinstance(m, CpuQMatmul) and m.vnni_weight is not None for m in model.modules())
-
-
 @contextlib.contextmanager
 def weight_form(model: nn.Module, form: str) -> Iterator[None]:
     """Meanwhile every weight of `model` takes the form it takes for WEIGHT_FORMS[form] rows, whatever

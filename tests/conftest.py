@@ -110,3 +110,17 @@ def smollm2_quant_artifact(tmp_path_factory: pytest.TempPathFactory, smollm2_ggu
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels_loaded(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """llmc's CPU kernel library, compiled (or taken from the cache) and loaded into this process.
+    It needs AVX-512 VNNI: on a CPU without it there is nothing to run, and its tests skip."""
+    from llmc.kernels import cpu_kernels
+
+    reason = cpu_kernels.unsupported()
+    if reason is not None:
+        pytest.skip(reason)
+    library = tmp_path_factory.mktemp("cpu-kernels") / cpu_kernels.LIBRARY_NAME
+    cpu_kernels.compile_library(library)
+    assert cpu_kernels.load(library) is None

@@ -59,18 +59,6 @@ def test_matches_dense_reference(window: int | None, softcap: float | None, v_di
     torch.testing.assert_close(got, torch.cat(refs), atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def cpu_kernels_loaded(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from llmc.kernels import cpu_kernels
-
-    reason = cpu_kernels.unsupported()
-    if reason is not None:
-        pytest.skip(reason)
-    library = tmp_path_factory.mktemp("kernels") / cpu_kernels.LIBRARY_NAME
-    cpu_kernels.compile_library(library)
-    assert cpu_kernels.load(library) is None
-
-
 def _decode_case(
     gen: torch.Generator, lengths: list[int], heads: int = 6, kv_heads: int = 2, dim: int = 64, v_dim: int = 64
 ) -> tuple[torch.Tensor, ...]:

@@ -25,16 +25,6 @@ from llmc.kernels.quant_formats import reference_qmatmul
 from tests.kernels.blocks import random_blocks
 
 
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> None:
-    reason = cpu_kernels.unsupported()
-    if reason is not None:
-        pytest.skip(reason)
-    library = tmp_path_factory.mktemp("kernels") / cpu_kernels.LIBRARY_NAME
-    cpu_kernels.compile_library(library)
-    assert cpu_kernels.load(library) is None
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_parts_reproduce_the_reference_dequantizer_exactly(fmt: str) -> None:
     blocks = random_blocks(fmt, 32, 512, torch.Generator().manual_seed(1))
@@ -72,7 +62,7 @@ def test_activations_quantize_per_32_to_int8_levels() -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", [1, 3, 5, 8])
-def test_kernel_matches_its_reference(kernels: None, fmt: str, m: int) -> None:
+def test_kernel_matches_its_reference(cpu_kernels_loaded: None, fmt: str, m: int) -> None:
     gen = torch.Generator().manual_seed(10 + m)
     blocks = random_blocks(fmt, 64, 768 if BLOCK_FORMATS[fmt].block_size == 256 else 96, gen)
     bits, (u, scale, offset) = parts(blocks, fmt)
@@ -87,7 +77,7 @@ def test_kernel_matches_its_reference(kernels: None, fmt: str, m: int) -> None:
     assert float((y - ref).norm() / ref.norm()) < 2e-2
 
 
-def test_kernel_takes_bf16_activations(kernels: None) -> None:
+def test_kernel_takes_bf16_activations(cpu_kernels_loaded: None) -> None:
     gen = torch.Generator().manual_seed(5)
     blocks = random_blocks("q4_1", 32, 128, gen)
     bits, (u, scale, offset) = parts(blocks, "q4_1")
@@ -97,7 +87,7 @@ def test_kernel_takes_bf16_activations(kernels: None) -> None:
     torch.testing.assert_close(qmatmul_vnni(x, weight, scales, bits), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_kernel_refuses_mismatched_shapes(kernels: None) -> None:
+def test_kernel_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
     blocks = random_blocks("q8_0", 16, 64, torch.Generator().manual_seed(6))
     bits, (u, scale, offset) = parts(blocks, "q8_0")
     weight, scales = pack(u, scale, offset, bits)
@@ -109,7 +99,7 @@ def test_kernel_refuses_mismatched_shapes(kernels: None) -> None:
         qmatmul_vnni(torch.randn(1, 64), weight, scales, 5)
 
 
-def test_a_second_different_library_is_refused(kernels: None, tmp_path: Path) -> None:
+def test_a_second_different_library_is_refused(cpu_kernels_loaded: None, tmp_path: Path) -> None:
     other = tmp_path / "other.so"
     other.write_bytes(b"not the same library")
     assert cpu_kernels.load(other) == "another version of llmc's CPU kernels is already loaded"
@@ -124,7 +114,7 @@ def test_dense_copy_beside_the_vnni_form_equals_the_dequantized_weight_in_bf16(f
 
 
 @pytest.mark.parametrize("m", [1, 3, 31, 32, 40])
-def test_cpu_qmatmul_takes_the_vnni_kernel_below_the_dense_switch(kernels: None, m: int) -> None:
+def test_cpu_qmatmul_takes_the_vnni_kernel_below_the_dense_switch(cpu_kernels_loaded: None, m: int) -> None:
     blocks = random_blocks("q4k", 48, 512, torch.Generator().manual_seed(8))
     matmul = CpuQMatmul(blocks, "q4k", dense_copy=True, vnni=True)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
@@ -139,7 +129,7 @@ def test_cpu_qmatmul_takes_the_vnni_kernel_below_the_dense_switch(kernels: None,
     assert float((y - ref).norm() / ref.norm()) < 2e-2
 
 
-def test_non_finite_activations_reach_the_output(kernels: None) -> None:
+def test_non_finite_activations_reach_the_output(cpu_kernels_loaded: None) -> None:
     blocks = random_blocks("q4_0", 16, 64, torch.Generator().manual_seed(9))
     bits, (u, scale, offset) = parts(blocks, "q4_0")
     weight, scales = pack(u, scale, offset, bits)

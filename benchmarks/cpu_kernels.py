@@ -1,6 +1,6 @@
 """llmc's CPU kernels (kernels/cpu_kernels.py) against the torch paths they replace.
 
-    python -m benchmarks.cpu_kernels
+    python -m llmc.benchmarks.cpu_kernels
 
 - Quantized matmul: the VNNI kernel against torch's int4 kernel (one call, or the two calls of an
   int4 pair for q8_0/q5_0) on SmolLM2's projection shapes and lm_head, one activation row and four.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.weight_forms import median_ms
+from llmc.benchmarks.weight_forms import median_ms
 from llmc.kernels import cpu_kernels
 from llmc.kernels.paged_attention import decode_attention
 from llmc.kernels.qmatmul_cpu import CpuQMatmul

@@ -5,7 +5,7 @@ All run in this one process tree on the same machine, the same GGUF and the same
 after the other (never at once: they would fight over the cores). Prints JSON for
 docs/BENCHMARKS.md.
 
-    python -m benchmarks.e2e --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m llmc.benchmarks.e2e --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations

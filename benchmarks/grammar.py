@@ -1,6 +1,6 @@
 """Cost of constrained decoding per token: llguidance mask + token acceptance, on a real vocabulary.
 
-    python -m benchmarks.grammar --artifact out/smollm2
+    python -m llmc.benchmarks.grammar --artifact out/smollm2
 
 Walks a valid JSON document for a schema token by token (as greedy decoding under the grammar
 would), timing `allowed()` (the vocabulary mask) and `accept()` at each step.

@@ -1,6 +1,6 @@
 """Time to first token for a request sharing a long prefix with an earlier one, cache on vs off.
 
-    python -m benchmarks.prefix_cache --artifact out/smollm2
+    python -m llmc.benchmarks.prefix_cache --artifact out/smollm2
 
 For each of a few distinct ~500-token documents, request A reads the document and asks one
 question; request B, sent after A finishes, reads the same document and asks another. B's TTFT is

@@ -6,7 +6,7 @@
 3. single-stream decode tok/s at q4k and q8_0, ours (`llmc run`, streamed over HTTP) vs llama.cpp
    (llama-cpp-python in process) at Q4_K_M and Q8_0, same prompt and threads.
 
-    python -m benchmarks.quant --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf --json-out bench-quant.json
+    python -m llmc.benchmarks.quant --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf --json-out bench-quant.json
 
 The f32 reference is the source GGUF dequantized (the only SmolLM2 weights on this machine); both
 quantizers start from it. Needs the bench extra (make install-bench).
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.e2e import bench_llama_cpp, bench_llmc_server
 from llmc.artifacts.reader import Artifact
+from llmc.benchmarks.e2e import bench_llama_cpp, bench_llmc_server
 from llmc.kernels.quant_formats import FORMATS
 from llmc.runtime.engine import Engine, EngineConfig
 from llmc.runtime.sampling_params import SamplingParams

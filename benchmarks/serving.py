@@ -13,7 +13,7 @@ fresh prompts, so neither server's prompt cache helps; a round disturbed by othe
 machine is run again (see OTHER_LOAD_LIMIT_CORES). llama-server has `--parallel` slots: clients
 beyond them wait in its queue, which shows in their TTFT.
 
-    python benchmarks/serving.py --gguf SmolLM2.gguf --llama-server .cache/llama.cpp/build/bin/llama-server
+    python -m llmc.benchmarks.serving --gguf SmolLM2.gguf --llama-server .cache/llama.cpp/build/bin/llama-server
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Time of one compiled decode step, per batch size and context length, for each artifact.
 
-    python -m benchmarks.step_times out/smollm2 out/smollm2-q4k
+    python -m llmc.benchmarks.step_times out/smollm2 out/smollm2-q4k
 
 Calls the package the engine would pick for the batch (kernels/qmatmul_cpu.py's weight forms)
 with synthetic inputs: every sequence at the same context length, its blocks laid out one after
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.weight_forms import median_ms
 from llmc.artifacts.reader import Artifact
+from llmc.benchmarks.weight_forms import median_ms
 from llmc.runtime.engine import Engine, EngineConfig
 
 REPEATS = 15  # timed calls per case and turn, after one warm-up call

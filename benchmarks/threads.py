@@ -1,7 +1,7 @@
 """Why `llmc run` runs the model on the process's main thread: one layer's matmuls timed on the main
 thread and on a worker thread, with the same torch thread count.
 
-    python -m benchmarks.threads
+    python -m llmc.benchmarks.threads
 
 torch's OpenMP-parallel CPU kernels (oneDNN's bf16 GEMM, the packed int4 matmul) pay for every
 parallel region opened from a thread other than the process's initial one; MKL's f32 GEMV at this

@@ -1,6 +1,6 @@
 """Engine decode throughput without HTTP: N sequences decoding together, per artifact.
 
-    python -m benchmarks.throughput out/smollm2-f32 out/smollm2-bf16
+    python -m llmc.benchmarks.throughput out/smollm2-f32 out/smollm2-bf16
 
 Shows what the engine itself sustains (the serving benchmark adds HTTP, SSE and the clients,
 which share the same cores).

@@ -1,6 +1,6 @@
 """Packed int4 kernels vs bf16 GEMMs over dense copies, by number of activation rows.
 
-    python -m benchmarks.weight_forms
+    python -m llmc.benchmarks.weight_forms
 
 The choice behind kernels/qmatmul_cpu.py's INT4_DENSE_MIN_ROWS and PAIR_DENSE_MIN_ROWS: every
 projection of SmolLM2's 30 layers (one packed int4 weight each, as the default Q4_1 artifact has

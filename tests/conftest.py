@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from llmc.tests.import_hygiene import shadowed_names
+
+# Child processes (servers, CLI runs, MCP tool servers) must not put the working directory, often
+# the repository root, on sys.path either: see tests/import_hygiene.py.
+os.environ["PYTHONSAFEPATH"] = "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once, with the fix, when llmc's folders shadow installed packages in this process
+    (otherwise ~150 tests fail far from the cause, inside transformers)."""
+    shadowed = shadowed_names()
+    if shadowed:
+        found = ", ".join(f"{name} -> {origin}" for name, origin in shadowed.items())
+        pytest.exit(
+            f"the repository root is on sys.path, so llmc's folders shadow installed packages ({found}). "
+            "Run the tests with `make test`, `.venv/bin/pytest` or `python -P -m pytest`.",
+            returncode=4,
+        )
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"

@@ -1,0 +1,204 @@
+"""The Triton quantized matmuls (kernels/qmatmul_triton.py) on a CUDA GPU, against the bandwidth roofline.
+
+    python -m llmc.benchmarks.triton_qmatmul --json-out bench-triton.json
+    python -m llmc.benchmarks.triton_qmatmul --dry-run     # tiny shapes on the CPU (TRITON_INTERPRET=1)
+
+Decode is memory bound: a batch-1 matmul's floor is its weight bytes over the device's copy
+bandwidth, measured here device-to-device in the same run. Reported per format and layer shape of
+a Llama-3-8B (M = 1 and M = 64 rows), then the whole 8B-shaped matmul sequence of one decode step
+(32 layers of q/k/v/o/gate/up/down in one format plus a q6k head), replayed as one CUDA graph so
+launch overhead does not count: its time against the roofline is the best a decode step built on
+these kernels can reach before attention and sampling. Weights are random valid blocks made on the
+GPU (speed does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+from llmc.kernels.qmatmul_triton import qmatmul  # noqa: E402  (after TRITON_INTERPRET)
+from llmc.kernels.quant_formats import FORMATS  # noqa: E402
+
+# Llama-3-8B: hidden 4096, 32 layers, 32 query / 8 KV heads of 128, FFN 14336, vocab 128256.
+LLAMA3_8B_LAYER = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096)} | {
+    "gate": (14336, 4096),
+    "up": (14336, 4096),
+    "down": (4096, 14336),
+}
+LLAMA3_8B_LAYERS = 32
+LLAMA3_8B_HEAD = (128256, 4096)
+# Formats timed per shape: the default artifact's (q4_1, q8_0 head), the _M mixes' (q4k, q6k), q4_0, q5_0.
+TIMED_FORMATS = ("q4_0", "q4_1", "q5_0", "q8_0", "q4k", "q6k")
+BATCH_ROWS = (1, 64)
+COPY_BYTES = 1 << 30  # 1 GiB: far above the 60 MB L2, so the copy streams from HBM
+WARMUP = 3
+REPEATS = 20
+# The f16 scale fields of each format's block (byte offsets), as tests/kernels/blocks.py sets them.
+F16_FIELDS: dict[str, tuple[int, ...]] = {
+    "q4_0": (0,),
+    "q4_1": (0, 2),
+    "q5_0": (0,),
+    "q5_1": (0, 2),
+    "q8_0": (0,),
+    "q2k": (80, 82),
+    "q3k": (108,),
+    "q4k": (0, 2),
+    "q5k": (0, 2),
+    "q6k": (208,),
+}
+
+
+def random_blocks(fmt: str, n: int, k: int, device: torch.device) -> torch.Tensor:
+    """Random block bytes with small finite f16 scales, made on `device`."""
+    spec = FORMATS[fmt]
+    n_blocks = k // spec.block_size
+    raw = torch.randint(0, 256, (n, n_blocks, spec.type_size), dtype=torch.uint8, device=device)
+    for off in F16_FIELDS[fmt]:
+        scale = (torch.rand(n, n_blocks, device=device) * 0.049 + 0.001).to(torch.float16)
+        raw[:, :, off : off + 2] = scale.view(torch.uint8).reshape(n, n_blocks, 2)
+    return raw.reshape(n, n_blocks * spec.type_size)
+
+
+def time_ms(fn: Any, device: torch.device, repeats: int = REPEATS) -> float:
+    """Median milliseconds of `fn()` (CUDA events on a GPU, wall clock on the CPU)."""
+    import statistics
+    import time
+
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms / 1e3)
+
+
+def per_shape(device: torch.device, shapes: dict[str, tuple[int, int]], bandwidth: float) -> list[dict[str, Any]]:
+    rows = []
+    for fmt in TIMED_FORMATS:
+        for name, (n, k) in shapes.items():
+            blocks = random_blocks(fmt, n, k, device)
+            for m in BATCH_ROWS:
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+                ms = time_ms(lambda x=x, blocks=blocks, n=n, k=k: qmatmul(x, blocks, fmt, n, k), device)
+                nbytes = blocks.numel()
+                rows.append(
+                    {
+                        "format": fmt,
+                        "layer": name,
+                        "n": n,
+                        "k": k,
+                        "m": m,
+                        "ms": round(ms, 4),
+                        "weight_gb_per_s": round(nbytes / (ms / 1e3) / 1e9, 1),
+                        "roofline_fraction": round(nbytes / (ms / 1e3) / bandwidth, 3),
+                    }
+                )
+            del blocks
+    return rows
+
+
+def decode_step_matmuls(device: torch.device, fmt: str, layers: int, bandwidth: float) -> dict[str, Any]:
+    """All matmuls of one 8B-shaped decode step at batch 1, replayed as one CUDA graph."""
+    weights = [
+        (random_blocks(fmt, n, k, device), n, k) for _ in range(layers) for (n, k) in LLAMA3_8B_LAYER.values()
+    ]
+    head = random_blocks("q6k", *LLAMA3_8B_HEAD, device)
+    total_bytes = sum(w.numel() for w, _, _ in weights) + head.numel()
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    xf = torch.randn(1, 14336, device=device, dtype=torch.bfloat16)
+
+    def step() -> None:
+        for w, n, k in weights:
+            qmatmul(x if k == 4096 else xf, w, fmt, n, k)
+        qmatmul(x, head, "q6k", *LLAMA3_8B_HEAD)
+
+    step()  # compile every kernel variant before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    eager_ms = time_ms(step, device, repeats=5)
+    graph_ms = time_ms(graph.replay, device)
+    floor_ms = total_bytes / bandwidth * 1e3
+    return {
+        "format": fmt,
+        "weight_gb": round(total_bytes / 1e9, 3),
+        "eager_ms": round(eager_ms, 3),
+        "graph_ms": round(graph_ms, 3),
+        "roofline_ms": round(floor_ms, 3),
+        "roofline_fraction": round(floor_ms / graph_ms, 3),
+        "matmul_only_tok_per_s": round(1e3 / graph_ms, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, Triton's interpreter")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    if args.dry_run:
+        device = torch.device("cpu")
+        shapes = {"tiny": (16, 256)}
+        bandwidth = copy_bandwidth(device, 1 << 24)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA GPU (or --dry-run)")
+        device = torch.device("cuda")
+        shapes = LLAMA3_8B_LAYER
+        bandwidth = copy_bandwidth(device, COPY_BYTES)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "copy_gb_per_s": round(bandwidth / 1e9, 1),
+        "per_shape": per_shape(device, shapes, bandwidth),
+    }
+    if device.type == "cuda":
+        result["decode_step"] = [decode_step_matmuls(device, fmt, LLAMA3_8B_LAYERS, bandwidth) for fmt in ("q4k", "q4_0")]
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}  copy {result['copy_gb_per_s']} GB/s")
+    print(f"{'format':6} {'layer':5} {'n':>6} {'k':>6} {'m':>3} {'ms':>8} {'GB/s':>7} {'roof':>5}")
+    for r in result["per_shape"]:
+        print(
+            f"{r['format']:6} {r['layer']:5} {r['n']:6} {r['k']:6} {r['m']:3} {r['ms']:8.4f} "
+            f"{r['weight_gb_per_s']:7.1f} {r['roofline_fraction']:5.2f}"
+        )
+    for d in result.get("decode_step", []):
+        print(
+            f"8B decode-step matmuls {d['format']}: {d['weight_gb']} GB, eager {d['eager_ms']} ms, graph {d['graph_ms']} ms,"
+            f" roofline {d['roofline_ms']} ms ({d['roofline_fraction']:.0%}), {d['matmul_only_tok_per_s']} tok/s"
+        )
+
+
+if __name__ == "__main__":
+    main()

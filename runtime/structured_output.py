@@ -23,9 +23,88 @@ MAX_GRAMMAR_CHARS = 64 * 1024
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+# Numbers a grammar allows when the schema sets no bound of its own. Unbounded, a small model at
+# temperature 0 writes `31212222312344444...` until max_tokens, or `6.4e+3000` (which parses as
+# inf). llama.cpp's JSON-schema grammar caps integral and fractional parts at 16 digits; here an
+# integer gets at most 16 digits (|n| < 10^16), a number the same magnitude with at most 8 fraction
+# digits and no exponent: llguidance expresses a fraction bound only as `multipleOf`, which is exact
+# to 1e-8 and rejects every number from 1e-12 down (measured with llguidance 1.9).
+MAX_INTEGER_MAGNITUDE = 10**16 - 1
+MAX_NUMBER_MAGNITUDE = 1e16
+NUMBER_RESOLUTION = 1e-8
+# Real schemas nest a few levels; the cap keeps a hostile one from exhausting the stack.
+MAX_SCHEMA_DEPTH = 64
+_LOWER_BOUNDS = ("minimum", "exclusiveMinimum")
+_UPPER_BOUNDS = ("maximum", "exclusiveMaximum")
+# Keys whose value is one subschema, a list of them, or a name -> subschema map.
+_SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "additionalItems")
+_SUBSCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAP_KEYS = ("properties", "$defs", "definitions", "patternProperties")
+# Any JSON value, with bounded numbers: what `json_object` (no schema) and open subschemas allow.
+_ANY_VALUE_REF = "#/$defs/llmc_any_value"
+
+
+def _any_value_defs() -> dict[str, Any]:
+    value = {"$ref": _ANY_VALUE_REF}
+    return {
+        "llmc_any_value": {
+            "anyOf": [
+                {"type": "string"},
+                _bounded_number({"type": "number"}),
+                {"type": "boolean"},
+                {"type": "null"},
+                {"type": "array", "items": value},
+                {"type": "object", "additionalProperties": value},
+            ]
+        }
+    }
+
+
+def _bounded_number(schema: dict[str, Any]) -> dict[str, Any]:
+    types = schema.get("type")
+    kinds = set(types) if isinstance(types, list) else {types}
+    if not kinds & {"integer", "number"}:
+        return schema
+    out = dict(schema)
+    magnitude: float = MAX_INTEGER_MAGNITUDE if kinds & {"integer"} and "number" not in kinds else MAX_NUMBER_MAGNITUDE
+    if not any(key in out for key in _LOWER_BOUNDS):
+        out["minimum"] = -magnitude
+    if not any(key in out for key in _UPPER_BOUNDS):
+        out["maximum"] = magnitude
+    if "number" in kinds and "multipleOf" not in out:
+        out["multipleOf"] = NUMBER_RESOLUTION
+    return out
+
+
+def bounded_schema(schema: Any, depth: int = 0) -> Any:
+    """`schema` with every integer and number subschema bounded where it sets no bound itself
+    (minimum/maximum/multipleOf it gives are kept), so generated numbers always end and parse finite."""
+    if not isinstance(schema, dict):
+        return schema
+    if depth > MAX_SCHEMA_DEPTH:
+        raise BadInputError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    out = dict(_bounded_number(schema))  # a copy: the request's own schema stays as sent
+    for key in _SUBSCHEMA_KEYS:
+        if key in out:
+            out[key] = bounded_schema(out[key], depth + 1)
+    for key in _SUBSCHEMA_LIST_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded_schema(sub, depth + 1) for sub in out[key]]
+    for key in _SUBSCHEMA_MAP_KEYS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded_schema(sub, depth + 1) for name, sub in out[key].items()}
+    return out
+
+
+def any_json_object_schema() -> dict[str, Any]:
+    """`json_object`: any JSON object, its numbers bounded like a schema's."""
+    return {"type": "object", "additionalProperties": {"$ref": _ANY_VALUE_REF}, "$defs": _any_value_defs()}
+
+
 def lark_json(schema: dict[str, Any]) -> str:
-    """`%json {...}` for a Lark grammar, with the same layout options as JSON schemas get."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    """`%json {...}` for a Lark grammar, with the same layout options and number bounds as JSON
+    schemas get."""
+    return "%json " + json.dumps({**bounded_schema(schema), "x-guidance": JSON_OPTIONS})
 
 
 class Constraint:
@@ -61,9 +140,9 @@ class GrammarCompiler:
 
     def from_json_schema(self, schema: dict[str, Any] | None, param: str) -> str:
         """A grammar for JSON matching `schema` (any JSON object when None)."""
-        text = json.dumps(schema if schema is not None else {"type": "object"})
-        if len(text) > MAX_GRAMMAR_CHARS:
+        if schema is not None and len(json.dumps(schema)) > MAX_GRAMMAR_CHARS:
             raise BadInputError(f"the schema is larger than {MAX_GRAMMAR_CHARS} characters", param=param)
+        text = json.dumps(bounded_schema(schema) if schema is not None else any_json_object_schema())
         try:
             grammar = self._llg.LLMatcher.grammar_from_json_schema(text, defaults=cast(Any, JSON_OPTIONS))
         except (ValueError, RuntimeError) as exc:

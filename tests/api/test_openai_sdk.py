@@ -191,3 +191,27 @@ def test_chat_logprobs(client: OpenAI) -> None:
     for entry in content:
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].token == entry.token  # greedy takes the most likely
+
+
+def test_parse_with_a_pydantic_model_ends_with_bounded_numbers(client: OpenAI) -> None:
+    # Unbounded grammar numbers made SmolLM2 write digits until max_tokens at temperature 0, so
+    # openai's parse() failed every time with LengthFinishReasonError.
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+        area_km2: float
+
+    reply = client.chat.completions.parse(
+        model=MODEL,
+        # Before numbers were bounded, this prompt ran to max_tokens on this artifact (and on the Q4_1 one).
+        messages=[{"role": "user", "content": "Tell me about Tokyo."}],
+        response_format=City,
+        temperature=0,
+        max_tokens=100,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    city = choice.message.parsed
+    assert city is not None and abs(city.population) < 10**16 and abs(city.area_km2) < 1e16

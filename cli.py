@@ -138,6 +138,7 @@ def build(
         _fail(exc, as_json)
         return
     summary = result.summary()
+    summary["manifest_sha256"] = manifest_digest(output)
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())
     else:
@@ -145,6 +146,7 @@ def build(
             f"built {summary['output']}: {summary['model_name']} ({summary['architecture']}, {summary['dtype']}, "
             f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes) in {summary['seconds']} s"
         )
+        click.echo(f"manifest sha256: {summary['manifest_sha256']} (pin it: llmc run --expect-manifest-sha256)")
         if result.manifest.compiled:
             packages = ", ".join(f"{c.weights} weights for batches {c.buckets}" for c in result.manifest.compiled)
             click.echo(f"compiled the decode step ({packages}) in {summary['compile_seconds']} s")
@@ -161,7 +163,11 @@ def build(
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-@click.option("--verify/--no-verify", default=False, help="Also check every file's sha256.")
+@click.option(
+    "--verify/--no-verify",
+    default=False,
+    help="Also check every file's size and sha256 (the manifest's paths and model are always checked).",
+)
 @click.option("--report", is_flag=True, help="Also show the quantization report: every quantized tensor.")
 def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
     """Summarise an artifact."""
@@ -174,7 +180,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
     except LlmcError as exc:
         _fail(exc, as_json)
         return
-    summary = summarize(opened.manifest)
+    summary = {"manifest_sha256": opened.manifest_sha256, **summarize(opened.manifest)}
     if body is not None:
         if as_json:
             summary["report"] = body
@@ -255,6 +261,11 @@ def export(artifact: Path, gguf_path: Path) -> None:
     help="Keep bf16 copies of quantized weights for prefill and batches of 8+ (2 bytes per weight; "
     "default: when they take at most a quarter of the memory).",
 )
+@click.option(
+    "--expect-manifest-sha256",
+    metavar="SHA256",
+    help="Refuse to serve (exit 4) unless manifest.json has this sha256, as `llmc build` and `llmc inspect` print.",
+)
 def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     """Serve an artifact with an OpenAI-compatible API."""
     from llmc.runtime.server import ServeConfig, serve
@@ -267,6 +278,14 @@ def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
         _report(exc, False)
         code = exc.exit_code
     _exit_without_finalizing(code)
+
+
+def manifest_digest(artifact: Path) -> str:
+    """The sha256 of an artifact's manifest.json as stored: the digest deployments pin."""
+    from llmc.artifacts.manifest import MANIFEST_NAME
+    from llmc.artifacts.reader import manifest_sha256
+
+    return manifest_sha256((artifact / MANIFEST_NAME).read_bytes())
 
 
 def _exit_without_finalizing(code: int) -> NoReturn:

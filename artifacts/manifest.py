@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
+
+from llmc.errors import BadArtifactError
 
 # Version of the on-disk layout. Readers refuse any other value: an old runtime cannot guess
 # what a newer builder meant, and silently misreading weights is worse than refusing.
@@ -174,3 +177,169 @@ def encode(manifest: Manifest) -> bytes:
     """Canonical bytes: sorted keys and a trailing newline, so equal manifests are equal files."""
     raw = msgspec.json.encode(manifest, order="sorted")
     return msgspec.json.format(raw, indent=2) + b"\n"
+
+
+# ---- validation: a manifest comes from strangers --------------------------------------------
+
+# Longest context a manifest may claim: the runtime computes rope tables of this many positions at
+# load, so an absurd value must fail here rather than exhaust memory. 16M tokens is above every
+# released model's window (the largest, Llama 4 Scout, claims 10M).
+MAX_POSITION_EMBEDDINGS = 1 << 24
+# Bound on the model's dimensions (vocab, hidden, heads, layers, ...): their products size
+# allocations before any tensor is read. 2^24 is 60x the largest vocabularies (256k) and hidden
+# sizes (~16k) of released models.
+MAX_DIMENSION = 1 << 24
+_SHA256_HEX_CHARS = 64
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+_STORED_DTYPES = ("F32", "F16", "BF16", "I8", "U8", "I32", "I64")
+
+
+def _bad(field: str, problem: str) -> BadArtifactError:
+    return BadArtifactError(
+        f"the artifact's manifest is inconsistent: {field} {problem}; rebuild the artifact with `llmc build`",
+        param=field,
+    )
+
+
+def check_path(field: str, value: object) -> str:
+    """A path the manifest names must stay inside the artifact: relative, '/'-separated, and free
+    of '..', '.' and empty parts (so that its text alone decides where it points)."""
+    if not isinstance(value, str) or not value:
+        raise _bad(field, "is not a path")
+    if value.startswith("/") or "\\" in value or "\0" in value or ":" in value.split("/")[0]:
+        raise _bad(field, f"is {value!r}: artifact paths are relative to the artifact, '/'-separated")
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        raise _bad(field, f"is {value!r}: artifact paths may not contain '..', '.' or empty parts")
+    return value
+
+
+def _check_files(manifest: Manifest) -> set[str]:
+    listed: set[str] = set()
+    for i, info in enumerate(manifest.files):
+        path = check_path(f"files[{i}].path", info.path)
+        if path in listed or path == MANIFEST_NAME:
+            raise _bad(f"files[{i}].path", f"lists {path!r} twice (or the manifest itself)")
+        listed.add(path)
+        if info.size < 0:
+            raise _bad(f"files[{i}].size", f"is {info.size}")
+        if len(info.sha256) != _SHA256_HEX_CHARS or any(c not in "0123456789abcdef" for c in info.sha256):
+            raise _bad(f"files[{i}].sha256", "is not a lowercase hex sha256")
+    return listed
+
+
+def opened_paths(manifest: Manifest) -> list[tuple[str, str]]:
+    """Every path the runtime opens, with the manifest field that names it."""
+    named = [("tokenizer.file", manifest.tokenizer.file)]
+    if manifest.tokenizer.chat_template_file is not None:
+        named.append(("tokenizer.chat_template_file", manifest.tokenizer.chat_template_file))
+    named += [(f"tensors[{i}].file", t.file) for i, t in enumerate(manifest.tensors)]
+    for i, step in enumerate(manifest.compiled):
+        named += [(f"compiled[{i}].package", step.package), (f"compiled[{i}].constants", step.constants)]
+    if manifest.cpu_kernels is not None:
+        named.append(("cpu_kernels.file", manifest.cpu_kernels.file))
+    if manifest.build.report_file is not None:
+        named.append(("build.report_file", manifest.build.report_file))
+    return named
+
+
+def _positive(field: str, value: float, upper: float = MAX_DIMENSION) -> None:
+    if not 0 < value <= upper:  # also false for NaN
+        raise _bad(field, f"is {value}; it must be in 1..{upper}")
+
+
+def _check_model(spec: ModelSpec) -> None:
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        _positive(f"model.{name}", getattr(spec, name))
+    _positive("model.max_position_embeddings", spec.max_position_embeddings, MAX_POSITION_EMBEDDINGS)
+    for name in ("intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if not 0 <= getattr(spec, name) <= MAX_DIMENSION:
+            raise _bad(f"model.{name}", f"is {getattr(spec, name)}; it must be in 0..{MAX_DIMENSION}")
+    if spec.num_heads % spec.num_kv_heads:
+        raise _bad("model.num_kv_heads", f"({spec.num_kv_heads}) does not divide num_heads ({spec.num_heads})")
+    if spec.num_experts_per_tok > spec.num_experts:
+        raise _bad("model.num_experts_per_tok", f"({spec.num_experts_per_tok}) exceeds num_experts")
+    if not 0 < spec.rms_norm_eps < 1:
+        raise _bad("model.rms_norm_eps", f"is {spec.rms_norm_eps}; it must be in (0, 1)")
+    # A rope base of 1 or less gives every rotary pair a frequency of at least 1 radian per token
+    # (theta ** (-2i/d) >= 1): positions stop being told apart and the model emits garbage.
+    # Released models use 1e4 to 1e7; > 1 is the bound below which rope is meaningless.
+    for name in ("rope_theta", "rope_local_theta"):
+        theta = getattr(spec, name)
+        if theta is not None and not 1 < theta < math.inf:
+            raise _bad(f"model.{name}", f"is {theta}; a rope base must be a finite number above 1")
+    if not 0 < spec.partial_rotary_factor <= 1:
+        raise _bad("model.partial_rotary_factor", f"is {spec.partial_rotary_factor}; it must be in (0, 1]")
+    if spec.sliding_window is not None:
+        _positive("model.sliding_window", spec.sliding_window, MAX_POSITION_EMBEDDINGS)
+    if spec.layer_types is not None:
+        if len(spec.layer_types) != spec.num_layers:
+            raise _bad("model.layer_types", f"has {len(spec.layer_types)} entries for {spec.num_layers} layers")
+        if any(kind not in _LAYER_TYPES for kind in spec.layer_types):
+            raise _bad("model.layer_types", f"may only hold {', '.join(_LAYER_TYPES)}")
+    if any(not 0 <= layer < spec.num_layers for layer in spec.moe_layers or []):
+        raise _bad("model.moe_layers", f"names a layer outside 0..{spec.num_layers - 1}")
+
+
+def _logical_shape(tensor: TensorInfo) -> list[int]:
+    """The weight's shape as the model sees it ([rows, row_bytes] of blocks becomes [rows, cols])."""
+    from llmc.kernels.quant_formats import stored_format
+
+    if tensor.quant is None or len(tensor.shape) != 2:
+        return tensor.shape
+    return [tensor.shape[0], stored_format(tensor.quant).cols(tensor.shape[1])]
+
+
+def _check_tensors(manifest: Manifest) -> None:
+    """The model description against the tensors' shapes, for the fields that size everything."""
+    spec = manifest.model
+    shapes: dict[str, list[int]] = {}
+    layers: set[int] = set()
+    for i, tensor in enumerate(manifest.tensors):
+        if tensor.dtype not in _STORED_DTYPES:
+            raise _bad(f"tensors[{i}].dtype", f"is {tensor.dtype!r}, not one of {', '.join(_STORED_DTYPES)}")
+        if not tensor.shape or any(not 0 <= dim <= MAX_DIMENSION**2 for dim in tensor.shape):
+            raise _bad(f"tensors[{i}].shape", f"is {tensor.shape}")
+        shapes[tensor.name] = _logical_shape(tensor)
+        parts = tensor.name.split(".")
+        if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit():
+            layers.add(int(parts[2]))
+    if layers != set(range(spec.num_layers)):
+        raise _bad("model.num_layers", f"is {spec.num_layers}; the tensors hold {len(layers)} layers")
+
+    def expect(name: str, shape: list[int], field: str) -> None:
+        if name in shapes and shapes[name] != shape:
+            raise _bad(field, f"disagrees with tensor {name}: it has shape {shapes[name]}, the model needs {shape}")
+
+    expect("model.embed_tokens.weight", [spec.vocab_size, spec.hidden_size], "model.vocab_size or model.hidden_size")
+    expect("lm_head.weight", [spec.vocab_size, spec.hidden_size], "model.vocab_size or model.hidden_size")
+    if "model.embed_tokens.weight" not in shapes:
+        raise _bad("tensors", "lacks model.embed_tokens.weight")
+    if not spec.mla:
+        for layer in range(spec.num_layers):
+            attn = f"model.layers.{layer}.self_attn"
+            expect(f"{attn}.q_proj.weight", [spec.num_heads * spec.head_dim, spec.hidden_size], "model.num_heads")
+            expect(f"{attn}.k_proj.weight", [spec.num_kv_heads * spec.head_dim, spec.hidden_size], "model.num_kv_heads")
+    for i, eos in enumerate(manifest.tokenizer.eos_token_ids):
+        if not 0 <= eos < spec.vocab_size:
+            raise _bad(f"tokenizer.eos_token_ids[{i}]", f"is {eos}, outside the vocabulary (0..{spec.vocab_size - 1})")
+
+
+def _check_compiled(manifest: Manifest) -> None:
+    for i, step in enumerate(manifest.compiled):
+        if not step.buckets or step.buckets != sorted(set(step.buckets)) or step.buckets[0] < 1:
+            raise _bad(f"compiled[{i}].buckets", f"is {step.buckets}; it must be increasing positive batch sizes")
+        _positive(f"compiled[{i}].block_size", step.block_size, MAX_POSITION_EMBEDDINGS)
+        _positive(f"compiled[{i}].max_seq_len", step.max_seq_len, MAX_POSITION_EMBEDDINGS)
+
+
+def validate(manifest: Manifest) -> None:
+    """Refuse a manifest that points outside the artifact, names files without checksums, or
+    describes a model its tensors contradict; BadArtifactError naming the field (exit code 4)."""
+    listed = _check_files(manifest)
+    for field, path in opened_paths(manifest):
+        check_path(field, path)
+        if path not in listed:
+            raise _bad(field, f"names {path!r}, which `files` does not list with a size and sha256")
+    _check_model(manifest.model)
+    _check_tensors(manifest)
+    _check_compiled(manifest)

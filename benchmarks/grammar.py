@@ -46,12 +46,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     artifact = Artifact.open(args.artifact, verify=False)
-    tokenizer = Tokenizer.from_artifact(artifact.root, artifact.manifest.tokenizer)
+    tokenizer = Tokenizer.from_artifact(artifact)
     vocab = artifact.manifest.model.vocab_size
     started = time.perf_counter()
-    compiler = GrammarCompiler(
-        (artifact.root / artifact.manifest.tokenizer.file).read_text(), vocab, artifact.manifest.tokenizer.eos_token_ids
-    )
+    tokenizer_json = artifact.read_verified(artifact.manifest.tokenizer.file).decode()
+    compiler = GrammarCompiler(tokenizer_json, vocab, artifact.manifest.tokenizer.eos_token_ids)
     setup_s = time.perf_counter() - started
     grammar = compiler.from_json_schema(SCHEMA, param="response_format")
     tokens = tokenizer.encode(json.dumps(DOCUMENT))

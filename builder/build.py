@@ -283,7 +283,7 @@ def _compile_flags(options: CompileOptions) -> dict[str, object]:
     return {"buckets": list(options.buckets), "max_seq_len": options.max_seq_len, "block_size": options.block_size}
 
 
-def _start_cpu_kernels(pool: ThreadPoolExecutor) -> Future[Path] | str:
+def _start_cpu_kernels(pool: ThreadPoolExecutor) -> Future[bytes] | str:
     """Start compiling llmc's CPU kernels (into the user's cache); or why they cannot run here."""
     reason = cpu_kernels.unsupported()
     if reason is not None:
@@ -291,19 +291,21 @@ def _start_cpu_kernels(pool: ThreadPoolExecutor) -> Future[Path] | str:
     return pool.submit(cpu_kernels.cached_library)
 
 
-def _finish_cpu_kernels(writer: ArtifactWriter, job: Future[Path] | str) -> CpuKernels | None:
+def _finish_cpu_kernels(writer: ArtifactWriter, job: Future[bytes] | str) -> CpuKernels | None:
     """Wait for the kernels, copy them into the artifact and load them here (the compiled steps then
     call them), or None where this machine cannot compile or run them: the artifact then uses
     torch's own kernels."""
     reason = job if isinstance(job, str) else None
     staged = writer.stage / KERNELS_FILE
+    library = b""
     if isinstance(job, Future):
         try:
-            cpu_kernels.install(job.result(), staged)
+            library = job.result()
+            cpu_kernels.install(library, staged)
         except InternalError as exc:
             reason = str(exc)
     if reason is None:
-        reason = cpu_kernels.load(staged)
+        reason = cpu_kernels.load_bytes(library)
     if reason is not None:
         staged.unlink(missing_ok=True)  # an artifact holds no file its manifest does not list
     if reason is not None:

@@ -391,7 +391,7 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
     if arch is None:
         raise BadInputError(f"GGUF export supports {', '.join(EXPORTABLE)} artifacts; this one is {spec.architecture}")
     _check_exportable(spec, arch)
-    tokenizer_json = json.loads((artifact.root / manifest.tokenizer.file).read_text(encoding="utf-8"))
+    tokenizer_json = json.loads(artifact.read_verified(manifest.tokenizer.file))
     tok = _tokenizer_fields(tokenizer_json, spec.vocab_size)
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(manifest.model_name)
@@ -412,7 +412,7 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
         writer.add_eos_token_id(vocab_index[info.eos_token])
     writer.add_add_bos_token(info.add_bos_token)
     if info.chat_template_file:
-        writer.add_chat_template((artifact.root / info.chat_template_file).read_text(encoding="utf-8"))
+        writer.add_chat_template(artifact.read_verified(info.chat_template_file).decode("utf-8"))
     for name, data, fmt in _gguf_tensors(spec, arch, dict(artifact.weights()), quant):
         array: np.ndarray = data.contiguous().numpy()
         if fmt is not None:

@@ -4,17 +4,21 @@ loaded by the runtime.
 They are compiled where the artifact is built, like the AOTInductor packages, and against the
 same torch: the runtime needs no compiler. A build keeps the compiled library in a cache keyed on
 the source, torch and the compiler, so that building again (the tests build many artifacts)
-costs a copy. Loading registers torch ops for the whole process (`torch.ops.llmc.*`), so a
-process holds one version of them: a second, different library is refused, and the caller runs
-without it.
+costs a copy; the cache is private to the user (0700) and a cached library is reused only when
+it matches the sha256 recorded beside it when it was compiled. A library is loaded from bytes in
+memory (`load_bytes`), never from a file that could change after it was checked. Loading
+registers torch ops for the whole process (`torch.ops.llmc.*`), so a process holds one version of
+them: a second, different library is refused, and the caller runs without it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import hashlib
 import os
 import shlex
-import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -37,6 +41,9 @@ _COMPILE_TIMEOUT_S = 300
 _CACHE_ENV = "LLMC_CACHE_DIR"
 
 _loaded: dict[str, str] = {}  # the one library this process has loaded: its sha256 → path
+_kept_fds: list[int] = []  # memfds of loaded libraries, open for the process's life (see _sealed_copy)
+# Beside each cached library: its sha256, written after it, checked before the library is reused.
+_DIGEST_SUFFIX = ".sha256"
 # The ops a library must register, with their schemas: a library of another llmc is refused.
 OPS = {
     "qmatmul_vnni": "llmc::qmatmul_vnni(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor",
@@ -128,30 +135,74 @@ def _cache_key() -> str:
     return digest.hexdigest()[:32]
 
 
-def cached_library() -> Path:
-    """The compiled kernels in the cache, compiling them first if needed; InternalError when no C++
-    compiler works here (the build then goes on without them)."""
+def _private_dir(path: Path) -> None:
+    """Make `path` (and its parents) a directory only this user can write: a library found there is
+    about to be copied into artifacts and loaded, so nobody else may have put it there."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = path.stat()
+    if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InternalError(
+            f"the CPU kernel cache {path} is writable by others or not yours; remove it or set ${_CACHE_ENV}"
+        )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a new file beside `path`, then rename it over `path`: readers see all of it or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cached(cached: Path) -> bytes | None:
+    """The cached library's bytes if they match the sha256 recorded beside them after the compile;
+    None (a fresh compile) when either is missing or they differ."""
+    sidecar = cached.with_name(cached.name + _DIGEST_SUFFIX)
+    try:
+        data = cached.read_bytes()
+        recorded = sidecar.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        log.warning("cpu_kernels.cache_mismatch", path=str(cached))
+        return None
+    return data
+
+
+def cached_library() -> bytes:
+    """The compiled kernels' bytes, from the cache (checked against the digest recorded when they
+    were compiled) or compiled now; InternalError when no C++ compiler works here (the build then
+    goes on without them)."""
     try:
         cached = _cache_dir() / _cache_key() / LIBRARY_NAME
-        if not cached.exists():
-            cached.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(cached.parent)
+        data = _read_cached(cached)
+        if data is None:
             with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
                 built = Path(tmp) / LIBRARY_NAME
                 log.info("cpu_kernels.compiling", compiler=_compiler())
                 _build(built, Path(tmp))
-                os.replace(built, cached)  # atomic: a concurrent build sees all of it or nothing
+                data = built.read_bytes()
+            # The library first, then its digest: a reader that sees the digest sees the library.
+            # Two builds racing write the same bytes; a mismatch at worst costs one more compile.
+            _write_atomically(cached, data)
+            _write_atomically(cached.with_name(cached.name + _DIGEST_SUFFIX), hashlib.sha256(data).hexdigest().encode())
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         raise InternalError(
             f"compiling llmc's CPU kernels failed ({_COMPILER_ADVICE}): {detail.strip()[-_DETAIL_CHARS:]}"
         ) from exc
-    return cached
+    return data
 
 
-def install(library: Path, dest: Path) -> None:
-    """Copy a compiled library (from cached_library) to `dest`, e.g. into an artifact."""
+def install(library: bytes, dest: Path) -> None:
+    """Write a compiled library (from cached_library) to `dest`, e.g. into an artifact."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(library, dest)
+    dest.write_bytes(library)
 
 
 def compile_library(dest: Path) -> None:
@@ -160,18 +211,52 @@ def compile_library(dest: Path) -> None:
 
 
 def load(path: Path) -> str | None:
-    """Load the kernel library at `path` into this process; return why it cannot be used, or None."""
+    """Load the kernel library at `path` into this process (see load_bytes); why it cannot be used, or None."""
     reason = unsupported()
     if reason is not None:
         return reason
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
     except OSError as exc:
         return f"the library cannot be read ({exc})"
+    return load_bytes(data)
+
+
+def _sealed_copy(data: bytes) -> str:
+    """A path that the dynamic loader can open holding exactly `data`, which nobody can change: a
+    sealed memfd on Linux; elsewhere a file in a fresh 0700 directory of our own. Kept open (and
+    the path unique) for the life of the process: the loader maps it."""
+    if hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS"):
+        fd = os.memfd_create("llmc_cpu_kernels", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        _kept_fds.append(fd)
+        return f"/proc/self/fd/{fd}"
+    folder = tempfile.mkdtemp(prefix="llmc-kernels-")  # 0700, ours, never reused
+    path = os.path.join(folder, LIBRARY_NAME)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o500)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def load_bytes(data: bytes) -> str | None:
+    """Load a kernel library into this process from these bytes (the ones the caller verified, not
+    a file that could change after the check); return why it cannot be used, or None."""
+    reason = unsupported()
+    if reason is not None:
+        return reason
+    digest = hashlib.sha256(data).hexdigest()
     if _loaded:
         return None if digest in _loaded else "another version of llmc's CPU kernels is already loaded"
     try:
-        torch.ops.load_library(str(path))
+        path = _sealed_copy(data)
+        # What torch.ops.load_library does, minus its realpath(), which turns a memfd's
+        # /proc/self/fd path into a name the loader cannot open.
+        ctypes.CDLL(path)
     except OSError as exc:
         return f"the library does not load here ({exc})"
     for name, schema in OPS.items():
@@ -182,8 +267,8 @@ def load(path: Path) -> str | None:
         if found != schema:
             return f"the library is not this llmc's: its op {name} is {found or 'missing'}"
     _register_fakes()
-    _loaded[digest] = str(path)
-    log.info("cpu_kernels.loaded", path=str(path))
+    _loaded[digest] = path
+    log.info("cpu_kernels.loaded", sha256=digest)
     return None
 
 

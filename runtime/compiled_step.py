@@ -4,6 +4,7 @@ Loading never compiles anything: the package's code is mapped with torch's C++ l
 `aoti_load_package` spends seconds importing and probing), and its weights are the eager model's
 own tensors, handed over by name. A package built for another torch or another CPU capability is
 not loaded at all (a wrong-ISA kernel would crash the process): the runtime warns and runs eagerly.
+The package and its constants are loaded from the bytes whose sha256 was checked (a private copy).
 
 AOTInductor does not check the shapes or index ranges of what it is given, so `__call__`
 validates every input first: a bad slot or block id would otherwise corrupt memory.
@@ -11,12 +12,14 @@ validates every input first: a bad slot or block id would otherwise corrupt memo
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import tempfile
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from llmc.artifacts.manifest import CompiledStep
+from llmc.artifacts.reader import Artifact
 from llmc.errors import InternalError
 from llmc.logs import get_logger
 from llmc.runtime.decode_step import DecodeStep
@@ -27,6 +30,7 @@ _MODEL_NAME = "model"  # the name aoti_compile_and_package gives the one model i
 _RUN_SINGLE_THREADED = False  # the engine calls from one thread at a time either way
 _NUM_RUNNERS = 1
 _CPU_DEVICE_INDEX = -1
+_PACKAGE_NAME = "decode.pt2"  # the private copy's name: torch's loader wants a .pt2 file
 
 
 def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = False) -> str | None:
@@ -47,6 +51,19 @@ def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = Fal
     return None
 
 
+def _load_package(package: bytes) -> torch._C._aoti.AOTIModelPackageLoader:
+    """Load a .pt2 package from these (verified) bytes: written to a fresh file in a fresh 0700
+    directory of our own (torch's loader takes a path), removed once the loader has unpacked it."""
+    with tempfile.TemporaryDirectory(prefix="llmc-package-") as private:
+        path = os.path.join(private, _PACKAGE_NAME)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(package)
+        return torch._C._aoti.AOTIModelPackageLoader(
+            path, _MODEL_NAME, _RUN_SINGLE_THREADED, _NUM_RUNNERS, _CPU_DEVICE_INDEX
+        )
+
+
 class CompiledDecode:
     """Call with the decode step's inputs (see DecodeStep.forward) for [B, vocab] float32 logits."""
 
@@ -60,18 +77,16 @@ class CompiledDecode:
         self.calls = 0  # steps this package ran
 
     @classmethod
-    def load(cls, root: Path, info: CompiledStep, step: DecodeStep, num_slots: int) -> CompiledDecode | None:
+    def load(cls, artifact: Artifact, info: CompiledStep, step: DecodeStep, num_slots: int) -> CompiledDecode | None:
         """The loaded step, or None (with a warning) when this process cannot run it."""
         reason = incompatibility(info, step.block_size, step.model.cpu_kernels)
         if reason is not None:
             log.warning("compiled.not_used", kind=info.kind, reason=reason)
             return None
-        loader = torch._C._aoti.AOTIModelPackageLoader(
-            str(root / info.package), _MODEL_NAME, _RUN_SINGLE_THREADED, _NUM_RUNNERS, _CPU_DEVICE_INDEX
-        )
+        loader = _load_package(artifact.read_verified(info.package))
         tensors: dict[str, torch.Tensor] = dict(step.named_parameters(remove_duplicate=False))
         tensors |= dict(step.named_buffers(remove_duplicate=False))
-        tensors |= load_file(str(root / info.constants))
+        tensors |= load(artifact.read_verified(info.constants))
         wanted = loader.get_constant_fqns()
         missing = [name for name in wanted if name not in tensors]
         if missing:

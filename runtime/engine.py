@@ -16,7 +16,7 @@ import torch
 
 from llmc.artifacts.manifest import Manifest
 from llmc.artifacts.reader import Artifact
-from llmc.errors import BadArtifactError, BadInputError, OutOfResourcesError
+from llmc.errors import BadInputError, OutOfResourcesError
 from llmc.kernels import cpu_kernels
 from llmc.kernels.quant_formats import stored_format
 from llmc.logs import get_logger
@@ -59,15 +59,14 @@ def load_cpu_kernels(artifact: Artifact) -> bool:
     info = artifact.manifest.cpu_kernels
     if info is None:
         return False
-    if info.file not in {f.path for f in artifact.manifest.files}:  # only checksummed files run
-        raise BadArtifactError(f"the manifest names CPU kernels {info.file!r} that it does not list; rebuild it")
     torch_version = torch.__version__.split("+")[0]
     if info.isa != cpu_kernels.ISA:
         reason: str | None = f"they need {info.isa}, this llmc's kernels need {cpu_kernels.ISA}"
     elif info.torch_version != torch_version:
         reason = f"they were compiled for torch {info.torch_version}, this is torch {torch_version}"
     else:
-        reason = cpu_kernels.load(artifact.root / info.file)
+        # Loaded from the very bytes whose sha256 was checked (the manifest lists the file: validate).
+        reason = cpu_kernels.load_bytes(artifact.read_verified(info.file))
     if reason is not None:
         log.warning("engine.cpu_kernels_not_used", reason=reason)
     return reason is None
@@ -122,7 +121,7 @@ class Engine:
         self.model_name = manifest.model_name
         self.generation_defaults = manifest.generation
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-        self.tokenizer = Tokenizer.from_artifact(artifact.root, manifest.tokenizer)
+        self.tokenizer = Tokenizer.from_artifact(artifact)
         quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
         dense = want_dense_copies(config.dense_weights, manifest)
         kernels = load_cpu_kernels(artifact)
@@ -140,7 +139,7 @@ class Engine:
         if config.compiled:
             for info in manifest.compiled:
                 if info.kind == "decode":
-                    self.runner.load_compiled(artifact.root, info)
+                    self.runner.load_compiled(artifact, info)
         # Phi-3's longrope recomputes a sequence's cache with other factors once it outgrows the
         # original context (below); blocks shared through the prefix cache must not be rewritten.
         self._long_rope_after = model.long_rope_after
@@ -155,7 +154,6 @@ class Engine:
         self._sinks: dict[int, Sink] = {}
         self._by_request: dict[str, Sequence] = {}
         self._followers: dict[int, list[Sequence]] = {}
-        self._artifact_root = artifact.root
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
@@ -185,7 +183,8 @@ class Engine:
         """Built on first use: loading llguidance's view of the vocabulary takes a moment."""
         with self._grammar_lock:
             if self._grammars is None:
-                tokenizer_json = (self._artifact_root / self.tokenizer.info.file).read_text(encoding="utf-8")
+                tokenizer_json = self.tokenizer.source_json
+                assert tokenizer_json is not None  # the engine's tokenizer comes from its artifact
                 vocab = self.runner.model.spec.vocab_size
                 self._grammars = GrammarCompiler(tokenizer_json, vocab, sorted(self.tokenizer.eos_ids))
             return self._grammars

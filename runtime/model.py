@@ -447,6 +447,13 @@ def build_model(
         raise BadArtifactError(
             f"artifact tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
         )
+    params = dict(model.named_parameters(remove_duplicate=True))
+    for name in sorted(expected):  # the manifest's model description against the tensors themselves
+        if weights[name].shape != params[name].shape:
+            raise BadArtifactError(
+                f"artifact tensor {name} has shape {list(weights[name].shape)}, the manifest's model description "
+                f"implies {list(params[name].shape)}: the manifest is inconsistent; rebuild the artifact"
+            )
     model.load_state_dict({k: weights[k] for k in expected}, strict=False, assign=True)
     _tie(model, dtype)
     model.requires_grad_(False)

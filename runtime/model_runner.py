@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import mmap
-from pathlib import Path
 
 import torch
 
 from llmc.artifacts.manifest import CompiledStep, ModelSpec
+from llmc.artifacts.reader import Artifact
 from llmc.kernels.paged_attention import SeqSlice, block_tables_tensor
 from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice
 from llmc.runtime.compiled_step import CompiledDecode
@@ -61,13 +61,13 @@ class ModelRunner:
         self._kv_flat = [cache for pair in self.kv_caches for cache in pair]
         self.compiled: list[CompiledDecode] = []
 
-    def load_compiled(self, root: Path, info: CompiledStep) -> bool:
+    def load_compiled(self, artifact: Artifact, info: CompiledStep) -> bool:
         """Use one of the artifact's compiled decode steps for the steps it covers; False if it
         cannot run here (a "dense" package also needs the model's dense weight copies)."""
         if info.weights == "dense" and not has_dense_choice(self.model):
             return False
         step = DecodeStep(self.model, self.block_size)
-        loaded = CompiledDecode.load(root, info, step, self._kv_flat[0].shape[0])
+        loaded = CompiledDecode.load(artifact, info, step, self._kv_flat[0].shape[0])
         if loaded is not None:
             self.compiled.append(loaded)
         return loaded is not None

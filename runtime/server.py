@@ -43,6 +43,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     tool_parser: str = "auto"
     ui_server: bool = False  # serve the chat page at /ui
     mcp_config: str | None = None  # an mcp.json: its servers' tools are offered to the model
+    expect_manifest_sha256: str | None = None  # serve only the artifact whose manifest has this digest
 
 
 def serve(config: ServeConfig) -> None:
@@ -68,7 +69,7 @@ def serve(config: ServeConfig) -> None:
     if config.mcp_config is not None:  # a bad config fails before the model loads
         check_sdk()
         mcp_config = load_config(config.mcp_config, os.getcwd())
-    artifact = Artifact.open(config.artifact, verify=True)
+    artifact = Artifact.open(config.artifact, verify=True, expect_manifest_sha256=config.expect_manifest_sha256)
     engine = Engine(
         artifact,
         EngineConfig(

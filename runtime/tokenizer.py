@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
@@ -12,12 +11,20 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HfTokenizer
 
 from llmc.artifacts.manifest import TokenizerInfo
+from llmc.artifacts.reader import Artifact
 from llmc.errors import BadArtifactError, BadInputError
 
 REPLACEMENT_CHAR = "\ufffd"
 # Tokens decoded again around the point of emission so that merges (e.g. a space folded into the
 # next token, multi-byte characters split over tokens) come out right: vLLM's proven window.
 _DETOKENIZE_CONTEXT = 5
+
+
+def _utf8(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadArtifactError(f"artifact file {name} is not UTF-8 text ({exc}); rebuild the artifact") from exc
 
 
 class Tokenizer:
@@ -28,17 +35,23 @@ class Tokenizer:
         self.eos_ids = frozenset(info.eos_token_ids)
         self.chat_template_source = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
+        self.source_json: str | None = None  # tokenizer.json's text, when made from an artifact
 
     @classmethod
-    def from_artifact(cls, root: Path, info: TokenizerInfo) -> Tokenizer:
+    def from_artifact(cls, artifact: Artifact) -> Tokenizer:
+        """The artifact's tokenizer and chat template, made from their checksummed bytes."""
+        info = artifact.manifest.tokenizer
+        source = _utf8(artifact.read_verified(info.file), info.file)
         try:
-            tok = HfTokenizer.from_file(str(root / info.file))
+            tok = HfTokenizer.from_str(source)
         except Exception as exc:  # tokenizers raises a bare Exception
             raise BadArtifactError(f"tokenizer file {info.file} cannot be loaded: {exc}") from exc
         template = None
         if info.chat_template_file:
-            template = (root / info.chat_template_file).read_text(encoding="utf-8")
-        return cls(tok, info, template)
+            template = _utf8(artifact.read_verified(info.chat_template_file), info.chat_template_file)
+        made = cls(tok, info, template)
+        made.source_json = source
+        return made
 
     @property
     def vocab_size(self) -> int:

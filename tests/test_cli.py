@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -43,6 +44,10 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
         }
     text = _llmc("inspect", str(tmp_path / "a"))
     assert "model_name: tiny" in text.stdout
+    # the digest deployments pin (llmc run --expect-manifest-sha256): the manifest's bytes as stored
+    digest = hashlib.sha256((tmp_path / "a" / "manifest.json").read_bytes()).hexdigest()
+    assert summary["manifest_sha256"] == info["manifest_sha256"] == digest
+    assert f"manifest_sha256: {digest}" in text.stdout
 
 
 def test_build_errors_have_kind_exit_codes(tmp_path: Path) -> None:

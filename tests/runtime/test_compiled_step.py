@@ -19,7 +19,7 @@ from llmc.builder.compile_step import CompileOptions
 from llmc.errors import BadArtifactError, InternalError
 from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
 from llmc.runtime.compiled_step import incompatibility
-from llmc.runtime.engine import load_cpu_kernels
+from llmc.runtime.engine import Engine, EngineConfig, load_cpu_kernels
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
 from tests.helpers import build_compiled, generate, open_engine
@@ -176,6 +176,19 @@ def test_package_from_another_torch_runs_eagerly(tiny_compiled: Path, tmp_path: 
     engine = open_engine(copy, kv_blocks=64)
     assert engine.runner.compiled == []
     assert generate(engine, [[5, 6, 7]], GREEDY)[0]  # and it still serves, eagerly
+
+
+def test_package_changed_after_the_check_is_not_loaded(tiny_compiled: Path, tmp_path: Path) -> None:
+    """The package runs from the bytes whose sha256 was checked, not from a file reopened later."""
+    copy = Path(shutil.copytree(tiny_compiled, tmp_path / "copy"))
+    artifact = Artifact.open(copy)  # verified
+    package = copy / artifact.manifest.compiled[0].package
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    package.write_bytes(bytes(data))  # swapped between the check and the load
+    with pytest.raises(BadArtifactError, match=r"decode_cpu\.pt2 fails its sha256 check"):
+        Engine(artifact, EngineConfig(kv_blocks=64))
+    assert Engine(artifact, EngineConfig(kv_blocks=64, compiled=False)).runner.compiled == []  # --eager never reads it
 
 
 def test_compiled_step_refuses_out_of_range_inputs(tiny_compiled: Path) -> None:

@@ -169,6 +169,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
     from llmc.artifacts.reader import Artifact
 
     try:
+        _recover(artifact)
         opened = Artifact.open(artifact, verify=verify)
         body = opened.report() if report else None
     except LlmcError as exc:
@@ -262,11 +263,21 @@ def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     config = ServeConfig(artifact=str(artifact), enable_prefix_cache=not disable_prefix_cache, **options)
     code = 0
     try:
+        _recover(artifact)
         serve(config)
     except LlmcError as exc:
         _report(exc, False)
         code = exc.exit_code
     _exit_without_finalizing(code)
+
+
+def _recover(artifact: Path) -> None:
+    """Where the artifact is missing because a build was killed between moving the old one aside
+    and renaming the new one in, move the old one back (see artifacts/staging.py)."""
+    from llmc.artifacts.staging import recover
+
+    if not artifact.exists():
+        recover(artifact.resolve(), sweep=False)
 
 
 def _exit_without_finalizing(code: int) -> NoReturn:

@@ -41,6 +41,10 @@ _MAX_MARKER_BYTES = 4096
 # Same bound as the reader's: a manifest lists every tensor, and even a 1T-parameter model's stays
 # far below this; a larger manifest.json is not llmc's, so the directory is not replaced.
 _MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+# An empty directory of llmc's naming is left when a build is killed between deleting a marker and
+# the rmdir that follows; it is removed once older than this. Younger, it may be a stage that a
+# running build created a moment ago and is about to mark.
+_EMPTY_GRACE_S = 60
 # Files named in the refusal message: enough to recognise the folder, short enough to read.
 _SHOWN_FILES = 5
 
@@ -232,6 +236,8 @@ def recover(out_dir: Path, *, sweep: bool = True) -> None:
         if path.is_symlink() or not path.is_dir():
             continue
         marker = _read_marker(path)
+        if marker is None and sweep:
+            _remove_if_old_and_empty(path)
         if marker is None or not _owner_gone(marker):
             continue
         target = parent / str(marker.get("target", ""))
@@ -243,6 +249,12 @@ def recover(out_dir: Path, *, sweep: bool = True) -> None:
                 remove_marked(path)
             except OSError as exc:  # another user's, or a read-only folder: leave it, build anyway
                 log.warning("build.sweep_failed", path=str(path), error=str(exc))
+
+
+def _remove_if_old_and_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (someone's folder), or gone already
+        if time.time() - path.stat().st_mtime > _EMPTY_GRACE_S:
+            path.rmdir()  # fails unless empty: it can hold nothing of anyone's
 
 
 def _restore(aside: Path, target: Path) -> None:

@@ -17,11 +17,12 @@ Imports no torch: `llmc run` calls `recover` in a process that never loads it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import socket
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import msgspec
@@ -84,19 +85,19 @@ def check_output(out_dir: Path) -> None:
     if not out_dir.exists():
         return
     try:
-        entries = sorted(_relative_files(out_dir))
+        top = sorted(p.name for p in itertools.islice(out_dir.iterdir(), _SHOWN_FILES + 1))
+        if not top:
+            return
+        listed = _manifest_files(out_dir)
+        if listed is None:
+            shown = ", ".join(top[:_SHOWN_FILES]) + (", ..." if len(top) > _SHOWN_FILES else "")
+            raise BadInputError(
+                f"output directory {out_dir} is not empty and is not an llmc artifact (it holds {shown}); "
+                "llmc build replaces only an earlier artifact: choose a new or empty folder for -o"
+            )
+        unlisted = _unlisted(out_dir, listed | {MANIFEST_NAME, MARKER_NAME})
     except OSError as exc:
         raise BadInputError(f"cannot read the output directory {out_dir} ({exc}); choose another -o") from exc
-    if not entries:
-        return
-    listed = _manifest_files(out_dir)
-    if listed is None:
-        shown = ", ".join(entries[:_SHOWN_FILES]) + (", ..." if len(entries) > _SHOWN_FILES else "")
-        raise BadInputError(
-            f"output directory {out_dir} is not empty and is not an llmc artifact (it holds {shown}); "
-            "llmc build replaces only an earlier artifact: choose a new or empty folder for -o"
-        )
-    unlisted = [e for e in entries if e not in listed and e not in (MANIFEST_NAME, MARKER_NAME)]
     if unlisted:
         shown = ", ".join(unlisted[:_SHOWN_FILES]) + (", ..." if len(unlisted) > _SHOWN_FILES else "")
         raise BadInputError(
@@ -105,18 +106,22 @@ def check_output(out_dir: Path) -> None:
         )
 
 
-def _relative_files(root: Path) -> list[str]:
-    """Every non-directory entry under `root` (symlinks not followed), relative, '/'-separated."""
+def _unlisted(root: Path, listed: set[str]) -> list[str]:
+    """Entries under `root` (symlinks not followed) that are neither listed files nor folders holding
+    them, relative and '/'-separated; the walk stops once there are enough to name."""
+    folders = {parent.as_posix() for name in listed for parent in PurePosixPath(name).parents}
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
         base = Path(dirpath)
-        for name in filenames:
-            found.append((base / name).relative_to(root).as_posix())
-        for name in list(dirnames):
-            if (base / name).is_symlink():  # os.walk lists symlinked dirs as dirs; treat them as files
-                dirnames.remove(name)
-                found.append((base / name).relative_to(root).as_posix())
-    return found
+        for name in sorted(dirnames):
+            relative = (base / name).relative_to(root).as_posix()
+            if (base / name).is_symlink() or relative not in folders:
+                dirnames.remove(name)  # not descended: the folder itself is named
+                found.append(relative)
+        found.extend(r for name in filenames if (r := (base / name).relative_to(root).as_posix()) not in listed)
+        if len(found) > _SHOWN_FILES:
+            break
+    return sorted(found)
 
 
 def _raise(error: OSError) -> None:
@@ -304,8 +309,15 @@ def publish(stage: Path, out_dir: Path) -> None:
     aside: Path | None = None
     if out_dir.exists() and any(out_dir.iterdir()):
         aside = out_dir.parent / f".{out_dir.name}{ASIDE_INFIX}{secrets.token_hex(4)}"
-        _write_marker(out_dir, "old", out_dir.name)  # killed here: a stray marker, tolerated and cleared
-        out_dir.rename(aside)
+        try:
+            _write_marker(out_dir, "old", out_dir.name)  # killed here: a stray marker, tolerated and cleared
+            out_dir.rename(aside)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                (out_dir / MARKER_NAME).unlink(missing_ok=True)
+            raise BadInputError(
+                f"cannot move the earlier artifact {out_dir} aside ({exc}); make it and its folder writable"
+            ) from exc
     # rename() replaces an empty directory atomically, and fails on a non-empty one: a concurrent
     # build that committed first is never overwritten.
     try:

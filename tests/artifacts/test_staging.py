@@ -114,6 +114,14 @@ def test_refuses_parent_root_files_and_artifacts_holding_user_files(tiny_llama_d
     with pytest.raises(BadInputError, match=r"README\.md"):
         _build(tiny_llama_dir, art, name="other")
     assert _snapshot(art) == kept
+    (art / "README.md").unlink()
+    (art / "kept" / "deeper").mkdir(parents=True)  # even an empty folder of the user's is kept
+    (tmp_path / "only-folders" / "empty").mkdir(parents=True)
+    for out, named in ((art, "kept"), (tmp_path / "only-folders", "empty")):
+        kept = _snapshot(out)
+        with pytest.raises(BadInputError, match=named):
+            _build(tiny_llama_dir, out, name="other")
+        assert _snapshot(out) == kept
 
 
 def test_replaces_an_artifact_and_an_empty_folder(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -175,6 +175,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
     from llmc.artifacts.reader import Artifact
 
     try:
+        _recover(artifact)
         opened = Artifact.open(artifact, verify=verify)
         body = opened.report() if report else None
     except LlmcError as exc:
@@ -273,6 +274,7 @@ def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     config = ServeConfig(artifact=str(artifact), enable_prefix_cache=not disable_prefix_cache, **options)
     code = 0
     try:
+        _recover(artifact)
         serve(config)
     except LlmcError as exc:
         _report(exc, False)
@@ -286,6 +288,15 @@ def manifest_digest(artifact: Path) -> str:
     from llmc.artifacts.reader import manifest_sha256
 
     return manifest_sha256((artifact / MANIFEST_NAME).read_bytes())
+
+
+def _recover(artifact: Path) -> None:
+    """Where the artifact is missing because a build was killed between moving the old one aside
+    and renaming the new one in, move the old one back (see artifacts/staging.py)."""
+    from llmc.artifacts.staging import recover
+
+    if not artifact.exists():
+        recover(artifact.resolve(), sweep=False)
 
 
 def _exit_without_finalizing(code: int) -> NoReturn:

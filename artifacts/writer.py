@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from safetensors.torch import save_file
 
 from llmc.artifacts.files import sha256_file
 from llmc.artifacts.manifest import MANIFEST_NAME, FileInfo, Manifest, TensorInfo, encode
+from llmc.artifacts.staging import check_output, new_stage, publish, recover, remove_marked
 from llmc.errors import BadInputError
 
 # Weight shards are cut at this size so no single file (or in-memory shard) grows unbounded;
@@ -45,17 +44,21 @@ def _plan_shards(sizes: list[tuple[str, int]]) -> list[list[str]]:
 
 
 class ArtifactWriter:
-    """Stage files in a temporary directory next to `out_dir`, then swap it in at `commit`.
+    """Stage files in a marked directory next to `out_dir`, then swap it in at `commit`.
 
-    A failed build therefore never leaves a half-written artifact where a good one was.
+    A failed or killed build therefore never leaves a half-written artifact where a good one was,
+    and never replaces anything but an earlier artifact (see artifacts/staging.py).
     """
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir.resolve()
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise BadInputError(f"output path {out_dir} exists and is not a directory; choose another -o")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        check_output(self.out_dir)
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadInputError(f"cannot create the folder {self.out_dir.parent} ({exc}); choose another -o") from exc
+        recover(self.out_dir)
+        self._stage = new_stage(self.out_dir)
         self._files: list[str] = []
         self.tensors: list[TensorInfo] = []
 
@@ -115,14 +118,15 @@ class ArtifactWriter:
         ]
 
     def commit(self, manifest: Manifest) -> None:
+        """Write the manifest and swap the stage in for `out_dir` (any earlier artifact is replaced)."""
         (self._stage / MANIFEST_NAME).write_bytes(encode(manifest))
-        os.chmod(self._stage, 0o755)  # mkdtemp makes it 0700; an artifact is meant to be shared
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        self._stage.rename(self.out_dir)
+        publish(self._stage, self.out_dir)
 
     def abort(self) -> None:
-        shutil.rmtree(self._stage, ignore_errors=True)
+        """Delete the stage (kept marked until last, so a kill midway leaves it for the next build)."""
+        if self._stage.is_dir():
+            with contextlib.suppress(OSError):
+                remove_marked(self._stage)
 
 
 _DTYPE_NAMES = {

@@ -27,6 +27,7 @@ from llmc.artifacts.manifest import (
     SourceInfo,
     TokenizerInfo,
 )
+from llmc.artifacts.staging import check_output
 from llmc.artifacts.writer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, ArtifactWriter
 from llmc.builder.arch import TensorSource, spec_from_config, tensor_plan
 from llmc.builder.compile_step import (
@@ -139,6 +140,7 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
     started = time.perf_counter()
     if options.target not in TARGETS:
         raise BadInputError(f"--target {options.target!r} is not supported; supported: {', '.join(TARGETS)}")
+    check_output(options.output.resolve())  # refuse someone else's folder before the slow part
     dtype_name = _resolve_dtype(options.dtype, options.target)
     dtype = DTYPES[dtype_name]
     source = open_source(options.model, options.gguf_file, options.weights)

@@ -16,6 +16,8 @@ scaling written as the `rope_freqs` divisors.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -382,8 +384,17 @@ def _gguf_tensors(
 
 
 def export_gguf(artifact_dir: Path, out: Path) -> Path:
+    """Write the artifact as the GGUF file `out`, which must not exist yet: a file already there may
+    be the user's own (the GGUF the artifact was built from), and export never overwrites one.
+    The file is written under a temporary name beside `out` and linked into place once complete."""
     import gguf
 
+    if out.exists() or out.is_symlink():
+        raise BadInputError(
+            f"{out} already exists; llmc export never overwrites a file: remove it or choose another --gguf path"
+        )
+    if not out.parent.is_dir():
+        raise BadInputError(f"the folder {out.parent} does not exist; create it or choose another --gguf path")
     artifact = Artifact.open(artifact_dir)
     manifest = artifact.manifest
     spec = manifest.model
@@ -393,7 +404,31 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
     _check_exportable(spec, arch)
     tokenizer_json = json.loads(artifact.read_verified(manifest.tokenizer.file))
     tok = _tokenizer_fields(tokenizer_json, spec.vocab_size)
-    writer = gguf.GGUFWriter(str(out), arch)
+    partial = out.parent / f".{out.name}.llmc-export-{secrets.token_hex(4)}"
+    try:
+        _write_gguf(gguf, artifact, arch, tok, partial)
+        _link_into_place(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def _link_into_place(partial: Path, out: Path) -> None:
+    """Give the complete file its name, failing rather than replacing a file that appeared since."""
+    try:
+        os.link(partial, out)
+    except FileExistsError as exc:
+        raise BadInputError(f"{out} appeared while exporting; llmc export never overwrites a file") from exc
+    except OSError:  # a filesystem without hard links: rename, after checking once more
+        if out.exists() or out.is_symlink():
+            raise BadInputError(f"{out} appeared while exporting; llmc export never overwrites a file") from None
+        partial.rename(out)
+
+
+def _write_gguf(gguf: Any, artifact: Artifact, arch: str, tok: dict[str, Any], path: Path) -> None:
+    manifest = artifact.manifest
+    spec = manifest.model
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(manifest.model_name)
     _metadata(writer, gguf, spec, arch)
     half = manifest.dtype in ("f16", "bf16")
@@ -426,4 +461,3 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,27 @@ def test_unsupported_artifacts_are_refused(tiny_llama_dir: Path, tmp_path: Path)
     )
     assert result.returncode == 2
     assert "pre-tokenizer" in result.stderr
+
+
+def test_export_never_overwrites_a_file(smollm2_artifact: Path, exported: Path, tmp_path: Path) -> None:
+    """The export was linked into place whole (no partial file left beside it, the umask's mode);
+    exporting onto it again, or onto a user's file, is refused and leaves the bytes as they were."""
+    from llmc.artifacts.files import sha256_file
+    from llmc.artifacts.staging import file_mode
+
+    assert [p.name for p in exported.parent.iterdir()] == [exported.name]
+    assert stat.S_IMODE(exported.stat().st_mode) == file_mode()
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF: the user's own file")
+    for target in (exported, mine):
+        before = sha256_file(target)
+        result = subprocess.run(
+            [sys.executable, "-m", "llmc", "export", str(smollm2_artifact), "--gguf", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "already exists" in result.stderr and str(target) in result.stderr
+        assert sha256_file(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.gguf"]

@@ -17,6 +17,26 @@ from llmc.logs import configure
 
 POSITIVE = click.IntRange(min=1)
 PORT = click.IntRange(1, 65535)
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
+# `llmc run` logs at info by default (each request's id, sizes and timing; server.ready); the other
+# commands print their results on stdout and log only warnings.
+DEFAULT_LOG_LEVEL = "warning"
+DEFAULT_RUN_LOG_LEVEL = "info"
+_LOG_LEVEL_KEY = "llmc.log_level"  # where the chosen level waits in click's context (ctx.meta)
+_LOG_LEVEL_HELP = "Log level for llmc's own logs (stderr); info by default for run, warning for the rest."
+
+
+def _set_log_level(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """`--log-level` is taken before the subcommand and after it; the later one wins."""
+    if value is not None:
+        ctx.meta[_LOG_LEVEL_KEY] = value.lower()
+        configure(value)
+
+
+def _log_level_option(command: Any) -> Any:
+    return click.option(
+        "--log-level", type=LOG_LEVELS, callback=_set_log_level, expose_value=False, help=_LOG_LEVEL_HELP
+    )(command)
 
 
 def _report(error: LlmcError, as_json: bool) -> None:
@@ -34,13 +54,15 @@ def _fail(error: LlmcError, as_json: bool) -> None:
 
 @click.group()
 @click.version_option(package_name="llmc")
-@click.option("--log-level", default="WARNING", show_default=True, help="Log level for llmc's own logs (stderr).")
-def main(log_level: str) -> None:
+@_log_level_option
+def main() -> None:
     """llmc: compile an LLM into a self-contained artifact, then serve it."""
-    configure(log_level)
+    if _LOG_LEVEL_KEY not in click.get_current_context().meta:
+        configure(DEFAULT_LOG_LEVEL)
 
 
 @main.command()
+@_log_level_option
 @click.option("--m", "model", help="Model: a Hugging Face id, a local folder, or a .gguf path.")
 @click.option("--f", "gguf_file", help="GGUF file, alone or inside the --m folder / repository.")
 @click.option("--w", "weights", help="Folder holding the safetensors weights, if not the --m folder.")
@@ -161,6 +183,7 @@ def build(
 
 
 @main.command()
+@_log_level_option
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 @click.option(
@@ -201,6 +224,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
 
 
 @main.command()
+@_log_level_option
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--gguf", "gguf_path", required=True, type=click.Path(path_type=Path), help="GGUF file to write.")
 def export(artifact: Path, gguf_path: Path) -> None:
@@ -216,6 +240,7 @@ def export(artifact: Path, gguf_path: Path) -> None:
 
 
 @main.command()
+@_log_level_option
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--p", "--port", "port", default=2000, show_default=True, type=PORT, help="Port to listen on.")
 @click.option("--h", "--host", "host", default="127.0.0.1", show_default=True, help="Address to bind.")
@@ -271,7 +296,10 @@ def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
     """Serve an artifact with an OpenAI-compatible API."""
     from llmc.runtime.server import ServeConfig, serve
 
-    config = ServeConfig(artifact=str(artifact), enable_prefix_cache=not disable_prefix_cache, **options)
+    level = click.get_current_context().meta.get(_LOG_LEVEL_KEY, DEFAULT_RUN_LOG_LEVEL)
+    config = ServeConfig(
+        artifact=str(artifact), enable_prefix_cache=not disable_prefix_cache, log_level=level, **options
+    )
     code = 0
     try:
         _recover(artifact)

@@ -17,7 +17,10 @@ class _KeyValueFormatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, "fields", {})
         parts = [f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()}"]
         parts += [f"{k}={json.dumps(v, default=str)}" for k, v in fields.items()]
-        return " ".join(parts)
+        line = " ".join(parts)
+        if record.exc_info:  # `log.exception(...)`: the traceback is what the 500's "see the server log" means
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 class EventLogger:

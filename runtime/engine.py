@@ -25,7 +25,7 @@ from llmc.runtime.model import COMPUTE_DTYPES, build_model
 from llmc.runtime.model_runner import ModelRunner
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
 from llmc.runtime.sampler import Sampler, token_logprob
-from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.sequence import Sequence
 from llmc.runtime.structured_output import GrammarCompiler
@@ -154,6 +154,7 @@ class Engine:
         self._sinks: dict[int, Sink] = {}
         self._by_request: dict[str, Sequence] = {}
         self._followers: dict[int, list[Sequence]] = {}
+        self._batch: list[Sequence] | None = None  # the sequences of the step under way, once scheduled
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
@@ -246,6 +247,18 @@ class Engine:
                 self._step_safely()
 
     def _accept(self, item: _Submit | str) -> None:
+        """Take one submission or abort; a submission that fails here fails alone, with an error."""
+        try:
+            self._accept_unguarded(item)
+        except Exception as exc:
+            log.exception("engine.accept_failed", error=type(exc).__name__)
+            if isinstance(item, _Submit):
+                try:
+                    self._reject(item, f"internal error while accepting the request ({type(exc).__name__})")
+                except Exception:  # the engine loop must survive even a failing sink
+                    log.exception("engine.reject_failed")
+
+    def _accept_unguarded(self, item: _Submit | str) -> None:
         if isinstance(item, str):
             seq = self._by_request.get(item)
             if seq is not None:
@@ -262,6 +275,17 @@ class Engine:
         # prefix cache and compute only its last partial block.
         self._followers[leader.seq_id] = followers
         self.scheduler.add(leader)
+
+    def _reject(self, item: _Submit, reason: str) -> None:
+        """Undo whatever `_accept` did for a submission and end each of its sequences with `reason`."""
+        self._followers.pop(item.seqs[0].seq_id, None)
+        for seq in item.seqs:
+            self.scheduler.finish(seq)
+            self.outputs.discard(seq)
+            self._sinks.pop(seq.seq_id, None)
+            if self._by_request.get(seq.request_id) is seq:
+                del self._by_request[seq.request_id]
+            item.sink(RequestOutput(seq.request_id, "", [], True, "error", error=reason))
 
     def _release_followers(self, seq: Sequence) -> None:
         for follower in self._followers.pop(seq.seq_id, []):
@@ -284,32 +308,59 @@ class Engine:
         for row in range(logprobs.shape[0]):
             seq.prompt_logprobs.append(token_logprob(logprobs[row], seq.prompt_ids[first + row], k))
 
+    def _fail(self, seq: Sequence, reason: str) -> None:
+        """End one sequence with an error; the rest of the batch carries on."""
+        if seq.seq_id not in self._sinks:  # already finished
+            return
+        log.warning("engine.request_failed", request_id=seq.request_id, reason=reason)
+        self._finish(seq, RequestOutput(seq.request_id, "", [], True, "error", error=reason))
+
     def _step_safely(self) -> None:
+        """Step; a failure that per-sequence isolation in `step` could not pin on one request (the
+        model run itself) fails the batch it hit, or everything when no batch was formed yet."""
+        self._batch = None
         try:
             self.step()
         except Exception as exc:  # a bug must not take the server down: fail the batch, keep serving
             log.exception("engine.step_failed", error=type(exc).__name__)
-            for seq in list(self._by_request.values()):
-                self._finish(seq, RequestOutput(seq.request_id, "", [], True, "error", error="internal error"))
+            victims = list(self._by_request.values()) if self._batch is None else self._batch
+            for seq in victims:
+                self._fail(seq, "internal error")
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
         if not batch:
             return
+        self._batch = [seq for seq, _ in batch]
         seqs, logits = self.runner.run(batch)
         for seq, _ in batch:
             self.block_manager.register_computed(seq)
             if seq.seq_id in self.runner.prompt_logits:
-                self._record_prompt_logprobs(seq, self.runner.prompt_logits[seq.seq_id])
-        tokens, logprobs = self.sampler.sample(logits, seqs)
-        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            if not seq.output_ids:
-                self._release_followers(seq)
-            seq.output_ids.append(token)
-            if self._long_rope_after is not None and len(seq) - 1 == self._long_rope_after:
-                seq.num_computed = 0  # as transformers does: recompute the whole cache with long factors
-            output = self.outputs.on_token(seq, token, logprob)
-            if output.finished:
-                self._finish(seq, output)
-            else:
-                self._sinks[seq.seq_id](output)
+                try:
+                    self._record_prompt_logprobs(seq, self.runner.prompt_logits[seq.seq_id])
+                except Exception as exc:
+                    log.exception("engine.prompt_logprobs_failed", request_id=seq.request_id, error=type(exc).__name__)
+                    self._fail(seq, "internal error while computing prompt logprobs")
+        tokens, logprobs, failed = self.sampler.sample(logits, seqs)
+        for row, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+            if row in failed:
+                self._fail(seq, failed[row])
+            elif seq.seq_id in self._sinks:  # not failed earlier in this step
+                try:
+                    self._advance(seq, token, logprob)
+                except Exception as exc:
+                    log.exception("engine.output_failed", request_id=seq.request_id, error=type(exc).__name__)
+                    self._fail(seq, "internal error while producing output")
+
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        """Append one sampled token to a sequence and hand its new output to the client."""
+        if not seq.output_ids:
+            self._release_followers(seq)
+        seq.output_ids.append(token)
+        if self._long_rope_after is not None and len(seq) - 1 == self._long_rope_after:
+            seq.num_computed = 0  # as transformers does: recompute the whole cache with long factors
+        output = self.outputs.on_token(seq, token, logprob)
+        if output.finished:
+            self._finish(seq, output)
+        else:
+            self._sinks[seq.seq_id](output)

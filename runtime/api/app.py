@@ -137,7 +137,9 @@ class App:
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 given = value
-        if not hmac.compare_digest(given, b"Bearer " + self._api_key):
+        scheme, _, token = given.strip().partition(b" ")
+        # RFC 9110 section 11.1: the scheme is case-insensitive (`bearer KEY` is as good as `Bearer KEY`).
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._api_key):
             raise HttpError(
                 401,
                 "missing or incorrect API key: send it as `Authorization: Bearer KEY`",
@@ -567,6 +569,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         raise BadInputError(f"invalid request: {exc}", param=validation_param(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise BadInputError(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # msgspec decodes free-form JSON (`Any` fields) recursively
+        raise BadInputError("request body nests JSON too deeply; flatten it") from exc
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:

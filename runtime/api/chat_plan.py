@@ -10,6 +10,7 @@ from typing import Any
 
 from llmc.errors import BadInputError
 from llmc.runtime.api.protocol import ChatCompletionRequest, ChatMessage
+from llmc.runtime.api.requests import check_depth
 from llmc.runtime.structured_output import GrammarCompiler
 from llmc.runtime.tool_calls import ToolCallFormat
 
@@ -34,6 +35,11 @@ def plan_chat(
 ) -> ChatPlan:
     if not req.messages:
         raise BadInputError("messages must not be empty", param="messages")
+    check_depth(req.tools, "tools")
+    check_depth(req.tool_choice, "tool_choice")
+    check_depth(req.response_format, "response_format")
+    for message in req.messages:
+        check_depth(message.tool_calls, "messages")
     tools = _validated_tools(req.tools)
     choice = _tool_choice(req.tool_choice, tools)
     use_tools = bool(tools) and choice != "none"
@@ -84,7 +90,8 @@ def _tool_choice(choice: str | dict[str, Any] | None, tools: list[dict[str, Any]
         if choice == "required" and not tools:
             raise BadInputError("tool_choice required needs tools", param="tool_choice")
         return choice
-    name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+    function = choice.get("function")
+    name = function.get("name") if choice.get("type") == "function" and isinstance(function, dict) else None
     if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
         raise BadInputError("tool_choice names a function that is not in tools", param="tool_choice")
     return name

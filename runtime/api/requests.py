@@ -16,6 +16,22 @@ MAX_STOP_CHARS = 256
 MAX_N = 16  # choices per request: each is a full sequence in the batch
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_STOP_TOKEN_IDS = 1024  # far above any model's special tokens; bounds the per-step membership set
+# Free-form JSON in a request (tools, tool_choice, response_format, tool calls) may nest this deep:
+# real tool schemas nest a handful of levels; deeper values would only exercise recursion in the
+# template renderer and the grammar compiler.
+MAX_JSON_DEPTH = 64
+# Temperatures below this sample greedily, as in vLLM (its _SAMPLING_EPS): dividing float32 logits
+# by 1e-39 overflows them to inf, and anything this cold is argmax in all but name.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
+# repetition_penalty divides (or multiplies) the logits of seen tokens: near 0 it overflows them and
+# beyond a factor of 100 it forces or forbids repeats outright, which is no longer a penalty.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 2.0
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: OpenAI's documented range is [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's documented range is [-100, 100]
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also takes "²"
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 _PATH_RE = re.compile(r"at `\$\.?([^`\[.]*)")
@@ -53,8 +69,25 @@ def _logprobs(req: ChatCompletionRequest | CompletionRequest) -> int | None:
 
 
 def _range(value: float, low: float, high: float, name: str) -> None:
+    """Also refuses NaN, which compares false with everything."""
     if not low <= value <= high:
-        raise BadInputError(f"{name} must be between {low} and {high}", param=name)
+        raise BadInputError(f"{name} must be between {low:g} and {high:g}", param=name)
+
+
+def check_depth(value: Any, param: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse free-form JSON nested deeper than `limit` (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise BadInputError(f"{param} is nested more than {limit} levels deep", param=param)
+        stack.extend((child, depth + 1) for child in children)
 
 
 def sampling_params(
@@ -68,7 +101,9 @@ def sampling_params(
     temperature = req.temperature if req.temperature is not None else defaults["temperature"]
     top_p = req.top_p if req.top_p is not None else defaults["top_p"]
     top_k = req.top_k if req.top_k is not None else defaults["top_k"]
-    _range(temperature, 0.0, 2.0, "temperature")
+    _range(temperature, 0.0, MAX_TEMPERATURE, "temperature")
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
     if not 0.0 < top_p <= 1.0:
         raise BadInputError("top_p must be in (0, 1]", param="top_p")
     if top_k == -1:
@@ -76,10 +111,9 @@ def sampling_params(
     if top_k < 0:
         raise BadInputError("top_k must be >= 0 (or -1 for no cut)", param="top_k")
     _range(req.min_p, 0.0, 1.0, "min_p")
-    _range(req.presence_penalty, -2.0, 2.0, "presence_penalty")
-    _range(req.frequency_penalty, -2.0, 2.0, "frequency_penalty")
-    if not 0.0 < req.repetition_penalty <= 2.0:
-        raise BadInputError("repetition_penalty must be in (0, 2]", param="repetition_penalty")
+    _range(req.presence_penalty, -MAX_PENALTY, MAX_PENALTY, "presence_penalty")
+    _range(req.frequency_penalty, -MAX_PENALTY, MAX_PENALTY, "frequency_penalty")
+    _range(req.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY, "repetition_penalty")
     if not 1 <= req.n <= MAX_N:
         raise BadInputError(f"n must be between 1 and {MAX_N}", param="n")
     if max_tokens is not None and max_tokens < 1:
@@ -93,6 +127,8 @@ def sampling_params(
     if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX - MAX_N:
         raise BadInputError("seed is out of the 64-bit range", param="seed")
     stop_ids = req.stop_token_ids or []
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise BadInputError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids", param="stop_token_ids")
     if any(not 0 <= t < vocab_size for t in stop_ids):
         raise BadInputError("stop_token_ids holds an id outside the vocabulary", param="stop_token_ids")
     bias = _logit_bias(req.logit_bias, vocab_size)
@@ -125,9 +161,9 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[i
         raise BadInputError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries", param="logit_bias")
     out = []
     for key, value in bias.items():
-        if not key.isdigit() or not 0 <= int(key) < vocab_size:
-            raise BadInputError(f"logit_bias key {key!r} is not a token id of this model", param="logit_bias")
-        _range(value, -100.0, 100.0, "logit_bias")
+        if not _TOKEN_ID_KEY.fullmatch(key) or not int(key) < vocab_size:
+            raise BadInputError(f"logit_bias key {key[:20]!r} is not a token id of this model", param="logit_bias")
+        _range(value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, "logit_bias")
         out.append((int(key), float(value)))
     return tuple(sorted(out))
 

@@ -125,7 +125,7 @@ class App:
         try:
             cors = self.guard.check(scope, json_route=handler is not None and scope["method"] == "POST")
             if self.guard.is_preflight(scope):
-                await self.guard.preflight(send_recording_status, cors)
+                await self.guard.preflight(send_recording_status)
                 return
             if self.draining and path != "/health":
                 raise HttpError(503, "the server is shutting down; retry on another server", code="shutting_down")

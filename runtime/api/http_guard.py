@@ -132,10 +132,10 @@ class HttpGuard:
         headers = _headers(scope)
         return scope["method"] == "OPTIONS" and b"origin" in headers and b"access-control-request-method" in headers
 
-    async def preflight(self, send: Send, cors: list[tuple[bytes, bytes]]) -> None:
-        """Answer a preflight from an allowed origin (`check` refused the others)."""
+    async def preflight(self, send: Send) -> None:
+        """Answer a preflight from an allowed origin (`check` refused the others); `send` adds the
+        origin's CORS headers, as for every response to it."""
         headers = [
-            *cors,
             (b"access-control-allow-methods", _CORS_METHODS),
             (b"access-control-allow-headers", _CORS_HEADERS),
             (b"access-control-max-age", str(PREFLIGHT_MAX_AGE_S).encode()),

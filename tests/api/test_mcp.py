@@ -75,7 +75,7 @@ def call_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(tiny_4k: Path, call_log: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     config = _config(tmp_path_factory.mktemp("mcp-config"), call_log)
     with (
-        running_server(tiny_4k, "--mcp-config", str(config)) as base,
+        running_server(tiny_4k, "--mcp-config", str(config), "--unauthenticated-mcp") as base,
         httpx.Client(base_url=base, timeout=120) as http,
     ):
         yield http
@@ -189,7 +189,7 @@ def test_smollm2_runs_the_tool_and_answers(smollm2_artifact: Path, tmp_path_fact
         "max_tokens": 64,
         "temperature": 0,
     }
-    with running_server(smollm2_artifact, "--mcp-config", str(config)) as base:
+    with running_server(smollm2_artifact, "--mcp-config", str(config), "--unauthenticated-mcp") as base:
         response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]

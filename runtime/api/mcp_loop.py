@@ -14,6 +14,7 @@ message (non-streaming) or on a delta of their own (streaming); OpenAI clients i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -113,10 +114,13 @@ class _Conversation:
             await asyncio.wait([run, watcher], return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
-            if not run.done():
+            gone = not run.done()
+            if gone:
                 run.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run  # the calls' cancellations reach the MCP loop before we go on
                 log.info("mcp.calls_cancelled", calls=min(len(calls), MAX_CALLS_PER_ROUND))
-        if run.cancelled():
+        if gone:
             raise ClientGoneError()
         skipped = f"error: not run: at most {MAX_CALLS_PER_ROUND} tool calls are run per round"
         results = [*run.result(), *[skipped] * (len(calls) - MAX_CALLS_PER_ROUND)]

@@ -14,6 +14,8 @@ import msgspec
 from llmc.builder import DEFAULT_BUCKETS
 from llmc.errors import BadInputError, LlmcError
 from llmc.logs import configure
+from llmc.runtime.api.http_guard import BODY_TIMEOUT_S
+from llmc.runtime.server import HEADER_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
 POSITIVE = click.IntRange(min=1)
 PORT = click.IntRange(1, 65535)
@@ -277,6 +279,43 @@ def export(artifact: Path, gguf_path: Path) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help='An mcp.json ({"mcpServers": {...}}): the model may call its servers\' tools; llmc runs the calls.',
 )
+@click.option(
+    "--unauthenticated-mcp",
+    is_flag=True,
+    help="Allow --mcp-config without --api-key: every client that can reach the port may make the server "
+    "run the MCP tools.",
+)
+@click.option(
+    "--allowed-hosts",
+    help="Comma-separated names the Host header may carry besides IP addresses, localhost and (off "
+    "loopback) this machine's name; .example.com allows subdomains, * any name (unsafe: DNS rebinding).",
+)
+@click.option(
+    "--cors-origins",
+    help="Comma-separated web origins (https://app.example.com) whose pages may call the API from a "
+    "browser; * allows every page (unsafe). Default: same-origin pages only.",
+)
+@click.option(
+    "--shutdown-timeout",
+    default=SHUTDOWN_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds running requests may keep generating after SIGTERM/SIGINT; a second signal exits at once.",
+)
+@click.option(
+    "--header-timeout",
+    default=HEADER_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="Seconds a client has to send its request headers before the connection is closed.",
+)
+@click.option(
+    "--body-timeout",
+    default=BODY_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="Seconds a client has to send its request body once the headers are in (408 after).",
+)
 @click.option("--disable-prefix-cache", is_flag=True, help="Do not reuse KV blocks of equal prompt prefixes.")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
@@ -292,13 +331,20 @@ def export(artifact: Path, gguf_path: Path) -> None:
     metavar="SHA256",
     help="Refuse to serve (exit 4) unless manifest.json has this sha256, as `llmc build` and `llmc inspect` print.",
 )
-def run(artifact: Path, disable_prefix_cache: bool, **options: Any) -> None:
+def run(
+    artifact: Path, disable_prefix_cache: bool, allowed_hosts: str | None, cors_origins: str | None, **options: Any
+) -> None:
     """Serve an artifact with an OpenAI-compatible API."""
     from llmc.runtime.server import ServeConfig, serve
 
     level = click.get_current_context().meta.get(_LOG_LEVEL_KEY, DEFAULT_RUN_LOG_LEVEL)
     config = ServeConfig(
-        artifact=str(artifact), enable_prefix_cache=not disable_prefix_cache, log_level=level, **options
+        artifact=str(artifact),
+        enable_prefix_cache=not disable_prefix_cache,
+        log_level=level,
+        allowed_hosts=_names(allowed_hosts),
+        cors_origins=_names(cors_origins),
+        **options,
     )
     code = 0
     try:
@@ -325,6 +371,10 @@ def _recover(artifact: Path) -> None:
 
     if not artifact.exists():
         recover(artifact.resolve(), sweep=False)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def _exit_without_finalizing(code: int) -> NoReturn:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,6 +101,11 @@ class EngineConfig:
     dense_weights: bool | None = None
 
 
+# While draining with nothing to step, how long to wait for an abort or submit before checking the
+# deadline again: short enough that the deadline is kept to a tenth of a second.
+_DRAIN_IDLE_WAIT_S = 0.1
+
+
 @dataclass
 class _Submit:
     seqs: list[Sequence]
@@ -158,6 +164,8 @@ class Engine:
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
+        self._submit_lock = threading.Lock()  # a submit either reaches the inbox before drain() closes it, or fails
+        self._closed = False
         log.info(
             "engine.ready",
             model=self.model_name,
@@ -222,7 +230,10 @@ class Engine:
         for p in choices:
             self.check_length(len(prompt_ids), p.max_tokens)
         ids = [request_id] if len(choices) == 1 else [f"{request_id}/{i}" for i in range(len(choices))]
-        self._inbox.put(_Submit([Sequence(i, prompt_ids, p) for i, p in zip(ids, choices, strict=True)], sink))
+        with self._submit_lock:
+            if self._closed:
+                raise OutOfResourcesError("the server is shutting down; send the request again once it is back")
+            self._inbox.put(_Submit([Sequence(i, prompt_ids, p) for i, p in zip(ids, choices, strict=True)], sink))
         return ids
 
     def abort(self, request_ids: str | list[str]) -> None:
@@ -245,6 +256,39 @@ class Engine:
                 self._accept(item)
             if self.scheduler.has_work():
                 self._step_safely()
+
+    def drain(self, timeout_s: float) -> bool:
+        """After `run()` returned on `stop()`: keep stepping until every request has finished or
+        `timeout_s` has passed (aborts and submits already on their way are still taken), then
+        refuse new submits and end what is left with an error output, so every client gets a
+        complete response. True when everything finished by itself."""
+        deadline = time.monotonic() + timeout_s
+        while self._by_request and time.monotonic() < deadline:
+            block = not self.scheduler.has_work()
+            while True:
+                try:
+                    item = self._inbox.get(block=block, timeout=_DRAIN_IDLE_WAIT_S if block else None)
+                except queue.Empty:
+                    break
+                block = False
+                if item is not None:
+                    self._accept(item)
+            if self.scheduler.has_work():
+                self._step_safely()
+        with self._submit_lock:
+            self._closed = True
+        while True:  # submits that reached the inbox before it closed
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._accept(item)
+        clean = not self._by_request
+        for seq in list(self._by_request.values()):
+            message = f"the server shut down before this request finished (after {timeout_s:g} s); send it again"
+            self._finish(seq, RequestOutput(seq.request_id, "", [], True, "error", error=message))
+        return clean
 
     def _accept(self, item: _Submit | str) -> None:
         """Take one submission or abort; a submission that fails here fails alone, with an error."""

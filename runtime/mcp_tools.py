@@ -202,8 +202,9 @@ class _Server:
         if self.session is None:  # it died since the last call: start it again
             try:
                 await self.connect()
-            except Exception as exc:
-                return f"error: the MCP server {self.spec.name!r} is not running and did not restart ({_describe(exc)})"
+            except Exception as exc:  # the details (paths, addresses) are for the log, not for clients
+                log.warning("mcp.restart_failed", server=self.spec.name, error=_describe(exc))
+                return f"error: the MCP server {self.spec.name!r} is not running and did not restart"
         session = self.session
         assert session is not None
         try:
@@ -215,10 +216,11 @@ class _Server:
             except Exception:
                 log.warning("mcp.server_dead", server=self.spec.name, error=_describe(exc))
                 await self.disconnect()
-                return f"error: the MCP server {self.spec.name!r} stopped while running {name!r} ({_describe(exc)})"
+                return f"error: the MCP server {self.spec.name!r} stopped while running {name!r}"
             if isinstance(exc, TimeoutError):
                 return f"error: the tool {name!r} did not answer within {CALL_TIMEOUT_S:g} s"
-            return f"error: {_describe(exc)}"
+            log.warning("mcp.call_error", server=self.spec.name, tool=name, error=_describe(exc))
+            return f"error: the tool {name!r} failed (the server log has the details)"
         return result_text(result)
 
 
@@ -382,7 +384,7 @@ class McpManager:
             return f"error: the tool {name!r} did not answer within {_WHOLE_CALL_TIMEOUT_S:g} s"
         except Exception as exc:
             log.warning("mcp.call_failed", tool=name, error=_describe(exc))
-            return f"error: {_describe(exc)}"
+            return f"error: the tool {name!r} failed (the server log has the details)"
         log.info("mcp.call", tool=name, server=tool.server.spec.name, chars=len(result))
         return result
 

@@ -8,18 +8,32 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from llmc.errors import OutOfResourcesError
+from llmc.errors import BadInputError, OutOfResourcesError
 from llmc.logs import configure, get_logger
 
 log = get_logger("llmc.server")
 
-# How long shutdown waits for in-flight responses to close before the process exits anyway.
+# How long shutdown waits for in-flight responses to close before the process exits anyway. By
+# then the engine has ended every request (drain), so responses only have their last bytes to send.
 _HTTP_STOP_TIMEOUT_S = 10.0
+# After the first SIGTERM/SIGINT, how long running requests may keep generating before they are
+# ended with an error event: a typical answer finishes well within it, and process managers
+# (systemd, Kubernetes) wait 30 s before they SIGKILL.
+SHUTDOWN_TIMEOUT_S = 20.0
+# A client must send its request headers within this after connecting, or the connection is closed
+# (Granian's default is 30 s): real clients send them at once; a slowloris holds sockets with them.
+HEADER_TIMEOUT_S = 10.0
+# Connections Granian serves at once (its semaphore is held per connection, idle keep-alive
+# included) and the kernel's queue of connections not yet accepted. Granian's defaults (128 each)
+# let 257 half-open sockets lock every client out; an idle connection costs a few KB, so allow many.
+MAX_CONNECTIONS = 4096
+LISTEN_BACKLOG = 4096
 
 
 class ServeConfig(msgspec.Struct, kw_only=True):
@@ -44,31 +58,54 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     ui_server: bool = False  # serve the chat page at /ui
     mcp_config: str | None = None  # an mcp.json: its servers' tools are offered to the model
     expect_manifest_sha256: str | None = None  # serve only the artifact whose manifest has this digest
+    unauthenticated_mcp: bool = False  # allow --mcp-config without --api-key
+    allowed_hosts: list[str] | None = None  # Host header names besides the defaults (http_guard)
+    cors_origins: list[str] | None = None  # web origins that may call the API from a browser
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S
+    header_timeout: float = HEADER_TIMEOUT_S
+    body_timeout: float | None = None  # None: http_guard.BODY_TIMEOUT_S
 
 
 def serve(config: ServeConfig) -> None:
     """Verify the artifact (a damaged one never loads), load the engine, serve until SIGINT/SIGTERM.
+
+    The first signal drains: new requests get 503, running ones finish (or are ended with an error
+    event after `shutdown_timeout`), then the process exits; a second signal exits at once.
 
     One process, two threads: the model runs on the main thread, because torch's OpenMP-parallel
     CPU kernels run 2-3x slower when their parallel regions open from any other thread; HTTP is an
     embedded Granian on a second thread with its own asyncio loop. The API hands requests to the
     engine through its queue and gets outputs back with call_soon_threadsafe.
     """
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
     from granian.server.embed import Server
 
     from llmc.artifacts.reader import Artifact
     from llmc.runtime.api.app import App
     from llmc.runtime.api.chat_plan import MAX_TOOLS
+    from llmc.runtime.api.http_guard import BODY_TIMEOUT_S, HttpGuard
     from llmc.runtime.engine import Engine, EngineConfig
     from llmc.runtime.mcp_tools import McpManager, check_sdk, load_config
 
     configure(config.log_level)
     check_port_free(config.host, config.port)  # before the model loads: fail fast
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "server.not_loopback",
+            host=config.host,
+            advice="put a reverse proxy (TLS, rate limits, client timeouts) in front of llmc",
+        )
     mcp_config = None
     if config.mcp_config is not None:  # a bad config fails before the model loads
         check_sdk()
         mcp_config = load_config(config.mcp_config, os.getcwd())
+        if config.api_key is None and not config.unauthenticated_mcp:
+            raise BadInputError(
+                "--mcp-config lets every client that reaches the port make this server run the MCP tools "
+                "(read files, fetch URLs, whatever they do); protect it with --api-key KEY, or pass "
+                "--unauthenticated-mcp if every client that can reach the port may run them"
+            )
     artifact = Artifact.open(config.artifact, verify=True, expect_manifest_sha256=config.expect_manifest_sha256)
     engine = Engine(
         artifact,
@@ -98,6 +135,12 @@ def serve(config: ServeConfig) -> None:
         tool_parser=config.tool_parser,
         ui=config.ui_server,
         mcp=mcp,
+        guard=HttpGuard(
+            config.host,
+            config.allowed_hosts,
+            config.cors_origins,
+            BODY_TIMEOUT_S if config.body_timeout is None else config.body_timeout,
+        ),
     )
     http = _HttpThread(
         Server(
@@ -107,15 +150,35 @@ def serve(config: ServeConfig) -> None:
             interface=Interfaces.ASGI,
             log_access=False,
             log_level=config.log_level.lower(),  # type: ignore[arg-type]
+            http=HTTPModes.http1,  # OpenAI clients speak HTTP/1.1; the header timeout is HTTP/1's
+            http1_settings=HTTP1Settings(header_read_timeout=int(config.header_timeout * 1000)),
+            backlog=LISTEN_BACKLOG,
+            backpressure=MAX_CONNECTIONS,
         ),
         on_exit=engine.stop,
     )
+    signals = 0
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:  # the operator insists: no more waiting
+            log.warning("server.exit_now", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("server.draining", signal=signal.Signals(signum).name, timeout_s=config.shutdown_timeout)
+        app.draining = True
+        engine.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: engine.stop())
+        signal.signal(sig, on_signal)
     http.on_listening(lambda: log.info("server.ready", host=config.host, port=config.port, model=engine.model_name))
     http.start()
     try:
         engine.run()
+        if app.draining:
+            started = time.monotonic()
+            clean = engine.drain(config.shutdown_timeout)
+            log.info("server.drained", clean=clean, seconds=round(time.monotonic() - started, 3))
     finally:
         http.stop()
     if http.error is not None:

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 import llmc
-from llmc.errors import BadInputError, InternalError, LlmcError
+from llmc.errors import BadInputError, InternalError, LlmcError, OutOfResourcesError
 from llmc.logs import get_logger
 from llmc.runtime.api import protocol as p
 from llmc.runtime.api.chat_plan import ChatPlan, plan_chat
 from llmc.runtime.api.dispatch import LoopDispatcher
 from llmc.runtime.api.errors import HttpError, error_response
+from llmc.runtime.api.http_guard import HttpGuard
 from llmc.runtime.api.metrics import CONTENT_TYPE, Metrics
 from llmc.runtime.api.openapi import openapi_spec
 from llmc.runtime.api.requests import completion_prompt, sampling_params, validation_param
@@ -60,9 +61,12 @@ class App:
         tool_parser: str = "auto",
         ui: bool = False,
         mcp: McpManager | None = None,
+        guard: HttpGuard | None = None,
     ) -> None:
         self.engine = engine
         self.mcp = mcp
+        self.guard = guard or HttpGuard("127.0.0.1")
+        self.draining = False  # set on the first SIGTERM/SIGINT: new requests get 503
         self._loop_dispatcher: LoopDispatcher | None = None
         self._loop_dispatcher_loop: asyncio.AbstractEventLoop | None = None
         self.tool_format = choose_format(tool_parser, engine.tokenizer.chat_template_source)
@@ -107,14 +111,24 @@ class App:
         handler = self._routes.get((scope["method"], path))
         status = 500
         route = path if any(route_path == path for _, route_path in self._routes) else "unknown"
+        cors: list[tuple[bytes, bytes]] = []  # CORS headers for an origin --cors-origins allows
+        receive = self.guard.timed_receive(receive)
 
         async def send_recording_status(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if cors:
+                    message = {**message, "headers": [*message.get("headers", []), *cors]}
             await send(message)
 
         try:
+            cors = self.guard.check(scope, json_route=handler is not None and scope["method"] == "POST")
+            if self.guard.is_preflight(scope):
+                await self.guard.preflight(send_recording_status)
+                return
+            if self.draining and path != "/health":
+                raise HttpError(503, "the server is shutting down; retry on another server", code="shutting_down")
             if self._api_key is not None and path not in self._public:
                 self._authorize(scope)
             if handler is None:
@@ -148,6 +162,9 @@ class App:
 
     # ---- routes --------------------------------------------------------------------------
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.draining:  # load balancers stop sending work here
+            await _send_json(send, 503, b'{"status":"draining"}')
+            return
         await _send_json(send, 200, b'{"status":"ok"}')
 
     async def openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -425,7 +442,10 @@ class App:
                     if out.finished:
                         pending.discard(out.request_id)
                     if out.finish_reason == "error":
-                        raise InternalError(out.error or "generation failed")
+                        # While draining, the engine ends what is left at --shutdown-timeout.
+                        raise (OutOfResourcesError if self.draining else InternalError)(
+                            out.error or "generation failed"
+                        )
                     yield index_of[out.request_id], out
                 log.info("api.done", request_id=request_id, seconds=round(time.perf_counter() - started, 3))
             finally:

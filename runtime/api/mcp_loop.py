@@ -14,6 +14,7 @@ message (non-streaming) or on a delta of their own (streaming); OpenAI clients i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from llmc.logs import get_logger
 from llmc.runtime.api import protocol as p
-from llmc.runtime.api.app import _collect, _send_json, _usage
+from llmc.runtime.api.app import ClientGoneError, _collect, _send_json, _usage, _wait_disconnect
 from llmc.runtime.api.chat_plan import ChatPlan
 from llmc.runtime.output_processor import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 # Rounds of tool calls per request. A real task needs one or two; a model that keeps calling
 # (a loop, or a tool that keeps failing) is cut off here, then made to answer without tools.
 MAX_TOOL_ROUNDS = 4
+# Tool calls run per round: a real step needs a few; a model that emits hundreds (a loop, or a
+# prompt that asks for it) must not start hundreds of tool runs. The rest get an error result.
+MAX_CALLS_PER_ROUND = 8
+
+log = get_logger("llmc.mcp")
 
 
 class McpCall(msgspec.Struct):
@@ -96,8 +103,27 @@ class _Conversation:
         params = [replace(sp, grammar=plan.grammar) for sp in self.app._params(round_req, ids, max_tokens)]
         return _Round(index, plan, ids, params)
 
-    async def run_calls(self, content: str, calls: list[ToolCall]) -> list[McpCall]:
-        results = await asyncio.gather(*(self.mcp.call(c.name, c.arguments) for c in calls))
+    async def run_calls(self, content: str, calls: list[ToolCall], receive: Receive) -> list[McpCall]:
+        """Run the round's calls (at most MAX_CALLS_PER_ROUND); if the client disconnects
+        meanwhile, cancel them (the MCP server sees the cancellation) and raise ClientGoneError."""
+        run: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*(self.mcp.call(c.name, c.arguments) for c in calls[:MAX_CALLS_PER_ROUND]))
+        )
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait([run, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            gone = not run.done()
+            if gone:
+                run.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run  # the calls' cancellations reach the MCP loop before we go on
+                log.info("mcp.calls_cancelled", calls=min(len(calls), MAX_CALLS_PER_ROUND))
+        if gone:
+            raise ClientGoneError()
+        skipped = f"error: not run: at most {MAX_CALLS_PER_ROUND} tool calls are run per round"
+        results = [*run.result(), *[skipped] * (len(calls) - MAX_CALLS_PER_ROUND)]
         tool_calls = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
         ]
@@ -131,7 +157,7 @@ async def chat_with_mcp(app: App, mcp: McpManager, req: p.ChatCompletionRequest,
         texts.append(content)
         if not calls:
             break
-        await conv.run_calls(content, calls)
+        await conv.run_calls(content, calls, receive)
         round_ = conv.prepare(round_.index + 1)
     logprobs = app._chat_logprobs(result.logprobs) if round_.params[0].logprobs is not None else None
     message = p.ResponseMessage("assistant", "".join(texts))
@@ -181,7 +207,7 @@ async def _events(
         if not calls:
             yield chunk([p.ChatChunkChoice(index=0, delta=p.Delta(), finish_reason=last.finish_reason)])
             break
-        done = await conv.run_calls("".join(content), calls)
+        done = await conv.run_calls("".join(content), calls, receive)
         delta = {"mcp_calls": msgspec.to_builtins(done)}
         yield msgspec.json.encode(
             {

@@ -22,7 +22,10 @@ import pytest
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadInputError
 from llmc.runtime import mcp_tools
+from llmc.runtime.api import mcp_loop
+from llmc.runtime.api.app import ClientGoneError
 from llmc.runtime.mcp_tools import McpManager, ServerSpec, load_config
+from llmc.runtime.tool_calls import ToolCall
 from tests.conftest import make_tiny_llama
 from tests.server import free_port, running_server
 
@@ -75,7 +78,7 @@ def call_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(tiny_4k: Path, call_log: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     config = _config(tmp_path_factory.mktemp("mcp-config"), call_log)
     with (
-        running_server(tiny_4k, "--mcp-config", str(config)) as base,
+        running_server(tiny_4k, "--mcp-config", str(config), "--unauthenticated-mcp") as base,
         httpx.Client(base_url=base, timeout=120) as http,
     ):
         yield http
@@ -189,7 +192,7 @@ def test_smollm2_runs_the_tool_and_answers(smollm2_artifact: Path, tmp_path_fact
         "max_tokens": 64,
         "temperature": 0,
     }
-    with running_server(smollm2_artifact, "--mcp-config", str(config)) as base:
+    with running_server(smollm2_artifact, "--mcp-config", str(config), "--unauthenticated-mcp") as base:
         response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
@@ -306,3 +309,60 @@ def test_bad_config_stops_llmc_run_before_serving(tiny_4k: Path, tmp_path: Path)
     )
     assert result.returncode == 2  # bad input
     assert 'exactly one of "command"' in result.stderr
+
+
+# ---- a round's calls: bounded, cancelled with their client ----------------------------------
+
+
+class _FakeMcp:
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.started = 0
+        self.cancelled = 0
+
+    async def call(self, name: str, arguments: str) -> str:
+        self.started += 1
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return f"ran {name}"
+
+
+def _conversation(mcp: _FakeMcp) -> Any:
+    conv = object.__new__(mcp_loop._Conversation)  # run_calls needs only the manager and the messages
+    conv.mcp, conv.messages, conv.calls = mcp, [], []
+    return conv
+
+
+def test_a_round_runs_at_most_max_calls() -> None:
+    calls = [ToolCall(f"call_{i}", "add", "{}") for i in range(mcp_loop.MAX_CALLS_PER_ROUND + 3)]
+    mcp = _FakeMcp(delay=0)
+
+    async def never_disconnects() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    done = asyncio.run(_conversation(mcp).run_calls("", calls, never_disconnects))
+    assert mcp.started == mcp_loop.MAX_CALLS_PER_ROUND
+    assert [c.result for c in done[: mcp.started]] == ["ran add"] * mcp.started
+    assert all(c.result.startswith("error: not run") for c in done[mcp.started :])
+    assert len(done) == len(calls)
+
+
+def test_a_disconnect_cancels_the_running_calls() -> None:
+    mcp = _FakeMcp(delay=3600)
+
+    async def disconnects() -> dict[str, Any]:
+        await asyncio.sleep(0.2)
+        return {"type": "http.disconnect"}
+
+    async def run() -> None:
+        await _conversation(mcp).run_calls("", [ToolCall("call_0", "slow", "{}")] * 2, disconnects)
+
+    started = time.monotonic()
+    with pytest.raises(ClientGoneError):
+        asyncio.run(run())
+    assert time.monotonic() - started < 5
+    assert mcp.cancelled == 2

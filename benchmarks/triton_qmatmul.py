@@ -107,7 +107,7 @@ def per_shape(device: torch.device, shapes: dict[str, tuple[int, int]], bandwidt
             blocks = random_blocks(fmt, n, k, device)
             for m in BATCH_ROWS:
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-                ms = time_ms(lambda x=x, blocks=blocks, n=n, k=k: qmatmul(x, blocks, fmt, n, k), device)
+                ms = time_ms(lambda x=x, blocks=blocks, fmt=fmt, n=n, k=k: qmatmul(x, blocks, fmt, n, k), device)
                 nbytes = blocks.numel()
                 rows.append(
                     {
@@ -127,9 +127,7 @@ def per_shape(device: torch.device, shapes: dict[str, tuple[int, int]], bandwidt
 
 def decode_step_matmuls(device: torch.device, fmt: str, layers: int, bandwidth: float) -> dict[str, Any]:
     """All matmuls of one 8B-shaped decode step at batch 1, replayed as one CUDA graph."""
-    weights = [
-        (random_blocks(fmt, n, k, device), n, k) for _ in range(layers) for (n, k) in LLAMA3_8B_LAYER.values()
-    ]
+    weights = [(random_blocks(fmt, n, k, device), n, k) for _ in range(layers) for (n, k) in LLAMA3_8B_LAYER.values()]
     head = random_blocks("q6k", *LLAMA3_8B_HEAD, device)
     total_bytes = sum(w.numel() for w, _, _ in weights) + head.numel()
     x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
@@ -182,11 +180,14 @@ def main() -> None:
         "per_shape": per_shape(device, shapes, bandwidth),
     }
     if device.type == "cuda":
-        result["decode_step"] = [decode_step_matmuls(device, fmt, LLAMA3_8B_LAYERS, bandwidth) for fmt in ("q4k", "q4_0")]
+        result["decode_step"] = [
+            decode_step_matmuls(device, fmt, LLAMA3_8B_LAYERS, bandwidth) for fmt in ("q4k", "q4_0")
+        ]
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}  copy {result['copy_gb_per_s']} GB/s")
+    versions = f"torch {result['torch']}  triton {result['triton']}"
+    print(f"{result['device']}  {versions}  copy {result['copy_gb_per_s']} GB/s")
     print(f"{'format':6} {'layer':5} {'n':>6} {'k':>6} {'m':>3} {'ms':>8} {'GB/s':>7} {'roof':>5}")
     for r in result["per_shape"]:
         print(
@@ -195,7 +196,8 @@ def main() -> None:
         )
     for d in result.get("decode_step", []):
         print(
-            f"8B decode-step matmuls {d['format']}: {d['weight_gb']} GB, eager {d['eager_ms']} ms, graph {d['graph_ms']} ms,"
+            f"8B decode-step matmuls {d['format']}: {d['weight_gb']} GB, eager {d['eager_ms']} ms,"
+            f" graph {d['graph_ms']} ms,"
             f" roofline {d['roofline_ms']} ms ({d['roofline_fraction']:.0%}), {d['matmul_only_tok_per_s']} tok/s"
         )
 

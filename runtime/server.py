@@ -43,6 +43,12 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     tool_parser: str = "auto"
     ui_server: bool = False  # serve the chat page at /ui
     mcp_config: str | None = None  # an mcp.json: its servers' tools are offered to the model
+    # Admission control and request bounds (docs/user-guide.md); None: the defaults in
+    # runtime/engine.py (DEFAULT_MAX_WAITING) and runtime/api/requests.py (RequestLimits).
+    max_waiting: int | None = None
+    max_request_chars: int | None = None
+    request_timeout: float | None = None  # seconds a request may spend in the engine; None: no limit
+    prefix_cache_isolation: str = "shared"  # "key": requests share cached blocks only with the same API key
 
 
 def serve(config: ServeConfig) -> None:
@@ -59,7 +65,7 @@ def serve(config: ServeConfig) -> None:
     from llmc.artifacts.reader import Artifact
     from llmc.runtime.api.app import App
     from llmc.runtime.api.chat_plan import MAX_TOOLS
-    from llmc.runtime.engine import Engine, EngineConfig
+    from llmc.runtime.engine import DEFAULT_MAX_WAITING, Engine, EngineConfig
     from llmc.runtime.mcp_tools import McpManager, check_sdk, load_config
 
     configure(config.log_level)
@@ -83,6 +89,7 @@ def serve(config: ServeConfig) -> None:
             threads=config.threads,
             compiled=not config.eager,
             dense_weights=config.dense_weights,
+            max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
         ),
     )
     mcp = None
@@ -97,6 +104,9 @@ def serve(config: ServeConfig) -> None:
         tool_parser=config.tool_parser,
         ui=config.ui_server,
         mcp=mcp,
+        max_request_chars=config.max_request_chars,
+        request_timeout_s=config.request_timeout,
+        prefix_cache_isolation=config.prefix_cache_isolation,
     )
     http = _HttpThread(
         Server(

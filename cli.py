@@ -317,6 +317,28 @@ def export(artifact: Path, gguf_path: Path) -> None:
     help="Seconds a client has to send its request body once the headers are in (408 after).",
 )
 @click.option("--disable-prefix-cache", is_flag=True, help="Do not reuse KV blocks of equal prompt prefixes.")
+@click.option(
+    "--prefix-cache-isolation",
+    default="shared",
+    show_default=True,
+    type=click.Choice(["shared", "key"]),
+    help="key: requests share cached prompt blocks only with requests made with the same API key.",
+)
+@click.option(
+    "--max-waiting",
+    type=POSITIVE,
+    help="Sequences that may wait for the batch before new requests get 503 + Retry-After (default 256).",
+)
+@click.option(
+    "--max-request-chars",
+    type=POSITIVE,
+    help="Characters of prompt or message text per request (default: 32 per token of context).",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may wait and generate before it is stopped with a 504 (default: no limit).",
+)
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
 @click.option("--eager", is_flag=True, help="Run the model eagerly, ignoring the artifact's compiled steps.")

@@ -1,24 +1,38 @@
 """The block manager knows only block ids, reference counts and content hashes.
 
-Prefix caching: a full block is identified by a hash of its tokens chained with the hash of the
-blocks before it, so equal prefixes map to equal block chains. A sequence whose prompt starts
-with cached blocks takes them (reference count + 1) and skips computing them. Freed blocks keep
-their content and hash until they are reused for something else, oldest-freed first.
+Prefix caching: a full block is identified by a sha256 digest of its tokens chained with the
+digest of the blocks before it (and, for the first block, the request's cache salt), so equal
+prefixes map to equal block chains, and a block is shared only by requests whose whole prefix and
+salt are equal. The digest is cryptographic because clients choose the tokens: with an unkeyed
+hash they could craft a collision and be served another client's cached blocks (vLLM's
+GHSA-rm76-4mrf-v9r8). A sequence whose prompt starts with cached blocks takes them (reference
+count + 1) and skips computing them. Freed blocks keep their content and hash until they are
+reused for something else, oldest-freed first.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
-from llmc.runtime.sequence import Sequence
+from llmc.runtime.sequence import NO_HASH, Sequence
 
-_NO_HASH = -1
+_NO_HASH = NO_HASH
 
 
-def block_hash(tokens: tuple[int, ...], parent: int) -> int:
-    # Python's hash of a tuple of ints is deterministic across processes (no hash randomisation
-    # for ints); a collision is caught by comparing the stored tokens before reuse.
-    return hash((parent, tokens))
+def block_hash(tokens: tuple[int, ...], parent: bytes, salt: str | None = None) -> bytes:
+    """sha256 of (parent digest, salt for the first block, token ids).
+
+    The parent is empty or a 32-byte digest, the salt is length-prefixed and the tokens come last,
+    so two different inputs never encode to the same bytes.
+    """
+    digest = hashlib.sha256(len(parent).to_bytes(1, "little") + parent)
+    if not parent:
+        salt_bytes = salt.encode("utf-8") if salt is not None else b""
+        digest.update(len(salt_bytes).to_bytes(8, "little") + salt_bytes)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
 
 
 class BlockManager:
@@ -27,9 +41,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_cache = enable_prefix_cache
         self._refs = [0] * num_blocks
-        self._hash = [_NO_HASH] * num_blocks
+        self._hash: list[bytes] = [_NO_HASH] * num_blocks
         self._tokens: list[tuple[int, ...]] = [()] * num_blocks
-        self._by_hash: dict[int, int] = {}
+        self._by_hash: dict[bytes, int] = {}
         # Free blocks in the order they were freed: the oldest cached content is evicted first.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
@@ -50,7 +64,7 @@ class BlockManager:
         parent = _NO_HASH
         for start in range(0, (len(tokens) - 1) // self.block_size * self.block_size, self.block_size):
             chunk = tuple(tokens[start : start + self.block_size])
-            parent = block_hash(chunk, parent)
+            parent = block_hash(chunk, parent, seq.params.cache_salt)
             block = self._by_hash.get(parent)
             if block is None or self._tokens[block] != chunk:
                 break
@@ -107,7 +121,7 @@ class BlockManager:
         while seq.num_hashed < seq.num_computed // bs:
             index = seq.num_hashed
             chunk = tuple(tokens[index * bs : (index + 1) * bs])
-            digest = block_hash(chunk, seq.last_hash)
+            digest = block_hash(chunk, seq.last_hash, seq.params.cache_salt)
             block = seq.block_table[index]
             if digest not in self._by_hash:
                 self._hash[block] = digest

@@ -82,6 +82,23 @@ def want_dense_copies(setting: bool | None, manifest: Manifest) -> bool:
 
 Sink = Callable[[RequestOutput], None]
 
+# Sequences that may wait for a slot in the batch (submitted, not yet scheduled) before new ones
+# are refused with 503 + Retry-After. Four times the default --max-num-seqs: a request behind 256
+# others waits minutes on a CPU, and a client does better to retry (or go elsewhere) than to queue
+# without bound and time out; `llmc run --max-waiting` changes it.
+DEFAULT_MAX_WAITING = 256
+# What a refused client is told to wait (Retry-After, seconds): about one step of a loaded batch
+# finishes a few sequences; clients back off further on their own if it is still full.
+RETRY_AFTER_S = 1
+
+
+class EngineBusyError(OutOfResourcesError):
+    """The waiting queue is full: the server answers 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -99,6 +116,7 @@ class EngineConfig:
     compiled: bool = True  # use the artifact's compiled decode step where it can run (`--eager`: never)
     # Keep bf16 copies of quantized weights for prefill and big batches; None: when memory allows.
     dense_weights: bool | None = None
+    max_waiting: int | None = DEFAULT_MAX_WAITING  # None: never refuse (embedding, tests)
 
 
 # While draining with nothing to step, how long to wait for an abort or submit before checking the
@@ -161,6 +179,12 @@ class Engine:
         self._by_request: dict[str, Sequence] = {}
         self._followers: dict[int, list[Sequence]] = {}
         self._batch: list[Sequence] | None = None  # the sequences of the step under way, once scheduled
+        # Admission control: sequences submitted and not yet scheduled (submit() counts them on
+        # the caller's thread, the engine thread uncounts them), bounded by max_waiting.
+        self.max_waiting = config.max_waiting
+        self._waiting_lock = threading.Lock()
+        self._num_waiting = 0
+        self._unscheduled: set[int] = set()
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
@@ -230,11 +254,34 @@ class Engine:
         for p in choices:
             self.check_length(len(prompt_ids), p.max_tokens)
         ids = [request_id] if len(choices) == 1 else [f"{request_id}/{i}" for i in range(len(choices))]
+        seqs = [Sequence(i, prompt_ids, p) for i, p in zip(ids, choices, strict=True)]
         with self._submit_lock:
             if self._closed:
                 raise OutOfResourcesError("the server is shutting down; send the request again once it is back")
-            self._inbox.put(_Submit([Sequence(i, prompt_ids, p) for i, p in zip(ids, choices, strict=True)], sink))
+            with self._waiting_lock:
+                # An idle server takes any one request, even one with more choices than the bound.
+                busy = self._num_waiting and self._num_waiting + len(seqs) > (self.max_waiting or 0)
+                if self.max_waiting is not None and busy:
+                    raise EngineBusyError(
+                        f"the server is busy: {self._num_waiting} sequences are waiting (--max-waiting "
+                        f"{self.max_waiting}); retry after {RETRY_AFTER_S} s"
+                    )
+                self._num_waiting += len(seqs)
+                self._unscheduled.update(seq.seq_id for seq in seqs)
+            self._inbox.put(_Submit(seqs, sink))
         return ids
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences submitted and not yet scheduled: what max_waiting bounds."""
+        return self._num_waiting
+
+    def _scheduled(self, seq: Sequence) -> None:
+        """Uncount a sequence from the waiting queue once: when first scheduled, or finished before."""
+        with self._waiting_lock:
+            if seq.seq_id in self._unscheduled:
+                self._unscheduled.discard(seq.seq_id)
+                self._num_waiting -= 1
 
     def abort(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
@@ -337,6 +384,7 @@ class Engine:
                 self.scheduler.add(follower)
 
     def _finish(self, seq: Sequence, output: RequestOutput) -> None:
+        self._scheduled(seq)
         self._release_followers(seq)
         self.scheduler.finish(seq)
         self.outputs.discard(seq)
@@ -376,6 +424,8 @@ class Engine:
         if not batch:
             return
         self._batch = [seq for seq, _ in batch]
+        for seq, _ in batch:
+            self._scheduled(seq)
         seqs, logits = self.runner.run(batch)
         for seq, _ in batch:
             self.block_manager.register_computed(seq)

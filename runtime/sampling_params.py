@@ -30,6 +30,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     prompt_logprobs: int | None = None  # logprobs of the prompt's own tokens (completions' echo)
     grammar: str | None = None  # llguidance grammar the output must follow (structured output)
+    # Mixed into the prefix cache's first block digest: only requests with the same salt share
+    # cached blocks (runtime/block_manager.py), so cached_tokens tells nothing across salts.
+    cache_salt: str | None = None
 
     @property
     def greedy(self) -> bool:

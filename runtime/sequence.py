@@ -11,6 +11,7 @@ from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.structured_output import Constraint
 
 _ids = itertools.count()
+NO_HASH = b""  # the "digest" before a sequence's first block (runtime/block_manager.py)
 
 
 class SequenceStatus(enum.Enum):
@@ -35,7 +36,7 @@ class Sequence:
         # Prefix-cache bookkeeping, owned by the block manager: full blocks hashed so far and the
         # hash of the last one, so each block is hashed once.
         self.num_hashed = 0
-        self.last_hash = -1
+        self.last_hash = NO_HASH
         # Logprob of each prompt token given the ones before it (the first has none), when asked for.
         self.prompt_logprobs: list[TokenLogprob | None] = [None]
         self.constraint: Constraint | None = None  # set by the engine when params.grammar is given

@@ -64,6 +64,12 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_S
     header_timeout: float = HEADER_TIMEOUT_S
     body_timeout: float | None = None  # None: http_guard.BODY_TIMEOUT_S
+    # Admission control and request bounds (docs/user-guide.md); None: the defaults in
+    # runtime/engine.py (DEFAULT_MAX_WAITING) and runtime/api/requests.py (RequestLimits).
+    max_waiting: int | None = None
+    max_request_chars: int | None = None
+    request_timeout: float | None = None  # seconds a request may spend in the engine; None: no limit
+    prefix_cache_isolation: str = "shared"  # "key": requests share cached blocks only with the same API key
 
 
 def serve(config: ServeConfig) -> None:
@@ -85,7 +91,7 @@ def serve(config: ServeConfig) -> None:
     from llmc.runtime.api.app import App
     from llmc.runtime.api.chat_plan import MAX_TOOLS
     from llmc.runtime.api.http_guard import BODY_TIMEOUT_S, HttpGuard
-    from llmc.runtime.engine import Engine, EngineConfig
+    from llmc.runtime.engine import DEFAULT_MAX_WAITING, Engine, EngineConfig
     from llmc.runtime.mcp_tools import McpManager, check_sdk, load_config
 
     configure(config.log_level)
@@ -121,6 +127,7 @@ def serve(config: ServeConfig) -> None:
             threads=config.threads,
             compiled=not config.eager,
             dense_weights=config.dense_weights,
+            max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
         ),
     )
     mcp = None
@@ -141,6 +148,9 @@ def serve(config: ServeConfig) -> None:
             config.cors_origins,
             BODY_TIMEOUT_S if config.body_timeout is None else config.body_timeout,
         ),
+        max_request_chars=config.max_request_chars,
+        request_timeout_s=config.request_timeout,
+        prefix_cache_isolation=config.prefix_cache_isolation,
     )
     http = _HttpThread(
         Server(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from typing import Any
 
 from jinja2 import TemplateError
@@ -18,6 +19,10 @@ REPLACEMENT_CHAR = "\ufffd"
 # Tokens decoded again around the point of emission so that merges (e.g. a space folded into the
 # next token, multi-byte characters split over tokens) come out right: vLLM's proven window.
 _DETOKENIZE_CONTEXT = 5
+# The longest a chat template may take to render one request. Real templates render a full
+# context in milliseconds; one that loops for seconds over a request's data is refused rather
+# than allowed to hold a worker thread (and the GIL) for longer.
+TEMPLATE_RENDER_TIMEOUT_S = 10.0
 
 
 def _utf8(data: bytes, name: str) -> str:
@@ -62,8 +67,12 @@ class Tokenizer:
         return self._template is not None
 
     def encode(self, text: str) -> list[int]:
-        """Token ids for `text`, with BOS prepended when the model wants one and it is not there yet."""
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids for `text`, with BOS prepended when the model wants one and it is not there yet.
+
+        encode_batch, because it releases the GIL while it tokenizes and `encode` does not: a few
+        MB of text would otherwise stop every other thread (the event loop) for seconds.
+        """
+        ids: list[int] = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if self.info.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         return ids
@@ -72,22 +81,42 @@ class Tokenizer:
         return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[Any] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[Any] | None = None,
+        max_chars: int | None = None,
     ) -> str:
+        """The rendered chat; at most `max_chars` characters and
+        TEMPLATE_RENDER_TIMEOUT_S seconds of rendering (checked at every piece of output)."""
         if self._template is None:
             raise BadInputError("this model has no chat template; use /v1/completions with a raw prompt")
+        deadline = time.monotonic() + TEMPLATE_RENDER_TIMEOUT_S
+        pieces: list[str] = []
+        size = 0
         try:
-            return str(
-                self._template.render(
-                    messages=messages,
-                    tools=tools,
-                    add_generation_prompt=add_generation_prompt,
-                    bos_token=self.info.bos_token or "",
-                    eos_token=self.info.eos_token or "",
-                )
-            )
+            for piece in self._template.generate(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.info.bos_token or "",
+                eos_token=self.info.eos_token or "",
+            ):
+                pieces.append(piece)
+                size += len(piece)
+                if max_chars is not None and size > max_chars:
+                    raise _template_limit(f"the chat template renders these messages to over {max_chars} characters")
+                if time.monotonic() > deadline:
+                    raise _template_limit(
+                        f"the chat template took over {TEMPLATE_RENDER_TIMEOUT_S} s on these messages"
+                    )
         except TemplateError as exc:
             raise BadInputError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+        return "".join(pieces)
+
+
+def _template_limit(message: str) -> BadInputError:
+    return BadInputError(f"{message}; send fewer or shorter messages", param="messages")
 
 
 class IncrementalDetokenizer:

@@ -7,12 +7,15 @@ reaches the engine. Streaming responses are Server-Sent Events.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -26,8 +29,17 @@ from llmc.runtime.api.errors import HttpError, error_response
 from llmc.runtime.api.http_guard import HttpGuard
 from llmc.runtime.api.metrics import CONTENT_TYPE, Metrics
 from llmc.runtime.api.openapi import openapi_spec
-from llmc.runtime.api.requests import completion_prompt, sampling_params, validation_param
-from llmc.runtime.engine import Engine
+from llmc.runtime.api.requests import (
+    RequestLimits,
+    cache_salt,
+    check_messages_cap,
+    check_text_cap,
+    check_token_ids_cap,
+    completion_prompt,
+    sampling_params,
+    validation_param,
+)
+from llmc.runtime.engine import Engine, EngineBusyError
 from llmc.runtime.output_processor import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.tool_calls import ContentEvent, ToolCall, ToolCallParser, choose_format
@@ -46,6 +58,20 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 MAX_BODY_BYTES = 8 * 1024 * 1024
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+# Threads that render chat templates and tokenize, off the event loop: a few MB of text take
+# seconds, and on the loop they would stall every other request (and /health) meanwhile. The
+# tokenizer releases the GIL, so a few threads keep small requests moving past a big one.
+PREPARE_THREADS = 4
+# How long a request waits for its template rendering and tokenization before it is answered with
+# an error: the render checks TEMPLATE_RENDER_TIMEOUT_S itself at every piece of output; this
+# also covers a template that loops without output, and tokenizing the largest allowed prompt.
+PREPARE_TIMEOUT_S = 30.0
+PREFIX_CACHE_ISOLATION = ("shared", "key")  # --prefix-cache-isolation: one cache, or one per API key
+
+T = TypeVar("T")
+# The prefix-cache salt of the API key the current request authenticated with, when the cache is
+# isolated per key; set by App.__call__, read where sampling params are made (also in MCP rounds).
+_key_salt: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmc_key_salt", default=None)
 
 
 class ClientGoneError(Exception):
@@ -62,6 +88,9 @@ class App:
         ui: bool = False,
         mcp: McpManager | None = None,
         guard: HttpGuard | None = None,
+        max_request_chars: int | None = None,
+        request_timeout_s: float | None = None,
+        prefix_cache_isolation: str = "shared",
     ) -> None:
         self.engine = engine
         self.mcp = mcp
@@ -70,7 +99,17 @@ class App:
         self._loop_dispatcher: LoopDispatcher | None = None
         self._loop_dispatcher_loop: asyncio.AbstractEventLoop | None = None
         self.tool_format = choose_format(tool_parser, engine.tokenizer.chat_template_source)
-        self._api_key = api_key.encode() if api_key else None
+        # Several keys may be given, comma-separated: each client (or team) its own.
+        self._api_keys = [k.strip().encode() for k in api_key.split(",") if k.strip()] if api_key else []
+        self._api_key = self._api_keys[0] if self._api_keys else None
+        if prefix_cache_isolation not in PREFIX_CACHE_ISOLATION:
+            raise BadInputError(f"--prefix-cache-isolation must be one of {', '.join(PREFIX_CACHE_ISOLATION)}")
+        if prefix_cache_isolation == "key" and not self._api_keys:
+            raise BadInputError("--prefix-cache-isolation key needs --api-key (one or several keys, comma-separated)")
+        self._isolate_by_key = prefix_cache_isolation == "key"
+        self.limits = RequestLimits.for_context(engine.max_model_len, max_request_chars)
+        self.request_timeout_s = request_timeout_s
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="llmc-prepare")
         self.metrics = Metrics(engine.stats)
         self.model_name = served_model_name or engine.model_name
         self.created = int(time.time())
@@ -152,13 +191,20 @@ class App:
             if name == b"authorization":
                 given = value
         scheme, _, token = given.strip().partition(b" ")
+        matched = None
         # RFC 9110 section 11.1: the scheme is case-insensitive (`bearer KEY` is as good as `Bearer KEY`).
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._api_key):
+        if scheme.lower() == b"bearer":
+            for key in self._api_keys:  # every key compared, in constant time each
+                if hmac.compare_digest(token.strip(), key):
+                    matched = key
+        if matched is None:
             raise HttpError(
                 401,
                 "missing or incorrect API key: send it as `Authorization: Bearer KEY`",
                 code="invalid_api_key",
             )
+        if self._isolate_by_key:
+            _key_salt.set("key:" + hashlib.sha256(matched).hexdigest())
 
     # ---- routes --------------------------------------------------------------------------
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -184,16 +230,16 @@ class App:
         req = _decode(self._tokenize_decoder, await _read_body(scope, receive))
         if req.model is not None:
             self._check_model(req.model)
-        tokenizer = self.engine.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise BadInputError("send exactly one of `prompt` and `messages`", param="prompt")
         if req.messages is not None:
-            plan = self._plan(p.ChatCompletionRequest(model=self.model_name, messages=req.messages))
-            text = tokenizer.apply_chat_template(plan.messages, add_generation_prompt=req.add_generation_prompt)
+            check_messages_cap(req.messages, self.limits)
+            chat = p.ChatCompletionRequest(model=self.model_name, messages=req.messages)
+            _, ids = await self._off_loop(self._prepare_chat, chat, req.add_generation_prompt)
         else:
             assert req.prompt is not None
-            text = req.prompt
-        ids = tokenizer.encode(text)
+            check_text_cap(req.prompt, self.limits)
+            ids = await self._off_loop(self.engine.tokenizer.encode, req.prompt)
         body = p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.engine.max_model_len)
         await _send_json(send, 200, msgspec.json.encode(body))
 
@@ -201,6 +247,7 @@ class App:
         req = _decode(self._detokenize_decoder, await _read_body(scope, receive))
         if req.model is not None:
             self._check_model(req.model)
+        check_token_ids_cap(req.tokens, self.limits, "tokens")
         if any(not 0 <= t < self.engine.tokenizer.vocab_size for t in req.tokens):
             raise BadInputError("tokens holds an id outside the vocabulary", param="tokens")
         text = self.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)
@@ -215,14 +262,13 @@ class App:
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = _decode(self._chat_decoder, await _read_body(scope, receive))
         self._check_model(req.model)
+        check_messages_cap(req.messages, self.limits)
         if self.mcp is not None and self.mcp.tools and req.tools is None and req.n == 1:
             from llmc.runtime.api.mcp_loop import chat_with_mcp  # the MCP tool loop; needs this module
 
             await chat_with_mcp(self, self.mcp, req, receive, send)
             return
-        plan = self._plan(req)
-        prompt = self.engine.tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True, tools=plan.tools)
-        ids = self.engine.tokenizer.encode(prompt)
+        plan, ids = await self._off_loop(self._prepare_chat, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = [replace(sp, grammar=plan.grammar) for sp in self._params(req, ids, max_tokens)]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -280,10 +326,36 @@ class App:
         template = self.engine.tokenizer.chat_template_source or ""
         return plan_chat(req, self.tool_format, "tools" in template, lambda: self.engine.grammars)
 
+    def _prepare_chat(
+        self, req: p.ChatCompletionRequest, add_generation_prompt: bool = True
+    ) -> tuple[ChatPlan, list[int]]:
+        """Plan, render and tokenize a chat (slow for big chats: run it with `_off_loop`)."""
+        plan = self._plan(req)
+        tokenizer = self.engine.tokenizer
+        prompt = tokenizer.apply_chat_template(
+            plan.messages, add_generation_prompt, plan.tools, max_chars=self.limits.max_rendered_chars
+        )
+        return plan, tokenizer.encode(prompt)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on a prepare thread (with this request's context) so the event loop stays free."""
+        context = contextvars.copy_context()
+        future = asyncio.get_running_loop().run_in_executor(self._prepare_pool, context.run, fn, *args)
+        try:
+            return await asyncio.wait_for(future, PREPARE_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise HttpError(
+                503,
+                f"preparing this request (chat template, tokenizer) took over {PREPARE_TIMEOUT_S} s; "
+                "send a shorter prompt or fewer messages",
+            ) from exc
+
     async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = _decode(self._completion_decoder, await _read_body(scope, receive))
         self._check_model(req.model)
-        ids = completion_prompt(req, self.engine.tokenizer)
+        if isinstance(req.prompt, str):
+            check_text_cap(req.prompt, self.limits)
+        ids = await self._off_loop(completion_prompt, req, self.engine.tokenizer)
         # OpenAI's legacy completions default to 16 tokens.
         params = self._params(req, ids, req.max_tokens if req.max_tokens is not None else 16)
         echo = ""
@@ -390,7 +462,8 @@ class App:
         room = max(1, self.engine.max_model_len - len(ids))  # default max_tokens: the rest of the context
         params = sampling_params(req, self.defaults, room, max_tokens, self.engine.tokenizer.vocab_size)
         self.engine.check_length(len(ids), params[0].max_tokens)
-        return params
+        salt = cache_salt(req, _key_salt.get())
+        return params if salt is None else [replace(sp, cache_salt=salt) for sp in params]
 
     def _dispatcher(self) -> LoopDispatcher:
         """The dispatcher of the running event loop (Granian runs one loop per worker)."""
@@ -419,6 +492,9 @@ class App:
         self.metrics.prompt_tokens.inc(len(ids))
         metrics = self.metrics
 
+        timeout = self.request_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+
         async def iterate() -> AsyncIterator[tuple[int, RequestOutput]]:
             watcher = asyncio.ensure_future(_wait_disconnect(receive))
             pending = set(seq_ids)
@@ -426,7 +502,17 @@ class App:
             try:
                 while pending:
                     getter = asyncio.ensure_future(queue.get())
-                    done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    done, _ = await asyncio.wait({getter, watcher}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        getter.cancel()
+                        log.info("api.timeout", request_id=request_id, seconds=timeout)
+                        raise HttpError(
+                            504,
+                            f"the request did not finish within this server's --request-timeout of {timeout} s "
+                            "and was stopped; ask for fewer max_tokens or retry later",
+                            code="timeout",
+                        )
                     if getter not in done:
                         getter.cancel()
                         raise ClientGoneError()
@@ -600,8 +686,12 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
 
 async def _send_error(send: Send, error: LlmcError) -> None:
     status, body = error_response(error)
+    headers = _JSON
+    if isinstance(error, EngineBusyError):
+        headers = [*_JSON, (b"retry-after", str(error.retry_after_s).encode())]
     try:
-        await _send_json(send, status, body)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
     except Exception:  # response already started or client gone: nothing more can be said
         return
 

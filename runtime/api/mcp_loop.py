@@ -94,7 +94,9 @@ class _Conversation:
         round_req = msgspec.structs.replace(req, messages=self.messages, tool_choice=choice)
         plan = self.app._plan(round_req)
         tokenizer = self.app.engine.tokenizer
-        prompt = tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True, tools=plan.tools)
+        prompt = tokenizer.apply_chat_template(
+            plan.messages, add_generation_prompt=True, tools=plan.tools, max_chars=self.app.limits.max_rendered_chars
+        )
         ids = tokenizer.encode(prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if index > 0 and max_tokens is not None:
@@ -141,7 +143,7 @@ async def chat_with_mcp(app: App, mcp: McpManager, req: p.ChatCompletionRequest,
     conv = _Conversation(app, mcp, req)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    first = conv.prepare(0)  # before any response: a bad request is still a plain 4xx
+    first = await app._off_loop(conv.prepare, 0)  # before any response: a bad request is still a plain 4xx
     if req.stream:
         await app._stream(send, request_id, _events(conv, first, request_id, created, receive))
         return
@@ -158,7 +160,7 @@ async def chat_with_mcp(app: App, mcp: McpManager, req: p.ChatCompletionRequest,
         if not calls:
             break
         await conv.run_calls(content, calls, receive)
-        round_ = conv.prepare(round_.index + 1)
+        round_ = await app._off_loop(conv.prepare, round_.index + 1)
     logprobs = app._chat_logprobs(result.logprobs) if round_.params[0].logprobs is not None else None
     message = p.ResponseMessage("assistant", "".join(texts))
     choice = p.ChatChoice(index=0, message=message, finish_reason=result.finish_reason, logprobs=logprobs)
@@ -218,6 +220,6 @@ async def _events(
                 "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
             }
         )
-        round_ = conv.prepare(round_.index + 1)
+        round_ = await app._off_loop(conv.prepare, round_.index + 1)
     if include_usage:
         yield chunk([], usage=totals.usage())

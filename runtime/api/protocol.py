@@ -49,6 +49,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     # vLLM's extensions, accepted under the same names.
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # Prefix-cache salt (vLLM's name): only requests with the same salt share cached prompt blocks.
+    cache_salt: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):

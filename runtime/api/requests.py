@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from llmc.errors import BadInputError
-from llmc.runtime.api.protocol import ChatCompletionRequest, CompletionRequest
+from llmc.runtime.api.errors import HttpError
+from llmc.runtime.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.tokenizer import Tokenizer
 
@@ -184,3 +186,106 @@ def completion_prompt(req: CompletionRequest, tokenizer: Tokenizer) -> list[int]
     if all(isinstance(t, str) for t in prompt) or all(isinstance(t, list) for t in prompt):
         raise _unsupported("prompt", "a batch of several prompts in one request")
     raise BadInputError("prompt must be a string or a list of token ids", param="prompt")
+
+
+# ---- request caps: sizes bounded before any work is done on them ---------------------------
+# A token of any tokenizer we know spans a handful of characters on average and rarely more than
+# a few dozen (long runs of spaces or symbols), so a request with more than this many characters
+# per token of context cannot fit the model anyway. The factor is generous on purpose: the context
+# length decides what is served; this cap only stops the server tokenizing megabytes to say so.
+CHARS_PER_CONTEXT_TOKEN = 32
+# Every chat template renders at least one token (a role marker) per message, so a chat with
+# more messages than the context holds tokens can never be served.
+MESSAGES_PER_CONTEXT_TOKEN = 1
+# The rendered chat may add role markers, tool descriptions and a system prompt around the
+# messages' own text: allow it this many times the request's character cap before giving up.
+RENDER_OUTPUT_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold; derived from the context length, max_chars overridable."""
+
+    max_chars: int  # characters of text: a prompt, or a chat's message contents and tool calls
+    max_messages: int
+    max_token_ids: int  # token ids in a /detokenize request
+
+    @classmethod
+    def for_context(cls, max_model_len: int, max_chars: int | None = None) -> RequestLimits:
+        return cls(
+            max_chars=max_chars if max_chars is not None else CHARS_PER_CONTEXT_TOKEN * max_model_len,
+            max_messages=MESSAGES_PER_CONTEXT_TOKEN * max_model_len,
+            max_token_ids=max_model_len,
+        )
+
+    @property
+    def max_rendered_chars(self) -> int:
+        return RENDER_OUTPUT_FACTOR * self.max_chars
+
+
+def _too_large(what: str, limit: int, param: str, hint: str) -> HttpError:
+    return HttpError(413, f"{what} is over this server's limit of {limit}; {hint}", param=param)
+
+
+def check_text_cap(text: str, limits: RequestLimits, param: str = "prompt") -> None:
+    if len(text) > limits.max_chars:
+        raise _too_large(
+            f"the {param} has {len(text)} characters, which",
+            limits.max_chars,
+            param,
+            "this model's context could not hold it (the operator sets --max-request-chars)",
+        )
+
+
+def check_messages_cap(messages: list[ChatMessage], limits: RequestLimits) -> None:
+    """Bound a chat's message count and characters before it is planned, rendered or tokenized."""
+    if len(messages) > limits.max_messages:
+        raise _too_large(
+            f"the chat has {len(messages)} messages, which",
+            limits.max_messages,
+            "messages",
+            "this model's context could not hold them; send fewer messages",
+        )
+    chars = 0
+    for message in messages:
+        content = message.content
+        if isinstance(content, str):
+            chars += len(content)
+        elif content is not None:
+            chars += sum(len(part.text or "") for part in content)
+        for call in message.tool_calls or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            chars += len(arguments) if isinstance(arguments, str) else 0
+    if chars > limits.max_chars:
+        raise _too_large(
+            f"the messages hold {chars} characters, which",
+            limits.max_chars,
+            "messages",
+            "this model's context could not hold them (the operator sets --max-request-chars)",
+        )
+
+
+def check_token_ids_cap(ids: list[int], limits: RequestLimits, param: str) -> None:
+    if len(ids) > limits.max_token_ids:
+        raise _too_large(
+            f"{param} holds {len(ids)} token ids, which",
+            limits.max_token_ids,
+            param,
+            "more than this model's context length; send fewer",
+        )
+
+
+# The longest a cache_salt may be: salts are secrets like API keys, a few dozen characters.
+MAX_CACHE_SALT_CHARS = 256
+
+
+def cache_salt(req: ChatCompletionRequest | CompletionRequest, key_salt: str | None) -> str | None:
+    """The prefix-cache salt of a request: its own `cache_salt`, joined with the API key's salt
+    when the server isolates the cache per key (--prefix-cache-isolation key)."""
+    salt = req.cache_salt
+    if salt is not None and not 0 < len(salt) <= MAX_CACHE_SALT_CHARS:
+        raise BadInputError(f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters", param="cache_salt")
+    if key_salt is None:
+        return salt
+    return key_salt if salt is None else f"{key_salt}\0{salt}"

@@ -276,7 +276,9 @@ class App:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            parsers = [ToolCallParser(plan.tool_format) if plan.tool_format else None for _ in params]
+            parsers = [
+                ToolCallParser(plan.tool_format, forced=plan.forced) if plan.tool_format else None for _ in params
+            ]
 
             def chunk(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> bytes:
                 body = p.ChatCompletionChunk(
@@ -292,7 +294,11 @@ class App:
                     usage.add(out)
                     logprobs = self._chat_logprobs(out.logprobs) if out.logprobs else None
                     parser = parsers[index]
-                    deltas = _deltas(parser, out.text, out.finished) if parser else [p.Delta(content=out.text)]
+                    deltas = (
+                        _deltas(parser, out.text, out.finished, out.finish_reason == "length")
+                        if parser
+                        else [p.Delta(content=out.text)]
+                    )
                     for delta in deltas:
                         if delta.content or delta.tool_calls or logprobs:
                             yield chunk([p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
@@ -311,10 +317,13 @@ class App:
             message = p.ResponseMessage("assistant", r.text)
             reason = r.finish_reason
             if plan.tool_format is not None:
-                content, calls = parse_all(plan.tool_format, r.text)
+                # An unfinished call is never content (tool_calls/base.py): forced, content is null.
+                content, calls = parse_all(plan.tool_format, r.text, plan.forced, r.finish_reason == "length")
                 if calls:
                     message = p.ResponseMessage("assistant", content or None, [_tool_call_out(c) for c in calls])
                     reason = "tool_calls"
+                else:
+                    message = p.ResponseMessage("assistant", None if plan.forced and not content else content)
             logprobs = self._chat_logprobs(r.logprobs) if params[index].logprobs is not None else None
             choices.append(p.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
         body = p.ChatCompletion(
@@ -617,10 +626,10 @@ def _tool_call_out(call: ToolCall) -> p.ToolCallOut:
     return p.ToolCallOut(id=call.id, function=p.FunctionCall(name=call.name, arguments=call.arguments))
 
 
-def _deltas(parser: ToolCallParser, text: str, finished: bool) -> list[p.Delta]:
+def _deltas(parser: ToolCallParser, text: str, finished: bool, cut: bool = False) -> list[p.Delta]:
     """Stream deltas for new text: content as it is known to be content; each tool call as one
-    delta with its id and name, then one with its arguments."""
-    events = parser.feed(text) + (parser.finish() if finished else [])
+    delta with its id and name, then one with its arguments (`cut`: the output hit max_tokens)."""
+    events = parser.feed(text) + (parser.finish(cut) if finished else [])
     deltas = []
     for event in events:
         if isinstance(event, ContentEvent):

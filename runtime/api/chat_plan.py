@@ -13,6 +13,7 @@ from llmc.runtime.api.protocol import ChatCompletionRequest, ChatMessage
 from llmc.runtime.api.requests import check_depth
 from llmc.runtime.structured_output import GrammarCompiler
 from llmc.runtime.tool_calls import ToolCallFormat
+from llmc.runtime.tool_calls.base import strict_schema
 
 MAX_TOOLS = 128  # far above any real tool list; bounds template size and grammar construction
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
@@ -25,6 +26,7 @@ class ChatPlan:
     tools: list[dict[str, Any]] | None  # handed to the chat template
     tool_format: ToolCallFormat | None  # parse the output for calls with this, if set
     grammar: str | None  # constrain decoding to this, if set
+    forced: bool = False  # tool_choice required or a named function: the whole output is one call
 
 
 def plan_chat(
@@ -61,6 +63,7 @@ def plan_chat(
         tools=tools if use_tools else None,
         tool_format=tool_format if use_tools else None,
         grammar=grammar,
+        forced=use_tools and choice != "auto",
     )
 
 
@@ -77,6 +80,10 @@ def _validated_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]
             raise BadInputError("a tool's function name must be 1-64 letters, digits, _ . or -", param="tools")
         if not isinstance(function.get("parameters", {}), dict):
             raise BadInputError("a tool's parameters must be a JSON schema object", param="tools")
+        if function.get("strict") not in (None, True, False):
+            raise BadInputError("a tool's strict must be true or false", param="tools")
+        if function.get("strict") is True:
+            strict_schema(function.get("parameters") or {})  # refuses a strict schema that allows extra keys
     return tools
 
 

@@ -155,7 +155,8 @@ async def chat_with_mcp(app: App, mcp: McpManager, req: p.ChatCompletionRequest,
         result = (await _collect(outputs, 1))[0]
         totals.add(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         fmt = round_.plan.tool_format
-        content, calls = parse_all(fmt, result.text) if fmt is not None else (result.text, [])
+        cut = result.finish_reason == "length"
+        content, calls = parse_all(fmt, result.text, cut=cut) if fmt is not None else (result.text, [])
         texts.append(content)
         if not calls:
             break
@@ -195,7 +196,7 @@ async def _events(
         async for _, out in outputs:
             last = out
             if parser is not None:
-                events = parser.feed(out.text) + (parser.finish() if out.finished else [])
+                events = parser.feed(out.text) + (parser.finish(out.finish_reason == "length") if out.finished else [])
                 text = "".join(e.text for e in events if isinstance(e, ContentEvent))
             else:
                 text = out.text

@@ -4,6 +4,13 @@ A format says where a call region starts and ends and how to read one. The parse
 through as content until a region may begin, holds text that might be the start of a marker,
 and turns each complete region into tool calls — or, if the region does not parse, gives it
 back as plain text. Markers inside <think> blocks or ``` code fences are text, not calls.
+
+An output that ends inside a call it never finished is markup no client can use. When the call
+was forced (tool_choice required or a named function: the whole output is the call) or the
+output was cut by max_tokens, that unfinished call — and a partial start marker — is dropped,
+never returned as content: the client sees finish_reason "length" and no tool call, as the
+call's arguments would not parse. A call whose JSON is complete and only its end marker was
+cut is kept. Otherwise (the model stopped on its own) an unfinished region stays text.
 Non-streaming parsing is the same parser fed everything at once, so streamed deltas always
 reassemble into the non-streamed result.
 """
@@ -16,6 +23,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from llmc.errors import BadInputError
+from llmc.runtime.structured_output import MAX_SCHEMA_DEPTH
 
 
 @dataclass(frozen=True)
@@ -65,11 +75,56 @@ def _inside_think_or_fence(text: str) -> bool:
 
 
 def tool_schemas(tools: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """(name, parameters schema) of each OpenAI function tool."""
+    """(name, parameters schema) of each OpenAI function tool; a `strict: true` tool's schema closed."""
     out = []
     for tool in tools:
         function = tool["function"]
-        out.append((function["name"], function.get("parameters") or {"type": "object"}))
+        params = function.get("parameters") or {"type": "object"}
+        out.append((function["name"], strict_schema(params) if function.get("strict") is True else params))
+    return out
+
+
+# Keys whose value is one subschema, a list of them, or a name -> subschema map (JSON Schema 2020-12
+# and draft 7); `additionalProperties` is not among them: in a strict schema it is always false.
+_SUBSCHEMA_KEYS = ("items", "not", "contains", "additionalItems", "if", "then", "else")
+_SUBSCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAP_KEYS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def _is_object_schema(schema: dict[str, Any]) -> bool:
+    kind = schema.get("type")
+    if kind is None:
+        return "properties" in schema
+    return kind == "object" or (isinstance(kind, list) and "object" in kind)
+
+
+def strict_schema(schema: Any, depth: int = 0) -> Any:
+    """OpenAI's strict mode: every object in `schema` closed with `additionalProperties: false`, so
+    generated arguments hold no key the tool did not declare. A copy: the request's schema (which the
+    chat template shows the model) stays as sent. An object that allows extra keys is a contradiction
+    in a strict tool and is refused, as OpenAI refuses it."""
+    if not isinstance(schema, dict):
+        return schema
+    if depth > MAX_SCHEMA_DEPTH:
+        raise BadInputError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels", param="tools")
+    out = dict(schema)
+    if _is_object_schema(out):
+        if out.get("additionalProperties", False) is not False:
+            raise BadInputError(
+                "a strict tool's objects cannot allow additional properties: "
+                "set additionalProperties to false (or leave it out), or drop strict",
+                param="tools",
+            )
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_KEYS:
+        if key in out:
+            out[key] = strict_schema(out[key], depth + 1)
+    for key in _SUBSCHEMA_LIST_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(sub, depth + 1) for sub in out[key]]
+    for key in _SUBSCHEMA_MAP_KEYS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_schema(sub, depth + 1) for name, sub in out[key].items()}
     return out
 
 
@@ -93,6 +148,10 @@ class ToolCallFormat(abc.ABC):
             if buffer.endswith(self.start[:size]):
                 return size
         return 0
+
+    def may_be_call(self, body: str) -> bool:
+        """Whether an unfinished region's body may be the start of a call (its start marker says so)."""
+        return True
 
     @abc.abstractmethod
     def parse_region(self, body: str) -> list[tuple[str, str]] | None:
@@ -136,13 +195,15 @@ def one_of_calls(tools: list[dict[str, Any]], key: str = "arguments") -> dict[st
 class ToolCallParser:
     """Streaming parser for one response choice."""
 
-    def __init__(self, fmt: ToolCallFormat, new_id: Callable[[], str] | None = None) -> None:
+    def __init__(self, fmt: ToolCallFormat, new_id: Callable[[], str] | None = None, forced: bool = False) -> None:
         self.fmt = fmt
+        self.forced = forced  # the output is one call (a grammar made it so): never content
         self._new_id = new_id or (lambda: f"call_{uuid.uuid4().hex[:24]}")
         self._buffer = ""
         self._content = ""  # content emitted so far
         self._region_start: str | None = None  # the marker text that opened the current region
         self.calls: list[ToolCall] = []
+        self.dropped = False  # an unfinished call (or marker) was withheld from the content
 
     def feed(self, delta: str) -> list[Event]:
         self._buffer += delta
@@ -171,25 +232,37 @@ class ToolCallParser:
                 self._region_start = None
                 self._close_region(body, raw, events)
 
-    def finish(self) -> list[Event]:
-        """End of output: an open region is parsed (end-less formats) or returned as text (truncated)."""
+    def finish(self, cut: bool = False) -> list[Event]:
+        """End of output (`cut`: by max_tokens). An open region is parsed (end-less formats); one
+        the output never closed is returned as text, unless forced or cut (then it is dropped, see
+        the module docstring)."""
         events: list[Event] = []
+        strict = self.forced or cut
         if self._region_start is not None:
             raw = self._region_start + self._buffer
             if self.fmt.end is None:
-                self._close_region(self._buffer, raw, events)
+                drop = self.forced or (cut and self.fmt.may_be_call(self._buffer))
+                self._close_region(self._buffer, raw, events, drop_unparsed=drop)
+            elif strict:
+                # Only the end marker may be missing: a call whose body parses is still a call.
+                self._close_region(self._buffer, raw, events, drop_unparsed=True)
             else:
                 self._emit_content(raw, events)
+        elif strict and self._buffer:
+            self.dropped = True  # held back as a possible start marker: a fragment of markup
         else:
             self._emit_content(self._buffer, events)
         self._buffer = ""
         self._region_start = None
         return events
 
-    def _close_region(self, body: str, raw: str, events: list[Event]) -> None:
+    def _close_region(self, body: str, raw: str, events: list[Event], drop_unparsed: bool = False) -> None:
         parsed = self.fmt.parse_region(body)
         if not parsed:
-            self._emit_content(raw, events)
+            if drop_unparsed:
+                self.dropped = True
+            else:
+                self._emit_content(raw, events)
             return
         for name, arguments in parsed:
             call = ToolCall(id=self._new_id(), name=name, arguments=arguments)
@@ -197,14 +270,17 @@ class ToolCallParser:
             self.calls.append(call)
 
     def _emit_content(self, text: str, events: list[Event]) -> None:
+        if text and self.forced:
+            self.dropped = True  # the grammar allows only the call: any other text is markup
+            return
         if text:
             self._content += text
             events.append(ContentEvent(text))
 
 
-def parse_all(fmt: ToolCallFormat, text: str) -> tuple[str, list[ToolCall]]:
-    """Non-streaming: (content, calls) of a whole output."""
-    parser = ToolCallParser(fmt)
-    events = parser.feed(text) + parser.finish()
+def parse_all(fmt: ToolCallFormat, text: str, forced: bool = False, cut: bool = False) -> tuple[str, list[ToolCall]]:
+    """Non-streaming: (content, calls) of a whole output (`forced`, `cut`: see ToolCallParser.finish)."""
+    parser = ToolCallParser(fmt, forced=forced)
+    events = parser.feed(text) + parser.finish(cut)
     content = "".join(e.text for e in events if isinstance(e, ContentEvent))
     return content, parser.calls

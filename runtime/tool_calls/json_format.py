@@ -25,6 +25,11 @@ class JsonFormat(ToolCallFormat):
         # Leading whitespace might still be followed by a JSON call: hold it until we know.
         return len(buffer) if not before and not buffer.strip() else 0
 
+    def may_be_call(self, body: str) -> bool:
+        # With no marker, any JSON reply opens a region: only one that begins like a call is one.
+        compact = "".join(body.split())
+        return any(head.startswith(compact) or compact.startswith(head) for head in ('{"name"', '[{"name"'))
+
     def parse_region(self, body: str) -> list[tuple[str, str]] | None:
         try:
             obj = json.loads(body)

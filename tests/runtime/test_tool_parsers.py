@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 
+from llmc.errors import BadInputError
+from llmc.runtime.structured_output import GrammarCompiler
 from llmc.runtime.tool_calls import FORMATS, ContentEvent, ToolCallEvent, ToolCallParser, choose_format
-from llmc.runtime.tool_calls.base import parse_all
+from llmc.runtime.tool_calls.base import parse_all, strict_schema, tool_schemas
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
 
@@ -152,3 +155,141 @@ def test_grammars_compile_for_every_format() -> None:
     ]
     for fmt in FORMATS.values():
         compiler.constraint(compiler.from_lark(fmt().grammar(tools), param="tool_choice"))
+
+
+# One complete call per format, as the forced-tool grammar has each format write it.
+FORCED = {
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
+    "mistral": '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]',
+    "llama": '<function=get_weather>{"city": "Paris", "unit": "celsius"}</function>',
+    "json": '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+}
+
+
+@pytest.mark.parametrize("fmt_name", sorted(FORCED))
+@pytest.mark.parametrize("forced", [True, False])
+def test_a_call_cut_anywhere_never_leaks_markup(fmt_name: str, forced: bool) -> None:
+    """Every prefix of a call, as max_tokens would cut it (streamed in random pieces, and whole):
+    no content at all, and either no call or the complete one."""
+    text = FORCED[fmt_name]
+    rng = random.Random(7)
+    for length in range(len(text) + 1):
+        prefix = text[:length]
+        content, calls = parse_all(FORMATS[fmt_name](), prefix, forced=forced, cut=True)
+        assert content == "", (prefix, content)
+        assert [(c.name, json.loads(c.arguments)) for c in calls] in ([], [("get_weather", WEATHER)])
+        parser = ToolCallParser(FORMATS[fmt_name](), forced=forced)
+        cuts = sorted(rng.sample(range(1, length), k=min(length - 1, 3))) if length > 1 else []
+        pieces = [prefix[a:b] for a, b in zip([0, *cuts], [*cuts, length], strict=True)]
+        events = [e for piece in pieces for e in parser.feed(piece)] + parser.finish(cut=True)
+        assert "".join(e.text for e in events if isinstance(e, ContentEvent)) == content
+        assert [e.call.name for e in events if isinstance(e, ToolCallEvent)] == [c.name for c in calls]
+    # A complete call is always a call; with only the end marker cut, it still is.
+    assert len(parse_all(FORMATS[fmt_name](), text, forced=forced, cut=True)[1]) == 1
+    if fmt_name in ("hermes", "llama"):
+        end = FORMATS[fmt_name]().end or ""
+        assert len(parse_all(FORMATS[fmt_name](), text[: -len(end)], forced=forced, cut=True)[1]) == 1
+
+
+def test_a_cut_call_after_text_keeps_the_text_only() -> None:
+    hermes = FORMATS["hermes"]()
+    text = 'Let me check. <tool_call>{"name": "a", "argu'
+    assert parse_all(hermes, text, cut=True) == ("Let me check. ", [])
+    parser = ToolCallParser(hermes)
+    parser.feed(text)
+    assert parser.finish(cut=True) == [] and parser.dropped
+    # A partial start marker at the cut is markup too.
+    assert parse_all(hermes, "Sure <tool_c", cut=True) == ("Sure ", [])
+    # The model stopping by itself inside a region is not a cut: the text is given back as before.
+    assert parse_all(hermes, text) == (text, [])
+    # JSON calls have no marker: a cut JSON reply that does not begin like a call stays content.
+    assert parse_all(FORMATS["json"](), '{"answer": 4', cut=True) == ('{"answer": 4', [])
+    assert parse_all(FORMATS["json"](), '{"na', cut=True) == ("", [])
+
+
+def test_forced_mode_never_emits_content() -> None:
+    parser = ToolCallParser(FORMATS["hermes"](), forced=True)
+    assert parser.feed("<tool") == []
+    assert parser.finish() == [] and parser.dropped and parser.calls == []
+
+
+NESTED = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "where": {"type": "object", "properties": {"lat": {"type": "integer"}}, "required": ["lat"]},
+        "tags": {"type": "array", "items": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 4}}}},
+    },
+    "required": ["city", "where"],
+    "$defs": {"tag": {"type": "object", "properties": {"t": {"type": "string"}}}},
+}
+
+
+def _tool(strict: bool | None, params: dict[str, object] = NESTED) -> dict[str, object]:
+    function: dict[str, object] = {"name": "locate", "parameters": params}
+    if strict is not None:
+        function["strict"] = strict
+    return {"type": "function", "function": function}
+
+
+def test_strict_closes_every_object_and_leaves_the_request_alone() -> None:
+    closed = strict_schema(NESTED)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["where"]["additionalProperties"] is False
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["tag"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["city"]  # a string is not an object
+    assert "additionalProperties" not in NESTED and "additionalProperties" not in NESTED["properties"]["where"]
+    union = strict_schema({"anyOf": [{"type": ["object", "null"], "properties": {}}, {"type": "string"}]})
+    assert union["anyOf"][0]["additionalProperties"] is False and "additionalProperties" not in union["anyOf"][1]
+    # Only strict tools are closed.
+    (_, strict_params), (_, loose_params) = tool_schemas([_tool(True), _tool(None)])
+    assert strict_params["properties"]["where"]["additionalProperties"] is False
+    assert loose_params is NESTED
+    with pytest.raises(BadInputError, match="additional properties"):
+        strict_schema({"type": "object", "additionalProperties": {"type": "string"}})
+
+
+@pytest.fixture(scope="module")
+def compiler() -> tuple[GrammarCompiler, Any]:
+    from tokenizers import Tokenizer
+
+    from tests.conftest import make_tokenizer_json
+
+    text = make_tokenizer_json()
+    vocab_size = len(json.loads(text)["model"]["vocab"]) + 3
+    return GrammarCompiler(text, vocab_size, [0]), Tokenizer.from_str(text)
+
+
+def _accepts(compiler: tuple[GrammarCompiler, Any], grammar: str, text: str) -> bool:
+    """Whether the grammar lets `text` be generated, token by token, through the engine's interface."""
+    grammars, tokenizer = compiler
+    constraint = grammars.constraint(grammar)
+    for token in tokenizer.encode(text).ids:
+        if not bool(constraint.allowed()[token]):
+            return False
+        constraint.accept(token)
+    return True
+
+
+@pytest.mark.parametrize("fmt_name", sorted(FORCED))
+def test_strict_tool_grammars_refuse_extra_keys(compiler: tuple[GrammarCompiler, Any], fmt_name: str) -> None:
+    fmt = FORMATS[fmt_name]()
+    strict = compiler[0].from_lark(fmt.grammar([_tool(True)]), param="tool_choice")
+    loose = compiler[0].from_lark(fmt.grammar([_tool(False)]), param="tool_choice")
+    good = {"city": "Oslo", "where": {"lat": 59}, "tags": [{"t": "n"}]}
+    extras = [
+        {"city": "Oslo", "where": {"lat": 59}, "zz": 1},  # at the top
+        {"city": "Oslo", "where": {"lat": 59, "zz": 1}},  # in a nested object
+        {"city": "Oslo", "where": {"lat": 59}, "tags": [{"t": "n", "zz": 1}]},  # in an array's items
+    ]
+
+    def call(args: dict[str, object]) -> str:  # in the grammar's layout (Hermes: the call on its own line)
+        text = fmt.render_call("locate", args)
+        return text.replace("<tool_call>", "<tool_call>\n").replace("</tool_call>", "\n</tool_call>")
+
+    assert _accepts(compiler, strict, call(good)) and _accepts(compiler, loose, call(good))
+    for args in extras:
+        text = call(args)
+        assert _accepts(compiler, loose, text), text  # non-strict tools are unchanged: extra keys allowed
+        assert not _accepts(compiler, strict, text), text

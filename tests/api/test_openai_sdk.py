@@ -156,6 +156,41 @@ def test_tool_call_round_trip(client: OpenAI) -> None:
     assert final.choices[0].message.content or final.choices[0].message.tool_calls
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+@pytest.mark.parametrize("max_tokens", [2, 9])  # cut inside the <tool_call> marker, and inside the JSON
+def test_forced_tool_call_cut_by_max_tokens_never_leaks_markup(client: OpenAI, choice: object, max_tokens: int) -> None:
+    """finish_reason "length", no content and no (unparseable) call, streamed or not."""
+    messages = [{"role": "user", "content": "What is 2 + 3? Use the add tool."}]
+    args = dict(model=MODEL, messages=messages, tools=[ADD_TOOL], tool_choice=choice, max_tokens=max_tokens)
+    full = client.chat.completions.create(temperature=0, **args)  # type: ignore[call-overload]
+    (only,) = full.choices
+    assert only.finish_reason == "length"
+    assert only.message.content is None and not only.message.tool_calls
+    assert full.usage is not None and full.usage.completion_tokens == max_tokens
+
+    stream = client.chat.completions.create(temperature=0, stream=True, **args)  # type: ignore[call-overload]
+    content, calls, reasons = [], [], []
+    for chunk in stream:
+        for streamed in chunk.choices:
+            content.append(streamed.delta.content or "")
+            calls.extend(streamed.delta.tool_calls or [])
+            if streamed.finish_reason:
+                reasons.append(streamed.finish_reason)
+    assert "".join(content) == "" and calls == [] and reasons == ["length"]
+
+
+def test_strict_tool_that_allows_extra_keys_is_refused(client: OpenAI) -> None:
+    import openai
+
+    open_args = {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": True}
+    tool = {"type": "function", "function": {"name": "add", "parameters": open_args, "strict": True}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[tool], max_tokens=2
+        )  # type: ignore[call-overload]
+    assert "additional properties" in str(caught.value)
+
+
 def test_completion_echo_and_logprobs(client: OpenAI) -> None:
     prompt = "The three primary colors are"
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text

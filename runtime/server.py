@@ -181,7 +181,12 @@ def serve(config: ServeConfig) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    http.on_listening(lambda: log.info("server.ready", host=config.host, port=config.port, model=engine.model_name))
+
+    def on_listening() -> None:
+        log.info("server.ready", host=config.host, port=config.port, model=engine.model_name)
+        print("\n".join(startup_lines(config.host, config.port, config.ui_server)), flush=True)
+
+    http.on_listening(on_listening)
     http.start()
     try:
         engine.run()
@@ -196,6 +201,27 @@ def serve(config: ServeConfig) -> None:
         raise OutOfResourcesError(
             f"could not serve on {config.host}:{config.port}: {reason}; choose another --p or --h"
         )
+
+
+# Bind addresses that mean "every interface": no client can connect to them as such.
+_ALL_INTERFACES = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def startup_lines(host: str, port: int, ui: bool) -> list[str]:
+    """What `llmc run` prints on stdout once it listens: where to point a client (and a browser).
+
+    A server bound to every interface gets a loopback URL that works on this machine, and a note
+    that other machines reach it by this machine's address."""
+    shown = _ALL_INTERFACES.get(host, host)
+    name = f"[{shown}]" if ":" in shown else shown  # an IPv6 literal in a URL is bracketed
+    base = f"http://{name}:{port}"
+    lines = [f"API:  {base}/v1"]
+    if ui:
+        lines.append(f"Chat: {base}/ui")
+    if host in _ALL_INTERFACES:
+        bound = f"{host or '0.0.0.0'}:{port}"
+        lines.append(f"Listening on all interfaces ({bound}): other machines use this machine's address")
+    return lines
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -131,7 +131,8 @@ class App:
 
             self._ui = UiAssets()
             self._routes.update({("GET", path): self.ui_route for path in ROUTES})
-            self._public.update(ROUTES)
+            self._routes[("GET", "/")] = self.ui_redirect  # a browser pointed at the server finds the page
+            self._public.update([*ROUTES, "/"])
         self._tokenize_decoder = msgspec.json.Decoder(p.TokenizeRequest)
         self._detokenize_decoder = msgspec.json.Decoder(p.DetokenizeRequest)
         self._openapi = msgspec.json.encode(
@@ -220,6 +221,14 @@ class App:
         headers, body = self._ui.response(scope["path"].rstrip("/"))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def ui_redirect(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from llmc.runtime.api.ui import PAGE
+
+        # A relative Location: right behind any proxy or Host name, and never a different origin.
+        headers = [(b"location", PAGE.encode()), (b"content-length", b"0"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 302, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
     async def metrics_route(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", CONTENT_TYPE.encode())]

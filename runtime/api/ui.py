@@ -1,4 +1,5 @@
-"""The built-in chat page (`llmc run --ui-server`): static files shipped in the package, served at /ui.
+"""The built-in chat page (`llmc run --ui-server`): static files shipped in the package, served at /ui
+(and `/` redirects there), with its icon at /favicon.svg and /favicon.ico (browsers ask for the latter).
 
 The page is plain HTML, CSS and JavaScript with no build step and nothing fetched from elsewhere;
 it talks to this server's own /v1 routes. A strict Content-Security-Policy keeps it that way: no
@@ -14,8 +15,12 @@ CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self'"
 _FILES = {
     "/ui": ("ui.html", "text/html; charset=utf-8"),
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    # One SVG icon for both names: every browser that shows favicons renders SVG ones.
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),
 }
 ROUTES = tuple(_FILES)
+PAGE = "/ui"  # where `/` redirects when the page is served
 _HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),

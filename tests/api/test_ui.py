@@ -103,17 +103,53 @@ def _csp_errors(page: Any) -> list[str]:
     return errors
 
 
-def test_ui_is_off_without_the_flag(tiny: Path) -> None:
-    with running_server(tiny) as base:
+def test_ui_is_off_without_the_flag(tiny: Path, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with running_server(tiny, log=log) as base:
         assert httpx.get(f"{base}/ui").status_code == 404
         assert httpx.get(f"{base}/ui/app.js").status_code == 404
+        assert httpx.get(f"{base}/").status_code == 404  # no page to send a browser to
+        assert httpx.get(f"{base}/favicon.ico").status_code == 404
+        # Start-up says where the API is, and mentions no chat page.
+        assert f"API:  {base}/v1" in log.read_text()
+        assert "Chat:" not in log.read_text()
 
 
 @pytest.fixture(scope="module")
-def locked_server(tiny: Path) -> Iterator[str]:
+def locked_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ui-log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def locked_server(tiny: Path, locked_log: Path) -> Iterator[str]:
     """The page on a server that needs an API key."""
-    with running_server(tiny, "--ui-server", "--api-key", KEY) as base:
+    with running_server(tiny, "--ui-server", "--api-key", KEY, log=locked_log) as base:
         yield base
+
+
+def test_startup_prints_the_api_and_chat_urls(locked_server: str, locked_log: Path) -> None:
+    output = locked_log.read_text()
+    assert f"API:  {locked_server}/v1" in output
+    assert f"Chat: {locked_server}/ui" in output
+
+
+def test_root_redirects_to_the_page_and_the_favicon_is_served(locked_server: str) -> None:
+    for root in ("", "/"):
+        response = httpx.get(f"{locked_server}{root}")  # no key: it leads to the page, which asks for one
+        assert response.status_code in (302, 307)
+        assert response.headers["location"] == "/ui"
+    assert httpx.get(f"{locked_server}/", follow_redirects=True).headers["content-type"].startswith("text/html")
+    for name in ("/favicon.svg", "/favicon.ico"):
+        icon = httpx.get(f"{locked_server}{name}")
+        assert icon.status_code == 200
+        assert icon.headers["content-type"].startswith("image/")
+        assert icon.headers["content-security-policy"] == CSP
+        assert icon.text.startswith("<svg")
+    page = httpx.get(f"{locked_server}/ui").text
+    assert '<link rel="icon" href="/favicon.svg"' in page
+    # The HTTP guard holds for them as for every route: a Host that is not this server's is refused.
+    assert httpx.get(f"{locked_server}/", headers={"Host": "evil.example"}).status_code == 421
+    assert httpx.get(f"{locked_server}/favicon.ico", headers={"Host": "evil.example"}).status_code == 421
 
 
 def test_ui_is_served_with_the_flag(locked_server: str) -> None:
@@ -156,6 +192,8 @@ def test_ui_page_asks_for_the_api_key(
     assert 0 <= int(counted.group(1)) <= 8
     if "cut off at max tokens" in meta:
         assert int(counted.group(1)) == 8
+    if int(counted.group(1)) > 0:  # the speed is shown with the count
+        assert re.search(r"\d+\.\d tokens/s", meta), meta
     _screenshot(page, tmp_path_factory, "ui-api-key.png")
     assert csp_errors == []
     page.close()
@@ -213,6 +251,10 @@ def test_chat_streams_renders_and_stops(
         )
         page.wait_for_selector(".msg.assistant[data-state=done]", timeout=WAIT_MS)
         assert first.locator(".content").inner_text().strip()
+        speed = re.search(r"(\d+\.\d) tokens/s", first.locator(".meta").inner_text())
+        assert speed is not None and float(speed.group(1)) > 0, first.locator(".meta").inner_text()
+        # 10 tokens after the first, in the second between the first chunk and the last: 10 tokens/s.
+        assert page.evaluate("() => window.llmcTokensPerSecond(11, 0, 1000, 2000)") == 10
 
         if chat_artifact == tiny:
             _screenshot(page, tmp_path_factory, "ui-chat.png")

@@ -146,3 +146,23 @@ def test_mcp_config_needs_an_api_key(tiny_4k: Path, tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2  # bad input, before the model loads
     assert "--api-key" in result.stderr and "--unauthenticated-mcp" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "ui", "expected"),
+    [
+        ("127.0.0.1", False, ["API:  http://127.0.0.1:2000/v1"]),
+        ("127.0.0.1", True, ["API:  http://127.0.0.1:2000/v1", "Chat: http://127.0.0.1:2000/ui"]),
+        ("::1", False, ["API:  http://[::1]:2000/v1"]),
+        ("0.0.0.0", True, ["API:  http://127.0.0.1:2000/v1", "Chat: http://127.0.0.1:2000/ui", "all interfaces"]),
+        ("::", False, ["API:  http://[::1]:2000/v1", "all interfaces"]),
+    ],
+)
+def test_startup_lines_say_where_to_go(host: str, ui: bool, expected: list[str]) -> None:
+    from llmc.runtime.server import startup_lines
+
+    lines = startup_lines(host, 2000, ui)
+    assert len(lines) == len(expected)
+    for line, want in zip(lines, expected, strict=True):
+        assert want in line
+    assert not any("0.0.0.0:2000/" in line or "http://[::]" in line for line in lines)  # no unusable URL

@@ -278,6 +278,17 @@
     }
   }
 
+  // Decode speed in tokens/s: the tokens after the first over the time from the first chunk with
+  // output to the last (time to first token is prompt processing, not decoding); with one token,
+  // or all of them in one chunk, the whole wait from sending the request. null when unknown.
+  function tokensPerSecond(tokens, startedMs, firstMs, lastMs) {
+    if (!tokens || lastMs === null) return null;
+    const spread = tokens > 1 && firstMs !== null && lastMs > firstMs;
+    const seconds = (spread ? lastMs - firstMs : lastMs - startedMs) / 1000;
+    if (!(seconds > 0)) return null;
+    return (spread ? tokens - 1 : tokens) / seconds;
+  }
+
   async function send() {
     const text = $("input").value.trim();
     if (!text || state.controller || !state.model) return;
@@ -317,6 +328,9 @@
     let finish = null;
     let usage = null;
     let pending = false;
+    const startedMs = performance.now();
+    let firstMs = null;
+    let lastMs = null;
     const render = () => {
       pending = false;
       const follow = nearBottom();
@@ -341,6 +355,10 @@
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices || []) {
           const delta = choice.delta || {};
+          // The last token's time: its chunk, or the finish chunk right after it (a token may
+          // decode to no text of its own).
+          if (delta.content || delta.tool_calls || choice.finish_reason) lastMs = performance.now();
+          if (delta.content && firstMs === null) firstMs = lastMs;
           if (delta.content) {
             answer += delta.content;
             if (!pending) {
@@ -369,7 +387,11 @@
       const notes = [];
       if (bubble.dataset.state === "stopped") notes.push("stopped");
       else if (finish === "length") notes.push("cut off at max tokens");
-      if (usage) notes.push(`${usage.completion_tokens} tokens`);
+      if (usage) {
+        notes.push(`${usage.completion_tokens} tokens`);
+        const rate = tokensPerSecond(usage.completion_tokens, startedMs, firstMs, lastMs);
+        if (rate !== null) notes.push(`${rate.toFixed(1)} tokens/s`);
+      }
       meta.textContent = notes.join(" · ");
       if (answer) state.history.push({ role: "assistant", content: answer });
       updateButtons();
@@ -455,4 +477,5 @@
   updateButtons();
   loadModel();
   window.llmcRenderMarkdown = renderMarkdown; // for tests and the curious
+  window.llmcTokensPerSecond = tokensPerSecond;
 })();

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -184,7 +185,9 @@ def serve(config: ServeConfig) -> None:
 
     def on_listening() -> None:
         log.info("server.ready", host=config.host, port=config.port, model=engine.model_name)
-        print("\n".join(startup_lines(config.host, config.port, config.ui_server)), flush=True)
+        # A closed stdout or a gone pipe (`llmc run ... | head`) must not stop the server.
+        with contextlib.suppress(OSError):
+            print("\n".join(startup_lines(config.host, config.port, config.ui_server)), flush=True)
 
     http.on_listening(on_listening)
     http.start()

@@ -6,7 +6,7 @@ import atexit
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import msgspec
@@ -17,28 +17,81 @@ from llmc.logs import configure
 from llmc.runtime.api.http_guard import BODY_TIMEOUT_S
 from llmc.runtime.server import HEADER_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
+if TYPE_CHECKING:
+    from llmc.builder.build import BuildResult
+
 POSITIVE = click.IntRange(min=1)
 PORT = click.IntRange(1, 65535)
-LOG_LEVELS = click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
+# Most verbose first: -v moves a command's default one step left, -q one step right.
+LEVEL_ORDER = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = click.Choice(list(LEVEL_ORDER), case_sensitive=False)
 # `llmc run` logs at info by default (each request's id, sizes and timing; server.ready); the other
 # commands print their results on stdout and log only warnings.
 DEFAULT_LOG_LEVEL = "warning"
 DEFAULT_RUN_LOG_LEVEL = "info"
-_LOG_LEVEL_KEY = "llmc.log_level"  # where the chosen level waits in click's context (ctx.meta)
+# Where the log flags wait in click's context (ctx.meta, shared by the group and its subcommand).
+_LOG_LEVEL_KEY = "llmc.log_level"
+_VERBOSITY_KEY = "llmc.verbosity"
 _LOG_LEVEL_HELP = "Log level for llmc's own logs (stderr); info by default for run, warning for the rest."
+# What llama.cpp and vLLM users type: -h as well as --help, on every command.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 
 
 def _set_log_level(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     """`--log-level` is taken before the subcommand and after it; the later one wins."""
     if value is not None:
         ctx.meta[_LOG_LEVEL_KEY] = value.lower()
-        configure(value)
+
+
+def _add_verbosity(step: int) -> Any:
+    def callback(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+        ctx.meta[_VERBOSITY_KEY] = ctx.meta.get(_VERBOSITY_KEY, 0) + step * value
+
+    return callback
 
 
 def _log_level_option(command: Any) -> Any:
+    """--log-level, -v/--verbose and -q/--quiet, accepted before and after the subcommand."""
+    command = click.option(
+        "-q",
+        "--quiet",
+        count=True,
+        callback=_add_verbosity(1),
+        expose_value=False,
+        help="Log less: one step quieter than the default per -q (-q on run: no per-request lines).",
+    )(command)
+    command = click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        callback=_add_verbosity(-1),
+        expose_value=False,
+        help="Log more: one step more verbose than the default per -v (-vv: debug).",
+    )(command)
     return click.option(
         "--log-level", type=LOG_LEVELS, callback=_set_log_level, expose_value=False, help=_LOG_LEVEL_HELP
     )(command)
+
+
+def log_level(meta: dict[str, Any], default: str) -> str:
+    """The level the flags ask for: --log-level if given, else `default` moved by -v/-q."""
+    if _LOG_LEVEL_KEY in meta:
+        return str(meta[_LOG_LEVEL_KEY])
+    index = LEVEL_ORDER.index(default) + int(meta.get(_VERBOSITY_KEY, 0))
+    return LEVEL_ORDER[max(0, min(index, len(LEVEL_ORDER) - 1))]
+
+
+class _Command(click.Command):
+    """Configures logging once every flag (before and after the subcommand) has been read."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        default = DEFAULT_RUN_LOG_LEVEL if self.name == "run" else DEFAULT_LOG_LEVEL
+        configure(log_level(ctx.meta, default))
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Command
 
 
 def _report(error: LlmcError, as_json: bool) -> None:
@@ -54,19 +107,18 @@ def _fail(error: LlmcError, as_json: bool) -> None:
     sys.exit(error.exit_code)
 
 
-@click.group()
+@click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="llmc")
 @_log_level_option
 def main() -> None:
     """llmc: compile an LLM into a self-contained artifact, then serve it."""
-    if _LOG_LEVEL_KEY not in click.get_current_context().meta:
-        configure(DEFAULT_LOG_LEVEL)
+    configure(log_level(click.get_current_context().meta, DEFAULT_LOG_LEVEL))
 
 
 @main.command()
 @_log_level_option
-@click.option("--m", "model", help="Model: a Hugging Face id, a local folder, or a .gguf path.")
-@click.option("--f", "gguf_file", help="GGUF file, alone or inside the --m folder / repository.")
+@click.option("-m", "--m", "--model", "model", help="Model: a Hugging Face id, a local folder, or a .gguf path.")
+@click.option("-f", "--f", "--file", "gguf_file", help="GGUF file, alone or inside the --m folder / repository.")
 @click.option("--w", "weights", help="Folder holding the safetensors weights, if not the --m folder.")
 @click.option(
     "--dtype",
@@ -105,6 +157,9 @@ def main() -> None:
 @click.option("--name", help="Model name the server answers to (default: from the source).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
+@click.option(
+    "--report", "show_report", is_flag=True, help="Also print the quantization report: every quantized tensor."
+)
 def build(
     model: str | None,
     gguf_file: str | None,
@@ -119,11 +174,13 @@ def build(
     name: str | None,
     output: Path,
     as_json: bool,
+    show_report: bool,
 ) -> None:
     """Build an artifact from a model."""
     from llmc.builder.build import BuildOptions
     from llmc.builder.build import build as run_build
     from llmc.builder.compile_step import CompileOptions
+    from llmc.builder.progress import TerminalProgress
 
     try:
         sizes = tuple(int(b) for b in buckets.split(","))
@@ -142,46 +199,52 @@ def build(
         compile=CompileOptions(buckets=sizes, max_seq_len=max_seq_len) if compile_step else None,
         cpu_kernels=cpu_kernels,
     )
-    show_progress = not as_json and sys.stderr.isatty()
-    bar: Any = None
-
-    def progress(tensor: str, done: int, total: int) -> None:
-        nonlocal bar
-        if not show_progress:
-            return
-        if bar is None:
-            bar = click.progressbar(length=total, label="writing tensors", file=sys.stderr)
-            bar.__enter__()
-        bar.update(1)
-        if done == total:
-            bar.__exit__(None, None, None)
-
+    # A progress line only for a person watching: never into a pipe, a log file or --json's stdout.
+    progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
     try:
         result = run_build(options, on_progress=progress)
     except LlmcError as exc:
+        if progress is not None:
+            progress.close()
         _fail(exc, as_json)
         return
+    if progress is not None:
+        progress.close()
     summary = result.summary()
     summary["manifest_sha256"] = manifest_digest(output)
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())
     else:
-        click.echo(
-            f"built {summary['output']}: {summary['model_name']} ({summary['architecture']}, {summary['dtype']}, "
-            f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes) in {summary['seconds']} s"
-        )
-        click.echo(f"manifest sha256: {summary['manifest_sha256']} (pin it: llmc run --expect-manifest-sha256)")
-        if result.manifest.compiled:
-            packages = ", ".join(f"{c.weights} weights for batches {c.buckets}" for c in result.manifest.compiled)
-            click.echo(f"compiled the decode step ({packages}) in {summary['compile_seconds']} s")
-        elif result.compile_skipped is not None:
-            click.echo(f"not compiled (the artifact runs eagerly): {result.compile_skipped}")
-        if result.report is not None:
-            from llmc.artifacts.inspect import report_table
+        for line in build_summary(result, summary):
+            click.echo(line)
+    if show_report and result.report is not None:
+        from llmc.artifacts.inspect import report_table
 
-            body = {"summary": result.report.summary(), **result.report.report_body()}
-            for line in report_table(msgspec.to_builtins(body)):
-                click.echo(line)
+        body = {"summary": result.report.summary(), **result.report.report_body()}
+        for line in report_table(msgspec.to_builtins(body)):
+            click.echo(line, err=as_json)  # with --json, stdout holds the one JSON object only
+
+
+def build_summary(result: BuildResult, summary: dict[str, Any]) -> list[str]:
+    """The few lines `llmc build` prints: what was built, how it is stored, the digest to pin."""
+    lines = [
+        f"built {summary['output']}: {summary['model_name']} ({summary['architecture']}, "
+        f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes) in {summary['seconds']} s",
+        f"weights: {summary['weights']}",
+    ]
+    if result.report is not None:
+        total = result.report.summary()
+        lines.append(
+            f"quantized {total['tensors_quantized']} tensors: {total['bytes_before']:,} → {total['bytes_after']:,} "
+            f"bytes (per tensor: --report, or `llmc inspect {summary['output']} --report`)"
+        )
+    if result.manifest.compiled:
+        packages = ", ".join(f"{c.weights} weights for batches {c.buckets}" for c in result.manifest.compiled)
+        lines.append(f"compiled the decode step ({packages}) in {summary['compile_seconds']} s")
+    elif result.compile_skipped is not None:
+        lines.append(f"not compiled (the artifact runs eagerly): {result.compile_skipped}")
+    lines.append(f"manifest sha256: {summary['manifest_sha256']} (pin it: llmc run --expect-manifest-sha256)")
+    return lines
 
 
 @main.command()
@@ -201,6 +264,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
 
     try:
         _recover(artifact)
+        _check_directory(artifact)
         opened = Artifact.open(artifact, verify=verify)
         body = opened.report() if report else None
     except LlmcError as exc:
@@ -216,6 +280,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool, report: bool) -> None:
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())
         return
+    summary.pop("weight_formats")  # the weights line says the same for people
     for key, value in summary.items():
         if isinstance(value, dict):
             click.echo(f"{key}:")
@@ -243,8 +308,15 @@ def export(artifact: Path, gguf_path: Path) -> None:
 
 @main.command()
 @_log_level_option
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--p", "--port", "port", default=2000, show_default=True, type=PORT, help="Port to listen on.")
+@click.argument("artifact", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "-m",
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    help="The artifact directory, as llama-server's -m takes it (instead of the ARTIFACT argument).",
+)
+@click.option("-p", "--p", "--port", "port", default=2000, show_default=True, type=PORT, help="Port to listen on.")
 @click.option("--h", "--host", "host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--served-model-name", help="Model name clients must send (default: the artifact's).")
 @click.option("--max-model-len", type=POSITIVE, help="Context length cap (default: the model's).")
@@ -354,28 +426,52 @@ def export(artifact: Path, gguf_path: Path) -> None:
     help="Refuse to serve (exit 4) unless manifest.json has this sha256, as `llmc build` and `llmc inspect` print.",
 )
 def run(
-    artifact: Path, disable_prefix_cache: bool, allowed_hosts: str | None, cors_origins: str | None, **options: Any
+    artifact: Path | None,
+    model_dir: Path | None,
+    disable_prefix_cache: bool,
+    allowed_hosts: str | None,
+    cors_origins: str | None,
+    **options: Any,
 ) -> None:
-    """Serve an artifact with an OpenAI-compatible API."""
+    """Serve an artifact with an OpenAI-compatible API (`llmc serve` is the same command)."""
     from llmc.runtime.server import ServeConfig, serve
 
-    level = click.get_current_context().meta.get(_LOG_LEVEL_KEY, DEFAULT_RUN_LOG_LEVEL)
+    if (artifact is None) == (model_dir is None):
+        _fail(BadInputError("name the artifact directory once: `llmc run DIR` or `llmc run -m DIR`"), False)
+    path = artifact if artifact is not None else model_dir
+    assert path is not None
+    level = log_level(click.get_current_context().meta, DEFAULT_RUN_LOG_LEVEL)
+    code = 0
+    try:
+        _recover(path)
+        _check_directory(path)
+    except LlmcError as exc:
+        _fail(exc, False)
     config = ServeConfig(
-        artifact=str(artifact),
+        artifact=str(path),
         enable_prefix_cache=not disable_prefix_cache,
         log_level=level,
         allowed_hosts=_names(allowed_hosts),
         cors_origins=_names(cors_origins),
         **options,
     )
-    code = 0
     try:
-        _recover(artifact)
         serve(config)
     except LlmcError as exc:
         _report(exc, False)
         code = exc.exit_code
     _exit_without_finalizing(code)
+
+
+main.add_command(run, name="serve")  # vLLM's verb: `llmc serve ART` is `llmc run ART`
+
+
+def _check_directory(artifact: Path) -> None:
+    """A path that is not there at all is a typo, not a damaged artifact: say so, exit 2."""
+    if not artifact.exists():
+        raise BadInputError(f"{artifact}: no such directory; build an artifact there with `llmc build -m MODEL -o DIR`")
+    if not artifact.is_dir():
+        raise BadInputError(f"{artifact} is not a directory; pass the artifact directory `llmc build -o` wrote")
 
 
 def manifest_digest(artifact: Path) -> str:

@@ -2,31 +2,65 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
 
-from llmc.artifacts.manifest import Manifest
+from llmc.artifacts.manifest import Manifest, TensorInfo
 from llmc.kernels.quant_formats import stored_format
 
 
+def tensor_parameters(tensor: TensorInfo) -> int:
+    """The weights a tensor holds as the model has them: a quantized tensor's logical shape
+    (rows x columns), not its stored [rows, row_bytes] of blocks."""
+    if tensor.quant is not None:
+        return tensor.shape[0] * stored_format(tensor.quant).cols(tensor.shape[1])
+    return math.prod(tensor.shape)
+
+
+def parameter_count(manifest: Manifest) -> int:
+    """The model's parameter count: `llmc build`'s summary and `llmc inspect` both print this one."""
+    return sum(tensor_parameters(t) for t in manifest.tensors)
+
+
+def weight_mix(manifest: Manifest) -> dict[str, dict[str, int]]:
+    """Per storage format (q4_1, q8_0, ... or the float dtype of unquantized tensors): how many
+    tensors and parameters use it, most parameters first."""
+    mix: dict[str, dict[str, int]] = {}
+    for tensor in manifest.tensors:
+        entry = mix.setdefault(tensor.quant or tensor.dtype.lower(), {"tensors": 0, "parameters": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += tensor_parameters(tensor)
+    return dict(sorted(mix.items(), key=lambda item: (-item[1]["parameters"], item[0])))
+
+
+def describe_mix(mix: dict[str, dict[str, int]]) -> str:
+    """One line for people: `q4_1 (210 tensors, 72% of parameters), q8_0 (1 tensor, 21%), ...`."""
+    total = sum(entry["parameters"] for entry in mix.values()) or 1
+    parts = []
+    for i, (name, entry) in enumerate(mix.items()):
+        share = f"{100 * entry['parameters'] / total:.0f}%" + (" of parameters" if i == 0 else "")
+        plural = "" if entry["tensors"] == 1 else "s"
+        parts.append(f"{name} ({entry['tensors']} tensor{plural}, {share})")
+    return ", ".join(parts)
+
+
 def summarize(manifest: Manifest) -> dict[str, Any]:
-    params = 0
     formats: dict[str, int] = {}
     for tensor in manifest.tensors:
-        count = 1
-        for dim in tensor.shape:
-            count *= dim
-        if tensor.quant is not None:  # stored as [rows, row_bytes] of GGML blocks
-            count = tensor.shape[0] * stored_format(tensor.quant).cols(tensor.shape[1])
+        if tensor.quant is not None:
             formats[tensor.quant] = formats.get(tensor.quant, 0) + 1
-        params += count
+    mix = weight_mix(manifest)
     return {
         "model_name": manifest.model_name,
         "format_version": manifest.format_version,
         "target": manifest.target,
         "dtype": manifest.dtype,
-        "parameters": params,
+        # dtype is that of activations and unquantized tensors; weights is what the tensors are stored as.
+        "weights": describe_mix(mix),
+        "weight_formats": mix,
+        "parameters": parameter_count(manifest),
         "tensors": len(manifest.tensors),
         "quantized_tensors": dict(sorted(formats.items())),
         "bytes": sum(f.size for f in manifest.files),

@@ -15,6 +15,7 @@ import torch
 
 import llmc
 from llmc.artifacts.files import sha256_file
+from llmc.artifacts.inspect import describe_mix, parameter_count, weight_mix
 from llmc.artifacts.manifest import (
     FORMAT_VERSION,
     BuildInfo,
@@ -83,7 +84,7 @@ class BuildResult:
 
     def summary(self) -> dict[str, object]:
         m = self.manifest
-        params = sum(_numel(t.shape) for t in m.tensors)
+        mix = weight_mix(m)
         return {
             "ok": True,
             "output": str(self.output),
@@ -92,7 +93,9 @@ class BuildResult:
             "dtype": m.dtype,
             "target": m.target,
             "format_version": m.format_version,
-            "parameters": params,
+            "parameters": parameter_count(m),
+            "weights": describe_mix(mix),
+            "weight_formats": mix,
             "tensors": len(m.tensors),
             "bytes": sum(f.size for f in m.files),
             "files": {f.path: f.sha256 for f in m.files},
@@ -113,13 +116,6 @@ class BuildResult:
         }
 
 
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def _resolve_dtype(option: str, target: str) -> str:
     if option != "auto":
         if option not in DTYPES:
@@ -136,7 +132,12 @@ def _expected_shapes(source: ModelSource) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters(remove_duplicate=True)}
 
 
-def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
+# on_progress(what, done, total): a phase's label ("quantizing weights", "compiling the decode
+# step") and how far it got; the CLI draws it as a progress bar on a terminal.
+Progress = Callable[[str, int, int], None]
+
+
+def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildResult:
     started = time.perf_counter()
     if options.target not in TARGETS:
         raise BadInputError(f"--target {options.target!r} is not supported; supported: {', '.join(TARGETS)}")
@@ -204,12 +205,13 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
     try:
         done = 0
         total = len(expected)
+        label = "writing weights" if options.isq in (None, "none") else "quantizing weights"
 
-        def tick(name: str) -> None:
+        def tick(_name: str) -> None:
             nonlocal done
             done += 1
             if on_progress is not None:
-                on_progress(name, done, total)
+                on_progress(label, done, total)
 
         stored = {
             name: (torch.uint8, [shape[0], FORMATS[formats[name]].row_bytes(shape[1])])
@@ -223,7 +225,9 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         if report is not None:
             writer.write_bytes(REPORT_FILE, report.encode())
         kernels = _finish_cpu_kernels(writer, kernels_job) if kernels_job is not None else None
-        compiled, compile_skipped, compile_seconds = _compile(options.compile, spec, writer, formats, dtype, kernels)
+        compiled, compile_skipped, compile_seconds = _compile(
+            options.compile, spec, writer, formats, dtype, kernels, on_progress
+        )
         tok = source.tokenizer
         writer.write_bytes(TOKENIZER_FILE, tok.tokenizer_json)
         if tok.chat_template is not None:
@@ -324,6 +328,7 @@ def _compile(
     formats: dict[str, str],
     dtype: torch.dtype,
     kernels: CpuKernels | None,
+    on_progress: Progress | None = None,
 ) -> tuple[list[CompiledStep], str | None, float | None]:
     """Compile the decode step from the weights just written: (manifest entries, why skipped, seconds)."""
     if options is None:
@@ -338,6 +343,12 @@ def _compile(
     model = model_from_stage(writer.stage, files, spec, formats, dtype, options, kernels_file)
     first, *others = weight_forms(model, options)
     results: list[tuple[CompiledStep, list[str]]] = []
+
+    def report(done: int) -> None:
+        if on_progress is not None:
+            on_progress("compiling the decode step", done, 1 + len(others))
+
+    report(0)
     # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms
     # compile in spawned processes at the same time (spawned: a forked torch may deadlock).
     workers = min(len(others), max(1, (os.cpu_count() or 1) - 1))
@@ -352,7 +363,10 @@ def _compile(
                 for form in others
             ]
         results.append(compile_decode_step(model, options, writer.stage, first))
-        results.extend(future.result() for future in futures)
+        report(len(results))
+        for future in futures:
+            results.append(future.result())
+            report(len(results))
     infos = []
     for info, names in results:
         for name in names:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ def check_options(options: CompileOptions, spec: ModelSpec) -> tuple[list[int], 
 
 _SERIALIZATION_ID = ".data/serialization_id"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# The start of torch's deprecation message for LeafSpec (a regex, matched at the message's start).
+_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 def _make_reproducible(package: Path) -> None:
@@ -111,6 +114,19 @@ def _compiler_errors(what: str) -> Iterator[None]:
             f"{what} the decode step failed ({first}); build with --no-compile for an eager artifact, "
             "and report the failure with the output of --log-level DEBUG"
         ) from exc
+
+
+@contextlib.contextmanager
+def _no_leafspec_warning() -> Iterator[None]:
+    """Hide torch's own FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated".
+
+    Inductor's debug wrapper (torch/_dynamo/repro/after_aot.py) deep-copies the FX graph, which
+    re-creates torch's deprecated LeafSpec class; llmc never touches LeafSpec, so the warning is
+    torch's to fix and tells a user of `llmc build` nothing. Only that one message is filtered.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
@@ -252,7 +268,7 @@ def compile_decode_step(
         # so that the package runs on any CPU the runtime's capability check lets it load on.
         "cpp.march": "",
     }
-    with _recorded_constants() as recorded, _compiler_errors("compiling"):
+    with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning():
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)
     made = {

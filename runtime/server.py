@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from llmc.errors import BadInputError, OutOfResourcesError
-from llmc.logs import configure, get_logger
+from llmc.logs import configure, get_logger, granian_logging
 
 log = get_logger("llmc.server")
 
@@ -153,6 +153,7 @@ def serve(config: ServeConfig) -> None:
         request_timeout_s=config.request_timeout,
         prefix_cache_isolation=config.prefix_cache_isolation,
     )
+    granian_level, granian_config = granian_logging(config.log_level)
     http = _HttpThread(
         Server(
             app,
@@ -160,7 +161,8 @@ def serve(config: ServeConfig) -> None:
             port=config.port,
             interface=Interfaces.ASGI,
             log_access=False,
-            log_level=config.log_level.lower(),  # type: ignore[arg-type]
+            log_level=granian_level,  # type: ignore[arg-type]
+            log_dictconfig=granian_config,  # its lines in llmc's format, on stderr
             http=HTTPModes.http1,  # OpenAI clients speak HTTP/1.1; the header timeout is HTTP/1's
             http1_settings=HTTP1Settings(header_read_timeout=int(config.header_timeout * 1000)),
             backlog=LISTEN_BACKLOG,

@@ -8,6 +8,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+from click.testing import CliRunner
 
 from llmc.errors import EXIT_CODES, ErrorKind
 from llmc.kernels import cpu_kernels
@@ -32,6 +36,7 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     kernels = set() if cpu_kernels.unsupported() else {"kernels/" + cpu_kernels.LIBRARY_NAME}
     assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja", *compiled, *kernels}
     assert summary["compiled"][0]["kind"] == "decode" and summary["compile_seconds"] > 0
+    assert "FutureWarning" not in result.stderr  # torch's LeafSpec deprecation, from compiling
     inspected = _llmc("inspect", str(tmp_path / "a"), "--json", "--verify")
     assert inspected.returncode == 0, inspected.stderr
     info = json.loads(inspected.stdout)
@@ -127,6 +132,185 @@ def test_run_on_a_taken_port_fails_before_loading(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = _llmc("run", str(tmp_path / "not-loaded"), "--p", str(port))
+        result = _llmc("run", str(tmp_path), "--p", str(port))  # a folder, not an artifact: not loaded
     assert result.returncode == EXIT_CODES[ErrorKind.OUT_OF_RESOURCES], result.stderr
     assert f"could not serve on 127.0.0.1:{port}" in result.stderr and "choose another --p" in result.stderr
+
+
+def test_short_flags_reach_the_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What llama.cpp and vLLM users type: -m -f -o on build, -m -p on run, -h everywhere, serve = run."""
+    import llmc.builder.build
+    import llmc.runtime.server
+    from llmc import cli
+
+    builds: list[Any] = []
+    monkeypatch.setattr(llmc.builder.build, "build", lambda options, on_progress=None: builds.append(options) or 1 / 0)
+    runner = CliRunner()
+    runner.invoke(cli.main, ["build", "-m", "owner/name", "-f", "x.gguf", "-o", str(tmp_path / "out")])
+    runner.invoke(cli.main, ["build", "--model", "m", "--file", "f.gguf", "--output", str(tmp_path / "o2")])
+    runner.invoke(cli.main, ["build", "--m", "m3", "--f", "f3.gguf", "-o", str(tmp_path / "o3")])  # the card's
+    assert [(b.model, b.gguf_file, b.output) for b in builds] == [
+        ("owner/name", "x.gguf", tmp_path / "out"),
+        ("m", "f.gguf", tmp_path / "o2"),
+        ("m3", "f3.gguf", tmp_path / "o3"),
+    ]
+    served: list[Any] = []
+
+    def no_exit(code: int) -> NoReturn:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(llmc.runtime.server, "serve", served.append)
+    monkeypatch.setattr(cli, "_exit_without_finalizing", no_exit)
+    for args in (["run", str(tmp_path), "-p", "2001"], ["serve", "-m", str(tmp_path), "--port", "2002"]):
+        assert runner.invoke(cli.main, args).exit_code == 0
+    assert runner.invoke(cli.main, ["serve", "--model", str(tmp_path), "--p", "2003"]).exit_code == 0
+    assert [(c.artifact, c.port) for c in served] == [
+        (str(tmp_path), 2001),
+        (str(tmp_path), 2002),
+        (str(tmp_path), 2003),
+    ]
+    both = runner.invoke(cli.main, ["run", str(tmp_path), "-m", str(tmp_path)])
+    assert both.exit_code == 2 and "once" in both.output
+    for command in ([], ["build"], ["run"], ["serve"], ["inspect"], ["export"]):
+        shown = runner.invoke(cli.main, [*command, "-h"])
+        assert shown.exit_code == 0 and "Usage:" in shown.output, command
+    assert "-m, --m, --model" in runner.invoke(cli.main, ["build", "-h"]).output
+    assert "-p, --p, --port" in runner.invoke(cli.main, ["serve", "-h"]).output
+    assert "serve" in runner.invoke(cli.main, ["-h"]).output
+
+
+def test_run_missing_directory_exits_2(tmp_path: Path) -> None:
+    for command in ("run", "serve", "inspect"):
+        result = _llmc(command, str(tmp_path / "missing") + "/")
+        assert result.returncode == EXIT_CODES[ErrorKind.BAD_INPUT], (command, result.stderr)
+        assert "no such directory" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_serve_starts_quietly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`llmc serve -m ART -p PORT -q`: serves; stdout stays empty and stderr holds no Granian line,
+    no per-request line and nothing at INFO (-q after the subcommand: warnings only)."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from llmc.tests.server import STARTUP_TIMEOUT_S, free_port
+
+    built = _llmc("build", "-m", str(tiny_llama_dir), "-o", str(tmp_path / "a"), "--no-compile", "--name", "tiny")
+    assert built.returncode == 0, built.stderr
+    port = free_port()
+    command = [sys.executable, "-m", "llmc", "serve", "-m", str(tmp_path / "a"), "-p", str(port), "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llmc serve did not become healthy in time"
+            time.sleep(0.2)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).status_code == 200
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert out == ""
+    assert "granian" not in err.lower() and "experimental" not in err and " INFO " not in err, err
+
+
+def test_build_prints_a_short_summary(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Off a terminal: no progress line and no per-tensor table, only a few summary lines;
+    --report adds the table; with --json stdout stays one JSON object."""
+    from safetensors import safe_open
+
+    args = ["build", "-m", str(tiny_llama_dir), "--isq", "q4_0", "--no-compile"]
+    plain = _llmc(*args, "-o", str(tmp_path / "a"))
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert 3 <= len(lines) <= 5, lines
+    assert "model.layers.0" not in plain.stdout and plain.stderr == ""
+    assert lines[1].startswith("weights: q4_0 (") and "f32 (" in lines[1]
+    with safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        real = sum(_numel(f.get_slice(name).get_shape()) for name in names)
+    assert f"{real:,} parameters" in lines[0]
+    reported = _llmc(*args, "-o", str(tmp_path / "a"), "--report")
+    assert reported.returncode == 0 and "model.layers.0.mlp.down_proj.weight" in reported.stdout
+    as_json = _llmc(*args, "-o", str(tmp_path / "a"), "--report", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    summary = json.loads(as_json.stdout)  # the table went to stderr
+    assert "model.layers.0.mlp.down_proj.weight" in as_json.stderr
+    inspected = json.loads(_llmc("inspect", str(tmp_path / "a"), "--json").stdout)
+    assert summary["parameters"] == inspected["parameters"] == real
+    assert set(inspected["weight_formats"]) == {"q4_0", "q8_0", "f32"}  # q8_0: the output projection
+    assert sum(f["parameters"] for f in inspected["weight_formats"].values()) == real
+    text = _llmc("inspect", str(tmp_path / "a")).stdout
+    assert "weights: q4_0 (" in text and "dtype: f32" in text
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def test_offline_hub_fails_fast_and_says_hf_download(tmp_path: Path) -> None:
+    """No network (the hub's address is a closed loopback port): the build fails at once, no
+    retries, and says how to download (`hf download`) and build offline (HF_HUB_OFFLINE)."""
+    import os
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    timed = (
+        "import time; from llmc.builder.sources import hub; from llmc.errors import BadModelError\n"
+        "for file in (None, 'model.gguf'):\n"
+        "    started = time.monotonic()\n"
+        "    try: hub.resolve('nobody-here/no-such-model', file)\n"
+        "    except BadModelError as exc: print(round(time.monotonic() - started, 2), exc.message)\n"
+    )
+    probe = subprocess.run([sys.executable, "-c", timed], capture_output=True, text=True, timeout=120, env=env)
+    results = probe.stdout.splitlines()
+    assert len(results) == 2, probe.stdout + probe.stderr
+    for line in results:
+        seconds, message = line.split(" ", 1)
+        assert float(seconds) < OFFLINE_FAIL_S, line  # huggingface_hub's own retries took 23 s
+        assert "hf download nobody-here/no-such-model" in message and "HF_HUB_OFFLINE=1" in message
+        assert "huggingface-cli" not in message
+    assert "Retrying" not in probe.stderr
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmc",
+            "build",
+            "-m",
+            "nobody-here/no-such-model",
+            "-f",
+            "m.gguf",
+            "-o",
+            str(tmp_path / "a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert built.returncode == EXIT_CODES[ErrorKind.BAD_MODEL]
+    assert "hf download nobody-here/no-such-model m.gguf" in built.stderr and built.stderr.count("\n") == 1
+
+
+# A refused connection fails in milliseconds; the bound leaves room for a loaded 2-core CI machine.
+OFFLINE_FAIL_S = 3.0
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: bound, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmc import cli
-from llmc.logs import configure, get_logger
+from llmc.logs import configure, get_logger, granian_logging
 
 
 @pytest.fixture
@@ -47,13 +47,19 @@ def test_exception_logs_its_traceback(llmc_logger: logging.Logger, monkeypatch: 
         (["--log-level", "debug"], [], logging.DEBUG),
         ([], ["--log-level", "ERROR"], logging.ERROR),
         (["--log-level", "error"], ["--log-level", "debug"], logging.DEBUG),  # the later one wins
+        ([], ["-v"], logging.INFO),  # one step more verbose than inspect's default, warning
+        ([], ["-vv"], logging.DEBUG),
+        (["-v"], ["-v"], logging.DEBUG),  # counted before and after the subcommand
+        ([], ["-q"], logging.ERROR),
+        ([], ["--quiet", "-qqq"], logging.CRITICAL),  # no quieter than critical
+        (["-q"], ["--log-level", "info"], logging.INFO),  # --log-level names the level outright
     ],
 )
 def test_log_level_before_or_after_the_subcommand(
     llmc_logger: logging.Logger, before: list[str], after: list[str], level: int
 ) -> None:
     result = CliRunner().invoke(cli.main, [*before, "inspect", "/nonexistent-artifact", *after])
-    assert result.exit_code == 4, result.output  # a bad artifact: the options themselves were accepted
+    assert result.exit_code == 2, result.output  # no such directory: the options themselves were accepted
     assert llmc_logger.level == level
 
 
@@ -76,5 +82,31 @@ def test_run_hands_the_level_to_the_server(
     assert runner.invoke(cli.main, ["run", str(tmp_path)]).exit_code == 0
     assert runner.invoke(cli.main, ["run", str(tmp_path), "--log-level", "warning"]).exit_code == 0
     assert runner.invoke(cli.main, ["--log-level", "error", "run", str(tmp_path)]).exit_code == 0
-    assert seen == ["info", "warning", "error"]
+    assert runner.invoke(cli.main, ["serve", str(tmp_path), "-q"]).exit_code == 0  # no request lines
+    assert runner.invoke(cli.main, ["run", str(tmp_path), "-v"]).exit_code == 0
+    assert runner.invoke(cli.main, ["-q", "serve", str(tmp_path), "-q"]).exit_code == 0
+    assert seen == ["info", "warning", "error", "warning", "debug", "error"]
     assert runner.invoke(cli.main, ["run", str(tmp_path), "--log-level", "loud"]).exit_code == 2
+
+
+def test_granian_lines_in_llmc_format_on_stderr() -> None:
+    """Granian's own lines: llmc's format, stderr, its start-up notices only at debug, and never
+    "Embedded server is experimental!" (llmc embeds it on purpose)."""
+    import logging.config
+
+    level, config = granian_logging("info")
+    assert level == "warning"  # server.ready says what granian's info lines say
+    assert granian_logging("debug")[0] == "debug" and granian_logging("error")[0] == "error"
+    stream = io.StringIO()
+    config["handlers"]["stderr"]["stream"] = stream
+    logger = logging.getLogger("_granian")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        logging.config.dictConfig(config)
+        logger.setLevel(logging.INFO)
+        logger.warning("Embedded server is experimental!")
+        logger.info("Listening at: http://127.0.0.1:2000")
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(" INFO granian Listening at: http://127.0.0.1:2000"), lines

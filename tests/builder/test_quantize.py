@@ -172,6 +172,13 @@ def test_inspect_shows_the_report(smollm2_quant_artifact: Path) -> None:
     assert summary["quantized_tensors"] == {"q4_1": 210, "q8_0": 1}
     assert summary["parameters"] == 134_515_008
     assert len(summary["report"]["tensors"]) == 211
+    # `llmc build` prints the same count (it once counted Q4_1 tensors by their bytes: 96,471,360)
+    from llmc.artifacts.reader import Artifact
+    from llmc.builder.build import BuildResult
+
+    manifest = Artifact.open(smollm2_quant_artifact).manifest
+    assert BuildResult(smollm2_quant_artifact, manifest, 0.0).summary()["parameters"] == 134_515_008
+    assert summary["weights"].startswith("q4_1 (210 tensors, ") and "q8_0 (1 tensor, " in summary["weights"]
 
 
 @pytest.fixture(scope="module")

@@ -79,15 +79,21 @@ GEMV_UNIT = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "q4k": 
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int  # output features per program
-    block_c: int  # GEMV_UNIT units of K per step at M = 1 (divided by the rows' power of two above)
+    block_c: int  # GEMV_UNIT units of K per step at M <= 2 (halved from M = 3 on)
     num_warps: int
     target_programs: int  # split K until about this many programs run (132 SMs on an H200)
 
 
-# Fixed by measurement on the H200 (benchmarks/triton_qmatmul.py --sweep; docs/BENCHMARKS.md).
+# Chosen without a GPU run (none was lent to the session that wrote this): by the SASS that
+# triton 3.9 emits for sm_90, per config (instructions per weight in the main loop, registers).
+# At M = 1, 8 rows x 16 units per 4-warp program costs 7.0 (q8_0) / 7.4 (q4_0) / 8.3 (q4_1) /
+# 9.1 (q4_K) / 9.6 (q5_0) / 10.4 (q6_K) SASS instructions per weight at 60-96 registers; 4 x 16
+# costs 25-50 % more (the x tile, moved through shared memory each step, serves fewer rows), 16 x 16
+# needs 80-166 registers. From M = 3 the rows' accumulators and x tiles double the registers, so the
+# step halves (q4_K at M = 8: 128 registers). target_programs = 1024 splits K only for N < 8192
+# (the 8B's q/k/v/o/down: 2x, 8x). `benchmarks/triton_qmatmul.py --sweep` re-picks these on a GPU.
 GEMV_CONFIGS: dict[str, GemvConfig] = {
-    fmt: GemvConfig(block_n=4, block_c=32 if GEMV_UNIT[fmt] == 32 else 16, num_warps=4, target_programs=1024)
-    for fmt in GEMV_UNIT
+    fmt: GemvConfig(block_n=8, block_c=16, num_warps=4, target_programs=1024) for fmt in GEMV_UNIT
 }
 # Gather-based GEMV (q2k, q3k): a few output features per program; the [BLOCK_M, BLOCK_N, BLOCK_K]
 # product is kept at ~1024 elements by shrinking BLOCK_K as BLOCK_M grows.
@@ -226,7 +232,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, y: torch.Tensor, m: int, config: G
     if m <= GEMV_MAX_M and w.fmt in GEMV_UNIT:
         cfg = config or GEMV_CONFIGS[w.fmt]
         block_m = _next_pow2(m)
-        block_c = max(1, cfg.block_c // block_m)
+        block_c = max(1, cfg.block_c // (2 if block_m >= 4 else 1))
         programs_n = _cdiv(n, cfg.block_n)
         steps = _cdiv(k // GEMV_UNIT[w.fmt], block_c)
         split = min(steps, max(1, cfg.target_programs // programs_n))

@@ -5,7 +5,7 @@
 
 Decode is memory bound: a batch-1 matmul's floor is its weight bytes over the device's copy
 bandwidth, measured here device-to-device in the same run. Reported per format and layer shape of
-a Llama-3-8B (M = 1 and M = 64 rows), then the whole 8B-shaped matmul sequence of one decode step
+a Llama-3-8B (M = 1, 16 and 64 rows), then the whole 8B-shaped matmul sequence of one decode step
 (32 layers of q/k/v/o/gate/up/down in one format plus a q6k head), replayed as one CUDA graph so
 launch overhead does not count: its time against the roofline is the best a decode step built on
 these kernels can reach before attention and sampling. Weights are random valid blocks made on the
@@ -49,7 +49,7 @@ LLAMA3_8B_LAYERS = 32
 LLAMA3_8B_HEAD = (128256, 4096)
 # Formats timed per shape: the default artifact's (q4_1, q8_0 head), the _M mixes' (q4k, q6k), q4_0, q5_0.
 TIMED_FORMATS = ("q4_0", "q4_1", "q5_0", "q8_0", "q4k", "q6k")
-BATCH_ROWS = (1, 64)
+BATCH_ROWS = (1, 16, 64)
 COLD_BYTES = 256 << 20  # weight copies per per-shape timing: 4x the L2
 MAX_COPIES = 64
 COPY_BYTES = 1 << 30  # 1 GiB: far above the 60 MB L2, so the copy streams from HBM
@@ -195,7 +195,7 @@ def sweep(
 
 
 def dense_reference(device: torch.device, bandwidth: float) -> list[dict[str, Any]]:
-    """bf16 torch matmuls on a dense weight (cuBLAS), M = 1 and 64: what dequantize-then-matmul costs at best."""
+    """bf16 torch matmuls on a dense weight (cuBLAS): what dequantize-then-matmul costs at best."""
     rows = []
     for name, (n, k) in LLAMA3_8B_LAYER.items():
         count = min(MAX_COPIES, max(2, -(-COLD_BYTES // (n * k * 2))))

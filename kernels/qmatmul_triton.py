@@ -664,6 +664,84 @@ if _TRITON_IMPORT_ERROR is None:
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
+    def _interleave_halves(lo, hi):
+        """[R, C, 16 or 32] low and high halves -> [R, C * 2 * W]: each unit's low run, then its high run."""
+        w = tl.permute(tl.join(lo, hi), (0, 1, 3, 2))  # [R, C, 2, W]
+        return tl.reshape(w, (w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]))
+
+    @triton.jit
+    def _dequant_tile64(p0, p1, p2, p3, p4, n64, k0, mask_n, K, FMT: tl.constexpr):
+        """fp32 weights [BLOCK_N, 64] of columns k0..k0+63 (k0 a multiple of 64) for rows n64, every
+        format but q2k/q3k; columns at or past K (a legacy row of an odd number of blocks) are 0."""
+        if FMT == _Q4K or FMT == _Q5K or FMT == _Q6K:
+            nsb = K // 256
+            sb = k0 // 256
+            r = (k0 // 64) % 4  # the 64-weight quarter of the super-block
+            d = _ld(p0 if FMT != _Q6K else p3, n64 * nsb + sb, mask_n)[:, None]
+            i32 = tl.arange(0, 32)
+            if FMT == _Q6K:  # ql bytes 64hf + l: low nibbles for r even, high for r odd; qh bits 2q
+                hf = r // 2
+                i64 = tl.arange(0, 64)
+                ql = _ld(p0, (n64 * (nsb * 128) + sb * 128 + hf * 64)[:, None] + i64[None, :], mask_n[:, None])
+                ql = (ql >> ((r % 2) * 4)) & 15
+                qh = _ld(p1, (n64 * (nsb * 64) + sb * 64 + hf * 32)[:, None] + (i64 % 32)[None, :], mask_n[:, None])
+                q = ql | (((qh >> (((r % 2) * 2 + i64 // 32) * 2)[None, :]) & 3) << 4)
+                s_off = n64 * (nsb * 16) + sb * 16 + hf * 8 + (r % 2) * 4
+                sc = _ld(p2, s_off[:, None] + (i64 // 16)[None, :], mask_n[:, None]).to(tl.float32)
+                w = d * sc * _magic(q, 32.0)
+            else:  # chunk g = r: qs bytes 32g + l, low nibbles sub-block 2g, high 2g + 1
+                QS = p3 if FMT == _Q4K else p4
+                qb = _ld(QS, (n64 * (nsb * 128) + sb * 128 + r * 32)[:, None] + i32[None, :], mask_n[:, None])
+                lo = qb & 15
+                hi = qb >> 4
+                if FMT == _Q5K:
+                    qh = _ld(p3, (n64 * (nsb * 32) + sb * 32)[:, None] + i32[None, :], mask_n[:, None])
+                    lo = lo | (((qh >> (2 * r)) & 1) << 4)
+                    hi = hi | (((qh >> (2 * r + 1)) & 1) << 4)
+                s_off = n64 * (nsb * 12) + sb * 12
+                sc_lo, mn_lo = _k_scale_min(p2, s_off, 2 * r, mask_n)
+                sc_hi, mn_hi = _k_scale_min(p2, s_off, 2 * r + 1, mask_n)
+                dmin = _ld(p1, n64 * nsb + sb, mask_n)[:, None]
+                w_lo = _magic(lo, 0.0) * (d * sc_lo[:, None]) - dmin * mn_lo[:, None]
+                w_hi = _magic(hi, 0.0) * (d * sc_hi[:, None]) - dmin * mn_hi[:, None]
+                w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (w_lo.shape[0], 64))
+        else:  # two 32-weight blocks
+            nb = K // 32
+            blk = k0 // 32 + tl.arange(0, 2)
+            mask2 = mask_n[:, None] & (blk < nb)[None, :]
+            sc_off = (n64 * nb)[:, None] + blk[None, :]
+            d = _ld(p0, sc_off, mask2)[:, :, None]
+            if FMT == _Q8_0:
+                i32 = tl.arange(0, 32)
+                qb = _ld(
+                    p1,
+                    (n64 * (nb * 32))[:, None, None] + (blk * 32)[None, :, None] + i32[None, None, :],
+                    mask2[:, :, None],
+                )
+                w3 = d * _magic(qb ^ 128, 128.0)
+            else:
+                i16 = tl.arange(0, 16)
+                QS = p1 if FMT == _Q4_0 else (p2 if FMT != _Q5_1 else p3)
+                qb = _ld(
+                    QS,
+                    (n64 * (nb * 16))[:, None, None] + (blk * 16)[None, :, None] + i16[None, None, :],
+                    mask2[:, :, None],
+                )
+                q = _interleave_halves(qb & 15, qb >> 4)  # [BLOCK_N, 64]: weight j of block b at 32b + j
+                q = tl.reshape(q, (q.shape[0], 2, 32))
+                if FMT == _Q5_0 or FMT == _Q5_1:
+                    qh = _ld(p1 if FMT == _Q5_0 else p2, sc_off, mask2)[:, :, None]
+                    q = q | (((qh >> tl.arange(0, 32)[None, None, :]) & 1) << 4)
+                if FMT == _Q4_0:
+                    w3 = d * _magic(q, 8.0)
+                elif FMT == _Q5_0:
+                    w3 = d * _magic(q, 16.0)
+                else:
+                    w3 = d * _magic(q, 0.0) + _ld(p1, sc_off, mask2)[:, :, None]
+            w = tl.reshape(w3, (w3.shape[0], 64))
+        return w
+
+    @triton.jit
     def _qgemm_kernel(
         x_ptr,
         p0,
@@ -694,7 +772,12 @@ if _TRITON_IMPORT_ERROR is None:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            w = _dequant(p0, p1, p2, p3, p4, n64[None, :], offs_k[:, None], mask_k[:, None] & mask_n[None, :], K, FMT)
+            if FMT == _Q2K or FMT == _Q3K:
+                w = _dequant(
+                    p0, p1, p2, p3, p4, n64[None, :], offs_k[:, None], mask_k[:, None] & mask_n[None, :], K, FMT
+                )
+            else:  # 16/32-byte loads per row, as in the GEMV (BLOCK_K = 64)
+                w = tl.trans(_dequant_tile64(p0, p1, p2, p3, p4, n64, k0, mask_n, K, FMT))
             x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
         y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]

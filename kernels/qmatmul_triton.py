@@ -1,4 +1,4 @@
-# ruff: noqa: N803, N806, SIM109  (Triton's convention: upper-case names for sizes and compile-time constants)
+# ruff: noqa: N803, N806, SIM108, SIM109  (Triton's convention: upper-case names for sizes and compile-time constants)
 """Matmuls that read GGML quantized blocks directly: y = x @ W^T with W dequantized in registers.
 
 A quantized weight never exists in float form in GPU memory: decoding is memory bound, so reading
@@ -79,19 +79,20 @@ GEMV_UNIT = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "q4k": 
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int  # output features per program
-    block_c: int  # GEMV_UNIT units of K per step at M <= 2 (halved from M = 3 on)
+    block_c: int  # GEMV_UNIT units of K per step at M = 1 (halved for M = 2..8)
     num_warps: int
     target_programs: int  # split K until about this many programs run (132 SMs on an H200)
 
 
-# Chosen without a GPU run (none was lent to the session that wrote this): by the SASS that
-# triton 3.9 emits for sm_90, per config (instructions per weight in the main loop, registers).
-# At M = 1, 8 rows x 16 units per 4-warp program costs 7.0 (q8_0) / 7.4 (q4_0) / 8.3 (q4_1) /
-# 9.1 (q4_K) / 9.6 (q5_0) / 10.4 (q6_K) SASS instructions per weight at 60-96 registers; 4 x 16
-# costs 25-50 % more (the x tile, moved through shared memory each step, serves fewer rows), 16 x 16
-# needs 80-166 registers. From M = 3 the rows' accumulators and x tiles double the registers, so the
-# step halves (q4_K at M = 8: 128 registers). target_programs = 1024 splits K only for N < 8192
-# (the 8B's q/k/v/o/down: 2x, 8x). `benchmarks/triton_qmatmul.py --sweep` re-picks these on a GPU.
+# Chosen without a GPU run (none was lent to the session that wrote this), by the SASS that
+# triton 3.9 emits for sm_90 (instructions per weight in the main loop, registers). At M = 1,
+# 8 rows x 16 units per 4-warp program costs 7.2 (q8_0) / 7.4 (q4_0) / 8.3 (q4_1) / 9.6 (q5_0) /
+# 9.8 (q4_K) / 11.1 (q6_K) instructions per weight at 63-136 registers, the next step's loads in
+# flight; 4 x 16 costs 25-50 % more (the x tile, moved through shared memory each step, serves fewer
+# rows), 16 x 16 needs up to 255 registers. From M = 2 the rows' accumulators and x tiles add
+# registers, so the step halves (q4_K: 127 at M = 2, 128 at M = 8). target_programs = 1024 splits K
+# only where N < 8192 (an 8B's q/o/down 2x, k/v 8x). `benchmarks/triton_qmatmul.py --sweep`
+# re-picks these on a GPU.
 GEMV_CONFIGS: dict[str, GemvConfig] = {
     fmt: GemvConfig(block_n=8, block_c=16, num_warps=4, target_programs=1024) for fmt in GEMV_UNIT
 }
@@ -232,7 +233,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, y: torch.Tensor, m: int, config: G
     if m <= GEMV_MAX_M and w.fmt in GEMV_UNIT:
         cfg = config or GEMV_CONFIGS[w.fmt]
         block_m = _next_pow2(m)
-        block_c = max(1, cfg.block_c // (2 if block_m >= 4 else 1))
+        block_c = max(1, cfg.block_c // (2 if block_m >= 2 else 1))
         programs_n = _cdiv(n, cfg.block_n)
         steps = _cdiv(k // GEMV_UNIT[w.fmt], block_c)
         split = min(steps, max(1, cfg.target_programs // programs_n))
@@ -321,40 +322,51 @@ if _TRITON_IMPORT_ERROR is None:
         return sc.to(tl.float32), mn.to(tl.float32)
 
     @triton.jit
-    def _wtile(p0, p1, p2, p3, p4, n64, offs_c, mask_n, mask_c, K, FMT: tl.constexpr):
-        """The weights of one GEMV step, BLOCK_N rows x BLOCK_C units, as up to four float tiles
-        [BLOCK_N, C, W] of integer levels (a0..a3: groups of W weights at x offsets GROUP_OFFSETS),
-        their per-unit scales s0..s3 [BLOCK_N, C] and the mins m0, m1 subtracted as m * sum(x).
-        Unused slots repeat a used tensor. Quants come in as 16/32-byte runs, one load per run."""
+    def _raw(ptr, off, mask):
+        """Plane elements as stored, not widened: what the prefetch keeps in registers."""
+        return tl.load(ptr + off, mask=mask, other=0)
+
+    @triton.jit
+    def _k_unpack(a, b, c, sub):
+        """q4_K/q5_K's (scale, min) of sub-block `sub` from scale bytes sub, sub + 4 and sub % 4."""
+        a = a.to(tl.int32)
+        b = b.to(tl.int32)
+        c = c.to(tl.int32)
+        low = sub < 4
+        sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
+        mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+        return sc.to(tl.float32), mn.to(tl.float32)
+
+    @triton.jit
+    def _wload(p0, p1, p2, p3, p4, n64, offs_c, mask_n, mask_c, K, FMT: tl.constexpr):
+        """Issue every load of one GEMV step (BLOCK_N rows x BLOCK_C units) and return the raw values
+        r0..r9 (unused slots repeat r1). The loop loads step i + 1 before it decodes step i, so each
+        thread keeps two steps of bytes in flight. Quants come as 16/32-byte runs, one load per run."""
         mask2 = mask_n[:, None] & mask_c[None, :]
         mask3 = mask_n[:, None, None] & mask_c[None, :, None]
         if FMT == _Q4K or FMT == _Q5K:
             # 64-weight chunk c = 4 sb + g: qs bytes 32c..32c+31, low nibbles sub-block 2g, high 2g + 1
             nsb = K // 256
             sb = offs_c // 4
-            g = offs_c % 4
             i32 = tl.arange(0, 32)
             QS = p3 if FMT == _Q4K else p4
-            qb = _ld(QS, (n64 * (nsb * 128))[:, None, None] + (offs_c * 32)[None, :, None] + i32[None, None, :], mask3)
-            lo = qb & 15
-            hi = qb >> 4
-            if FMT == _Q5K:  # bit 4 of weight 32s + i is bit s of qh byte i
-                qh = _ld(p3, (n64 * (nsb * 32))[:, None, None] + (sb * 32)[None, :, None] + i32[None, None, :], mask3)
-                lo = lo | (((qh >> (2 * g)[None, :, None]) & 1) << 4)
-                hi = hi | (((qh >> (2 * g + 1)[None, :, None]) & 1) << 4)
-            s_off = (n64 * (nsb * 12))[:, None] + (sb * 12)[None, :]
-            sc_lo, mn_lo = _k_scale_min(p2, s_off, 2 * g[None, :], mask2)
-            sc_hi, mn_hi = _k_scale_min(p2, s_off, 2 * g[None, :] + 1, mask2)
+            r0 = _raw(QS, (n64 * (nsb * 128))[:, None, None] + (offs_c * 32)[None, :, None] + i32[None, None, :], mask3)
             d_off = (n64 * nsb)[:, None] + sb[None, :]
-            d = _ld(p0, d_off, mask2)
-            dmin = _ld(p1, d_off, mask2)
-            a0 = _magic(lo, 0.0)
-            a1 = _magic(hi, 0.0)
-            s0 = d * sc_lo
-            s1 = d * sc_hi
-            m0 = dmin * mn_lo
-            m1 = dmin * mn_hi
-            a2, a3, s2, s3 = a0, a1, s0, s1
+            r1 = _raw(p0, d_off, mask2)
+            r2 = _raw(p1, d_off, mask2)
+            s_off = (n64 * (nsb * 12))[:, None] + (sb * 12)[None, :]
+            sub = 2 * (offs_c % 4)[None, :]
+            r3 = _raw(p2, s_off + sub, mask2)
+            r4 = _raw(p2, s_off + sub + 4, mask2)
+            r5 = _raw(p2, s_off + sub % 4, mask2)
+            r6 = _raw(p2, s_off + sub + 1, mask2)
+            r7 = _raw(p2, s_off + sub + 5, mask2)
+            r8 = _raw(p2, s_off + (sub + 1) % 4, mask2)
+            if FMT == _Q5K:  # bit 4 of weight 32s + i is bit s of qh byte i
+                qh_off = (n64 * (nsb * 32))[:, None, None] + (sb * 32)[None, :, None] + i32[None, None, :]
+                r9 = _raw(p3, qh_off, mask3)
+            else:
+                r9 = r1
         elif FMT == _Q6K:
             # 64-weight unit c = (sb, half hf, 16-run ls): A = ql[64hf + 16ls + i], B = A + 32 and
             # H = qh[32hf + 16ls + i] hold weights 128hf + 32q + 16ls + i of quarters q = 0..3
@@ -367,46 +379,100 @@ if _TRITON_IMPORT_ERROR is None:
             a_off = (
                 (n64 * (nsb * 128))[:, None, None] + (sb * 128 + hf * 64 + ls * 16)[None, :, None] + i16[None, None, :]
             )
-            qa = _ld(p0, a_off, mask3)
-            qb = _ld(p0, a_off + 32, mask3)
+            r0 = _raw(p0, a_off, mask3)
+            r1 = _raw(p0, a_off + 32, mask3)
             h_off = (
                 (n64 * (nsb * 64))[:, None, None] + (sb * 64 + hf * 32 + ls * 16)[None, :, None] + i16[None, None, :]
             )
-            qh = _ld(p1, h_off, mask3)
+            r2 = _raw(p1, h_off, mask3)
+            r3 = _raw(p3, (n64 * nsb)[:, None] + sb[None, :], mask2)
+            s_off = (n64 * (nsb * 16))[:, None] + (sb * 16 + hf * 8 + ls)[None, :]
+            r4 = _raw(p2, s_off, mask2)
+            r5 = _raw(p2, s_off + 2, mask2)
+            r6 = _raw(p2, s_off + 4, mask2)
+            r7 = _raw(p2, s_off + 6, mask2)
+            r8, r9 = r3, r3
+        else:
+            # 32-weight blocks: d (r1), quants (r0), m (r2), qh (r3)
+            nb = K // 32
+            sc_off = (n64 * nb)[:, None] + offs_c[None, :]
+            r1 = _raw(p0, sc_off, mask2)
+            if FMT == _Q8_0:
+                i32 = tl.arange(0, 32)
+                r0 = _raw(
+                    p1, (n64 * (nb * 32))[:, None, None] + (offs_c * 32)[None, :, None] + i32[None, None, :], mask3
+                )
+            else:
+                i16 = tl.arange(0, 16)
+                QS = p1 if FMT == _Q4_0 else (p2 if FMT != _Q5_1 else p3)
+                r0 = _raw(
+                    QS, (n64 * (nb * 16))[:, None, None] + (offs_c * 16)[None, :, None] + i16[None, None, :], mask3
+                )
+            if FMT == _Q4_1 or FMT == _Q5_1:
+                r2 = _raw(p1, sc_off, mask2)
+            else:
+                r2 = r1
+            if FMT == _Q5_0:
+                r3 = _raw(p1, sc_off, mask2)
+            elif FMT == _Q5_1:
+                r3 = _raw(p2, sc_off, mask2)
+            else:
+                r3 = r1
+            r4, r5, r6, r7, r8, r9 = r1, r1, r1, r1, r1, r1
+        return r0, r1, r2, r3, r4, r5, r6, r7, r8, r9
+
+    @triton.jit
+    def _wdecode(r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, offs_c, FMT: tl.constexpr):
+        """One step's raw values as up to four float tiles [BLOCK_N, C, W] of integer levels (a0..a3:
+        groups of W weights, at x offsets _xoffsets + 0/16/32/64/96), their per-unit scales s0..s3
+        [BLOCK_N, C] and the mins m0, m1 (subtracted as m * sum(x)); unused slots repeat used ones."""
+        if FMT == _Q4K or FMT == _Q5K:
+            qb = r0.to(tl.int32)
+            lo = qb & 15
+            hi = qb >> 4
+            if FMT == _Q5K:
+                g2 = (2 * (offs_c % 4))[None, :, None]
+                qh = r9.to(tl.int32)
+                lo = lo | (((qh >> g2) & 1) << 4)
+                hi = hi | (((qh >> (g2 + 1)) & 1) << 4)
+            sub = 2 * (offs_c % 4)[None, :]
+            sc_lo, mn_lo = _k_unpack(r3, r4, r5, sub)
+            sc_hi, mn_hi = _k_unpack(r6, r7, r8, sub + 1)
+            d = r1.to(tl.float32)
+            dmin = r2.to(tl.float32)
+            a0 = _magic(lo, 0.0)
+            a1 = _magic(hi, 0.0)
+            s0 = d * sc_lo
+            s1 = d * sc_hi
+            m0 = dmin * mn_lo
+            m1 = dmin * mn_hi
+            a2, a3, s2, s3 = a0, a1, s0, s1
+        elif FMT == _Q6K:
+            qa = r0.to(tl.int32)
+            qb = r1.to(tl.int32)
+            qh = r2.to(tl.int32)
             a0 = _magic((qa & 15) | ((qh & 3) << 4), 32.0)
             a1 = _magic((qb & 15) | (((qh >> 2) & 3) << 4), 32.0)
             a2 = _magic((qa >> 4) | (((qh >> 4) & 3) << 4), 32.0)
             a3 = _magic((qb >> 4) | ((qh >> 6) << 4), 32.0)
-            d = _ld(p3, (n64 * nsb)[:, None] + sb[None, :], mask2)
-            s_off = (n64 * (nsb * 16))[:, None] + (sb * 16 + hf * 8 + ls)[None, :]
-            s0 = d * _ld(p2, s_off, mask2).to(tl.float32)
-            s1 = d * _ld(p2, s_off + 2, mask2).to(tl.float32)
-            s2 = d * _ld(p2, s_off + 4, mask2).to(tl.float32)
-            s3 = d * _ld(p2, s_off + 6, mask2).to(tl.float32)
+            d = r3.to(tl.float32)
+            s0 = d * r4.to(tl.float32)
+            s1 = d * r5.to(tl.float32)
+            s2 = d * r6.to(tl.float32)
+            s3 = d * r7.to(tl.float32)
             m0, m1 = s0, s1
         else:
-            # 32-weight blocks: qs byte i holds weight i (low nibble) and i + 16 (high); q5's qh bit j
-            # is weight j's bit 4; q8_0's 32 int8s, + 128, are unsigned bytes
-            nb = K // 32
-            sc_off = (n64 * nb)[:, None] + offs_c[None, :]  # one f16 / int32 per block
-            s0 = _ld(p0, sc_off, mask2)
+            s0 = r1.to(tl.float32)
+            qb = r0.to(tl.int32)
             if FMT == _Q8_0:
-                i32 = tl.arange(0, 32)
-                qb = _ld(
-                    p1, (n64 * (nb * 32))[:, None, None] + (offs_c * 32)[None, :, None] + i32[None, None, :], mask3
-                )
-                a0 = _magic(qb ^ 128, 128.0)
+                a0 = _magic(qb ^ 128, 128.0)  # int8 q + 128 is the unsigned byte
                 a1 = a0
-            else:
-                i16 = tl.arange(0, 16)
-                QS = p1 if FMT == _Q4_0 else (p2 if FMT != _Q5_1 else p3)
-                qb = _ld(
-                    QS, (n64 * (nb * 16))[:, None, None] + (offs_c * 16)[None, :, None] + i16[None, None, :], mask3
-                )
+            else:  # qs byte i holds weight i (low nibble) and i + 16 (high); q5's qh bit j is weight j's bit 4
                 lo = qb & 15
                 hi = qb >> 4
                 if FMT == _Q5_0 or FMT == _Q5_1:
-                    qh = _ld(p1 if FMT == _Q5_0 else p2, sc_off, mask2)[:, :, None]
+                    i16 = tl.arange(0, 16)
+                    qh = r3[:, :, None]
                     lo = lo | (((qh >> i16[None, None, :]) & 1) << 4)
                     hi = hi | (((qh >> (i16 + 16)[None, None, :]) & 1) << 4)
                 if FMT == _Q4_0:
@@ -418,41 +484,67 @@ if _TRITON_IMPORT_ERROR is None:
                 else:
                     a0 = _magic(lo, 0.0)
                     a1 = _magic(hi, 0.0)
-            m0 = s0
-            if FMT == _Q4_1 or FMT == _Q5_1:  # w = d * q + m
-                m0 = _ld(p1, sc_off, mask2)
+            m0 = r2.to(tl.float32)  # q4_1/q5_1: w = d * q + m
             a2, a3, s1, s2, s3, m1 = a0, a1, s0, s0, s0, m0
         return a0, a1, a2, a3, s0, s1, s2, s3, m0, m1
 
     @triton.jit
-    def _xdot(x_ptr, xo, xmask, w):
-        """x at offsets xo [C, W] (one row) against w [BLOCK_N, C, W]: per-unit dots [BLOCK_N, C], and sum(x) [C]."""
-        xv = tl.load(x_ptr + xo, mask=xmask, other=0.0).to(tl.float32)
+    def _xload(x_ptr, xo, xmask, FMT: tl.constexpr):
+        """One row of x for a step's groups of weights: tiles [C, W] at xo + 0/16/32/64/96, as stored."""
+        x0 = tl.load(x_ptr + xo, mask=xmask, other=0.0)
+        if FMT == _Q8_0:
+            x1 = x0
+            x2 = x0
+            x3 = x0
+        elif FMT == _Q6K:
+            x1 = tl.load(x_ptr + xo + 32, mask=xmask, other=0.0)
+            x2 = tl.load(x_ptr + xo + 64, mask=xmask, other=0.0)
+            x3 = tl.load(x_ptr + xo + 96, mask=xmask, other=0.0)
+        elif FMT == _Q4K or FMT == _Q5K:
+            x1 = tl.load(x_ptr + xo + 32, mask=xmask, other=0.0)
+            x2 = x0
+            x3 = x1
+        else:
+            x1 = tl.load(x_ptr + xo + 16, mask=xmask, other=0.0)
+            x2 = x0
+            x3 = x1
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _xdot(xv, w):
+        """x [C, W] (one row) against w [BLOCK_N, C, W]: per-unit dots [BLOCK_N, C], and sum(x) [C]."""
+        xv = xv.to(tl.float32)
         return tl.sum(w * xv[None, :, :], axis=2), tl.sum(xv, axis=1)
 
     @triton.jit
-    def _row_part(x_ptr, xo, xmask, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT: tl.constexpr):
-        """One row of x against one step's weight tiles: [BLOCK_N, C] partial sums."""
+    def _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT: tl.constexpr):
+        """One row of x (its tiles from _xload) against one step's weight tiles: [BLOCK_N, C] partial sums."""
         if FMT == _Q8_0:
-            dot0, sx0 = _xdot(x_ptr, xo, xmask, a0)
+            dot0, sx0 = _xdot(x0, a0)
             part = dot0 * s0
         elif FMT == _Q4K or FMT == _Q5K:
-            dot0, sx0 = _xdot(x_ptr, xo, xmask, a0)
-            dot1, sx1 = _xdot(x_ptr, xo + 32, xmask, a1)
+            dot0, sx0 = _xdot(x0, a0)
+            dot1, sx1 = _xdot(x1, a1)
             part = dot0 * s0 + dot1 * s1 - sx0[None, :] * m0 - sx1[None, :] * m1
         elif FMT == _Q6K:
-            dot0, sx0 = _xdot(x_ptr, xo, xmask, a0)
-            dot1, sx1 = _xdot(x_ptr, xo + 32, xmask, a1)
-            dot2, _ = _xdot(x_ptr, xo + 64, xmask, a2)
-            dot3, _ = _xdot(x_ptr, xo + 96, xmask, a3)
+            dot0, sx0 = _xdot(x0, a0)
+            dot1, sx1 = _xdot(x1, a1)
+            dot2, _ = _xdot(x2, a2)
+            dot3, _ = _xdot(x3, a3)
             part = dot0 * s0 + dot1 * s1 + dot2 * s2 + dot3 * s3
         else:
-            dot0, sx0 = _xdot(x_ptr, xo, xmask, a0)
-            dot1, sx1 = _xdot(x_ptr, xo + 16, xmask, a1)
+            dot0, sx0 = _xdot(x0, a0)
+            dot1, sx1 = _xdot(x1, a1)
             part = (dot0 + dot1) * s0
             if FMT == _Q4_1 or FMT == _Q5_1:
                 part += (sx0 + sx1)[None, :] * m0
         return part
+
+    @triton.jit
+    def _row_acc(x_ptr, xo, xmask, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT: tl.constexpr):
+        """_row_part for a row of x loaded now (rows 1..7; row 0's tiles are prefetched)."""
+        x0, x1, x2, x3 = _xload(x_ptr, xo, xmask, FMT)
+        return _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
 
     @triton.jit
     def _xoffsets(offs_c, FMT: tl.constexpr):
@@ -506,31 +598,39 @@ if _TRITON_IMPORT_ERROR is None:
         acc5 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         acc6 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         acc7 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        offs_c = c_start + tl.arange(0, BLOCK_C)
+        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = _wload(p0, p1, p2, p3, p4, n64, offs_c, mask_n, offs_c < c_end, K, FMT)
+        x0, x1, x2, x3 = _xload(x_ptr, _xoffsets(offs_c, FMT), (offs_c < c_end)[:, None], FMT)
         for c0 in range(c_start, c_end, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < c_end
-            a0, a1, a2, a3, s0, s1, s2, s3, m0, m1 = _wtile(p0, p1, p2, p3, p4, n64, offs_c, mask_n, mask_c, K, FMT)
+            nxt = offs_c + BLOCK_C  # prefetch the next step (all masked off after the last)
+            q0, q1, q2, q3, q4, q5, q6, q7, q8, q9 = _wload(p0, p1, p2, p3, p4, n64, nxt, mask_n, nxt < c_end, K, FMT)
+            y0, y1, y2, y3 = _xload(x_ptr, _xoffsets(nxt, FMT), (nxt < c_end)[:, None], FMT)
+            a0, a1, a2, a3, s0, s1, s2, s3, m0, m1 = _wdecode(r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, offs_c, FMT)
             xo = _xoffsets(offs_c, FMT)
             xm = mask_c[:, None]
             zero = xo * 0  # row r's mask is (zero + r < M): a tensor in both compiler and interpreter
-            acc0 += _row_part(x_ptr, xo, xm, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+            acc0 += _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
             if BLOCK_M > 1:
                 xr = x_ptr + stride_xm
-                acc1 += _row_part(xr, xo, xm & (zero + 1 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc1 += _row_acc(xr, xo, xm & (zero + 1 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
             if BLOCK_M > 2:
                 xr = x_ptr + 2 * stride_xm
-                acc2 += _row_part(xr, xo, xm & (zero + 2 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc2 += _row_acc(xr, xo, xm & (zero + 2 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
                 xr = x_ptr + 3 * stride_xm
-                acc3 += _row_part(xr, xo, xm & (zero + 3 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc3 += _row_acc(xr, xo, xm & (zero + 3 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
             if BLOCK_M > 4:
                 xr = x_ptr + 4 * stride_xm
-                acc4 += _row_part(xr, xo, xm & (zero + 4 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc4 += _row_acc(xr, xo, xm & (zero + 4 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
                 xr = x_ptr + 5 * stride_xm
-                acc5 += _row_part(xr, xo, xm & (zero + 5 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc5 += _row_acc(xr, xo, xm & (zero + 5 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
                 xr = x_ptr + 6 * stride_xm
-                acc6 += _row_part(xr, xo, xm & (zero + 6 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc6 += _row_acc(xr, xo, xm & (zero + 6 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
                 xr = x_ptr + 7 * stride_xm
-                acc7 += _row_part(xr, xo, xm & (zero + 7 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc7 += _row_acc(xr, xo, xm & (zero + 7 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+            r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = q0, q1, q2, q3, q4, q5, q6, q7, q8, q9
+            x0, x1, x2, x3 = y0, y1, y2, y3
         out = out_ptr + tl.program_id(1).to(tl.int64) * stride_os + offs_n
         ty = out_ptr.dtype.element_ty
         tl.store(out, tl.sum(acc0, axis=1).to(ty), mask=mask_n)

@@ -13,17 +13,19 @@ f16/int8/int32 arrays. The bytes are GGML's, moved, never re-encoded: the kernel
 bit layout as it is.
 
 Two kernels read the planes:
-- GEMV for decode (M <= 8 rows of x; `_gemv_kernel`), for every format but q2k and q3k: each program
+- GEMV for decode (M <= 8 rows of x; `_gemv_kernel`), for every format but q3k: each program
   owns BLOCK_N output features and a range of K. Per step it loads [BLOCK_N, BLOCK_C, 16 or 32]
   bytes of quants (BLOCK_C 32/64-weight units of each row) and the matching x, turns each nibble
   into a float with a bit trick instead of an int-to-float conversion (which runs at a quarter of
   the FP32 rate), forms the dot product per scale group and applies d*sc (and dmin*m*sum(x)) once
-  per group. Narrow layers split K over more programs (split-K) and a second kernel sums the
-  partial results in a fixed order: deterministic, no atomics, no host sync, CUDA-graph capturable.
-- A tiled GEMM for more rows (tl.dot on dequantized [BLOCK_K, BLOCK_N] tiles, gathered element by
-  element), which also serves q2k/q3k's GEMV through a gather-based GEMV.
+  per group. The next step's bytes are loaded before the current step is decoded. Narrow layers
+  split K over more programs (split-K) and a second kernel sums the partial results in a fixed
+  order: deterministic, no atomics, no host sync, CUDA-graph capturable.
+- A tiled GEMM for more rows: tl.dot on [BLOCK_M, 64] x [64, BLOCK_N] tiles, the weight tile
+  dequantized from 16/32-byte row loads (q2k/q3k: gathered element by element, as in the
+  gather-based GEMV that serves q3k's decode).
 
-`qmatmul` takes the GGUF layout (it packs on every call: a callers that calls it repeatedly should
+`qmatmul` takes the GGUF layout (it packs on every call: a caller that calls it repeatedly should
 `pack_weight` once and call `qmatmul_packed`). Triton is optional: this module imports without it,
 and the matmuls then raise. `quant_formats.reference_qmatmul` is the plain-torch oracle.
 """
@@ -73,7 +75,17 @@ PLANE_ALIGN = 128  # bytes: every plane starts on a 128-byte boundary of the pac
 GEMV_MAX_M = 8
 # The GEMV's unit along K: weights per step of one row (legacy: one 32-weight block; q4_K/q5_K: 64
 # weights = 32 quant bytes, two sub-blocks; q6_K: 64 weights = 16 bytes each of ql low, ql high, qh).
-GEMV_UNIT = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "q4k": 64, "q5k": 64, "q6k": 64}
+GEMV_UNIT = {
+    "q4_0": 32,
+    "q4_1": 32,
+    "q5_0": 32,
+    "q5_1": 32,
+    "q8_0": 32,
+    "q2k": 64,
+    "q4k": 64,
+    "q5k": 64,
+    "q6k": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,7 @@ class GemvConfig:
 GEMV_CONFIGS: dict[str, GemvConfig] = {
     fmt: GemvConfig(block_n=8, block_c=16, num_warps=4, target_programs=1024) for fmt in GEMV_UNIT
 }
-# Gather-based GEMV (q2k, q3k): a few output features per program; the [BLOCK_M, BLOCK_N, BLOCK_K]
+# Gather-based GEMV (q3k): a few output features per program; the [BLOCK_M, BLOCK_N, BLOCK_K]
 # product is kept at ~1024 elements by shrinking BLOCK_K as BLOCK_M grows.
 GATHER_BLOCK_N = 8
 GATHER_PRODUCT_ELEMS = 1024
@@ -367,6 +379,25 @@ if _TRITON_IMPORT_ERROR is None:
                 r9 = _raw(p3, qh_off, mask3)
             else:
                 r9 = r1
+        elif FMT == _Q2K:
+            # 64-weight unit c = (sb, half h, 16-run ls): qs byte 32h + 16ls + i holds weights
+            # 128h + 32s + 16ls + i at bits 2s (s = 0..3), with scale byte 8h + 2s + ls
+            nsb = K // 256
+            sb = offs_c // 4
+            h = (offs_c % 4) // 2
+            ls = offs_c % 2
+            i16 = tl.arange(0, 16)
+            q_off = (n64 * (nsb * 64))[:, None, None] + (sb * 64 + h * 32 + ls * 16)[None, :, None] + i16[None, None, :]
+            r0 = _raw(p1, q_off, mask3)
+            d_off = (n64 * nsb)[:, None] + sb[None, :]
+            r1 = _raw(p2, d_off, mask2)
+            r2 = _raw(p3, d_off, mask2)
+            s_off = (n64 * (nsb * 16))[:, None] + (sb * 16 + h * 8 + ls)[None, :]
+            r3 = _raw(p0, s_off, mask2)
+            r4 = _raw(p0, s_off + 2, mask2)
+            r5 = _raw(p0, s_off + 4, mask2)
+            r6 = _raw(p0, s_off + 6, mask2)
+            r7, r8, r9 = r1, r1, r1
         elif FMT == _Q6K:
             # 64-weight unit c = (sb, half hf, 16-run ls): A = ql[64hf + 16ls + i], B = A + 32 and
             # H = qh[32hf + 16ls + i] hold weights 128hf + 32q + 16ls + i of quarters q = 0..3
@@ -425,7 +456,7 @@ if _TRITON_IMPORT_ERROR is None:
     def _wdecode(r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, offs_c, FMT: tl.constexpr):
         """One step's raw values as up to four float tiles [BLOCK_N, C, W] of integer levels (a0..a3:
         groups of W weights, at x offsets _xoffsets + 0/16/32/64/96), their per-unit scales s0..s3
-        [BLOCK_N, C] and the mins m0, m1 (subtracted as m * sum(x)); unused slots repeat used ones."""
+        [BLOCK_N, C] and the mins m0..m3 (subtracted as m * sum(x)); unused slots repeat used ones."""
         if FMT == _Q4K or FMT == _Q5K:
             qb = r0.to(tl.int32)
             lo = qb & 15
@@ -446,7 +477,27 @@ if _TRITON_IMPORT_ERROR is None:
             s1 = d * sc_hi
             m0 = dmin * mn_lo
             m1 = dmin * mn_hi
-            a2, a3, s2, s3 = a0, a1, s0, s1
+            a2, a3, s2, s3, m2, m3 = a0, a1, s0, s1, m0, m1
+        elif FMT == _Q2K:  # 2-bit levels at shifts 2s of the run's bytes; scale byte: 4-bit sc, 4-bit m
+            qb = r0.to(tl.int32)
+            d = r1.to(tl.float32)
+            dmin = r2.to(tl.float32)
+            a0 = _magic(qb & 3, 0.0)
+            a1 = _magic((qb >> 2) & 3, 0.0)
+            a2 = _magic((qb >> 4) & 3, 0.0)
+            a3 = _magic(qb >> 6, 0.0)
+            c0 = r3.to(tl.int32)
+            c1 = r4.to(tl.int32)
+            c2 = r5.to(tl.int32)
+            c3 = r6.to(tl.int32)
+            s0 = d * (c0 & 15).to(tl.float32)
+            s1 = d * (c1 & 15).to(tl.float32)
+            s2 = d * (c2 & 15).to(tl.float32)
+            s3 = d * (c3 & 15).to(tl.float32)
+            m0 = dmin * (c0 >> 4).to(tl.float32)
+            m1 = dmin * (c1 >> 4).to(tl.float32)
+            m2 = dmin * (c2 >> 4).to(tl.float32)
+            m3 = dmin * (c3 >> 4).to(tl.float32)
         elif FMT == _Q6K:
             qa = r0.to(tl.int32)
             qb = r1.to(tl.int32)
@@ -460,7 +511,7 @@ if _TRITON_IMPORT_ERROR is None:
             s1 = d * r5.to(tl.float32)
             s2 = d * r6.to(tl.float32)
             s3 = d * r7.to(tl.float32)
-            m0, m1 = s0, s1
+            m0, m1, m2, m3 = s0, s1, s2, s3
         else:
             s0 = r1.to(tl.float32)
             qb = r0.to(tl.int32)
@@ -485,8 +536,8 @@ if _TRITON_IMPORT_ERROR is None:
                     a0 = _magic(lo, 0.0)
                     a1 = _magic(hi, 0.0)
             m0 = r2.to(tl.float32)  # q4_1/q5_1: w = d * q + m
-            a2, a3, s1, s2, s3, m1 = a0, a1, s0, s0, s0, m0
-        return a0, a1, a2, a3, s0, s1, s2, s3, m0, m1
+            a2, a3, s1, s2, s3, m1, m2, m3 = a0, a1, s0, s0, s0, m0, m0, m0
+        return a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3
 
     @triton.jit
     def _xload(x_ptr, xo, xmask, FMT: tl.constexpr):
@@ -496,7 +547,7 @@ if _TRITON_IMPORT_ERROR is None:
             x1 = x0
             x2 = x0
             x3 = x0
-        elif FMT == _Q6K:
+        elif FMT == _Q6K or FMT == _Q2K:
             x1 = tl.load(x_ptr + xo + 32, mask=xmask, other=0.0)
             x2 = tl.load(x_ptr + xo + 64, mask=xmask, other=0.0)
             x3 = tl.load(x_ptr + xo + 96, mask=xmask, other=0.0)
@@ -517,7 +568,7 @@ if _TRITON_IMPORT_ERROR is None:
         return tl.sum(w * xv[None, :, :], axis=2), tl.sum(xv, axis=1)
 
     @triton.jit
-    def _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT: tl.constexpr):
+    def _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT: tl.constexpr):
         """One row of x (its tiles from _xload) against one step's weight tiles: [BLOCK_N, C] partial sums."""
         if FMT == _Q8_0:
             dot0, sx0 = _xdot(x0, a0)
@@ -526,6 +577,13 @@ if _TRITON_IMPORT_ERROR is None:
             dot0, sx0 = _xdot(x0, a0)
             dot1, sx1 = _xdot(x1, a1)
             part = dot0 * s0 + dot1 * s1 - sx0[None, :] * m0 - sx1[None, :] * m1
+        elif FMT == _Q2K:
+            dot0, sx0 = _xdot(x0, a0)
+            dot1, sx1 = _xdot(x1, a1)
+            dot2, sx2 = _xdot(x2, a2)
+            dot3, sx3 = _xdot(x3, a3)
+            part = dot0 * s0 + dot1 * s1 + dot2 * s2 + dot3 * s3
+            part -= sx0[None, :] * m0 + sx1[None, :] * m1 + sx2[None, :] * m2 + sx3[None, :] * m3
         elif FMT == _Q6K:
             dot0, sx0 = _xdot(x0, a0)
             dot1, sx1 = _xdot(x1, a1)
@@ -541,15 +599,15 @@ if _TRITON_IMPORT_ERROR is None:
         return part
 
     @triton.jit
-    def _row_acc(x_ptr, xo, xmask, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT: tl.constexpr):
+    def _row_acc(x_ptr, xo, xmask, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT: tl.constexpr):
         """_row_part for a row of x loaded now (rows 1..7; row 0's tiles are prefetched)."""
         x0, x1, x2, x3 = _xload(x_ptr, xo, xmask, FMT)
-        return _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+        return _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
 
     @triton.jit
     def _xoffsets(offs_c, FMT: tl.constexpr):
         """Columns of x [C, W] that the first group of each unit multiplies."""
-        if FMT == _Q6K:
+        if FMT == _Q6K or FMT == _Q2K:
             i16 = tl.arange(0, 16)
             xo = ((offs_c // 4) * 256 + ((offs_c % 4) // 2) * 128 + (offs_c % 2) * 16)[:, None] + i16[None, :]
         elif FMT == _Q4K or FMT == _Q5K:
@@ -607,28 +665,30 @@ if _TRITON_IMPORT_ERROR is None:
             nxt = offs_c + BLOCK_C  # prefetch the next step (all masked off after the last)
             q0, q1, q2, q3, q4, q5, q6, q7, q8, q9 = _wload(p0, p1, p2, p3, p4, n64, nxt, mask_n, nxt < c_end, K, FMT)
             y0, y1, y2, y3 = _xload(x_ptr, _xoffsets(nxt, FMT), (nxt < c_end)[:, None], FMT)
-            a0, a1, a2, a3, s0, s1, s2, s3, m0, m1 = _wdecode(r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, offs_c, FMT)
+            a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3 = _wdecode(
+                r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, offs_c, FMT
+            )
             xo = _xoffsets(offs_c, FMT)
             xm = mask_c[:, None]
             zero = xo * 0  # row r's mask is (zero + r < M): a tensor in both compiler and interpreter
-            acc0 += _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+            acc0 += _row_part(x0, x1, x2, x3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
             if BLOCK_M > 1:
                 xr = x_ptr + stride_xm
-                acc1 += _row_acc(xr, xo, xm & (zero + 1 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc1 += _row_acc(xr, xo, xm & (zero + 1 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
             if BLOCK_M > 2:
                 xr = x_ptr + 2 * stride_xm
-                acc2 += _row_acc(xr, xo, xm & (zero + 2 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc2 += _row_acc(xr, xo, xm & (zero + 2 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
                 xr = x_ptr + 3 * stride_xm
-                acc3 += _row_acc(xr, xo, xm & (zero + 3 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc3 += _row_acc(xr, xo, xm & (zero + 3 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
             if BLOCK_M > 4:
                 xr = x_ptr + 4 * stride_xm
-                acc4 += _row_acc(xr, xo, xm & (zero + 4 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc4 += _row_acc(xr, xo, xm & (zero + 4 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
                 xr = x_ptr + 5 * stride_xm
-                acc5 += _row_acc(xr, xo, xm & (zero + 5 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc5 += _row_acc(xr, xo, xm & (zero + 5 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
                 xr = x_ptr + 6 * stride_xm
-                acc6 += _row_acc(xr, xo, xm & (zero + 6 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc6 += _row_acc(xr, xo, xm & (zero + 6 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
                 xr = x_ptr + 7 * stride_xm
-                acc7 += _row_acc(xr, xo, xm & (zero + 7 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, FMT)
+                acc7 += _row_acc(xr, xo, xm & (zero + 7 < M), a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3, FMT)
             r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = q0, q1, q2, q3, q4, q5, q6, q7, q8, q9
             x0, x1, x2, x3 = y0, y1, y2, y3
         out = out_ptr + tl.program_id(1).to(tl.int64) * stride_os + offs_n
@@ -746,7 +806,7 @@ if _TRITON_IMPORT_ERROR is None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """Decode for q2k/q3k: BLOCK_N output features x all M (<= 8) rows, weights gathered."""
+        """Decode for q3k: BLOCK_N output features x all M (<= 8) rows, weights gathered."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         mask_n = offs_n < N

@@ -13,7 +13,7 @@ f16/int8/int32 arrays. The bytes are GGML's, moved, never re-encoded: the kernel
 bit layout as it is.
 
 Two kernels read the planes:
-- GEMV for decode (M <= 8 rows of x; `_gemv_kernel`), for every format but q3k: each program
+- GEMV for decode (M <= 8 rows of x; `_gemv_kernel`), for every format: each program
   owns BLOCK_N output features and a range of K. Per step it loads [BLOCK_N, BLOCK_C, 16 or 32]
   bytes of quants (BLOCK_C 32/64-weight units of each row) and the matching x, turns each nibble
   into a float with a bit trick instead of an int-to-float conversion (which runs at a quarter of
@@ -22,8 +22,7 @@ Two kernels read the planes:
   split K over more programs (split-K) and a second kernel sums the partial results in a fixed
   order: deterministic, no atomics, no host sync, CUDA-graph capturable.
 - A tiled GEMM for more rows: tl.dot on [BLOCK_M, 64] x [64, BLOCK_N] tiles, the weight tile
-  dequantized from 16/32-byte row loads (q2k/q3k: gathered element by element, as in the
-  gather-based GEMV that serves q3k's decode).
+  dequantized from 16/32-byte row loads (q2k/q3k: gathered element by element).
 
 `qmatmul` takes the GGUF layout (it packs on every call: a caller that calls it repeatedly should
 `pack_weight` once and call `qmatmul_packed`). Triton is optional: this module imports without it,
@@ -82,6 +81,7 @@ GEMV_UNIT = {
     "q5_1": 32,
     "q8_0": 32,
     "q2k": 64,
+    "q3k": 64,
     "q4k": 64,
     "q5k": 64,
     "q6k": 64,
@@ -108,15 +108,10 @@ class GemvConfig:
 GEMV_CONFIGS: dict[str, GemvConfig] = {
     fmt: GemvConfig(block_n=8, block_c=16, num_warps=4, target_programs=1024) for fmt in GEMV_UNIT
 }
-# Gather-based GEMV (q3k): a few output features per program; the [BLOCK_M, BLOCK_N, BLOCK_K]
-# product is kept at ~1024 elements by shrinking BLOCK_K as BLOCK_M grows.
-GATHER_BLOCK_N = 8
-GATHER_PRODUCT_ELEMS = 1024
-GATHER_MIN_BLOCK_K = 32
-GATHER_NUM_WARPS = 4
 # GEMM tile: 64x64 output tiles with 64-wide K steps (a quarter of a K-quant super-block, two
-# legacy blocks). Dequantizing by gathers is register hungry: at 4 warps this tile spilled for
-# nine of the ten formats on sm_90; at 8 warps none spill. BLOCK_M shrinks to 16/32 for short prompts.
+# legacy blocks). The gathering dequantizer (q2k/q3k) is register hungry: at 4 warps this tile
+# spilled for nine of the ten formats on sm_90; at 8 warps none spill. BLOCK_M shrinks to 16/32
+# for short prompts.
 GEMM_BLOCK_N = 64
 GEMM_BLOCK_K = 64
 GEMM_MAX_BLOCK_M = 64
@@ -242,7 +237,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, y: torch.Tensor, m: int, config: G
     """GEMV for decode-sized batches (split-K where N is narrow), the tiled GEMM for prefill."""
     n, k, fmt_id = w.n, w.k, FORMAT_IDS[w.fmt]
     planes = _plane_args(w)
-    if m <= GEMV_MAX_M and w.fmt in GEMV_UNIT:
+    if m <= GEMV_MAX_M:
         cfg = config or GEMV_CONFIGS[w.fmt]
         block_m = _next_pow2(m)
         block_c = max(1, cfg.block_c // (2 if block_m >= 2 else 1))
@@ -274,24 +269,17 @@ def _launch(x: torch.Tensor, w: PackedWeight, y: torch.Tensor, m: int, config: G
             _splitk_reduce_kernel[(_cdiv(m * n, REDUCE_BLOCK),)](out, y, split, m * n, BLOCK=REDUCE_BLOCK)
         return
     args: tuple[Any, ...] = (x, *planes, y, m, n, k, x.stride(0), y.stride(0))
-    if m <= GEMV_MAX_M:
-        block_m = _next_pow2(m)
-        block_k = max(GATHER_MIN_BLOCK_K, GATHER_PRODUCT_ELEMS // (block_m * GATHER_BLOCK_N))
-        _gather_gemv_kernel[(triton.cdiv(n, GATHER_BLOCK_N),)](
-            *args, FMT=fmt_id, BLOCK_M=block_m, BLOCK_N=GATHER_BLOCK_N, BLOCK_K=block_k, num_warps=GATHER_NUM_WARPS
-        )
-    else:
-        block_m = min(GEMM_MAX_BLOCK_M, max(GEMM_MIN_BLOCK_M, _next_pow2(m)))
-        _qgemm_kernel[(triton.cdiv(n, GEMM_BLOCK_N), triton.cdiv(m, block_m))](
-            *args,
-            FMT=fmt_id,
-            # fp32 activations get full fp32 products (no TF32): they are the accuracy path
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m,
-            BLOCK_N=GEMM_BLOCK_N,
-            BLOCK_K=GEMM_BLOCK_K,
-            num_warps=GEMM_NUM_WARPS,
-        )
+    block_m = min(GEMM_MAX_BLOCK_M, max(GEMM_MIN_BLOCK_M, _next_pow2(m)))
+    _qgemm_kernel[(triton.cdiv(n, GEMM_BLOCK_N), triton.cdiv(m, block_m))](
+        *args,
+        FMT=fmt_id,
+        # fp32 activations get full fp32 products (no TF32): they are the accuracy path
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m,
+        BLOCK_N=GEMM_BLOCK_N,
+        BLOCK_K=GEMM_BLOCK_K,
+        num_warps=GEMM_NUM_WARPS,
+    )
 
 
 if _TRITON_IMPORT_ERROR is None:
@@ -398,6 +386,28 @@ if _TRITON_IMPORT_ERROR is None:
             r5 = _raw(p0, s_off + 4, mask2)
             r6 = _raw(p0, s_off + 6, mask2)
             r7, r8, r9 = r1, r1, r1
+        elif FMT == _Q3K:
+            # as q2k's units: qs byte 32h + 16ls + i holds bits 0-1 of weights 128h + 32g + 16ls + i
+            # at shift 2g, hmask byte 16ls + i their bit 2 at bit 4h + g; 6-bit scale 8h + 2g + ls:
+            # low 4 bits from byte 2g + ls (nibble h), top 2 from byte 8 + (2g + ls) % 4 (bits 4h + 2(g//2))
+            nsb = K // 256
+            sb = offs_c // 4
+            h = (offs_c % 4) // 2
+            ls = offs_c % 2
+            i16 = tl.arange(0, 16)
+            q_off = (n64 * (nsb * 64))[:, None, None] + (sb * 64 + h * 32 + ls * 16)[None, :, None] + i16[None, None, :]
+            r0 = _raw(p1, q_off, mask3)
+            m_off = (n64 * (nsb * 32))[:, None, None] + (sb * 32 + ls * 16)[None, :, None] + i16[None, None, :]
+            r1 = _raw(p0, m_off, mask3)
+            r2 = _raw(p3, (n64 * nsb)[:, None] + sb[None, :], mask2)
+            s_off = (n64 * (nsb * 12))[:, None] + (sb * 12 + ls)[None, :]
+            r3 = _raw(p2, s_off, mask2)
+            r4 = _raw(p2, s_off + 2, mask2)
+            r5 = _raw(p2, s_off + 4, mask2)
+            r6 = _raw(p2, s_off + 6, mask2)
+            r7 = _raw(p2, s_off + 8, mask2)
+            r8 = _raw(p2, s_off + 10, mask2)
+            r9 = r2
         elif FMT == _Q6K:
             # 64-weight unit c = (sb, half hf, 16-run ls): A = ql[64hf + 16ls + i], B = A + 32 and
             # H = qh[32hf + 16ls + i] hold weights 128hf + 32q + 16ls + i of quarters q = 0..3
@@ -498,6 +508,23 @@ if _TRITON_IMPORT_ERROR is None:
             m1 = dmin * (c1 >> 4).to(tl.float32)
             m2 = dmin * (c2 >> 4).to(tl.float32)
             m3 = dmin * (c3 >> 4).to(tl.float32)
+        elif FMT == _Q3K:  # q = ql + 4 * hbit - 4, w = d * (sc - 32) * q
+            qb = r0.to(tl.int32)
+            hm = r1.to(tl.int32)
+            h4 = (4 * ((offs_c % 4) // 2))[None, :]
+            hb = h4[:, :, None]
+            a0 = _magic((qb & 3) | (((hm >> hb) & 1) << 2), 4.0)
+            a1 = _magic(((qb >> 2) & 3) | (((hm >> (hb + 1)) & 1) << 2), 4.0)
+            a2 = _magic(((qb >> 4) & 3) | (((hm >> (hb + 2)) & 1) << 2), 4.0)
+            a3 = _magic((qb >> 6) | (((hm >> (hb + 3)) & 1) << 2), 4.0)
+            d = r2.to(tl.float32)
+            hi02 = r7.to(tl.int32) >> h4
+            hi13 = r8.to(tl.int32) >> h4
+            s0 = d * ((((r3.to(tl.int32) >> h4) & 15) | ((hi02 & 3) << 4)) - 32).to(tl.float32)
+            s1 = d * ((((r4.to(tl.int32) >> h4) & 15) | ((hi13 & 3) << 4)) - 32).to(tl.float32)
+            s2 = d * ((((r5.to(tl.int32) >> h4) & 15) | (((hi02 >> 2) & 3) << 4)) - 32).to(tl.float32)
+            s3 = d * ((((r6.to(tl.int32) >> h4) & 15) | (((hi13 >> 2) & 3) << 4)) - 32).to(tl.float32)
+            m0, m1, m2, m3 = s0, s1, s2, s3
         elif FMT == _Q6K:
             qa = r0.to(tl.int32)
             qb = r1.to(tl.int32)
@@ -547,7 +574,7 @@ if _TRITON_IMPORT_ERROR is None:
             x1 = x0
             x2 = x0
             x3 = x0
-        elif FMT == _Q6K or FMT == _Q2K:
+        elif FMT == _Q6K or FMT == _Q2K or FMT == _Q3K:
             x1 = tl.load(x_ptr + xo + 32, mask=xmask, other=0.0)
             x2 = tl.load(x_ptr + xo + 64, mask=xmask, other=0.0)
             x3 = tl.load(x_ptr + xo + 96, mask=xmask, other=0.0)
@@ -584,7 +611,7 @@ if _TRITON_IMPORT_ERROR is None:
             dot3, sx3 = _xdot(x3, a3)
             part = dot0 * s0 + dot1 * s1 + dot2 * s2 + dot3 * s3
             part -= sx0[None, :] * m0 + sx1[None, :] * m1 + sx2[None, :] * m2 + sx3[None, :] * m3
-        elif FMT == _Q6K:
+        elif FMT == _Q6K or FMT == _Q3K:
             dot0, sx0 = _xdot(x0, a0)
             dot1, sx1 = _xdot(x1, a1)
             dot2, _ = _xdot(x2, a2)
@@ -607,7 +634,7 @@ if _TRITON_IMPORT_ERROR is None:
     @triton.jit
     def _xoffsets(offs_c, FMT: tl.constexpr):
         """Columns of x [C, W] that the first group of each unit multiplies."""
-        if FMT == _Q6K or FMT == _Q2K:
+        if FMT == _Q6K or FMT == _Q2K or FMT == _Q3K:
             i16 = tl.arange(0, 16)
             xo = ((offs_c // 4) * 256 + ((offs_c % 4) // 2) * 128 + (offs_c % 2) * 16)[:, None] + i16[None, :]
         elif FMT == _Q4K or FMT == _Q5K:
@@ -786,42 +813,6 @@ if _TRITON_IMPORT_ERROR is None:
         else:
             w = _dequant_kquant(p0, p1, p2, p3, p4, n64, col, mask, K, FMT)
         return w
-
-    @triton.jit
-    def _gather_gemv_kernel(
-        x_ptr,
-        p0,
-        p1,
-        p2,
-        p3,
-        p4,
-        y_ptr,
-        M,
-        N,
-        K,
-        stride_xm,
-        stride_ym,
-        FMT: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        """Decode for q3k: BLOCK_N output features x all M (<= 8) rows, weights gathered."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_n = offs_n < N
-        mask_m = offs_m < M
-        n64 = offs_n.to(tl.int64)
-        x_rows = offs_m.to(tl.int64) * stride_xm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            w = _dequant(p0, p1, p2, p3, p4, n64[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K, FMT)
-            x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-        y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _interleave_halves(lo, hi):

@@ -73,7 +73,8 @@ PLANE_ALIGN = 128  # bytes: every plane starts on a 128-byte boundary of the pac
 # better through tl.dot (whose tiles are at least 16 rows anyway).
 GEMV_MAX_M = 8
 # The GEMV's unit along K: weights per step of one row (legacy: one 32-weight block; q4_K/q5_K: 64
-# weights = 32 quant bytes, two sub-blocks; q6_K: 64 weights = 16 bytes each of ql low, ql high, qh).
+# weights = 32 quant bytes, two sub-blocks; q6_K: 64 weights = 16 bytes each of ql low, ql high,
+# qh; q2_K/q3_K: 64 weights = a 16-byte run of 2-bit quants, four 16-weight sub-blocks).
 GEMV_UNIT = {
     "q4_0": 32,
     "q4_1": 32,
@@ -99,12 +100,12 @@ class GemvConfig:
 # Chosen without a GPU run (none was lent to the session that wrote this), by the SASS that
 # triton 3.9 emits for sm_90 (instructions per weight in the main loop, registers). At M = 1,
 # 8 rows x 16 units per 4-warp program costs 7.2 (q8_0) / 7.4 (q4_0) / 8.3 (q4_1) / 9.6 (q5_0) /
-# 9.8 (q4_K) / 11.1 (q6_K) instructions per weight at 63-136 registers, the next step's loads in
-# flight; 4 x 16 costs 25-50 % more (the x tile, moved through shared memory each step, serves fewer
-# rows), 16 x 16 needs up to 255 registers. From M = 2 the rows' accumulators and x tiles add
-# registers, so the step halves (q4_K: 127 at M = 2, 128 at M = 8). target_programs = 1024 splits K
-# only where N < 8192 (an 8B's q/o/down 2x, k/v 8x). `benchmarks/triton_qmatmul.py --sweep`
-# re-picks these on a GPU.
+# 9.8 (q4_K) / 11.1 (q6_K) / 9.3 (q2_K) / 12.6 (q3_K) instructions per weight at 63-139
+# registers, the next step's loads in flight; 4 x 16 costs 25-50 % more (the x tile, moved through
+# shared memory each step, serves fewer rows), 16 x 16 needs up to 255 registers. From M = 2 the
+# rows' accumulators and x tiles add registers, so the step halves (q4_K: 127 at M = 2, 128 at
+# M = 8). target_programs = 1024 splits K only where N < 8192 (an 8B's q/o/down 2x, k/v 8x).
+# `benchmarks/triton_qmatmul.py --sweep` re-picks these on a GPU.
 GEMV_CONFIGS: dict[str, GemvConfig] = {
     fmt: GemvConfig(block_n=8, block_c=16, num_warps=4, target_programs=1024) for fmt in GEMV_UNIT
 }

@@ -482,10 +482,14 @@ if _TRITON_IMPORT_ERROR is None:
             sc_hi, mn_hi = _k_unpack(r6, r7, r8, sub + 1)
             d = r1.to(tl.float32)
             dmin = r2.to(tl.float32)
-            a0 = _magic(lo, 0.0)
-            a1 = _magic(hi, 0.0)
             s0 = d * sc_lo
-            s1 = d * sc_hi
+            if FMT == _Q4K:  # a1 holds 16 * hi (see _magic2); its scale takes the 1/16
+                a0, a1 = _magic2(qb, 0.0)
+                s1 = d * sc_hi * 0.0625
+            else:
+                a0 = _magic(lo, 0.0)
+                a1 = _magic(hi, 0.0)
+                s1 = d * sc_hi
             m0 = dmin * mn_lo
             m1 = dmin * mn_hi
             a2, a3, s2, s3, m2, m3 = a0, a1, s0, s1, m0, m1
@@ -554,18 +558,34 @@ if _TRITON_IMPORT_ERROR is None:
                     qh = r3[:, :, None]
                     lo = lo | (((qh >> i16[None, None, :]) & 1) << 4)
                     hi = hi | (((qh >> (i16 + 16)[None, None, :]) & 1) << 4)
-                if FMT == _Q4_0:
-                    a0 = _magic(lo, 8.0)
-                    a1 = _magic(hi, 8.0)
+                s1 = s0
+                if FMT == _Q4_0:  # a1 holds 16 * (hi - 8) (see _magic2); its scale takes the 1/16
+                    a0, a1 = _magic2(qb, 8.0)
+                    s1 = s0 * 0.0625
+                elif FMT == _Q4_1:
+                    a0, a1 = _magic2(qb, 0.0)
+                    s1 = s0 * 0.0625
                 elif FMT == _Q5_0:
                     a0 = _magic(lo, 16.0)
                     a1 = _magic(hi, 16.0)
                 else:
                     a0 = _magic(lo, 0.0)
                     a1 = _magic(hi, 0.0)
+            if FMT == _Q8_0:
+                s1 = s0
             m0 = r2.to(tl.float32)  # q4_1/q5_1: w = d * q + m
-            a2, a3, s1, s2, s3, m1, m2, m3 = a0, a1, s0, s0, s0, m0, m0, m0
+            a2, a3, s2, s3, m1, m2, m3 = a0, a1, s0, s0, m0, m0, m0
         return a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3
+
+    @triton.jit
+    def _magic2(qb, BIAS: tl.constexpr):
+        """Both nibbles of bytes qb (int32, 0..255) as fp32 (lo - BIAS, 16 * (hi - BIAS)) in three
+        integer ops for two weights: with 2**23 in the exponent, masking keeps the low nibble or
+        the high nibble in place (16 * hi); the float subtraction removes 2**23 and the bias."""
+        fb = qb | 0x4B000000
+        lo = (fb & 0x4B00000F).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
+        hi = (fb & 0x4B0000F0).to(tl.float32, bitcast=True) - (8388608.0 + 16.0 * BIAS)
+        return lo, hi
 
     @triton.jit
     def _xload(x_ptr, xo, xmask, FMT: tl.constexpr):
@@ -621,7 +641,7 @@ if _TRITON_IMPORT_ERROR is None:
         else:
             dot0, sx0 = _xdot(x0, a0)
             dot1, sx1 = _xdot(x1, a1)
-            part = (dot0 + dot1) * s0
+            part = dot0 * s0 + dot1 * s1
             if FMT == _Q4_1 or FMT == _Q5_1:
                 part += (sx0 + sx1)[None, :] * m0
         return part

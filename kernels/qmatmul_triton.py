@@ -99,8 +99,8 @@ class GemvConfig:
 
 # Chosen without a GPU run (none was lent to the session that wrote this), by the SASS that
 # triton 3.9 emits for sm_90 (instructions per weight in the main loop, registers). At M = 1,
-# 8 rows x 16 units per 4-warp program costs 7.2 (q8_0) / 7.4 (q4_0) / 8.3 (q4_1) / 9.6 (q5_0) /
-# 9.8 (q4_K) / 11.1 (q6_K) / 9.3 (q2_K) / 12.6 (q3_K) instructions per weight at 63-139
+# 8 rows x 16 units per 4-warp program costs 6.9 (q8_0) / 6.5 (q4_0) / 7.4 (q4_1) / 9.6 (q5_0) /
+# 8.9 (q4_K) / 10.2 (q6_K) / 7.8 (q2_K) / 12.6 (q3_K) instructions per weight at 64-139
 # registers, the next step's loads in flight; 4 x 16 costs 25-50 % more (the x tile, moved through
 # shared memory each step, serves fewer rows), 16 x 16 needs up to 255 registers. From M = 2 the
 # rows' accumulators and x tiles add registers, so the step halves (q4_K: 127 at M = 2, 128 at
@@ -497,18 +497,20 @@ if _TRITON_IMPORT_ERROR is None:
             qb = r0.to(tl.int32)
             d = r1.to(tl.float32)
             dmin = r2.to(tl.float32)
-            a0 = _magic(qb & 3, 0.0)
-            a1 = _magic((qb >> 2) & 3, 0.0)
-            a2 = _magic((qb >> 4) & 3, 0.0)
-            a3 = _magic(qb >> 6, 0.0)
+            # group s stays shifted left by 2s (4**s * q): one mask each; its scale takes 4**-s
+            fb = qb | 0x4B000000
+            a0 = (fb & 0x4B000003).to(tl.float32, bitcast=True) - 8388608.0
+            a1 = (fb & 0x4B00000C).to(tl.float32, bitcast=True) - 8388608.0
+            a2 = (fb & 0x4B000030).to(tl.float32, bitcast=True) - 8388608.0
+            a3 = (fb & 0x4B0000C0).to(tl.float32, bitcast=True) - 8388608.0
             c0 = r3.to(tl.int32)
             c1 = r4.to(tl.int32)
             c2 = r5.to(tl.int32)
             c3 = r6.to(tl.int32)
             s0 = d * (c0 & 15).to(tl.float32)
-            s1 = d * (c1 & 15).to(tl.float32)
-            s2 = d * (c2 & 15).to(tl.float32)
-            s3 = d * (c3 & 15).to(tl.float32)
+            s1 = d * (c1 & 15).to(tl.float32) * 0.25
+            s2 = d * (c2 & 15).to(tl.float32) * 0.0625
+            s3 = d * (c3 & 15).to(tl.float32) * 0.015625
             m0 = dmin * (c0 >> 4).to(tl.float32)
             m1 = dmin * (c1 >> 4).to(tl.float32)
             m2 = dmin * (c2 >> 4).to(tl.float32)
@@ -534,21 +536,23 @@ if _TRITON_IMPORT_ERROR is None:
             qa = r0.to(tl.int32)
             qb = r1.to(tl.int32)
             qh = r2.to(tl.int32)
-            a0 = _magic((qa & 15) | ((qh & 3) << 4), 32.0)
-            a1 = _magic((qb & 15) | (((qh >> 2) & 3) << 4), 32.0)
-            a2 = _magic((qa >> 4) | (((qh >> 4) & 3) << 4), 32.0)
-            a3 = _magic((qb >> 4) | ((qh >> 6) << 4), 32.0)
+            # quarters 2 and 3 stay shifted left by 4 (16 * (q - 32)); their scales take the 1/16
+            a0 = _magic((qa & 15) | ((qh << 4) & 0x30), 32.0)
+            a1 = _magic((qb & 15) | ((qh << 2) & 0x30), 32.0)
+            a2 = _magic((qa & 0xF0) | ((qh << 4) & 0x300), 512.0)
+            a3 = _magic((qb & 0xF0) | ((qh << 2) & 0x300), 512.0)
             d = r3.to(tl.float32)
             s0 = d * r4.to(tl.float32)
             s1 = d * r5.to(tl.float32)
-            s2 = d * r6.to(tl.float32)
-            s3 = d * r7.to(tl.float32)
+            s2 = d * r6.to(tl.float32) * 0.0625
+            s3 = d * r7.to(tl.float32) * 0.0625
             m0, m1, m2, m3 = s0, s1, s2, s3
         else:
             s0 = r1.to(tl.float32)
             qb = r0.to(tl.int32)
             if FMT == _Q8_0:
-                a0 = _magic(qb ^ 128, 128.0)  # int8 q + 128 is the unsigned byte
+                # int8 q + 128 is the unsigned byte b ^ 128; one xor also sets the exponent of 2**23
+                a0 = (qb ^ 0x4B000080).to(tl.float32, bitcast=True) - (8388608.0 + 128.0)
                 a1 = a0
             else:  # qs byte i holds weight i (low nibble) and i + 16 (high); q5's qh bit j is weight j's bit 4
                 lo = qb & 15

@@ -244,9 +244,9 @@ def _launch(x: torch.Tensor, w: PackedWeight, y: torch.Tensor, m: int, config: G
         block_c = max(1, cfg.block_c // (2 if block_m >= 2 else 1))
         programs_n = _cdiv(n, cfg.block_n)
         steps = _cdiv(k // GEMV_UNIT[w.fmt], block_c)
-        split = min(steps, max(1, cfg.target_programs // programs_n))
-        steps_per_split = _cdiv(steps, split)
-        split = _cdiv(steps, steps_per_split)
+        split = max(1, min(steps, cfg.target_programs // programs_n))
+        steps_per_split = max(1, _cdiv(steps, split))
+        split = max(1, _cdiv(steps, steps_per_split))  # no empty split
         out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _gemv_kernel[(programs_n, split)](
             x,

@@ -21,12 +21,17 @@ _F16_FIELDS: dict[str, tuple[int, ...]] = {
 }
 
 
-def random_blocks(fmt: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Random quant bytes with finite, small f16 scales (random bytes there could be inf/NaN)."""
+def random_blocks(fmt: str, n: int, k: int, gen: torch.Generator, extreme: bool = False) -> torch.Tensor:
+    """Random quant bytes with finite, small f16 scales (random bytes there could be inf/NaN);
+    `extreme`: scales of either sign spread log-uniformly over f16's normal range (2**-14 .. 2**14)."""
     spec = FORMATS[fmt]
     n_blocks = k // spec.block_size
     raw = torch.randint(0, 256, (n, n_blocks, spec.type_size), dtype=torch.uint8, generator=gen)
     for off in _F16_FIELDS[fmt]:
-        scale = (torch.rand(n, n_blocks, generator=gen) * 0.049 + 0.001).to(torch.float16)
+        if extreme:
+            sign = torch.randint(0, 2, (n, n_blocks), generator=gen) * 2 - 1
+            scale = (sign * torch.exp2(torch.rand(n, n_blocks, generator=gen) * 28 - 14)).to(torch.float16)
+        else:
+            scale = (torch.rand(n, n_blocks, generator=gen) * 0.049 + 0.001).to(torch.float16)
         raw[:, :, off : off + 2] = scale.view(torch.uint8).reshape(n, n_blocks, 2)
     return raw.reshape(n, n_blocks * spec.type_size)

@@ -15,6 +15,7 @@ from llmc.builder import DEFAULT_BUCKETS
 from llmc.errors import BadInputError, LlmcError
 from llmc.logs import configure
 from llmc.runtime.api.http_guard import BODY_TIMEOUT_S
+from llmc.runtime.api.requests import MAX_TEMPERATURE
 from llmc.runtime.server import HEADER_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
 POSITIVE = click.IntRange(min=1)
@@ -103,6 +104,12 @@ def main() -> None:
 )
 @click.option("--max-seq-len", type=POSITIVE, help="Longest context the compiled step covers (default: the model's).")
 @click.option("--name", help="Model name the server answers to (default: from the source).")
+@click.option(
+    "--generation-config",
+    metavar="FILE|JSON",
+    help='Sampling defaults to bake in over the source\'s, e.g. \'{"temperature": 0.7, "top_p": 0.9}\' '
+    "or a generation_config.json (keys: temperature top_p top_k min_p repetition_penalty max_new_tokens do_sample).",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
 def build(
@@ -117,6 +124,7 @@ def build(
     buckets: str,
     max_seq_len: int | None,
     name: str | None,
+    generation_config: str | None,
     output: Path,
     as_json: bool,
 ) -> None:
@@ -141,6 +149,7 @@ def build(
         isq=isq,
         compile=CompileOptions(buckets=sizes, max_seq_len=max_seq_len) if compile_step else None,
         cpu_kernels=cpu_kernels,
+        generation_config=generation_config,
     )
     show_progress = not as_json and sys.stderr.isatty()
     bar: Any = None
@@ -339,6 +348,17 @@ def export(artifact: Path, gguf_path: Path) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds a request may wait and generate before it is stopped with a 504 (default: no limit).",
 )
+# Sampling defaults for requests that set none, over the artifact's (`llmc inspect` shows those).
+@click.option(
+    "--generation-config",
+    metavar="FILE|JSON",
+    help="Sampling defaults over the artifact's: inline JSON or a generation_config.json (vLLM style).",
+)
+@click.option("--temperature", type=click.FloatRange(0, MAX_TEMPERATURE), help="Default temperature (0: greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Default top-p.")
+@click.option("--top-k", type=click.IntRange(min=-1), help="Default top-k (0 or -1: no cut).")
+@click.option("--min-p", type=click.FloatRange(0, 1), help="Default min-p.")
+@click.option("--max-tokens", type=POSITIVE, help="Default max_tokens (default: the rest of the context).")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
 @click.option("--eager", is_flag=True, help="Run the model eagerly, ignoring the artifact's compiled steps.")

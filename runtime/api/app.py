@@ -372,8 +372,9 @@ class App:
         if isinstance(req.prompt, str):
             check_text_cap(req.prompt, self.limits)
         ids = await self._off_loop(completion_prompt, req, self.engine.tokenizer)
-        # OpenAI's legacy completions default to 16 tokens.
-        params = self._params(req, ids, req.max_tokens if req.max_tokens is not None else 16)
+        # OpenAI's legacy completions default to 16 tokens, unless the artifact or `llmc run` set a default.
+        legacy = None if self.defaults["max_tokens"] is not None else 16
+        params = self._params(req, ids, req.max_tokens if req.max_tokens is not None else legacy)
         echo = ""
         if req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(ids, False)

@@ -173,3 +173,13 @@ def test_bad_run_sampling_flags_exit_2_before_loading(artifact: Path) -> None:
     assert bad_json.returncode == 2 and "temperature is -1" in bad_json.stderr, bad_json.stderr
     bad_flag = _llmc("run", str(artifact), "--p", port, "--top-p", "0")
     assert bad_flag.returncode == 2 and "--top-p" in bad_flag.stderr, bad_flag.stderr
+
+
+def test_a_source_without_sampling_settings_gets_the_fallback(tmp_path: Path) -> None:
+    folder = make_tiny_llama(tmp_path / "plain")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "transformers_version": "4.45.0"}))
+    built = _llmc("build", "--m", str(folder), "-o", str(tmp_path / "a"), "--no-compile")
+    assert built.returncode == 0, built.stderr
+    shown = _inspect(tmp_path / "a")
+    assert (shown["temperature"], shown["top_p"], shown["top_k"], shown["min_p"]) == (0.8, 0.95, 40, 0.05)
+    assert str(shown["origin"]).startswith("llmc defaults")

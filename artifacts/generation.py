@@ -126,11 +126,14 @@ def override(base: GenerationDefaults, values: dict[str, Any], origin: str) -> G
 
 
 def load_arg(value: str, flag: str = "--generation-config") -> dict[str, Any]:
-    """The settings of a `--generation-config` value: inline JSON (starts with '{') or a JSON file
-    such as a model's generation_config.json. BadInputError (exit 2) naming the flag otherwise."""
+    """The settings of a `--generation-config` value: inline JSON (starts with '{'), a JSON file
+    such as a model's generation_config.json, or a model folder holding one (as vLLM takes).
+    BadInputError (exit 2) naming the flag otherwise."""
     text = value
     if not value.lstrip().startswith("{"):
         path = Path(value)
+        if path.is_dir():
+            path = path / "generation_config.json"
         if not path.is_file():
             raise BadInputError(f"{flag} takes a JSON object or a JSON file; {value!r} is neither", param=flag)
         if path.stat().st_size > MAX_CONFIG_BYTES:

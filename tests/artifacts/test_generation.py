@@ -50,6 +50,7 @@ def test_generation_config_flag_inline_and_file(tmp_path: Path) -> None:
     file = tmp_path / "generation_config.json"
     file.write_text(json.dumps({"temperature": 0.3, "max_new_tokens": 12, "eos_token_id": 2}))
     assert generation.load_arg(str(file)) == {"temperature": 0.3, "max_tokens": 12}
+    assert generation.load_arg(str(tmp_path)) == {"temperature": 0.3, "max_tokens": 12}  # a model folder
     for bad, says in [
         ('{"temperature": 3}', "temperature is 3"),
         ('{"top_p": 0}', "top_p is 0"),

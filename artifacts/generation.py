@@ -30,6 +30,7 @@ log = get_logger("llmc.generation")
 FALLBACK_ORIGIN = "llmc defaults (the source names no sampling settings)"
 FALLBACK = GenerationDefaults(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, origin=FALLBACK_ORIGIN)
 SOURCE_ORIGIN = "generation_config.json"
+GGUF_SAMPLING_ORIGIN = "GGUF general.sampling.*"
 # What an artifact built before llmc recorded an origin stored when the source said nothing: it
 # cannot tell "the source asked for plain sampling" from "the source said nothing", so the runtime
 # treats these values as the latter (FALLBACK) rather than serve rambling answers.
@@ -110,11 +111,13 @@ def parse(config: dict[str, Any], where: str, strict: bool) -> dict[str, Any]:
     return out
 
 
-def from_source(config: dict[str, Any]) -> GenerationDefaults:
-    """The artifact's defaults from the source's generation config ({} where it has none)."""
-    stated = parse(config, SOURCE_ORIGIN, strict=False)
+def from_source(config: dict[str, Any], origin: str | None = None) -> GenerationDefaults:
+    """The artifact's defaults from the source's generation config ({} where it has none);
+    `origin` names where it came from (default: generation_config.json)."""
+    origin = origin or SOURCE_ORIGIN
+    stated = parse(config, origin, strict=False)
     sampling = any(key in stated for key in SAMPLING_KEYS)
-    base = GenerationDefaults(origin=SOURCE_ORIGIN) if sampling else FALLBACK
+    base = GenerationDefaults(origin=origin) if sampling else FALLBACK
     return msgspec.structs.replace(base, **stated)
 
 

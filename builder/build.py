@@ -233,7 +233,11 @@ def build(options: BuildOptions, on_progress: Callable[[str, int, int], None] | 
         if tok.chat_template is not None:
             writer.write_bytes(CHAT_TEMPLATE_FILE, tok.chat_template.encode("utf-8"))
         defaults = generation.override(
-            generation.from_source(source.generation_config), generation_flag, "--generation-config"
+            generation.from_source(
+                source.generation_config, generation.GGUF_SAMPLING_ORIGIN if source.kind == "gguf" else None
+            ),
+            generation_flag,
+            "--generation-config",
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,

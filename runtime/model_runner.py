@@ -89,10 +89,6 @@ class ModelRunner:
         """Steps the compiled code ran (the rest ran eagerly)."""
         return sum(c.calls for c in self.compiled)
 
-    @staticmethod
-    def kv_bytes_per_token(model: CausalLM) -> int:
-        return kv_bytes_per_token(model.spec, model.dtype)
-
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], all_logits: bool = False) -> tuple[list[Sequence], torch.Tensor]:
         """Compute `n` more tokens of each (seq, n); return the sequences now fully computed, with

@@ -70,6 +70,7 @@ PREFIX_CACHE_ISOLATION = ("shared", "key")  # --prefix-cache-isolation: one cach
 # GET /v1/models/{id}: served ids may hold '/' (owner/name), so everything after the prefix is the id.
 MODEL_PATH_PREFIX = "/v1/models/"
 MODEL_ROUTE = "/v1/models/{id}"  # its label in the request metrics, whatever the id
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for (legacy) /v1/completions
 
 T = TypeVar("T")
 # The prefix-cache salt of the API key the current request authenticated with, when the cache is
@@ -372,8 +373,8 @@ class App:
         if isinstance(req.prompt, str):
             check_text_cap(req.prompt, self.limits)
         ids = await self._off_loop(completion_prompt, req, self.engine.tokenizer)
-        # OpenAI's legacy completions default to 16 tokens, unless the artifact or `llmc run` set a default.
-        legacy = None if self.defaults["max_tokens"] is not None else 16
+        # OpenAI's default, unless the artifact or `llmc run` set one.
+        legacy = None if self.defaults["max_tokens"] is not None else COMPLETION_MAX_TOKENS
         params = self._params(req, ids, req.max_tokens if req.max_tokens is not None else legacy)
         echo = ""
         if req.echo:

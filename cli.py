@@ -256,7 +256,9 @@ def export(artifact: Path, gguf_path: Path) -> None:
 @click.option("--p", "--port", "port", default=2000, show_default=True, type=PORT, help="Port to listen on.")
 @click.option("--h", "--host", "host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--served-model-name", help="Model name clients must send (default: the artifact's).")
-@click.option("--max-model-len", type=POSITIVE, help="Context length cap (default: the model's).")
+@click.option(
+    "--max-model-len", type=POSITIVE, help="Context length (default: the model's, or the longest the KV cache holds)."
+)
 @click.option("--mem", "kv_cache_mb", default=1024, show_default=True, type=POSITIVE, help="KV cache size in MB.")
 @click.option("--kv-blocks", type=POSITIVE, help="KV cache size in blocks (overrides --mem).")
 @click.option("--block-size", default=16, show_default=True, type=POSITIVE, help="Tokens per KV cache block.")

@@ -15,6 +15,7 @@ from llmc.builder import DEFAULT_BUCKETS
 from llmc.errors import BadInputError, LlmcError
 from llmc.logs import configure
 from llmc.runtime.api.http_guard import BODY_TIMEOUT_S
+from llmc.runtime.api.requests import MAX_TEMPERATURE
 from llmc.runtime.server import HEADER_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -155,6 +156,12 @@ def main() -> None:
 )
 @click.option("--max-seq-len", type=POSITIVE, help="Longest context the compiled step covers (default: the model's).")
 @click.option("--name", help="Model name the server answers to (default: from the source).")
+@click.option(
+    "--generation-config",
+    metavar="FILE|JSON",
+    help='Sampling defaults to bake in over the source\'s, e.g. \'{"temperature": 0.7, "top_p": 0.9}\' '
+    "or a generation_config.json (keys: temperature top_p top_k min_p repetition_penalty max_new_tokens do_sample).",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
 @click.option(
@@ -172,6 +179,7 @@ def build(
     buckets: str,
     max_seq_len: int | None,
     name: str | None,
+    generation_config: str | None,
     output: Path,
     as_json: bool,
     show_report: bool,
@@ -198,6 +206,7 @@ def build(
         isq=isq,
         compile=CompileOptions(buckets=sizes, max_seq_len=max_seq_len) if compile_step else None,
         cpu_kernels=cpu_kernels,
+        generation_config=generation_config,
     )
     # A progress line only for a person watching: never into a pipe, a log file or --json's stdout.
     progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
@@ -319,7 +328,9 @@ def export(artifact: Path, gguf_path: Path) -> None:
 @click.option("-p", "--p", "--port", "port", default=2000, show_default=True, type=PORT, help="Port to listen on.")
 @click.option("--h", "--host", "host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--served-model-name", help="Model name clients must send (default: the artifact's).")
-@click.option("--max-model-len", type=POSITIVE, help="Context length cap (default: the model's).")
+@click.option(
+    "--max-model-len", type=POSITIVE, help="Context length (default: the model's, or the longest the KV cache holds)."
+)
 @click.option("--mem", "kv_cache_mb", default=1024, show_default=True, type=POSITIVE, help="KV cache size in MB.")
 @click.option("--kv-blocks", type=POSITIVE, help="KV cache size in blocks (overrides --mem).")
 @click.option("--block-size", default=16, show_default=True, type=POSITIVE, help="Tokens per KV cache block.")
@@ -411,6 +422,17 @@ def export(artifact: Path, gguf_path: Path) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds a request may wait and generate before it is stopped with a 504 (default: no limit).",
 )
+# Sampling defaults for requests that set none, over the artifact's (`llmc inspect` shows those).
+@click.option(
+    "--generation-config",
+    metavar="FILE|JSON",
+    help="Sampling defaults over the artifact's: inline JSON or a generation_config.json (vLLM style).",
+)
+@click.option("--temperature", type=click.FloatRange(0, MAX_TEMPERATURE), help="Default temperature (0: greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Default top-p.")
+@click.option("--top-k", type=click.IntRange(min=-1), help="Default top-k (0 or -1: no cut).")
+@click.option("--min-p", type=click.FloatRange(0, 1), help="Default min-p.")
+@click.option("--max-tokens", type=POSITIVE, help="Default max_tokens (default: the rest of the context).")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
 @click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
 @click.option("--eager", is_flag=True, help="Run the model eagerly, ignoring the artifact's compiled steps.")

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from llmc.artifacts.generation import effective
 from llmc.artifacts.manifest import Manifest, TensorInfo
 from llmc.kernels.quant_formats import stored_format
 
@@ -66,7 +67,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "bytes": sum(f.size for f in manifest.files),
         "model": msgspec.to_builtins(manifest.model),
         "tokenizer": msgspec.to_builtins(manifest.tokenizer),
-        "generation": msgspec.to_builtins(manifest.generation),
+        "generation": msgspec.to_builtins(effective(manifest.generation)),  # what requests that set none get
         "build": {
             "llmc_version": manifest.build.llmc_version,
             "torch_version": manifest.build.torch_version,

@@ -101,9 +101,18 @@ class TokenizerInfo(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class GenerationDefaults(msgspec.Struct, forbid_unknown_fields=True):
+    """Sampling defaults for requests that set none (artifacts/generation.py says where from).
+
+    Fields after top_k are optional so that older artifacts, which lack them, still load.
+    """
+
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = None  # None: the rest of the context
+    origin: str | None = None  # e.g. "generation_config.json"; None: built before llmc recorded it
 
 
 class SourceInfo(msgspec.Struct, forbid_unknown_fields=True):
@@ -341,5 +350,8 @@ def validate(manifest: Manifest) -> None:
         if path not in listed:
             raise _bad(field, f"names {path!r}, which `files` does not list with a size and sha256")
     _check_model(manifest.model)
+    from llmc.artifacts.generation import check as check_generation  # it imports this module
+
+    check_generation(manifest.generation)
     _check_tensors(manifest)
     _check_compiled(manifest)

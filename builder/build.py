@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import llmc
+from llmc.artifacts import generation
 from llmc.artifacts.files import sha256_file
 from llmc.artifacts.inspect import describe_mix, parameter_count, weight_mix
 from llmc.artifacts.manifest import (
@@ -22,7 +23,6 @@ from llmc.artifacts.manifest import (
     CompiledStep,
     CpuKernels,
     FileInfo,
-    GenerationDefaults,
     Manifest,
     ModelSpec,
     SourceInfo,
@@ -71,6 +71,9 @@ class BuildOptions:
     compile: CompileOptions | None = None
     # Ship llmc's CPU kernels with the artifact (`--no-cpu-kernels`: torch's kernels only).
     cpu_kernels: bool = True
+    # `--generation-config`: inline JSON or a JSON file whose sampling settings override the
+    # source's (artifacts/generation.py).
+    generation_config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
     if options.target not in TARGETS:
         raise BadInputError(f"--target {options.target!r} is not supported; supported: {', '.join(TARGETS)}")
     check_output(options.output.resolve())  # refuse someone else's folder before the slow part
+    generation_flag = generation.load_arg(options.generation_config) if options.generation_config else {}
     dtype_name = _resolve_dtype(options.dtype, options.target)
     dtype = DTYPES[dtype_name]
     source = open_source(options.model, options.gguf_file, options.weights)
@@ -232,7 +236,13 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
         writer.write_bytes(TOKENIZER_FILE, tok.tokenizer_json)
         if tok.chat_template is not None:
             writer.write_bytes(CHAT_TEMPLATE_FILE, tok.chat_template.encode("utf-8"))
-        gen = source.generation_config
+        defaults = generation.override(
+            generation.from_source(
+                source.generation_config, generation.GGUF_SAMPLING_ORIGIN if source.kind == "gguf" else None
+            ),
+            generation_flag,
+            "--generation-config",
+        )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model_name=options.name or _default_name(source.name),
@@ -247,11 +257,7 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
                 eos_token_ids=tok.eos_token_ids,
                 add_bos_token=tok.add_bos_token,
             ),
-            generation=GenerationDefaults(
-                temperature=float(gen.get("temperature", 1.0)),
-                top_p=float(gen.get("top_p", 1.0)),
-                top_k=int(gen.get("top_k", 0) or 0),
-            ),
+            generation=defaults,
             tensors=writer.tensors,
             files=writer.file_infos(),
             build=BuildInfo(

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmc.artifacts.manifest import ModelSpec
+from llmc.artifacts.generation import effective
+from llmc.artifacts.manifest import GenerationDefaults, ModelSpec
 from llmc.artifacts.reader import Artifact
 from llmc.builder.gguf_tokenizer import (
     PRE_TOKENIZERS,
@@ -300,6 +301,16 @@ def _metadata(writer: Any, gguf: Any, spec: ModelSpec, arch: str) -> None:
             writer.add_expert_shared_feed_forward_length(spec.shared_expert_intermediate_size)
 
 
+def _sampling_metadata(writer: Any, defaults: GenerationDefaults) -> None:
+    """The sampling defaults as llama.cpp's `general.sampling.*` keys (its server takes them as its
+    defaults; `llmc build` reads them back). Its top-k and min-p of 0 also mean "no cut"."""
+    writer.add_sampling_temp(defaults.temperature)
+    writer.add_sampling_top_p(defaults.top_p)
+    writer.add_sampling_top_k(defaults.top_k)
+    writer.add_sampling_min_p(defaults.min_p)
+    writer.add_sampling_penalty_repeat(defaults.repetition_penalty)
+
+
 def _deepseek2_metadata(writer: Any, gguf: Any, spec: ModelSpec) -> None:
     """Latent attention as llama.cpp runs it (one shared key/value head of kv_lora_rank + rope
     dimensions), the per-head sizes in the `_mla` keys, and the routing."""
@@ -431,6 +442,7 @@ def _write_gguf(gguf: Any, artifact: Artifact, arch: str, tok: dict[str, Any], p
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(manifest.model_name)
     _metadata(writer, gguf, spec, arch)
+    _sampling_metadata(writer, effective(manifest.generation))
     half = manifest.dtype in ("f16", "bf16")
     quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
     writer.add_file_type(_file_type(gguf, list(quant.values()), half))

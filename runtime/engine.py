@@ -11,10 +11,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from llmc.artifacts import generation
 from llmc.artifacts.manifest import Manifest
 from llmc.artifacts.reader import Artifact
 from llmc.errors import BadInputError, OutOfResourcesError
@@ -23,7 +25,7 @@ from llmc.kernels.quant_formats import stored_format
 from llmc.logs import get_logger
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.model import COMPUTE_DTYPES, build_model
-from llmc.runtime.model_runner import ModelRunner
+from llmc.runtime.model_runner import ModelRunner, kv_bytes_per_token
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
 from llmc.runtime.sampler import Sampler, token_logprob
 from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
@@ -117,6 +119,48 @@ class EngineConfig:
     # Keep bf16 copies of quantized weights for prefill and big batches; None: when memory allows.
     dense_weights: bool | None = None
     max_waiting: int | None = DEFAULT_MAX_WAITING  # None: never refuse (embedding, tests)
+    # Sampling defaults over the artifact's (`llmc run --temperature ...`), parsed by
+    # artifacts/generation.py; requests still override them.
+    generation_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+_MIB = 1024 * 1024
+
+
+def fit_context(model_len: int, config: EngineConfig, num_blocks: int, bytes_per_block: int) -> int:
+    """The context length to serve: `--max-model-len` (at most the model's), or without it the
+    model's own, shortened to what the KV cache holds (with a warning that says how to get more).
+
+    An explicit `--max-model-len` the cache cannot hold is the user's to fix: BadInputError."""
+    capacity = num_blocks * config.block_size
+    wanted = min(config.max_model_len or model_len, model_len)
+    if capacity >= wanted:
+        return wanted
+    needed_blocks = -(-wanted // config.block_size)  # rounded up
+    budget = f"--kv-blocks {num_blocks}" if config.kv_blocks else f"--mem {config.kv_cache_mb}"
+    more = (
+        f"--kv-blocks {needed_blocks}" if config.kv_blocks else f"--mem {-(-needed_blocks * bytes_per_block // _MIB)}"
+    )
+    if num_blocks < 1:
+        raise OutOfResourcesError(
+            f"{budget} does not hold one KV cache block of {bytes_per_block} bytes ({config.block_size} tokens); "
+            f"raise it ({more} holds the model's whole context)"
+        )
+    if config.max_model_len is not None:
+        raise BadInputError(
+            f"a KV cache of {num_blocks} blocks ({budget}) holds {capacity} tokens, fewer than --max-model-len "
+            f"{wanted}; give it {more}, or lower --max-model-len to {capacity} or less",
+            param="max_model_len",
+        )
+    log.warning(
+        "engine.context_fitted",
+        max_model_len=capacity,
+        model_max_len=model_len,
+        kv_blocks=num_blocks,
+        advice=f"the KV cache ({budget}) holds {capacity} of the model's {model_len} tokens of context; "
+        f"{more} serves all of it; --max-model-len N fixes the context at N",
+    )
+    return capacity
 
 
 # While draining with nothing to step, how long to wait for an abort or submit before checking the
@@ -143,8 +187,12 @@ class Engine:
         manifest = artifact.manifest
         spec = manifest.model
         self.model_name = manifest.model_name
-        self.generation_defaults = manifest.generation
-        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        self.generation_defaults = generation.override(
+            generation.effective(manifest.generation), config.generation_overrides, "llmc run flags"
+        )
+        bytes_per_block = kv_bytes_per_token(spec, COMPUTE_DTYPES[manifest.dtype]) * config.block_size
+        num_blocks = config.kv_blocks or config.kv_cache_mb * _MIB // bytes_per_block
+        self.max_model_len = fit_context(spec.max_position_embeddings, config, num_blocks, bytes_per_block)
         self.tokenizer = Tokenizer.from_artifact(artifact)
         quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
         dense = want_dense_copies(config.dense_weights, manifest)
@@ -152,13 +200,6 @@ class Engine:
         model = build_model(
             spec, dict(artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype], dense, kernels
         )
-        bytes_per_block = ModelRunner.kv_bytes_per_token(model) * config.block_size
-        num_blocks = config.kv_blocks or config.kv_cache_mb * 1024 * 1024 // bytes_per_block
-        if num_blocks * config.block_size < self.max_model_len:
-            raise OutOfResourcesError(
-                f"a KV cache of {num_blocks} blocks holds {num_blocks * config.block_size} tokens, fewer than "
-                f"max_model_len {self.max_model_len}; raise --mem / --kv-blocks or lower --max-model-len"
-            )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         if config.compiled:
             for info in manifest.compiled:
@@ -195,6 +236,7 @@ class Engine:
             model=self.model_name,
             kv_blocks=num_blocks,
             block_size=config.block_size,
+            max_model_len=self.max_model_len,
             compiled=[c.info.weights for c in self.runner.compiled],
             dense_weights=dense,
             cpu_kernels=kernels,

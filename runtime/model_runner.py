@@ -33,6 +33,12 @@ def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=dtype)
 
 
+def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes over all layers (keys and values, in the compute dtype);
+    known before the model is built, so the engine can size the context first."""
+    return spec.num_layers * spec.num_kv_heads * (spec.head_dim + (spec.v_head_dim or spec.head_dim)) * dtype.itemsize
+
+
 def allocate_kv_caches(spec: ModelSpec, dtype: torch.dtype, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zeroed (keys, values) per layer, flat [num_slots, kv_heads, head_dim] (kernels/paged_attention.py)."""
     k_shape = (num_slots, spec.num_kv_heads, spec.head_dim)
@@ -82,12 +88,6 @@ class ModelRunner:
     def compiled_steps(self) -> int:
         """Steps the compiled code ran (the rest ran eagerly)."""
         return sum(c.calls for c in self.compiled)
-
-    @staticmethod
-    def kv_bytes_per_token(model: CausalLM) -> int:
-        spec = model.spec
-        element = model.dtype.itemsize
-        return spec.num_layers * spec.num_kv_heads * (spec.head_dim + (spec.v_head_dim or spec.head_dim)) * element
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], all_logits: bool = False) -> tuple[list[Sequence], torch.Tensor]:

@@ -71,6 +71,24 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     max_request_chars: int | None = None
     request_timeout: float | None = None  # seconds a request may spend in the engine; None: no limit
     prefix_cache_isolation: str = "shared"  # "key": requests share cached blocks only with the same API key
+    # Sampling defaults over the artifact's (requests still override them): a generation config
+    # (inline JSON or a file), then the single flags, which win over it.
+    generation_config: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+
+
+def generation_overrides(config: ServeConfig) -> dict[str, Any]:
+    """`llmc run`'s sampling defaults, validated (BadInputError, exit 2, before the model loads)."""
+    from llmc.artifacts import generation
+
+    overrides = generation.load_arg(config.generation_config) if config.generation_config is not None else {}
+    flags = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
+    flags |= {"min_p": config.min_p, "max_tokens": config.max_tokens}
+    return overrides | generation.parse(flags, "llmc run", strict=True)
 
 
 def serve(config: ServeConfig) -> None:
@@ -113,6 +131,7 @@ def serve(config: ServeConfig) -> None:
                 "(read files, fetch URLs, whatever they do); protect it with --api-key KEY, or pass "
                 "--unauthenticated-mcp if every client that can reach the port may run them"
             )
+    overrides = generation_overrides(config)
     artifact = Artifact.open(config.artifact, verify=True, expect_manifest_sha256=config.expect_manifest_sha256)
     engine = Engine(
         artifact,
@@ -129,6 +148,7 @@ def serve(config: ServeConfig) -> None:
             compiled=not config.eager,
             dense_weights=config.dense_weights,
             max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
+            generation_overrides=overrides,
         ),
     )
     mcp = None
@@ -192,6 +212,7 @@ def serve(config: ServeConfig) -> None:
             print("\n".join(startup_lines(config.host, config.port, config.ui_server)), flush=True)
 
     http.on_listening(on_listening)
+    log.info("server.generation_defaults", **msgspec.structs.asdict(engine.generation_defaults))
     http.start()
     try:
         engine.run()

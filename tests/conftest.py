@@ -86,6 +86,11 @@ def make_tiny_llama(folder: Path, seed: int = 0, **overrides: Any) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
+    # A random model has no sampling to recommend: plain sampling (what the tests were written
+    # against) rather than llmc's fallback defaults, whose top-k cut often leaves out EOS and makes
+    # a random model's answers longer (tests/api/test_defaults.py covers the fallback).
+    generation_config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation_config, "temperature": 1.0, "top_p": 1.0}))
     (folder / "tokenizer.json").write_text(tokenizer_json)
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE, "add_bos_token": False})

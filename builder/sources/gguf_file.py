@@ -212,7 +212,7 @@ class GgufSource(ModelSource):
             eos_token_ids=tok.eos_token_ids,
             add_bos_token=tok.add_bos_token,
         )
-        super().__init__("gguf", name, config, bundle, {}, [path])
+        super().__init__("gguf", name, config, bundle, _sampling_from_fields(fields), [path])
         self._n_head = config["num_attention_heads"]
         self._n_kv_head = config["num_key_value_heads"]
 
@@ -285,6 +285,29 @@ def _dequantize(tensor: Any) -> torch.Tensor:
     shape = [int(d) for d in reversed(tensor.shape.tolist())]
     # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
     return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)
+
+
+# llama.cpp's `general.sampling.*` metadata (written by recent converters and `llmc export`) under
+# the generation_config.json names the builder reads (artifacts/generation.py validates them).
+_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def _sampling_from_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The GGUF's sampling defaults as a generation config ({} where it carries none)."""
+    out: dict[str, Any] = {}
+    for key, name in _SAMPLING_KEYS.items():
+        value = fields.get(key)
+        if isinstance(value, float):
+            out[name] = _decimal(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value
+    return out
 
 
 def _decimal(value: Any) -> float:

@@ -67,6 +67,10 @@ PREPARE_THREADS = 4
 # also covers a template that loops without output, and tokenizing the largest allowed prompt.
 PREPARE_TIMEOUT_S = 30.0
 PREFIX_CACHE_ISOLATION = ("shared", "key")  # --prefix-cache-isolation: one cache, or one per API key
+# GET /v1/models/{id}: served ids may hold '/' (owner/name), so everything after the prefix is the id.
+MODEL_PATH_PREFIX = "/v1/models/"
+MODEL_ROUTE = "/v1/models/{id}"  # its label in the request metrics, whatever the id
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for (legacy) /v1/completions
 
 T = TypeVar("T")
 # The prefix-cache salt of the API key the current request authenticated with, when the cache is
@@ -113,8 +117,8 @@ class App:
         self.metrics = Metrics(engine.stats)
         self.model_name = served_model_name or engine.model_name
         self.created = int(time.time())
-        gen = engine.generation_defaults
-        self.defaults = {"temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}
+        # What requests that set none get: the artifact's, then `llmc run`'s flags (engine.py).
+        self.defaults = msgspec.structs.asdict(engine.generation_defaults)
         self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.models,
@@ -151,6 +155,8 @@ class App:
         handler = self._routes.get((scope["method"], path))
         status = 500
         route = path if any(route_path == path for _, route_path in self._routes) else "unknown"
+        if path.startswith(MODEL_PATH_PREFIX):  # GET /v1/models/{id}, the one route with a parameter
+            route, handler = MODEL_ROUTE, self.model if scope["method"] == "GET" else None
         cors: list[tuple[bytes, bytes]] = []  # CORS headers for an origin --cors-origins allows
         receive = self.guard.timed_receive(receive)
 
@@ -262,11 +268,22 @@ class App:
         text = self.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)
         await _send_json(send, 200, msgspec.json.encode(p.DetokenizeResponse(prompt=text)))
 
-    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        card = p.ModelCard(
-            id=self.model_name, created=self.created, owned_by="llmc", max_model_len=self.engine.max_model_len
+    def _model_card(self) -> p.ModelCard:
+        return p.ModelCard(
+            id=self.model_name,
+            created=self.created,
+            owned_by="llmc",
+            max_model_len=self.engine.max_model_len,
+            generation_defaults=self.defaults,
         )
-        await _send_json(send, 200, msgspec.json.encode(p.ModelList(data=[card])))
+
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, msgspec.json.encode(p.ModelList(data=[self._model_card()])))
+
+    async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """GET /v1/models/{id} (the openai SDK's models.retrieve); the id may hold '/' (owner/name)."""
+        self._check_model(scope["path"].rstrip("/")[len(MODEL_PATH_PREFIX) :])
+        await _send_json(send, 200, msgspec.json.encode(self._model_card()))
 
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = _decode(self._chat_decoder, await _read_body(scope, receive))
@@ -374,8 +391,9 @@ class App:
         if isinstance(req.prompt, str):
             check_text_cap(req.prompt, self.limits)
         ids = await self._off_loop(completion_prompt, req, self.engine.tokenizer)
-        # OpenAI's legacy completions default to 16 tokens.
-        params = self._params(req, ids, req.max_tokens if req.max_tokens is not None else 16)
+        # OpenAI's default, unless the artifact or `llmc run` set one.
+        legacy = None if self.defaults["max_tokens"] is not None else COMPLETION_MAX_TOKENS
+        params = self._params(req, ids, req.max_tokens if req.max_tokens is not None else legacy)
         echo = ""
         if req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(ids, False)
@@ -478,7 +496,8 @@ class App:
 
     def _params(self, req: Any, ids: list[int], max_tokens: int | None) -> list[SamplingParams]:
         room = max(1, self.engine.max_model_len - len(ids))  # default max_tokens: the rest of the context
-        params = sampling_params(req, self.defaults, room, max_tokens, self.engine.tokenizer.vocab_size)
+        default = min(room, self.defaults["max_tokens"] or room)  # a server default never overflows it
+        params = sampling_params(req, self.defaults, default, max_tokens, self.engine.tokenizer.vocab_size)
         self.engine.check_length(len(ids), params[0].max_tokens)
         salt = cache_salt(req, _key_salt.get())
         return params if salt is None else [replace(sp, cache_salt=salt) for sp in params]

@@ -12,6 +12,7 @@ from llmc.runtime.api import protocol as p
 ROUTES: list[tuple[str, str, str, Any, Any]] = [
     ("get", "/health", "Liveness: 200 once the model is loaded", None, p.Health),
     ("get", "/v1/models", "The served model", None, p.ModelList),
+    ("get", "/v1/models/{model}", "One model by id (404 for any but the served one)", None, p.ModelCard),
     (
         "post",
         "/v1/chat/completions",
@@ -50,9 +51,13 @@ def openapi_spec(version: str, auth: bool, model_name: str) -> dict[str, Any]:
             responses["400"] = {"description": "Invalid request", **error}
             responses["404"] = {"description": "Unknown model", **error}
             responses["413"] = {"description": "Body too large", **error}
+        if "{model}" in path:
+            responses["404"] = {"description": "Unknown model", **error}
         if auth and path != "/health":
             responses["401"] = {"description": "Missing or wrong API key", **error}
         operation: dict[str, Any] = {"summary": summary, "responses": responses}
+        if "{model}" in path:
+            operation["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
         if req is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": by_type[req]}}}
         if auth and path != "/health":

@@ -47,8 +47,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     # vLLM's extensions, accepted under the same names.
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    min_p: float | None = None  # None here and above: the server's default (artifacts/generation.py)
+    repetition_penalty: float | None = None
     # Prefix-cache salt (vLLM's name): only requests with the same salt share cached prompt blocks.
     cache_salt: str | None = None
 
@@ -192,6 +192,8 @@ class ModelCard(msgspec.Struct):
     created: int
     owned_by: str
     max_model_len: int
+    # The sampling defaults of requests that set none (llmc's extension, like max_model_len).
+    generation_defaults: dict[str, Any] | None = None
     object: Literal["model"] = "model"
 
 

@@ -103,6 +103,10 @@ def sampling_params(
     temperature = req.temperature if req.temperature is not None else defaults["temperature"]
     top_p = req.top_p if req.top_p is not None else defaults["top_p"]
     top_k = req.top_k if req.top_k is not None else defaults["top_k"]
+    min_p = req.min_p if req.min_p is not None else defaults.get("min_p", 0.0)
+    repetition_penalty = (
+        req.repetition_penalty if req.repetition_penalty is not None else defaults.get("repetition_penalty", 1.0)
+    )
     _range(temperature, 0.0, MAX_TEMPERATURE, "temperature")
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
@@ -112,10 +116,10 @@ def sampling_params(
         top_k = 0  # vLLM's spelling of "no top-k"
     if top_k < 0:
         raise BadInputError("top_k must be >= 0 (or -1 for no cut)", param="top_k")
-    _range(req.min_p, 0.0, 1.0, "min_p")
+    _range(min_p, 0.0, 1.0, "min_p")
     _range(req.presence_penalty, -MAX_PENALTY, MAX_PENALTY, "presence_penalty")
     _range(req.frequency_penalty, -MAX_PENALTY, MAX_PENALTY, "frequency_penalty")
-    _range(req.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY, "repetition_penalty")
+    _range(repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY, "repetition_penalty")
     if not 1 <= req.n <= MAX_N:
         raise BadInputError(f"n must be between 1 and {MAX_N}", param="n")
     if max_tokens is not None and max_tokens < 1:
@@ -141,10 +145,10 @@ def sampling_params(
             temperature=float(temperature),
             top_p=float(top_p),
             top_k=int(top_k),
-            min_p=float(req.min_p),
+            min_p=float(min_p),
             presence_penalty=float(req.presence_penalty),
             frequency_penalty=float(req.frequency_penalty),
-            repetition_penalty=float(req.repetition_penalty),
+            repetition_penalty=float(repetition_penalty),
             logit_bias=bias,
             seed=None if req.seed is None else req.seed + choice,
             stop=tuple(stop),

@@ -73,6 +73,7 @@ def test_openapi_describes_every_route(client: httpx.Client) -> None:
     assert spec["openapi"].startswith("3.")
     for path in ["/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]:
         assert path in spec["paths"]
+    assert spec["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
 
@@ -85,5 +86,6 @@ def test_api_key_is_required_except_for_health(tiny_artifact: Path) -> None:
         assert denied.json()["error"]["code"] == "invalid_api_key"
         assert http.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert http.get("/metrics").status_code == 401
+        assert http.get("/v1/models/tiny").status_code == 401
         allowed = http.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
         assert allowed.status_code == 200

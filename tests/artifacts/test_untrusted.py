@@ -260,11 +260,12 @@ def test_cli_run_refuses_a_package_outside_the_artifact(copy: Path, tmp_path: Pa
 
 def test_cli_run_pins_the_manifest_digest(copy: Path) -> None:
     digest = hashlib.sha256((copy / MANIFEST_NAME).read_bytes()).hexdigest()
-    # The right digest passes the check: the run goes on to load the model and then stops at the
-    # KV cache too small for the context (exit 5), before it would bind a port.
-    right = _llmc("run", str(copy), "--p", _free_port(), "--kv-blocks", "1", "--expect-manifest-sha256", digest)
-    assert right.returncode == 5 and "KV cache" in right.stderr, right.stderr
+    # The right digest passes the check: the run goes on to open the model and then stops at the
+    # KV cache too small for the context asked for (exit 2), before it would bind a port.
+    small = ("--kv-blocks", "1", "--max-model-len", "256")
+    right = _llmc("run", str(copy), "--p", _free_port(), *small, "--expect-manifest-sha256", digest)
+    assert right.returncode == 2 and "KV cache" in right.stderr, right.stderr
     _edit(copy, _set("generation", "temperature", value=0.5))
-    wrong = _llmc("run", str(copy), "--p", _free_port(), "--kv-blocks", "1", "--expect-manifest-sha256", digest)
+    wrong = _llmc("run", str(copy), "--p", _free_port(), *small, "--expect-manifest-sha256", digest)
     assert wrong.returncode == 4, wrong.stderr
     assert f"not the expected {digest}" in wrong.stderr

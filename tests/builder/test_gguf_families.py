@@ -121,6 +121,17 @@ def test_gguf_round_trip_keeps_logits(family: str, workdir: Path) -> None:
     assert (got - expected).abs().max().item() <= SAME
 
 
+def test_gguf_round_trip_keeps_the_sampling_defaults(workdir: Path) -> None:
+    """`llmc export` writes them as llama.cpp's general.sampling.* keys; a GGUF build reads them."""
+    from llmc.artifacts.generation import GGUF_SAMPLING_ORIGIN, effective
+
+    art, _, again = _round_trip("llama", workdir / "llama")
+    stored, read_back = effective(Artifact.open(art).manifest.generation), Artifact.open(again).manifest.generation
+    assert read_back.origin == GGUF_SAMPLING_ORIGIN
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    assert [getattr(read_back, f) for f in fields] == [getattr(stored, f) for f in fields]
+
+
 @pytest.mark.parametrize("family", TRANSFORMERS_FAMILIES)
 def test_transformers_gguf_loader_agrees(family: str, workdir: Path) -> None:
     from transformers import AutoModelForCausalLM

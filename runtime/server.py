@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -207,6 +208,8 @@ def serve(config: ServeConfig) -> None:
 
     def on_listening() -> None:
         log.info("server.ready", host=config.host, port=config.port, model=engine.model_name)
+        if logging.getLevelName(config.log_level.upper()) > logging.INFO:
+            return  # -q / --log-level warning: a quiet server prints nothing of its own
         # A closed stdout or a gone pipe (`llmc run ... | head`) must not stop the server.
         with contextlib.suppress(OSError):
             print("\n".join(startup_lines(config.host, config.port, config.ui_server)), flush=True)

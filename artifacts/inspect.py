@@ -9,7 +9,7 @@ import msgspec
 
 from llmc.artifacts.generation import effective
 from llmc.artifacts.manifest import Manifest, TensorInfo
-from llmc.kernels.quant_formats import stored_format
+from llmc.quant.formats import stored_format
 
 
 def tensor_parameters(tensor: TensorInfo) -> int:

@@ -80,7 +80,7 @@ class TensorInfo(msgspec.Struct, forbid_unknown_fields=True):
     dtype: str  # as stored: U8 for quantized tensors
     shape: list[int]  # as stored: [rows, row_bytes] for quantized tensors
     file: str
-    # GGML block format ("q4k", ...; see kernels/quant_formats.py) of a quantized tensor, else None.
+    # GGML block format ("q4k", ...; see quant/formats.py) of a quantized tensor, else None.
     quant: str | None = None
 
 
@@ -156,7 +156,7 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CpuKernels(msgspec.Struct, forbid_unknown_fields=True):
-    """llmc's own C++ CPU kernels (kernels/cpu_kernels.py), compiled where the artifact was built.
+    """llmc's own C++ CPU kernels (kernels/cpu/cpu_kernels.py), compiled where the artifact was built.
 
     A shared library of torch ops: the runtime loads it where the torch version matches and the
     CPU has the instruction set; elsewhere it runs without it (torch's own kernels).
@@ -291,7 +291,7 @@ def _check_model(spec: ModelSpec) -> None:
 
 def _logical_shape(tensor: TensorInfo) -> list[int]:
     """The weight's shape as the model sees it ([rows, row_bytes] of blocks becomes [rows, cols])."""
-    from llmc.kernels.quant_formats import stored_format
+    from llmc.quant.formats import stored_format
 
     if tensor.quant is None or len(tensor.shape) != 2:
         return tensor.shape

@@ -1,4 +1,4 @@
-"""llmc's CPU kernels (kernels/cpu_kernels.py) against the torch paths they replace.
+"""llmc's CPU kernels (kernels/cpu/cpu_kernels.py) against the torch paths they replace.
 
     python -m llmc.benchmarks.cpu_kernels
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from llmc.benchmarks.weight_forms import median_ms
-from llmc.kernels import cpu_kernels
+from llmc.kernels.cpu import cpu_kernels
+from llmc.kernels.cpu.qmatmul_cpu import CpuQMatmul
 from llmc.kernels.paged_attention import decode_attention
-from llmc.kernels.qmatmul_cpu import CpuQMatmul
-from llmc.kernels.quant_formats import FORMATS
+from llmc.quant.formats import FORMATS
 
 REPEATS = 50
 WORKING_SET_BYTES = 30 << 20  # weights per case: about the size of this machine's L3 cache

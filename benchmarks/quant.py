@@ -32,7 +32,7 @@ import torch
 
 from llmc.artifacts.reader import Artifact
 from llmc.benchmarks.e2e import bench_llama_cpp, bench_llmc_server
-from llmc.kernels.quant_formats import FORMATS
+from llmc.quant.formats import FORMATS
 from llmc.runtime.engine import Engine, EngineConfig
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.sequence import Sequence

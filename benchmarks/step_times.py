@@ -2,7 +2,7 @@
 
     python -m llmc.benchmarks.step_times out/smollm2 out/smollm2-q4k
 
-Calls the package the engine would pick for the batch (kernels/qmatmul_cpu.py's weight forms)
+Calls the package the engine would pick for the batch (kernels/cpu/qmatmul_cpu.py's weight forms)
 with synthetic inputs: every sequence at the same context length, its blocks laid out one after
 another. No HTTP, scheduling or sampling, so two builds of the same model compare on the step
 alone. The artifacts are measured in turns, and each figure is the best of those turns' medians,

@@ -1,4 +1,4 @@
-"""The Triton quantized matmuls (kernels/qmatmul_triton.py) on a CUDA GPU, against the bandwidth roofline.
+"""The Triton quantized matmuls (kernels/triton/qmatmul_triton.py) on a CUDA GPU, against the bandwidth roofline.
 
     python -m llmc.benchmarks.triton_qmatmul --json-out bench-triton.json
     python -m llmc.benchmarks.triton_qmatmul --dry-run     # tiny shapes on the CPU (TRITON_INTERPRET=1)
@@ -30,14 +30,14 @@ DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
-from llmc.kernels.qmatmul_triton import (  # noqa: E402  (after TRITON_INTERPRET)
+from llmc.kernels.triton.qmatmul_triton import (  # noqa: E402  (after TRITON_INTERPRET)
     GEMV_CONFIGS,
     GemvConfig,
     PackedWeight,
     pack_weight,
     qmatmul_packed,
 )
-from llmc.kernels.quant_formats import FORMATS  # noqa: E402
+from llmc.quant.formats import FORMATS  # noqa: E402
 
 # Llama-3-8B: hidden 4096, 32 layers, 32 query / 8 KV heads of 128, FFN 14336, vocab 128256.
 LLAMA3_8B_LAYER = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096)} | {
@@ -55,7 +55,7 @@ MAX_COPIES = 64
 COPY_BYTES = 1 << 30  # 1 GiB: far above the 60 MB L2, so the copy streams from HBM
 WARMUP = 3
 REPEATS = 20
-# The f16 scale fields of each format's block (byte offsets), as tests/kernels/blocks.py sets them.
+# The f16 scale fields of each format's block (byte offsets), as tests/quant/blocks.py sets them.
 F16_FIELDS: dict[str, tuple[int, ...]] = {
     "q4_0": (0,),
     "q4_1": (0, 2),

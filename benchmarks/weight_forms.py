@@ -2,7 +2,7 @@
 
     python -m llmc.benchmarks.weight_forms
 
-The choice behind kernels/qmatmul_cpu.py's INT4_DENSE_MIN_ROWS and PAIR_DENSE_MIN_ROWS: every
+The choice behind kernels/cpu/qmatmul_cpu.py's INT4_DENSE_MIN_ROWS and PAIR_DENSE_MIN_ROWS: every
 projection of SmolLM2's 30 layers (one packed int4 weight each, as the default Q4_1 artifact has
 them) and its 49152-row lm_head (a q8_0 int4 pair), each a distinct tensor so that the weights
 stream from memory as in a real decode step (one weight timed alone stays in the CPU's cache
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from llmc.kernels.qmatmul_cpu import COMPUTE_DTYPE, INT4_GROUP
+from llmc.kernels.cpu.qmatmul_cpu import COMPUTE_DTYPE, INT4_GROUP
 
 HIDDEN, INTERMEDIATE, KV_WIDTH, LAYERS, VOCAB = 576, 1536, 192, 30, 49152  # SmolLM2-135M
 # (out, in) of q, k, v, o, gate, up, down

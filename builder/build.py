@@ -44,9 +44,9 @@ from llmc.builder.quant_plan import QuantChoice, plan_quantization, runs_quantiz
 from llmc.builder.quant_report import REPORT_FILE, QuantReport
 from llmc.builder.sources import ModelSource, open_source
 from llmc.errors import BadInputError, BadModelError, InternalError
-from llmc.kernels import cpu_kernels
-from llmc.kernels.quant_formats import FORMATS
+from llmc.kernels.cpu import cpu_kernels
 from llmc.logs import get_logger
+from llmc.quant.formats import FORMATS
 from llmc.runtime.model import CausalLM
 
 log = get_logger("llmc.builder")

@@ -27,8 +27,8 @@ from llmc.artifacts.manifest import CompiledStep, ModelSpec
 from llmc.artifacts.writer import read_staged_tensors
 from llmc.builder import DEFAULT_BUCKETS
 from llmc.errors import BadInputError, InternalError
-from llmc.kernels import cpu_kernels
-from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice, weight_form
+from llmc.kernels.cpu import cpu_kernels
+from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice, weight_form
 from llmc.logs import get_logger
 from llmc.runtime.decode_step import DecodeStep
 from llmc.runtime.model import CausalLM, build_model

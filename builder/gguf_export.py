@@ -54,7 +54,7 @@ from llmc.builder.sources.gguf_file import (
     split_kv_b,
 )
 from llmc.errors import BadInputError
-from llmc.kernels.quant_formats import stored_format
+from llmc.quant.formats import stored_format
 
 # llmc family → llama.cpp architecture.
 GGUF_ARCHITECTURES = {

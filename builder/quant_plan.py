@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from llmc.artifacts.manifest import ModelSpec
-from llmc.kernels.quant_formats import FORMATS, BlockFormat, block_format
+from llmc.quant.formats import FORMATS, BlockFormat, block_format
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _PROJECTION_RE = re.compile(r"\.(self_attn|mlp|mlp\.shared_expert)\.[a-z_]+_proj\.weight$")

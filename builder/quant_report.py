@@ -9,7 +9,7 @@ import msgspec
 import torch
 
 from llmc.builder.quant_plan import QuantChoice
-from llmc.kernels.quant_formats import FORMATS
+from llmc.quant.formats import FORMATS
 
 REPORT_FILE = "build_report.json"
 # Significant digits kept for the RMSE: enough to compare quantizers, few enough that the report

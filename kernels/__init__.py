@@ -1,1 +1,2 @@
-"""Compute kernels. Each has a plain-torch reference beside its fast paths; tests compare them."""
+"""Compute kernels, one folder per device (`cpu/`, `triton/`). Each has a plain-torch reference
+beside its fast paths (the formats' own in llmc.quant); tests compare them."""

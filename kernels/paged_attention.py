@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# What kernels/paged_attention_cpu.cpp is compiled for (its accumulators live in registers).
+# What kernels/cpu/paged_attention_cpu.cpp is compiled for (its accumulators live in registers).
 _KERNEL_HEAD_DIMS = (64, 128)
 _KERNEL_MAX_GROUP = 8
 
@@ -91,7 +91,7 @@ def decode_attention(
     """One query per sequence (q [B, heads, head_dim]) over its first context_lens[b] cached
     entries, all sequences in one padded call. block_tables [B, max blocks] int64; entries past a
     sequence's length may point at any valid block. Returns [B, heads, v_dim]. `cpu_kernel`: llmc's
-    CPU kernel library is loaded (kernels/cpu_kernels.py); its kernel reads the cache in place and
+    CPU kernel library is loaded (kernels/cpu/cpu_kernels.py); its kernel reads the cache in place and
     gives each sequence the same numbers in any batch, and this function is its reference."""
     if cpu_kernel and kernel_takes(q, k_cache, v_cache, softcap):
         out: torch.Tensor = torch.ops.llmc.paged_decode_attention(

@@ -20,9 +20,9 @@ from llmc.artifacts import generation
 from llmc.artifacts.manifest import Manifest
 from llmc.artifacts.reader import Artifact
 from llmc.errors import BadInputError, OutOfResourcesError
-from llmc.kernels import cpu_kernels
-from llmc.kernels.quant_formats import stored_format
+from llmc.kernels.cpu import cpu_kernels
 from llmc.logs import get_logger
+from llmc.quant.formats import stored_format
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.model import COMPUTE_DTYPES, build_model
 from llmc.runtime.model_runner import ModelRunner, kv_bytes_per_token

@@ -9,8 +9,8 @@ import torch
 
 from llmc.artifacts.manifest import CompiledStep, ModelSpec
 from llmc.artifacts.reader import Artifact
+from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice
 from llmc.kernels.paged_attention import SeqSlice, block_tables_tensor
-from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice
 from llmc.runtime.compiled_step import CompiledDecode
 from llmc.runtime.decode_step import DecodeStep
 from llmc.runtime.model import CausalLM, StepContext

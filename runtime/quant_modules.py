@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmc.kernels.qmatmul_cpu import CpuQMatmul
-from llmc.kernels.quant_formats import stored_format
+from llmc.kernels.cpu.qmatmul_cpu import CpuQMatmul
+from llmc.quant.formats import stored_format
 
 
 class QuantLinear(nn.Module):
@@ -34,7 +34,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cuda":
-            from llmc.kernels.qmatmul_triton import qmatmul
+            from llmc.kernels.triton.qmatmul_triton import qmatmul
 
             y = qmatmul(x, self.weight, self.fmt, self.out_features, self.in_features)
         else:

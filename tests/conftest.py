@@ -142,7 +142,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cpu_kernels_loaded(tmp_path_factory: pytest.TempPathFactory) -> None:
     """llmc's CPU kernel library, compiled (or taken from the cache) and loaded into this process.
     It needs AVX-512 VNNI: on a CPU without it there is nothing to run, and its tests skip."""
-    from llmc.kernels import cpu_kernels
+    from llmc.kernels.cpu import cpu_kernels
 
     reason = cpu_kernels.unsupported()
     if reason is not None:

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmc.errors import EXIT_CODES, ErrorKind
-from llmc.kernels import cpu_kernels
+from llmc.kernels.cpu import cpu_kernels
 
 
 def torch_version() -> str:

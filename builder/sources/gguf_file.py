@@ -21,7 +21,7 @@ import torch
 from llmc.builder.gguf_tokenizer import read_gguf_fields, tokenizer_from_gguf
 from llmc.builder.sources.base import ModelSource, TensorMeta, TokenizerBundle
 from llmc.errors import BadModelError
-from llmc.kernels.quant_formats import BY_GGML_TYPE
+from llmc.quant.formats import BY_GGML_TYPE
 
 # GGUF `general.architecture` → the HF architecture it is loaded as (llama.cpp's `llama` arch also
 # carries Mistral; a sliding window in its metadata says which).

@@ -14,7 +14,7 @@ from llmc.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadArtifactError
-from llmc.kernels import cpu_kernels
+from llmc.kernels.cpu import cpu_kernels
 
 
 def _build(src: Path, out: Path) -> Path:

@@ -24,7 +24,7 @@ from llmc.artifacts.manifest import MANIFEST_NAME
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadArtifactError, BadInputError
-from llmc.kernels import cpu_kernels
+from llmc.kernels.cpu import cpu_kernels
 from tests.helpers import open_engine
 
 Edit = Callable[[dict[str, Any]], None]

@@ -19,7 +19,7 @@ from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.builder.quant_plan import plan_quantization
 from llmc.errors import BadInputError
-from llmc.kernels.quant_formats import FORMATS
+from llmc.quant.formats import FORMATS
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
 from tests.helpers import generate, open_engine, prompt_logits

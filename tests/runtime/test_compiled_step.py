@@ -17,7 +17,7 @@ import torch
 from llmc.artifacts.reader import Artifact
 from llmc.builder.compile_step import CompileOptions
 from llmc.errors import BadArtifactError, InternalError
-from llmc.kernels.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
+from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
 from llmc.runtime.compiled_step import incompatibility
 from llmc.runtime.engine import Engine, EngineConfig, load_cpu_kernels
 from llmc.runtime.sampling_params import SamplingParams

@@ -18,8 +18,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from llmc.kernels import quant_kquants
-from llmc.kernels.quant_formats import FORMATS
+from llmc.quant import kquants
+from llmc.quant.formats import FORMATS
 
 NAMES = ["q2k", "q3k", "q4k", "q5k", "q6k"]
 QK_K = 256
@@ -35,7 +35,7 @@ OUTLIER = 1e4
 
 
 def _codec(name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    return getattr(quant_kquants, f"quantize_{name}"), getattr(quant_kquants, f"dequantize_{name}")
+    return getattr(kquants, f"quantize_{name}"), getattr(kquants, f"dequantize_{name}")
 
 
 def _qtype(name: str) -> GGMLQuantizationType:
@@ -124,8 +124,8 @@ def test_chunking_is_invisible(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows are encoded in chunks; chunk boundaries must not change a byte."""
     w = _heavy_tailed(7, 512, seed=6)
     whole = {name: _codec(name)[0](w) for name in NAMES}
-    monkeypatch.setattr(quant_kquants, "_CHUNK_WEIGHTS", 2 * 512)
-    monkeypatch.setattr(quant_kquants, "_Q3K_CHUNK_WEIGHTS", 3 * 512)
+    monkeypatch.setattr(kquants, "_CHUNK_WEIGHTS", 2 * 512)
+    monkeypatch.setattr(kquants, "_Q3K_CHUNK_WEIGHTS", 3 * 512)
     for name in NAMES:
         assert torch.equal(_codec(name)[0](w), whole[name]), name
         assert torch.equal(_codec(name)[0](w[2:3]), whole[name][2:3]), name

@@ -15,8 +15,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from llmc.kernels import quant_legacy
-from llmc.kernels.quant_formats import FORMATS
+from llmc.quant import legacy
+from llmc.quant.formats import FORMATS
 
 NAMES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 QK = 32
@@ -25,7 +25,7 @@ F16_OFFSETS = {"q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0
 
 
 def _codec(name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    return getattr(quant_legacy, f"quantize_{name}"), getattr(quant_legacy, f"dequantize_{name}")
+    return getattr(legacy, f"quantize_{name}"), getattr(legacy, f"dequantize_{name}")
 
 
 def _qtype(name: str) -> GGMLQuantizationType:
@@ -153,7 +153,7 @@ def test_chunked_equals_whole(name: str, monkeypatch: pytest.MonkeyPatch) -> Non
     w = _random(12, 96, seed=11)
     whole = quantize(w)
     values = dequantize(whole)
-    monkeypatch.setattr(quant_legacy, "_CHUNK_BLOCKS", 5)
+    monkeypatch.setattr(legacy, "_CHUNK_BLOCKS", 5)
     assert torch.equal(quantize(w), whole)
     assert torch.equal(dequantize(whole), values)
     assert torch.equal(dequantize(torch.cat((whole, whole), dim=1)[:, whole.shape[1] :]), values)

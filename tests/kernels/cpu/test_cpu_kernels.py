@@ -10,7 +10,7 @@ import pytest
 
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import InternalError
-from llmc.kernels import cpu_kernels
+from llmc.kernels.cpu import cpu_kernels
 
 
 def test_a_missing_compiler_is_an_internal_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

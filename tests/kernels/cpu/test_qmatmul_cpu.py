@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmc.kernels import quant_legacy
-from llmc.kernels.qmatmul_cpu import (
+from llmc.kernels.cpu.qmatmul_cpu import (
     INT4_DENSE_MIN_ROWS,
     INT4_FORMATS,
     PAIR_DENSE_MIN_ROWS,
@@ -18,8 +17,9 @@ from llmc.kernels.qmatmul_cpu import (
     int4_parts,
     weight_form,
 )
-from llmc.kernels.quant_formats import FORMATS, reference_qmatmul
-from tests.kernels.blocks import random_blocks
+from llmc.quant import legacy
+from llmc.quant.formats import FORMATS, reference_qmatmul
+from tests.quant.blocks import random_blocks
 
 # Activations are rounded to bf16 (8 significant bits) before the multiply, so outputs agree with
 # the float32 reference to about bf16's precision relative to the output's scale.
@@ -60,7 +60,7 @@ def test_fast_path_matches_reference(fmt: str, m: int, n: int, k: int) -> None:
 def test_pair_formats_are_an_exact_sum_of_two_int4_weights(fmt: str) -> None:
     blocks = random_blocks(fmt, 24, 512, torch.Generator().manual_seed(2))
     total = torch.zeros(24, 512)
-    for q, scale, offset in getattr(quant_legacy, f"int4_pair_{fmt}")(blocks):
+    for q, scale, offset in getattr(legacy, f"int4_pair_{fmt}")(blocks):
         assert q.dtype == torch.uint8 and int(q.max()) <= 15
         total += (q.float().view(24, -1, 32) * scale[..., None] + offset[..., None]).reshape(24, 512)
         # The kernel's zero point, offset + 8 * scale, must be d times a power of two (or 0) where

@@ -26,7 +26,7 @@ Two kernels read the planes:
 
 `qmatmul` takes the GGUF layout (it packs on every call: a caller that calls it repeatedly should
 `pack_weight` once and call `qmatmul_packed`). Triton is optional: this module imports without it,
-and the matmuls then raise. `quant_formats.reference_qmatmul` is the plain-torch oracle.
+and the matmuls then raise. `llmc.quant.formats.reference_qmatmul` is the plain-torch oracle.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from llmc.errors import BadInputError
-from llmc.kernels.quant_formats import FORMATS, BlockFormat
+from llmc.quant.formats import FORMATS, BlockFormat
 
 try:
     import triton

@@ -5,8 +5,8 @@ type_size]: each row is its own run of blocks, exactly as in a GGUF file, so a G
 carried over without requantizing and our blocks are written back to GGUF unchanged. Rows are
 independent, so permuting or slicing rows of the uint8 matrix permutes or slices the weight.
 
-The codecs live one module per format family (`quant_legacy`: q4_0 q4_1 q5_0 q5_1 q8_0;
-`quant_kquants`: q2k q3k q4k q5k q6k); each exposes `quantize_<name>(w) -> blocks` and
+The codecs live one module per format family beside this one (`legacy`: q4_0 q4_1 q5_0 q5_1 q8_0;
+`kquants`: q2k q3k q4k q5k q6k); each exposes `quantize_<name>(w) -> blocks` and
 `dequantize_<name>(blocks) -> w` on 2-D tensors. The dequantizers are the plain-torch reference
 that every fast path is tested against.
 """
@@ -29,7 +29,7 @@ class BlockFormat:
     ggml_type: int  # GGMLQuantizationType value (GGUF's tensor type id)
     block_size: int  # weights per block
     type_size: int  # bytes per block
-    module: str  # the codec module under llmc.kernels
+    module: str  # the codec module under llmc.quant
 
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.type_size
@@ -48,18 +48,18 @@ class BlockFormat:
     def quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """float [rows, cols] → uint8 [rows, row_bytes(cols)]."""
         assert weight.dim() == 2 and self.fits(weight.shape[1]), (self.name, tuple(weight.shape))
-        fn = getattr(importlib.import_module(f"llmc.kernels.{self.module}"), f"quantize_{self.name}")
+        fn = getattr(importlib.import_module(f"llmc.quant.{self.module}"), f"quantize_{self.name}")
         return fn(weight.float())
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
         """uint8 [rows, n_blocks * type_size] → float32 [rows, n_blocks * block_size]."""
         assert blocks.element_size() == 1 and blocks.shape[-1] % self.type_size == 0, (self.name, blocks.shape)
-        fn = getattr(importlib.import_module(f"llmc.kernels.{self.module}"), f"dequantize_{self.name}")
+        fn = getattr(importlib.import_module(f"llmc.quant.{self.module}"), f"dequantize_{self.name}")
         return fn(blocks)
 
 
-_LEGACY = "quant_legacy"
-_KQUANTS = "quant_kquants"
+_LEGACY = "legacy"
+_KQUANTS = "kquants"
 QK_K = 256  # weights per K-quant super-block
 FORMATS: dict[str, BlockFormat] = {
     f.name: f

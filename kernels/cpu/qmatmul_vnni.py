@@ -1,4 +1,4 @@
-"""The CPU's VNNI matmul over GGML weights (kernels/qmatmul_vnni.cpp), its layout and its reference.
+"""The CPU's VNNI matmul over GGML weights (kernels/cpu/qmatmul_vnni.cpp), its layout and its reference.
 
 Every GGML format is u * scale + offset per group of 32 weights (16 for q2k, q3k and q6k), with
 u an unsigned integer: up to 4-bit for q4_0, q4_1, q4k, q3k (u = q + 4) and q2k (stored two per
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from llmc.kernels import quant_kquants, quant_legacy
+from llmc.quant import kquants, legacy
 
 ROWS = 16  # output rows per weight block: one vector of 16 int32 sums
 _INT8_MAX = 127
@@ -27,16 +27,16 @@ _FLOAT16_MAX = torch.finfo(torch.float16).max
 # u uint8 [N, K], scale and offset float32 [N, K / group]: w = u * scale + offset per group
 Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _PARTS: dict[str, tuple[int, Callable[[torch.Tensor], Parts]]] = {
-    "q4_0": (4, quant_legacy.int4_parts_q4_0),
-    "q4_1": (4, quant_legacy.int4_parts_q4_1),
-    "q4k": (4, quant_kquants.int4_parts_q4k),
-    "q3k": (4, quant_kquants.byte_parts_q3k),
-    "q2k": (4, quant_kquants.byte_parts_q2k),
-    "q8_0": (8, quant_legacy.byte_parts_q8_0),
-    "q5_0": (8, quant_legacy.byte_parts_q5_0),
-    "q5_1": (8, quant_legacy.byte_parts_q5_1),
-    "q5k": (8, quant_kquants.byte_parts_q5k),
-    "q6k": (8, quant_kquants.byte_parts_q6k),
+    "q4_0": (4, legacy.int4_parts_q4_0),
+    "q4_1": (4, legacy.int4_parts_q4_1),
+    "q4k": (4, kquants.int4_parts_q4k),
+    "q3k": (4, kquants.byte_parts_q3k),
+    "q2k": (4, kquants.byte_parts_q2k),
+    "q8_0": (8, legacy.byte_parts_q8_0),
+    "q5_0": (8, legacy.byte_parts_q5_0),
+    "q5_1": (8, legacy.byte_parts_q5_1),
+    "q5k": (8, kquants.byte_parts_q5k),
+    "q6k": (8, kquants.byte_parts_q6k),
 }
 FORMATS = tuple(_PARTS)
 # Where u * scale is exact in float32, so that u * scale + offset rounds once, as the reference
@@ -112,6 +112,6 @@ def reference_vnni_matmul(x: torch.Tensor, weight: torch.Tensor, group: int) -> 
 
 def qmatmul_vnni(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """x [M, K] (any float dtype) @ the packed weight → float32 [M, N]; needs the kernel library
-    loaded (kernels/cpu_kernels.py)."""
+    loaded (kernels/cpu/cpu_kernels.py)."""
     out: torch.Tensor = torch.ops.llmc.qmatmul_vnni(x, weight, scales, bits)
     return out

@@ -1,4 +1,4 @@
-"""The VNNI matmul (kernels/qmatmul_vnni.cpp): its parts and layout against the reference
+"""The VNNI matmul (kernels/cpu/qmatmul_vnni.cpp): its parts and layout against the reference
 dequantizers, and the compiled kernel against its plain-torch reference."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmc.kernels import cpu_kernels
-from llmc.kernels.qmatmul_cpu import VNNI_DENSE_MIN_ROWS, CpuQMatmul
-from llmc.kernels.qmatmul_vnni import (
+from llmc.kernels.cpu import cpu_kernels
+from llmc.kernels.cpu.qmatmul_cpu import VNNI_DENSE_MIN_ROWS, CpuQMatmul
+from llmc.kernels.cpu.qmatmul_vnni import (
     FORMATS,
     PARTS_EXACT,
     pack,
@@ -20,9 +20,9 @@ from llmc.kernels.qmatmul_vnni import (
     reference_vnni_matmul,
     unpack,
 )
-from llmc.kernels.quant_formats import FORMATS as BLOCK_FORMATS
-from llmc.kernels.quant_formats import reference_qmatmul
-from tests.kernels.blocks import random_blocks
+from llmc.quant.formats import FORMATS as BLOCK_FORMATS
+from llmc.quant.formats import reference_qmatmul
+from tests.quant.blocks import random_blocks
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

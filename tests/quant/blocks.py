@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmc.kernels.quant_formats import FORMATS
+from llmc.quant.formats import FORMATS
 
 # Byte offsets of each format's f16 scale fields (d, and dmin/m where it has one) inside its block.
 _F16_FIELDS: dict[str, tuple[int, ...]] = {

@@ -238,7 +238,7 @@ def _int4_parts(blocks: torch.Tensor, type_size: int, offset_of: Callable[[torch
 
 def int4_parts_q4_0(blocks: torch.Tensor) -> Int4Parts:
     """4-bit values, per-block scale and offset with w = q * scale + offset (exact in float32): the
-    form the CPU's packed int4 matmul takes (kernels/qmatmul_cpu.py)."""
+    form the CPU's packed int4 matmul takes (kernels/cpu/qmatmul_cpu.py)."""
     return _int4_parts(blocks, Q4_0_BYTES, lambda b: -(_Q4_LEVELS // 2) * _f16_field(b, 0))
 
 
@@ -250,7 +250,7 @@ def int4_parts_q4_1(blocks: torch.Tensor) -> Int4Parts:
 def int4_pair_q8_0(blocks: torch.Tensor) -> tuple[Int4Parts, Int4Parts]:
     """q8_0 as the sum of two int4 weights, exactly: with u = q + 128 = 16 * hi + lo,
     w = d * q = (hi * 16d - 128d) + (lo * d + 0). Each part is (q, scale, offset) as in
-    int4_parts_q4_0, for the CPU's packed int4 matmul (kernels/qmatmul_cpu.py)."""
+    int4_parts_q4_0, for the CPU's packed int4 matmul (kernels/cpu/qmatmul_cpu.py)."""
     _check_blocks(blocks, Q8_0_BYTES)
     rows = blocks.shape[0]
     b = blocks.contiguous().view(-1, Q8_0_BYTES)
@@ -264,7 +264,7 @@ def int4_pair_q8_0(blocks: torch.Tensor) -> tuple[Int4Parts, Int4Parts]:
 def _int4_pair_q5(blocks: torch.Tensor, type_size: int, has_min: bool) -> tuple[Int4Parts, Int4Parts]:
     """q5_0/q5_1 as the sum of two int4 weights, exactly: q = lo + 16 * hi with hi in {0, 1}.
     The high part takes the int4 value 8 + hi at scale 16d, so that both parts' int4 zero points
-    ((q - 8) * scale + zero, kernels/qmatmul_cpu.py) are 0 or -8d: powers of two times d, which
+    ((q - 8) * scale + zero, kernels/cpu/qmatmul_cpu.py) are 0 or -8d: powers of two times d, which
     round to bf16 exactly as d does (a zero of 112d, say, would not)."""
     _check_blocks(blocks, type_size)
     rows = blocks.shape[0]
@@ -310,7 +310,7 @@ def _q5_levels(b: torch.Tensor) -> torch.Tensor:
 
 def byte_parts_q8_0(blocks: torch.Tensor) -> Int4Parts:
     """q8_0 as unsigned bytes u = q + 128 with w = u * d - 128d (exact in float32 and in float16):
-    the form of the CPU's VNNI matmul (kernels/qmatmul_vnni.py)."""
+    the form of the CPU's VNNI matmul (kernels/cpu/qmatmul_vnni.py)."""
     return _byte_parts(
         blocks,
         Q8_0_BYTES,

@@ -1,11 +1,11 @@
 // Quantized matmul on AVX-512 VNNI CPUs: y[M, N] = x[M, K] @ W^T with W = u * scale + offset,
 // u an unsigned 4- or 8-bit integer and one (scale, offset) per group of G = 16 or 32 weights of
-// a row. Every GGML format has this form (kernels/qmatmul_vnni.py prepares it).
+// a row. Every GGML format has this form (kernels/cpu/qmatmul_vnni.py prepares it).
 //
 // Like llama.cpp, x is quantized to int8 per G values (scale max|x| / 127), so that the inner
 // loop is `vpdpbusd`: 64 multiply-adds of u8 weights by s8 activations per instruction, with no
 // conversion of weights to float. Per group and row, y += dx * (scale * sum(u * xq) + offset *
-// sum(xq)); the plain-torch reference is kernels/qmatmul_vnni.py `reference_vnni_matmul`.
+// sum(xq)); the plain-torch reference is kernels/cpu/qmatmul_vnni.py `reference_vnni_matmul`.
 //
 // Layout of `weight`, per block of 16 output rows and group of G inputs (see pack in the .py):
 //   bits 8: G / 4 chunks of 64 bytes; chunk c, byte 4*r + j = u[row r][input 4c + j].

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmc.kernels.quant_formats import FORMATS, QK_K
+from llmc.quant.formats import FORMATS, QK_K
 
 GROUP_MAX_EPS = 1e-15  # a sub-block whose largest |x| is below this is all zeros (ggml's threshold)
 # Weights encoded per chunk of rows. The candidate searches make ~100 small passes per candidate over a
@@ -442,7 +442,7 @@ def dequantize_q2k(blocks: torch.Tensor) -> torch.Tensor:
 
 def byte_parts_q2k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q2k as its 2-bit values with one scale and offset per 16-weight sub-block, w = q * scale +
-    offset (exact in float32): the form of the CPU's VNNI matmul (kernels/qmatmul_vnni.py)."""
+    offset (exact in float32): the form of the CPU's VNNI matmul (kernels/cpu/qmatmul_vnni.py)."""
     b, rows = _as_blocks(blocks, "q2k")
     sc = b[:, 0:16]
     d, dmin = _read_f16(b, 80), _read_f16(b, 82)
@@ -564,7 +564,7 @@ def _decode_k4(b: torch.Tensor, q: torch.Tensor, rows: int) -> torch.Tensor:
 
 def int4_parts_q4k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q4k as 4-bit values with one scale and offset per 32-weight sub-block, w = q * scale + offset
-    (exact in float32): the form the CPU's packed int4 matmul takes (kernels/qmatmul_cpu.py)."""
+    (exact in float32): the form the CPU's packed int4 matmul takes (kernels/cpu/qmatmul_cpu.py)."""
     b, rows = _as_blocks(blocks, "q4k")
     d, dmin = _read_f16(b, 0), _read_f16(b, 2)
     sc, mn = _unpack_k4_scales(b[:, 4:16])
@@ -574,7 +574,7 @@ def int4_parts_q4k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def byte_parts_q5k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q5k as its 5-bit values with one scale and offset per 32-weight sub-block, w = q * scale +
-    offset (exact in float32): the form of the CPU's VNNI matmul (kernels/qmatmul_vnni.py)."""
+    offset (exact in float32): the form of the CPU's VNNI matmul (kernels/cpu/qmatmul_vnni.py)."""
     b, rows = _as_blocks(blocks, "q5k")
     d, dmin = _read_f16(b, 0), _read_f16(b, 2)
     sc, mn = _unpack_k4_scales(b[:, 4:16])

@@ -1,4 +1,4 @@
-"""llmc's own C++ CPU kernels (kernels/*.cpp): compiled by the builder, shipped in the artifact,
+"""llmc's own C++ CPU kernels (kernels/cpu/*.cpp): compiled by the builder, shipped in the artifact,
 loaded by the runtime.
 
 They are compiled where the artifact is built, like the AOTInductor packages, and against the
@@ -117,7 +117,8 @@ def _build(output: Path, tmp: Path) -> None:
 
 def _cache_key() -> str:
     """What the library depends on: the compiler, its command lines (flags, torch's headers and
-    ABI), torch, the sources and this module."""
+    ABI, the sources' paths, which the library embeds in its error messages), torch, the sources
+    and this module."""
     version = subprocess.run(
         [*_compiler(), "--version"],
         capture_output=True,

@@ -6,14 +6,14 @@ Three fast paths, chosen per format by measurement on SmolLM2's shapes (docs/BEN
   computes, (q - 8) * scale + zero, apart from its bf16 scales. Its packed layout depends on the
   CPU's ISA, so the artifact keeps the GGML blocks and the packing happens here, at load.
 - int4 pair: q8_0, q5_0 and q5_1 are each the sum of two such int4 weights (a high and a low
-  part, quant_legacy.int4_pair_*): two int4 matmuls read about 1 byte per weight where a bf16
+  part, legacy.int4_pair_*): two int4 matmuls read about 1 byte per weight where a bf16
   copy reads 2. That matters for the largest matrix of small models, a q8_0 lm_head, and for the
   q5_0 that K-quant builds fall back to on rows whose width is not a multiple of 256.
 - dense: every other format is dequantized once at load into bf16 and multiplied by oneDNN's bf16
   GEMM (the weights then take 2 bytes each in memory; the artifact still holds the blocks).
 All take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-only on CPUs.
-- vnni: with `vnni` (llmc's own kernel library loaded, kernels/cpu_kernels.py, on an AVX-512 VNNI
-  CPU), every format of kernels/qmatmul_vnni.py takes that kernel instead of int4 or pairs for
+- vnni: with `vnni` (llmc's own kernel library loaded, kernels/cpu/cpu_kernels.py, on an AVX-512 VNNI
+  CPU), every format of kernels/cpu/qmatmul_vnni.py takes that kernel instead of int4 or pairs for
   fewer than VNNI_DENSE_MIN_ROWS rows: 2-4x faster than torch's int4 kernel at one row.
 
 The int4 kernel is the fastest for a few rows of activations but computes slowly: with enough
@@ -21,7 +21,7 @@ rows a bf16 GEMM over a dense copy wins, from INT4_DENSE_MIN_ROWS rows for one i
 from PAIR_DENSE_MIN_ROWS for an int4 pair (twice the unpacking). With `dense_copy` a weight keeps
 such a copy and each call takes the faster form for its row count; `weight_form` pins the forms
 one row count would take (a traced graph cannot branch on its dynamic batch).
-The reference is `quant_formats.reference_qmatmul`: dequantize in float32, then multiply.
+The reference is `llmc.quant.formats.reference_qmatmul`: dequantize in float32, then multiply.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.kernels import qmatmul_vnni, quant_kquants, quant_legacy
-from llmc.kernels.quant_formats import FORMATS
-from llmc.kernels.quant_legacy import Int4Parts
+from llmc.kernels.cpu import qmatmul_vnni
+from llmc.quant import kquants, legacy
+from llmc.quant.formats import FORMATS
+from llmc.quant.legacy import Int4Parts
 
 INT4_GROUP = 32  # weights per (scale, offset) pair in all three int4 formats
 # `innerKTiles` of the int4 packing: 2 is what the CPU kernel is tuned for (torchao uses it).
@@ -59,15 +60,15 @@ WEIGHT_FORMS = {"packed": 1, "dense": DENSE_MIN_ROWS}
 
 # The codecs split each int4 format into (q, scale, offset); see their int4_parts_* functions.
 _INT4_PARTS: dict[str, Callable[[torch.Tensor], Int4Parts]] = {
-    "q4_0": quant_legacy.int4_parts_q4_0,
-    "q4_1": quant_legacy.int4_parts_q4_1,
-    "q4k": quant_kquants.int4_parts_q4k,
+    "q4_0": legacy.int4_parts_q4_0,
+    "q4_1": legacy.int4_parts_q4_1,
+    "q4k": kquants.int4_parts_q4k,
 }
 INT4_FORMATS = tuple(_INT4_PARTS)
 _INT4_PAIRS: dict[str, Callable[[torch.Tensor], tuple[Int4Parts, Int4Parts]]] = {
-    "q8_0": quant_legacy.int4_pair_q8_0,
-    "q5_0": quant_legacy.int4_pair_q5_0,
-    "q5_1": quant_legacy.int4_pair_q5_1,
+    "q8_0": legacy.int4_pair_q8_0,
+    "q5_0": legacy.int4_pair_q5_0,
+    "q5_1": legacy.int4_pair_q5_1,
 }
 PAIR_FORMATS = tuple(_INT4_PAIRS)
 
@@ -106,7 +107,7 @@ class CpuQMatmul(nn.Module):
     scales_zeros: torch.Tensor | None
     packed_low: torch.Tensor | None  # the int4 pair's second half
     scales_zeros_low: torch.Tensor | None
-    vnni_weight: torch.Tensor | None  # kernels/qmatmul_vnni.py's layout
+    vnni_weight: torch.Tensor | None  # kernels/cpu/qmatmul_vnni.py's layout
     vnni_scales: torch.Tensor | None
     dense: torch.Tensor | None
 

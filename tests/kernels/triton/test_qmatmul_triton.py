@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 pytest.importorskip("triton")
 
-from llmc.kernels.qmatmul_triton import (
+from llmc.kernels.triton.qmatmul_triton import (
     GEMV_MAX_M,
     GEMV_UNIT,
     PLANE_FIELDS,
@@ -25,8 +25,8 @@ from llmc.kernels.qmatmul_triton import (
     qmatmul_packed,
     unpack_weight,
 )
-from llmc.kernels.quant_formats import FORMATS, reference_qmatmul
-from tests.kernels.blocks import random_blocks
+from llmc.quant.formats import FORMATS, reference_qmatmul
+from tests.quant.blocks import random_blocks
 
 _ALL = list(FORMATS)
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -40,6 +40,8 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class App:
+    """The ASGI callable Granian serves: one engine, one served model name."""
+
     def __init__(
         self,
         engine: Engine,

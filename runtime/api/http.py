@@ -80,6 +80,7 @@ def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
 
 
 async def send_json(send: Send, status: int, body: bytes) -> None:
+    """A whole JSON response (`body` already encoded)."""
     await send({"type": "http.response.start", "status": status, "headers": _JSON})
     await send({"type": "http.response.body", "body": body})
 
@@ -118,6 +119,7 @@ async def stream(send: Send, request_id: str, events: AsyncIterator[bytes]) -> N
 
 
 async def lifespan(receive: Receive, send: Send) -> None:
+    """ASGI lifespan: nothing to set up or tear down here (server.py owns the engine's life)."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

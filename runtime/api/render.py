@@ -15,10 +15,12 @@ from llmc.runtime.tool_calls import ContentEvent, ToolCall, ToolCallParser
 
 
 def usage(prompt: int, completion: int, cached: int) -> p.Usage:
+    """OpenAI's usage object; `cached`: prompt tokens the prefix cache served."""
     return p.Usage(prompt, completion, prompt + completion, p.PromptTokensDetails(cached_tokens=cached))
 
 
 def tool_call_out(call: ToolCall) -> p.ToolCallOut:
+    """A parsed tool call as a non-streamed message's `tool_calls` entry."""
     return p.ToolCallOut(id=call.id, function=p.FunctionCall(name=call.name, arguments=call.arguments))
 
 

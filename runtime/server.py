@@ -111,8 +111,9 @@ def serve(config: ServeConfig) -> None:
     from llmc.runtime.api.app import App
     from llmc.runtime.api.chat_plan import MAX_TOOLS
     from llmc.runtime.api.http_guard import BODY_TIMEOUT_S, HttpGuard
+    from llmc.runtime.api.mcp.config import check_sdk, load_config
+    from llmc.runtime.api.mcp.tools import McpManager
     from llmc.runtime.engine import DEFAULT_MAX_WAITING, Engine, EngineConfig
-    from llmc.runtime.mcp_tools import McpManager, check_sdk, load_config
 
     configure(config.log_level)
     check_port_free(config.host, config.port)  # before the model loads: fail fast

@@ -21,10 +21,11 @@ import pytest
 
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadInputError
-from llmc.runtime import mcp_tools
-from llmc.runtime.api import mcp_loop
-from llmc.runtime.api.app import ClientGoneError
-from llmc.runtime.mcp_tools import McpManager, ServerSpec, load_config
+from llmc.runtime.api.http import ClientGoneError
+from llmc.runtime.api.mcp import loop as mcp_loop
+from llmc.runtime.api.mcp import tools as mcp_tools
+from llmc.runtime.api.mcp.config import ServerSpec, load_config
+from llmc.runtime.api.mcp.tools import McpManager
 from llmc.runtime.tool_calls import ToolCall
 from tests.conftest import make_tiny_llama
 from tests.server import free_port, running_server

@@ -25,16 +25,17 @@ import msgspec
 
 from llmc.logs import get_logger
 from llmc.runtime.api import protocol as p
-from llmc.runtime.api.app import ClientGoneError, _collect, _send_json, _usage, _wait_disconnect
 from llmc.runtime.api.chat_plan import ChatPlan
+from llmc.runtime.api.engine_client import EngineClient, collect
+from llmc.runtime.api.http import ClientGoneError, Receive, Send, send_json, stream, wait_disconnect
+from llmc.runtime.api.render import Renderer, usage
 from llmc.runtime.output_processor import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.tool_calls import ContentEvent, ToolCall, ToolCallParser
 from llmc.runtime.tool_calls.base import parse_all
 
 if TYPE_CHECKING:
-    from llmc.runtime.api.app import App, Receive, Send
-    from llmc.runtime.mcp_tools import McpManager
+    from llmc.runtime.api.mcp.tools import McpManager
 
 # Rounds of tool calls per request. A real task needs one or two; a model that keeps calling
 # (a loop, or a tool that keeps failing) is cut off here, then made to answer without tools.
@@ -73,12 +74,12 @@ class _Totals:
         self.cached += cached
 
     def usage(self) -> p.Usage:
-        return _usage(self.prompt, self.completion, self.cached)
+        return usage(self.prompt, self.completion, self.cached)
 
 
 class _Conversation:
-    def __init__(self, app: App, mcp: McpManager, req: p.ChatCompletionRequest) -> None:
-        self.app = app
+    def __init__(self, client: EngineClient, mcp: McpManager, req: p.ChatCompletionRequest) -> None:
+        self.client = client
         self.mcp = mcp
         self.req = msgspec.structs.replace(req, tools=mcp.tools)
         self.messages = list(req.messages)
@@ -92,17 +93,12 @@ class _Conversation:
         elif index > 0:
             choice = "auto"  # a forced call was made in round 0; now the model may answer
         round_req = msgspec.structs.replace(req, messages=self.messages, tool_choice=choice)
-        plan = self.app._plan(round_req)
-        tokenizer = self.app.engine.tokenizer
-        prompt = tokenizer.apply_chat_template(
-            plan.messages, add_generation_prompt=True, tools=plan.tools, max_chars=self.app.limits.max_rendered_chars
-        )
-        ids = tokenizer.encode(prompt)
+        plan, ids = self.client.prepare_chat(round_req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if index > 0 and max_tokens is not None:
             # The conversation grew by the calls and results: fit the answer in what is left.
-            max_tokens = min(max_tokens, max(1, self.app.engine.max_model_len - len(ids)))
-        params = [replace(sp, grammar=plan.grammar) for sp in self.app._params(round_req, ids, max_tokens)]
+            max_tokens = min(max_tokens, max(1, self.client.engine.max_model_len - len(ids)))
+        params = [replace(sp, grammar=plan.grammar) for sp in self.client.params(round_req, ids, max_tokens)]
         return _Round(index, plan, ids, params)
 
     async def run_calls(self, content: str, calls: list[ToolCall], receive: Receive) -> list[McpCall]:
@@ -111,7 +107,7 @@ class _Conversation:
         run: asyncio.Future[Any] = asyncio.ensure_future(
             asyncio.gather(*(self.mcp.call(c.name, c.arguments) for c in calls[:MAX_CALLS_PER_ROUND]))
         )
-        watcher: asyncio.Future[Any] = asyncio.ensure_future(_wait_disconnect(receive))
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(wait_disconnect(receive))
         try:
             await asyncio.wait([run, watcher], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -138,21 +134,23 @@ class _Conversation:
         return done
 
 
-async def chat_with_mcp(app: App, mcp: McpManager, req: p.ChatCompletionRequest, receive: Receive, send: Send) -> None:
+async def chat_with_mcp(
+    client: EngineClient, render: Renderer, mcp: McpManager, req: p.ChatCompletionRequest, receive: Receive, send: Send
+) -> None:
     """Answer one chat request (n == 1), running the model's MCP tool calls on the way."""
-    conv = _Conversation(app, mcp, req)
+    conv = _Conversation(client, mcp, req)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    first = await app._off_loop(conv.prepare, 0)  # before any response: a bad request is still a plain 4xx
+    first = await client.off_loop(conv.prepare, 0)  # before any response: a bad request is still a plain 4xx
     if req.stream:
-        await app._stream(send, request_id, _events(conv, first, request_id, created, receive))
+        await stream(send, request_id, _events(conv, render, first, request_id, created, receive))
         return
     totals = _Totals()
     texts: list[str] = []
     round_ = first
     while True:
-        outputs = app._submit(f"{request_id}-{round_.index}", round_.ids, round_.params, receive)
-        result = (await _collect(outputs, 1))[0]
+        outputs = client.submit(f"{request_id}-{round_.index}", round_.ids, round_.params, receive)
+        result = (await collect(outputs, 1))[0]
         totals.add(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         fmt = round_.plan.tool_format
         cut = result.finish_reason == "length"
@@ -161,34 +159,35 @@ async def chat_with_mcp(app: App, mcp: McpManager, req: p.ChatCompletionRequest,
         if not calls:
             break
         await conv.run_calls(content, calls, receive)
-        round_ = await app._off_loop(conv.prepare, round_.index + 1)
-    logprobs = app._chat_logprobs(result.logprobs) if round_.params[0].logprobs is not None else None
+        round_ = await client.off_loop(conv.prepare, round_.index + 1)
+    logprobs = render.chat_logprobs(result.logprobs) if round_.params[0].logprobs is not None else None
     message = p.ResponseMessage("assistant", "".join(texts))
     choice = p.ChatChoice(index=0, message=message, finish_reason=result.finish_reason, logprobs=logprobs)
     body = msgspec.to_builtins(
-        p.ChatCompletion(id=request_id, created=created, model=app.model_name, choices=[choice], usage=totals.usage())
+        p.ChatCompletion(
+            id=request_id, created=created, model=render.model_name, choices=[choice], usage=totals.usage()
+        )
     )
     if conv.calls:
         body["choices"][0]["message"]["mcp_calls"] = msgspec.to_builtins(conv.calls)
-    await _send_json(send, 200, msgspec.json.encode(body))
+    await send_json(send, 200, msgspec.json.encode(body))
 
 
 async def _events(
-    conv: _Conversation, first: _Round, request_id: str, created: int, receive: Receive
+    conv: _Conversation, render: Renderer, first: _Round, request_id: str, created: int, receive: Receive
 ) -> AsyncIterator[bytes]:
-    app = conv.app
+    client = conv.client
     req = conv.req
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> bytes:
-        body = p.ChatCompletionChunk(id=request_id, created=created, model=app.model_name, choices=choices, usage=usage)
-        return msgspec.json.encode(body)
+        return render.chat_chunk(request_id, created, choices, usage)
 
     yield chunk([p.ChatChunkChoice(index=0, delta=p.Delta(role="assistant", content=""))])
     totals = _Totals()
     round_ = first
     while True:
-        outputs = app._submit(f"{request_id}-{round_.index}", round_.ids, round_.params, receive)
+        outputs = client.submit(f"{request_id}-{round_.index}", round_.ids, round_.params, receive)
         fmt = round_.plan.tool_format
         parser = ToolCallParser(fmt) if fmt is not None else None
         last: RequestOutput | None = None
@@ -201,7 +200,7 @@ async def _events(
             else:
                 text = out.text
             content.append(text)
-            logprobs = app._chat_logprobs(out.logprobs) if out.logprobs else None
+            logprobs = render.chat_logprobs(out.logprobs) if out.logprobs else None
             if text or logprobs:
                 yield chunk([p.ChatChunkChoice(index=0, delta=p.Delta(content=text), logprobs=logprobs)])
         assert last is not None  # the engine always sends a finished output
@@ -217,10 +216,10 @@ async def _events(
                 "id": request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": app.model_name,
+                "model": render.model_name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
             }
         )
-        round_ = await app._off_loop(conv.prepare, round_.index + 1)
+        round_ = await client.off_loop(conv.prepare, round_.index + 1)
     if include_usage:
         yield chunk([], usage=totals.usage())

@@ -1,7 +1,4 @@
-"""MCP tools for chat: start the servers of an `mcp.json`, offer their tools, run the model's calls.
-
-The config is the common `{"mcpServers": {name: {...}}}` form: a stdio server has `command`
-(with optional `args`, `env`, `cwd`), a streamable-HTTP server has `url` (with optional `headers`).
+"""MCP tools for chat: start the servers of an `mcp.json` (config.py), offer their tools, run the model's calls.
 
 The MCP SDK is asyncio (anyio) code whose sessions must stay in the task that opened them, while
 the engine is synchronous and Granian's worker runs requests on its own event loop. So every
@@ -22,11 +19,10 @@ import re
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-from llmc.errors import BadInputError
 from llmc.logs import get_logger
+from llmc.runtime.api.mcp.config import ServerSpec
 
 log = get_logger("llmc.mcp")
 
@@ -48,76 +44,6 @@ MAX_RESULT_CHARS = 32_000
 _NOT_NAME_CHAR = re.compile(r"[^A-Za-z0-9_.-]")  # outside OpenAI's function-name alphabet
 MAX_NAME_CHARS = 64
 _MAX_TOOL_PAGES = 100  # a server that keeps sending cursors must not keep us listing forever
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    name: str
-    command: str | None = None
-    args: tuple[str, ...] = ()
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    url: str | None = None
-    headers: dict[str, str] | None = None
-
-
-def load_config(path: str | Path, cwd: str | None = None) -> list[ServerSpec]:
-    """Read and check an mcp.json; a mistake is a BadInputError naming the server and field.
-
-    A stdio server runs in its "cwd", resolved against `cwd` (default: the current directory).
-    """
-    where = f"--mcp-config {path}"
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise BadInputError(f"{where}: cannot read the file: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise BadInputError(f"{where}: not valid JSON: {exc}") from exc
-    servers = data.get("mcpServers") if isinstance(data, dict) else None
-    if not isinstance(servers, dict):
-        raise BadInputError(f'{where}: expected {{"mcpServers": {{name: {{"command": ...}} or {{"url": ...}}}}}}')
-    specs = []
-    for name, entry in servers.items():
-        if not isinstance(entry, dict):
-            raise BadInputError(f"{where}: server {name!r} must be an object")
-        if entry.get("disabled") is True:
-            continue
-        kind = entry.get("type", entry.get("transport"))
-        if kind == "sse":
-            raise BadInputError(f"{where}: server {name!r}: SSE servers are not supported; use streamable HTTP")
-        command, url = entry.get("command"), entry.get("url")
-        if (command is None) == (url is None):
-            raise BadInputError(f'{where}: server {name!r} needs exactly one of "command" (stdio) and "url" (HTTP)')
-        if command is not None and (not isinstance(command, str) or not command):
-            raise BadInputError(f'{where}: server {name!r}: "command" must be a non-empty string')
-        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
-            raise BadInputError(f'{where}: server {name!r}: "url" must be an http:// or https:// URL')
-        args = entry.get("args", [])
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise BadInputError(f'{where}: server {name!r}: "args" must be a list of strings')
-        env, headers = entry.get("env"), entry.get("headers")
-        for key, value in (("env", env), ("headers", headers)):
-            if value is not None and (
-                not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values())
-            ):
-                raise BadInputError(f'{where}: server {name!r}: "{key}" must map names to strings')
-        server_cwd = entry.get("cwd")
-        if server_cwd is not None and not isinstance(server_cwd, str):
-            raise BadInputError(f'{where}: server {name!r}: "cwd" must be a string')
-        if cwd is not None and url is None:
-            server_cwd = str(Path(cwd, server_cwd or "."))
-        specs.append(
-            ServerSpec(name=name, command=command, args=tuple(args), env=env, cwd=server_cwd, url=url, headers=headers)
-        )
-    return specs
-
-
-def check_sdk() -> None:
-    """The MCP SDK is an optional dependency: say how to get it."""
-    try:
-        import mcp  # noqa: F401
-    except ImportError as exc:
-        raise BadInputError("--mcp-config needs the MCP SDK: pip install 'llmc[mcp]'") from exc
 
 
 @dataclass

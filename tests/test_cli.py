@@ -42,10 +42,12 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     info = json.loads(inspected.stdout)
     assert info["model"]["num_layers"] == 2 and info["parameters"] == summary["parameters"]
     if kernels:
-        assert info["cpu_kernels"] == {
+        assert info["targets"]["cpu"]["kernels"] == {
             "file": next(iter(kernels)),
             "torch_version": torch_version(),
             "isa": "avx512_vnni",
+            "runs_here": True,
+            "why_not": None,
         }
     text = _llmc("inspect", str(tmp_path / "a"))
     assert "model_name: tiny" in text.stdout

@@ -181,6 +181,22 @@ def test_short_flags_reach_the_options(tmp_path: Path, monkeypatch: pytest.Monke
     assert "serve" in runner.invoke(cli.main, ["-h"]).output
 
 
+def test_enum_flags_are_refused_before_the_model_is_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--isq bogus` (and a bad --dtype or --target) is a usage error, exit 2, before any source is
+    opened or downloaded and before the output folder is made."""
+    import llmc.builder.build
+    from llmc import cli
+
+    opened: list[Any] = []
+    monkeypatch.setattr(llmc.builder.build, "open_source", lambda *args: opened.append(args) or 1 / 0)
+    runner = CliRunner()
+    for flag, value in (("--isq", "bogus"), ("--dtype", "f64"), ("--target", "tpu")):
+        result = runner.invoke(cli.main, ["build", "-m", "owner/name", "-o", str(tmp_path / "out"), flag, value])
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{flag}'" in result.output
+    assert opened == [] and not (tmp_path / "out").exists()
+
+
 def test_run_missing_directory_exits_2(tmp_path: Path) -> None:
     for command in ("run", "serve", "inspect"):
         result = _llmc(command, str(tmp_path / "missing") + "/")

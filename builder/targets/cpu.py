@@ -167,7 +167,7 @@ def compile_from_stage(
     kernels_file: str | None,
 ) -> tuple[CompiledStep, list[str]]:
     """compile_decode_step in a second process, for another weight form's package at the same
-    time as the parent's (build.py)."""
+    time as the parent's (_compile below)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
     model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, kernels_file)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import msgspec
 
-from llmc.builder import DEFAULT_BUCKETS
+from llmc.builder import BUILD_DTYPES, DEFAULT_BUCKETS, ISQ_FORMATS
+from llmc.builder.targets import TARGET_NAMES
 from llmc.errors import BadInputError, LlmcError
 from llmc.logs import configure
 from llmc.runtime.api.http_guard import BODY_TIMEOUT_S
@@ -125,15 +126,18 @@ def main() -> None:
     "--dtype",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "f32", "f16", "bf16"]),
+    type=click.Choice(["auto", *BUILD_DTYPES]),
     help="Weight dtype; auto is f32 for the cpu target.",
 )
 @click.option(
     "--isq",
-    help="In-situ quantization: q4_0 q4_1 q5_0 q5_1 q8_0 q2k q3k q4k q5k q6k, or none to dequantize "
-    "everything. Default: keep a GGUF source's quantized blocks, leave other sources unquantized.",
+    type=click.Choice([*ISQ_FORMATS, "none"]),
+    help="In-situ quantization to a GGML format, or none to dequantize everything. "
+    "Default: keep a GGUF source's quantized blocks, leave other sources unquantized.",
 )
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]), help="Hardware to build for.")
+@click.option(
+    "--target", default="cpu", show_default=True, type=click.Choice(TARGET_NAMES), help="Hardware to build for."
+)
 @click.option(
     "--compile/--no-compile",
     "compile_step",
@@ -187,8 +191,8 @@ def build(
     """Build an artifact from a model."""
     from llmc.builder.build import BuildOptions
     from llmc.builder.build import build as run_build
-    from llmc.builder.compile_step import CompileOptions
     from llmc.builder.progress import TerminalProgress
+    from llmc.builder.targets.base import CompileOptions
 
     try:
         sizes = tuple(int(b) for b in buckets.split(","))
@@ -247,8 +251,9 @@ def build_summary(result: BuildResult, summary: dict[str, Any]) -> list[str]:
             f"quantized {total['tensors_quantized']} tensors: {total['bytes_before']:,} → {total['bytes_after']:,} "
             f"bytes (per tensor: --report, or `llmc inspect {summary['output']} --report`)"
         )
-    if result.manifest.compiled:
-        packages = ", ".join(f"{c.weights} weights for batches {c.buckets}" for c in result.manifest.compiled)
+    compiled = result.manifest.compiled_for(result.manifest.target)
+    if compiled:
+        packages = ", ".join(f"{c.weights} weights for batches {c.buckets}" for c in compiled)
         lines.append(f"compiled the decode step ({packages}) in {summary['compile_seconds']} s")
     elif result.compile_skipped is not None:
         lines.append(f"not compiled (the artifact runs eagerly): {result.compile_skipped}")

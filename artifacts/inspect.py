@@ -6,9 +6,11 @@ import math
 from typing import Any
 
 import msgspec
+import torch
 
 from llmc.artifacts.generation import effective
-from llmc.artifacts.manifest import Manifest, TensorInfo
+from llmc.artifacts.manifest import CompiledStep, KernelLibrary, Manifest, TargetCode, TensorInfo
+from llmc.kernels.cpu import cpu_kernels
 from llmc.quant.formats import stored_format
 
 
@@ -76,8 +78,47 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
             "flags": manifest.build.flags,
         },
         "files": {f.path: f.size for f in manifest.files},
-        "cpu_kernels": msgspec.to_builtins(manifest.cpu_kernels),
+        "targets": {name: target_status(name, code) for name, code in manifest.targets.items()},
     }
+
+
+def _kernels_why_not(kernels: KernelLibrary, torch_version: str) -> str | None:
+    if kernels.isa != cpu_kernels.ISA:
+        return f"they need {kernels.isa}, this llmc's kernels need {cpu_kernels.ISA}"
+    if kernels.torch_version != torch_version:
+        return f"they were compiled for torch {kernels.torch_version}, this is torch {torch_version}"
+    return cpu_kernels.unsupported()
+
+
+def _step_why_not(step: CompiledStep, host: str, torch_version: str, kernels_why_not: str | None) -> str | None:
+    if step.torch_version != torch_version:
+        return f"compiled with torch {step.torch_version}, this is torch {torch_version}"
+    if step.cpu_capability != host:
+        return f"compiled for a {step.cpu_capability} CPU, this one is {host}"
+    if step.cpu_kernels and kernels_why_not is not None:
+        return f"it calls the kernel library, which cannot run here: {kernels_why_not}"
+    return None
+
+
+def target_status(name: str, code: TargetCode) -> dict[str, Any]:
+    """One target's device code and whether this host can run each part (`why_not`: None where it
+    can). Where a part cannot run, the runtime runs the model eagerly on torch's kernels instead."""
+    if name != "cpu":
+        why = f"this llmc runs on the cpu only, not {name}"
+        return {"capability": code.capability, "runs_here": False, "why_not": why}
+    host = torch.backends.cpu.get_cpu_capability()
+    version = torch.__version__.split("+")[0]
+    kernels_why_not = None if code.kernels is None else _kernels_why_not(code.kernels, version)
+    kernels = None
+    if code.kernels is not None:
+        kernels = {**msgspec.to_builtins(code.kernels), "runs_here": kernels_why_not is None}
+        kernels["why_not"] = kernels_why_not
+    compiled = []
+    for step in code.compiled:
+        why_not = _step_why_not(step, host, version, kernels_why_not)
+        entry = {"kind": step.kind, "weights": step.weights, "buckets": step.buckets, "max_seq_len": step.max_seq_len}
+        compiled.append({**entry, "runs_here": why_not is None, "why_not": why_not})
+    return {"capability": code.capability, "this_host": host, "kernels": kernels, "compiled": compiled}
 
 
 def report_table(report: dict[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import msgspec
@@ -12,8 +13,9 @@ from llmc.errors import BadArtifactError
 # Version of the on-disk layout. Readers refuse any other value: an old runtime cannot guess
 # what a newer builder meant, and silently misreading weights is worse than refusing.
 # 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps;
-# 5: llmc's own CPU kernel library (Manifest.cpu_kernels), which compiled steps may call
-FORMAT_VERSION = 5
+# 5: llmc's own CPU kernel library, which compiled steps may call; 6: compiled steps and kernel
+# libraries per device target (Manifest.targets), and the optional generation defaults
+FORMAT_VERSION = 6
 MANIFEST_NAME = "manifest.json"
 
 
@@ -103,7 +105,7 @@ class TokenizerInfo(msgspec.Struct, forbid_unknown_fields=True):
 class GenerationDefaults(msgspec.Struct, forbid_unknown_fields=True):
     """Sampling defaults for requests that set none (artifacts/generation.py says where from).
 
-    Fields after top_k are optional so that older artifacts, which lack them, still load.
+    Every field has a default, so that a source or a hand-written manifest may leave one out.
     """
 
     temperature: float = 1.0
@@ -139,7 +141,6 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     """
 
     kind: str  # "decode": one new token per sequence over the paged KV cache
-    target: str  # "cpu"
     package: str  # the .pt2 package, relative to the artifact root
     constants: str  # safetensors: the compiler-made constants, by the name the package asks for
     buckets: list[int]  # batch sizes a batch is padded up to; the largest is the most it takes
@@ -150,21 +151,34 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     # Which prepared form of the quantized weights the package computes with: "packed" (the int4
     # kernels where a format has them) or "dense" (bf16 copies; for the buckets of many rows).
     weights: str = "packed"
-    # Whether the package calls the artifact's CPU kernel library (its VNNI matmul): it then runs
+    # Whether the package calls the target's kernel library (the CPU's VNNI matmul): it then runs
     # only where that library loads.
     cpu_kernels: bool = False
 
 
-class CpuKernels(msgspec.Struct, forbid_unknown_fields=True):
-    """llmc's own C++ CPU kernels (kernels/cpu/cpu_kernels.py), compiled where the artifact was built.
+class KernelLibrary(msgspec.Struct, forbid_unknown_fields=True):
+    """llmc's own kernels for one target, compiled where the artifact was built (for the CPU:
+    kernels/cpu/cpu_kernels.py's C++ library of torch ops).
 
-    A shared library of torch ops: the runtime loads it where the torch version matches and the
-    CPU has the instruction set; elsewhere it runs without it (torch's own kernels).
+    The runtime loads it where the torch version matches and the device has the instruction set;
+    elsewhere it runs without it (torch's own kernels).
     """
 
     file: str  # the shared library, relative to the artifact root
     torch_version: str  # torch whose headers and libraries it was compiled against
     isa: str  # the instruction set it needs ("avx512_vnni")
+
+
+class TargetCode(msgspec.Struct, forbid_unknown_fields=True):
+    """The device code an artifact carries for one target (`Manifest.targets`): what it was built
+    for, its kernel library and its compiled steps. A target the runtime cannot use here is skipped
+    (the model runs eagerly on torch's kernels), never half-used."""
+
+    # The device capability the code was built on: for "cpu" torch's name of the build machine's
+    # vector ISA (torch.backends.cpu.get_cpu_capability(), e.g. "AVX512"); a GPU architecture later.
+    capability: str
+    kernels: KernelLibrary | None = None
+    compiled: list[CompiledStep] = []
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):
@@ -178,8 +192,18 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     tensors: list[TensorInfo]
     files: list[FileInfo]
     build: BuildInfo
-    compiled: list[CompiledStep] = []
-    cpu_kernels: CpuKernels | None = None
+    # Device code by target name ("cpu"); an artifact without any runs eagerly everywhere.
+    targets: dict[str, TargetCode] = {}
+
+    def compiled_for(self, target: str) -> list[CompiledStep]:
+        """The steps compiled for `target` ("cpu"); none where the artifact carries no code for it."""
+        code = self.targets.get(target)
+        return [] if code is None else code.compiled
+
+    def kernels_for(self, target: str) -> KernelLibrary | None:
+        """llmc's kernel library for `target`, or None where the artifact carries none."""
+        code = self.targets.get(target)
+        return None if code is None else code.kernels
 
 
 def encode(manifest: Manifest) -> bytes:
@@ -201,6 +225,10 @@ MAX_DIMENSION = 1 << 24
 _SHA256_HEX_CHARS = 64
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 _STORED_DTYPES = ("F32", "F16", "BF16", "I8", "U8", "I32", "I64")
+# A target is named like "cpu" or "cuda": a key the error messages and field names quote, so it is
+# bounded (16 characters name every device torch knows).
+_MAX_TARGET_NAME = 16
+_TARGET_NAME = re.compile(rf"[a-z][a-z0-9_]{{0,{_MAX_TARGET_NAME - 1}}}")
 
 
 def _bad(field: str, problem: str) -> BadArtifactError:
@@ -242,10 +270,13 @@ def opened_paths(manifest: Manifest) -> list[tuple[str, str]]:
     if manifest.tokenizer.chat_template_file is not None:
         named.append(("tokenizer.chat_template_file", manifest.tokenizer.chat_template_file))
     named += [(f"tensors[{i}].file", t.file) for i, t in enumerate(manifest.tensors)]
-    for i, step in enumerate(manifest.compiled):
-        named += [(f"compiled[{i}].package", step.package), (f"compiled[{i}].constants", step.constants)]
-    if manifest.cpu_kernels is not None:
-        named.append(("cpu_kernels.file", manifest.cpu_kernels.file))
+    for target, code in manifest.targets.items():
+        field = f"targets.{target}"
+        for i, step in enumerate(code.compiled):
+            named += [(f"{field}.compiled[{i}].package", step.package)]
+            named += [(f"{field}.compiled[{i}].constants", step.constants)]
+        if code.kernels is not None:
+            named.append((f"{field}.kernels.file", code.kernels.file))
     if manifest.build.report_file is not None:
         named.append(("build.report_file", manifest.build.report_file))
     return named
@@ -333,18 +364,23 @@ def _check_tensors(manifest: Manifest) -> None:
             raise _bad(f"tokenizer.eos_token_ids[{i}]", f"is {eos}, outside the vocabulary (0..{spec.vocab_size - 1})")
 
 
-def _check_compiled(manifest: Manifest) -> None:
-    for i, step in enumerate(manifest.compiled):
-        if not step.buckets or step.buckets != sorted(set(step.buckets)) or step.buckets[0] < 1:
-            raise _bad(f"compiled[{i}].buckets", f"is {step.buckets}; it must be increasing positive batch sizes")
-        _positive(f"compiled[{i}].block_size", step.block_size, MAX_POSITION_EMBEDDINGS)
-        _positive(f"compiled[{i}].max_seq_len", step.max_seq_len, MAX_POSITION_EMBEDDINGS)
+def _check_targets(manifest: Manifest) -> None:
+    for target, code in manifest.targets.items():
+        if not _TARGET_NAME.fullmatch(target):
+            raise _bad(f"targets.{target[:_MAX_TARGET_NAME]!r}", "is not a target name (lowercase letters and digits)")
+        for i, step in enumerate(code.compiled):
+            field = f"targets.{target}.compiled[{i}]"
+            if not step.buckets or step.buckets != sorted(set(step.buckets)) or step.buckets[0] < 1:
+                raise _bad(f"{field}.buckets", f"is {step.buckets}; it must be increasing positive batch sizes")
+            _positive(f"{field}.block_size", step.block_size, MAX_POSITION_EMBEDDINGS)
+            _positive(f"{field}.max_seq_len", step.max_seq_len, MAX_POSITION_EMBEDDINGS)
 
 
 def validate(manifest: Manifest) -> None:
     """Refuse a manifest that points outside the artifact, names files without checksums, or
     describes a model its tensors contradict; BadArtifactError naming the field (exit code 4)."""
     listed = _check_files(manifest)
+    _check_targets(manifest)  # first: the paths' field names below quote the target names
     for field, path in opened_paths(manifest):
         check_path(field, path)
         if path not in listed:
@@ -354,4 +390,3 @@ def validate(manifest: Manifest) -> None:
 
     check_generation(manifest.generation)
     _check_tensors(manifest)
-    _check_compiled(manifest)

@@ -5,3 +5,8 @@
 # speed (docs/BENCHMARKS.md). Here, not in compile_step, so that the command line shows the default
 # without importing torch.
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# `llmc build --isq` formats (quant/formats.py FORMATS, which a test holds this to) and
+# `--dtype` choices (build.py DTYPES), named here so the command line refuses a typo before it
+# imports torch or opens (or downloads) the model.
+ISQ_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k")
+BUILD_DTYPES = ("f32", "f16", "bf16")

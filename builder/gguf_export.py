@@ -28,6 +28,20 @@ import torch
 from llmc.artifacts.generation import effective
 from llmc.artifacts.manifest import GenerationDefaults, ModelSpec
 from llmc.artifacts.reader import Artifact
+from llmc.builder.gguf_names import (
+    EXPERTS_GATE_UP,
+    EXPORTABLE,
+    GEMMA_ARCHITECTURES,
+    GGUF_ARCHITECTURES,
+    JOINED_EXPERTS,
+    KV_B_PROJ,
+    PERMUTED_QK_ARCHITECTURES,
+    ROPE_FACTORS,
+    ROPE_FREQS,
+    ROW_VECTORS,
+    SPLIT_KV_B,
+    gguf_name,
+)
 from llmc.builder.gguf_tokenizer import (
     PRE_TOKENIZERS,
     TOKEN_CONTROL,
@@ -36,18 +50,7 @@ from llmc.builder.gguf_tokenizer import (
     TOKEN_USER_DEFINED,
 )
 from llmc.builder.sources.gguf_file import (
-    EXPERTS_GATE_UP,
-    GEMMA_ARCHITECTURES,
-    GLOBAL_NAMES,
-    JOINED_EXPERTS,
-    KV_B_PROJ,
-    PERMUTED_QK_ARCHITECTURES,
-    ROPE_FACTORS,
-    ROPE_FREQS,
-    ROW_VECTORS,
-    SPLIT_KV_B,
     YARN_LOG_MULTIPLIER_SCALE,
-    layer_names,
     llama3_rope_factors,
     llama3_scaling_from_factors,
     longrope_attn_factor,
@@ -56,30 +59,6 @@ from llmc.builder.sources.gguf_file import (
 from llmc.errors import BadInputError
 from llmc.quant.formats import stored_format
 
-# llmc family → llama.cpp architecture.
-GGUF_ARCHITECTURES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-    "gemma2": "gemma2",
-    "gemma3": "gemma3",
-    "stablelm": "stablelm",
-    "glm4": "glm4",
-    "qwen2_moe": "qwen2moe",
-    "qwen3_moe": "qwen3moe",
-    "deepseek_v2": "deepseek2",
-    "deepseek_v3": "deepseek2",
-}
-EXPORTABLE = tuple(GGUF_ARCHITECTURES)
-_GLOBAL = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
-# Gemma's canonical norm names (builder/arch.py renames them) → the HF names GGUF names map from.
-_GEMMA_CANONICAL = {
-    "post_self_attn_layernorm.weight": "post_attention_layernorm.weight",
-    "post_attention_layernorm.weight": "pre_feedforward_layernorm.weight",
-    "post_mlp_layernorm.weight": "post_feedforward_layernorm.weight",
-}
 # Projections llama.cpp stores fused, per architecture: fused HF name → its canonical parts, in row order.
 _FUSED: dict[str, dict[str, tuple[str, ...]]] = {
     "phi3": {
@@ -106,27 +85,6 @@ _YARN_KEYS = {
     "mscale_all_dim",
 }
 _LLAMA3_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-
-
-def _layer_table(arch: str) -> dict[str, str]:
-    """Canonical layer-local name → GGUF layer-local name."""
-    table = {hf: gguf for gguf, hf in layer_names(arch).items()}
-    if arch in GEMMA_ARCHITECTURES:
-        renamed = {canonical: table[hf] for canonical, hf in _GEMMA_CANONICAL.items()}
-        table = {k: v for k, v in table.items() if k not in _GEMMA_CANONICAL.values()} | renamed
-    return table
-
-
-def gguf_name(name: str, arch: str = "llama") -> str:
-    """The GGUF name of a canonical (or, for fused tensors, HF) tensor name."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    parts = name.split(".")
-    local = ".".join(parts[3:])
-    table = _layer_table(arch)
-    if parts[:2] == ["model", "layers"] and local in table:
-        return f"blk.{parts[2]}.{table[local]}"
-    raise BadInputError(f"tensor {name} has no GGUF name in llmc's {arch} exporter")
 
 
 def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:

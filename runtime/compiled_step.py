@@ -37,8 +37,6 @@ def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = Fal
     """Why this process cannot run the compiled step, or None when it can; `cpu_kernels`: the model
     computes with the artifact's CPU kernel library."""
     torch_version = torch.__version__.split("+")[0]
-    if info.target != "cpu":
-        return f"it targets {info.target}; this runtime runs on the cpu"
     if info.torch_version != torch_version:
         return f"it was compiled with torch {info.torch_version}, this is torch {torch_version}; rebuild the artifact"
     capability = torch.backends.cpu.get_cpu_capability()

@@ -59,7 +59,7 @@ def physical_memory() -> int | None:
 def load_cpu_kernels(artifact: Artifact) -> bool:
     """Load the artifact's CPU kernel library into this process where it can run here; False (with
     a warning saying why, when the artifact has one) where the model must use torch's kernels."""
-    info = artifact.manifest.cpu_kernels
+    info = artifact.manifest.kernels_for("cpu")
     if info is None:
         return False
     torch_version = torch.__version__.split("+")[0]
@@ -202,7 +202,7 @@ class Engine:
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         if config.compiled:
-            for info in manifest.compiled:
+            for info in manifest.compiled_for("cpu"):
                 if info.kind == "decode":
                     self.runner.load_compiled(artifact, info)
         # Phi-3's longrope recomputes a sequence's cache with other factors once it outgrows the

@@ -9,7 +9,7 @@ import torch
 
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, BuildResult, build
-from llmc.builder.compile_step import CompileOptions
+from llmc.builder.targets.base import CompileOptions
 from llmc.runtime.engine import Engine, EngineConfig
 from llmc.runtime.output_processor import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams

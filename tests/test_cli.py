@@ -42,10 +42,12 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     info = json.loads(inspected.stdout)
     assert info["model"]["num_layers"] == 2 and info["parameters"] == summary["parameters"]
     if kernels:
-        assert info["cpu_kernels"] == {
+        assert info["targets"]["cpu"]["kernels"] == {
             "file": next(iter(kernels)),
             "torch_version": torch_version(),
             "isa": "avx512_vnni",
+            "runs_here": True,
+            "why_not": None,
         }
     text = _llmc("inspect", str(tmp_path / "a"))
     assert "model_name: tiny" in text.stdout
@@ -177,6 +179,22 @@ def test_short_flags_reach_the_options(tmp_path: Path, monkeypatch: pytest.Monke
     assert "-m, --m, --model" in runner.invoke(cli.main, ["build", "-h"]).output
     assert "-p, --p, --port" in runner.invoke(cli.main, ["serve", "-h"]).output
     assert "serve" in runner.invoke(cli.main, ["-h"]).output
+
+
+def test_enum_flags_are_refused_before_the_model_is_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--isq bogus` (and a bad --dtype or --target) is a usage error, exit 2, before any source is
+    opened or downloaded and before the output folder is made."""
+    import llmc.builder.build
+    from llmc import cli
+
+    opened: list[Any] = []
+    monkeypatch.setattr(llmc.builder.build, "open_source", lambda *args: opened.append(args) or 1 / 0)
+    runner = CliRunner()
+    for flag, value in (("--isq", "bogus"), ("--dtype", "f64"), ("--target", "tpu")):
+        result = runner.invoke(cli.main, ["build", "-m", "owner/name", "-o", str(tmp_path / "out"), flag, value])
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{flag}'" in result.output
+    assert opened == [] and not (tmp_path / "out").exists()
 
 
 def test_run_missing_directory_exits_2(tmp_path: Path) -> None:

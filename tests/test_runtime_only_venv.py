@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from llmc.builder.compile_step import CompileOptions
+from llmc.builder.targets.base import CompileOptions
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
 from tests.helpers import build_compiled, generate, open_engine
@@ -82,4 +82,4 @@ def test_copied_artifact_runs_with_runtime_dependencies_only(
         assert reply["usage"]["completion_tokens"] == MAX_TOKENS
     logged = log.read_text()
     assert "compiled.loaded" in logged, logged  # the compiled step ran there, not an eager fallback
-    assert json.loads((copied / "manifest.json").read_text())["compiled"]
+    assert json.loads((copied / "manifest.json").read_text())["targets"]["cpu"]["compiled"]

@@ -75,10 +75,9 @@ def _compiled_step(package: str, constants: str = "model.safetensors") -> Edit:
     """A compiled decode step pointing at `package` (the issue's case: an unlisted .pt2 outside)."""
 
     def edit(m: dict[str, Any]) -> None:
-        m["compiled"] = [
+        m["targets"]["cpu"]["compiled"] = [
             {
                 "kind": "decode",
-                "target": "cpu",
                 "package": package,
                 "constants": constants,
                 "buckets": [1],
@@ -93,7 +92,7 @@ def _compiled_step(package: str, constants: str = "model.safetensors") -> Edit:
 
 
 def _kernels(file: str) -> Edit:
-    return _set("cpu_kernels", value={"file": file, "torch_version": "0", "isa": cpu_kernels.ISA})
+    return _set("targets", "cpu", "kernels", value={"file": file, "torch_version": "0", "isa": cpu_kernels.ISA})
 
 
 def _add_listed(path: str) -> Edit:
@@ -115,7 +114,7 @@ ESCAPES: dict[str, tuple[Edit, str]] = {
     "chat template ..": (_set("tokenizer", "chat_template_file", value="a/../../x"), r"chat_template_file"),
     "package outside": (_compiled_step("/tmp/evil/decode_cpu.pt2"), r"compiled\[0\]\.package"),
     "constants outside": (_compiled_step("model.safetensors", "../c.safetensors"), r"compiled\[0\]\.constants"),
-    "kernels outside": (_kernels("../../evil.so"), r"cpu_kernels\.file"),
+    "kernels outside": (_kernels("../../evil.so"), r"cpu\.kernels\.file"),
     "report outside": (_set("build", "report_file", value="/etc/shadow"), r"build\.report_file"),
 }
 
@@ -124,7 +123,7 @@ UNLISTED: dict[str, tuple[Edit, str]] = {
     "chat template": (_unlist("chat_template.jinja"), r"tokenizer\.chat_template_file"),
     "tensors": (_unlist("model.safetensors"), r"tensors\[0\]\.file"),
     "compiled package": (_compiled_step("compiled/decode_cpu.pt2"), r"compiled\[0\]\.package"),
-    "kernel library": (_kernels("kernels/other.so"), r"cpu_kernels\.file"),
+    "kernel library": (_kernels("kernels/other.so"), r"cpu\.kernels\.file"),
     "report": (_set("build", "report_file", value="build_report.json"), r"build\.report_file"),
 }
 

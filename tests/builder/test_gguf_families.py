@@ -19,7 +19,8 @@ import torch
 
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
-from llmc.builder.gguf_export import GGUF_ARCHITECTURES, export_gguf
+from llmc.builder.gguf_export import export_gguf
+from llmc.builder.gguf_names import GGUF_ARCHITECTURES
 from llmc.builder.gguf_tokenizer import PRE_TOKENIZERS
 from llmc.builder.sources.gguf_file import llama3_scaling_from_factors
 from llmc.runtime.sampling_params import SamplingParams

@@ -14,8 +14,9 @@ import msgspec
 import pytest
 import torch
 
+from llmc.artifacts.manifest import KernelLibrary, Manifest
 from llmc.artifacts.reader import Artifact
-from llmc.builder.compile_step import CompileOptions
+from llmc.builder.targets.base import CompileOptions
 from llmc.errors import BadArtifactError, InternalError
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
 from llmc.runtime.compiled_step import incompatibility
@@ -54,7 +55,7 @@ def tiny_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = make_tiny_llama(tmp_path_factory.mktemp("aot-src") / "llama")
     out = tmp_path_factory.mktemp("aot") / "tiny"
     result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS))
-    assert [c.kind for c in result.manifest.compiled] == ["decode"]
+    assert [c.kind for c in result.manifest.compiled_for("cpu")] == ["decode"]
     return out
 
 
@@ -70,7 +71,7 @@ def tiny_q8_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = make_tiny_llama(tmp_path_factory.mktemp("aot-q8-src") / "llama")
     out = tmp_path_factory.mktemp("aot-q8") / "tiny"
     result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS), isq="q8_0", cpu_kernels=False)
-    assert result.manifest.cpu_kernels is None
+    assert result.manifest.kernels_for("cpu") is None
     return out
 
 
@@ -85,33 +86,41 @@ def tiny_q8_vnni(cpu_kernels_loaded: None, tmp_path_factory: pytest.TempPathFact
 
 def test_vnni_build_has_one_package_calling_the_kernels_and_matches_eager(tiny_q8_vnni: Path) -> None:
     manifest = json.loads((tiny_q8_vnni / "manifest.json").read_text())
-    assert manifest["cpu_kernels"]["file"] in {f["path"] for f in manifest["files"]}
-    [step] = manifest["compiled"]
+    assert manifest["targets"]["cpu"]["kernels"]["file"] in {f["path"] for f in manifest["files"]}
+    [step] = manifest["targets"]["cpu"]["compiled"]
     assert (step["weights"], step["cpu_kernels"], step["buckets"]) == ("packed", True, list(BUCKETS))
     engine = open_engine(tiny_q8_vnni, kv_blocks=256)
     assert any(isinstance(m, CpuQMatmul) and m.vnni_weight is not None for m in engine.runner.model.modules())
     _compare(tiny_q8_vnni, manifest["model"]["vocab_size"], (1, 3, 16))
 
 
+def _with_kernels(manifest: Manifest, kernels: KernelLibrary) -> Manifest:
+    """The manifest with another CPU kernel library in its cpu target."""
+    code = msgspec.structs.replace(manifest.targets["cpu"], kernels=kernels)
+    return msgspec.structs.replace(manifest, targets={**manifest.targets, "cpu": code})
+
+
 def test_kernels_compiled_for_another_torch_are_not_loaded(tiny_q8_vnni: Path) -> None:
     artifact = Artifact.open(tiny_q8_vnni)
-    assert artifact.manifest.cpu_kernels is not None
-    other = msgspec.structs.replace(artifact.manifest.cpu_kernels, torch_version="1.0.0")
-    assert not load_cpu_kernels(Artifact(artifact.root, msgspec.structs.replace(artifact.manifest, cpu_kernels=other)))
+    kernels = artifact.manifest.kernels_for("cpu")
+    assert kernels is not None
+    other = msgspec.structs.replace(kernels, torch_version="1.0.0")
+    assert not load_cpu_kernels(Artifact(artifact.root, _with_kernels(artifact.manifest, other)))
     assert load_cpu_kernels(artifact)
 
 
 def test_kernels_the_manifest_does_not_list_are_refused(tiny_q8_vnni: Path) -> None:
     artifact = Artifact.open(tiny_q8_vnni)
-    assert artifact.manifest.cpu_kernels is not None
-    unlisted = msgspec.structs.replace(artifact.manifest.cpu_kernels, file="../elsewhere.so")
+    kernels = artifact.manifest.kernels_for("cpu")
+    assert kernels is not None
+    unlisted = msgspec.structs.replace(kernels, file="../elsewhere.so")
     with pytest.raises(BadArtifactError, match="does not list"):
-        load_cpu_kernels(Artifact(artifact.root, msgspec.structs.replace(artifact.manifest, cpu_kernels=unlisted)))
+        load_cpu_kernels(Artifact(artifact.root, _with_kernels(artifact.manifest, unlisted)))
 
 
 def test_a_package_calling_the_kernels_is_not_used_without_them(tiny_q8_vnni: Path) -> None:
     manifest = Artifact.open(tiny_q8_vnni).manifest
-    [info] = manifest.compiled
+    [info] = manifest.compiled_for("cpu")
     assert incompatibility(info, info.block_size, cpu_kernels=False) == (
         "it calls the artifact's CPU kernels, which this process runs without (see the warning before)"
     )
@@ -120,7 +129,7 @@ def test_a_package_calling_the_kernels_is_not_used_without_them(tiny_q8_vnni: Pa
 
 def test_quantized_build_has_a_dense_package_for_large_buckets(tiny_q8_compiled: Path) -> None:
     manifest = json.loads((tiny_q8_compiled / "manifest.json").read_text())
-    forms = {step["weights"]: step["buckets"] for step in manifest["compiled"]}
+    forms = {step["weights"]: step["buckets"] for step in manifest["targets"]["cpu"]["compiled"]}
     assert forms == {"packed": list(BUCKETS), "dense": [b for b in BUCKETS if b >= DENSE_MIN_ROWS]}
 
 
@@ -148,7 +157,7 @@ def test_without_dense_copies_the_packed_package_runs_every_batch(tiny_q8_compil
 
 def test_artifact_lists_and_hashes_the_package(tiny_compiled: Path) -> None:
     manifest = json.loads((tiny_compiled / "manifest.json").read_text())
-    step = manifest["compiled"][0]
+    step = manifest["targets"]["cpu"]["compiled"][0]
     files = {f["path"] for f in manifest["files"]}
     assert {step["package"], step["constants"]} <= files
     assert step["buckets"] == list(BUCKETS)
@@ -170,7 +179,7 @@ def test_package_from_another_torch_runs_eagerly(tiny_compiled: Path, tmp_path: 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_compiled, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    for step in manifest["compiled"]:
+    for step in manifest["targets"]["cpu"]["compiled"]:
         step["torch_version"] = "1.0.0"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     engine = open_engine(copy, kv_blocks=64)
@@ -182,7 +191,7 @@ def test_package_changed_after_the_check_is_not_loaded(tiny_compiled: Path, tmp_
     """The package runs from the bytes whose sha256 was checked, not from a file reopened later."""
     copy = Path(shutil.copytree(tiny_compiled, tmp_path / "copy"))
     artifact = Artifact.open(copy)  # verified
-    package = copy / artifact.manifest.compiled[0].package
+    package = copy / artifact.manifest.compiled_for("cpu")[0].package
     data = bytearray(package.read_bytes())
     data[len(data) // 2] ^= 0x01
     package.write_bytes(bytes(data))  # swapped between the check and the load

@@ -26,14 +26,14 @@ def test_without_a_compiler_the_build_goes_on_without_the_kernels(
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
     result = build(BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=tmp_path / "a"))
-    assert result.manifest.cpu_kernels is None
+    assert result.manifest.kernels_for("cpu") is None
     assert not (tmp_path / "a" / "kernels").exists()
 
 
 def test_no_cpu_kernels_leaves_them_out(tiny_llama_dir: Path, tmp_path: Path) -> None:
     options = BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=tmp_path / "a")
     result = build(BuildOptions(**{**options.__dict__, "cpu_kernels": False}))
-    assert result.manifest.cpu_kernels is None
+    assert result.manifest.kernels_for("cpu") is None
     assert result.manifest.build.flags["cpu_kernels"] is False
 
 

@@ -1,4 +1,5 @@
-"""Compile the decode step ahead of time: torch.export, then an AOTInductor package (CPU).
+"""The CPU target: llmc's CPU kernel library, and the decode step compiled ahead of time
+(torch.export, then an AOTInductor package).
 
 One package serves every batch bucket: the batch and the block-table width are dynamic
 dimensions (a static package per bucket took ~2 minutes each to compile on 2 cores,
@@ -13,20 +14,30 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import multiprocessing
+import os
+import time
 import warnings
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch.export import Dim
 
-from llmc.artifacts.manifest import CompiledStep, ModelSpec
-from llmc.artifacts.writer import read_staged_tensors
-from llmc.builder import DEFAULT_BUCKETS
-from llmc.errors import BadInputError, InternalError
+from llmc.artifacts.manifest import CompiledStep, KernelLibrary, ModelSpec, TargetCode
+from llmc.artifacts.writer import ArtifactWriter, read_staged_tensors
+from llmc.builder.targets.base import (
+    CompileOptions,
+    Progress,
+    Target,
+    TargetOutput,
+    check_options,
+    not_compilable,
+)
+from llmc.errors import InternalError
 from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice, weight_form
 from llmc.logs import get_logger
@@ -36,45 +47,13 @@ from llmc.runtime.model_runner import allocate_kv_caches
 
 log = get_logger("llmc.builder.compile")
 
-DEFAULT_BLOCK_SIZE = 16  # the engine's default KV block size (runtime/engine.py)
-# One package per prepared weight form (kernels/qmatmul_cpu.py): "packed" covers every bucket,
+# One package per prepared weight form (kernels/cpu/qmatmul_cpu.py): "packed" covers every bucket,
 # "dense" the buckets of DENSE_MIN_ROWS rows and more, where bf16 GEMMs beat the int4 kernels.
 PACKAGE_STEMS = {"packed": "compiled/decode_cpu", "dense": "compiled/decode_cpu_dense"}
 # Upper bound of the traced KV cache length in slots: 2^28 tokens is far beyond any cache a host
 # holds; the bound only has to exist for export's range analysis.
 _MAX_KV_SLOTS = 1 << 28
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    max_seq_len: int | None = None  # None: the model's context length
-    block_size: int = DEFAULT_BLOCK_SIZE
-
-
-def not_compilable(spec: ModelSpec) -> str | None:
-    """Why this model's decode step cannot be compiled yet, or None when it can."""
-    if spec.num_experts:
-        return "mixture-of-experts routing groups tokens by data-dependent counts, which export cannot trace"
-    if (spec.rope_scaling or {}).get("rope_type") == "longrope":
-        return "longrope switches factors per sequence length"
-    return None
-
-
-def check_options(options: CompileOptions, spec: ModelSpec) -> tuple[list[int], int]:
-    """The sorted buckets and the max sequence length, or a BadInputError saying what is wrong."""
-    buckets = sorted(set(options.buckets))
-    if not buckets or buckets[0] < 1:
-        raise BadInputError(f"--buckets must be positive batch sizes, got {list(options.buckets)}")
-    max_seq_len = options.max_seq_len or spec.max_position_embeddings
-    if max_seq_len > spec.max_position_embeddings:
-        raise BadInputError(
-            f"--max-seq-len {max_seq_len} exceeds the model's context length {spec.max_position_embeddings}"
-        )
-    if max_seq_len < options.block_size:
-        raise BadInputError(f"--max-seq-len must be at least the block size {options.block_size}")
-    return buckets, max_seq_len
-
+KERNELS_FILE = "kernels/" + cpu_kernels.LIBRARY_NAME
 
 _SERIALIZATION_ID = ".data/serialization_id"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -188,7 +167,7 @@ def compile_from_stage(
     kernels_file: str | None,
 ) -> tuple[CompiledStep, list[str]]:
     """compile_decode_step in a second process, for another weight form's package at the same
-    time as the parent's (build.py)."""
+    time as the parent's (_compile below)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
     model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, kernels_file)
@@ -279,7 +258,6 @@ def compile_decode_step(
     save_file(made, str(stage / constants_file), metadata={"format": "pt"})
     info = CompiledStep(
         kind="decode",
-        target="cpu",
         package=package_file,
         constants=constants_file,
         buckets=buckets,
@@ -291,3 +269,138 @@ def compile_decode_step(
         cpu_kernels=calls_cpu_kernels(exported),
     )
     return info, [package_file, constants_file]
+
+
+class CpuTarget(Target):
+    """llmc's CPU kernel library (compiled on a thread while the weights are written, `start`) and
+    the decode step's AOTInductor packages, one per weight form (`finish`)."""
+
+    name = "cpu"
+    # On CPUs f32 matmuls are the fast unquantized path (bf16 needs AMX/AVX512-BF16 to pay off).
+    default_dtype = "f32"
+
+    def __init__(self, compile: CompileOptions | None, kernels: bool) -> None:
+        self.compile = compile  # None: an eager artifact (`--no-compile`)
+        self.kernels = kernels  # `--no-cpu-kernels`: False
+        self._pool: ThreadPoolExecutor | None = None
+        self._kernels_job: Future[bytes] | str | None = None
+
+    def check(self, spec: ModelSpec) -> None:
+        if self.compile is not None:
+            check_options(self.compile, spec)
+
+    def start(self, writer: ArtifactWriter) -> None:
+        if self.kernels:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc-kernels")
+            self._kernels_job = _start_cpu_kernels(self._pool)
+
+    def finish(
+        self,
+        writer: ArtifactWriter,
+        spec: ModelSpec,
+        formats: dict[str, str],
+        dtype: torch.dtype,
+        on_progress: Progress | None,
+    ) -> TargetOutput:
+        job = self._kernels_job
+        kernels = _finish_cpu_kernels(writer, job) if job is not None else None
+        compiled, skipped, seconds = _compile(self.compile, spec, writer, formats, dtype, kernels, on_progress)
+        capability = torch.backends.cpu.get_cpu_capability()
+        return TargetOutput(TargetCode(capability=capability, kernels=kernels, compiled=compiled), skipped, seconds)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def abort(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)  # a compile under way ends on its own
+
+
+def _start_cpu_kernels(pool: ThreadPoolExecutor) -> Future[bytes] | str:
+    """Start compiling llmc's CPU kernels (into the user's cache); or why they cannot run here."""
+    reason = cpu_kernels.unsupported()
+    if reason is not None:
+        return reason
+    return pool.submit(cpu_kernels.cached_library)
+
+
+def _finish_cpu_kernels(writer: ArtifactWriter, job: Future[bytes] | str) -> KernelLibrary | None:
+    """Wait for the kernels, copy them into the artifact and load them here (the compiled steps then
+    call them), or None where this machine cannot compile or run them: the artifact then uses
+    torch's own kernels."""
+    reason = job if isinstance(job, str) else None
+    staged = writer.stage / KERNELS_FILE
+    library = b""
+    if isinstance(job, Future):
+        try:
+            library = job.result()
+            cpu_kernels.install(library, staged)
+        except InternalError as exc:
+            reason = str(exc)
+    if reason is None:
+        reason = cpu_kernels.load_bytes(library)
+    if reason is not None:
+        staged.unlink(missing_ok=True)  # an artifact holds no file its manifest does not list
+    if reason is not None:
+        log.warning("build.cpu_kernels_skipped", reason=reason)
+        return None
+    writer.add(KERNELS_FILE)
+    return KernelLibrary(file=KERNELS_FILE, torch_version=torch.__version__.split("+")[0], isa=cpu_kernels.ISA)
+
+
+def _compile(
+    options: CompileOptions | None,
+    spec: ModelSpec,
+    writer: ArtifactWriter,
+    formats: dict[str, str],
+    dtype: torch.dtype,
+    kernels: KernelLibrary | None,
+    on_progress: Progress | None = None,
+) -> tuple[list[CompiledStep], str | None, float | None]:
+    """Compile the decode step from the weights just written: (manifest entries, why skipped, seconds)."""
+    if options is None:
+        return [], None, None
+    reason = not_compilable(spec)
+    if reason is not None:
+        log.warning("build.compile_skipped", architecture=spec.architecture, reason=reason)
+        return [], reason, None
+    started = time.perf_counter()
+    files = writer.staged_tensor_files()
+    kernels_file = None if kernels is None else kernels.file
+    model = model_from_stage(writer.stage, files, spec, formats, dtype, options, kernels_file)
+    first, *others = weight_forms(model, options)
+    results: list[tuple[CompiledStep, list[str]]] = []
+
+    def report(done: int) -> None:
+        if on_progress is not None:
+            on_progress("compiling the decode step", done, 1 + len(others))
+
+    report(0)
+    # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms
+    # compile in spawned processes at the same time (spawned: a forked torch may deadlock).
+    workers = min(len(others), max(1, (os.cpu_count() or 1) - 1))
+    with contextlib.ExitStack() as stack:
+        futures = []
+        if others:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            )
+            futures = [
+                pool.submit(compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, kernels_file)
+                for form in others
+            ]
+        results.append(compile_decode_step(model, options, writer.stage, first))
+        report(len(results))
+        for future in futures:
+            results.append(future.result())
+            report(len(results))
+    infos = []
+    for info, names in results:
+        for name in names:
+            writer.add(name)
+        infos.append(info)
+        log.info("build.compiled", kind=info.kind, weights=info.weights, buckets=info.buckets)
+    seconds = time.perf_counter() - started
+    log.info("build.compile_done", packages=len(infos), seconds=round(seconds, 3))
+    return infos, None, seconds

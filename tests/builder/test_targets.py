@@ -1,0 +1,80 @@
+"""The build's device targets (builder/targets/), the manifest's per-target sections, and the
+choices the command line offers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from llmc.artifacts.inspect import target_status
+from llmc.artifacts.manifest import MANIFEST_NAME, TargetCode
+from llmc.artifacts.reader import Artifact
+from llmc.builder import BUILD_DTYPES, ISQ_FORMATS
+from llmc.builder.build import DTYPES, BuildOptions, build
+from llmc.builder.targets import TARGET_NAMES
+from llmc.errors import BadArtifactError, BadInputError
+from llmc.quant.formats import FORMATS
+
+
+def test_command_line_choices_match_what_the_builder_takes(tmp_path: Path) -> None:
+    # The CLI names them without importing torch; they must stay the builder's own lists.
+    assert set(ISQ_FORMATS) == set(FORMATS)
+    assert tuple(DTYPES) == BUILD_DTYPES
+    assert TARGET_NAMES == ("cpu",)
+    with pytest.raises(BadInputError, match="--target 'tpu' is not supported; supported: cpu"):
+        build(BuildOptions(model=None, gguf_file=None, weights=None, output=tmp_path / "a", target="tpu"))
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("targets") / "eager"
+    build(BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=out, cpu_kernels=False))
+    return out
+
+
+def test_an_eager_artifact_records_its_target_and_the_build_machine(eager: Path) -> None:
+    manifest = Artifact.open(eager).manifest
+    host = torch.backends.cpu.get_cpu_capability()
+    assert manifest.targets == {"cpu": TargetCode(capability=host)}
+    assert manifest.compiled_for("cpu") == [] and manifest.kernels_for("cpu") is None
+    assert manifest.compiled_for("cuda") == [] and manifest.kernels_for("cuda") is None
+    status = target_status("cpu", manifest.targets["cpu"])
+    assert status == {"capability": host, "this_host": host, "kernels": None, "compiled": []}
+
+
+def _with_targets(art: Path, targets: dict[str, object]) -> None:
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    manifest["targets"] = targets
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_inspect_says_what_cannot_run_here() -> None:
+    step = {
+        "kind": "decode",
+        "package": "model.safetensors",
+        "constants": "model.safetensors",
+        "buckets": [1, 2],
+        "max_seq_len": 64,
+        "block_size": 16,
+        "torch_version": "1.0.0",
+        "cpu_capability": "AVX2",
+    }
+    code = msgspec.convert({"capability": "AVX2", "compiled": [step]}, TargetCode)
+    [compiled] = target_status("cpu", code)["compiled"]
+    assert compiled["runs_here"] is False and "torch 1.0.0" in compiled["why_not"]
+    gpu = target_status("cuda", TargetCode(capability="sm_90"))
+    assert gpu["runs_here"] is False and "cpu only" in gpu["why_not"]
+
+
+@pytest.mark.parametrize("name", ["CPU", "", "x" * 40, "../cpu"])
+def test_a_target_name_that_is_not_one_is_refused(eager: Path, tmp_path: Path, name: str) -> None:
+    art = Path(shutil.copytree(eager, tmp_path / "art"))
+    _with_targets(art, {name: {"capability": "AVX2"}})
+    with pytest.raises(BadArtifactError, match="is not a target name"):
+        Artifact.open(art)

@@ -47,7 +47,7 @@ from llmc.errors import BadInputError, BadModelError, InternalError
 from llmc.kernels import cpu_kernels
 from llmc.kernels.quant_formats import FORMATS
 from llmc.logs import get_logger
-from llmc.runtime.model import CausalLM
+from llmc.model.decoder import CausalLM
 
 log = get_logger("llmc.builder")
 

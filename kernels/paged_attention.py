@@ -184,9 +184,10 @@ def paged_attention(
 
 @dataclass(frozen=True)
 class PagedAttention:
-    """The attention implementation a model computes with (model/attention.py's AttentionImpl): the
+    """The attention implementation a model computes with (model/attention.py's StepContext): the
     torch paths above, with llmc's CPU decode kernel where `cpu_kernel` (its library is loaded).
-    The device chooses it (runtime/backends/, the builder's target), the model only calls it."""
+    The device chooses it (runtime/backends/, the builder's target), the model only calls it; a
+    device with kernels of its own overrides `decode` and `mixed` in a subclass."""
 
     cpu_kernel: bool = False
 

@@ -1,12 +1,12 @@
 """Attention layers over the paged KV cache: grouped-query attention and DeepSeek's multi-head
 latent attention (MLA). How attention is computed (torch's paths or a device kernel) is the
-device's choice, handed in through StepContext.attention; the layers only project, rotate, store
-keys and values, and call it."""
+device's choice, handed in through StepContext.attention (kernels/paged_attention.py's
+PagedAttention, or a device's subclass of it); the layers only project, rotate, store keys and
+values, and call it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -16,37 +16,6 @@ from llmc.kernels.paged_attention import PagedAttention, SeqSlice, write_kv
 from llmc.model.layers import RMSNorm, make_norm
 from llmc.model.quant_linear import FusedQuantLinear
 from llmc.model.rope import RotaryEmbedding
-
-
-class AttentionImpl(Protocol):
-    """A device's attention over the paged cache (kernels/paged_attention.py has the layout):
-    `decode` one query per sequence in fixed-shape tensors (what a compiled step traces), `mixed`
-    any mix of prefill chunks and decodes."""
-
-    def decode(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_size: int,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        scale: float,
-        window: int | None,
-        softcap: float | None,
-    ) -> torch.Tensor: ...
-
-    def mixed(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_size: int,
-        seqs: list[SeqSlice],
-        scale: float,
-        window: int | None,
-        softcap: float | None,
-    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -64,7 +33,7 @@ class StepContext:
     rope_long: torch.Tensor | None = None  # [N] bool: longrope's long factors apply (Phi-3)
     block_tables: torch.Tensor | None = None  # decode form: [N, max blocks] int64
     context_lens: torch.Tensor | None = None  # decode form: [N] int64, the new token included
-    attention: AttentionImpl = field(default_factory=PagedAttention)  # the device's (torch's by default)
+    attention: PagedAttention = field(default_factory=PagedAttention)  # the device's (torch's by default)
 
     def attend(
         self,

@@ -15,7 +15,7 @@ from torch import nn
 from llmc.artifacts.manifest import ModelSpec
 from llmc.errors import BadArtifactError
 from llmc.kernels.paged_attention import PagedAttention
-from llmc.model.attention import Attention, AttentionImpl, LatentAttention, StepContext
+from llmc.model.attention import Attention, LatentAttention, StepContext
 from llmc.model.layers import MLP, make_norm
 from llmc.model.moe import MoE
 from llmc.model.quant_linear import FusedQuantLinear, MatmulFactory, QuantEmbedding, QuantLinear
@@ -49,7 +49,7 @@ class DeviceKernels:
 
     matmul: MatmulFactory
     fuse_projections: bool = True
-    attention: AttentionImpl = field(default_factory=PagedAttention)
+    attention: PagedAttention = field(default_factory=PagedAttention)
 
 
 class DecoderLayer(nn.Module):
@@ -126,7 +126,7 @@ class CausalLM(nn.Module):
             )
         self.spec = spec
         self.dtype = torch.float32  # the compute dtype: activations and KV cache (build_model sets it)
-        self.attention: AttentionImpl = PagedAttention()  # the device's (build_model sets it)
+        self.attention: PagedAttention = PagedAttention()  # the device's (build_model sets it)
         self.model = Backbone(spec, max_positions)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:

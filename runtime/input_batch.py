@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmc.kernels.paged_attention import SeqSlice, block_tables_tensor
-from llmc.model.attention import AttentionImpl, StepContext
+from llmc.kernels.paged_attention import PagedAttention, SeqSlice, block_tables_tensor
+from llmc.model.attention import StepContext
 from llmc.runtime.sequence import Sequence
 
 
@@ -85,7 +85,7 @@ class InputBatch:
             _int64([s.context_len for s in self.slices]),
         )
 
-    def step_context(self, attention: AttentionImpl) -> StepContext:
+    def step_context(self, attention: PagedAttention) -> StepContext:
         """The eager form, for any mix of prefill chunks and decodes."""
         return StepContext(
             slot_mapping=_int64(self.slots),

@@ -161,7 +161,7 @@ def _deepseek(family: str, c: dict[str, Any], common: dict[str, Any]) -> None:
     scale = head_dim**-0.5
     scaling = common["rope_scaling"] or {}
     if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
-        from llmc.runtime.rope import yarn_mscale
+        from llmc.model.rope import yarn_mscale
 
         scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
     layers = common["num_layers"]

@@ -35,8 +35,8 @@ from llmc.builder.targets.base import CompileOptions, Progress, Target
 from llmc.builder.targets.cpu import CpuTarget
 from llmc.errors import BadInputError, BadModelError
 from llmc.logs import get_logger
+from llmc.model.decoder import CausalLM
 from llmc.quant.formats import FORMATS
-from llmc.runtime.model import CausalLM
 
 log = get_logger("llmc.builder")
 

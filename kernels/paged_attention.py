@@ -180,3 +180,42 @@ def paged_attention(
             attended = torch.matmul(scores.softmax(-1).to(values.dtype), values)
         out[seq.query_start : seq.query_start + seq.query_len] = attended.transpose(0, 1)
     return out
+
+
+@dataclass(frozen=True)
+class PagedAttention:
+    """The attention implementation a model computes with (model/attention.py's StepContext): the
+    torch paths above, with llmc's CPU decode kernel where `cpu_kernel` (its library is loaded).
+    The device chooses it (runtime/backends/, the builder's target), the model only calls it; a
+    device with kernels of its own overrides `decode` and `mixed` in a subclass."""
+
+    cpu_kernel: bool = False
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_size: int,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        return decode_attention(
+            q, k_cache, v_cache, block_size, block_tables, context_lens, scale, window, softcap, self.cpu_kernel
+        )
+
+    def mixed(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_size: int,
+        seqs: list[SeqSlice],
+        scale: float,
+        window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        return paged_attention(q, k_cache, v_cache, block_size, seqs, scale, window, softcap, self.cpu_kernel)

@@ -6,7 +6,6 @@ The API's async handlers never block on the model: they `submit` a request with 
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -17,16 +16,15 @@ from typing import Any
 import torch
 
 from llmc.artifacts import generation
-from llmc.artifacts.manifest import Manifest
 from llmc.artifacts.reader import Artifact
 from llmc.errors import BadInputError, OutOfResourcesError
-from llmc.kernels.cpu import cpu_kernels
 from llmc.logs import get_logger
-from llmc.quant.formats import stored_format
+from llmc.model.kv_layout import kv_bytes_per_token
+from llmc.runtime.backends import make_backend
+from llmc.runtime.backends.base import BackendOptions
 from llmc.runtime.block_manager import BlockManager
-from llmc.runtime.model import COMPUTE_DTYPES, build_model
-from llmc.runtime.model_runner import ModelRunner, kv_bytes_per_token
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
+from llmc.runtime.runner import ModelRunner
 from llmc.runtime.sampler import Sampler, token_logprob
 from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.scheduler import Scheduler
@@ -35,52 +33,6 @@ from llmc.runtime.structured_output import GrammarCompiler
 from llmc.runtime.tokenizer import Tokenizer
 
 log = get_logger("llmc.engine")
-
-# bf16 copies of the quantized weights make prefill and big batches faster on the CPU
-# (kernels/qmatmul_cpu.py) at 2 bytes per weight; by default they are kept when they take at most
-# this share of the machine's memory, which leaves the rest for the KV cache and other processes.
-DENSE_COPY_MEMORY_SHARE = 0.25
-_BF16_BYTES = 2
-
-
-def dense_copy_bytes(manifest: Manifest) -> int:
-    """What bf16 copies of every quantized weight of the artifact take."""
-    return sum(t.shape[0] * stored_format(t.quant).cols(t.shape[1]) * _BF16_BYTES for t in manifest.tensors if t.quant)
-
-
-def physical_memory() -> int | None:
-    """The machine's memory in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def load_cpu_kernels(artifact: Artifact) -> bool:
-    """Load the artifact's CPU kernel library into this process where it can run here; False (with
-    a warning saying why, when the artifact has one) where the model must use torch's kernels."""
-    info = artifact.manifest.kernels_for("cpu")
-    if info is None:
-        return False
-    torch_version = torch.__version__.split("+")[0]
-    if info.isa != cpu_kernels.ISA:
-        reason: str | None = f"they need {info.isa}, this llmc's kernels need {cpu_kernels.ISA}"
-    elif info.torch_version != torch_version:
-        reason = f"they were compiled for torch {info.torch_version}, this is torch {torch_version}"
-    else:
-        # Loaded from the very bytes whose sha256 was checked (the manifest lists the file: validate).
-        reason = cpu_kernels.load_bytes(artifact.read_verified(info.file))
-    if reason is not None:
-        log.warning("engine.cpu_kernels_not_used", reason=reason)
-    return reason is None
-
-
-def want_dense_copies(setting: bool | None, manifest: Manifest) -> bool:
-    if setting is not None:
-        return setting
-    memory = physical_memory()
-    return memory is not None and dense_copy_bytes(manifest) <= DENSE_COPY_MEMORY_SHARE * memory
-
 
 Sink = Callable[[RequestOutput], None]
 
@@ -115,6 +67,7 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     seed: int | None = None
     threads: int | None = None
+    device: str = "cpu"  # the backend that runs the model (runtime/backends/)
     compiled: bool = True  # use the artifact's compiled decode step where it can run (`--eager`: never)
     # Keep bf16 copies of quantized weights for prefill and big batches; None: when memory allows.
     dense_weights: bool | None = None
@@ -182,29 +135,22 @@ class Engine:
     than the process's main one (docs/BENCHMARKS.md)."""
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
-        if config.threads:
-            torch.set_num_threads(config.threads)
         manifest = artifact.manifest
         spec = manifest.model
+        self.backend = make_backend(config.device, BackendOptions(config.threads, config.dense_weights))
         self.model_name = manifest.model_name
         self.generation_defaults = generation.override(
             generation.effective(manifest.generation), config.generation_overrides, "llmc run flags"
         )
-        bytes_per_block = kv_bytes_per_token(spec, COMPUTE_DTYPES[manifest.dtype]) * config.block_size
-        num_blocks = config.kv_blocks or config.kv_cache_mb * _MIB // bytes_per_block
+        dtype = self.backend.compute_dtype(manifest)
+        bytes_per_block = kv_bytes_per_token(spec, dtype) * config.block_size
+        num_blocks = config.kv_blocks or self.backend.kv_blocks(config.kv_cache_mb * _MIB, bytes_per_block)
         self.max_model_len = fit_context(spec.max_position_embeddings, config, num_blocks, bytes_per_block)
         self.tokenizer = Tokenizer.from_artifact(artifact)
-        quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
-        dense = want_dense_copies(config.dense_weights, manifest)
-        kernels = load_cpu_kernels(artifact)
-        model = build_model(
-            spec, dict(artifact.weights()), self.max_model_len, quant, COMPUTE_DTYPES[manifest.dtype], dense, kernels
-        )
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        model = self.backend.load_model(artifact, self.max_model_len, dtype)
+        self.runner = ModelRunner(model, self.backend, num_blocks, config.block_size)
         if config.compiled:
-            for info in manifest.compiled_for("cpu"):
-                if info.kind == "decode":
-                    self.runner.load_compiled(artifact, info)
+            self.runner.load_compiled(artifact)
         # Phi-3's longrope recomputes a sequence's cache with other factors once it outgrows the
         # original context (below); blocks shared through the prefix cache must not be rewritten.
         self._long_rope_after = model.long_rope_after
@@ -238,8 +184,7 @@ class Engine:
             block_size=config.block_size,
             max_model_len=self.max_model_len,
             compiled=[c.info.weights for c in self.runner.compiled],
-            dense_weights=dense,
-            cpu_kernels=kernels,
+            **self.backend.describe(),
         )
 
     # ---- called from any thread -------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # llmc's top-level folders whose names are also common top-level packages.
-SHADOWING_NAMES = ("kernels", "runtime", "builder", "artifacts", "benchmarks")
+SHADOWING_NAMES = ("kernels", "runtime", "builder", "artifacts", "benchmarks", "model")
 
 
 def shadowed_names() -> dict[str, str]:

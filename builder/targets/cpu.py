@@ -21,6 +21,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,11 +40,12 @@ from llmc.builder.targets.base import (
 )
 from llmc.errors import InternalError
 from llmc.kernels.cpu import cpu_kernels
-from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, has_dense_choice, weight_form
+from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice, weight_form
+from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
-from llmc.runtime.decode_step import DecodeStep
-from llmc.runtime.model import CausalLM, build_model
-from llmc.runtime.model_runner import allocate_kv_caches
+from llmc.model.decode_step import DecodeStep
+from llmc.model.decoder import CausalLM, DeviceKernels, build_model
+from llmc.model.kv_layout import allocate_kv_caches
 
 log = get_logger("llmc.builder.compile")
 
@@ -151,9 +153,11 @@ def model_from_stage(
         if reason is not None:
             raise InternalError(f"the CPU kernels just compiled do not load: {reason}; build with --no-cpu-kernels")
     weights = read_staged_tensors(stage, tensor_files)
-    return build_model(
-        spec, weights, max_seq_len, formats, dtype, dense_copies=True, cpu_kernels=kernels_file is not None
+    vnni = kernels_file is not None  # the VNNI matmul and the paged decode attention kernel
+    kernels = DeviceKernels(
+        matmul=partial(CpuQMatmul, dense_copy=True, vnni=vnni), attention=PagedAttention(cpu_kernel=vnni)
     )
+    return build_model(spec, weights, max_seq_len, formats, dtype, kernels)
 
 
 def compile_from_stage(

@@ -19,8 +19,8 @@ from llmc.artifacts.reader import Artifact
 from llmc.builder.targets.base import CompileOptions
 from llmc.errors import BadArtifactError, InternalError
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
-from llmc.runtime.compiled_step import incompatibility
-from llmc.runtime.engine import Engine, EngineConfig, load_cpu_kernels
+from llmc.runtime.backends.cpu import incompatibility, load_cpu_kernels
+from llmc.runtime.engine import Engine, EngineConfig
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
 from tests.helpers import build_compiled, generate, open_engine

@@ -3,6 +3,8 @@ reference: dequantize in float32, then multiply."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -109,7 +111,9 @@ def test_rows_choose_the_form_unless_pinned(fmt: str, switch: int) -> None:
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_fused_projections_equal_the_separate_ones(fmt: str, m: int) -> None:
     """q/k/v as one matmul over stacked block rows gives what three matmuls give, bias included."""
-    from llmc.runtime.quant_modules import FusedQuantLinear, QuantLinear
+    from llmc.model.quant_linear import FusedQuantLinear, QuantLinear
+
+    matmul = partial(CpuQMatmul, dense_copy=True)
 
     gen = torch.Generator().manual_seed(m)
     parts = []
@@ -117,10 +121,10 @@ def test_fused_projections_equal_the_separate_ones(fmt: str, m: int) -> None:
         layer = QuantLinear(fmt, 256, rows, bias=True, dtype=torch.float32)
         layer.weight.data = random_blocks(fmt, rows, 256, gen)
         layer.bias.data = torch.randn(rows, generator=gen)  # type: ignore[union-attr]
-        layer.prepare(dense_copy=True)
+        layer.prepare(matmul)
         parts.append(layer)
     assert FusedQuantLinear.fusable(parts)
-    fused = FusedQuantLinear(parts, dense_copy=True)
+    fused = FusedQuantLinear(parts, matmul)
     x = torch.randn(m, 256, generator=gen)
     for got, part in zip(fused(x), parts, strict=True):
         want = part(x)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmc.runtime.model import CausalLM, StepContext
+from llmc.model.attention import StepContext
+from llmc.model.decoder import CausalLM
 
 
 class DecodeStep(nn.Module):
@@ -36,7 +37,7 @@ class DecodeStep(nn.Module):
             seqs=[],
             block_tables=block_tables,
             context_lens=context_lens,
-            cpu_kernel=self.model.cpu_kernels,
+            attention=self.model.attention,
         )
         pairs = list(zip(kv_caches[0::2], kv_caches[1::2], strict=True))
         hidden = self.model(input_ids, positions, pairs, ctx)

@@ -1,17 +1,22 @@
 """Linear and embedding layers whose weight is GGML blocks (uint8 [rows, row_bytes]).
 
 The blocks stay as the artifact stores them (memory-mapped); `prepare` builds the device's
-fast form once, when the model loads: on the CPU `kernels.qmatmul_cpu`, on CUDA the Triton
-kernels of `kernels.qmatmul_triton`, which read the blocks themselves.
+fast form once, when the model loads, with the matmul the device chooses (a MatmulFactory: on
+the CPU `kernels.qmatmul_cpu.CpuQMatmul`, runtime/backends/cpu.py). The layers know no device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from llmc.kernels.cpu.qmatmul_cpu import CpuQMatmul
 from llmc.quant.formats import stored_format
+
+# A device's quantized matmul: (GGML blocks [rows, row_bytes], format) -> a module that maps
+# activations [M, in_features] to [M, rows] in their dtype.
+MatmulFactory = Callable[[torch.Tensor, str], nn.Module]
 
 
 class QuantLinear(nn.Module):
@@ -24,22 +29,15 @@ class QuantLinear(nn.Module):
             torch.empty(out_features, info.row_bytes(in_features), dtype=torch.uint8), requires_grad=False
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
-        self.prepared: CpuQMatmul | None = None
+        self.prepared: nn.Module | None = None
 
-    def prepare(self, dense_copy: bool = False, vnni: bool = False) -> None:
-        """Build the CPU's fast form; `dense_copy` also keeps a bf16 copy for many-row calls,
-        `vnni` takes llmc's VNNI kernel where it can (kernels/qmatmul_cpu.py)."""
-        if self.weight.device.type == "cpu":
-            self.prepared = CpuQMatmul(self.weight.data, self.fmt, dense_copy, vnni)
+    def prepare(self, matmul: MatmulFactory) -> None:
+        """Build the device's fast form of the blocks with its `matmul`."""
+        self.prepared = matmul(self.weight.data, self.fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.device.type == "cuda":
-            from llmc.kernels.triton.qmatmul_triton import qmatmul
-
-            y = qmatmul(x, self.weight, self.fmt, self.out_features, self.in_features)
-        else:
-            assert self.prepared is not None, "build_model prepares every QuantLinear before the first step"
-            y = self.prepared(x)
+        assert self.prepared is not None, "build_model prepares every QuantLinear before the first step"
+        y: torch.Tensor = self.prepared(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -51,24 +49,24 @@ class FusedQuantLinear(nn.Module):
 
     bias: torch.Tensor | None
 
-    def __init__(self, parts: list[QuantLinear], dense_copy: bool, vnni: bool = False) -> None:
+    def __init__(self, parts: list[QuantLinear], matmul: MatmulFactory) -> None:
         super().__init__()
         self.sizes = [part.out_features for part in parts]
-        self.prepared = CpuQMatmul(torch.cat([part.weight.data for part in parts]), parts[0].fmt, dense_copy, vnni)
+        self.prepared = matmul(torch.cat([part.weight.data for part in parts]), parts[0].fmt)
         biases = [part.bias for part in parts]
         bias = torch.cat([b.data for b in biases if b is not None]) if biases[0] is not None else None
         self.register_buffer("bias", bias, persistent=False)
 
     @staticmethod
     def fusable(parts: list[nn.Module]) -> bool:
-        """CPU QuantLinears of one format whose biases are all present or all absent."""
-        if not all(isinstance(part, QuantLinear) and part.weight.device.type == "cpu" for part in parts):
+        """QuantLinears of one format whose biases are all present or all absent."""
+        if not all(isinstance(part, QuantLinear) for part in parts):
             return False
         quant = [part for part in parts if isinstance(part, QuantLinear)]
         return len({part.fmt for part in quant}) == 1 and len({part.bias is None for part in quant}) == 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = self.prepared(x)
+        y: torch.Tensor = self.prepared(x)
         if self.bias is not None:
             y = y + self.bias
         return tuple(y.split(self.sizes, dim=-1))

@@ -1,0 +1,158 @@
+"""The CPU backend: the KV cache in anonymous memory, quantized weights in the layouts of
+kernels/cpu/qmatmul_cpu.py (with bf16 dense copies when memory allows), llmc's CPU kernel library
+when the artifact has one that runs here, and the artifact's AOTInductor packages as its
+compiled steps."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from functools import partial
+from typing import Any
+
+import torch
+
+from llmc.artifacts.manifest import CompiledStep, Manifest, ModelSpec
+from llmc.artifacts.reader import Artifact
+from llmc.kernels.cpu import cpu_kernels
+from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice
+from llmc.kernels.paged_attention import PagedAttention
+from llmc.logs import get_logger
+from llmc.model.decode_step import DecodeStep
+from llmc.model.decoder import CausalLM, DeviceKernels, build_model
+from llmc.model.kv_layout import KVCaches, allocate_kv_caches
+from llmc.quant.formats import stored_format
+from llmc.runtime.backends.aoti_step import AOTInductorStep
+from llmc.runtime.backends.base import Backend, BackendOptions
+from llmc.runtime.bucketed_step import BucketedStep
+
+log = get_logger("llmc.engine")
+compiled_log = get_logger("llmc.compiled")
+
+# bf16 copies of the quantized weights make prefill and big batches faster on the CPU
+# (kernels/cpu/qmatmul_cpu.py) at 2 bytes per weight; by default they are kept when they take at most
+# this share of the machine's memory, which leaves the rest for the KV cache and other processes.
+DENSE_COPY_MEMORY_SHARE = 0.25
+_BF16_BYTES = 2
+
+
+def dense_copy_bytes(manifest: Manifest) -> int:
+    """What bf16 copies of every quantized weight of the artifact take."""
+    return sum(t.shape[0] * stored_format(t.quant).cols(t.shape[1]) * _BF16_BYTES for t in manifest.tensors if t.quant)
+
+
+def physical_memory() -> int | None:
+    """The machine's memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def load_cpu_kernels(artifact: Artifact) -> bool:
+    """Load the artifact's CPU kernel library into this process where it can run here; False (with
+    a warning saying why, when the artifact has one) where the model must use torch's kernels."""
+    info = artifact.manifest.kernels_for("cpu")
+    if info is None:
+        return False
+    torch_version = torch.__version__.split("+")[0]
+    if info.isa != cpu_kernels.ISA:
+        reason: str | None = f"they need {info.isa}, this llmc's kernels need {cpu_kernels.ISA}"
+    elif info.torch_version != torch_version:
+        reason = f"they were compiled for torch {info.torch_version}, this is torch {torch_version}"
+    else:
+        # Loaded from the very bytes whose sha256 was checked (the manifest lists the file: validate).
+        reason = cpu_kernels.load_bytes(artifact.read_verified(info.file))
+    if reason is not None:
+        log.warning("engine.cpu_kernels_not_used", reason=reason)
+    return reason is None
+
+
+def want_dense_copies(setting: bool | None, manifest: Manifest) -> bool:
+    if setting is not None:
+        return setting
+    memory = physical_memory()
+    return memory is not None and dense_copy_bytes(manifest) <= DENSE_COPY_MEMORY_SHARE * memory
+
+
+def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = False) -> str | None:
+    """Why this process cannot run the compiled step, or None when it can; `cpu_kernels`: the model
+    computes with the artifact's CPU kernel library. A package for another torch or another CPU
+    capability is never loaded: a wrong-ISA kernel would crash the process."""
+    torch_version = torch.__version__.split("+")[0]
+    if info.torch_version != torch_version:
+        return f"it was compiled with torch {info.torch_version}, this is torch {torch_version}; rebuild the artifact"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if info.cpu_capability != capability:
+        return f"it was compiled for a {info.cpu_capability} CPU, this one is {capability}; rebuild it here"
+    if info.block_size != block_size:
+        return f"it was traced for KV blocks of {info.block_size} tokens, the engine uses {block_size}"
+    if info.cpu_kernels and not cpu_kernels:
+        return "it calls the artifact's CPU kernels, which this process runs without (see the warning before)"
+    return None
+
+
+def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """`numel` zeros in fresh anonymous memory, which the OS zeroes page by page when first touched:
+    a 1 GiB cache costs nothing at startup (torch.zeros writes it all, ~0.3 s here). The tensor
+    keeps the mapping alive."""
+    nbytes = numel * dtype.itemsize
+    if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(numel, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # Huge pages where the kernel allows them: attention gathers slots from all over the cache,
+        # and 2 MiB pages keep those reads from missing the TLB.
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, options: BackendOptions) -> None:
+        super().__init__(options)
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.dense_copies = False  # load_model decides, from the artifact's size
+        self.kernels_loaded = False  # the artifact's CPU kernel library runs in this process
+
+    def allocate_kv(self, spec: ModelSpec, dtype: torch.dtype, num_slots: int) -> KVCaches:
+        return allocate_kv_caches(spec, dtype, num_slots, _zeroed)
+
+    def load_model(self, artifact: Artifact, max_positions: int, dtype: torch.dtype) -> CausalLM:
+        manifest = artifact.manifest
+        quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
+        self.dense_copies = want_dense_copies(self.options.dense_weights, manifest)
+        self.kernels_loaded = load_cpu_kernels(artifact)
+        vnni = self.kernels_loaded  # quantized layers take the VNNI matmul, decode attention the paged kernel
+        kernels = DeviceKernels(
+            matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, vnni=vnni),
+            attention=PagedAttention(cpu_kernel=vnni),
+        )
+        return build_model(manifest.model, dict(artifact.weights()), max_positions, quant, dtype, kernels)
+
+    def load_steps(self, artifact: Artifact, step: DecodeStep, num_slots: int) -> list[BucketedStep]:
+        steps: list[BucketedStep] = []
+        for info in artifact.manifest.compiled_for("cpu"):
+            if info.kind != "decode":
+                continue
+            if info.weights == "dense" and not has_dense_choice(step.model):
+                continue  # a "dense" package also needs the model's dense weight copies
+            reason = incompatibility(info, step.block_size, self.kernels_loaded)
+            if reason is not None:
+                compiled_log.warning("compiled.not_used", kind=info.kind, reason=reason)
+                continue
+            loaded = AOTInductorStep.load(artifact, info, step, num_slots)
+            if loaded is not None:
+                steps.append(loaded)
+        return steps
+
+    def choose_step(self, steps: list[BucketedStep], batch: int, max_context: int) -> BucketedStep | None:
+        """The dense package from DENSE_MIN_ROWS sequences on (where eager execution also takes the
+        dense copies, so both compute alike), else the packed one."""
+        usable = {s.info.weights: s for s in steps if s.accepts(batch, max_context)}
+        return usable.get("dense") if batch >= DENSE_MIN_ROWS and "dense" in usable else usable.get("packed")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "dense_weights": self.dense_copies, "cpu_kernels": self.kernels_loaded}

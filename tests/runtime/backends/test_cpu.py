@@ -1,0 +1,79 @@
+"""Issue 18: the CPU backend's own choices: the KV cache's memory and the compiled step per batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc.artifacts.manifest import CompiledStep, ModelSpec
+from llmc.errors import BadInputError
+from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS
+from llmc.model.kv_layout import allocate_kv_caches, kv_bytes_per_token
+from llmc.runtime.backends import make_backend
+from llmc.runtime.backends.base import BackendOptions
+from llmc.runtime.backends.cpu import CpuBackend
+from llmc.runtime.bucketed_step import BucketedStep
+
+SPEC = ModelSpec(
+    architecture="deepseek_v2",
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=3,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    v_head_dim=4,
+)
+
+
+def test_the_kv_cache_is_zeroed_anonymous_memory_in_the_model_layout() -> None:
+    backend = make_backend("cpu", BackendOptions())
+    caches = backend.allocate_kv(SPEC, torch.float32, 48)
+    assert [(k.shape, v.shape) for k, v in caches] == [((48, 2, 8), (48, 2, 4))] * SPEC.num_layers
+    assert all(not k.any() and not v.any() for k, v in caches)
+    plain = allocate_kv_caches(SPEC, torch.float32, 48)  # the layout the builder traces over
+    assert [(k.shape, v.shape) for k, v in plain] == [(k.shape, v.shape) for k, v in caches]
+    # every layer is a view of one allocation, of the size the engine budgets per token
+    storage = {k.untyped_storage().data_ptr() for pair in caches for k in pair}
+    assert len(storage) == 1
+    assert caches[0][0].untyped_storage().nbytes() == 48 * kv_bytes_per_token(SPEC, torch.float32)
+
+
+def test_an_unknown_device_is_refused_naming_the_ones_there_are() -> None:
+    with pytest.raises(BadInputError, match=r"'tpu'.*cpu"):
+        make_backend("tpu", BackendOptions())
+
+
+class _Step(BucketedStep):
+    def __init__(self, weights: str, buckets: list[int]) -> None:
+        info = CompiledStep(
+            kind="decode",
+            target="cpu",
+            package="p",
+            constants="c",
+            buckets=buckets,
+            max_seq_len=32,
+            block_size=16,
+            torch_version="0",
+            cpu_capability="none",
+            weights=weights,
+        )
+        super().__init__(info, 64)
+
+    def _run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        raise AssertionError("not run here")
+
+
+def test_the_dense_package_takes_batches_from_dense_min_rows() -> None:
+    backend = CpuBackend(BackendOptions())
+    packed, dense = _Step("packed", [1, 2, 4, 64]), _Step("dense", [DENSE_MIN_ROWS, 64])
+    steps: list[BucketedStep] = [packed, dense]
+    assert backend.choose_step(steps, 1, 20) is packed
+    assert backend.choose_step(steps, DENSE_MIN_ROWS - 1, 20) is packed
+    assert backend.choose_step(steps, DENSE_MIN_ROWS, 20) is dense
+    assert backend.choose_step([packed], DENSE_MIN_ROWS, 20) is packed
+    assert backend.choose_step(steps, 1, 33) is None  # longer than the steps were traced for

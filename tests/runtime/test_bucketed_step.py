@@ -18,7 +18,6 @@ PAD_SLOT = 9 * BLOCK
 def _info(buckets: list[int]) -> CompiledStep:
     return CompiledStep(
         kind="decode",
-        target="test",
         package="compiled/none.pt2",
         constants="compiled/none.constants.safetensors",
         buckets=buckets,

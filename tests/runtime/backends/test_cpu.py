@@ -52,7 +52,6 @@ class _Step(BucketedStep):
     def __init__(self, weights: str, buckets: list[int]) -> None:
         info = CompiledStep(
             kind="decode",
-            target="cpu",
             package="p",
             constants="c",
             buckets=buckets,

@@ -37,7 +37,7 @@ from llmc.kernels.triton.qmatmul_triton import (  # noqa: E402  (after TRITON_IN
     pack_weight,
     qmatmul_packed,
 )
-from llmc.quant.formats import FORMATS  # noqa: E402
+from llmc.quant.synthetic import random_blocks  # noqa: E402
 
 # Llama-3-8B: hidden 4096, 32 layers, 32 query / 8 KV heads of 128, FFN 14336, vocab 128256.
 LLAMA3_8B_LAYER = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096)} | {
@@ -55,30 +55,6 @@ MAX_COPIES = 64
 COPY_BYTES = 1 << 30  # 1 GiB: far above the 60 MB L2, so the copy streams from HBM
 WARMUP = 3
 REPEATS = 20
-# The f16 scale fields of each format's block (byte offsets), as tests/quant/blocks.py sets them.
-F16_FIELDS: dict[str, tuple[int, ...]] = {
-    "q4_0": (0,),
-    "q4_1": (0, 2),
-    "q5_0": (0,),
-    "q5_1": (0, 2),
-    "q8_0": (0,),
-    "q2k": (80, 82),
-    "q3k": (108,),
-    "q4k": (0, 2),
-    "q5k": (0, 2),
-    "q6k": (208,),
-}
-
-
-def random_blocks(fmt: str, n: int, k: int, device: torch.device) -> torch.Tensor:
-    """Random block bytes with small finite f16 scales, made on `device`."""
-    spec = FORMATS[fmt]
-    n_blocks = k // spec.block_size
-    raw = torch.randint(0, 256, (n, n_blocks, spec.type_size), dtype=torch.uint8, device=device)
-    for off in F16_FIELDS[fmt]:
-        scale = (torch.rand(n, n_blocks, device=device) * 0.049 + 0.001).to(torch.float16)
-        raw[:, :, off : off + 2] = scale.view(torch.uint8).reshape(n, n_blocks, 2)
-    return raw.reshape(n, n_blocks * spec.type_size)
 
 
 def time_ms(fn: Any, device: torch.device, repeats: int = REPEATS) -> float:
@@ -130,7 +106,7 @@ def graph_ms(calls: list[Any], device: torch.device, repeats: int = 10) -> float
 
 def cold_copies(fmt: str, n: int, k: int, device: torch.device) -> list[PackedWeight]:
     """Packed copies of one random weight, enough that cycling through them misses the L2."""
-    blocks = random_blocks(fmt, n, k, device)
+    blocks = random_blocks(fmt, n, k, device=device)
     count = 1 if device.type != "cuda" else min(MAX_COPIES, max(2, -(-COLD_BYTES // blocks.numel())))
     return [pack_weight(blocks, fmt, n, k) for _ in range(count)]
 
@@ -211,11 +187,11 @@ def dense_reference(device: torch.device, bandwidth: float) -> list[dict[str, An
 def decode_step_matmuls(device: torch.device, fmt: str, layers: int, bandwidth: float) -> dict[str, Any]:
     """All matmuls of one 8B-shaped decode step at batch 1, replayed as one CUDA graph."""
     weights = [
-        pack_weight(random_blocks(fmt, n, k, device), fmt, n, k)
+        pack_weight(random_blocks(fmt, n, k, device=device), fmt, n, k)
         for _ in range(layers)
         for (n, k) in LLAMA3_8B_LAYER.values()
     ]
-    head = pack_weight(random_blocks("q6k", *LLAMA3_8B_HEAD, device), "q6k", *LLAMA3_8B_HEAD)
+    head = pack_weight(random_blocks("q6k", *LLAMA3_8B_HEAD, device=device), "q6k", *LLAMA3_8B_HEAD)
     total_bytes = sum(w.buffer.numel() for w in weights) + head.buffer.numel()
     x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
     xf = torch.randn(1, 14336, device=device, dtype=torch.bfloat16)

@@ -150,3 +150,15 @@ def cpu_kernels_loaded(tmp_path_factory: pytest.TempPathFactory) -> None:
     library = tmp_path_factory.mktemp("cpu-kernels") / cpu_kernels.LIBRARY_NAME
     cpu_kernels.compile_library(library)
     assert cpu_kernels.load(library) is None
+
+
+@pytest.fixture(scope="module")
+def grammar_compiler() -> tuple[Any, Any]:
+    """A GrammarCompiler over the tiny test tokenizer, with that tokenizer (for grammar_accepts)."""
+    from tokenizers import Tokenizer
+
+    from llmc.runtime.structured_output import GrammarCompiler
+
+    text = make_tokenizer_json()
+    vocab_size = len(json.loads(text)["model"]["vocab"]) + 3
+    return GrammarCompiler(text, vocab_size, [0]), Tokenizer.from_str(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,3 +88,15 @@ def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
         return engine.runner.run([(seq, len(ids))], all_logits=True)[1]
     finally:
         engine.block_manager.free(seq)
+
+
+def grammar_accepts(compiler: tuple[Any, Any], grammar: str, text: str) -> bool:
+    """Whether the grammar lets `text` be generated, token by token, through the engine's interface
+    (`compiler`: the grammar_compiler fixture)."""
+    grammars, tokenizer = compiler
+    constraint = grammars.constraint(grammar)
+    for token in tokenizer.encode(text).ids:
+        if not bool(constraint.allowed()[token]):
+            return False
+        constraint.accept(token)
+    return True

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -43,20 +44,10 @@ def running_server(
     proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                output = log.read_text() if log is not None else output
-                raise RuntimeError(f"llmc run exited with {proc.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("llmc run did not become healthy in time")
-            time.sleep(0.2)
+        if not wait_healthy(proc, base):
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            output = log.read_text() if log is not None else output
+            raise RuntimeError(f"llmc run exited with {proc.returncode}:\n{output}")
         yield base
         stopped_cleanly = _terminate(proc) == 0
         assert stopped_cleanly, f"llmc run exited with {proc.returncode} after SIGTERM"
@@ -65,6 +56,22 @@ def running_server(
             _terminate(proc)
         if log is not None:
             sink.close()  # type: ignore[union-attr]
+
+
+def wait_healthy(proc: subprocess.Popen[Any], base: str, timeout_s: float = STARTUP_TIMEOUT_S) -> bool:
+    """Poll `base`/health until it answers 200 (True) or the process exits (False); raise past
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base} did not become healthy in {timeout_s} s")
+        time.sleep(0.2)
+    return False
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> int:

@@ -209,11 +209,10 @@ def test_serve_starts_quietly(tiny_llama_dir: Path, tmp_path: Path) -> None:
     no per-request line and nothing at INFO (-q after the subcommand: warnings only)."""
     import os
     import signal
-    import time
 
     import httpx
 
-    from llmc.tests.server import STARTUP_TIMEOUT_S, free_port
+    from llmc.tests.server import free_port, wait_healthy
 
     built = _llmc("build", "-m", str(tiny_llama_dir), "-o", str(tmp_path / "a"), "--no-compile", "--name", "tiny")
     assert built.returncode == 0, built.stderr
@@ -221,16 +220,7 @@ def test_serve_starts_quietly(tiny_llama_dir: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "llmc", "serve", "-m", str(tmp_path / "a"), "-p", str(port), "-q"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llmc serve did not become healthy in time"
-            time.sleep(0.2)
+        assert wait_healthy(proc, f"http://127.0.0.1:{port}"), proc.communicate()
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).status_code == 200
     finally:

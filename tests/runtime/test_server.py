@@ -18,7 +18,7 @@ import pytest
 
 from llmc.builder.build import BuildOptions, build
 from tests.conftest import make_tiny_llama
-from tests.server import STARTUP_TIMEOUT_S, free_port
+from tests.server import free_port, wait_healthy
 
 STREAMS = 8
 # Long enough that no stream can finish before the signal: the tiny model makes a few hundred
@@ -44,16 +44,7 @@ def _server(artifact: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[byte
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"llmc run exited with {proc.returncode}"
-            try:
-                if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llmc run did not become healthy in time"
-            time.sleep(0.2)
+        assert wait_healthy(proc, base), f"llmc run exited with {proc.returncode}"
         yield proc, base
     finally:
         if proc.poll() is None:

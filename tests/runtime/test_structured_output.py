@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
 from llmc.errors import BadInputError
 from llmc.runtime.structured_output import MAX_SCHEMA_DEPTH, GrammarCompiler, bounded_schema, lark_json
-from tests.conftest import make_tokenizer_json
-
-
-@pytest.fixture(scope="module")
-def compiler() -> tuple[GrammarCompiler, Any]:
-    from tokenizers import Tokenizer
-
-    text = make_tokenizer_json()
-    vocab_size = len(json.loads(text)["model"]["vocab"]) + 3
-    return GrammarCompiler(text, vocab_size, [0]), Tokenizer.from_str(text)
-
-
-def _accepts(compiler: tuple[GrammarCompiler, Any], grammar: str, text: str) -> bool:
-    """Whether the grammar lets `text` be generated, token by token, through the engine's interface."""
-    grammars, tokenizer = compiler
-    constraint = grammars.constraint(grammar)
-    for token in tokenizer.encode(text).ids:
-        if not bool(constraint.allowed()[token]):
-            return False
-        constraint.accept(token)
-    return True
+from tests.helpers import grammar_accepts
 
 
 @pytest.mark.parametrize(
@@ -54,9 +33,12 @@ def _accepts(compiler: tuple[GrammarCompiler, Any], grammar: str, text: str) -> 
     ],
 )
 def test_schema_numbers_are_bounded(
-    compiler: tuple[GrammarCompiler, Any], schema: dict[str, Any], text: str, allowed: bool
+    grammar_compiler: tuple[GrammarCompiler, Any], schema: dict[str, Any], text: str, allowed: bool
 ) -> None:
-    assert _accepts(compiler, compiler[0].from_json_schema(schema, param="response_format"), text) is allowed
+    assert (
+        grammar_accepts(grammar_compiler, grammar_compiler[0].from_json_schema(schema, param="response_format"), text)
+        is allowed
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,16 +46,19 @@ def test_schema_numbers_are_bounded(
     [('{"a": [1, {"b": 2.5}], "c": "x"}', True), ('{"a": ' + "1" * 20, False), ('{"a": 1e+999', False)],
 )
 def test_json_object_mode_bounds_numbers_at_any_depth(
-    compiler: tuple[GrammarCompiler, Any], text: str, allowed: bool
+    grammar_compiler: tuple[GrammarCompiler, Any], text: str, allowed: bool
 ) -> None:
-    assert _accepts(compiler, compiler[0].from_json_schema(None, param="response_format"), text) is allowed
+    assert (
+        grammar_accepts(grammar_compiler, grammar_compiler[0].from_json_schema(None, param="response_format"), text)
+        is allowed
+    )
 
 
-def test_tool_argument_grammars_are_bounded(compiler: tuple[GrammarCompiler, Any]) -> None:
+def test_tool_argument_grammars_are_bounded(grammar_compiler: tuple[GrammarCompiler, Any]) -> None:
     params = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
-    grammar = compiler[0].from_lark(f"start: args\nargs: {lark_json(params)}\n", param="tools")
-    assert _accepts(compiler, grammar, '{"x": 3.25}')
-    assert not _accepts(compiler, grammar, '{"x": 3.' + "1" * 20)
+    grammar = grammar_compiler[0].from_lark(f"start: args\nargs: {lark_json(params)}\n", param="tools")
+    assert grammar_accepts(grammar_compiler, grammar, '{"x": 3.25}')
+    assert not grammar_accepts(grammar_compiler, grammar, '{"x": 3.' + "1" * 20)
 
 
 def test_bounding_leaves_the_callers_schema_alone_and_refuses_absurd_depth() -> None:

@@ -13,6 +13,7 @@ from llmc.errors import BadInputError
 from llmc.runtime.structured_output import GrammarCompiler
 from llmc.runtime.tool_calls import FORMATS, ContentEvent, ToolCallEvent, ToolCallParser, choose_format
 from llmc.runtime.tool_calls.base import parse_all, strict_schema, tool_schemas
+from tests.helpers import grammar_accepts
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
 
@@ -250,33 +251,11 @@ def test_strict_closes_every_object_and_leaves_the_request_alone() -> None:
         strict_schema({"type": "object", "additionalProperties": {"type": "string"}})
 
 
-@pytest.fixture(scope="module")
-def compiler() -> tuple[GrammarCompiler, Any]:
-    from tokenizers import Tokenizer
-
-    from tests.conftest import make_tokenizer_json
-
-    text = make_tokenizer_json()
-    vocab_size = len(json.loads(text)["model"]["vocab"]) + 3
-    return GrammarCompiler(text, vocab_size, [0]), Tokenizer.from_str(text)
-
-
-def _accepts(compiler: tuple[GrammarCompiler, Any], grammar: str, text: str) -> bool:
-    """Whether the grammar lets `text` be generated, token by token, through the engine's interface."""
-    grammars, tokenizer = compiler
-    constraint = grammars.constraint(grammar)
-    for token in tokenizer.encode(text).ids:
-        if not bool(constraint.allowed()[token]):
-            return False
-        constraint.accept(token)
-    return True
-
-
 @pytest.mark.parametrize("fmt_name", sorted(FORCED))
-def test_strict_tool_grammars_refuse_extra_keys(compiler: tuple[GrammarCompiler, Any], fmt_name: str) -> None:
+def test_strict_tool_grammars_refuse_extra_keys(grammar_compiler: tuple[GrammarCompiler, Any], fmt_name: str) -> None:
     fmt = FORMATS[fmt_name]()
-    strict = compiler[0].from_lark(fmt.grammar([_tool(True)]), param="tool_choice")
-    loose = compiler[0].from_lark(fmt.grammar([_tool(False)]), param="tool_choice")
+    strict = grammar_compiler[0].from_lark(fmt.grammar([_tool(True)]), param="tool_choice")
+    loose = grammar_compiler[0].from_lark(fmt.grammar([_tool(False)]), param="tool_choice")
     good = {"city": "Oslo", "where": {"lat": 59}, "tags": [{"t": "n"}]}
     extras = [
         {"city": "Oslo", "where": {"lat": 59}, "zz": 1},  # at the top
@@ -288,8 +267,10 @@ def test_strict_tool_grammars_refuse_extra_keys(compiler: tuple[GrammarCompiler,
         text = fmt.render_call("locate", args)
         return text.replace("<tool_call>", "<tool_call>\n").replace("</tool_call>", "\n</tool_call>")
 
-    assert _accepts(compiler, strict, call(good)) and _accepts(compiler, loose, call(good))
+    assert grammar_accepts(grammar_compiler, strict, call(good))
+    assert grammar_accepts(grammar_compiler, loose, call(good))
     for args in extras:
         text = call(args)
-        assert _accepts(compiler, loose, text), text  # non-strict tools are unchanged: extra keys allowed
-        assert not _accepts(compiler, strict, text), text
+        # Non-strict tools are unchanged: extra keys allowed.
+        assert grammar_accepts(grammar_compiler, loose, text), text
+        assert not grammar_accepts(grammar_compiler, strict, text), text

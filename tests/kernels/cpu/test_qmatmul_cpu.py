@@ -21,7 +21,7 @@ from llmc.kernels.cpu.qmatmul_cpu import (
 )
 from llmc.quant import legacy
 from llmc.quant.formats import FORMATS, reference_qmatmul
-from tests.quant.blocks import random_blocks
+from llmc.quant.synthetic import random_blocks
 
 # Activations are rounded to bf16 (8 significant bits) before the multiply, so outputs agree with
 # the float32 reference to about bf16's precision relative to the output's scale.

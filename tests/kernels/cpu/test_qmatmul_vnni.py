@@ -22,7 +22,7 @@ from llmc.kernels.cpu.qmatmul_vnni import (
 )
 from llmc.quant.formats import FORMATS as BLOCK_FORMATS
 from llmc.quant.formats import reference_qmatmul
-from tests.quant.blocks import random_blocks
+from llmc.quant.synthetic import random_blocks
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

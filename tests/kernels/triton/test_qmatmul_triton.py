@@ -26,7 +26,7 @@ from llmc.kernels.triton.qmatmul_triton import (
     unpack_weight,
 )
 from llmc.quant.formats import FORMATS, reference_qmatmul
-from tests.quant.blocks import random_blocks
+from llmc.quant.synthetic import random_blocks
 
 _ALL = list(FORMATS)
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -35,13 +35,13 @@ def random_blocks(
     log-uniformly over f16's normal range (2**-14 .. 2**14)."""
     spec = FORMATS[fmt]
     n_blocks = k // spec.block_size
-    on = {"generator": gen, "device": device if device is not None else (gen.device if gen is not None else "cpu")}
-    raw = torch.randint(0, 256, (n, n_blocks, spec.type_size), dtype=torch.uint8, **on)
+    dev = device if device is not None else (gen.device if gen is not None else "cpu")
+    raw = torch.randint(0, 256, (n, n_blocks, spec.type_size), dtype=torch.uint8, generator=gen, device=dev)
     for off in _F16_FIELDS[fmt]:
         if extreme:
-            sign = torch.randint(0, 2, (n, n_blocks), **on) * 2 - 1
-            scale = (sign * torch.exp2(torch.rand(n, n_blocks, **on) * 28 - 14)).to(torch.float16)
+            sign = torch.randint(0, 2, (n, n_blocks), generator=gen, device=dev) * 2 - 1
+            scale = (sign * torch.exp2(torch.rand(n, n_blocks, generator=gen, device=dev) * 28 - 14)).to(torch.float16)
         else:
-            scale = (torch.rand(n, n_blocks, **on) * 0.049 + 0.001).to(torch.float16)
+            scale = (torch.rand(n, n_blocks, generator=gen, device=dev) * 0.049 + 0.001).to(torch.float16)
         raw[:, :, off : off + 2] = scale.view(torch.uint8).reshape(n, n_blocks, 2)
     return raw.reshape(n, n_blocks * spec.type_size)

@@ -54,12 +54,20 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# llama-cpp-python compiles llama.cpp from source (about 6 minutes on 2 cores). ggml's AMX
-# kernels crash on this machine's Xeons (a segfault in ggml_backend_amx_mul_mat, seen under gdb),
-# so the build targets AVX-512 explicitly instead of -march=native.
-LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
-	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# llama-cpp-python compiles llama.cpp from source (about 4 minutes on 2 cores), for the CPU it runs
+# on (GGML_NATIVE: -march=native): forcing AVX-512 made it crash with illegal instructions on
+# AVX2-only hosts. ggml's AMX kernels crash on some of these machines' Xeons (a segfault in
+# ggml_backend_amx_mul_mat, seen under gdb), so AMX is compiled out on x86-64: explicit -mno-amx
+# flags win over -march=native in GCC, and are harmless where the CPU has no AMX.
+# LLAMA_CPP_ISA=avx2 builds an AVX2-only llama.cpp instead, for same-ISA comparisons on an
+# AVX-512 host (`make LLAMA_CPP_ISA=avx2 install-bench`; reinstall to switch).
+LLAMA_CPP_ISA ?= native
+LLAMA_CPP_ISA_FLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_CPP_AVX2_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
+LLAMA_CPP_CMAKE_ARGS ?= $(if $(filter avx2,$(LLAMA_CPP_ISA)),$(LLAMA_CPP_AVX2_ARGS),-DGGML_NATIVE=ON) \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	-DCMAKE_C_FLAGS='$(LLAMA_CPP_ISA_FLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_CPP_ISA_FLAGS)'
 install-bench: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -c $(LOCK) -e ".[bench]"
 
@@ -104,20 +112,20 @@ LLAMA_CPP_PY_VERSION ?= 0.3.36
 LLAMA_CPP_DIR := .cache/llama.cpp
 LLAMA_CPP_SDIST := $(LLAMA_CPP_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_PY_VERSION).tar.gz
 LLAMA_CPP_SRC := $(LLAMA_CPP_DIR)/src/llama_cpp_python-$(LLAMA_CPP_PY_VERSION)/vendor/llama.cpp
-LLAMA_SERVER := $(LLAMA_CPP_DIR)/build/bin/llama-server
-LLAMA_CPP_ISA_FLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_CPP_BUILD := $(LLAMA_CPP_DIR)/build$(if $(filter avx2,$(LLAMA_CPP_ISA)),-avx2)
+LLAMA_SERVER := $(LLAMA_CPP_BUILD)/bin/llama-server
 
 $(LLAMA_SERVER): | $(PY)
 	test -f $(LLAMA_CPP_SDIST) || $(PIP) download -q --no-binary :all: --no-deps \
 		llama-cpp-python==$(LLAMA_CPP_PY_VERSION) -d $(LLAMA_CPP_DIR)/sdist
 	mkdir -p $(LLAMA_CPP_DIR)/src
 	test -f $(LLAMA_CPP_SRC)/CMakeLists.txt || tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_CPP_DIR)/src
-	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_BUILD) -DCMAKE_BUILD_TYPE=Release $(if $(filter avx2,$(LLAMA_CPP_ISA)),$(LLAMA_CPP_AVX2_ARGS)) \
 		-DGGML_CUDA=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
 		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
 		-DCMAKE_C_FLAGS="$(LLAMA_CPP_ISA_FLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_ISA_FLAGS)"
-	cmake --build $(LLAMA_CPP_DIR)/build --config Release --target llama-server -j2
+	cmake --build $(LLAMA_CPP_BUILD) --config Release --target llama-server -j2
 
 llama-server: $(LLAMA_SERVER)
 

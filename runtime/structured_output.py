@@ -9,6 +9,7 @@ tens of microseconds per token. Its grammars take JSON schemas and Lark with emb
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -37,7 +38,7 @@ MAX_SCHEMA_DEPTH = 64
 _LOWER_BOUNDS = ("minimum", "exclusiveMinimum")
 _UPPER_BOUNDS = ("maximum", "exclusiveMaximum")
 # Keys whose value is one subschema, a list of them, or a name -> subschema map.
-_SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "additionalItems")
+_SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "additionalItems", "if", "then", "else")
 _SUBSCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAP_KEYS = ("properties", "$defs", "definitions", "patternProperties")
 # Any JSON value, with bounded numbers: what `json_object` (no schema) and open subschemas allow.
@@ -76,24 +77,34 @@ def _bounded_number(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bounded_schema(schema: Any, depth: int = 0) -> Any:
+def map_schema(schema: Any, node: Callable[[dict[str, Any]], dict[str, Any]], param: str | None = None) -> Any:
+    """A copy of `schema` with `node` applied to every subschema, top down (the request's own schema
+    stays as sent). Deeper than MAX_SCHEMA_DEPTH is a bad input (`param` names the field)."""
+
+    def walk(sub: Any, depth: int) -> Any:
+        if not isinstance(sub, dict):
+            return sub
+        if depth > MAX_SCHEMA_DEPTH:
+            raise BadInputError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels", param=param)
+        out = dict(node(sub))
+        for key in _SUBSCHEMA_KEYS:
+            if key in out:
+                out[key] = walk(out[key], depth + 1)
+        for key in _SUBSCHEMA_LIST_KEYS:
+            if isinstance(out.get(key), list):
+                out[key] = [walk(item, depth + 1) for item in out[key]]
+        for key in _SUBSCHEMA_MAP_KEYS:
+            if isinstance(out.get(key), dict):
+                out[key] = {name: walk(item, depth + 1) for name, item in out[key].items()}
+        return out
+
+    return walk(schema, 0)
+
+
+def bounded_schema(schema: Any) -> Any:
     """`schema` with every integer and number subschema bounded where it sets no bound itself
     (minimum/maximum/multipleOf it gives are kept), so generated numbers always end and parse finite."""
-    if not isinstance(schema, dict):
-        return schema
-    if depth > MAX_SCHEMA_DEPTH:
-        raise BadInputError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
-    out = dict(_bounded_number(schema))  # a copy: the request's own schema stays as sent
-    for key in _SUBSCHEMA_KEYS:
-        if key in out:
-            out[key] = bounded_schema(out[key], depth + 1)
-    for key in _SUBSCHEMA_LIST_KEYS:
-        if isinstance(out.get(key), list):
-            out[key] = [bounded_schema(sub, depth + 1) for sub in out[key]]
-    for key in _SUBSCHEMA_MAP_KEYS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: bounded_schema(sub, depth + 1) for name, sub in out[key].items()}
-    return out
+    return map_schema(schema, _bounded_number)
 
 
 def any_json_object_schema() -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmc.errors import BadInputError
-from llmc.runtime.structured_output import MAX_SCHEMA_DEPTH
+from llmc.runtime.structured_output import map_schema
 
 
 @dataclass(frozen=True)
@@ -84,13 +84,6 @@ def tool_schemas(tools: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]
     return out
 
 
-# Keys whose value is one subschema, a list of them, or a name -> subschema map (JSON Schema 2020-12
-# and draft 7); `additionalProperties` is not among them: in a strict schema it is always false.
-_SUBSCHEMA_KEYS = ("items", "not", "contains", "additionalItems", "if", "then", "else")
-_SUBSCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_MAP_KEYS = ("properties", "$defs", "definitions", "patternProperties")
-
-
 def _is_object_schema(schema: dict[str, Any]) -> bool:
     kind = schema.get("type")
     if kind is None:
@@ -98,34 +91,24 @@ def _is_object_schema(schema: dict[str, Any]) -> bool:
     return kind == "object" or (isinstance(kind, list) and "object" in kind)
 
 
-def strict_schema(schema: Any, depth: int = 0) -> Any:
+def strict_schema(schema: Any) -> Any:
     """OpenAI's strict mode: every object in `schema` closed with `additionalProperties: false`, so
     generated arguments hold no key the tool did not declare. A copy: the request's schema (which the
     chat template shows the model) stays as sent. An object that allows extra keys is a contradiction
     in a strict tool and is refused, as OpenAI refuses it."""
-    if not isinstance(schema, dict):
+    return map_schema(schema, _closed, param="tools")
+
+
+def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+    if not _is_object_schema(schema):
         return schema
-    if depth > MAX_SCHEMA_DEPTH:
-        raise BadInputError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels", param="tools")
-    out = dict(schema)
-    if _is_object_schema(out):
-        if out.get("additionalProperties", False) is not False:
-            raise BadInputError(
-                "a strict tool's objects cannot allow additional properties: "
-                "set additionalProperties to false (or leave it out), or drop strict",
-                param="tools",
-            )
-        out["additionalProperties"] = False
-    for key in _SUBSCHEMA_KEYS:
-        if key in out:
-            out[key] = strict_schema(out[key], depth + 1)
-    for key in _SUBSCHEMA_LIST_KEYS:
-        if isinstance(out.get(key), list):
-            out[key] = [strict_schema(sub, depth + 1) for sub in out[key]]
-    for key in _SUBSCHEMA_MAP_KEYS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: strict_schema(sub, depth + 1) for name, sub in out[key].items()}
-    return out
+    if schema.get("additionalProperties", False) is not False:
+        raise BadInputError(
+            "a strict tool's objects cannot allow additional properties: "
+            "set additionalProperties to false (or leave it out), or drop strict",
+            param="tools",
+        )
+    return {**schema, "additionalProperties": False}
 
 
 class ToolCallFormat(abc.ABC):

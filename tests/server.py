@@ -81,3 +81,17 @@ def _terminate(proc: subprocess.Popen[bytes]) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def post_openai_error(client: httpx.Client, path: str, body: object, status: int) -> dict[str, Any]:
+    """POST `body` (raw bytes sent as JSON, or an object), expect `status` with an OpenAI-shaped
+    error, and return that error."""
+    if isinstance(body, bytes):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    return error

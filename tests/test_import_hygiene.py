@@ -20,42 +20,30 @@ def test_no_repository_folder_resolves_as_a_top_level_package() -> None:
 def test_the_check_itself_sees_a_shadowing_root() -> None:
     # Started the way a careless script would be (the working directory on sys.path), the check
     # reports every shadowing folder: it can fail.
-    env = {**os.environ, "PYTHONSAFEPATH": ""}
-    env.pop("PYTHONSAFEPATH")
-    result = subprocess.run(
-        [sys.executable, "-m", "llmc.tests.import_hygiene"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        check=True,
-    )
-    reported = {line.split("=", 1)[0] for line in result.stdout.splitlines()}
-    assert reported == set(SHADOWING_NAMES), result.stdout
+    output = _child("-m", "llmc.tests.import_hygiene", safe_path=False)
+    reported = {line.split("=", 1)[0] for line in output.splitlines()}
+    assert reported == set(SHADOWING_NAMES), output
 
 
 def test_child_processes_started_from_the_repository_root_are_clean() -> None:
     # Servers and CLI runs in the tests start as `python -m llmc ...` in the inherited environment.
-    result = subprocess.run(
-        [sys.executable, "-m", "llmc.tests.import_hygiene"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        check=True,
-    )
-    assert result.stdout == ""
+    assert _child("-m", "llmc.tests.import_hygiene") == ""
 
 
 def test_benchmarks_run_from_the_repository_root_are_clean() -> None:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONSAFEPATH"}
     code = (
         "import os, llmc.benchmarks, llmc.tests.import_hygiene as h; "
         "print(h.shadowed_names(), os.environ['PYTHONSAFEPATH'])"
     )
+    assert _child("-c", code, safe_path=False).strip() == "{} 1"
+
+
+def _child(*args: str, safe_path: bool = True) -> str:
+    """The stdout of `python ARGS` started in the repository root, in this process's environment
+    (with PYTHONSAFEPATH, which the test session sets) or without PYTHONSAFEPATH."""
+    env = {key: value for key, value in os.environ.items() if safe_path or key != "PYTHONSAFEPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -63,4 +51,4 @@ def test_benchmarks_run_from_the_repository_root_are_clean() -> None:
         timeout=CHILD_TIMEOUT_S,
         check=True,
     )
-    assert result.stdout.strip() == "{} 1"
+    return result.stdout

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from llmc.builder.build import BuildOptions, build
-from tests.server import running_server
+from tests.server import post_openai_error, running_server
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -282,14 +282,7 @@ def client(server: tuple[str, Path]) -> Iterator[httpx.Client]:
 def test_bad_input_gets_openai_error(
     attack: _Attack, client: httpx.Client, path: str, body: bytes | dict[str, Any], status: int, param: str | None
 ) -> None:
-    if isinstance(body, bytes):
-        response = client.post(path, content=body, headers={"content-type": "application/json"})
-    else:
-        response = client.post(path, json=body)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
+    error = post_openai_error(client, path, body, status)
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
     assert error["param"] == param
 

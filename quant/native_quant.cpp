@@ -88,6 +88,12 @@ float as_f16(float v) { return f16_to_f32(f32_to_f16(v)); }  // v stored as f16 
 
 float round_even(float v) { return std::nearbyint(v); }  // torch.round: half to even
 
+// max(m, |v|) inline (std::fmax is a libm call without -ffast-math); m starts at +0, so no signed zeros.
+inline float max_abs(float m, float v) {
+  const float a = std::fabs(v);
+  return a > m ? a : m;
+}
+
 float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }  // NaN stays NaN
 
 // float → int32 as torch's (and x86's cvtt) conversion: INT32_MIN for NaN and out-of-range values.
@@ -124,7 +130,7 @@ int32_t scale_level(float v, float peak, float top) {
 // x /= 2^e with max|x| < 2^e <= 2 max|x| (1 when all zero): exact, keeps the searches' sums in range.
 float normalize(const float* in, float* out, int n) {
   float amax = 0.0f;
-  for (int i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(in[i]));
+  for (int i = 0; i < n; ++i) amax = max_abs(amax, in[i]);
   int e = 0;
   std::frexp(amax, &e);
   if (e > kMaxF32Exponent) e = kMaxF32Exponent;
@@ -145,134 +151,172 @@ constexpr AffineSearch kQ2KSearch{3, -0.5f, 0.1f, 15, true};
 constexpr AffineSearch kQ4KSearch{15, -1.0f, 0.1f, 20, false};
 constexpr AffineSearch kQ5KSearch{31, -0.5f, 0.1f, 15, false};
 
-// make_qkx2_quants as kquants._affine_search: x ≈ scale * L + min, L in 0..nmax, min <= 0.
-// Writes the levels to L; returns the scale, and -min in *neg_min.
-float affine_search(const float* x_in, const float* weight_in, int n, const AffineSearch& p, uint8_t* L,
-                    float* neg_min) {
-  float x[kMaxSub], w[kMaxSub], lv[kMaxSub];
-  const float norm = normalize(x_in, x, n);
-  for (int i = 0; i < n; ++i) w[i] = weight_in[i] / norm;
+// make_qkx2_quants as kquants._affine_search (x ≈ scale * L + min, L in 0..nmax, min <= 0), over
+// the S sub-blocks of N weights of a super-block at once, one per SIMD lane: every lane keeps
+// its own left-to-right sums and float32 order (only independent lanes run side by side), so each
+// lane's result is the scalar search's. Branches become per-lane selects, as in kquants._affine_search.
+template <int N, int S>
+void affine_search_lanes(const float* x_in, const float* weight_in, const AffineSearch& p, uint8_t* L,
+                         float* scale_out, float* neg_min_out) {
+  alignas(64) float x[N][S], w[N][S], lv[N][S];
+  alignas(64) float norm[S], lo[S], hi[S], sum_w[S], sum_x[S], iscale[S], scale[S], mn[S], err[S], ok[S];
+  alignas(64) float best_iscale[S], best_origin[S], best_min[S], best_scale[S], best_err[S];
+  alignas(64) float sum_l[S], sum_l2[S], sum_xl[S];
   const float nmax = static_cast<float>(p.nmax);
-  float lo = x[0], hi = x[0];
-  for (int i = 1; i < n; ++i) {
-    lo = std::fmin(lo, x[i]);
-    hi = std::fmax(hi, x[i]);
+  for (int s = 0; s < S; ++s) {
+    float amax = 0.0f;
+    for (int i = 0; i < N; ++i) amax = max_abs(amax, x_in[s * N + i]);
+    int e = 0;
+    std::frexp(amax, &e);
+    norm[s] = std::ldexp(1.0f, e > kMaxF32Exponent ? kMaxF32Exponent : e);
   }
-  if (lo > 0) lo = 0;
-  const bool flat = hi == lo;
-  float sum_w = 0, sum_x = 0;
-  for (int i = 0; i < n; ++i) sum_w += w[i];
-  for (int i = 0; i < n; ++i) sum_x += w[i] * x[i];
-
-  auto levels = [&](float iscale, float origin) {
-    for (int i = 0; i < n; ++i) lv[i] = clampf(round_even((x[i] - origin) * iscale), 0, nmax);
-  };
-  auto error = [&](float scale, float mn) {
-    float err = 0;
-    for (int i = 0; i < n; ++i) {
-      float diff = lv[i] * scale + mn - x[i];
-      diff = p.use_mad ? std::fabs(diff) : diff * diff;
-      err += diff * w[i];
+  for (int i = 0; i < N; ++i)
+    for (int s = 0; s < S; ++s) {
+      x[i][s] = x_in[s * N + i] / norm[s];
+      w[i][s] = weight_in[s * N + i] / norm[s];
     }
-    return err;
+  for (int s = 0; s < S; ++s) lo[s] = hi[s] = x[0][s], sum_w[s] = sum_x[s] = 0.0f;
+  for (int i = 1; i < N; ++i)
+    for (int s = 0; s < S; ++s) {
+      lo[s] = x[i][s] < lo[s] ? x[i][s] : lo[s];
+      hi[s] = x[i][s] > hi[s] ? x[i][s] : hi[s];
+    }
+  for (int i = 0; i < N; ++i)
+    for (int s = 0; s < S; ++s) {
+      sum_w[s] += w[i][s];
+      sum_x[s] += w[i][s] * x[i][s];
+    }
+  auto levels = [&](const float* is, const float* origin) {
+    for (int i = 0; i < N; ++i)
+      for (int s = 0; s < S; ++s) lv[i][s] = clampf(round_even((x[i][s] - origin[s]) * is[s]), 0, nmax);
   };
-
-  float best_iscale = nmax / (flat ? 1.0f : hi - lo);
-  float best_origin = lo, best_min = lo;
-  float best_scale = 1.0f / best_iscale;
+  auto error = [&](const float* sc, const float* m) {
+    for (int s = 0; s < S; ++s) err[s] = 0.0f;
+    for (int i = 0; i < N; ++i)
+      for (int s = 0; s < S; ++s) {
+        float diff = lv[i][s] * sc[s] + m[s] - x[i][s];
+        diff = p.use_mad ? std::fabs(diff) : diff * diff;
+        err[s] += diff * w[i][s];
+      }
+  };
+  for (int s = 0; s < S; ++s) {
+    lo[s] = lo[s] > 0 ? 0.0f : lo[s];
+    best_iscale[s] = nmax / (hi[s] == lo[s] ? 1.0f : hi[s] - lo[s]);
+    best_origin[s] = best_min[s] = lo[s];
+    best_scale[s] = 1.0f / best_iscale[s];
+  }
   levels(best_iscale, lo);
-  float best_err = error(best_scale, best_min);
-  for (int i = 0; i <= p.nstep; ++i) {
-    const float span = hi - best_min;
-    if (!(span > 0)) continue;  // a refit min above max leaves no usable grid
-    const float steps = (p.rmin + p.rdelta * static_cast<float>(i)) + nmax;
-    const float iscale = steps / span;
+  error(best_scale, best_min);
+  for (int s = 0; s < S; ++s) best_err[s] = err[s];
+  for (int c = 0; c <= p.nstep; ++c) {
+    const float steps = (p.rmin + p.rdelta * static_cast<float>(c)) + nmax;
+    for (int s = 0; s < S; ++s) {
+      const float span = hi[s] - best_min[s];
+      ok[s] = span > 0 ? 1.0f : 0.0f;  // a refit min above max leaves no usable grid
+      iscale[s] = steps / (span > 0 ? span : 1.0f);
+      sum_l[s] = sum_l2[s] = sum_xl[s] = 0.0f;
+    }
     levels(iscale, best_min);
-    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-    for (int j = 0; j < n; ++j) {
-      const float wl = w[j] * lv[j];
-      sum_l += wl;
-      sum_l2 += wl * lv[j];
-      sum_xl += wl * x[j];
+    for (int i = 0; i < N; ++i)
+      for (int s = 0; s < S; ++s) {
+        const float wl = w[i][s] * lv[i][s];
+        sum_l[s] += wl;
+        sum_l2[s] += wl * lv[i][s];
+        sum_xl[s] += wl * x[i][s];
+      }
+    for (int s = 0; s < S; ++s) {
+      float det = sum_w[s] * sum_l2[s] - sum_l[s] * sum_l[s];
+      ok[s] = ok[s] != 0 && det > 0 ? 1.0f : 0.0f;
+      det = ok[s] != 0 ? det : 1.0f;
+      const float sc = (sum_w[s] * sum_xl[s] - sum_x[s] * sum_l[s]) / det;
+      const float m = (sum_l2[s] * sum_x[s] - sum_l[s] * sum_xl[s]) / det;
+      const float refit = sum_xl[s] / (sum_l2[s] != 0 ? sum_l2[s] : 1.0f);
+      scale[s] = m > 0 ? refit : sc;
+      mn[s] = m > 0 ? 0.0f : m;
     }
-    const float det = sum_w * sum_l2 - sum_l * sum_l;
-    if (!(det > 0)) continue;
-    float scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-    float mn = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-    if (mn > 0) {
-      scale = sum_xl / (sum_l2 != 0 ? sum_l2 : 1.0f);
-      mn = 0;
-    }
-    const float err = error(scale, mn);
-    if (err < best_err) {
-      best_err = err;
-      best_iscale = iscale;
-      best_origin = best_min;
-      best_scale = scale;
-      best_min = mn;
+    error(scale, mn);
+    for (int s = 0; s < S; ++s) {
+      const bool better = ok[s] != 0 && err[s] < best_err[s];
+      best_err[s] = better ? err[s] : best_err[s];
+      best_iscale[s] = better ? iscale[s] : best_iscale[s];
+      best_origin[s] = better ? best_min[s] : best_origin[s];
+      best_scale[s] = better ? scale[s] : best_scale[s];
+      best_min[s] = better ? mn[s] : best_min[s];
     }
   }
-  if (flat) {
-    for (int i = 0; i < n; ++i) L[i] = 0;
-  } else {
-    levels(best_iscale, best_origin);
-    for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(lv[i]);
+  levels(best_iscale, best_origin);
+  for (int s = 0; s < S; ++s) {
+    const bool flat = hi[s] == lo[s];
+    for (int i = 0; i < N; ++i) L[s * N + i] = flat ? 0 : static_cast<uint8_t>(lv[i][s]);
+    neg_min_out[s] = -best_min[s] * norm[s];
+    scale_out[s] = (flat ? 0.0f : best_scale[s]) * norm[s];
   }
-  *neg_min = -best_min * norm;
-  return (flat ? 0.0f : best_scale) * norm;
 }
 
-// make_qx_quants (rmse_type 1) as kquants._symmetric_search: x ≈ scale * l, l in -nmax..nmax-1.
-// Writes L = l + nmax; returns the scale.
-float symmetric_search(const float* x_in, int n, int nmax_i, uint8_t* L) {
-  float x[kMaxSub], w[kMaxSub], wx[kMaxSub], lv[kMaxSub];
-  float amax = 0;
-  for (int i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x_in[i]));
-  const bool zero = amax < kGroupMaxEps;
-  const float norm = normalize(x_in, x, n);
-  const float peak = zero ? 1.0f : x[argmax_abs(x, n)];
+// make_qx_quants (rmse_type 1) as kquants._symmetric_search: x ≈ scale * l, l in -nmax..nmax-1,
+// weighting by x^2; over the S sub-blocks of N weights of a super-block at once, one per SIMD lane
+// (as affine_search_lanes). Writes L = l + nmax and the scales.
+template <int N, int S>
+void symmetric_search_lanes(const float* x_in, int nmax_i, uint8_t* L, float* scale_out) {
+  alignas(64) float x[N][S], w[N][S], wx[N][S], lv[N][S];
+  alignas(64) float norm[S], peak[S], iscale[S], best_iscale[S], scale[S], best[S], sum_xl[S], sum_l2[S];
+  bool zero[S];
   const float nmax = static_cast<float>(nmax_i);
-  for (int i = 0; i < n; ++i) {
-    w[i] = x[i] * x[i];
-    wx[i] = w[i] * x[i];
+  for (int s = 0; s < S; ++s) {
+    float amax = 0.0f;
+    for (int i = 0; i < N; ++i) amax = max_abs(amax, x_in[s * N + i]);
+    zero[s] = amax < kGroupMaxEps;
+    int e = 0;
+    std::frexp(amax, &e);
+    norm[s] = std::ldexp(1.0f, e > kMaxF32Exponent ? kMaxF32Exponent : e);
+    float xs[N];
+    for (int i = 0; i < N; ++i) xs[i] = x_in[s * N + i] / norm[s];
+    peak[s] = zero[s] ? 1.0f : xs[argmax_abs(xs, N)];
+    for (int i = 0; i < N; ++i) x[i][s] = xs[i];
   }
-  float sum_xl, sum_l2;
+  for (int i = 0; i < N; ++i)
+    for (int s = 0; s < S; ++s) {
+      w[i][s] = x[i][s] * x[i][s];
+      wx[i][s] = w[i][s] * x[i][s];
+    }
   auto fit = [&](float steps) {
-    const float iscale = -steps / peak;
-    sum_xl = 0;
-    sum_l2 = 0;
-    for (int i = 0; i < n; ++i) {
-      lv[i] = clampf(round_even(x[i] * iscale), -nmax, nmax - 1);
-      sum_xl += wx[i] * lv[i];
-      sum_l2 += w[i] * lv[i] * lv[i];
-    }
-    return iscale;
+    for (int s = 0; s < S; ++s) iscale[s] = -steps / peak[s], sum_xl[s] = sum_l2[s] = 0.0f;
+    for (int i = 0; i < N; ++i)
+      for (int s = 0; s < S; ++s) {
+        lv[i][s] = clampf(round_even(x[i][s] * iscale[s]), -nmax, nmax - 1);
+        sum_xl[s] += wx[i][s] * lv[i][s];
+        sum_l2[s] += w[i][s] * lv[i][s] * lv[i][s];
+      }
   };
-  float best_iscale = fit(nmax);
-  float scale = sum_l2 != 0 ? sum_xl / sum_l2 : 0.0f;
-  float best = scale * sum_xl;
-  for (int i = -kSymSteps; i <= kSymSteps; ++i) {
-    if (i == 0) continue;
-    const float iscale = fit(nmax + 0.1f * static_cast<float>(i));
-    if (sum_l2 > 0 && sum_xl * sum_xl > best * sum_l2) {
-      scale = sum_xl / sum_l2;
-      best = scale * sum_xl;
-      best_iscale = iscale;
+  fit(nmax);
+  for (int s = 0; s < S; ++s) {
+    best_iscale[s] = iscale[s];
+    scale[s] = sum_l2[s] != 0 ? sum_xl[s] / (sum_l2[s] != 0 ? sum_l2[s] : 1.0f) : 0.0f;
+    best[s] = scale[s] * sum_xl[s];
+  }
+  for (int c = -kSymSteps; c <= kSymSteps; ++c) {
+    if (c == 0) continue;
+    fit(nmax + 0.1f * static_cast<float>(c));
+    for (int s = 0; s < S; ++s) {
+      const bool better = sum_l2[s] > 0 && sum_xl[s] * sum_xl[s] > best[s] * sum_l2[s];
+      const float fitted = sum_xl[s] / (better ? sum_l2[s] : 1.0f);
+      scale[s] = better ? fitted : scale[s];
+      best[s] = better ? fitted * sum_xl[s] : best[s];
+      best_iscale[s] = better ? iscale[s] : best_iscale[s];
     }
   }
-  if (zero) {
-    for (int i = 0; i < n; ++i) L[i] = 0;
-    return 0.0f;
+  for (int s = 0; s < S; ++s) {
+    for (int i = 0; i < N; ++i)
+      L[s * N + i] = zero[s] ? 0 : static_cast<uint8_t>(clampf(round_even(x[i][s] * best_iscale[s]), -nmax, nmax - 1) + nmax);
+    scale_out[s] = zero[s] ? 0.0f : scale[s] * norm[s];
   }
-  for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(clampf(round_even(x[i] * best_iscale), -nmax, nmax - 1) + nmax);
-  return scale * norm;
 }
 
 // make_q3_quants as kquants._q3_descent: x ≈ scale * l, l in -nmax..nmax-1, weighting by x^2.
 float q3_descent(const float* x_in, int n, int nmax_i, uint8_t* L) {
   float x[kMaxSub], w[kMaxSub], wx[kMaxSub], lv[kMaxSub];
   float amax = 0;
-  for (int i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x_in[i]));
+  for (int i = 0; i < n; ++i) amax = max_abs(amax, x_in[i]);
   const bool zero = amax < kGroupMaxEps;
   const float norm = normalize(x_in, x, n);
   const float peak = zero ? 1.0f : x[argmax_abs(x, n)];
@@ -333,11 +377,9 @@ void encode_q2k(const float* x, uint8_t* out) {
   constexpr int kSub = 16, kNSub = kQKK / kSub;
   constexpr float kLevels = 15;  // 4-bit sub-block scales and mins
   uint8_t found[kQKK], q[kQKK];
-  float scales[kNSub], mins[kNSub], weight[kSub];
-  for (int s = 0; s < kNSub; ++s) {
-    for (int i = 0; i < kSub; ++i) weight[i] = std::fabs(x[s * kSub + i]);
-    scales[s] = affine_search(x + s * kSub, weight, kSub, kQ2KSearch, found + s * kSub, &mins[s]);
-  }
+  float scales[kNSub], mins[kNSub], weight[kQKK];
+  for (int k = 0; k < kQKK; ++k) weight[k] = std::fabs(x[k]);
+  affine_search_lanes<kSub, kNSub>(x, weight, kQ2KSearch, found, scales, mins);
   const float max_scale = positive_max(scales, kNSub), max_min = positive_max(mins, kNSub);
   const float d = as_f16(max_scale / kLevels), dmin = as_f16(max_min / kLevels);
   for (int s = 0; s < kNSub; ++s) {
@@ -395,15 +437,18 @@ void encode_k4(const float* x, const AffineSearch& search, uint8_t* header, uint
   constexpr int kSub = 32, kNSub = kQKK / kSub;
   constexpr float kLevels = 63;  // 6-bit sub-block scales and mins
   uint8_t found[kQKK];
-  float scales[kNSub], mins[kNSub], weight[kSub];
+  float scales[kNSub], mins[kNSub], weight[kQKK];
   for (int s = 0; s < kNSub; ++s) {
     const float* xs = x + s * kSub;
     float sum2 = 0;
     for (int i = 0; i < kSub; ++i) sum2 += xs[i] * xs[i];
     const float rms = static_cast<float>(std::sqrt(static_cast<double>(sum2 / static_cast<float>(kSub))));
-    for (int i = 0; i < kSub; ++i) weight[i] = rms + std::fabs(xs[i]);  // weights favour large |x|
-    scales[s] = affine_search(xs, weight, kSub, search, found + s * kSub, &mins[s]);
+    for (int i = 0; i < kSub; ++i) weight[s * kSub + i] = rms + std::fabs(xs[i]);  // weights favour large |x|
   }
+  if (search.nmax == kQ4KSearch.nmax)  // one instance per search: its constants fold into the loops
+    affine_search_lanes<kSub, kNSub>(x, weight, kQ4KSearch, found, scales, mins);
+  else
+    affine_search_lanes<kSub, kNSub>(x, weight, kQ5KSearch, found, scales, mins);
   const float max_scale = positive_max(scales, kNSub), max_min = positive_max(mins, kNSub);
   const float d = as_f16(max_scale / kLevels), dmin = as_f16(max_min / kLevels);
   uint32_t ls[kNSub], lm[kNSub];
@@ -451,7 +496,7 @@ void encode_q6k(const float* x, uint8_t* out) {
   uint8_t found[kQKK], q[kQKK], hi[kQKK];
   float scales[kNSub];
   int32_t ls[kNSub];
-  for (int s = 0; s < kNSub; ++s) scales[s] = symmetric_search(x + s * kSub, kSub, kNmax, found + s * kSub);
+  symmetric_search_lanes<kSub, kNSub>(x, kNmax, found, scales);
   const float peak = scales[argmax_abs(scales, kNSub)];
   const bool live = std::fabs(peak) >= kGroupMaxEps;  // an all-zero super-block is stored as zero bytes
   const float iscale = -static_cast<float>(kHalf) / (live ? peak : 1.0f);
@@ -511,8 +556,8 @@ float symmetric_levels(const float* x, int levels, uint8_t* q) {
 float affine_levels(const float* x, int levels, uint8_t* q, float* lo_out) {
   float lo = x[0], hi = x[0];
   for (int i = 1; i < kQK; ++i) {
-    lo = std::fmin(lo, x[i]);
-    hi = std::fmax(hi, x[i]);
+    lo = x[i] < lo ? x[i] : lo;  // the first of equal values, as ggml's running min and max
+    hi = x[i] > hi ? x[i] : hi;
   }
   const float d = (hi - lo) / static_cast<float>(levels - 1);
   const float inv = d == 0 ? 0.0f : 1.0f / d;
@@ -553,18 +598,23 @@ void encode_q5_1(const float* x, uint8_t* out) {
 
 void encode_q8_0(const float* x, uint8_t* out) {
   float amax = 0;
-  for (int i = 0; i < kQK; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+  for (int i = 0; i < kQK; ++i) amax = max_abs(amax, x[i]);
   const float d = amax / 127.0f;
   const float inv = d == 0 ? 0.0f : 1.0f / d;
   put_f16(out, d);
+  // Round half away from zero (roundf) from the exact fraction, as legacy._q8_0_blocks; branch-free
+  // loops the compiler vectorizes.
+  float r[kQK];
+  int32_t q[kQK];
   for (int i = 0; i < kQK; ++i) {
-    // Round half away from zero (roundf) from the exact fraction, as legacy._q8_0_blocks.
     const float y = x[i] * inv;
     const float a = std::fabs(y);
     const float whole = std::floor(a);
     const float mag = whole + (a - whole >= 0.5f ? 1.0f : 0.0f);
-    out[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>(y < 0 ? -mag : mag)));
+    r[i] = y < 0 ? -mag : mag;
   }
+  for (int i = 0; i < kQK; ++i) q[i] = static_cast<int32_t>(r[i]);
+  for (int i = 0; i < kQK; ++i) out[2 + i] = static_cast<uint8_t>(q[i]);
 }
 
 // ------------------------------------------------------------------------------------- dispatch
@@ -590,9 +640,17 @@ void encode_range(const Format& f, int input, const void* src, uint8_t* dst, int
     const float* x = buf;
     if (input == kF32) {
       x = static_cast<const float*>(src) + at;
+    } else if (input == kF16) {
+#ifdef __FLT16_MAX__  // the compiler's own half type: vectorized (F16C) exact conversions
+      const _Float16* h = static_cast<const _Float16*>(src) + at;
+      for (int i = 0; i < f.block_size; ++i) buf[i] = static_cast<float>(h[i]);
+#else
+      const uint16_t* h = static_cast<const uint16_t*>(src) + at;
+      for (int i = 0; i < f.block_size; ++i) buf[i] = f16_to_f32(h[i]);
+#endif
     } else {
       const uint16_t* h = static_cast<const uint16_t*>(src) + at;
-      for (int i = 0; i < f.block_size; ++i) buf[i] = input == kF16 ? f16_to_f32(h[i]) : bf16_to_f32(h[i]);
+      for (int i = 0; i < f.block_size; ++i) buf[i] = bf16_to_f32(h[i]);
     }
     f.encode(x, dst + b * f.type_size);
   }

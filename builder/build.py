@@ -3,6 +3,7 @@ the target's device code (builder/targets/) → tokenizer and manifest, committe
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from llmc.builder.targets.cpu import CpuTarget
 from llmc.errors import BadInputError, BadModelError
 from llmc.logs import get_logger
 from llmc.model.decoder import CausalLM
+from llmc.quant import native as native_quant
 from llmc.quant.formats import FORMATS
 
 log = get_logger("llmc.builder")
@@ -204,7 +206,7 @@ def _load_stored(plan: BuildPlan, name: str, formats: dict[str, str], report: Qu
         report.add(name, plan.choices[name], plan.expected[name], carried, None)
         return carried
     weight = _load_float(plan, name).float()
-    blocks = FORMATS[fmt].quantize(weight)
+    blocks = native_quant.quantize(fmt, weight)  # the torch codecs' bytes, natively (or them, without a compiler)
     report.add(name, plan.choices[name], plan.expected[name], blocks, weight)
     return blocks
 
@@ -215,15 +217,20 @@ def write_weights(
     """Stage every tensor (and the quantization report, when anything is quantized)."""
     formats = plan.formats
     report = QuantReport(plan.dtype_name) if formats else None
-    done = 0
+    done = done_bytes = 0
     total = len(plan.expected)
+    # Bytes of each tensor in the build's dtype: tensors differ in size by orders of magnitude, so
+    # the rate (MB/s) and the ETA are measured in bytes rather than in tensors.
+    sizes = {name: math.prod(shape) * plan.dtype.itemsize for name, shape in plan.expected.items()}
+    total_bytes = sum(sizes.values())
     label = "writing weights" if isq in (None, "none") else "quantizing weights"
 
-    def tick(_name: str) -> None:
-        nonlocal done
+    def tick(name: str) -> None:
+        nonlocal done, done_bytes
         done += 1
+        done_bytes += sizes.get(name, 0)
         if on_progress is not None:
-            on_progress(label, done, total)
+            on_progress(label, done, total, done_bytes, total_bytes)
 
     stored = {
         name: (torch.uint8, [shape[0], FORMATS[formats[name]].row_bytes(shape[1])])

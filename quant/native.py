@@ -85,7 +85,12 @@ def _cpu_identity() -> str:
 
 def _cache_key() -> str:
     version = subprocess.run(
-        [*_compiler(), "--version"], capture_output=True, text=True, errors="replace", check=True, timeout=_COMPILE_TIMEOUT_S
+        [*_compiler(), "--version"],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=True,
+        timeout=_COMPILE_TIMEOUT_S,
     ).stdout
     digest = hashlib.sha256(repr((_compiler(), _FLAGS, version, _cpu_identity())).encode())
     digest.update(SOURCE.read_bytes())
@@ -97,7 +102,9 @@ def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     status = path.stat()
     if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InternalError(f"the quantizer cache {path} is writable by others or not yours; remove it or set ${_CACHE_ENV}")
+        raise InternalError(
+            f"the quantizer cache {path} is writable by others or not yours; remove it or set ${_CACHE_ENV}"
+        )
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -174,7 +181,14 @@ def _load(data: bytes) -> ctypes.CDLL:
     if lib.llmc_quant_abi_version() != ABI_VERSION:
         raise InternalError("the cached native quantizer is another llmc's; remove the quantizer cache")
     lib.llmc_quantize.restype = ctypes.c_int
-    lib.llmc_quantize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.llmc_quantize.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     return lib
 
 

@@ -9,8 +9,8 @@ of `cpu.py` implementing `Target`, not a branch in build.py.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -21,9 +21,15 @@ from llmc.errors import BadInputError
 
 DEFAULT_BLOCK_SIZE = 16  # the engine's default KV block size (runtime/engine.py)
 
-# on_progress(what, done, total): a phase's label ("quantizing weights", "compiling the decode
-# step") and how far it got; the CLI draws it as a progress bar on a terminal.
-Progress = Callable[[str, int, int], None]
+
+class Progress(Protocol):
+    """on_progress(what, done, total[, done_bytes, total_bytes]): a phase's label ("quantizing
+    weights", "compiling the decode step") and how far it got, in steps and, where the steps differ
+    in size (tensors), in bytes; the CLI draws it as a progress bar with a rate on a terminal."""
+
+    def __call__(
+        self, label: str, done: int, total: int, done_bytes: int | None = None, total_bytes: int | None = None, /
+    ) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -33,3 +33,15 @@ def test_eta_while_a_phase_runs() -> None:
     line = progress.line()
     progress.close()
     assert line.startswith("writing weights [" + "#" * (BAR_WIDTH // 3) + ".") and " 1/3 0:00 ETA 0:0" in line
+
+
+def test_rate_and_eta_by_bytes() -> None:
+    """With byte counts the line shows MB/s, and the ETA follows the bytes, not the tensor count."""
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    progress("quantizing weights", 1, 2, 3_000_000, 4_000_000)
+    progress._started -= 1.0  # a second in: 3 MB/s, 1 MB left → ETA 0:00 by bytes (0:01 by tensors)
+    line = progress.line()
+    progress.close()
+    assert line.startswith("quantizing weights [" + "#" * (BAR_WIDTH // 2) + ".")
+    assert " 1/2 3 MB/s 0:01 ETA 0:00" in line

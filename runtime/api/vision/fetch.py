@@ -98,12 +98,7 @@ async def _exchange(
     if address_ok is not None and not all(address_ok(a) for a in addresses):
         raise FetchError(f"{host} resolves to a private, loopback or link-local address, which is not fetched")
     context = ssl.create_default_context() if parts.scheme == "https" else None
-    try:
-        reader, writer = await asyncio.open_connection(
-            str(addresses[0]), port, ssl=context, server_hostname=host if context else None, limit=MAX_LINE_BYTES
-        )
-    except OSError as exc:
-        raise FetchError(f"cannot connect to {host}:{port} ({exc.strerror or type(exc).__name__})") from exc
+    reader, writer = await _connect(host, addresses, port, context)
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host_header = f"[{host}]" if ":" in host else host
@@ -125,6 +120,23 @@ async def _exchange(
         raise FetchError(f"the connection to {host} failed mid-answer ({type(exc).__name__})") from exc
     finally:
         writer.close()
+
+
+async def _connect(
+    host: str, addresses: list[IpAddress], port: int, context: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the first of the checked `addresses` that answers (localhost may be ::1 and
+    127.0.0.1, with the server on one of them)."""
+    failure: OSError | None = None
+    for address in addresses:
+        try:
+            return await asyncio.open_connection(
+                str(address), port, ssl=context, server_hostname=host if context else None, limit=MAX_LINE_BYTES
+            )
+        except OSError as exc:
+            failure = exc
+    reason = (failure.strerror if failure else None) or type(failure).__name__
+    raise FetchError(f"cannot connect to {host}:{port} ({reason})")
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:

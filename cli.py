@@ -374,6 +374,41 @@ def export(artifact: Path, gguf_path: Path) -> None:
     "run the MCP tools.",
 )
 @click.option(
+    "--vision-proxy",
+    metavar="URL",
+    help="An OpenAI-compatible vision chat endpoint (http://host:8080/v1): image parts of chats are "
+    "described there and sent to the model as text.",
+)
+@click.option("--vision-proxy-model", metavar="NAME", help="The `model` sent to the --vision-proxy endpoint.")
+@click.option("--vision-proxy-prompt", metavar="TEXT", help="What the caption model is asked about each image.")
+@click.option(
+    "--vision-proxy-format",
+    metavar="TEXT",
+    help='How each caption is added to the message; {n} is the image number (default "Image {n}: {caption}").',
+)
+@click.option(
+    "--vision-proxy-fallback",
+    default="error",
+    show_default=True,
+    type=click.Choice(["error", "text"]),
+    help="When a caption fails: error answers 502; text writes [image could not be described] instead.",
+)
+@click.option(
+    "--vision-proxy-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a caption (or a remote image fetch) may take (default 60).",
+)
+@click.option(
+    "--vision-proxy-api-key",
+    envvar="LLMC_VISION_PROXY_API_KEY",
+    help="Sent as `Authorization: Bearer KEY` to the --vision-proxy endpoint (env: LLMC_VISION_PROXY_API_KEY).",
+)
+@click.option(
+    "--vision-allow-remote",
+    is_flag=True,
+    help="Also fetch http(s) image URLs (public addresses only, no redirects); default: data: URLs only.",
+)
+@click.option(
     "--allowed-hosts",
     help="Comma-separated names the Host header may carry besides IP addresses, localhost and (off "
     "loopback) this machine's name; .example.com allows subdomains, * any name (unsafe: DNS rebinding).",

@@ -12,12 +12,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from llmc.errors import BadInputError, OutOfResourcesError
 from llmc.logs import configure, get_logger, granian_logging
+
+if TYPE_CHECKING:
+    from llmc.runtime.api.vision.config import VisionConfig
 
 log = get_logger("llmc.server")
 
@@ -80,6 +83,49 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     top_k: int | None = None
     min_p: float | None = None
     max_tokens: int | None = None
+    # Proxy vision (runtime/api/vision): image parts are described by this OpenAI-compatible
+    # vision endpoint and rewritten into text; None: image parts are refused with a 400.
+    vision_proxy: str | None = None
+    vision_proxy_model: str | None = None
+    vision_proxy_prompt: str | None = None
+    vision_proxy_format: str | None = None
+    vision_proxy_fallback: str = "error"  # error: 502 when a caption fails; text: a note instead
+    vision_proxy_timeout: float | None = None
+    vision_proxy_api_key: str | None = None
+    vision_allow_remote: bool = False  # fetch http(s) image URLs (public addresses only)
+
+
+def vision_settings(config: ServeConfig) -> VisionConfig | None:
+    """The checked --vision-proxy settings (BadInputError, exit 2, before the model loads)."""
+    from llmc.runtime.api.vision.config import vision_config
+
+    if config.vision_proxy is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--vision-proxy-model", config.vision_proxy_model),
+                ("--vision-proxy-prompt", config.vision_proxy_prompt),
+                ("--vision-proxy-format", config.vision_proxy_format),
+                ("--vision-proxy-timeout", config.vision_proxy_timeout),
+                ("--vision-proxy-api-key", config.vision_proxy_api_key),
+                ("--vision-proxy-fallback", None if config.vision_proxy_fallback == "error" else "text"),
+                ("--vision-allow-remote", True if config.vision_allow_remote else None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise BadInputError(f"{', '.join(given)} need --vision-proxy URL (the caption endpoint)")
+        return None
+    return vision_config(
+        config.vision_proxy,
+        model=config.vision_proxy_model,
+        prompt=config.vision_proxy_prompt,
+        format=config.vision_proxy_format,
+        fallback=config.vision_proxy_fallback,
+        allow_remote=config.vision_allow_remote,
+        timeout_s=config.vision_proxy_timeout,
+        api_key=config.vision_proxy_api_key,
+    )
 
 
 def generation_overrides(config: ServeConfig) -> dict[str, Any]:
@@ -134,6 +180,7 @@ def serve(config: ServeConfig) -> None:
                 "--unauthenticated-mcp if every client that can reach the port may run them"
             )
     overrides = generation_overrides(config)
+    vision = vision_settings(config)
     artifact = Artifact.open(config.artifact, verify=True, expect_manifest_sha256=config.expect_manifest_sha256)
     engine = Engine(
         artifact,
@@ -174,6 +221,7 @@ def serve(config: ServeConfig) -> None:
         max_request_chars=config.max_request_chars,
         request_timeout_s=config.request_timeout,
         prefix_cache_isolation=config.prefix_cache_isolation,
+        vision=vision,
     )
     granian_level, granian_config = granian_logging(config.log_level)
     http = _HttpThread(

@@ -30,6 +30,7 @@ from llmc.runtime.tool_calls import choose_format
 
 if TYPE_CHECKING:
     from llmc.runtime.api.mcp.tools import McpManager
+    from llmc.runtime.api.vision.config import VisionConfig
 
 log = get_logger("llmc.api")
 
@@ -54,6 +55,7 @@ class App:
         max_request_chars: int | None = None,
         request_timeout_s: float | None = None,
         prefix_cache_isolation: str = "shared",
+        vision: VisionConfig | None = None,
     ) -> None:
         self.guard = guard or HttpGuard("127.0.0.1")
         # Several keys may be given, comma-separated: each client (or team) its own.
@@ -76,7 +78,13 @@ class App:
             from llmc.runtime.api.ui import UiAssets
 
             ui_assets = UiAssets()
-        r = Routes(self.client, Renderer(engine.tokenizer, self.model_name), self.metrics, openapi, mcp, ui_assets)
+        vision_proxy = None
+        if vision is not None:  # image parts are described by a caption model (--vision-proxy)
+            from llmc.runtime.api.vision.proxy import VisionProxy
+
+            vision_proxy = VisionProxy(vision, self.metrics.registry)
+        render = Renderer(engine.tokenizer, self.model_name)
+        r = Routes(self.client, render, self.metrics, openapi, mcp, ui_assets, vision_proxy)
         self.routes = r
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): r.health,

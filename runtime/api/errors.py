@@ -29,6 +29,7 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    502: "upstream_error",  # a service the server calls (the --vision-proxy caption endpoint) failed
 }
 
 

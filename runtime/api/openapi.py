@@ -53,6 +53,8 @@ def openapi_spec(version: str, auth: bool, model_name: str) -> dict[str, Any]:
             responses["413"] = {"description": "Body too large", **error}
         if "{model}" in path:
             responses["404"] = {"description": "Unknown model", **error}
+        if path == "/v1/chat/completions":
+            responses["502"] = {"description": "The image caption endpoint (--vision-proxy) failed", **error}
         if auth and path != "/health":
             responses["401"] = {"description": "Missing or wrong API key", **error}
         operation: dict[str, Any] = {"summary": summary, "responses": responses}

@@ -11,9 +11,15 @@ from typing import Any, Literal
 import msgspec
 
 
+class ImageUrl(msgspec.Struct):
+    url: str
+    detail: str | None = None  # OpenAI's low/high/auto: accepted, the caption model decides
+
+
 class ContentPart(msgspec.Struct):
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None  # type "image_url": described by --vision-proxy
 
 
 class ChatMessage(msgspec.Struct):
@@ -77,6 +83,12 @@ class Usage(msgspec.Struct):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CaptionedUsage(Usage, kw_only=True):
+    """Usage of a chat whose images were described by --vision-proxy (llmc's extension)."""
+
+    caption_tokens: int  # what the caption endpoint reported for this request's new captions
 
 
 class TopLogprob(msgspec.Struct):
@@ -194,6 +206,8 @@ class ModelCard(msgspec.Struct):
     max_model_len: int
     # The sampling defaults of requests that set none (llmc's extension, like max_model_len).
     generation_defaults: dict[str, Any] | None = None
+    # What a request may hold: ["text"], or ["text", "image"] with --vision-proxy.
+    input_modalities: list[str] | None = None
     object: Literal["model"] = "model"
 
 

@@ -24,6 +24,7 @@ from llmc.runtime.api.mcp.loop import chat_with_mcp
 from llmc.runtime.api.metrics import CONTENT_TYPE, Metrics
 from llmc.runtime.api.render import Renderer, deltas, joined_logprobs, tool_call_out
 from llmc.runtime.api.requests import check_messages_cap, check_text_cap, check_token_ids_cap, completion_prompt
+from llmc.runtime.api.vision.proxy import refuse_images, with_caption_tokens
 from llmc.runtime.output_processor import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.tool_calls import ToolCallParser
@@ -32,6 +33,7 @@ from llmc.runtime.tool_calls.base import parse_all
 if TYPE_CHECKING:
     from llmc.runtime.api.mcp.tools import McpManager
     from llmc.runtime.api.ui import UiAssets
+    from llmc.runtime.api.vision.proxy import VisionProxy
 
 # GET /v1/models/{id}: served ids may hold '/' (owner/name), so everything after the prefix is the id.
 MODEL_PATH_PREFIX = "/v1/models/"
@@ -49,8 +51,10 @@ class Routes:
         openapi: bytes,
         mcp: McpManager | None = None,
         ui: UiAssets | None = None,
+        vision: VisionProxy | None = None,
     ) -> None:
         self.client = client
+        self.vision = vision
         self.render = render
         self.metrics = metrics
         self.mcp = mcp
@@ -100,7 +104,7 @@ class Routes:
         client = self.client
         if req.messages is not None:
             check_messages_cap(req.messages, client.limits)
-            chat = p.ChatCompletionRequest(model=self.model_name, messages=req.messages)
+            chat, _ = await self._describe_images(p.ChatCompletionRequest(model=self.model_name, messages=req.messages))
             _, ids = await client.off_loop(client.prepare_chat, chat, req.add_generation_prompt)
         else:
             assert req.prompt is not None
@@ -127,6 +131,7 @@ class Routes:
             owned_by="llmc",
             max_model_len=self.client.engine.max_model_len,
             generation_defaults=self.client.defaults,
+            input_modalities=["text", "image"] if self.vision is not None else ["text"],
         )
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -146,11 +151,20 @@ class Routes:
                 code="model_not_found",
             )
 
+    async def _describe_images(self, req: p.ChatCompletionRequest) -> tuple[p.ChatCompletionRequest, int | None]:
+        """The chat with its images replaced by captions (--vision-proxy), and the caption tokens the
+        endpoint reported; without the proxy, images are a 400 that says how to enable it."""
+        if self.vision is None:
+            refuse_images(req.messages)
+            return req, None
+        return await self.vision.rewrite(req)
+
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = decode(self._chat_decoder, await read_body(scope, receive))
         self._check_model(req.model)
         client = self.client
         check_messages_cap(req.messages, client.limits)
+        req, caption_tokens = await self._describe_images(req)
         if self.mcp is not None and self.mcp.tools and req.tools is None and req.n == 1:
             await chat_with_mcp(client, self.render, self.mcp, req, receive, send)
             return
@@ -162,7 +176,7 @@ class Routes:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._chat_events(plan, params, outputs, request_id, created, include_usage)
+            events = self._chat_events(plan, params, outputs, request_id, created, include_usage, caption_tokens)
             await stream(send, request_id, events)
             return
         results = await collect(outputs, len(params))
@@ -180,9 +194,8 @@ class Routes:
                     message = p.ResponseMessage("assistant", None if plan.forced and not content else content)
             logprobs = self.render.chat_logprobs(r.logprobs) if params[index].logprobs is not None else None
             choices.append(p.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
-        body = p.ChatCompletion(
-            id=request_id, created=created, model=self.model_name, choices=choices, usage=usage_of(results)
-        )
+        usage = with_caption_tokens(usage_of(results), caption_tokens)
+        body = p.ChatCompletion(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
         await send_json(send, 200, msgspec.json.encode(body))
 
     async def _chat_events(
@@ -193,6 +206,7 @@ class Routes:
         request_id: str,
         created: int,
         include_usage: bool,
+        caption_tokens: int | None = None,
     ) -> AsyncIterator[bytes]:
         """A streamed chat's events: a role delta per choice, content and tool-call deltas, finishes."""
         parsers = [ToolCallParser(plan.tool_format, forced=plan.forced) if plan.tool_format else None for _ in params]
@@ -220,7 +234,7 @@ class Routes:
                 reason = "tool_calls" if parser and parser.calls else out.finish_reason
                 yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason)])
         if include_usage:
-            yield chunk([], usage=usage.usage())
+            yield chunk([], usage=with_caption_tokens(usage.usage(), caption_tokens))
 
     async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = decode(self._completion_decoder, await read_body(scope, receive))

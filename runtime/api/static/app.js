@@ -12,6 +12,7 @@
     history: [], // {role, content} of the conversation so far
     controller: null, // AbortController of the generation in flight
     apiKey: sessionStorage.getItem(KEY_STORE) || "",
+    image: null, // {name, url}: the image attached to the next message, as a data: URL
   };
 
   // ---- markdown ---------------------------------------------------------------------------
@@ -197,6 +198,8 @@
     const body = await response.json();
     state.model = body.data[0].id;
     $("model").textContent = state.model;
+    // The attach control only where the server describes images (llmc run --vision-proxy).
+    $("attach").hidden = !(body.data[0].input_modalities || []).includes("image");
     $("key-box").hidden = true;
     setStatus("");
     updateButtons();
@@ -289,12 +292,38 @@
     return (spread ? tokens - 1 : tokens) / seconds;
   }
 
+  function setImage(image) {
+    state.image = image;
+    $("attachment").hidden = image === null;
+    $("attachment-name").textContent = image ? image.name : "";
+    if (image === null) $("image").value = "";
+  }
+
+  function attachFile(file) {
+    if (!file) return;
+    const reader = new FileReader(); // a data: URL, sent as an image_url content part
+    reader.onload = () => setImage({ name: file.name, url: reader.result });
+    reader.onerror = () => setStatus(`cannot read ${file.name}`);
+    reader.readAsDataURL(file);
+  }
+
   async function send() {
     const text = $("input").value.trim();
-    if (!text || state.controller || !state.model) return;
+    if ((!text && !state.image) || state.controller || !state.model) return;
     $("input").value = "";
-    addMessage("user").textContent = text;
-    state.history.push({ role: "user", content: text });
+    const userBubble = addMessage("user");
+    userBubble.textContent = text;
+    let userContent = text;
+    if (state.image) {
+      const note = document.createElement("div");
+      note.className = "image-note";
+      note.textContent = `image: ${state.image.name}`;
+      userBubble.append(note);
+      userContent = [{ type: "image_url", image_url: { url: state.image.url } }];
+      if (text) userContent.unshift({ type: "text", text });
+      setImage(null);
+    }
+    state.history.push({ role: "user", content: userContent });
 
     const bubble = addMessage("assistant");
     bubble.dataset.state = "streaming";
@@ -407,6 +436,7 @@
   function newChat() {
     stop();
     state.history = [];
+    setImage(null);
     $("messages").replaceChildren();
     const empty = document.createElement("p");
     empty.id = "empty";
@@ -445,6 +475,9 @@
     }
   });
   $("stop").addEventListener("click", stop);
+  $("attach").addEventListener("click", () => $("image").click());
+  $("image").addEventListener("change", () => attachFile($("image").files[0]));
+  $("remove-image").addEventListener("click", () => setImage(null));
   $("new-chat").addEventListener("click", newChat);
   $("toggle-settings").addEventListener("click", () => {
     const panel = $("settings");

@@ -88,8 +88,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mem", type=int, default=1024, help="KV cache MB (llmc run --mem)")
     parser.add_argument("--eager", action="store_true", help="llmc run --eager")
+    parser.add_argument("--no-dense-weights", action="store_true", help="llmc run --no-dense-weights")
     args = parser.parse_args()
-    print(json.dumps(measure(args.artifact, args.threads, args.mem, ["--eager"] if args.eager else [])))
+    extra = ["--eager"] * args.eager + ["--no-dense-weights"] * args.no_dense_weights
+    print(json.dumps(measure(args.artifact, args.threads, args.mem, extra)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from llmc.builder.gguf_tokenizer import PRE_TOKENIZERS
+
 # The configs of the published models (their config.json), less what only transformers reads.
 _LLAMA3_ROPE_SCALING = {
     "rope_type": "llama3",
@@ -116,10 +118,17 @@ CHAT_TEMPLATE = (
 
 def tokenizer_json(vocab_size: int) -> str:
     """A byte-level BPE with exactly `vocab_size` ids: trained tokens, filler, then the 256 specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Llama 3's own pre-tokenizer (llama.cpp's "llama-bpe"), so the artifact exports to GGUF too.
+    llama3_split = PRE_TOKENIZERS["llama-bpe"][0]["pattern"]["Regex"]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(llama3_split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     first_special = vocab_size - _SPECIAL_IDS
     if first_special < _TRAINED_VOCAB:

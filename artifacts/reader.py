@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +174,11 @@ class Artifact:
             raise BadArtifactError(f"{path} is not valid JSON ({exc}); rebuild the artifact") from exc
         return body
 
+    def lazy_weights(self) -> Mapping[str, torch.Tensor]:
+        """Every tensor by name, each read from its file only when looked up (and not kept), so
+        that a pass over a large model holds one tensor at a time (`llmc export --gguf`)."""
+        return _LazyWeights(self)
+
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every tensor, memory-mapped from its safetensors file (no copy until written)."""
         # Imported here: `llmc run` verifies an artifact in its parent process, which never needs torch.
@@ -186,3 +191,25 @@ class Artifact:
             with safe_open(str(self.path(file_name)), framework="pt", device="cpu") as handle:
                 for name in names:
                     yield name, handle.get_tensor(name)
+
+
+class _LazyWeights(Mapping[str, "torch.Tensor"]):
+    """Artifact.lazy_weights: the manifest's tensors, each read on lookup from a file opened for it
+    alone (a mapping kept open would keep every page read so far resident)."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self._artifact = artifact
+        self._files = {t.name: t.file for t in artifact.manifest.tensors}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._artifact.path(self._files[name])), framework="pt", device="cpu") as handle:
+            tensor: torch.Tensor = handle.get_tensor(name)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from llmc.artifacts.files import sha256_file
 from llmc.artifacts.manifest import MANIFEST_NAME, FileInfo, Manifest, TensorInfo, encode
 from llmc.artifacts.staging import check_output, new_stage, publish, recover, remove_marked
-from llmc.errors import BadInputError
+from llmc.errors import BadInputError, InternalError
 
 # Weight shards are cut at this size so no single file (or in-memory shard) grows unbounded;
 # 2 GiB keeps shards well inside any filesystem's and safetensors' limits.
@@ -60,6 +62,9 @@ class ArtifactWriter:
         recover(self.out_dir)
         self._stage = new_stage(self.out_dir)
         self._files: list[str] = []
+        # sha256 and size of the files hashed as they were written (the weights), so that
+        # file_infos need not read them back.
+        self._digests: dict[str, tuple[str, int]] = {}
         self.tensors: list[TensorInfo] = []
 
     def write_weights(
@@ -69,28 +74,31 @@ class ArtifactWriter:
         on_tensor: Callable[[str], None] | None = None,
         quant: dict[str, str] | None = None,
     ) -> None:
-        """Write tensors sharded by size, loading them one shard at a time via `load(name)`.
+        """Write tensors sharded by size, loading, writing and dropping them one at a time via
+        `load(name)` (write_safetensors): memory holds one tensor, however large the model.
 
         `quant` names the tensors that are GGML blocks (uint8) and their format, for the manifest."""
         quant = quant or {}
         names = sorted(shapes)
         sizes = [(n, _nbytes(*shapes[n])) for n in names]
         shards = _plan_shards(sizes)
+
+        def loaded(name: str) -> torch.Tensor:
+            tensor = load(name)
+            if on_tensor is not None:
+                on_tensor(name)
+            return tensor
+
         for index, shard in enumerate(shards):
             file_name = _shard_name(index, len(shards))
-            tensors: dict[str, torch.Tensor] = {}
+            layout = [(name, *shapes[name]) for name in shard]
+            self._digests[file_name] = write_safetensors(self._stage / file_name, layout, loaded)
+            self._files.append(file_name)
             for name in shard:
-                tensor = load(name).contiguous()
                 dtype, shape = shapes[name]
-                assert tensor.dtype == dtype and list(tensor.shape) == shape, name
-                tensors[name] = tensor
                 self.tensors.append(
                     TensorInfo(name=name, dtype=_dtype_name(dtype), shape=shape, file=file_name, quant=quant.get(name))
                 )
-                if on_tensor is not None:
-                    on_tensor(name)
-            save_file(tensors, str(self._stage / file_name), metadata=_SAFETENSORS_METADATA)
-            self._files.append(file_name)
         self.tensors.sort(key=lambda t: t.name)
 
     @property
@@ -112,10 +120,15 @@ class ArtifactWriter:
         self._files.append(name)
 
     def file_infos(self) -> list[FileInfo]:
-        return [
-            FileInfo(path=name, size=(self._stage / name).stat().st_size, sha256=sha256_file(self._stage / name))
-            for name in sorted(self._files)
-        ]
+        infos = []
+        for name in sorted(self._files):
+            if name in self._digests:
+                digest, size = self._digests[name]
+            else:
+                path = self._stage / name
+                digest, size = sha256_file(path), path.stat().st_size
+            infos.append(FileInfo(path=name, size=size, sha256=digest))
+        return infos
 
     def commit(self, manifest: Manifest) -> None:
         """Write the manifest and swap the stage in for `out_dir` (any earlier artifact is replaced)."""
@@ -149,6 +162,60 @@ def _nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
     for dim in shape:
         count *= dim
     return count * torch.empty((), dtype=dtype).element_size()
+
+
+# The order safetensors' own writer lays tensors out in: by dtype, largest alignment first (its
+# Dtype enum reversed), then by name. Keeping it makes a streamed file byte-identical to
+# safetensors.torch.save_file's for the same tensors (tests/artifacts/test_writer_stream.py).
+_SAFETENSORS_DTYPE_ORDER = {
+    torch.int64: 0,
+    torch.float32: 1,
+    torch.int32: 2,
+    torch.bfloat16: 3,
+    torch.float16: 4,
+    torch.int8: 5,
+    torch.uint8: 6,
+}
+# safetensors pads its JSON header with spaces to a multiple of this, so the data stays aligned.
+_HEADER_ALIGN = 8
+
+
+def write_safetensors(
+    path: Path,
+    layout: list[tuple[str, torch.dtype, list[int]]],
+    load: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> tuple[str, int]:
+    """Write a safetensors file one tensor at a time: the header is computed from `layout`
+    (name, dtype, shape) before any data, then each tensor is loaded, written and dropped, so
+    memory holds one tensor, never the file. Returns the file's sha256 and size, hashed while
+    writing. `load(name)` must return a tensor of the promised dtype and shape."""
+    ordered = sorted(layout, key=lambda entry: (_SAFETENSORS_DTYPE_ORDER[entry[1]], entry[0]))
+    header: dict[str, object] = {"__metadata__": dict(metadata or _SAFETENSORS_METADATA)}
+    offset = 0
+    for name, dtype, shape in ordered:
+        end = offset + _nbytes(dtype, shape)
+        header[name] = {"dtype": _dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % _HEADER_ALIGN)
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "wb") as fh:
+        for chunk in (struct.pack("<Q", len(encoded)), encoded):
+            fh.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        for name, dtype, shape in ordered:
+            tensor = load(name)
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+                raise InternalError(f"tensor {name} came back as {tensor.dtype} {list(tensor.shape)}, not {shape}")
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+            fh.write(data)
+            digest.update(data)
+            size += len(data)
+            del tensor, data
+    return digest.hexdigest(), size
 
 
 def read_staged_tensors(stage: Path, files: list[str]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ from llmc.builder.sources.gguf_file import (
 from llmc.errors import BadInputError
 from llmc.quant.formats import stored_format
 
+# Tensor bytes kept in memory before the export's scratch file spills to disk: a few tensors' worth.
+_SPOOL_BYTES = 64 * 1024 * 1024
 # Projections llama.cpp stores fused, per architecture: fused HF name → its canonical parts, in row order.
 _FUSED: dict[str, dict[str, tuple[str, ...]]] = {
     "phi3": {
@@ -300,9 +303,10 @@ def _dequantized(tensor: torch.Tensor, fmt: str | None) -> torch.Tensor:
 
 
 def _gguf_tensors(
-    spec: ModelSpec, arch: str, weights: dict[str, torch.Tensor], quant: dict[str, str]
+    spec: ModelSpec, arch: str, weights: Mapping[str, torch.Tensor], quant: dict[str, str]
 ) -> Iterator[tuple[str, torch.Tensor, str | None]]:
-    """(GGUF name, data, GGML block format or None for float) for every tensor, in llama.cpp's layout."""
+    """(GGUF name, data, GGML block format or None for float) for every tensor, in llama.cpp's
+    layout; `weights` may read each tensor on lookup (Artifact.lazy_weights), so one is held at a time."""
     fused = {part: (whole, parts) for whole, parts in _FUSED.get(arch, {}).items() for part in parts}
     scaling = spec.rope_scaling or {}
     if scaling.get("rope_type") == "longrope":
@@ -311,7 +315,7 @@ def _gguf_tensors(
     elif scaling.get("rope_type") == "llama3":
         dim = round(spec.head_dim * spec.partial_rotary_factor)
         yield ROPE_FREQS, torch.from_numpy(llama3_rope_factors(dim, spec.rope_theta, scaling)), None
-    for name, tensor in weights.items():
+    for name in weights:
         if name == "lm_head.weight" and spec.tie_word_embeddings:
             continue
         prefix, local = ".".join(name.split(".")[:3]), ".".join(name.split(".")[3:])
@@ -330,6 +334,7 @@ def _gguf_tensors(
                     None,
                 )
             continue
+        tensor = weights[name]  # looked up only now: a lazy mapping reads it here
         if arch == "deepseek2" and local == KV_B_PROJ:
             halves = split_kv_b(_dequantized(tensor, quant.get(name)), spec.num_heads, spec.qk_nope_head_dim)
             for gguf_local, half in zip(SPLIT_KV_B, halves, strict=True):
@@ -397,7 +402,12 @@ def _link_into_place(partial: Path, out: Path) -> None:
 def _write_gguf(gguf: Any, artifact: Artifact, arch: str, tok: dict[str, Any], path: Path) -> None:
     manifest = artifact.manifest
     spec = manifest.model
-    writer = gguf.GGUFWriter(str(path), arch)
+    # Each tensor goes to a scratch file beside the output as soon as it is made (the writer would
+    # otherwise hold every tensor until the header is written); the file is anonymous (unlinked
+    # at once), so nothing is left behind however the export ends.
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)
+    # Not a `with`: the writer closes it once copied (write_tensors_to_file); on failure, garbage collection does.
+    writer.temp_file = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, mode="w+b", dir=str(path.parent))  # noqa: SIM115
     writer.add_name(manifest.model_name)
     _metadata(writer, gguf, spec, arch)
     _sampling_metadata(writer, effective(manifest.generation))
@@ -418,7 +428,7 @@ def _write_gguf(gguf: Any, artifact: Artifact, arch: str, tok: dict[str, Any], p
     writer.add_add_bos_token(info.add_bos_token)
     if info.chat_template_file:
         writer.add_chat_template(artifact.read_verified(info.chat_template_file).decode("utf-8"))
-    for name, data, fmt in _gguf_tensors(spec, arch, dict(artifact.weights()), quant):
+    for name, data, fmt in _gguf_tensors(spec, arch, artifact.lazy_weights(), quant):
         array: np.ndarray = data.contiguous().numpy()
         if fmt is not None:
             qtype = gguf.GGMLQuantizationType(stored_format(fmt).ggml_type)

@@ -10,7 +10,9 @@ per-pair frequency divisors (`rope_freqs`), read back as the llama3 parameters t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import re
 from pathlib import Path
 from typing import Any
@@ -153,7 +155,18 @@ class GgufSource(ModelSource):
     def blocks(self, name: str) -> torch.Tensor:
         assert self.block_format(name) is not None, name
         # Rows are independent runs of blocks, so un-permuting Q/K rows works on the bytes as is.
-        return self._unpermute_qk(name, torch.from_numpy(np.array(self._parts[name][0].data, dtype=np.uint8)))
+        rows = torch.from_numpy(np.array(self._parts[name][0].data, dtype=np.uint8))
+        self._release()
+        return self._unpermute_qk(name, rows)
+
+    def _release(self) -> None:
+        """Drop the file's pages just read from this process's memory (the page cache keeps them):
+        a mapped page read once stays resident until unmapped, so without this a build's RSS would
+        grow to the whole GGUF file as it streams through it. The tensor was copied out already."""
+        mapping = getattr(self._reader.data, "_mmap", None)  # numpy.memmap's mmap.mmap
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def _unpermute_qk(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         if self._arch not in PERMUTED_QK_ARCHITECTURES:
@@ -165,9 +178,11 @@ class GgufSource(ModelSource):
         return rows
 
     def load(self, name: str) -> torch.Tensor:
-        if name.endswith(KV_B_PROJ) and len(self._parts[name]) > 1:
-            return _join_kv_b(*(_dequantize(t) for t in self._parts[name]))
-        tensor = torch.cat([_dequantize(t) for t in self._parts[name]], dim=-2 if len(self._parts[name]) > 1 else 0)
+        parts = [_dequantize(t) for t in self._parts[name]]
+        self._release()
+        if name.endswith(KV_B_PROJ) and len(parts) > 1:
+            return _join_kv_b(*parts)
+        tensor = torch.cat(parts, dim=-2 if len(parts) > 1 else 0)
         if name.endswith(ROW_VECTORS) and tensor.dim() == 1:
             tensor = tensor.unsqueeze(0)
         if self._arch in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):

@@ -5,9 +5,12 @@ compiled steps."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +36,9 @@ compiled_log = get_logger("llmc.compiled")
 # (kernels/cpu/qmatmul_cpu.py) at 2 bytes per weight; by default they are kept when they take at most
 # this share of the machine's memory, which leaves the rest for the KV cache and other processes.
 DENSE_COPY_MEMORY_SHARE = 0.25
+# The C library, for madvise on a tensor's address range (release_pages); None where none loads.
+_LIBC_NAME = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_NAME, use_errno=True) if _LIBC_NAME else None
 _BF16_BYTES = 2
 
 
@@ -92,6 +98,44 @@ def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = Fal
     return None
 
 
+def file_mappings(paths: set[str]) -> list[tuple[int, int]]:
+    """The address ranges at which this process maps any of `paths` (from /proc/self/maps)."""
+    ranges = []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in paths:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop the pages a memory-mapped weight was read through from this process's resident set.
+
+    Quantized weights are read once, to build the matmul's prepared form (a CPU-specific layout,
+    a copy), and the pages read stay resident while the file is mapped, so RSS at ready would hold
+    every quantized weight twice. The data stays mapped: a later read faults it back in from the
+    page cache (a lookup in a quantized embedding touches a few rows). Only whole pages inside the
+    tensor are dropped, and only read-only use is made of these blocks (never written in place,
+    which on a private mapping MADV_DONTNEED would undo). `mapped`: the address ranges of the
+    artifact's files (file_mappings); a tensor outside them (copied into anonymous memory, whose
+    pages MADV_DONTNEED would zero) is left alone."""
+    if not hasattr(mmap, "MADV_DONTNEED") or tensor.numel() == 0 or _LIBC is None:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in mapped):
+        return
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
 def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """`numel` zeros in fresh anonymous memory, which the OS zeroes page by page when first touched:
     a 1 GiB cache costs nothing at startup (torch.zeros writes it all, ~0.3 s here). The tensor
@@ -130,7 +174,12 @@ class CpuBackend(Backend):
             matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, vnni=vnni),
             attention=PagedAttention(cpu_kernel=vnni),
         )
-        return build_model(manifest.model, dict(artifact.weights()), max_positions, quant, dtype, kernels)
+        weights = dict(artifact.weights())  # memory-mapped from the artifact, not copied
+        model = build_model(manifest.model, weights, max_positions, quant, dtype, kernels)
+        mapped = file_mappings({str(artifact.path(t.file)) for t in manifest.tensors})
+        for name in quant:  # their prepared forms are what runs now: the blocks need not stay resident
+            release_pages(weights[name], mapped)
+        return model
 
     def load_steps(self, artifact: Artifact, step: DecodeStep, num_slots: int) -> list[BucketedStep]:
         steps: list[BucketedStep] = []

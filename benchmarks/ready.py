@@ -1,0 +1,98 @@
+"""`llmc run` ready time and memory at ready: how long from process start until /health answers,
+and the resident memory of the server's processes then (anonymous and file-backed apart), beside
+the artifact's weight bytes, so "RSS at ready ≈ weights + KV cache" can be checked at any size.
+
+    python -m llmc.benchmarks.ready ARTIFACT [--threads 2] [--mem 1024]
+
+File-backed pages are the artifact's weights mapped in place (safetensors maps them, nothing is
+copied); anonymous pages are what the runtime made: prepared weight forms, the KV cache pages
+touched so far, the Python and torch heaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+# Long enough for a 3B artifact's first load on 2 busy cores; a server not up by then has failed.
+STARTUP_LIMIT_S = 600
+# /health polling interval: short against the seconds a load takes.
+_POLL_S = 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (llmc run verifies in one process and serves in a child)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            todo.extend(int(c) for c in children)
+    return found
+
+
+def _memory_mb(pids: list[int]) -> dict[str, float]:
+    keys = {"VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
+    total = dict.fromkeys(keys.values(), 0.0)
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in keys:
+                total[keys[key]] += int(line.split()[1]) / 1024
+    return {k: round(v, 1) for k, v in total.items()}
+
+
+def measure(artifact: Path, threads: int, mem_mb: int, extra: list[str]) -> dict[str, object]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)]
+    cmd += ["--mem", str(mem_mb), *extra]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - started > STARTUP_LIMIT_S or proc.poll() is not None:
+                raise RuntimeError("llmc run did not start")
+            time.sleep(_POLL_S)
+        ready = time.perf_counter() - started
+        memory = _memory_mb(_tree(proc.pid))
+    finally:
+        proc.terminate()
+        proc.wait()
+    weights = sum(f.stat().st_size for f in artifact.glob("*.safetensors"))
+    return {"artifact": str(artifact), "ready_s": round(ready, 2), **memory, "weights_mb": round(weights / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mem", type=int, default=1024, help="KV cache MB (llmc run --mem)")
+    parser.add_argument("--eager", action="store_true", help="llmc run --eager")
+    parser.add_argument("--no-dense-weights", action="store_true", help="llmc run --no-dense-weights")
+    args = parser.parse_args()
+    extra = ["--eager"] * args.eager + ["--no-dense-weights"] * args.no_dense_weights
+    print(json.dumps(measure(args.artifact, args.threads, args.mem, extra)))
+
+
+if __name__ == "__main__":
+    main()

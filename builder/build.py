@@ -340,6 +340,7 @@ def _manifest(
                 "isq": options.isq,
                 "compile": None if options.compile is None else _compile_flags(options.compile),
                 "cpu_kernels": options.cpu_kernels,
+                "cpu_isa": options.cpu_isa,
             },
             torch_version=torch.__version__.split("+")[0],
             report_file=REPORT_FILE if report is not None else None,

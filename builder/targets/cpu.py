@@ -179,13 +179,14 @@ def compile_from_stage(
     weights: str,
     kernels_file: str | None,
     capabilities: list[str],
+    threads: int,
 ) -> list[tuple[CompiledStep, list[str]]]:
     """compile_decode_step in a second process, for another weight form's packages at the same
     time as the parent's (_compile below)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
     model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, kernels_file)
-    return compile_decode_step(model, options, stage, weights, capabilities)
+    return compile_decode_step(model, options, stage, weights, capabilities, threads)
 
 
 def example_inputs(step: DecodeStep, batch: int, num_blocks: int) -> tuple[object, ...]:
@@ -231,9 +232,14 @@ def capabilities(isa: str, host: str) -> list[str]:
     return [BASELINE_CAPABILITY] if isa == "baseline" else [host, BASELINE_CAPABILITY]
 
 
-def inductor_configs(capability: str, host: str) -> dict[str, object]:
-    """Inductor's options for a package that runs on `capability` CPUs, compiled on `host`."""
+def inductor_configs(capability: str, host: str, threads: int) -> dict[str, object]:
+    """Inductor's options for a package that runs on `capability` CPUs, compiled on `host`, whose
+    parallel loops are laid out for `threads` threads."""
     configs: dict[str, object] = {
+        # Inductor lays out parallel loops for torch.get_num_threads() of the compiling process
+        # unless told: named, so that a package compiled in a helper process (which computes on
+        # one thread) is the one the build process would make, and part of the cache key.
+        "cpp.threads": threads,
         "aot_inductor.package_constants_in_so": False,
         # No -march=native: the code may use only what the recorded CPU capability promises,
         # so that the package runs on any CPU the runtime's capability check lets it load on.
@@ -303,6 +309,7 @@ def lower_decode_step(
     stage: Path,
     weights: str,
     capability: str,
+    threads: int,
 ) -> tuple[CompiledStep, list[str]]:
     """Compile an exported decode step into an AOTInductor package for `capability` CPUs, in
     `stage`; its manifest entry and the files written (relative to `stage`)."""
@@ -316,7 +323,7 @@ def lower_decode_step(
     fqns = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
-    configs = inductor_configs(capability, host)
+    configs = inductor_configs(capability, host, threads)
     with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning():
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)
@@ -349,13 +356,16 @@ def compile_decode_step(
     stage: Path,
     weights: str = "packed",
     capabilities: list[str] | None = None,
+    threads: int | None = None,
 ) -> list[tuple[CompiledStep, list[str]]]:
     """Export the model's decode step once (computing with the `weights` form of its quantized
-    layers) and compile a package of it for each CPU capability (default: the host's) into
-    `stage`; their manifest entries and the files written (relative to `stage`)."""
+    layers) and compile a package of it for each CPU capability (default: the host's), its loops
+    laid out for `threads` threads (default: this process's), into `stage`; their manifest entries
+    and the files written (relative to `stage`)."""
     exported, step, buckets = export_decode_step(model, options, weights)
     wanted = capabilities or [torch.backends.cpu.get_cpu_capability()]
-    return [lower_decode_step(exported, step, buckets, options, stage, weights, cap) for cap in wanted]
+    threads = threads or torch.get_num_threads()
+    return [lower_decode_step(exported, step, buckets, options, stage, weights, cap, threads) for cap in wanted]
 
 
 class CpuTarget(Target):
@@ -461,12 +471,13 @@ def _compile(
     started = time.perf_counter()
     host = torch.backends.cpu.get_cpu_capability()
     wanted = capabilities(isa, host)
+    threads = torch.get_num_threads()
     kernels_sha256 = None if kernels is None else hashlib.sha256((writer.stage / kernels.file).read_bytes()).hexdigest()
     buckets, max_seq_len = check_options(options, spec)
     option_key = {"buckets": buckets, "max_seq_len": max_seq_len, "block_size": options.block_size}
     keys = {
         cap: compile_cache.cache_key(
-            spec, writer.tensors, dtype, option_key, cap, inductor_configs(cap, host), kernels_sha256
+            spec, writer.tensors, dtype, option_key, cap, inductor_configs(cap, host, threads), kernels_sha256
         )
         for cap in wanted
     }
@@ -480,7 +491,7 @@ def _compile(
             results += hit
             log.info("build.compile_cached", capability=cap, key=keys[cap])
     if missing:
-        fresh = _compile_packages(options, spec, writer, formats, dtype, kernels, on_progress, missing)
+        fresh = _compile_packages(options, spec, writer, formats, dtype, kernels, on_progress, missing, threads)
         for cap in missing:
             _to_cache(keys[cap], writer.stage, [r for r in fresh if r[0].cpu_capability == cap])
         results += fresh
@@ -534,6 +545,7 @@ def _compile_packages(
     kernels: KernelLibrary | None,
     on_progress: Progress | None,
     wanted: list[str],
+    threads: int,
 ) -> list[tuple[CompiledStep, list[str]]]:
     """Compile every weight form's packages for the `wanted` capabilities: each form is traced
     once and compiled for each capability."""
@@ -551,25 +563,43 @@ def _compile_packages(
             on_progress("compiling the decode step", done, total)
 
     report(0)
-    # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms
-    # compile in spawned processes at the same time (spawned: a forked torch may deadlock).
-    workers = min(len(others), max(1, (os.cpu_count() or 1) - 1))
+    # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms and
+    # the other capabilities compile in spawned processes at the same time (spawned: a forked
+    # torch may deadlock). A process traces again (~15 s for SmolLM2), which pays only with a
+    # second core: on one, the other capabilities compile here from this process's trace.
+    cores = os.cpu_count() or 1
+    here = wanted if cores < 2 else wanted[:1]
+    jobs = [(form, wanted) for form in others]
+    if len(here) < len(wanted):
+        jobs.append((first, wanted[len(here) :]))
+    workers = min(len(jobs), max(1, cores - 1))
     with contextlib.ExitStack() as stack:
         futures = []
-        if others:
+        if jobs:
             pool = stack.enter_context(
                 ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
             )
             futures = [
                 pool.submit(
-                    compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, kernels_file, wanted
+                    compile_from_stage,
+                    writer.stage,
+                    files,
+                    spec,
+                    formats,
+                    dtype,
+                    options,
+                    form,
+                    kernels_file,
+                    caps,
+                    threads,
                 )
-                for form in others
+                for form, caps in jobs
             ]
         exported, step, buckets = export_decode_step(model, options, first)
-        for cap in wanted:
-            results.append(lower_decode_step(exported, step, buckets, options, writer.stage, first, cap))
+        for cap in here:
+            results.append(lower_decode_step(exported, step, buckets, options, writer.stage, first, cap, threads))
             report(len(results))
+        del exported, step, model  # the weights read back: not held while the others finish
         for future in futures:
             results += future.result()
             report(len(results))

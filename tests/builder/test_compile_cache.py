@@ -43,8 +43,8 @@ def test_capabilities_compiled_for_each_cpu_isa_choice() -> None:
     with pytest.raises(BadInputError, match="--cpu-isa 'avx9' is not one of host, baseline, all"):
         capabilities("avx9", "AVX512")
     # The baseline package's code is generated for 256-bit vectors; the host's as Inductor picks.
-    assert inductor_configs("AVX2", "AVX512")["cpp.simdlen"] == 256
-    assert "cpp.simdlen" not in inductor_configs("AVX512", "AVX512")
+    assert inductor_configs("AVX2", "AVX512", 2)["cpp.simdlen"] == 256
+    assert "cpp.simdlen" not in inductor_configs("AVX512", "AVX512", 2)
 
 
 def test_a_package_runs_on_its_capability_and_later_ones_only() -> None:

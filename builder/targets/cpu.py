@@ -247,9 +247,6 @@ def inductor_configs(capability: str, host: str, threads: int) -> dict[str, obje
         # No line tables (-g1): they cost compile time and embed the paths of Inductor's cache, so
         # that the same code compiled in another cache folder would give other bytes.
         "aot_inductor.enable_line_tables": False,
-        # The wrapper only calls the kernels one after another: optimizing it was ~9 s of the
-        # SmolLM2 compile at -O1 and does not change the step's time (docs/BENCHMARKS.md).
-        "aot_inductor.compile_wrapper_opt_level": "O0",
     }
     if capability != host:
         # The vector width picks Inductor's ISA (cpu_vec_isa.pick_vec_isa): its generated kernels

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import msgspec
 
-from llmc.builder import BUILD_DTYPES, DEFAULT_BUCKETS, ISQ_FORMATS
+from llmc.builder import BUILD_DTYPES, CPU_ISAS, DEFAULT_BUCKETS, DEFAULT_CPU_ISA, ISQ_FORMATS
 from llmc.builder.targets import TARGET_NAMES
 from llmc.errors import BadInputError, LlmcError
 from llmc.logs import configure
@@ -153,6 +153,14 @@ def main() -> None:
     "artifact; --no-cpu-kernels: torch's kernels only, for a compiled step that runs on CPUs without VNNI.",
 )
 @click.option(
+    "--cpu-isa",
+    default=DEFAULT_CPU_ISA,
+    show_default=True,
+    type=click.Choice(CPU_ISAS),
+    help="CPUs the compiled step is built for: host (this machine's vector ISA), baseline (x86-64 AVX2) or all "
+    "(both: an artifact built on an AVX-512 machine also runs compiled on AVX2 ones; the runtime takes the best).",
+)
+@click.option(
     "--buckets",
     default=",".join(str(b) for b in DEFAULT_BUCKETS),
     show_default=True,
@@ -180,6 +188,7 @@ def build(
     target: str,
     compile_step: bool,
     cpu_kernels: bool,
+    cpu_isa: str,
     buckets: str,
     max_seq_len: int | None,
     name: str | None,
@@ -210,6 +219,7 @@ def build(
         isq=isq,
         compile=CompileOptions(buckets=sizes, max_seq_len=max_seq_len) if compile_step else None,
         cpu_kernels=cpu_kernels,
+        cpu_isa=cpu_isa,
         generation_config=generation_config,
     )
     # A progress line only for a person watching: never into a pipe, a log file or --json's stdout.
@@ -253,7 +263,7 @@ def build_summary(result: BuildResult, summary: dict[str, Any]) -> list[str]:
         )
     compiled = result.manifest.compiled_for(result.manifest.target)
     if compiled:
-        packages = ", ".join(f"{c.weights} weights for batches {c.buckets}" for c in compiled)
+        packages = ", ".join(f"{c.weights} weights for {c.cpu_capability} batches {c.buckets}" for c in compiled)
         lines.append(f"compiled the decode step ({packages}) in {summary['compile_seconds']} s")
     elif result.compile_skipped is not None:
         lines.append(f"not compiled (the artifact runs eagerly): {result.compile_skipped}")

@@ -9,7 +9,7 @@ import msgspec
 import torch
 
 from llmc.artifacts.generation import effective
-from llmc.artifacts.manifest import CompiledStep, KernelLibrary, Manifest, TargetCode, TensorInfo
+from llmc.artifacts.manifest import CompiledStep, KernelLibrary, Manifest, TargetCode, TensorInfo, capability_rank
 from llmc.kernels.cpu import cpu_kernels
 from llmc.quant.formats import stored_format
 
@@ -93,7 +93,7 @@ def _kernels_why_not(kernels: KernelLibrary, torch_version: str) -> str | None:
 def _step_why_not(step: CompiledStep, host: str, torch_version: str, kernels_why_not: str | None) -> str | None:
     if step.torch_version != torch_version:
         return f"compiled with torch {step.torch_version}, this is torch {torch_version}"
-    if step.cpu_capability != host:
+    if capability_rank(step.cpu_capability, host) is None:
         return f"compiled for a {step.cpu_capability} CPU, this one is {host}"
     if step.cpu_kernels and kernels_why_not is not None:
         return f"it calls the kernel library, which cannot run here: {kernels_why_not}"

@@ -136,8 +136,8 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
 
     The package holds code only; its weights are the artifact's tensors, prepared by the runtime
     as for eager execution and handed to the package at load, plus the few constants the compiler
-    made itself (`constants`). It runs only where it was built for: the same torch version and
-    CPU capability; elsewhere the runtime runs the model eagerly.
+    made itself (`constants`). It runs only with the same torch version, on a CPU of its
+    capability or a later one (capability_rank); elsewhere the runtime runs the model eagerly.
     """
 
     kind: str  # "decode": one new token per sequence over the paged KV cache
@@ -147,13 +147,30 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     max_seq_len: int  # longest context (block table width * block_size) the step was traced for
     block_size: int  # KV cache block size the step was traced for
     torch_version: str  # torch that compiled it (e.g. "2.13.0")
-    cpu_capability: str  # torch.backends.cpu.get_cpu_capability() where it was compiled
+    # The CPUs it runs on, by torch's capability name (torch.backends.cpu.get_cpu_capability()):
+    # the build host's, or a baseline below it ("AVX2"); it runs wherever capability_rank allows.
+    cpu_capability: str
     # Which prepared form of the quantized weights the package computes with: "packed" (the int4
     # kernels where a format has them) or "dense" (bf16 copies; for the buckets of many rows).
     weights: str = "packed"
     # Whether the package calls the target's kernel library (the CPU's VNNI matmul): it then runs
     # only where that library loads.
     cpu_kernels: bool = False
+
+
+# torch's x86 CPU capabilities, least first: code for one runs on a CPU of any later one.
+X86_CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def capability_rank(needed: str, host: str) -> int | None:
+    """How good a package for `needed` CPUs is on this `host` (higher: better), or None when the
+    host cannot run it. Outside x86's ordered capabilities only an exact match runs."""
+    if needed == host:
+        return len(X86_CAPABILITY_ORDER)
+    if needed in X86_CAPABILITY_ORDER and host in X86_CAPABILITY_ORDER:
+        rank = X86_CAPABILITY_ORDER.index(needed)
+        return rank if rank < X86_CAPABILITY_ORDER.index(host) else None
+    return None
 
 
 class KernelLibrary(msgspec.Struct, forbid_unknown_fields=True):

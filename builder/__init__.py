@@ -10,3 +10,9 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # imports torch or opens (or downloads) the model.
 ISQ_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k")
 BUILD_DTYPES = ("f32", "f16", "bf16")
+# `llmc build --cpu-isa`: the CPU capabilities the decode step is compiled for (builder/targets/cpu.py).
+# "host": the build machine's only; "baseline": x86-64 AVX2 only; "all": both, so that an artifact
+# built on an AVX-512 machine also runs compiled on an AVX2 one (the runtime takes the best package
+# the host supports).
+CPU_ISAS = ("host", "baseline", "all")
+DEFAULT_CPU_ISA = "all"

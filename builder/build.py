@@ -27,6 +27,7 @@ from llmc.artifacts.manifest import (
 )
 from llmc.artifacts.staging import check_output
 from llmc.artifacts.writer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, ArtifactWriter
+from llmc.builder import DEFAULT_CPU_ISA
 from llmc.builder.arch import TensorSource, spec_from_config, tensor_plan
 from llmc.builder.quant_plan import QuantChoice, plan_quantization, runs_quantized
 from llmc.builder.quant_report import REPORT_FILE, QuantReport
@@ -60,6 +61,8 @@ class BuildOptions:
     compile: CompileOptions | None = None
     # Ship llmc's CPU kernels with the artifact (`--no-cpu-kernels`: torch's kernels only).
     cpu_kernels: bool = True
+    # `--cpu-isa`: the CPU capabilities the decode step is compiled for (builder/targets/cpu.py).
+    cpu_isa: str = DEFAULT_CPU_ISA
     # `--generation-config`: inline JSON or a JSON file whose sampling settings override the
     # source's (artifacts/generation.py).
     generation_config: str | None = None
@@ -73,6 +76,8 @@ class BuildResult:
     report: QuantReport | None = None
     compile_skipped: str | None = None  # why a requested compile did not happen
     compile_seconds: float | None = None
+    # Seconds per stage of the build (see build()): where the time went.
+    stages: dict[str, float] | None = None
 
     def summary(self) -> dict[str, object]:
         m = self.manifest
@@ -106,6 +111,7 @@ class BuildResult:
             ],
             "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 3),
             "compile_skipped": self.compile_skipped,
+            "stages": self.stages,
         }
 
 
@@ -120,7 +126,7 @@ def _resolve_dtype(option: str, target: Target) -> str:
 def _target(options: BuildOptions) -> Target:
     """The device target the build adds code for (builder/targets/)."""
     if options.target == "cpu":
-        return CpuTarget(options.compile, options.cpu_kernels)
+        return CpuTarget(options.compile, options.cpu_kernels, options.cpu_isa)
     raise BadInputError(f"--target {options.target!r} is not supported; supported: {', '.join(TARGET_NAMES)}")
 
 
@@ -248,6 +254,16 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
     """Plan -> write the weights -> the target's device code -> tokenizer and manifest, committed
     at once (a failed build leaves nothing behind)."""
     started = time.perf_counter()
+    stages: dict[str, float] = {}
+    clock = [started]
+
+    def stage_done(name: str) -> None:
+        """Record and log the time since the previous stage ended (`build.stage` events)."""
+        now = time.perf_counter()
+        stages[name] = round(now - clock[0], 3)
+        clock[0] = now
+        log.info("build.stage", stage=name, seconds=stages[name])
+
     target = _target(options)
     check_output(options.output.resolve())  # refuse someone else's folder before the slow part
     generation_flag = generation.load_arg(options.generation_config) if options.generation_config else {}
@@ -257,13 +273,17 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
         "build.source", kind=source.kind, name=source.name, architecture=plan.spec.architecture, dtype=plan.dtype_name
     )
     writer = ArtifactWriter(options.output)
+    stage_done("plan")  # opening the source, reading its configuration and tokenizer
     try:
         target.start(writer)  # e.g. the CPU kernel library compiles while the weights are written
         report = write_weights(writer, plan, options.isq, on_progress)
+        stage_done("weights")  # read, quantize and write every tensor
         code = target.finish(writer, plan.spec, plan.formats, plan.dtype, on_progress)
+        stage_done("device_code")  # the target's kernels and compiled steps
         _write_tokenizer(writer, source)
         manifest = _manifest(options, plan, writer, {target.name: code.code}, report, generation_flag)
         writer.commit(manifest)
+        stage_done("finish")  # tokenizer, manifest, checksums and commit
     except BaseException:
         target.abort()
         writer.abort()
@@ -271,7 +291,7 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
     target.close()
     seconds = time.perf_counter() - started
     log.info("build.done", output=str(options.output), seconds=round(seconds, 3))
-    return BuildResult(options.output, manifest, seconds, report, code.compile_skipped, code.compile_seconds)
+    return BuildResult(options.output, manifest, seconds, report, code.compile_skipped, code.compile_seconds, stages)
 
 
 def _write_tokenizer(writer: ArtifactWriter, source: ModelSource) -> None:
@@ -327,6 +347,7 @@ def _manifest(
                 "isq": options.isq,
                 "compile": None if options.compile is None else _compile_flags(options.compile),
                 "cpu_kernels": options.cpu_kernels,
+                "cpu_isa": options.cpu_isa,
             },
             torch_version=torch.__version__.split("+")[0],
             report_file=REPORT_FILE if report is not None else None,

@@ -24,8 +24,10 @@ def build_compiled(
     compile: CompileOptions,
     isq: str | None = None,
     cpu_kernels: bool = True,
+    cpu_isa: str = "host",
 ) -> BuildResult:
-    """`llmc build` of a local model folder or GGUF file with its decode step compiled."""
+    """`llmc build` of a local model folder or GGUF file with its decode step compiled (for the
+    host's CPU capability only unless `cpu_isa` says otherwise: each more is another compile)."""
     options = BuildOptions(
         model=str(model),
         gguf_file=None,
@@ -35,6 +37,7 @@ def build_compiled(
         isq=isq,
         compile=compile,
         cpu_kernels=cpu_kernels,
+        cpu_isa=cpu_isa,
     )
     return build(options)
 

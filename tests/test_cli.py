@@ -23,6 +23,12 @@ def torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
+def torch_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _llmc(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "llmc", *args], capture_output=True, text=True, timeout=300)
 
@@ -33,6 +39,8 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert summary["ok"] is True and summary["model_name"] == "tiny" and summary["dtype"] == "f32"
     compiled = {"compiled/decode_cpu.pt2", "compiled/decode_cpu.constants.safetensors"}  # the default --compile
+    if torch_capability() == "AVX512":  # and the default --cpu-isa all: a baseline AVX2 package too
+        compiled |= {"compiled/decode_cpu_avx2.pt2", "compiled/decode_cpu_avx2.constants.safetensors"}
     kernels = set() if cpu_kernels.unsupported() else {"kernels/" + cpu_kernels.LIBRARY_NAME}
     assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja", *compiled, *kernels}
     assert summary["compiled"][0]["kind"] == "decode" and summary["compile_seconds"] > 0

@@ -24,12 +24,14 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import msgspec
 import torch
 from safetensors.torch import save_file
 from torch.export import Dim
 
 from llmc.artifacts.manifest import CompiledStep, KernelLibrary, ModelSpec, TargetCode
 from llmc.artifacts.writer import ArtifactWriter, read_staged_tensors
+from llmc.builder import CPU_ISAS, DEFAULT_CPU_ISA, compile_cache
 from llmc.builder.targets.base import (
     CompileOptions,
     Progress,
@@ -38,7 +40,7 @@ from llmc.builder.targets.base import (
     check_options,
     not_compilable,
 )
-from llmc.errors import InternalError
+from llmc.errors import BadInputError, InternalError
 from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice, weight_form
 from llmc.kernels.paged_attention import PagedAttention
@@ -51,11 +53,18 @@ log = get_logger("llmc.builder.compile")
 
 # One package per prepared weight form (kernels/cpu/qmatmul_cpu.py): "packed" covers every bucket,
 # "dense" the buckets of DENSE_MIN_ROWS rows and more, where bf16 GEMMs beat the int4 kernels.
-PACKAGE_STEMS = {"packed": "compiled/decode_cpu", "dense": "compiled/decode_cpu_dense"}
+_COMPILED_DIR = "compiled/"
+PACKAGE_STEMS = {"packed": _COMPILED_DIR + "decode_cpu", "dense": _COMPILED_DIR + "decode_cpu_dense"}
 # Upper bound of the traced KV cache length in slots: 2^28 tokens is far beyond any cache a host
 # holds; the bound only has to exist for export's range analysis.
 _MAX_KV_SLOTS = 1 << 28
 KERNELS_FILE = "kernels/" + cpu_kernels.LIBRARY_NAME
+
+# The x86-64 vector ISA nearly every CPU of the last ten years has, by torch's capability name.
+BASELINE_CAPABILITY = "AVX2"
+# torch's x86 capabilities from least to most, with the vector width Inductor's `cpp.simdlen`
+# takes to generate code for each (its ISA choice otherwise follows the build host).
+X86_CAPABILITIES = {"DEFAULT": 0, "AVX2": 256, "AVX512": 512}
 
 _SERIALIZATION_ID = ".data/serialization_id"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -169,13 +178,15 @@ def compile_from_stage(
     options: CompileOptions,
     weights: str,
     kernels_file: str | None,
-) -> tuple[CompiledStep, list[str]]:
-    """compile_decode_step in a second process, for another weight form's package at the same
+    capabilities: list[str],
+    threads: int,
+) -> list[tuple[CompiledStep, list[str]]]:
+    """compile_decode_step in a second process, for another weight form's packages at the same
     time as the parent's (_compile below)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
     model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, kernels_file)
-    return compile_decode_step(model, options, stage, weights)
+    return compile_decode_step(model, options, stage, weights, capabilities, threads)
 
 
 def example_inputs(step: DecodeStep, batch: int, num_blocks: int) -> tuple[object, ...]:
@@ -210,17 +221,54 @@ def calls_cpu_kernels(exported: torch.export.ExportedProgram) -> bool:
     )
 
 
-def compile_decode_step(
-    model: CausalLM, options: CompileOptions, stage: Path, weights: str = "packed"
-) -> tuple[CompiledStep, list[str]]:
-    """Export and compile the model's decode step, computing with the `weights` form of its
-    quantized layers, into `stage`; return its manifest entry and the files written (relative to
-    `stage`)."""
+def capabilities(isa: str, host: str) -> list[str]:
+    """The CPU capabilities to compile for under `--cpu-isa isa` on a `host` machine, best first.
+    Only x86 has a baseline below the host (an ARM or other host compiles for itself)."""
+    if isa not in CPU_ISAS:
+        raise BadInputError(f"--cpu-isa {isa!r} is not one of {', '.join(CPU_ISAS)}")
+    below = host in X86_CAPABILITIES and X86_CAPABILITIES[host] > X86_CAPABILITIES[BASELINE_CAPABILITY]
+    if not below or isa == "host":
+        return [host]
+    return [BASELINE_CAPABILITY] if isa == "baseline" else [host, BASELINE_CAPABILITY]
+
+
+def inductor_configs(capability: str, host: str, threads: int) -> dict[str, object]:
+    """Inductor's options for a package that runs on `capability` CPUs, compiled on `host`, whose
+    parallel loops are laid out for `threads` threads."""
+    configs: dict[str, object] = {
+        # Inductor lays out parallel loops for torch.get_num_threads() of the compiling process
+        # unless told: named, so that a package compiled in a helper process (which computes on
+        # one thread) is the one the build process would make, and part of the cache key.
+        "cpp.threads": threads,
+        "aot_inductor.package_constants_in_so": False,
+        # No -march=native: the code may use only what the recorded CPU capability promises,
+        # so that the package runs on any CPU the runtime's capability check lets it load on.
+        "cpp.march": "",
+        # No line tables (-g1): they cost compile time and embed the paths of Inductor's cache, so
+        # that the same code compiled in another cache folder would give other bytes.
+        "aot_inductor.enable_line_tables": False,
+    }
+    if capability != host:
+        # The vector width picks Inductor's ISA (cpu_vec_isa.pick_vec_isa): its generated kernels
+        # then use only that ISA's instructions and are compiled with its flags.
+        configs["cpp.simdlen"] = X86_CAPABILITIES[capability]
+    return configs
+
+
+def package_stem(weights: str, capability: str, host: str) -> str:
+    """Where a package goes in the artifact: the host's keeps the plain name, others say their ISA."""
+    stem = PACKAGE_STEMS[weights]
+    return stem if capability == host else f"{stem}_{capability.lower()}"
+
+
+def export_decode_step(
+    model: CausalLM, options: CompileOptions, weights: str
+) -> tuple[torch.export.ExportedProgram, DecodeStep, list[int]]:
+    """Trace the model's decode step, computing with the `weights` form of its quantized layers,
+    with a dynamic batch and block-table width: the program, the step and its buckets."""
     spec = model.spec
     buckets = weight_forms(model, options)[weights]
     _, max_seq_len = check_options(options, spec)
-    package_file = PACKAGE_STEMS[weights] + ".pt2"
-    constants_file = PACKAGE_STEMS[weights] + ".constants.safetensors"
     step = DecodeStep(model, options.block_size).eval()
     batch = Dim("batch", min=1, max=buckets[-1])
     width = Dim("block_table_width", min=1, max=max_seq_len // options.block_size)
@@ -235,22 +283,44 @@ def compile_decode_step(
         {0: batch},
         [{0: kv_slots}] * kv_count,
     )
+    started = time.perf_counter()
     with torch.no_grad(), weight_form(model, weights), _compiler_errors("tracing"):
         exported = torch.export.export(step, args, dynamic_shapes=dynamic)
     log.info(
-        "compile.exported", layers=spec.num_layers, weights=weights, max_batch=buckets[-1], max_seq_len=max_seq_len
+        "build.stage",
+        stage="export",
+        weights=weights,
+        seconds=round(time.perf_counter() - started, 3),
+        layers=spec.num_layers,
+        max_batch=buckets[-1],
+        max_seq_len=max_seq_len,
     )
+    return exported, step, buckets
+
+
+def lower_decode_step(
+    exported: torch.export.ExportedProgram,
+    step: DecodeStep,
+    buckets: list[int],
+    options: CompileOptions,
+    stage: Path,
+    weights: str,
+    capability: str,
+    threads: int,
+) -> tuple[CompiledStep, list[str]]:
+    """Compile an exported decode step into an AOTInductor package for `capability` CPUs, in
+    `stage`; its manifest entry and the files written (relative to `stage`)."""
+    started = time.perf_counter()
+    host = torch.backends.cpu.get_cpu_capability()
+    _, max_seq_len = check_options(options, step.model.spec)
+    stem = package_stem(weights, capability, host)
+    package_file, constants_file = stem + ".pt2", stem + ".constants.safetensors"
     package = stage / package_file
     package.parent.mkdir(parents=True, exist_ok=True)
     fqns = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
-    configs: dict[str, object] = {
-        "aot_inductor.package_constants_in_so": False,
-        # No -march=native: the code may use only what the recorded CPU capability promises,
-        # so that the package runs on any CPU the runtime's capability check lets it load on.
-        "cpp.march": "",
-    }
+    configs = inductor_configs(capability, host, threads)
     with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning():
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)
@@ -268,11 +338,31 @@ def compile_decode_step(
         max_seq_len=max_seq_len,
         block_size=options.block_size,
         torch_version=torch.__version__.split("+")[0],
-        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cpu_capability=capability,
         weights=weights,
         cpu_kernels=calls_cpu_kernels(exported),
     )
+    seconds = round(time.perf_counter() - started, 3)
+    log.info("build.stage", stage="compile", weights=weights, capability=capability, seconds=seconds)
     return info, [package_file, constants_file]
+
+
+def compile_decode_step(
+    model: CausalLM,
+    options: CompileOptions,
+    stage: Path,
+    weights: str = "packed",
+    capabilities: list[str] | None = None,
+    threads: int | None = None,
+) -> list[tuple[CompiledStep, list[str]]]:
+    """Export the model's decode step once (computing with the `weights` form of its quantized
+    layers) and compile a package of it for each CPU capability (default: the host's), its loops
+    laid out for `threads` threads (default: this process's), into `stage`; their manifest entries
+    and the files written (relative to `stage`)."""
+    exported, step, buckets = export_decode_step(model, options, weights)
+    wanted = capabilities or [torch.backends.cpu.get_cpu_capability()]
+    threads = threads or torch.get_num_threads()
+    return [lower_decode_step(exported, step, buckets, options, stage, weights, cap, threads) for cap in wanted]
 
 
 class CpuTarget(Target):
@@ -283,15 +373,17 @@ class CpuTarget(Target):
     # On CPUs f32 matmuls are the fast unquantized path (bf16 needs AMX/AVX512-BF16 to pay off).
     default_dtype = "f32"
 
-    def __init__(self, compile: CompileOptions | None, kernels: bool) -> None:
+    def __init__(self, compile: CompileOptions | None, kernels: bool, isa: str = DEFAULT_CPU_ISA) -> None:
         self.compile = compile  # None: an eager artifact (`--no-compile`)
         self.kernels = kernels  # `--no-cpu-kernels`: False
+        self.isa = isa  # `--cpu-isa`
         self._pool: ThreadPoolExecutor | None = None
         self._kernels_job: Future[bytes] | str | None = None
 
     def check(self, spec: ModelSpec) -> None:
         if self.compile is not None:
             check_options(self.compile, spec)
+            capabilities(self.isa, torch.backends.cpu.get_cpu_capability())
 
     def start(self, writer: ArtifactWriter) -> None:
         if self.kernels:
@@ -308,7 +400,9 @@ class CpuTarget(Target):
     ) -> TargetOutput:
         job = self._kernels_job
         kernels = _finish_cpu_kernels(writer, job) if job is not None else None
-        compiled, skipped, seconds = _compile(self.compile, spec, writer, formats, dtype, kernels, on_progress)
+        compiled, skipped, seconds = _compile(
+            self.compile, spec, writer, formats, dtype, kernels, on_progress, self.isa
+        )
         capability = torch.backends.cpu.get_cpu_capability()
         return TargetOutput(TargetCode(capability=capability, kernels=kernels, compiled=compiled), skipped, seconds)
 
@@ -361,8 +455,10 @@ def _compile(
     dtype: torch.dtype,
     kernels: KernelLibrary | None,
     on_progress: Progress | None = None,
+    isa: str = DEFAULT_CPU_ISA,
 ) -> tuple[list[CompiledStep], str | None, float | None]:
-    """Compile the decode step from the weights just written: (manifest entries, why skipped, seconds)."""
+    """Compile the decode step from the weights just written, for each CPU capability `isa` asks
+    for, taking what the user's compile cache holds: (manifest entries, why skipped, seconds)."""
     if options is None:
         return [], None, None
     reason = not_compilable(spec)
@@ -370,41 +466,138 @@ def _compile(
         log.warning("build.compile_skipped", architecture=spec.architecture, reason=reason)
         return [], reason, None
     started = time.perf_counter()
+    host = torch.backends.cpu.get_cpu_capability()
+    wanted = capabilities(isa, host)
+    threads = torch.get_num_threads()
+    kernels_sha256 = None if kernels is None else hashlib.sha256((writer.stage / kernels.file).read_bytes()).hexdigest()
+    buckets, max_seq_len = check_options(options, spec)
+    option_key = {"buckets": buckets, "max_seq_len": max_seq_len, "block_size": options.block_size}
+    keys = {
+        cap: compile_cache.cache_key(
+            spec, writer.tensors, dtype, option_key, cap, inductor_configs(cap, host, threads), kernels_sha256
+        )
+        for cap in wanted
+    }
+    results: list[tuple[CompiledStep, list[str]]] = []
+    missing = []
+    for cap in wanted:
+        hit = _from_cache(keys[cap], writer.stage)
+        if hit is None:
+            missing.append(cap)
+        else:
+            results += hit
+            log.info("build.compile_cached", capability=cap, key=keys[cap])
+    if missing:
+        fresh = _compile_packages(options, spec, writer, formats, dtype, kernels, on_progress, missing, threads)
+        for cap in missing:
+            _to_cache(keys[cap], writer.stage, [r for r in fresh if r[0].cpu_capability == cap])
+        results += fresh
+    infos = []
+    for info, names in sorted(results, key=lambda r: r[0].package):
+        for name in names:
+            writer.add(name)
+        infos.append(info)
+        log.info("build.compiled", kind=info.kind, weights=info.weights, capability=info.cpu_capability)
+    seconds = time.perf_counter() - started
+    log.info("build.compile_done", packages=len(infos), cached=len(wanted) - len(missing), seconds=round(seconds, 3))
+    return infos, None, seconds
+
+
+def _from_cache(key: str, stage: Path) -> list[tuple[CompiledStep, list[str]]] | None:
+    """The packages cached under `key`, written into `stage` with their manifest entries."""
+    entry = compile_cache.load(key)
+    if entry is None:
+        return None
+    meta, files = entry
+    try:
+        steps = msgspec.convert(meta["steps"], list[CompiledStep])
+        named = [(step, [step.package, step.constants]) for step in steps]
+        wanted = {name for _, names in named for name in names}
+        if {Path(name).name for name in wanted} != set(files) or len(wanted) != len(files):
+            raise ValueError("the entry's files are not its steps' files")
+        for name in wanted:
+            if not name.startswith(_COMPILED_DIR):
+                raise ValueError(f"{name} is not a compiled package's path")
+    except (KeyError, ValueError, msgspec.ValidationError) as exc:
+        log.warning("compile_cache.unusable", key=key, reason=str(exc))
+        return None
+    for name in wanted:
+        path = stage / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(files[Path(name).name])
+    return named
+
+
+def _to_cache(key: str, stage: Path, results: list[tuple[CompiledStep, list[str]]]) -> None:
+    files = {Path(name).name: (stage / name).read_bytes() for _, names in results for name in names}
+    compile_cache.store(key, {"steps": [msgspec.to_builtins(info) for info, _ in results]}, files)
+
+
+def _compile_packages(
+    options: CompileOptions,
+    spec: ModelSpec,
+    writer: ArtifactWriter,
+    formats: dict[str, str],
+    dtype: torch.dtype,
+    kernels: KernelLibrary | None,
+    on_progress: Progress | None,
+    wanted: list[str],
+    threads: int,
+) -> list[tuple[CompiledStep, list[str]]]:
+    """Compile every weight form's packages for the `wanted` capabilities: each form is traced
+    once and compiled for each capability."""
+    started = time.perf_counter()
     files = writer.staged_tensor_files()
     kernels_file = None if kernels is None else kernels.file
     model = model_from_stage(writer.stage, files, spec, formats, dtype, options, kernels_file)
+    log.info("build.stage", stage="compile_model", seconds=round(time.perf_counter() - started, 3))
     first, *others = weight_forms(model, options)
     results: list[tuple[CompiledStep, list[str]]] = []
+    total = (1 + len(others)) * len(wanted)
 
     def report(done: int) -> None:
         if on_progress is not None:
-            on_progress("compiling the decode step", done, 1 + len(others))
+            on_progress("compiling the decode step", done, total)
 
     report(0)
-    # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms
-    # compile in spawned processes at the same time (spawned: a forked torch may deadlock).
-    workers = min(len(others), max(1, (os.cpu_count() or 1) - 1))
+    # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms and
+    # the other capabilities compile in spawned processes at the same time (spawned: a forked
+    # torch may deadlock). A process traces again (~15 s for SmolLM2), which pays only with a
+    # second core: on one, the other capabilities compile here from this process's trace.
+    cores = os.cpu_count() or 1
+    here = wanted if cores < 2 else wanted[:1]
+    jobs = [(form, wanted) for form in others]
+    if len(here) < len(wanted):
+        jobs.append((first, wanted[len(here) :]))
+    workers = min(len(jobs), max(1, cores - 1))
     with contextlib.ExitStack() as stack:
         futures = []
-        if others:
+        if jobs:
             pool = stack.enter_context(
                 ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
             )
             futures = [
-                pool.submit(compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, kernels_file)
-                for form in others
+                pool.submit(
+                    compile_from_stage,
+                    writer.stage,
+                    files,
+                    spec,
+                    formats,
+                    dtype,
+                    options,
+                    form,
+                    kernels_file,
+                    caps,
+                    threads,
+                )
+                for form, caps in jobs
             ]
-        results.append(compile_decode_step(model, options, writer.stage, first))
-        report(len(results))
-        for future in futures:
-            results.append(future.result())
+        exported, step, buckets = export_decode_step(model, options, first)
+        for cap in here:
+            results.append(lower_decode_step(exported, step, buckets, options, writer.stage, first, cap, threads))
             report(len(results))
-    infos = []
-    for info, names in results:
-        for name in names:
-            writer.add(name)
-        infos.append(info)
-        log.info("build.compiled", kind=info.kind, weights=info.weights, buckets=info.buckets)
-    seconds = time.perf_counter() - started
-    log.info("build.compile_done", packages=len(infos), seconds=round(seconds, 3))
-    return infos, None, seconds
+        del exported, step, model  # the weights read back: not held while the others finish
+        for future in futures:
+            results += future.result()
+            report(len(results))
+    return results

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llmc.artifacts.manifest import CompiledStep, Manifest, ModelSpec
+from llmc.artifacts.manifest import CompiledStep, Manifest, ModelSpec, capability_rank
 from llmc.artifacts.reader import Artifact
 from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice
@@ -89,7 +89,7 @@ def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = Fal
     if info.torch_version != torch_version:
         return f"it was compiled with torch {info.torch_version}, this is torch {torch_version}; rebuild the artifact"
     capability = torch.backends.cpu.get_cpu_capability()
-    if info.cpu_capability != capability:
+    if capability_rank(info.cpu_capability, capability) is None:
         return f"it was compiled for a {info.cpu_capability} CPU, this one is {capability}; rebuild it here"
     if info.block_size != block_size:
         return f"it was traced for KV blocks of {info.block_size} tokens, the engine uses {block_size}"
@@ -134,6 +134,10 @@ def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def _rank(info: CompiledStep, host: str) -> int:
+    return capability_rank(info.cpu_capability, host) or 0
 
 
 def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -182,7 +186,10 @@ class CpuBackend(Backend):
         return model
 
     def load_steps(self, artifact: Artifact, step: DecodeStep, num_slots: int) -> list[BucketedStep]:
-        steps: list[BucketedStep] = []
+        """For each weight form, the package for the best CPU capability this host runs (an
+        artifact may carry one for its build host and one for a baseline ISA)."""
+        host = torch.backends.cpu.get_cpu_capability()
+        best: dict[str, CompiledStep] = {}
         for info in artifact.manifest.compiled_for("cpu"):
             if info.kind != "decode":
                 continue
@@ -190,8 +197,14 @@ class CpuBackend(Backend):
                 continue  # a "dense" package also needs the model's dense weight copies
             reason = incompatibility(info, step.block_size, self.kernels_loaded)
             if reason is not None:
-                compiled_log.warning("compiled.not_used", kind=info.kind, reason=reason)
+                compiled_log.warning("compiled.not_used", kind=info.kind, weights=info.weights, reason=reason)
                 continue
+            chosen = best.get(info.weights)
+            if chosen is None or _rank(info, host) > _rank(chosen, host):
+                best[info.weights] = info
+        steps: list[BucketedStep] = []
+        for info in best.values():
+            compiled_log.info("compiled.chosen", weights=info.weights, capability=info.cpu_capability, host=host)
             loaded = AOTInductorStep.load(artifact, info, step, num_slots)
             if loaded is not None:
                 steps.append(loaded)

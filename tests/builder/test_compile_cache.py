@@ -1,0 +1,178 @@
+"""Issue 24 item 0 and issue 25 item 3: the compile cache (builder/compile_cache.py), packages for
+the host's and a baseline CPU capability (builder/targets/cpu.py), and the runtime's choice of the
+best package the host supports (runtime/backends/cpu.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from llmc.artifacts.manifest import CompiledStep, capability_rank
+from llmc.builder import compile_cache
+from llmc.builder.targets.base import CompileOptions
+from llmc.builder.targets.cpu import capabilities, inductor_configs
+from llmc.errors import BadInputError
+from llmc.runtime.backends.cpu import incompatibility
+from llmc.runtime.sampling_params import SamplingParams
+from tests.conftest import make_tiny_llama
+from tests.helpers import build_compiled, generate, open_engine
+
+BUCKETS = (1, 2, 4)
+HOST = torch.backends.cpu.get_cpu_capability()
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5, 9, 13, 2], [7, 3, 11, 19, 23, 29, 31]]
+
+
+def test_capabilities_compiled_for_each_cpu_isa_choice() -> None:
+    assert capabilities("all", "AVX512") == ["AVX512", "AVX2"]
+    assert capabilities("baseline", "AVX512") == ["AVX2"]
+    assert capabilities("host", "AVX512") == ["AVX512"]
+    # An AVX2 host is the baseline already; a host outside x86 has no baseline below it.
+    assert capabilities("all", "AVX2") == capabilities("baseline", "AVX2") == ["AVX2"]
+    assert capabilities("all", "SVE256") == capabilities("baseline", "SVE256") == ["SVE256"]
+    assert capabilities("all", "DEFAULT") == ["DEFAULT"]
+    with pytest.raises(BadInputError, match="--cpu-isa 'avx9' is not one of host, baseline, all"):
+        capabilities("avx9", "AVX512")
+    # The baseline package's code is generated for 256-bit vectors; the host's as Inductor picks.
+    assert inductor_configs("AVX2", "AVX512", 2)["cpp.simdlen"] == 256
+    assert "cpp.simdlen" not in inductor_configs("AVX512", "AVX512", 2)
+
+
+def test_a_package_runs_on_its_capability_and_later_ones_only() -> None:
+    assert capability_rank("AVX2", "AVX512") is not None
+    assert capability_rank("AVX512", "AVX512") > capability_rank("AVX2", "AVX512")  # type: ignore[operator]
+    assert capability_rank("AVX512", "AVX2") is None
+    assert capability_rank("DEFAULT", "AVX2") is not None
+    assert capability_rank("AVX2", "SVE256") is None and capability_rank("SVE256", "SVE256") is not None
+    step = CompiledStep(
+        kind="decode",
+        package="p.pt2",
+        constants="c.safetensors",
+        buckets=[1],
+        max_seq_len=64,
+        block_size=16,
+        torch_version=torch.__version__.split("+")[0],
+        cpu_capability="AVX512",
+    )
+    expected = None if HOST == "AVX512" else f"it was compiled for a AVX512 CPU, this one is {HOST}; rebuild it here"
+    assert incompatibility(step, 16) == expected
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setattr(compile_cache, "cache_dir", lambda: root)
+    return root
+
+
+def test_an_entry_is_read_back_only_while_its_files_match(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    compile_cache.store("k", {"steps": [1]}, {"a.pt2": b"code", "a.constants": b"consts"})
+    assert oct((cache / "k").stat().st_mode & 0o777) == "0o700"
+    assert compile_cache.load("k") == ({"steps": [1]}, {"a.pt2": b"code", "a.constants": b"consts"})
+    assert compile_cache.load("other") is None
+    (cache / "k" / "a.pt2").write_bytes(b"evil")
+    with caplog.at_level(logging.WARNING):
+        assert compile_cache.load("k") is None  # a changed file: compiled afresh, never used
+    [record] = [r for r in caplog.records if r.getMessage() == "compile_cache.unusable"]
+    assert "does not match its sha256" in record.fields["reason"]  # type: ignore[attr-defined]
+    compile_cache.store("k", {"steps": [1]}, {"a.pt2": b"code"})
+    (cache / "k").chmod(0o777)
+    assert compile_cache.load("k") is None  # a folder others may write to is not trusted
+    (cache / "k").chmod(0o700)
+    index = json.loads((cache / "k" / "index.json").read_text())
+    index["files"] = {"../../x": index["files"]["a.pt2"]}
+    (cache / "k" / "index.json").write_text(json.dumps(index))
+    assert compile_cache.load("k") is None  # an index naming a file outside its entry
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, list[str]]]:
+    """Two random checkpoints of one architecture built with --cpu-isa all into an empty compile
+    cache: the first compiles, the second takes the first's packages from the cache."""
+    root = tmp_path_factory.mktemp("compile-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compile_cache, "cache_dir", lambda: root / "cache")
+        first = build_compiled(
+            make_tiny_llama(root / "src-a", seed=1), root / "a", "tiny", CompileOptions(buckets=BUCKETS), cpu_isa="all"
+        )
+        entries = sorted(p.name for p in (root / "cache").iterdir())
+        second = build_compiled(
+            make_tiny_llama(root / "src-b", seed=2), root / "b", "tiny", CompileOptions(buckets=BUCKETS), cpu_isa="all"
+        )
+        assert sorted(p.name for p in (root / "cache").iterdir()) == entries  # nothing new compiled
+        assert first.stages is not None and second.stages is not None
+    yield root / "a", root / "b", entries
+
+
+def test_the_second_checkpoint_compiles_nothing_and_gets_the_same_bytes(
+    two_checkpoints: tuple[Path, Path, list[str]],
+) -> None:
+    a, b, entries = two_checkpoints
+    assert len(entries) == len(capabilities("all", HOST))  # one entry per capability
+    steps = json.loads((b / "manifest.json").read_text())["targets"]["cpu"]["compiled"]
+    assert [s["cpu_capability"] for s in steps] == capabilities("all", HOST)
+    for step in steps:
+        for name in (step["package"], step["constants"]):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
+
+
+def test_a_cached_package_computes_with_its_own_checkpoint(two_checkpoints: tuple[Path, Path, list[str]]) -> None:
+    _, b, _ = two_checkpoints
+    eager = open_engine(b, compiled=False, kv_blocks=64)
+    compiled = open_engine(b, kv_blocks=64)
+    [step] = compiled.runner.compiled
+    assert step.info.cpu_capability == HOST  # the best package this host runs
+    assert generate(compiled, PROMPTS, GREEDY) == generate(eager, PROMPTS, GREEDY)
+    assert compiled.runner.compiled_steps >= GREEDY.max_tokens - 1
+
+
+# Run in a child process whose torch believes it is on an AVX2 CPU: it takes the AVX2 package
+# and must give what the eager model gives.
+_CHILD = """
+import json, sys
+from pathlib import Path
+from llmc.tests.helpers import generate, open_engine
+from llmc.runtime.sampling_params import SamplingParams
+import torch
+art = Path(sys.argv[1])
+params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+prompts = json.loads(sys.argv[2])
+eager = open_engine(art, compiled=False, kv_blocks=64)
+compiled = open_engine(art, kv_blocks=64)
+print(json.dumps({
+    "host": torch.backends.cpu.get_cpu_capability(),
+    "chosen": [s.info.cpu_capability for s in compiled.runner.compiled],
+    "same": generate(compiled, prompts, params) == generate(eager, prompts, params),
+    "compiled_steps": compiled.runner.compiled_steps,
+}))
+"""
+
+
+@pytest.mark.skipif(HOST != "AVX512", reason="needs a host above the AVX2 baseline")
+def test_the_baseline_package_runs_where_torch_is_limited_to_avx2(
+    two_checkpoints: tuple[Path, Path, list[str]],
+) -> None:
+    a, _, _ = two_checkpoints
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(a), json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = msgspec.json.decode(child.stdout.strip().splitlines()[-1])
+    assert result["host"] == "AVX2" and result["chosen"] == ["AVX2"]
+    assert result["same"] and result["compiled_steps"] >= GREEDY.max_tokens - 1

@@ -110,8 +110,8 @@ def reference_vnni_matmul(x: torch.Tensor, weight: torch.Tensor, group: int) -> 
     return (quantize_activations(x, group).double() @ weight.double().T).float()
 
 
-def qmatmul_vnni(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """x [M, K] (any float dtype) @ the packed weight → float32 [M, N]; needs the kernel library
     loaded (kernels/cpu/cpu_kernels.py)."""
-    out: torch.Tensor = torch.ops.llmc.qmatmul_vnni(x, weight, scales, bits)
+    out: torch.Tensor = torch.ops.llmc.qmatmul(x, weight, scales, bits)
     return out

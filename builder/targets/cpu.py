@@ -348,12 +348,12 @@ def _finish_cpu_kernels(
         return [], None
     torch_version = torch.__version__.split("+")[0]
     built: dict[str, bytes] = {}
-    for isa, job in jobs.items():
+    for name, job in jobs.items():
         try:
-            built[isa] = job.result()
+            built[name] = job.result()
         except InternalError as exc:
-            log.warning("build.cpu_kernels_skipped", isa=isa, reason=str(exc))
-    libraries = [KernelLibrary(file=kernels_file(isa), torch_version=torch_version, isa=isa) for isa in built]
+            log.warning("build.cpu_kernels_skipped", isa=name, reason=str(exc))
+    libraries = [KernelLibrary(file=kernels_file(name), torch_version=torch_version, isa=name) for name in built]
     isa, why = cpu_kernels.choose(built)
     loaded = next((library for library in libraries if library.isa == isa), None)
     if isa is not None:

@@ -20,9 +20,16 @@
 
 namespace llmc_qmatmul {
 
-// Activation rows sharing one pass over a weight block: two 256-bit accumulators per row (float
-// sums and the group's integer dot) must stay in the 16 registers beside the weights.
+// Activation rows sharing one pass over a weight block. Measured on 1536x576 q4_1/q8_0, one
+// thread (docs/BENCHMARKS.md): plain AVX2 spends 4 instructions per 64 products of 4-bit weights
+// beside the nibble unpacking, which 8 rows share (12% faster at 16 rows than 4, though 16
+// accumulators then spill); with AVX-VNNI the product is one instruction and 4 rows, which keep
+// their accumulators in registers, are 5-15% faster than 8.
+#ifdef __AVXVNNI__
 constexpr int64_t kMaxBatch = 4;
+#else
+constexpr int64_t kMaxBatch = 8;
+#endif
 constexpr int64_t kHalfRows = 8;  // output rows per 256-bit vector of int32 sums
 constexpr float kUnsignedOffset = 128.f;  // 8-bit: u = w + 128
 

@@ -149,8 +149,9 @@ def main() -> None:
     "--cpu-kernels/--no-cpu-kernels",
     default=True,
     show_default=True,
-    help="Compile llmc's CPU kernels (AVX-512 VNNI quantized matmuls, paged decode attention) into the "
-    "artifact; --no-cpu-kernels: torch's kernels only, for a compiled step that runs on CPUs without VNNI.",
+    help="Compile llmc's CPU kernels (quantized matmuls, paged decode attention) for every x86 ISA (AVX-512 VNNI, "
+    "AVX-VNNI, AVX2) into the artifact; the runtime loads the best one the host runs ($LLMC_CPU_ISA forces "
+    "one). --no-cpu-kernels: torch's kernels only.",
 )
 @click.option(
     "--cpu-isa",

@@ -10,6 +10,7 @@ import torch
 
 from llmc.artifacts.generation import effective
 from llmc.artifacts.manifest import CompiledStep, KernelLibrary, Manifest, TargetCode, TensorInfo, capability_rank
+from llmc.errors import LlmcError
 from llmc.kernels.cpu import cpu_kernels
 from llmc.quant.formats import stored_format
 
@@ -82,12 +83,22 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def _kernels_why_not(kernels: KernelLibrary, torch_version: str) -> str | None:
-    if kernels.isa != cpu_kernels.ISA:
-        return f"they need {kernels.isa}, this llmc's kernels need {cpu_kernels.ISA}"
-    if kernels.torch_version != torch_version:
-        return f"they were compiled for torch {kernels.torch_version}, this is torch {torch_version}"
-    return cpu_kernels.unsupported()
+def _kernels_status(libraries: list[KernelLibrary], torch_version: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Each kernel library (one per ISA) with whether it runs here and whether the runtime would
+    load it (`selected`); and why none would be loaded (None where one would)."""
+    entries = []
+    for library in libraries:
+        why: str | None = cpu_kernels.unsupported(library.isa)
+        if library.torch_version != torch_version:
+            why = f"compiled for torch {library.torch_version}, this is torch {torch_version}"
+        entries.append({**msgspec.to_builtins(library), "runs_here": why is None, "why_not": why})
+    try:
+        isa, why_none = cpu_kernels.choose([e["isa"] for e in entries if e["runs_here"]])
+    except LlmcError as exc:  # $LLMC_CPU_ISA names one this CPU lacks: the runtime would refuse it
+        isa, why_none = None, exc.message
+    for entry in entries:
+        entry["selected"] = entry["isa"] == isa
+    return entries, None if isa is not None else why_none
 
 
 def _step_why_not(step: CompiledStep, host: str, torch_version: str, kernels_why_not: str | None) -> str | None:
@@ -108,11 +119,7 @@ def target_status(name: str, code: TargetCode) -> dict[str, Any]:
         return {"capability": code.capability, "runs_here": False, "why_not": why}
     host = torch.backends.cpu.get_cpu_capability()
     version = torch.__version__.split("+")[0]
-    kernels_why_not = None if code.kernels is None else _kernels_why_not(code.kernels, version)
-    kernels = None
-    if code.kernels is not None:
-        kernels = {**msgspec.to_builtins(code.kernels), "runs_here": kernels_why_not is None}
-        kernels["why_not"] = kernels_why_not
+    kernels, kernels_why_not = _kernels_status(code.kernels, version)
     compiled = []
     for step in code.compiled:
         why_not = _step_why_not(step, host, version, kernels_why_not)

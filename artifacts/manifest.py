@@ -14,8 +14,9 @@ from llmc.errors import BadArtifactError
 # what a newer builder meant, and silently misreading weights is worse than refusing.
 # 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps;
 # 5: llmc's own CPU kernel library, which compiled steps may call; 6: compiled steps and kernel
-# libraries per device target (Manifest.targets), and the optional generation defaults
-FORMAT_VERSION = 6
+# libraries per device target (Manifest.targets), and the optional generation defaults; 7: one
+# kernel library per instruction set (TargetCode.kernels is a list)
+FORMAT_VERSION = 7
 MANIFEST_NAME = "manifest.json"
 
 
@@ -177,13 +178,13 @@ class KernelLibrary(msgspec.Struct, forbid_unknown_fields=True):
     """llmc's own kernels for one target, compiled where the artifact was built (for the CPU:
     kernels/cpu/cpu_kernels.py's C++ library of torch ops).
 
-    The runtime loads it where the torch version matches and the device has the instruction set;
-    elsewhere it runs without it (torch's own kernels).
+    A target carries one per instruction set; the runtime loads the best one the device runs
+    where the torch version matches, and elsewhere runs without (torch's own kernels).
     """
 
     file: str  # the shared library, relative to the artifact root
     torch_version: str  # torch whose headers and libraries it was compiled against
-    isa: str  # the instruction set it needs ("avx512_vnni")
+    isa: str  # the instruction set it needs ("avx512_vnni", "avx_vnni", "avx2"; unknown ones are skipped)
 
 
 class TargetCode(msgspec.Struct, forbid_unknown_fields=True):
@@ -194,7 +195,7 @@ class TargetCode(msgspec.Struct, forbid_unknown_fields=True):
     # The device capability the code was built on: for "cpu" torch's name of the build machine's
     # vector ISA (torch.backends.cpu.get_cpu_capability(), e.g. "AVX512"); a GPU architecture later.
     capability: str
-    kernels: KernelLibrary | None = None
+    kernels: list[KernelLibrary] = []  # at most one per ISA
     compiled: list[CompiledStep] = []
 
 
@@ -217,10 +218,10 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
         code = self.targets.get(target)
         return [] if code is None else code.compiled
 
-    def kernels_for(self, target: str) -> KernelLibrary | None:
-        """llmc's kernel library for `target`, or None where the artifact carries none."""
+    def kernels_for(self, target: str) -> list[KernelLibrary]:
+        """llmc's kernel libraries for `target`, one per ISA; none where the artifact carries none."""
         code = self.targets.get(target)
-        return None if code is None else code.kernels
+        return [] if code is None else code.kernels
 
 
 def encode(manifest: Manifest) -> bytes:
@@ -292,8 +293,7 @@ def opened_paths(manifest: Manifest) -> list[tuple[str, str]]:
         for i, step in enumerate(code.compiled):
             named += [(f"{field}.compiled[{i}].package", step.package)]
             named += [(f"{field}.compiled[{i}].constants", step.constants)]
-        if code.kernels is not None:
-            named.append((f"{field}.kernels.file", code.kernels.file))
+        named += [(f"{field}.kernels[{i}].file", library.file) for i, library in enumerate(code.kernels)]
     if manifest.build.report_file is not None:
         named.append(("build.report_file", manifest.build.report_file))
     return named
@@ -391,6 +391,9 @@ def _check_targets(manifest: Manifest) -> None:
                 raise _bad(f"{field}.buckets", f"is {step.buckets}; it must be increasing positive batch sizes")
             _positive(f"{field}.block_size", step.block_size, MAX_POSITION_EMBEDDINGS)
             _positive(f"{field}.max_seq_len", step.max_seq_len, MAX_POSITION_EMBEDDINGS)
+        isas = [library.isa for library in code.kernels]
+        if len(set(isas)) != len(isas):
+            raise _bad(f"targets.{target}.kernels", "lists an instruction set twice; each ISA has one library")
 
 
 def validate(manifest: Manifest) -> None:

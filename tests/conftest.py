@@ -140,16 +140,17 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_kernels_loaded(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """llmc's CPU kernel library, compiled (or taken from the cache) and loaded into this process.
-    It needs AVX-512 VNNI: on a CPU without it there is nothing to run, and its tests skip."""
+    """llmc's CPU kernel library for the best ISA this CPU runs (or $LLMC_CPU_ISA's), compiled (or
+    taken from the cache) and loaded into this process. On a CPU that runs none of them (not x86,
+    or without AVX2) there is nothing to run, and its tests skip."""
     from llmc.kernels.cpu import cpu_kernels
 
-    reason = cpu_kernels.unsupported()
-    if reason is not None:
-        pytest.skip(reason)
-    library = tmp_path_factory.mktemp("cpu-kernels") / cpu_kernels.LIBRARY_NAME
-    cpu_kernels.compile_library(library)
-    assert cpu_kernels.load(library) is None
+    isa, why = cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+    if isa is None:
+        pytest.skip(why)
+    library = tmp_path_factory.mktemp("cpu-kernels") / cpu_kernels.library_name(isa)
+    cpu_kernels.compile_library(library, isa)
+    assert cpu_kernels.load(library, isa) is None
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     compiled = {"compiled/decode_cpu.pt2", "compiled/decode_cpu.constants.safetensors"}  # the default --compile
     if torch_capability() == "AVX512":  # and the default --cpu-isa all: a baseline AVX2 package too
         compiled |= {"compiled/decode_cpu_avx2.pt2", "compiled/decode_cpu_avx2.constants.safetensors"}
-    kernels = set() if cpu_kernels.unsupported() else {"kernels/" + cpu_kernels.LIBRARY_NAME}
+    kernels = {"kernels/" + cpu_kernels.library_name(isa) for isa in cpu_kernels.buildable()}
     assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja", *compiled, *kernels}
     assert summary["compiled"][0]["kind"] == "decode" and summary["compile_seconds"] > 0
     assert "FutureWarning" not in result.stderr  # torch's LeafSpec deprecation, from compiling
@@ -50,13 +50,16 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     info = json.loads(inspected.stdout)
     assert info["model"]["num_layers"] == 2 and info["parameters"] == summary["parameters"]
     if kernels:
-        assert info["targets"]["cpu"]["kernels"] == {
-            "file": next(iter(kernels)),
+        best = cpu_kernels.host_isas()[0]
+        assert info["targets"]["cpu"]["kernels"][0] == {  # best first
+            "file": "kernels/" + cpu_kernels.library_name(best),
             "torch_version": torch_version(),
-            "isa": "avx512_vnni",
+            "isa": best,
             "runs_here": True,
             "why_not": None,
+            "selected": True,
         }
+        assert {k["file"] for k in info["targets"]["cpu"]["kernels"]} == kernels
     text = _llmc("inspect", str(tmp_path / "a"))
     assert "model_name: tiny" in text.stdout
     # the digest deployments pin (llmc run --expect-manifest-sha256): the manifest's bytes as stored

@@ -58,7 +58,12 @@ PACKAGE_STEMS = {"packed": _COMPILED_DIR + "decode_cpu", "dense": _COMPILED_DIR 
 # Upper bound of the traced KV cache length in slots: 2^28 tokens is far beyond any cache a host
 # holds; the bound only has to exist for export's range analysis.
 _MAX_KV_SLOTS = 1 << 28
-KERNELS_FILE = "kernels/" + cpu_kernels.LIBRARY_NAME
+
+
+def kernels_file(isa: str) -> str:
+    """Where the artifact keeps the CPU kernel library for `isa`."""
+    return "kernels/" + cpu_kernels.library_name(isa)
+
 
 # The x86-64 vector ISA nearly every CPU of the last ten years has, by torch's capability name.
 BASELINE_CAPABILITY = "AVX2"
@@ -151,20 +156,20 @@ def model_from_stage(
     formats: dict[str, str],
     dtype: torch.dtype,
     options: CompileOptions,
-    kernels_file: str | None,
+    library: KernelLibrary | None,
 ) -> CausalLM:
     """The model to compile, read back from the weights the build has staged, with the dense
-    copies that the "dense" weight form needs, and with the VNNI kernel from the staged CPU kernel
-    library `kernels_file` (loaded into this process) if there is one."""
+    copies that the "dense" weight form needs, and with llmc's CPU kernels from the staged
+    `library` (loaded into this process) if there is one."""
     _, max_seq_len = check_options(options, spec)
-    if kernels_file is not None:
-        reason = cpu_kernels.load(stage / kernels_file)
+    if library is not None:
+        reason = cpu_kernels.load(stage / library.file, library.isa)
         if reason is not None:
             raise InternalError(f"the CPU kernels just compiled do not load: {reason}; build with --no-cpu-kernels")
     weights = read_staged_tensors(stage, tensor_files)
-    vnni = kernels_file is not None  # the VNNI matmul and the paged decode attention kernel
+    loaded = library is not None  # the quantized matmul and the paged decode attention kernel
     kernels = DeviceKernels(
-        matmul=partial(CpuQMatmul, dense_copy=True, vnni=vnni), attention=PagedAttention(cpu_kernel=vnni)
+        matmul=partial(CpuQMatmul, dense_copy=True, cpu_kernels=loaded), attention=PagedAttention(cpu_kernel=loaded)
     )
     return build_model(spec, weights, max_seq_len, formats, dtype, kernels)
 
@@ -177,7 +182,7 @@ def compile_from_stage(
     dtype: torch.dtype,
     options: CompileOptions,
     weights: str,
-    kernels_file: str | None,
+    library: KernelLibrary | None,
     capabilities: list[str],
     threads: int,
 ) -> list[tuple[CompiledStep, list[str]]]:
@@ -185,7 +190,7 @@ def compile_from_stage(
     time as the parent's (_compile below)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
-    model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, kernels_file)
+    model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, library)
     return compile_decode_step(model, options, stage, weights, capabilities, threads)
 
 
@@ -378,7 +383,7 @@ class CpuTarget(Target):
         self.kernels = kernels  # `--no-cpu-kernels`: False
         self.isa = isa  # `--cpu-isa`
         self._pool: ThreadPoolExecutor | None = None
-        self._kernels_job: Future[bytes] | str | None = None
+        self._kernels_jobs: dict[str, Future[bytes]] | str | None = None
 
     def check(self, spec: ModelSpec) -> None:
         if self.compile is not None:
@@ -387,8 +392,9 @@ class CpuTarget(Target):
 
     def start(self, writer: ArtifactWriter) -> None:
         if self.kernels:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc-kernels")
-            self._kernels_job = _start_cpu_kernels(self._pool)
+            # One thread per ISA: each waits on its own compiler processes.
+            self._pool = ThreadPoolExecutor(max_workers=len(cpu_kernels.ISAS), thread_name_prefix="llmc-kernels")
+            self._kernels_jobs = _start_cpu_kernels(self._pool)
 
     def finish(
         self,
@@ -398,11 +404,9 @@ class CpuTarget(Target):
         dtype: torch.dtype,
         on_progress: Progress | None,
     ) -> TargetOutput:
-        job = self._kernels_job
-        kernels = _finish_cpu_kernels(writer, job) if job is not None else None
-        compiled, skipped, seconds = _compile(
-            self.compile, spec, writer, formats, dtype, kernels, on_progress, self.isa
-        )
+        jobs = self._kernels_jobs
+        kernels, loaded = _finish_cpu_kernels(writer, jobs) if jobs is not None else ([], None)
+        compiled, skipped, seconds = _compile(self.compile, spec, writer, formats, dtype, loaded, on_progress, self.isa)
         capability = torch.backends.cpu.get_cpu_capability()
         return TargetOutput(TargetCode(capability=capability, kernels=kernels, compiled=compiled), skipped, seconds)
 
@@ -415,36 +419,45 @@ class CpuTarget(Target):
             self._pool.shutdown(wait=False, cancel_futures=True)  # a compile under way ends on its own
 
 
-def _start_cpu_kernels(pool: ThreadPoolExecutor) -> Future[bytes] | str:
-    """Start compiling llmc's CPU kernels (into the user's cache); or why they cannot run here."""
-    reason = cpu_kernels.unsupported()
-    if reason is not None:
-        return reason
-    return pool.submit(cpu_kernels.cached_library)
+def _start_cpu_kernels(pool: ThreadPoolExecutor) -> dict[str, Future[bytes]] | str:
+    """Start compiling llmc's CPU kernels for every ISA (into the user's cache, all at once); or
+    why they cannot be built here."""
+    isas = cpu_kernels.buildable()
+    if not isas:
+        return f"llmc's CPU kernels are for x86-64 CPUs ({', '.join(cpu_kernels.ISA_NAMES)})"
+    return {isa: pool.submit(cpu_kernels.cached_library, isa) for isa in isas}
 
 
-def _finish_cpu_kernels(writer: ArtifactWriter, job: Future[bytes] | str) -> KernelLibrary | None:
-    """Wait for the kernels, copy them into the artifact and load them here (the compiled steps then
-    call them), or None where this machine cannot compile or run them: the artifact then uses
-    torch's own kernels."""
-    reason = job if isinstance(job, str) else None
-    staged = writer.stage / KERNELS_FILE
-    library = b""
-    if isinstance(job, Future):
+def _finish_cpu_kernels(
+    writer: ArtifactWriter, jobs: dict[str, Future[bytes]] | str
+) -> tuple[list[KernelLibrary], KernelLibrary | None]:
+    """Wait for the kernels and copy them into the artifact, one library per ISA; load the one
+    this machine runs best here (the compiled steps then call it). Returns the libraries and the
+    loaded one; none where this machine cannot compile them, and none loaded where it runs none
+    of them: the artifact then uses torch's own kernels here."""
+    if isinstance(jobs, str):
+        log.warning("build.cpu_kernels_skipped", reason=jobs)
+        return [], None
+    torch_version = torch.__version__.split("+")[0]
+    built: dict[str, bytes] = {}
+    for name, job in jobs.items():
         try:
-            library = job.result()
-            cpu_kernels.install(library, staged)
+            built[name] = job.result()
         except InternalError as exc:
-            reason = str(exc)
-    if reason is None:
-        reason = cpu_kernels.load_bytes(library)
-    if reason is not None:
-        staged.unlink(missing_ok=True)  # an artifact holds no file its manifest does not list
-    if reason is not None:
-        log.warning("build.cpu_kernels_skipped", reason=reason)
-        return None
-    writer.add(KERNELS_FILE)
-    return KernelLibrary(file=KERNELS_FILE, torch_version=torch.__version__.split("+")[0], isa=cpu_kernels.ISA)
+            log.warning("build.cpu_kernels_skipped", isa=name, reason=str(exc))
+    libraries = [KernelLibrary(file=kernels_file(name), torch_version=torch_version, isa=name) for name in built]
+    isa, why = cpu_kernels.choose(built)
+    loaded = next((library for library in libraries if library.isa == isa), None)
+    if isa is not None:
+        reason = cpu_kernels.load_bytes(built[isa], isa)
+        if reason is not None:  # a library that fails here would fail its users too: ship none
+            log.warning("build.cpu_kernels_skipped", isa=isa, reason=reason)
+            return [], None
+    log.info("build.cpu_kernels", isas=sorted(built), loaded=isa, why=why)
+    for library in libraries:
+        cpu_kernels.install(built[library.isa], writer.stage / library.file)
+        writer.add(library.file)
+    return libraries, loaded
 
 
 def _compile(
@@ -453,12 +466,13 @@ def _compile(
     writer: ArtifactWriter,
     formats: dict[str, str],
     dtype: torch.dtype,
-    kernels: KernelLibrary | None,
+    library: KernelLibrary | None,
     on_progress: Progress | None = None,
     isa: str = DEFAULT_CPU_ISA,
 ) -> tuple[list[CompiledStep], str | None, float | None]:
     """Compile the decode step from the weights just written, for each CPU capability `isa` asks
-    for, taking what the user's compile cache holds: (manifest entries, why skipped, seconds)."""
+    for, calling the CPU kernel `library` loaded here if any, and taking what the user's compile
+    cache holds: (manifest entries, why skipped, seconds)."""
     if options is None:
         return [], None, None
     reason = not_compilable(spec)
@@ -469,7 +483,7 @@ def _compile(
     host = torch.backends.cpu.get_cpu_capability()
     wanted = capabilities(isa, host)
     threads = torch.get_num_threads()
-    kernels_sha256 = None if kernels is None else hashlib.sha256((writer.stage / kernels.file).read_bytes()).hexdigest()
+    kernels_sha256 = None if library is None else hashlib.sha256((writer.stage / library.file).read_bytes()).hexdigest()
     buckets, max_seq_len = check_options(options, spec)
     option_key = {"buckets": buckets, "max_seq_len": max_seq_len, "block_size": options.block_size}
     keys = {
@@ -488,7 +502,7 @@ def _compile(
             results += hit
             log.info("build.compile_cached", capability=cap, key=keys[cap])
     if missing:
-        fresh = _compile_packages(options, spec, writer, formats, dtype, kernels, on_progress, missing, threads)
+        fresh = _compile_packages(options, spec, writer, formats, dtype, library, on_progress, missing, threads)
         for cap in missing:
             _to_cache(keys[cap], writer.stage, [r for r in fresh if r[0].cpu_capability == cap])
         results += fresh
@@ -539,7 +553,7 @@ def _compile_packages(
     writer: ArtifactWriter,
     formats: dict[str, str],
     dtype: torch.dtype,
-    kernels: KernelLibrary | None,
+    library: KernelLibrary | None,
     on_progress: Progress | None,
     wanted: list[str],
     threads: int,
@@ -548,8 +562,7 @@ def _compile_packages(
     once and compiled for each capability."""
     started = time.perf_counter()
     files = writer.staged_tensor_files()
-    kernels_file = None if kernels is None else kernels.file
-    model = model_from_stage(writer.stage, files, spec, formats, dtype, options, kernels_file)
+    model = model_from_stage(writer.stage, files, spec, formats, dtype, options, library)
     log.info("build.stage", stage="compile_model", seconds=round(time.perf_counter() - started, 3))
     first, *others = weight_forms(model, options)
     results: list[tuple[CompiledStep, list[str]]] = []
@@ -578,17 +591,7 @@ def _compile_packages(
             )
             futures = [
                 pool.submit(
-                    compile_from_stage,
-                    writer.stage,
-                    files,
-                    spec,
-                    formats,
-                    dtype,
-                    options,
-                    form,
-                    kernels_file,
-                    caps,
-                    threads,
+                    compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, library, caps, threads
                 )
                 for form, caps in jobs
             ]

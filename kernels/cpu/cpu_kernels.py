@@ -9,6 +9,11 @@ it matches the sha256 recorded beside it when it was compiled. A library is load
 memory (`load_bytes`), never from a file that could change after it was checked. Loading
 registers torch ops for the whole process (`torch.ops.llmc.*`), so a process holds one version of
 them: a second, different library is refused, and the caller runs without it.
+
+The same sources are compiled once per instruction set (ISAS: AVX-512 VNNI, AVX-VNNI, AVX2), each
+library registering the same op names, so that a compiled package calls whichever was loaded. An
+artifact carries all of them; `choose` picks the best one the host runs (`host_isas`, from the
+CPU's flags), or the one $LLMC_CPU_ISA names.
 """
 
 from __future__ import annotations
@@ -17,36 +22,72 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import platform
 import shlex
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmc.errors import InternalError
+from llmc.errors import BadInputError, InternalError
 from llmc.logs import get_logger
 
 log = get_logger("llmc.kernels")
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul_vnni.cpp", "paged_attention_cpu.cpp"))
-LIBRARY_NAME = "llmc_cpu_kernels.so"
-# The instruction sets the kernels use, checked before loading (an illegal instruction would
-# kill the process). float16 conversions (F16C) come with AVX-512F.
-ISA = "avx512_vnni"
-_ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cpp", "paged_attention_cpu.cpp"))
+# The sources' per-ISA inner loops and shared declarations (part of the cache key).
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One instruction set the kernels are compiled for: the compiler's flags for it (they choose
+    the sources' inner loops) and the CPU flags (Linux /proc/cpuinfo names) a host needs to run it,
+    checked before loading: an illegal instruction would kill the process."""
+
+    name: str
+    compiler_flags: tuple[str, ...]
+    cpu_flags: frozenset[str]
+    description: str
+
+
+# Best first: `choose` takes the first the host runs. AVX-512 VNNI does 64 byte products per
+# instruction, AVX-VNNI 32 (`vpdpbusd` on 256 bits), AVX2 32 in two instructions (docs/BENCHMARKS.md).
+ISAS = (
+    Isa(
+        "avx512_vnni",
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
+        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"}),
+        "AVX-512 with VNNI",
+    ),
+    Isa(
+        "avx_vnni",
+        ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"),
+        frozenset({"avx2", "fma", "f16c", "avx_vnni"}),
+        "AVX2 with AVX-VNNI",
+    ),
+    Isa("avx2", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), "AVX2 with FMA and F16C"),
+)
+ISA_NAMES = tuple(isa.name for isa in ISAS)
+_BY_NAME = {isa.name: isa for isa in ISAS}
+ISA_ENV = "LLMC_CPU_ISA"  # names the ISA to use instead of the best one (tests, benchmarks)
+_X86_MACHINES = frozenset({"x86_64", "amd64", "i686", "i386"})  # platform.machine() where ISAS compile
+_CPUINFO = Path("/proc/cpuinfo")
 # Compiling a source takes ~8 s here; a compiler stuck far beyond that is broken.
 _COMPILE_TIMEOUT_S = 300
 _CACHE_ENV = "LLMC_CACHE_DIR"
 
-_loaded: dict[str, str] = {}  # the one library this process has loaded: its sha256 → path
+_loaded: dict[str, tuple[str, str]] = {}  # the one library this process has loaded: sha256 → (ISA, path)
 _kept_fds: list[int] = []  # memfds of loaded libraries, open for the process's life (see _sealed_copy)
 # Beside each cached library: its sha256, written after it, checked before the library is reused.
 _DIGEST_SUFFIX = ".sha256"
 # The ops a library must register, with their schemas: a library of another llmc is refused.
 OPS = {
-    "qmatmul_vnni": "llmc::qmatmul_vnni(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor",
+    "qmatmul": "llmc::qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor",
     "paged_decode_attention": "llmc::paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
     "Tensor block_tables, Tensor context_lens, int block_size, float scale, int window) -> Tensor",
 }
@@ -54,12 +95,76 @@ _COMPILER_ADVICE = "install a C++20 compiler (g++ or clang++) or name one in $CX
 _DETAIL_CHARS = 2000  # of the compiler's messages kept in the error: the last ones say what failed
 
 
-def unsupported() -> str | None:
-    """Why this CPU cannot run the kernels, or None when it can."""
+def library_name(isa: str) -> str:
+    """The file name of the library compiled for `isa`."""
+    return f"llmc_cpu_kernels.{isa}.so"
+
+
+def host_cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo names); elsewhere what torch can tell. Tests
+    replace this function to play other CPUs."""
+    try:
+        for line in _CPUINFO.read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    flags: set[str] = set()
+    if torch.cpu._is_avx2_supported():
+        flags |= _BY_NAME["avx2"].cpu_flags
     vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    if not torch.cpu._is_avx512_supported() or vnni is None or not vnni():
-        return f"this CPU lacks {ISA} (AVX-512 with VNNI)"
-    return None
+    if torch.cpu._is_avx512_supported() and vnni is not None and vnni():
+        flags |= _BY_NAME["avx512_vnni"].cpu_flags
+    return frozenset(flags)
+
+
+def host_isas() -> list[str]:
+    """The ISAs of ISAS this machine runs, best first."""
+    if platform.machine().lower() not in _X86_MACHINES:
+        return []
+    flags = host_cpu_flags()
+    return [isa.name for isa in ISAS if isa.cpu_flags <= flags]
+
+
+def choose(available: Iterable[str]) -> tuple[str | None, str]:
+    """The ISA to load among `available` (the libraries at hand), and why: $LLMC_CPU_ISA's if set
+    (BadInputError when it is unknown or this CPU lacks it), else the best one this CPU runs; None
+    when there is none."""
+    offered = set(available)
+    runs = host_isas()
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if forced:
+        if forced not in _BY_NAME:
+            raise BadInputError(f"${ISA_ENV}={forced!r} is not an ISA llmc knows; use one of {', '.join(ISA_NAMES)}")
+        if forced not in runs:
+            raise BadInputError(
+                f"${ISA_ENV}={forced} needs {_BY_NAME[forced].description}, which this CPU lacks; "
+                f"it runs {', '.join(runs) or 'none of them'}: unset ${ISA_ENV} or name one of those"
+            )
+        if forced not in offered:
+            return None, f"${ISA_ENV}={forced}, and there is no library for it"
+        return forced, f"${ISA_ENV}={forced}"
+    for name in runs:
+        if name in offered:
+            return name, "the best of the libraries at hand that this CPU runs"
+    offers = ", ".join(sorted(offered)) or "the kernel libraries"
+    return None, f"this CPU runs none of {offers} (it runs: {', '.join(runs) or 'none'})"
+
+
+def unsupported(isa: str | None = None) -> str | None:
+    """Why this CPU cannot run the kernels compiled for `isa` (by default: for any ISA), or None when it can."""
+    runs = host_isas()
+    if isa is None:
+        return None if runs else f"this CPU runs none of llmc's kernel ISAs ({', '.join(ISA_NAMES)})"
+    if isa not in _BY_NAME:
+        return f"{isa!r} is not an ISA this llmc knows ({', '.join(ISA_NAMES)})"
+    return None if isa in runs else f"this CPU lacks {isa} ({_BY_NAME[isa].description})"
+
+
+def buildable() -> list[str]:
+    """The ISAs whose libraries can be compiled here: all of ISAS on x86 (whatever this CPU runs:
+    an artifact built on an AVX2 machine carries AVX-512 kernels for its deployment hosts)."""
+    return list(ISA_NAMES) if platform.machine().lower() in _X86_MACHINES else []
 
 
 def _cache_dir() -> Path:
@@ -71,11 +176,11 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CXX") or "c++")
 
 
-def _compile_command(source: Path, output: Path) -> list[str]:
+def _compile_command(source: Path, output: Path, isa: str) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    command = [*_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *_ISA_FLAGS]
+    command = [*_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *_BY_NAME[isa].compiler_flags]
     command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-c", str(source), "-o", str(output)]
     return command + [f"-I{path}" for path in include_paths()]
 
@@ -87,7 +192,7 @@ def _link_command(objects: list[Path], output: Path) -> list[str]:
     return command + [f"-L{path}" for path in library_paths()] + ["-ltorch_cpu", "-lc10"]
 
 
-def _build(output: Path, tmp: Path) -> None:
+def _build(output: Path, tmp: Path, isa: str) -> None:
     """Compile every source at once (one compiler process each: parsing torch's headers dominates)
     and link them."""
     objects = [tmp / (source.stem + ".o") for source in SOURCES]
@@ -95,7 +200,7 @@ def _build(output: Path, tmp: Path) -> None:
     failures = []
     try:
         for source, obj in zip(SOURCES, objects, strict=True):
-            command = _compile_command(source, obj)
+            command = _compile_command(source, obj, isa)
             jobs.append(
                 subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
             )
@@ -115,10 +220,10 @@ def _build(output: Path, tmp: Path) -> None:
     )
 
 
-def _cache_key() -> str:
-    """What the library depends on: the compiler, its command lines (flags, torch's headers and
-    ABI, the sources' paths, which the library embeds in its error messages), torch, the sources
-    and this module."""
+def _cache_key(isa: str) -> str:
+    """What the library depends on: the compiler, its command lines (the ISA's flags, torch's
+    headers and ABI, the sources' paths, which the library embeds in its error messages), torch,
+    the sources and headers and this module."""
     version = subprocess.run(
         [*_compiler(), "--version"],
         capture_output=True,
@@ -129,9 +234,9 @@ def _cache_key() -> str:
     ).stdout
     digest = hashlib.sha256(torch.__version__.encode() + version.encode())
     probe = Path("object.o")
-    commands = [_compile_command(source, probe) for source in SOURCES] + [_link_command([probe], probe)]
+    commands = [_compile_command(source, probe, isa) for source in SOURCES] + [_link_command([probe], probe)]
     digest.update(repr(commands).encode())
-    for source in (*SOURCES, Path(__file__)):
+    for source in (*SOURCES, *HEADERS, Path(__file__)):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:32]
 
@@ -174,19 +279,20 @@ def _read_cached(cached: Path) -> bytes | None:
     return data
 
 
-def cached_library() -> bytes:
-    """The compiled kernels' bytes, from the cache (checked against the digest recorded when they
-    were compiled) or compiled now; InternalError when no C++ compiler works here (the build then
-    goes on without them)."""
+def cached_library(isa: str) -> bytes:
+    """The kernels compiled for `isa`, from the cache (checked against the digest recorded when
+    they were compiled) or compiled now; InternalError when no C++ compiler works here (the build
+    then goes on without them)."""
+    name = library_name(isa)
     try:
-        cached = _cache_dir() / _cache_key() / LIBRARY_NAME
+        cached = _cache_dir() / _cache_key(isa) / name
         _private_dir(cached.parent)
         data = _read_cached(cached)
         if data is None:
             with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-                built = Path(tmp) / LIBRARY_NAME
-                log.info("cpu_kernels.compiling", compiler=_compiler())
-                _build(built, Path(tmp))
+                built = Path(tmp) / name
+                log.info("cpu_kernels.compiling", compiler=_compiler(), isa=isa)
+                _build(built, Path(tmp), isa)
                 data = built.read_bytes()
             # The library first, then its digest: a reader that sees the digest sees the library.
             # Two builds racing write the same bytes; a mismatch at worst costs one more compile.
@@ -206,21 +312,27 @@ def install(library: bytes, dest: Path) -> None:
     dest.write_bytes(library)
 
 
-def compile_library(dest: Path) -> None:
-    """The compiled kernels (see cached_library), installed at `dest`."""
-    install(cached_library(), dest)
+def compile_library(dest: Path, isa: str) -> None:
+    """The kernels compiled for `isa` (see cached_library), installed at `dest`."""
+    install(cached_library(isa), dest)
 
 
-def load(path: Path) -> str | None:
-    """Load the kernel library at `path` into this process (see load_bytes); why it cannot be used, or None."""
-    reason = unsupported()
+def load(path: Path, isa: str) -> str | None:
+    """Load the kernel library for `isa` at `path` into this process (see load_bytes); why it
+    cannot be used, or None."""
+    reason = unsupported(isa)
     if reason is not None:
         return reason
     try:
         data = path.read_bytes()
     except OSError as exc:
         return f"the library cannot be read ({exc})"
-    return load_bytes(data)
+    return load_bytes(data, isa)
+
+
+def loaded_isa() -> str | None:
+    """The ISA of the library this process has loaded, or None."""
+    return next((isa for isa, _ in _loaded.values()), None)
 
 
 def _sealed_copy(data: bytes) -> str:
@@ -237,17 +349,18 @@ def _sealed_copy(data: bytes) -> str:
         _kept_fds.append(fd)
         return f"/proc/self/fd/{fd}"
     folder = tempfile.mkdtemp(prefix="llmc-kernels-")  # 0700, ours, never reused
-    path = os.path.join(folder, LIBRARY_NAME)
+    path = os.path.join(folder, "llmc_cpu_kernels.so")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o500)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     return path
 
 
-def load_bytes(data: bytes) -> str | None:
-    """Load a kernel library into this process from these bytes (the ones the caller verified, not
-    a file that could change after the check); return why it cannot be used, or None."""
-    reason = unsupported()
+def load_bytes(data: bytes, isa: str) -> str | None:
+    """Load a kernel library compiled for `isa` into this process from these bytes (the ones the
+    caller verified, not a file that could change after the check); return why it cannot be used,
+    or None."""
+    reason = unsupported(isa)
     if reason is not None:
         return reason
     digest = hashlib.sha256(data).hexdigest()
@@ -268,15 +381,15 @@ def load_bytes(data: bytes) -> str | None:
         if found != schema:
             return f"the library is not this llmc's: its op {name} is {found or 'missing'}"
     _register_fakes()
-    _loaded[digest] = path
-    log.info("cpu_kernels.loaded", sha256=digest)
+    _loaded[digest] = (isa, path)
+    log.info("cpu_kernels.loaded", sha256=digest, isa=isa)
     return None
 
 
 def _register_fakes() -> None:
     """Shapes of the ops for torch.export (the builder traces with fake tensors)."""
 
-    @torch.library.register_fake("llmc::qmatmul_vnni")
+    @torch.library.register_fake("llmc::qmatmul")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0] * scales.shape[-1]), dtype=torch.float32)
 

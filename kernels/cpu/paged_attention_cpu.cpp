@@ -1,4 +1,4 @@
-// Decode attention over the paged KV cache on AVX-512 CPUs: one query per sequence, read from
+// Decode attention over the paged KV cache on x86 CPUs (AVX-512 or AVX2, one library per ISA): one query per sequence, read from
 // the cache in place (no gathered copy of the keys and values, which the plain-torch path makes).
 //
 // Each (sequence, KV head) is computed on its own, in a fixed order, whatever else is in the
@@ -14,7 +14,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,101 +21,18 @@
 #include <limits>
 #include <vector>
 
+// The inner loop (`attend`) for the ISA this file is compiled for, see qmatmul.cpp.
+#if defined(__AVX512F__)
+#include "paged_attention_avx512.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "paged_attention_avx2.h"
+#else
+#error "no inner loop of the paged attention for this instruction set"
+#endif
+
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats per 512-bit vector
-
-// exp(x) for x <= 0 (softmax arguments after the max is subtracted): 2^n * p(r) with
-// x = n ln2 + r, |r| <= ln2 / 2, and p a degree-6 polynomial (relative error below 2e-7).
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 lowest = _mm512_set1_ps(-87.f);  // exp below this underflows float32's normals
-  x = _mm512_max_ps(x, lowest);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split in two for accuracy
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// sum(v[i]) in lane i, for 16 vectors: a transposing tree of 45 shuffles and adds instead of 16
-// full horizontal reductions.
-inline __m512 reduce16(const __m512* v) {
-  __m512 w[8], x[4];
-  for (int k = 0; k < 8; ++k) w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
-                                                   _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-  for (int k = 0; k < 4; ++k) {
-    const __m512d a = _mm512_castps_pd(w[2 * k]), b = _mm512_castps_pd(w[2 * k + 1]);
-    x[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
-  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, 0x88), _mm512_shuffle_f32x4(z01, z23, 0xDD));
-}
-
-// One (sequence, KV head): its `kGroup` query heads over `count` cached positions whose rows are
-// at `rows` (slot * kv_heads + kv head), keys and values of kVecs vectors each.
-template <int kVecs, int kGroup>
-void attend(const float* q, const float* keys, const float* values, const int64_t* rows, int64_t count, float scale,
-            float* scores, float* out) {
-  constexpr int64_t kDim = kVecs * kLanes;
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t c = 0; c < count; c += kLanes) {  // scores, 16 positions at a time
-    const int64_t m = std::min<int64_t>(kLanes, count - c);
-    const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
-    for (int g = 0; g < kGroup; ++g) {
-      __m512 part[kLanes];
-      for (int64_t i = 0; i < kLanes; ++i) {
-        part[i] = _mm512_setzero_ps();
-        if (i < m) {
-          const float* key = keys + rows[c + i] * kDim;
-          for (int j = 0; j < kVecs; ++j)
-            part[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * kDim + j * kLanes), _mm512_loadu_ps(key + j * kLanes), part[i]);
-        }
-      }
-      _mm512_mask_storeu_ps(scores + g * count + c, valid, _mm512_mul_ps(reduce16(part), vscale));
-    }
-  }
-  float inv[kGroup];
-  for (int g = 0; g < kGroup; ++g) {  // softmax numerators in place, and 1 / their sum
-    float* s = scores + g * count;
-    __m512 peak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < count; i += kLanes) {
-      const __mmask16 valid = static_cast<__mmask16>(count - i >= kLanes ? 0xFFFF : (1u << (count - i)) - 1);
-      peak = _mm512_mask_max_ps(peak, valid, peak, _mm512_maskz_loadu_ps(valid, s + i));
-    }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t i = 0; i < count; i += kLanes) {
-      const __mmask16 valid = static_cast<__mmask16>(count - i >= kLanes ? 0xFFFF : (1u << (count - i)) - 1);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + i), top));
-      _mm512_mask_storeu_ps(s + i, valid, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
-    }
-    inv[g] = 1.f / _mm512_reduce_add_ps(total);
-  }
-  __m512 acc[kGroup][kVecs];
-  for (int g = 0; g < kGroup; ++g)
-    for (int j = 0; j < kVecs; ++j) acc[g][j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < count; ++t) {  // weighted sum of the values
-    const float* value = values + rows[t] * kDim;
-    __m512 v[kVecs];
-    for (int j = 0; j < kVecs; ++j) v[j] = _mm512_loadu_ps(value + j * kLanes);
-    for (int g = 0; g < kGroup; ++g) {
-      const __m512 p = _mm512_set1_ps(scores[g * count + t]);
-      for (int j = 0; j < kVecs; ++j) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
-    }
-  }
-  for (int g = 0; g < kGroup; ++g)
-    for (int j = 0; j < kVecs; ++j)
-      _mm512_storeu_ps(out + g * kDim + j * kLanes, _mm512_mul_ps(acc[g][j], _mm512_set1_ps(inv[g])));
-}
+using namespace llmc_attention;
 
 using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, float, float*, float*);
 
@@ -153,7 +69,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "paged_decode_attention: caches do not match q");
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "paged_decode_attention: heads must be a multiple of kv heads");
   const int64_t group = heads / kv_heads;
-  const AttendFn run = d == 64 ? attend_for_group<4>(group) : d == 128 ? attend_for_group<8>(group) : nullptr;
+  const AttendFn run = d == 64 ? attend_for_group<64 / kLanes>(group) : d == 128 ? attend_for_group<128 / kLanes>(group) : nullptr;
   TORCH_CHECK(run != nullptr, "paged_decode_attention: head_dim 64 or 128 and up to 8 query heads per kv head");
   TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch && block_size > 0,
               "paged_decode_attention: one table and length per sequence");

@@ -12,9 +12,10 @@ Three fast paths, chosen per format by measurement on SmolLM2's shapes (docs/BEN
 - dense: every other format is dequantized once at load into bf16 and multiplied by oneDNN's bf16
   GEMM (the weights then take 2 bytes each in memory; the artifact still holds the blocks).
 All take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-only on CPUs.
-- vnni: with `vnni` (llmc's own kernel library loaded, kernels/cpu/cpu_kernels.py, on an AVX-512 VNNI
-  CPU), every format of kernels/cpu/qmatmul_vnni.py takes that kernel instead of int4 or pairs for
-  fewer than VNNI_DENSE_MIN_ROWS rows: 2-4x faster than torch's int4 kernel at one row.
+- kernel: with `cpu_kernels` (llmc's own kernel library loaded, kernels/cpu/cpu_kernels.py, built
+  for the host's ISA: AVX-512 VNNI, AVX-VNNI or AVX2), every format of kernels/cpu/qmatmul_vnni.py
+  takes its quantized matmul instead of int4 or pairs for fewer than KERNEL_DENSE_MIN_ROWS rows:
+  2-4x faster than torch's int4 kernel at one row.
 
 The int4 kernel is the fastest for a few rows of activations but computes slowly: with enough
 rows a bf16 GEMM over a dense copy wins, from INT4_DENSE_MIN_ROWS rows for one int4 matmul and
@@ -50,8 +51,8 @@ COMPUTE_DTYPE = torch.bfloat16
 # the layers) and slower at 32 (46.4 vs 37.2); the q8_0 pair loses from 8 rows (lm_head 5.6 vs 4.3).
 INT4_DENSE_MIN_ROWS = 32
 PAIR_DENSE_MIN_ROWS = 8
-# The VNNI kernel reads each weight once per 4 activation rows, from cache after the first.
-VNNI_DENSE_MIN_ROWS = 32
+# llmc's kernel reads each weight once per 4 activation rows, from cache after the first.
+KERNEL_DENSE_MIN_ROWS = 32
 DENSE_MIN_ROWS = min(INT4_DENSE_MIN_ROWS, PAIR_DENSE_MIN_ROWS)  # where the first weight switches
 # The weight forms a compiled package is traced with, as the row count whose choices it pins:
 # "packed" every int4 form, "dense" what DENSE_MIN_ROWS rows take (pairs dense, single int4 packed).
@@ -107,22 +108,22 @@ class CpuQMatmul(nn.Module):
     scales_zeros: torch.Tensor | None
     packed_low: torch.Tensor | None  # the int4 pair's second half
     scales_zeros_low: torch.Tensor | None
-    vnni_weight: torch.Tensor | None  # kernels/cpu/qmatmul_vnni.py's layout
-    vnni_scales: torch.Tensor | None
+    kernel_weight: torch.Tensor | None  # llmc's kernel's layout, kernels/cpu/qmatmul_vnni.py
+    kernel_scales: torch.Tensor | None
     dense: torch.Tensor | None
 
-    def __init__(self, blocks: torch.Tensor, fmt: str, dense_copy: bool = False, vnni: bool = False) -> None:
+    def __init__(self, blocks: torch.Tensor, fmt: str, dense_copy: bool = False, cpu_kernels: bool = False) -> None:
         super().__init__()
         self.fmt = fmt
         self.pinned_rows: int | None = None  # choose forms as for this many rows (weight_form)
         self.out_features = blocks.shape[0]
         info = FORMATS[fmt]
         self.in_features = blocks.shape[1] // info.type_size * info.block_size
-        packed = scales_zeros = packed_low = scales_zeros_low = vnni_weight = vnni_scales = dense = None
-        self.vnni_bits = 0
-        vnni_forms = self._vnni_forms(blocks, dense_copy) if vnni else None
-        if vnni_forms is not None:
-            vnni_weight, vnni_scales, dense = vnni_forms
+        packed = scales_zeros = packed_low = scales_zeros_low = kernel_weight = kernel_scales = dense = None
+        self.kernel_bits = 0
+        kernel_forms = self._kernel_forms(blocks, dense_copy) if cpu_kernels else None
+        if kernel_forms is not None:
+            kernel_weight, kernel_scales, dense = kernel_forms
         elif fmt in INT4_FORMATS and self.out_features % _INT4_N_MULTIPLE == 0:
             parts = int4_parts(blocks, fmt)
             packed, scales_zeros = _pack_int4(*parts)
@@ -132,31 +133,31 @@ class CpuQMatmul(nn.Module):
             high, low = _INT4_PAIRS[fmt](blocks)
             packed, scales_zeros = _pack_int4(*high)
             packed_low, scales_zeros_low = _pack_int4(*low)
-        if dense is None and ((packed is None and vnni_weight is None) or dense_copy):
+        if dense is None and ((packed is None and kernel_weight is None) or dense_copy):
             dense = info.dequantize(blocks).to(COMPUTE_DTYPE)
-        if vnni_weight is not None:
-            self.dense_from_rows = VNNI_DENSE_MIN_ROWS
+        if kernel_weight is not None:
+            self.dense_from_rows = KERNEL_DENSE_MIN_ROWS
         else:
             self.dense_from_rows = PAIR_DENSE_MIN_ROWS if packed_low is not None else INT4_DENSE_MIN_ROWS
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.register_buffer("packed_low", packed_low, persistent=False)
         self.register_buffer("scales_zeros_low", scales_zeros_low, persistent=False)
-        self.register_buffer("vnni_weight", vnni_weight, persistent=False)
-        self.register_buffer("vnni_scales", vnni_scales, persistent=False)
+        self.register_buffer("kernel_weight", kernel_weight, persistent=False)
+        self.register_buffer("kernel_scales", kernel_scales, persistent=False)
         self.register_buffer("dense", dense, persistent=False)
 
-    def _vnni_forms(
+    def _kernel_forms(
         self, blocks: torch.Tensor, dense_copy: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """The VNNI kernel's weight and scales (and the dense copy from the same parts), or None
+        """llmc's kernel's weight and scales (and the dense copy from the same parts), or None
         where the kernel does not take this weight."""
         if not qmatmul_vnni.fits(self.fmt, self.out_features):
             return None
         bits, parts = qmatmul_vnni.parts(blocks, self.fmt)
         if not qmatmul_vnni.scales_fit(*parts[1:]):
             return None
-        self.vnni_bits = bits
+        self.kernel_bits = bits
         weight, scales = qmatmul_vnni.pack(*parts, bits)
         if not dense_copy:
             return weight, scales, None
@@ -167,7 +168,7 @@ class CpuQMatmul(nn.Module):
     @property
     def has_small_batch_form(self) -> bool:
         """Whether a form other than the dense copy serves calls of few rows."""
-        return self.packed is not None or self.vnni_weight is not None
+        return self.packed is not None or self.kernel_weight is not None
 
     def _pair(self, xc: torch.Tensor) -> torch.Tensor:
         high = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP, self.scales_zeros)
@@ -182,9 +183,9 @@ class CpuQMatmul(nn.Module):
         return (rows if self.pinned_rows is None else self.pinned_rows) >= self.dense_from_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vnni_weight is not None and not self._use_dense(x.shape[0]):
-            assert self.vnni_scales is not None
-            return qmatmul_vnni.qmatmul_vnni(x, self.vnni_weight, self.vnni_scales, self.vnni_bits).to(x.dtype)
+        if self.kernel_weight is not None and not self._use_dense(x.shape[0]):
+            assert self.kernel_scales is not None
+            return qmatmul_vnni.qmatmul(x, self.kernel_weight, self.kernel_scales, self.kernel_bits).to(x.dtype)
         xc = x.to(COMPUTE_DTYPE)
         if self._use_dense(x.shape[0]):
             assert self.dense is not None

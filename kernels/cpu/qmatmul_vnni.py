@@ -1,4 +1,4 @@
-"""The CPU's VNNI matmul over GGML weights (kernels/cpu/qmatmul_vnni.cpp), its layout and its reference.
+"""llmc's CPU matmul over GGML weights (kernels/cpu/qmatmul.cpp, every ISA), its layout and its reference.
 
 Every GGML format is u * scale + offset per group of 32 weights (16 for q2k, q3k and q6k), with
 u an unsigned integer: up to 4-bit for q4_0, q4_1, q4k, q3k (u = q + 4) and q2k (stored two per
@@ -57,7 +57,7 @@ def parts(blocks: torch.Tensor, fmt: str) -> tuple[int, Parts]:
 
 def pack(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, scale, offset) → the kernel's weight uint8 [N / 16, K / G * 16 * G * bits / 8] and
-    scales float16 [N / 16, K / G, 2, 16] (layout in qmatmul_vnni.cpp). None of the scales may
+    scales float16 [N / 16, K / G, 2, 16] (layout in qmatmul.cpp). None of the scales may
     overflow float16 (the caller checks `scales_fit`)."""
     n, k = u.shape
     blocks, groups = n // ROWS, scale.shape[1]
@@ -110,8 +110,8 @@ def reference_vnni_matmul(x: torch.Tensor, weight: torch.Tensor, group: int) -> 
     return (quantize_activations(x, group).double() @ weight.double().T).float()
 
 
-def qmatmul_vnni(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """x [M, K] (any float dtype) @ the packed weight → float32 [M, N]; needs the kernel library
     loaded (kernels/cpu/cpu_kernels.py)."""
-    out: torch.Tensor = torch.ops.llmc.qmatmul_vnni(x, weight, scales, bits)
+    out: torch.Tensor = torch.ops.llmc.qmatmul(x, weight, scales, bits)
     return out

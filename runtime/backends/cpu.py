@@ -56,22 +56,27 @@ def physical_memory() -> int | None:
 
 
 def load_cpu_kernels(artifact: Artifact) -> bool:
-    """Load the artifact's CPU kernel library into this process where it can run here; False (with
-    a warning saying why, when the artifact has one) where the model must use torch's kernels."""
-    info = artifact.manifest.kernels_for("cpu")
-    if info is None:
+    """Load the best of the artifact's CPU kernel libraries (one per ISA) that this CPU runs, or the
+    one $LLMC_CPU_ISA names (BadInputError where this CPU lacks it), into this process; False (with
+    a warning saying why, when the artifact has any) where the model must use torch's kernels."""
+    libraries = artifact.manifest.kernels_for("cpu")
+    if not libraries:
         return False
     torch_version = torch.__version__.split("+")[0]
-    if info.isa != cpu_kernels.ISA:
-        reason: str | None = f"they need {info.isa}, this llmc's kernels need {cpu_kernels.ISA}"
-    elif info.torch_version != torch_version:
-        reason = f"they were compiled for torch {info.torch_version}, this is torch {torch_version}"
+    usable = {library.isa: library for library in libraries if library.torch_version == torch_version}
+    isa, why = cpu_kernels.choose(usable)
+    if isa is None:
+        reason: str | None = why
+        if not usable:
+            reason = f"they were compiled for torch {libraries[0].torch_version}, this is torch {torch_version}"
     else:
         # Loaded from the very bytes whose sha256 was checked (the manifest lists the file: validate).
-        reason = cpu_kernels.load_bytes(artifact.read_verified(info.file))
+        reason = cpu_kernels.load_bytes(artifact.read_verified(usable[isa].file), isa)
     if reason is not None:
         log.warning("engine.cpu_kernels_not_used", reason=reason)
-    return reason is None
+        return False
+    log.info("engine.cpu_kernels", isa=isa, why=why, available=sorted(usable))
+    return True
 
 
 def want_dense_copies(setting: bool | None, manifest: Manifest) -> bool:
@@ -173,10 +178,10 @@ class CpuBackend(Backend):
         quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
         self.dense_copies = want_dense_copies(self.options.dense_weights, manifest)
         self.kernels_loaded = load_cpu_kernels(artifact)
-        vnni = self.kernels_loaded  # quantized layers take the VNNI matmul, decode attention the paged kernel
+        loaded = self.kernels_loaded  # quantized layers take llmc's matmul, decode attention the paged kernel
         kernels = DeviceKernels(
-            matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, vnni=vnni),
-            attention=PagedAttention(cpu_kernel=vnni),
+            matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, cpu_kernels=loaded),
+            attention=PagedAttention(cpu_kernel=loaded),
         )
         weights = dict(artifact.weights())  # memory-mapped from the artifact, not copied
         model = build_model(manifest.model, weights, max_positions, quant, dtype, kernels)
@@ -217,4 +222,10 @@ class CpuBackend(Backend):
         return usable.get("dense") if batch >= DENSE_MIN_ROWS and "dense" in usable else usable.get("packed")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "dense_weights": self.dense_copies, "cpu_kernels": self.kernels_loaded}
+        isa = cpu_kernels.loaded_isa() if self.kernels_loaded else None
+        return {
+            **super().describe(),
+            "dense_weights": self.dense_copies,
+            "cpu_kernels": self.kernels_loaded,
+            "cpu_isa": isa,
+        }

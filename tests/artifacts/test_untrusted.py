@@ -24,7 +24,6 @@ from llmc.artifacts.manifest import MANIFEST_NAME
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadArtifactError, BadInputError
-from llmc.kernels.cpu import cpu_kernels
 from tests.helpers import open_engine
 
 Edit = Callable[[dict[str, Any]], None]
@@ -92,7 +91,7 @@ def _compiled_step(package: str, constants: str = "model.safetensors") -> Edit:
 
 
 def _kernels(file: str) -> Edit:
-    return _set("targets", "cpu", "kernels", value={"file": file, "torch_version": "0", "isa": cpu_kernels.ISA})
+    return _set("targets", "cpu", "kernels", value=[{"file": file, "torch_version": "0", "isa": "avx2"}])
 
 
 def _add_listed(path: str) -> Edit:
@@ -114,7 +113,7 @@ ESCAPES: dict[str, tuple[Edit, str]] = {
     "chat template ..": (_set("tokenizer", "chat_template_file", value="a/../../x"), r"chat_template_file"),
     "package outside": (_compiled_step("/tmp/evil/decode_cpu.pt2"), r"compiled\[0\]\.package"),
     "constants outside": (_compiled_step("model.safetensors", "../c.safetensors"), r"compiled\[0\]\.constants"),
-    "kernels outside": (_kernels("../../evil.so"), r"cpu\.kernels\.file"),
+    "kernels outside": (_kernels("../../evil.so"), r"cpu\.kernels\[0\]\.file"),
     "report outside": (_set("build", "report_file", value="/etc/shadow"), r"build\.report_file"),
 }
 
@@ -123,7 +122,7 @@ UNLISTED: dict[str, tuple[Edit, str]] = {
     "chat template": (_unlist("chat_template.jinja"), r"tokenizer\.chat_template_file"),
     "tensors": (_unlist("model.safetensors"), r"tensors\[0\]\.file"),
     "compiled package": (_compiled_step("compiled/decode_cpu.pt2"), r"compiled\[0\]\.package"),
-    "kernel library": (_kernels("kernels/other.so"), r"cpu\.kernels\.file"),
+    "kernel library": (_kernels("kernels/other.so"), r"cpu\.kernels\[0\]\.file"),
     "report": (_set("build", "report_file", value="build_report.json"), r"build\.report_file"),
 }
 

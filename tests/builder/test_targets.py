@@ -42,10 +42,10 @@ def test_an_eager_artifact_records_its_target_and_the_build_machine(eager: Path)
     manifest = Artifact.open(eager).manifest
     host = torch.backends.cpu.get_cpu_capability()
     assert manifest.targets == {"cpu": TargetCode(capability=host)}
-    assert manifest.compiled_for("cpu") == [] and manifest.kernels_for("cpu") is None
-    assert manifest.compiled_for("cuda") == [] and manifest.kernels_for("cuda") is None
+    assert manifest.compiled_for("cpu") == [] and manifest.kernels_for("cpu") == []
+    assert manifest.compiled_for("cuda") == [] and manifest.kernels_for("cuda") == []
     status = target_status("cpu", manifest.targets["cpu"])
-    assert status == {"capability": host, "this_host": host, "kernels": None, "compiled": []}
+    assert status == {"capability": host, "this_host": host, "kernels": [], "compiled": []}
 
 
 def _with_targets(art: Path, targets: dict[str, object]) -> None:

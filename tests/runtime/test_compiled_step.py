@@ -71,7 +71,7 @@ def tiny_q8_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = make_tiny_llama(tmp_path_factory.mktemp("aot-q8-src") / "llama")
     out = tmp_path_factory.mktemp("aot-q8") / "tiny"
     result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS), isq="q8_0", cpu_kernels=False)
-    assert result.manifest.kernels_for("cpu") is None
+    assert result.manifest.kernels_for("cpu") == []
     return out
 
 
@@ -86,16 +86,16 @@ def tiny_q8_vnni(cpu_kernels_loaded: None, tmp_path_factory: pytest.TempPathFact
 
 def test_vnni_build_has_one_package_calling_the_kernels_and_matches_eager(tiny_q8_vnni: Path) -> None:
     manifest = json.loads((tiny_q8_vnni / "manifest.json").read_text())
-    assert manifest["targets"]["cpu"]["kernels"]["file"] in {f["path"] for f in manifest["files"]}
+    assert {k["file"] for k in manifest["targets"]["cpu"]["kernels"]} <= {f["path"] for f in manifest["files"]}
     [step] = manifest["targets"]["cpu"]["compiled"]
     assert (step["weights"], step["cpu_kernels"], step["buckets"]) == ("packed", True, list(BUCKETS))
     engine = open_engine(tiny_q8_vnni, kv_blocks=256)
-    assert any(isinstance(m, CpuQMatmul) and m.vnni_weight is not None for m in engine.runner.model.modules())
+    assert any(isinstance(m, CpuQMatmul) and m.kernel_weight is not None for m in engine.runner.model.modules())
     _compare(tiny_q8_vnni, manifest["model"]["vocab_size"], (1, 3, 16))
 
 
-def _with_kernels(manifest: Manifest, kernels: KernelLibrary) -> Manifest:
-    """The manifest with another CPU kernel library in its cpu target."""
+def _with_kernels(manifest: Manifest, kernels: list[KernelLibrary]) -> Manifest:
+    """The manifest with other CPU kernel libraries in its cpu target."""
     code = msgspec.structs.replace(manifest.targets["cpu"], kernels=kernels)
     return msgspec.structs.replace(manifest, targets={**manifest.targets, "cpu": code})
 
@@ -103,8 +103,8 @@ def _with_kernels(manifest: Manifest, kernels: KernelLibrary) -> Manifest:
 def test_kernels_compiled_for_another_torch_are_not_loaded(tiny_q8_vnni: Path) -> None:
     artifact = Artifact.open(tiny_q8_vnni)
     kernels = artifact.manifest.kernels_for("cpu")
-    assert kernels is not None
-    other = msgspec.structs.replace(kernels, torch_version="1.0.0")
+    assert kernels
+    other = [msgspec.structs.replace(library, torch_version="1.0.0") for library in kernels]
     assert not load_cpu_kernels(Artifact(artifact.root, _with_kernels(artifact.manifest, other)))
     assert load_cpu_kernels(artifact)
 
@@ -112,8 +112,8 @@ def test_kernels_compiled_for_another_torch_are_not_loaded(tiny_q8_vnni: Path) -
 def test_kernels_the_manifest_does_not_list_are_refused(tiny_q8_vnni: Path) -> None:
     artifact = Artifact.open(tiny_q8_vnni)
     kernels = artifact.manifest.kernels_for("cpu")
-    assert kernels is not None
-    unlisted = msgspec.structs.replace(kernels, file="../elsewhere.so")
+    assert kernels
+    unlisted = [msgspec.structs.replace(library, file="../elsewhere.so") for library in kernels]
     with pytest.raises(BadArtifactError, match="does not list"):
         load_cpu_kernels(Artifact(artifact.root, _with_kernels(artifact.manifest, unlisted)))
 

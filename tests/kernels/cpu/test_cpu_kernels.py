@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmc.builder.build import BuildOptions, build
-from llmc.errors import InternalError
+from llmc.errors import BadInputError, InternalError
 from llmc.kernels.cpu import cpu_kernels
 
 
@@ -17,7 +17,7 @@ def test_a_missing_compiler_is_an_internal_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(InternalError, match="compiling llmc's CPU kernels failed"):
-        cpu_kernels.cached_library()
+        cpu_kernels.cached_library("avx2")
 
 
 def test_without_a_compiler_the_build_goes_on_without_the_kernels(
@@ -26,24 +26,24 @@ def test_without_a_compiler_the_build_goes_on_without_the_kernels(
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
     result = build(BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=tmp_path / "a"))
-    assert result.manifest.kernels_for("cpu") is None
+    assert result.manifest.kernels_for("cpu") == []
     assert not (tmp_path / "a" / "kernels").exists()
 
 
 def test_no_cpu_kernels_leaves_them_out(tiny_llama_dir: Path, tmp_path: Path) -> None:
     options = BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=tmp_path / "a")
     result = build(BuildOptions(**{**options.__dict__, "cpu_kernels": False}))
-    assert result.manifest.kernels_for("cpu") is None
+    assert result.manifest.kernels_for("cpu") == []
     assert result.manifest.build.flags["cpu_kernels"] is False
 
 
 def _fake_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[bytes]:
     """Make cached_library "compile" instantly (a counter's bytes) into a cache under tmp_path."""
     monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_kernels, "_cache_key", lambda: "key")
+    monkeypatch.setattr(cpu_kernels, "_cache_key", lambda isa: "key")
     built: list[bytes] = []
 
-    def fake_build(output: Path, tmp: Path) -> None:
+    def fake_build(output: Path, tmp: Path, isa: str) -> None:
         built.append(f"library {len(built)}".encode())
         output.write_bytes(built[-1])
 
@@ -55,15 +55,15 @@ def test_the_kernel_cache_is_reused_only_when_it_matches_its_digest(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     built = _fake_compiler(monkeypatch, tmp_path)
-    cached = tmp_path / "cache" / "cpu_kernels" / "key" / cpu_kernels.LIBRARY_NAME
-    assert cpu_kernels.cached_library() == b"library 0"
-    assert cpu_kernels.cached_library() == b"library 0" and len(built) == 1  # reused
+    cached = tmp_path / "cache" / "cpu_kernels" / "key" / cpu_kernels.library_name("avx2")
+    assert cpu_kernels.cached_library("avx2") == b"library 0"
+    assert cpu_kernels.cached_library("avx2") == b"library 0" and len(built) == 1  # reused
     assert (cached.parent.stat().st_mode & 0o777) == 0o700
     cached.write_bytes(b"tampered")  # e.g. a process that wrote into the cache
-    assert cpu_kernels.cached_library() == b"library 1"  # not reused: compiled again
+    assert cpu_kernels.cached_library("avx2") == b"library 1"  # not reused: compiled again
     assert cached.read_bytes() == b"library 1"
     cached.with_name(cached.name + ".sha256").unlink()  # a library without its digest is not trusted either
-    assert cpu_kernels.cached_library() == b"library 2"
+    assert cpu_kernels.cached_library("avx2") == b"library 2"
 
 
 def test_a_kernel_cache_others_can_write_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -72,12 +72,12 @@ def test_a_kernel_cache_others_can_write_is_refused(monkeypatch: pytest.MonkeyPa
     folder.mkdir(parents=True)
     folder.chmod(0o777)
     with pytest.raises(InternalError, match="writable by others"):
-        cpu_kernels.cached_library()
+        cpu_kernels.cached_library("avx2")
 
 
 def test_the_library_is_loaded_from_the_bytes_given(cpu_kernels_loaded: None) -> None:
     """load_bytes maps a sealed in-memory copy: nothing on disk can change what was checked."""
-    [(digest, path)] = cpu_kernels._loaded.items()
+    [(digest, (_, path))] = cpu_kernels._loaded.items()
     assert path.startswith("/proc/self/fd/") or "llmc-kernels-" in path
     with open(path, "rb") as fh:
         assert hashlib.sha256(fh.read()).hexdigest() == digest
@@ -88,3 +88,73 @@ def test_the_library_is_loaded_from_the_bytes_given(cpu_kernels_loaded: None) ->
                 os.write(fd, b"patched")  # sealed against writes
         finally:
             os.close(fd)
+
+
+# /proc/cpuinfo flags of three kinds of x86 host
+AVX2_HOST = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+AVX_VNNI_HOST = AVX2_HOST | {"avx_vnni"}
+AVX512_HOST = AVX_VNNI_HOST | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+
+
+@pytest.fixture
+def x86(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv(cpu_kernels.ISA_ENV, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (AVX512_HOST, ["avx512_vnni", "avx_vnni", "avx2"]),
+        (AVX512_HOST - {"avx_vnni"}, ["avx512_vnni", "avx2"]),  # e.g. Ice Lake: AVX-512 VNNI, no AVX-VNNI
+        (AVX_VNNI_HOST, ["avx_vnni", "avx2"]),
+        (AVX2_HOST, ["avx2"]),
+        (AVX2_HOST - {"f16c"}, []),
+        (frozenset(), []),
+    ],
+)
+def test_the_host_isas_follow_the_cpu_flags(
+    x86: None, monkeypatch: pytest.MonkeyPatch, flags: frozenset[str], expected: list[str]
+) -> None:
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: flags)
+    assert cpu_kernels.host_isas() == expected
+    chosen, _ = cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+    assert chosen == (expected[0] if expected else None)
+
+
+def test_the_dispatcher_never_picks_an_isa_the_host_lacks(x86: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: AVX2_HOST)
+    chosen, why = cpu_kernels.choose(["avx512_vnni", "avx2"])
+    assert (chosen, why) == ("avx2", "the best of the libraries at hand that this CPU runs")
+    chosen, why = cpu_kernels.choose(["avx512_vnni", "avx_vnni"])
+    assert chosen is None and "runs none of avx512_vnni, avx_vnni" in why
+    assert cpu_kernels.unsupported("avx512_vnni") == "this CPU lacks avx512_vnni (AVX-512 with VNNI)"
+    # and refuses to load such a library before it could execute an illegal instruction
+    assert cpu_kernels.load_bytes(b"not loaded", "avx512_vnni") == "this CPU lacks avx512_vnni (AVX-512 with VNNI)"
+
+
+def test_llmc_cpu_isa_forces_a_lower_isa_and_refuses_one_the_host_lacks(
+    x86: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: AVX_VNNI_HOST)
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "AVX2")
+    assert cpu_kernels.choose(cpu_kernels.ISA_NAMES) == ("avx2", "$LLMC_CPU_ISA=avx2")
+    assert cpu_kernels.choose(["avx_vnni"]) == (None, "$LLMC_CPU_ISA=avx2, and there is no library for it")
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512_vnni")
+    with pytest.raises(BadInputError, match="this CPU lacks; it runs avx_vnni, avx2: unset"):
+        cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "sse2")
+    with pytest.raises(BadInputError, match="not an ISA llmc knows; use one of avx512_vnni, avx_vnni, avx2"):
+        cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma f16c avx_vnni\n\n")
+    monkeypatch.setattr(cpu_kernels, "_CPUINFO", cpuinfo)
+    assert cpu_kernels.host_cpu_flags() == {"fpu", "sse2", "avx2", "fma", "f16c", "avx_vnni"}
+
+
+def test_not_x86_builds_and_runs_no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
+    assert cpu_kernels.buildable() == [] and cpu_kernels.host_isas() == []

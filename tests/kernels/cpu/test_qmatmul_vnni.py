@@ -1,21 +1,25 @@
-"""The VNNI matmul (kernels/cpu/qmatmul_vnni.cpp): its parts and layout against the reference
-dequantizers, and the compiled kernel against its plain-torch reference."""
+"""llmc's quantized matmul (kernels/cpu/qmatmul.cpp): its parts and layout against the reference
+dequantizers, and the compiled kernel against its plain-torch reference, for the ISA loaded here
+(the best this CPU runs, or $LLMC_CPU_ISA's) and, in child processes, for every other ISA it runs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from llmc.kernels.cpu import cpu_kernels
-from llmc.kernels.cpu.qmatmul_cpu import VNNI_DENSE_MIN_ROWS, CpuQMatmul
+from llmc.kernels.cpu.qmatmul_cpu import KERNEL_DENSE_MIN_ROWS, CpuQMatmul
 from llmc.kernels.cpu.qmatmul_vnni import (
     FORMATS,
     PARTS_EXACT,
     pack,
     parts,
-    qmatmul_vnni,
+    qmatmul,
     quantize_activations,
     reference_vnni_matmul,
     unpack,
@@ -60,21 +64,27 @@ def test_activations_quantize_per_32_to_int8_levels() -> None:
     assert torch.equal(q[1, 0], torch.zeros(32))
 
 
+# (activation rows, output rows): every tail of the row tiles, N any multiple of 16
+SHAPES = [(1, 16), (2, 48), (3, 64), (4, 80), (5, 16), (7, 48), (8, 64), (17, 32), (64, 48)]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 5, 8])
-def test_kernel_matches_its_reference(cpu_kernels_loaded: None, fmt: str, m: int) -> None:
+@pytest.mark.parametrize(("m", "n"), SHAPES)
+def test_kernel_matches_its_reference(cpu_kernels_loaded: None, fmt: str, m: int, n: int) -> None:
+    """Odd shapes: every tail of the activation-row tiles, N any multiple of 16, K a few groups."""
     gen = torch.Generator().manual_seed(10 + m)
-    blocks = random_blocks(fmt, 64, 768 if BLOCK_FORMATS[fmt].block_size == 256 else 96, gen)
+    blocks = random_blocks(fmt, n, 768 if BLOCK_FORMATS[fmt].block_size == 256 else 96, gen)
     bits, (u, scale, offset) = parts(blocks, fmt)
     weight, scales = pack(u, scale, offset, bits)
     x = torch.randn(m, u.shape[1], generator=gen)
-    y = qmatmul_vnni(x, weight, scales, bits)
+    y = qmatmul(x, weight, scales, bits)
     expected = reference_vnni_matmul(x, unpack(weight, scales, bits), u.shape[1] // scale.shape[1])
-    assert y.dtype == torch.float32 and y.shape == (m, 64)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    # and against the float reference, within the int8 activations' error
+    # and against the float reference, within the int8 activations' error (~2%, more spread when
+    # there are few outputs: 16 of one row)
     ref = reference_qmatmul(x, blocks, fmt)
-    assert float((y - ref).norm() / ref.norm()) < 2e-2
+    assert float((y - ref).norm() / ref.norm()) < 3e-2
 
 
 def test_kernel_takes_bf16_activations(cpu_kernels_loaded: None) -> None:
@@ -84,7 +94,7 @@ def test_kernel_takes_bf16_activations(cpu_kernels_loaded: None) -> None:
     weight, scales = pack(u, scale, offset, bits)
     x = torch.randn(2, 128, generator=gen).bfloat16()
     expected = reference_vnni_matmul(x.float(), unpack(weight, scales, bits), 32)
-    torch.testing.assert_close(qmatmul_vnni(x, weight, scales, bits), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(qmatmul(x, weight, scales, bits), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_kernel_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
@@ -92,39 +102,39 @@ def test_kernel_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
     bits, (u, scale, offset) = parts(blocks, "q8_0")
     weight, scales = pack(u, scale, offset, bits)
     with pytest.raises(RuntimeError, match="16 or 32 inputs per scale group"):
-        qmatmul_vnni(torch.randn(1, 96), weight, scales, bits)
+        qmatmul(torch.randn(1, 96), weight, scales, bits)
     with pytest.raises(RuntimeError, match="weight does not match K"):
-        qmatmul_vnni(torch.randn(1, 64), weight, scales, 4)
+        qmatmul(torch.randn(1, 64), weight, scales, 4)
     with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
-        qmatmul_vnni(torch.randn(1, 64), weight, scales, 5)
+        qmatmul(torch.randn(1, 64), weight, scales, 5)
 
 
 def test_a_second_different_library_is_refused(cpu_kernels_loaded: None, tmp_path: Path) -> None:
     other = tmp_path / "other.so"
     other.write_bytes(b"not the same library")
-    assert cpu_kernels.load(other) == "another version of llmc's CPU kernels is already loaded"
+    assert cpu_kernels.load(other, "avx2") == "another version of llmc's CPU kernels is already loaded"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_dense_copy_beside_the_vnni_form_equals_the_dequantized_weight_in_bf16(fmt: str) -> None:
+def test_dense_copy_beside_the_kernel_form_equals_the_dequantized_weight_in_bf16(fmt: str) -> None:
     blocks = random_blocks(fmt, 32, 512, torch.Generator().manual_seed(7))
-    matmul = CpuQMatmul(blocks, fmt, dense_copy=True, vnni=True)
-    assert matmul.vnni_weight is not None and matmul.dense is not None
+    matmul = CpuQMatmul(blocks, fmt, dense_copy=True, cpu_kernels=True)
+    assert matmul.kernel_weight is not None and matmul.dense is not None
     assert torch.equal(matmul.dense, BLOCK_FORMATS[fmt].dequantize(blocks).bfloat16())
 
 
 @pytest.mark.parametrize("m", [1, 3, 31, 32, 40])
-def test_cpu_qmatmul_takes_the_vnni_kernel_below_the_dense_switch(cpu_kernels_loaded: None, m: int) -> None:
+def test_cpu_qmatmul_takes_the_kernel_below_the_dense_switch(cpu_kernels_loaded: None, m: int) -> None:
     blocks = random_blocks("q4k", 48, 512, torch.Generator().manual_seed(8))
-    matmul = CpuQMatmul(blocks, "q4k", dense_copy=True, vnni=True)
+    matmul = CpuQMatmul(blocks, "q4k", dense_copy=True, cpu_kernels=True)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
     ref = reference_qmatmul(x, blocks, "q4k")
     y = matmul(x)
     assert y.dtype == x.dtype
-    if m < VNNI_DENSE_MIN_ROWS:
-        bits, group = matmul.vnni_bits, 32
-        assert matmul.vnni_weight is not None and matmul.vnni_scales is not None
-        expected = reference_vnni_matmul(x, unpack(matmul.vnni_weight, matmul.vnni_scales, bits), group)
+    if m < KERNEL_DENSE_MIN_ROWS:
+        bits, group = matmul.kernel_bits, 32
+        assert matmul.kernel_weight is not None and matmul.kernel_scales is not None
+        expected = reference_vnni_matmul(x, unpack(matmul.kernel_weight, matmul.kernel_scales, bits), group)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert float((y - ref).norm() / ref.norm()) < 2e-2
 
@@ -135,5 +145,58 @@ def test_non_finite_activations_reach_the_output(cpu_kernels_loaded: None) -> No
     weight, scales = pack(u, scale, offset, bits)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(9))
     x[0, 3] = float("nan")
-    y = qmatmul_vnni(x, weight, scales, bits)
+    y = qmatmul(x, weight, scales, bits)
     assert bool(y[0].isnan().all()) and bool(y[1].isfinite().all())
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, 32), (8, 16), (4, 32), (4, 16)])
+def test_extreme_values_do_not_saturate(cpu_kernels_loaded: None, bits: int, group: int) -> None:
+    """The largest products the formats allow (q8_0's u = 255 and u = 0, 4-bit's 15) by activations
+    of +-127 in every lane: where AVX2 sums pairs in int16, a saturating sum would come out short."""
+    n, k = 32, 4 * group
+    top = 2**bits - 1
+    u = torch.full((n, k), top, dtype=torch.uint8)
+    u[1::2] = 0  # odd rows: q8_0's most negative weight, -128
+    u[2::4, ::3] = top // 2  # and some rows mixed
+    scale = torch.full((n, k // group), 1.0)
+    offset = torch.full((n, k // group), -(2.0 ** (bits - 1)))
+    weight, scales = pack(u, scale, offset, bits)
+    x = torch.ones(4, k)
+    x[1] = -1.0  # all -127
+    x[2, ::2] = -1.0  # alternating signs
+    x[3] = torch.linspace(-1.0, 1.0, k)
+    y = qmatmul(x, weight, scales, bits)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), group)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))  # saturation: ~50%
+
+
+# A child runs two test files (about 20 s here, 2 cores shared) after compiling its library if the
+# cache lacks it (about 30 s): far below this, which only stops a hung child.
+CHILD_TIMEOUT_S = 600
+# In the child: every test of this file but this one, and the paged attention's kernel tests.
+_CHILD_TESTS = "not every_isa and (cpu_kernel or not test_paged_attention)"
+
+
+def _other_isas() -> list[str]:
+    chosen, _ = cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+    return [isa for isa in cpu_kernels.host_isas() if isa != chosen]
+
+
+@pytest.mark.skipif(bool(os.environ.get(cpu_kernels.ISA_ENV)), reason="a child run: one ISA per process")
+@pytest.mark.parametrize(
+    "isa", [isa if isa == "avx2" else pytest.param(isa, marks=pytest.mark.slow) for isa in cpu_kernels.ISA_NAMES]
+)
+def test_every_isa_this_cpu_runs_passes_the_kernel_tests(isa: str) -> None:
+    """A process loads one library: the kernel tests of this file and the paged attention's run
+    again in a child process per other ISA (e.g. AVX2 and AVX-VNNI on an AVX-512 machine; AVX2,
+    which every x86-64 CI machine runs, in the quick suite)."""
+    if isa not in _other_isas():
+        pytest.skip(f"{isa} is the ISA loaded here, or this CPU lacks it")
+    tests = Path(__file__).parents[1]
+    files = [str(tests / "cpu" / "test_qmatmul_vnni.py"), str(tests / "test_paged_attention.py")]
+    env = {**os.environ, cpu_kernels.ISA_ENV: isa}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files, "-k", _CHILD_TESTS]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary  # each test ran, none skipped

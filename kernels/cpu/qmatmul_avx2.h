@@ -1,0 +1,112 @@
+// The AVX2 inner loop of the quantized matmul (also built with AVX-VNNI, where `vpdpbusd` on
+// 256-bit registers replaces the two-instruction AVX2 product). Same packed layout as AVX-512: a
+// 64-byte chunk holds 16 rows, so each half of it (one 256-bit vector) is 8 rows, and the block
+// is computed as two halves of 8 rows, each with one vector of int32 sums per activation row.
+//
+// Plain AVX2 has no u8 x s8 -> int32 product: `vpmaddubsw` multiplies u8 by s8 and adds pairs
+// into int16 *with saturation*, then `vpmaddwd` by ones widens to int32 (as llama.cpp does).
+// - 4-bit weights (u <= 15): a pair is at most 2 * 15 * 127 = 3810, so a whole group of 32
+//   (8 such pairs per lane) sums to at most 30480 < 32767 in int16: one widening per group.
+// - 8-bit weights (u up to 255, q8_0's u = q + 128): 2 * 255 * 127 overflows int16. Exact
+//   instead: w = u - 128 (s8), |w| * (x * sign(w)) with `vpsignb` (|w| <= 128 as u8, so a pair
+//   is at most 2 * 128 * 127 = 32512), then sum(u * x) = sum(w * x) + 128 * sum(x).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "qmatmul_common.h"
+
+namespace llmc_qmatmul {
+
+// Activation rows sharing one pass over a weight block. Measured on 1536x576 q4_1/q8_0, one
+// thread (docs/BENCHMARKS.md): plain AVX2 spends 4 instructions per 64 products of 4-bit weights
+// beside the nibble unpacking, which 8 rows share (12% faster at 16 rows than 4, though 16
+// accumulators then spill); with AVX-VNNI the product is one instruction and 4 rows, which keep
+// their accumulators in registers, are 5-15% faster than 8.
+#ifdef __AVXVNNI__
+constexpr int64_t kMaxBatch = 4;
+#else
+constexpr int64_t kMaxBatch = 8;
+#endif
+constexpr int64_t kHalfRows = 8;  // output rows per 256-bit vector of int32 sums
+constexpr float kUnsignedOffset = 128.f;  // 8-bit: u = w + 128
+
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int kGroup, int kBits, int kBatch>
+void half_rows(const uint8_t* w, const at::Half* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+               int64_t ldy, int half) {
+  __m256 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
+  constexpr int64_t kGroupBytes = kRows * kGroup * kBits / 8;
+  constexpr int kChunks = kGroupBytes / 64;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i dot[kBatch];
+    for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_setzero_si256();
+    const uint8_t* wg = w + g * kGroupBytes + half * 32;
+    const int8_t* xg = a.q + g * kGroup;
+    for (int c = 0; c < kChunks; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 64));
+      if constexpr (kBits == 4) {
+        const __m256i nibble = _mm256_set1_epi8(0x0F);
+        const __m256i lo = _mm256_and_si256(v, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < kBatch; ++m) {
+          const __m256i x0 = broadcast4(xg + m * k + c * 8), x1 = broadcast4(xg + m * k + c * 8 + 4);
+#ifdef __AVXVNNI__
+          dot[m] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[m], lo, x0), hi, x1);
+#else
+          // int16 sums, widened once per group (bound in the header comment)
+          dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)));
+#endif
+        }
+      } else {
+#ifdef __AVXVNNI__
+        for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_dpbusd_avx_epi32(dot[m], v, broadcast4(xg + m * k + c * 4));
+#else
+        const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));  // u - 128
+        const __m256i magnitude = _mm256_sign_epi8(ws, ws);  // |u - 128| <= 128, read as u8
+        for (int m = 0; m < kBatch; ++m) {
+          const __m256i xs = _mm256_sign_epi8(broadcast4(xg + m * k + c * 4), ws);
+          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xs), _mm256_set1_epi16(1)));
+        }
+#endif
+      }
+    }
+    const at::Half* sg = sc + g * 2 * kRows + half * kHalfRows;
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
+    const __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + kRows)));
+    for (int m = 0; m < kBatch; ++m) {
+      const int64_t i = m * groups + g;
+      const __m256 sum = _mm256_set1_ps(a.sum[i]);
+      __m256 d;
+#ifdef __AVXVNNI__
+      d = _mm256_cvtepi32_ps(dot[m]);
+#else
+      if constexpr (kBits == 4) {
+        d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[m], _mm256_set1_epi16(1)));
+      } else {
+        d = _mm256_fmadd_ps(_mm256_set1_ps(kUnsignedOffset), sum, _mm256_cvtepi32_ps(dot[m]));  // exact: < 2^24
+      }
+#endif
+      const __m256 t = _mm256_fmadd_ps(scale, d, _mm256_mul_ps(offset, sum));
+      acc[m] = _mm256_fmadd_ps(t, _mm256_set1_ps(a.scale[i]), acc[m]);
+    }
+  }
+  for (int m = 0; m < kBatch; ++m) _mm256_storeu_ps(y + m * ldy + half * kHalfRows, acc[m]);
+}
+
+template <int kGroup, int kBits, int kBatch>
+void block_rows(const uint8_t* w, const at::Half* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+                int64_t ldy) {
+  half_rows<kGroup, kBits, kBatch>(w, sc, a, groups, k, y, ldy, 0);
+  half_rows<kGroup, kBits, kBatch>(w, sc, a, groups, k, y, ldy, 1);
+}
+
+}  // namespace llmc_qmatmul

@@ -1,5 +1,6 @@
-// Decode attention over the paged KV cache on x86 CPUs (AVX-512 or AVX2, one library per ISA): one query per sequence, read from
-// the cache in place (no gathered copy of the keys and values, which the plain-torch path makes).
+// Decode attention over the paged KV cache on CPUs (AVX-512, AVX2 or ARM64 NEON, one library per
+// ISA; the torch op around paged_attention_driver.h): one query per sequence, read from the
+// cache in place (no gathered copy of the keys and values, which the plain-torch path makes).
 //
 // Each (sequence, KV head) is computed on its own, in a fixed order, whatever else is in the
 // batch: the result of a sequence does not depend on the batch it runs in, nor on the padding of
@@ -16,40 +17,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
-// The inner loop (`attend`) for the ISA this file is compiled for, see qmatmul.cpp.
-#if defined(__AVX512F__)
-#include "paged_attention_avx512.h"
-#elif defined(__AVX2__) && defined(__FMA__)
-#include "paged_attention_avx2.h"
-#else
-#error "no inner loop of the paged attention for this instruction set"
-#endif
+#include "paged_attention_driver.h"
 
 namespace {
 
 using namespace llmc_attention;
-
-using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, float, float*, float*);
-
-template <int kVecs>
-AttendFn attend_for_group(int64_t group) {
-  switch (group) {
-    case 1: return &attend<kVecs, 1>;
-    case 2: return &attend<kVecs, 2>;
-    case 3: return &attend<kVecs, 3>;
-    case 4: return &attend<kVecs, 4>;
-    case 5: return &attend<kVecs, 5>;
-    case 6: return &attend<kVecs, 6>;
-    case 7: return &attend<kVecs, 7>;
-    case 8: return &attend<kVecs, 8>;
-    default: return nullptr;
-  }
-}
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
@@ -68,8 +43,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(k_cache.size(2) == d && v_cache.size(0) == slots && v_cache.size(1) == kv_heads && v_cache.size(2) == d,
               "paged_decode_attention: caches do not match q");
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "paged_decode_attention: heads must be a multiple of kv heads");
-  const int64_t group = heads / kv_heads;
-  const AttendFn run = d == 64 ? attend_for_group<64 / kLanes>(group) : d == 128 ? attend_for_group<128 / kLanes>(group) : nullptr;
+  const AttendFn run = attend_fn(d, heads / kv_heads);
   TORCH_CHECK(run != nullptr, "paged_decode_attention: head_dim 64 or 128 and up to 8 query heads per kv head");
   TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch && block_size > 0,
               "paged_decode_attention: one table and length per sequence");
@@ -78,35 +52,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const int64_t cache_blocks = slots / block_size;
-  for (int64_t b = 0; b < batch; ++b) {  // what the compiled step trusts must hold here too
-    // Compared by division: no product of a stranger's values can overflow.
-    TORCH_CHECK(lp[b] >= 1 && (lp[b] - 1) / block_size < width, "paged_decode_attention: a length is outside its table");
-    for (int64_t j = 0; j <= (lp[b] - 1) / block_size; ++j)
-      TORCH_CHECK(tp[b * width + j] >= 0 && tp[b * width + j] < cache_blocks,
-                  "paged_decode_attention: a block id is outside the cache");
-  }
+  const char* error = table_error(tp, lp, batch, width, block_size, cache_blocks);
+  TORCH_CHECK(error == nullptr, "paged_decode_attention: ", error);
   at::Tensor out = at::empty({batch, heads, d}, q.options());
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const auto fscale = static_cast<float>(scale);
+  const Problem p{run, qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, lp,
+                  out.data_ptr<float>(), heads, kv_heads, d, width, block_size, window, static_cast<float>(scale)};
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, n = lp[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, n - window) : 0, count = n - start;
-      rows.resize(count);
-      int64_t block = start / block_size, offset = start % block_size;
-      for (int64_t i = 0; i < count; ++i) {  // row of each position: (slot * kv_heads + h)
-        rows[i] = (tp[b * width + block] * block_size + offset) * kv_heads + h;
-        if (++offset == block_size) offset = 0, ++block;
-      }
-      scores.resize(group * count);
-      run(qp + (b * heads + h * group) * d, kp, vp, rows.data(), count, fscale, scores.data(),
-          op + (b * heads + h * group) * d);
-    }
+    run_tasks(p, first, last, scores, rows);
   });
   return out;
 }

@@ -40,7 +40,7 @@ inline __m256i broadcast4(const int8_t* x) {
 }
 
 template <int kGroup, int kBits, int kBatch>
-void half_rows(const uint8_t* w, const at::Half* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+void half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                int64_t ldy, int half) {
   __m256 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
@@ -79,7 +79,7 @@ void half_rows(const uint8_t* w, const at::Half* sc, const Activations& a, int64
 #endif
       }
     }
-    const at::Half* sg = sc + g * 2 * kRows + half * kHalfRows;
+    const Half16* sg = sc + g * 2 * kRows + half * kHalfRows;
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
     const __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + kRows)));
     for (int m = 0; m < kBatch; ++m) {
@@ -103,7 +103,7 @@ void half_rows(const uint8_t* w, const at::Half* sc, const Activations& a, int64
 }
 
 template <int kGroup, int kBits, int kBatch>
-void block_rows(const uint8_t* w, const at::Half* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                 int64_t ldy) {
   half_rows<kGroup, kBits, kBatch>(w, sc, a, groups, k, y, ldy, 0);
   half_rows<kGroup, kBits, kBatch>(w, sc, a, groups, k, y, ldy, 1);

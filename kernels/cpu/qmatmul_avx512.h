@@ -13,7 +13,7 @@ namespace llmc_qmatmul {
 constexpr int64_t kMaxBatch = 4;  // activation rows sharing one pass over a weight block
 
 template <int kGroup, int kBits, int kBatch>
-void block_rows(const uint8_t* w, const at::Half* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                 int64_t ldy) {
   __m512 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();

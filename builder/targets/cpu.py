@@ -424,7 +424,7 @@ def _start_cpu_kernels(pool: ThreadPoolExecutor) -> dict[str, Future[bytes]] | s
     why they cannot be built here."""
     isas = cpu_kernels.buildable()
     if not isas:
-        return f"llmc's CPU kernels are for x86-64 CPUs ({', '.join(cpu_kernels.ISA_NAMES)})"
+        return f"llmc's CPU kernels are for x86-64 and aarch64 CPUs ({', '.join(cpu_kernels.ISA_NAMES)})"
     return {isa: pool.submit(cpu_kernels.cached_library, isa) for isa in isas}
 
 

@@ -10,10 +10,12 @@ memory (`load_bytes`), never from a file that could change after it was checked.
 registers torch ops for the whole process (`torch.ops.llmc.*`), so a process holds one version of
 them: a second, different library is refused, and the caller runs without it.
 
-The same sources are compiled once per instruction set (ISAS: AVX-512 VNNI, AVX-VNNI, AVX2), each
-library registering the same op names, so that a compiled package calls whichever was loaded. An
-artifact carries all of them; `choose` picks the best one the host runs (`host_isas`, from the
-CPU's flags), or the one $LLMC_CPU_ISA names.
+The same sources are compiled once per instruction set (ISAS: AVX-512 VNNI, AVX-VNNI, AVX2 on
+x86-64; NEON with dot products on aarch64), each library registering the same op names, so that a
+compiled package calls whichever was loaded. An artifact carries all of those of its build host's
+architecture; `choose` picks the best one the host runs (`host_isas`, from the CPU's flags), or
+the one $LLMC_CPU_ISA names. The aarch64 kernels are correctness-tested under qemu-user
+(tests/kernels/cpu/test_arm_neon.py); building and loading them on an aarch64 host is untested.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 @dataclass(frozen=True)
 class Isa:
     """One instruction set the kernels are compiled for: the compiler's flags for it (they choose
-    the sources' inner loops) and the CPU flags (Linux /proc/cpuinfo names) a host needs to run it,
-    checked before loading: an illegal instruction would kill the process."""
+    the sources' inner loops), the architecture it belongs to (a compiler for that architecture
+    builds it, a host of it runs it) and the CPU flags (Linux /proc/cpuinfo names) a host needs to
+    run it, checked before loading: an illegal instruction would kill the process."""
 
     name: str
     compiler_flags: tuple[str, ...]
     cpu_flags: frozenset[str]
     description: str
+    arch: str = "x86_64"
 
 
 # Best first: `choose` takes the first the host runs. AVX-512 VNNI does 64 byte products per
@@ -71,11 +75,23 @@ ISAS = (
         "AVX2 with AVX-VNNI",
     ),
     Isa("avx2", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), "AVX2 with FMA and F16C"),
+    # ARMv8.2-A's `sdot` (Linux calls it asimddp): Graviton 2+, Ampere Altra, Apple M1+, Cortex-A55+.
+    Isa(
+        "neon_dotprod",
+        ("-march=armv8.2-a+dotprod",),
+        frozenset({"asimd", "asimddp"}),
+        "ARM64 NEON with the dot-product extension",
+        arch="aarch64",
+    ),
 )
 ISA_NAMES = tuple(isa.name for isa in ISAS)
 _BY_NAME = {isa.name: isa for isa in ISAS}
 ISA_ENV = "LLMC_CPU_ISA"  # names the ISA to use instead of the best one (tests, benchmarks)
-_X86_MACHINES = frozenset({"x86_64", "amd64", "i686", "i386"})  # platform.machine() where ISAS compile
+# platform.machine() → the `arch` of the ISAS that compile and run there
+_ARCHES = {
+    **dict.fromkeys(("x86_64", "amd64", "i686", "i386"), "x86_64"),
+    **dict.fromkeys(("aarch64", "arm64"), "aarch64"),
+}
 _CPUINFO = Path("/proc/cpuinfo")
 # Compiling a source takes ~8 s here; a compiler stuck far beyond that is broken.
 _COMPILE_TIMEOUT_S = 300
@@ -100,12 +116,16 @@ def library_name(isa: str) -> str:
     return f"llmc_cpu_kernels.{isa}.so"
 
 
+def _host_arch() -> str | None:
+    return _ARCHES.get(platform.machine().lower())
+
+
 def host_cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo names); elsewhere what torch can tell. Tests
-    replace this function to play other CPUs."""
+    """The CPU's feature flags (Linux /proc/cpuinfo names: "flags" on x86, "Features" on ARM);
+    elsewhere what torch can tell. Tests replace this function to play other CPUs."""
     try:
         for line in _CPUINFO.read_text(encoding="ascii", errors="replace").splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return frozenset(line.partition(":")[2].split())
     except OSError:
         pass
@@ -120,10 +140,11 @@ def host_cpu_flags() -> frozenset[str]:
 
 def host_isas() -> list[str]:
     """The ISAs of ISAS this machine runs, best first."""
-    if platform.machine().lower() not in _X86_MACHINES:
+    arch = _host_arch()
+    if arch is None:
         return []
     flags = host_cpu_flags()
-    return [isa.name for isa in ISAS if isa.cpu_flags <= flags]
+    return [isa.name for isa in ISAS if isa.arch == arch and isa.cpu_flags <= flags]
 
 
 def choose(available: Iterable[str]) -> tuple[str | None, str]:
@@ -162,9 +183,11 @@ def unsupported(isa: str | None = None) -> str | None:
 
 
 def buildable() -> list[str]:
-    """The ISAs whose libraries can be compiled here: all of ISAS on x86 (whatever this CPU runs:
-    an artifact built on an AVX2 machine carries AVX-512 kernels for its deployment hosts)."""
-    return list(ISA_NAMES) if platform.machine().lower() in _X86_MACHINES else []
+    """The ISAs whose libraries can be compiled here: all of ISAS of this machine's architecture
+    (whatever this CPU runs: an artifact built on an AVX2 machine carries AVX-512 kernels for its
+    deployment hosts). The compiler is the host's own: no cross-compiled library is shipped."""
+    arch = _host_arch()
+    return [isa.name for isa in ISAS if isa.arch == arch]
 
 
 def _cache_dir() -> Path:

@@ -144,7 +144,8 @@ def test_llmc_cpu_isa_forces_a_lower_isa_and_refuses_one_the_host_lacks(
     with pytest.raises(BadInputError, match="this CPU lacks; it runs avx_vnni, avx2: unset"):
         cpu_kernels.choose(cpu_kernels.ISA_NAMES)
     monkeypatch.setenv(cpu_kernels.ISA_ENV, "sse2")
-    with pytest.raises(BadInputError, match="not an ISA llmc knows; use one of avx512_vnni, avx_vnni, avx2"):
+    known = "avx512_vnni, avx_vnni, avx2, neon_dotprod"
+    with pytest.raises(BadInputError, match=f"not an ISA llmc knows; use one of {known}"):
         cpu_kernels.choose(cpu_kernels.ISA_NAMES)
 
 
@@ -155,6 +156,55 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch: pytest.MonkeyPatch, t
     assert cpu_kernels.host_cpu_flags() == {"fpu", "sse2", "avx2", "fma", "f16c", "avx_vnni"}
 
 
-def test_not_x86_builds_and_runs_no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
+def test_another_architecture_builds_and_runs_no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "riscv64")
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: AVX512_HOST | ARM_DOTPROD_HOST)
     assert cpu_kernels.buildable() == [] and cpu_kernels.host_isas() == []
+
+
+# /proc/cpuinfo Features of an ARMv8.2-A core with dot products (e.g. Graviton 2), and of an
+# ARMv8.0 one (e.g. Cortex-A72: a Raspberry Pi 4, Graviton 1)
+ARM_V80_HOST = frozenset({"fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "cpuid"})
+ARM_DOTPROD_HOST = ARM_V80_HOST | {"atomics", "fphp", "asimdhp", "asimdrdm", "asimddp"}
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64"])
+@pytest.mark.parametrize(("flags", "expected"), [(ARM_DOTPROD_HOST, ["neon_dotprod"]), (ARM_V80_HOST, [])])
+def test_an_arm_host_runs_neon_dotprod_only_with_asimddp(
+    monkeypatch: pytest.MonkeyPatch, machine: str, flags: frozenset[str], expected: list[str]
+) -> None:
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: machine)
+    monkeypatch.delenv(cpu_kernels.ISA_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: flags)
+    assert cpu_kernels.buildable() == ["neon_dotprod"]  # an aarch64 build host compiles and ships it
+    assert cpu_kernels.host_isas() == expected
+    chosen, why = cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+    assert chosen == (expected[0] if expected else None)
+    if not expected:
+        assert "runs none of" in why
+        assert cpu_kernels.unsupported("neon_dotprod") == (
+            "this CPU lacks neon_dotprod (ARM64 NEON with the dot-product extension)"
+        )
+        with pytest.raises(BadInputError, match="this CPU lacks"):
+            monkeypatch.setenv(cpu_kernels.ISA_ENV, "neon_dotprod")
+            cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+
+
+def test_an_x86_host_never_picks_the_arm_kernels(x86: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not even with ARM's flag names among its own (flags are matched per architecture)."""
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: AVX512_HOST | ARM_DOTPROD_HOST)
+    assert "neon_dotprod" not in cpu_kernels.host_isas() and "neon_dotprod" not in cpu_kernels.buildable()
+    assert cpu_kernels.choose(["neon_dotprod"])[0] is None
+    assert cpu_kernels.choose(["neon_dotprod", "avx2"])[0] == "avx2"
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: ARM_DOTPROD_HOST)
+    assert cpu_kernels.host_isas() == []
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "neon_dotprod")
+    with pytest.raises(BadInputError, match="neon_dotprod needs ARM64 NEON"):
+        cpu_kernels.choose(cpu_kernels.ISA_NAMES)
+
+
+def test_arm_cpu_features_are_read_from_proc_cpuinfo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n\n")
+    monkeypatch.setattr(cpu_kernels, "_CPUINFO", cpuinfo)
+    assert cpu_kernels.host_cpu_flags() == {"fp", "asimd", "asimddp"}

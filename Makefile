@@ -18,7 +18,7 @@ LOCK ?= constraints.txt
 ARTIFACT ?= out/smollm2
 PORT ?= 2000
 
-.PHONY: install install-test install-bench lock run build-default test test-all lint bench clean llama-server bench-serving
+.PHONY: install install-test install-bench lock run build-default test test-all test-arm lint bench clean llama-server bench-serving
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,16 @@ test: install-test lint
 
 test-all: install-test lint
 	$(PY) -m pytest -q
+
+# The ARM64 kernels' correctness tests, cross-compiled and run under qemu-user (no ARM machine
+# needed; they say nothing about ARM speed). The quick suite runs them too, and skips them where
+# the tools are missing; here a missing tool is an error.
+ARM_CXX := aarch64-linux-gnu-g++
+ARM_QEMU := qemu-aarch64
+test-arm: install-test
+	@for tool in $(ARM_CXX) $(ARM_QEMU); do command -v $$tool >/dev/null || \
+		{ echo "$$tool is missing: apt-get install g++-aarch64-linux-gnu qemu-user" >&2; exit 1; }; done
+	$(PY) -m pytest -q -m arm tests/kernels/cpu/test_arm_neon.py
 
 bench: install-bench
 	$(PY) -m llmc.benchmarks.e2e --gguf "$(SMOLLM2_GGUF)" --json-out bench-e2e.json

@@ -38,6 +38,7 @@ QEMU_CPU_WITHOUT_DOTPROD = "cortex-a57"
 COMPILE_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 120
 SIGILL_EXIT = (-4, 132)  # killed by SIGILL: as the signal, or as the 128 + 4 some shells report
+ELF_MACHINE_OFFSET, EM_AARCH64 = 18, 183  # e_machine in an ELF header, and its value for aarch64
 
 _missing = [tool for tool in (CROSS_CXX, QEMU) if shutil.which(tool) is None]
 pytestmark = [
@@ -203,3 +204,21 @@ def test_the_dotprod_build_needs_a_cpu_with_dot_products(harness: Path, tmp_path
     result = _run(harness, "qmatmul", [case], cpu=QEMU_CPU_WITHOUT_DOTPROD)
     assert result.returncode in SIGILL_EXIT, (result.returncode, result.stderr)
     assert "asimddp" in NEON.cpu_flags
+
+
+def test_the_library_sources_compile_for_aarch64(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The torch ops around the drivers (qmatmul.cpp, paged_attention_cpu.cpp) compile with the
+    very command an aarch64 build host runs (cpu_kernels._compile_command, torch's headers), here
+    with the cross compiler as $CXX. Linking needs an aarch64 libtorch, which this machine lacks."""
+    monkeypatch.setenv("CXX", CROSS_CXX)
+    jobs = []
+    for source in cpu_kernels.SOURCES:
+        command = cpu_kernels._compile_command(source, tmp_path / f"{source.stem}.o", NEON.name)
+        assert NEON.compiler_flags[0] in command
+        jobs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for job in jobs:
+        _, stderr = job.communicate(timeout=COMPILE_TIMEOUT_S)
+        assert job.returncode == 0, stderr[-4000:]
+    for source in cpu_kernels.SOURCES:
+        header = (tmp_path / f"{source.stem}.o").read_bytes()[:20]
+        assert int.from_bytes(header[ELF_MACHINE_OFFSET:20], "little") == EM_AARCH64

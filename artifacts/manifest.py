@@ -184,7 +184,7 @@ class KernelLibrary(msgspec.Struct, forbid_unknown_fields=True):
 
     file: str  # the shared library, relative to the artifact root
     torch_version: str  # torch whose headers and libraries it was compiled against
-    isa: str  # the instruction set it needs ("avx512_vnni", "avx_vnni", "avx2"; unknown ones are skipped)
+    isa: str  # the instruction set it needs (cpu_kernels.ISA_NAMES, e.g. "avx2"; unknown ones are skipped)
 
 
 class TargetCode(msgspec.Struct, forbid_unknown_fields=True):

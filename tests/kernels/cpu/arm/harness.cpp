@@ -10,6 +10,7 @@
 //                              (int64); writes CASE/out (float32 [batch, heads, d]).
 // Exits 0 when every case ran; 2 with a message on stderr for a malformed case.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>

@@ -117,10 +117,24 @@ class GenerationDefaults(msgspec.Struct, forbid_unknown_fields=True):
     origin: str | None = None  # e.g. "generation_config.json"; None: built before llmc recorded it
 
 
+class SourceQuantization(msgspec.Struct, forbid_unknown_fields=True):
+    """A pre-quantized source (GPTQ, AWQ, compressed-tensors) and how the artifact stores it."""
+
+    # "gptq-v1" | "gptq-v2" | "awq-gemm" | "compressed-tensors-pack-quantized"
+    source_format: str
+    bits: int
+    group_size: int  # -1: one group per output row (per-channel)
+    act_order: bool  # input columns not in group order: layers carry an `input_perm` tensor
+    # "ggml-legacy-blocks": repacked exactly into q4_0 / q4_1 / q8_0 (tensors[].quant says which);
+    # "dequantized": `--isq none` stored the reference dequantization in the build's dtype.
+    layout: str
+
+
 class SourceInfo(msgspec.Struct, forbid_unknown_fields=True):
     kind: str  # "safetensors" | "gguf" | "hub"
     name: str  # what the user passed, as given
     files: list[FileInfo]  # the input files that determined the weights, with their hashes
+    quantization: SourceQuantization | None = None  # set for a pre-quantized source
 
 
 class BuildInfo(msgspec.Struct, forbid_unknown_fields=True):

@@ -281,13 +281,11 @@ class PrequantizedSource(ModelSource):
         if dtype not in dtypes:
             raise _bad(f"tensor {key} has dtype {dtype}, expected one of {', '.join(dtypes)}")
 
-    def _groups(self, layer: str, k: int) -> int:
+    def _groups(self, k: int) -> int:
+        """Groups per row: the last may be short (SmolLM2's 576 = 4 * 128 + 64); `_group_permutation`
+        checks every group is whole 32-weight blocks."""
         g = self.scheme.group_size
-        if g == -1:
-            return 1
-        if k % g:
-            raise _bad(f"layer {layer}: input width {k} is not a multiple of group_size {g}")
-        return k // g
+        return 1 if g == -1 else -(-k // g)
 
     def _check_shapes(self, layer: str) -> tuple[int, int]:
         """(N, K) of the layer, every tensor's shape and dtype checked against them."""
@@ -308,7 +306,7 @@ class PrequantizedSource(ModelSource):
             recorded = [int(v) for v in self._tensor(f"{layer}.{_CT_SHAPE}")]
             if recorded != [n, k]:
                 raise _bad(f"tensor {layer}.{_CT_SHAPE} is {recorded}, but {packed} packs a [{n}, {k}] weight")
-        groups = self._groups(layer, k)
+        groups = self._groups(k)
         scales, zeros, g_idx = (self._field(layer, r) for r in (1, 2, 3))
         assert scales is not None and zeros is not None
         floats = tuple(_FLOAT_DTYPES)
@@ -334,7 +332,7 @@ class PrequantizedSource(ModelSource):
     def _linear(self, layer: str) -> _Linear:
         s, bits = self.scheme, self.scheme.bits
         n, k = self._meta[layer + ".weight"].shape
-        groups = self._groups(layer, k)
+        groups = self._groups(k)
         scales, zeros, g_key = (self._field(layer, r) for r in (1, 2, 3))
         assert scales is not None and zeros is not None
         words = self._tensor(f"{layer}.{_SUFFIXES[s.family][0]}")
@@ -361,7 +359,7 @@ class PrequantizedSource(ModelSource):
         return _Linear(q.contiguous(), scale.contiguous(), zero.contiguous(), g_idx)
 
     def _g_idx(self, layer: str, key: str | None, k: int, groups: int) -> torch.Tensor:
-        default = torch.arange(k) // (k // groups)
+        default = torch.arange(k) // (k if self.scheme.group_size == -1 else self.scheme.group_size)
         if key is None or key not in self._raw:
             return default
         g_idx = self._tensor(key).long()
@@ -415,7 +413,8 @@ class PrequantizedSource(ModelSource):
             return None
         if name not in self._perms:
             _, k = self._meta[name].shape
-            perm = _group_permutation(self._g_idx(layer, self._field(layer, 3), k, self._groups(layer, k)), name)
+            key = self._field(layer, 3)
+            perm = _group_permutation(self._g_idx(layer, key, k, self._groups(k)), key or name)
             self._perms[name] = None if torch.equal(perm, torch.arange(k)) else perm.to(torch.int32)
         return self._perms[name]
 
@@ -453,7 +452,7 @@ def _group_permutation(g_idx: torch.Tensor, name: str) -> torch.Tensor:
     perm = torch.sort(g_idx, stable=True).indices
     counts = torch.bincount(g_idx)
     if bool((counts % BLOCK).any()):
-        raise _bad(f"tensor {name}: a quantization group (g_idx) has a column count that is not a multiple of {BLOCK}")
+        raise _bad(f"tensor {name}: a quantization group has a column count that is not a multiple of {BLOCK}")
     return perm
 
 

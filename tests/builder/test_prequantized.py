@@ -63,7 +63,7 @@ def make_quantized(
     exact: bool = True,
     g_idx: torch.Tensor | None = None,
 ) -> Quantized:
-    groups = 1 if group == -1 else k // group
+    groups = 1 if group == -1 else -(-k // group)  # the last group may be short
     size = k if group == -1 else group
     if g_idx is not None:
         pass
@@ -211,12 +211,14 @@ VARIANTS = [
     Variant("gptq-v2", 4, 64, False, False),
     Variant("gptq-v2", 4, 32, True, True),
     Variant("gptq-v2", 4, -1, False, False),
+    Variant("gptq-v2", 4, 96, False, True),  # 128 = 96 + 32 and 256 = 2 * 96 + 64: short last groups
     Variant("gptq-v1", 8, 128, True, False),
     Variant("awq", 4, 32, False, False),
     Variant("awq", 4, 128, False, False),
     Variant("ct", 4, 32, True, True),
     Variant("ct", 4, 64, False, False),
     Variant("ct", 4, -1, True, False),
+    Variant("ct", 4, 96, True, False),
 ]
 
 
@@ -429,6 +431,12 @@ MALFORMED: list[tuple[str, Variant, Any, str]] = [
         Variant("gptq-v2", 4, 32, False, True),
         lambda f: _tamper(f, lambda t: t[f"{Q}.g_idx"].fill_(9)),
         rf"{Q}\.g_idx has group indices outside",
+    ),
+    (
+        "g_idx-uneven-groups",
+        Variant("gptq-v2", 4, 32, False, True),
+        lambda f: _tamper(f, lambda t: t[f"{Q}.g_idx"].copy_(torch.arange(128) // 32).__setitem__(0, 1)),
+        rf"{Q}\.g_idx: a quantization group has a column count that is not a multiple of 32",
     ),
     (
         "ct-activations",

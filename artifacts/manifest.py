@@ -14,8 +14,9 @@ from llmc.errors import BadArtifactError
 # what a newer builder meant, and silently misreading weights is worse than refusing.
 # 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps;
 # 5: llmc's own CPU kernel library, which compiled steps may call; 6: compiled steps and kernel
-# libraries per device target (Manifest.targets), and the optional generation defaults
-FORMAT_VERSION = 6
+# libraries per device target (Manifest.targets), and the optional generation defaults; 7: a
+# pre-quantized source (SourceInfo.quantization) and layers' `input_perm` tensors (act-order)
+FORMAT_VERSION = 7
 MANIFEST_NAME = "manifest.json"
 
 

@@ -8,7 +8,10 @@ the GGUF llama.cpp runs, so both read the same bytes. With --act-order the colum
 are shuffled into groups as GPTQ's desc_act does, and only llmc runs (GGUF has no input
 permutation): the figure shows what the run-time gather costs.
 
-    python -m llmc.benchmarks.gptq --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m llmc.benchmarks.gptq --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf [--act-order]
+
+(Run it from outside the repository folder, as the other benchmarks: the servers it starts are
+`python -m llmc` subprocesses, and the folder's own `kernels/` would shadow a library's.)
 """
 
 from __future__ import annotations
@@ -112,12 +115,18 @@ def make_checkpoint(gguf: Path, out: Path, act_order: bool, seed: int = 0) -> Pa
     return out
 
 
+def _options(checkpoint: Path, artifact: Path, dtype: str) -> BuildOptions:
+    # "bench": the model name e2e's client asks the server for.
+    return BuildOptions(model=str(checkpoint), gguf_file=None, weights=None, output=artifact, dtype=dtype, name="bench")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--act-order", action="store_true", help="also measure an act-order (desc_act) checkpoint")
+    parser.add_argument("--dtype", default="auto", help="llmc build --dtype: of the unquantized embedding / lm_head")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     result: dict[str, object] = {
@@ -125,11 +134,12 @@ def main() -> None:
         "threads": args.threads,
         "model": f"{args.gguf.name} as GPTQ v1 4-bit sym group {GROUP} (round-to-nearest)",
         "llmc": "eager (llmc run --eager), its CPU kernel library loaded",
+        "dtype": args.dtype,
     }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(args.gguf, Path(tmp) / "gptq", act_order=False)
         artifact = Path(tmp) / "artifact"
-        build(BuildOptions(model=str(ckpt), gguf_file=None, weights=None, output=artifact))
+        build(_options(ckpt, artifact, args.dtype))
         ours = bench_llmc_server(artifact, args.threads, args.runs, eager=True)
         peer_gguf = export_gguf(artifact, Path(tmp) / "same-weights.q4_0.gguf")
         peer = bench_llama_cpp(peer_gguf, args.threads, args.runs)
@@ -143,7 +153,7 @@ def main() -> None:
         if args.act_order:
             ckpt = make_checkpoint(args.gguf, Path(tmp) / "gptq-act-order", act_order=True)
             artifact = Path(tmp) / "artifact-act-order"
-            build(BuildOptions(model=str(ckpt), gguf_file=None, weights=None, output=artifact))
+            build(_options(ckpt, artifact, args.dtype))
             act = bench_llmc_server(artifact, args.threads, args.runs, eager=True)
             result["llmc_act_order_decode_tok_s"] = round(act["decode_tok_s"], 1)
     print(json.dumps(result, indent=2))

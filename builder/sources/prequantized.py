@@ -62,6 +62,7 @@ _SUFFIXES = {
     "awq": ("qweight", "scales", "qzeros", None),
     "ct": ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"),
 }
+_FAMILIES = {GPTQ_V1: "gptq", GPTQ_V2: "gptq", AWQ_GEMM: "awq", COMPRESSED_TENSORS: "ct"}
 _CT_SHAPE = "weight_shape"  # compressed-tensors' record of the float weight's shape
 
 
@@ -77,7 +78,8 @@ class Scheme:
 
     @property
     def family(self) -> str:
-        return "ct" if self.source_format == COMPRESSED_TENSORS else self.source_format[:4].rstrip("-")
+        """The tensor layout: "gptq" (v1 and v2 differ only in the zeros), "awq" or "ct"."""
+        return _FAMILIES[self.source_format]
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,8 @@ def prequantized_config(folder: Path) -> dict[str, Any] | None:
     """The folder's `quantization_config`, when its config.json has one."""
     if not (folder / "config.json").is_file():
         return None
-    qc = read_json(folder / "config.json").get("quantization_config")
-    return qc if qc is not None else None
+    qc: dict[str, Any] | None = read_json(folder / "config.json").get("quantization_config")
+    return qc
 
 
 def _bad(msg: str) -> BadModelError:

@@ -474,3 +474,21 @@ def test_malformed_checkpoints_are_refused_by_name(
     with pytest.raises(BadModelError, match=message):
         _build(tmp_path / "ckpt", tmp_path / "artifact")
     assert not (tmp_path / "artifact").exists()
+
+
+def test_runtime_refuses_a_bad_input_perm(float_llama: Path, tmp_path: Path) -> None:
+    """An artifact is untrusted: an input_perm must be a permutation and belong to a quantized layer."""
+    from llmc.errors import BadArtifactError
+    from llmc.model.decoder import build_model
+    from llmc.model.quant_linear import check_permutation
+
+    check_permutation(torch.tensor([2, 0, 1], dtype=torch.int32), 3)
+    for bad in ([0, 0, 1], [0, 1, 3], [0, 1]):
+        with pytest.raises(BadArtifactError, match="not a permutation"):
+            check_permutation(torch.tensor(bad, dtype=torch.int32), 3)
+    artifact_dir = _build(float_llama, tmp_path / "artifact", isq="q4_0")
+    artifact = Artifact.open(artifact_dir)
+    weights = dict(artifact.weights())
+    quant = {t.name: t.quant for t in artifact.manifest.tensors if t.quant}
+    with pytest.raises(BadArtifactError, match=r"model\.norm\.input_perm names no quantized linear layer"):
+        build_model(artifact.manifest.model, {**weights, "model.norm.input_perm": torch.arange(128)}, 64, quant)

@@ -492,3 +492,13 @@ def test_runtime_refuses_a_bad_input_perm(float_llama: Path, tmp_path: Path) -> 
     quant = {t.name: t.quant for t in artifact.manifest.tensors if t.quant}
     with pytest.raises(BadArtifactError, match=r"model\.norm\.input_perm names no quantized linear layer"):
         build_model(artifact.manifest.model, {**weights, "model.norm.input_perm": torch.arange(128)}, 64, quant)
+
+
+def test_act_order_artifact_is_not_exported_to_gguf(float_llama: Path, tmp_path: Path) -> None:
+    from llmc.builder.gguf_export import export_gguf
+
+    write_checkpoint(float_llama, tmp_path / "ckpt", Variant("gptq-v2", 4, 32, False, True))
+    artifact_dir = _build(tmp_path / "ckpt", tmp_path / "artifact")
+    with pytest.raises(BadInputError, match=r"act-order.*--isq none"):
+        export_gguf(artifact_dir, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()

@@ -502,3 +502,22 @@ def test_act_order_artifact_is_not_exported_to_gguf(float_llama: Path, tmp_path:
     with pytest.raises(BadInputError, match=r"act-order.*--isq none"):
         export_gguf(artifact_dir, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.slow  # an ahead-of-time compile: ~15 s alone, more on a loaded machine
+def test_act_order_compiled_step_matches_eager(float_llama: Path, tmp_path: Path) -> None:
+    from llmc.builder.targets.base import CompileOptions
+    from llmc.runtime.sampling_params import SamplingParams
+    from tests.helpers import build_compiled, generate
+
+    write_checkpoint(float_llama, tmp_path / "ckpt", Variant("gptq-v1", 4, 32, False, True))
+    result = build_compiled(tmp_path / "ckpt", tmp_path / "artifact", "tiny", CompileOptions(buckets=(1, 2)))
+    assert [c.kind for c in result.manifest.compiled_for("cpu")] == ["decode"]
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    eager = open_engine(tmp_path / "artifact", compiled=False, kv_blocks=64)
+    compiled = open_engine(tmp_path / "artifact", kv_blocks=64)
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    for batch in (1, 2):
+        before = compiled.runner.compiled_steps
+        assert generate(compiled, prompts[:batch], greedy) == generate(eager, prompts[:batch], greedy)
+        assert compiled.runner.compiled_steps - before >= greedy.max_tokens - 1

@@ -15,7 +15,8 @@ from llmc.errors import BadArtifactError
 # 2: quantized tensors (TensorInfo.quant) and the build report; 3: ahead-of-time compiled steps;
 # 5: llmc's own CPU kernel library, which compiled steps may call; 6: compiled steps and kernel
 # libraries per device target (Manifest.targets), and the optional generation defaults; 7: one
-# kernel library per instruction set (TargetCode.kernels is a list)
+# kernel library per instruction set (TargetCode.kernels is a list), a pre-quantized source
+# (SourceInfo.quantization) and layers' `input_perm` tensors (act-order)
 FORMAT_VERSION = 7
 MANIFEST_NAME = "manifest.json"
 
@@ -118,10 +119,24 @@ class GenerationDefaults(msgspec.Struct, forbid_unknown_fields=True):
     origin: str | None = None  # e.g. "generation_config.json"; None: built before llmc recorded it
 
 
+class SourceQuantization(msgspec.Struct, forbid_unknown_fields=True):
+    """A pre-quantized source (GPTQ, AWQ, compressed-tensors) and how the artifact stores it."""
+
+    # "gptq-v1" | "gptq-v2" | "awq-gemm" | "compressed-tensors-pack-quantized"
+    source_format: str
+    bits: int
+    group_size: int  # -1: one group per output row (per-channel)
+    act_order: bool  # input columns not in group order: layers carry an `input_perm` tensor
+    # "ggml-legacy-blocks": repacked exactly into q4_0 / q4_1 / q8_0 (tensors[].quant says which);
+    # "dequantized": `--isq none` stored the reference dequantization in the build's dtype.
+    layout: str
+
+
 class SourceInfo(msgspec.Struct, forbid_unknown_fields=True):
     kind: str  # "safetensors" | "gguf" | "hub"
     name: str  # what the user passed, as given
     files: list[FileInfo]  # the input files that determined the weights, with their hashes
+    quantization: SourceQuantization | None = None  # set for a pre-quantized source
 
 
 class BuildInfo(msgspec.Struct, forbid_unknown_fields=True):

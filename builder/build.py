@@ -22,6 +22,7 @@ from llmc.artifacts.manifest import (
     Manifest,
     ModelSpec,
     SourceInfo,
+    SourceQuantization,
     TargetCode,
     TokenizerInfo,
 )
@@ -32,6 +33,7 @@ from llmc.builder.arch import TensorSource, spec_from_config, tensor_plan
 from llmc.builder.quant_plan import QuantChoice, plan_quantization, runs_quantized
 from llmc.builder.quant_report import REPORT_FILE, QuantReport
 from llmc.builder.sources import ModelSource, open_source
+from llmc.builder.sources.prequantized import LAYOUT_BLOCKS, LAYOUT_DEQUANTIZED
 from llmc.builder.targets import TARGET_NAMES
 from llmc.builder.targets.base import CompileOptions, Progress, Target
 from llmc.builder.targets.cpu import CpuTarget
@@ -199,6 +201,21 @@ def _load_float(plan: BuildPlan, name: str) -> torch.Tensor:
     return tensor
 
 
+def _carried(plan: BuildPlan, name: str, fmt: str | None) -> bool:
+    """Whether `name` is stored as the source's own (or repacked) blocks of format `fmt`."""
+    ref = plan.tensors[name]
+    return fmt is not None and ref.rows is None and ref.stack is None and plan.source.block_format(ref.name) == fmt
+
+
+def input_permutations(plan: BuildPlan) -> dict[str, torch.Tensor]:
+    """`<layer>.input_perm` → the int32 input order of each carried weight stored permuted (act-order)."""
+    perms: dict[str, torch.Tensor] = {}
+    for name, fmt in plan.formats.items():
+        if _carried(plan, name, fmt) and (perm := plan.source.input_permutation(plan.tensors[name].name)) is not None:
+            perms[name.removesuffix("weight") + "input_perm"] = perm
+    return perms
+
+
 def _load_stored(plan: BuildPlan, name: str, formats: dict[str, str], report: QuantReport | None) -> torch.Tensor:
     """A tensor as the artifact stores it: in the build's dtype, or as GGML blocks (the source's
     own where they are already in the chosen format), recorded in the quantization report."""
@@ -207,9 +224,12 @@ def _load_stored(plan: BuildPlan, name: str, formats: dict[str, str], report: Qu
         return _load_float(plan, name).to(plan.dtype)
     assert report is not None
     ref = plan.tensors[name]
-    if ref.rows is None and ref.stack is None and plan.source.block_format(ref.name) == fmt:
+    if _carried(plan, name, fmt):
         carried = plan.source.blocks(ref.name)
         report.add(name, plan.choices[name], plan.expected[name], carried, None)
+        repacked = plan.source.repack_error(ref.name)
+        if repacked is not None and plan.source.quantization is not None:
+            report.add_repacked(name, plan.source.quantization["source_format"], *repacked)
         return carried
     weight = _load_float(plan, name).float()
     blocks = native_quant.quantize(fmt, weight)  # the torch codecs' bytes, natively (or them, without a compiler)
@@ -244,7 +264,13 @@ def write_weights(
         else (plan.dtype, shape)
         for name, shape in plan.expected.items()
     }
-    writer.write_weights(stored, lambda name: _load_stored(plan, name, formats, report), on_tensor=tick, quant=formats)
+    perms = input_permutations(plan)
+    stored |= {name: (torch.int32, list(perm.shape)) for name, perm in perms.items()}
+
+    def load(name: str) -> torch.Tensor:
+        return perms[name] if name in perms else _load_stored(plan, name, formats, report)
+
+    writer.write_weights(stored, load, on_tensor=tick, quant=formats)
     if report is not None:
         writer.write_bytes(REPORT_FILE, report.encode())
     return report
@@ -340,6 +366,7 @@ def _manifest(
                 kind=source.kind,
                 name=source.name,
                 files=[_input_file_info(p) for p in source.input_files],
+                quantization=_source_quantization(source, plan),
             ),
             flags={
                 "dtype": plan.dtype_name,
@@ -356,6 +383,14 @@ def _manifest(
     )
 
 
+def _source_quantization(source: ModelSource, plan: BuildPlan) -> SourceQuantization | None:
+    q = source.quantization
+    if q is None:
+        return None
+    layout = LAYOUT_BLOCKS if plan.formats else LAYOUT_DEQUANTIZED
+    return SourceQuantization(q["source_format"], q["bits"], q["group_size"], q["act_order"], layout)
+
+
 def _compile_flags(options: CompileOptions) -> dict[str, object]:
     return {"buckets": list(options.buckets), "max_seq_len": options.max_seq_len, "block_size": options.block_size}
 
@@ -368,6 +403,12 @@ def _choose_formats(
     source: ModelSource,
 ) -> dict[str, QuantChoice]:
     """The tensors stored quantized, with their format and why (see builder/quant_plan.py)."""
+    if source.quantization is not None and isq not in (None, "none"):
+        raise BadInputError(
+            f"--isq {isq}: the source is already quantized ({source.quantization['source_format']}); "
+            "requantizing it would lose quality. Build without --isq to keep its weights exactly, "
+            "or pass --isq none to store them dequantized"
+        )
     if isq == "none":
         return {}
     if isq is not None:

@@ -371,6 +371,11 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
         raise BadInputError(f"the folder {out.parent} does not exist; create it or choose another --gguf path")
     artifact = Artifact.open(artifact_dir)
     manifest = artifact.manifest
+    if any(t.name.endswith(".input_perm") for t in manifest.tensors):
+        raise BadInputError(
+            "this artifact was built from an act-order (desc_act) checkpoint: its layers gather their input "
+            "in a stored order, which GGUF cannot express; rebuild it with --isq none to export it"
+        )
     spec = manifest.model
     arch = GGUF_ARCHITECTURES.get(spec.architecture)
     if arch is None:

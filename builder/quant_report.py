@@ -31,6 +31,10 @@ class TensorReport(msgspec.Struct):
     bytes_after: int
     rel_rmse: float | None  # None: blocks carried over from the source, nothing was requantized
     reason: str
+    # A pre-quantized source's tensor: its format ("gptq-v1", ...), and rel_rmse / max_abs_err of
+    # the repacked blocks against the source's own dequantization (0 up to the f16 rounding of m).
+    source_format: str | None = None
+    max_abs_err: float | None = None
 
 
 def _error_norms(fmt: str, weight: torch.Tensor, blocks: torch.Tensor) -> tuple[float, float]:
@@ -60,6 +64,14 @@ class QuantReport:
             rmse = float(f"{err / norm if norm > 0 else 0.0:.{_RMSE_DIGITS}g}")
         before = shape[0] * shape[1] * _FLOAT_BYTES[self.dtype]
         self.tensors.append(TensorReport(name, choice.format, list(shape), before, blocks.numel(), rmse, choice.reason))
+
+    def add_repacked(self, name: str, source_format: str, rel_rmse: float, max_abs_err: float) -> None:
+        """Record a repacked tensor's error against its source's dequantization (after `add`)."""
+        entry = self.tensors[-1]
+        assert entry.name == name, "add_repacked follows the tensor's add"
+        entry.rel_rmse = float(f"{rel_rmse:.{_RMSE_DIGITS}g}")
+        entry.max_abs_err = float(f"{max_abs_err:.{_RMSE_DIGITS}g}")
+        entry.source_format = source_format
 
     def summary(self) -> dict[str, Any]:
         by_format: dict[str, int] = {}

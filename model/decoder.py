@@ -179,6 +179,9 @@ def build_model(
         model = CausalLM(spec, max_positions)
         for name, fmt in quant.items():
             _quantize_module(model, name, fmt, dtype)
+        for name in weights:
+            if name.endswith(".input_perm"):
+                _expect_input_perm(model, name)
         _tie(model, dtype)
     model.dtype = dtype
     expected = {name for name, _ in model.named_parameters(remove_duplicate=True)}
@@ -234,6 +237,17 @@ def _tie(model: CausalLM, dtype: torch.dtype) -> None:
         # One table of blocks serves both the lookup and the logits.
         model.lm_head = QuantLinear(embed.fmt, model.spec.hidden_size, model.spec.vocab_size, False, dtype)
     model.lm_head.weight = embed.weight
+
+
+def _expect_input_perm(model: CausalLM, name: str) -> None:
+    """A quantized layer stored with permuted input columns (act-order sources) carries its order."""
+    try:
+        module: nn.Module | None = model.get_submodule(name.removesuffix(".input_perm"))
+    except AttributeError:
+        module = None
+    if not isinstance(module, QuantLinear):
+        raise BadArtifactError(f"tensor {name} names no quantized linear layer; rebuild the artifact")
+    module.add_input_perm()
 
 
 def _quantize_module(model: CausalLM, name: str, fmt: str, dtype: torch.dtype) -> None:

@@ -14,6 +14,7 @@ def open_source(model: str | None, gguf_file: str | None = None, weights: str | 
     """--m is an HF id, a local folder or a .gguf path; --f a GGUF file (alone, or inside --m's folder/repo)."""
     # Imported per branch: a safetensors build needs neither gguf nor huggingface_hub.
     from llmc.builder.sources import hub
+    from llmc.builder.sources.prequantized import PrequantizedSource, prequantized_config
     from llmc.builder.sources.safetensors_folder import SafetensorsFolderSource
 
     if not model and not gguf_file:
@@ -37,9 +38,11 @@ def open_source(model: str | None, gguf_file: str | None = None, weights: str | 
         from llmc.builder.sources.gguf_file import GgufSource
 
         return GgufSource(path, name=model)
-    if path.is_dir():
-        return SafetensorsFolderSource(path, name=model, weights_folder=Path(weights) if weights else None)
-    if model.count("/") != 1 or model.startswith((".", "/")):
-        raise BadInputError(f"{model} is neither an existing path nor a Hugging Face id of the form owner/name")
-    folder = hub.resolve(model)
-    return SafetensorsFolderSource(folder, name=model, weights_folder=Path(weights) if weights else None)
+    if not path.is_dir():
+        if model.count("/") != 1 or model.startswith((".", "/")):
+            raise BadInputError(f"{model} is neither an existing path nor a Hugging Face id of the form owner/name")
+        path = hub.resolve(model)
+    weights_folder = Path(weights) if weights else None
+    if prequantized_config(path) is not None:  # GPTQ / AWQ / compressed-tensors: repacked at build
+        return PrequantizedSource(path, name=model, weights_folder=weights_folder)
+    return SafetensorsFolderSource(path, name=model, weights_folder=weights_folder)

@@ -51,3 +51,18 @@ class ModelSource(abc.ABC):
     def blocks(self, name: str) -> torch.Tensor:
         """`name`'s blocks as stored, uint8 [rows, row_bytes]; only for names with a block_format."""
         raise NotImplementedError(f"{self.kind} sources store no GGML blocks")
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """A pre-quantized source's scheme (source_format, bits, group_size, act_order), else None."""
+        return None
+
+    def input_permutation(self, name: str) -> torch.Tensor | None:
+        """The order (int32) of the input columns in `blocks(name)`, when it is not the identity
+        (act-order checkpoints store groups contiguous); the layer gathers its input in that order."""
+        return None
+
+    def repack_error(self, name: str) -> tuple[float, float] | None:
+        """After `blocks(name)` of a repacked source: (relative RMSE, max abs error) of the blocks
+        against the source's reference dequantization; None where the blocks are the source's own."""
+        return None

@@ -1,5 +1,6 @@
 """The build report of a quantized artifact: per tensor its format, bytes before and after, and
-relative RMSE (||w - dequantize(quantize(w))|| / ||w||), so a user sees what the quantization cost."""
+relative RMSE (||w - dequantize(quantize(w))|| / ||w||), so a user sees what the quantization cost
+(measured on evenly spread rows of the tensors above RMSE_SAMPLE_WEIGHTS weights)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ _FLOAT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 # 2 x 8 bytes x this (64 MiB) whatever the tensor's size, instead of 4x the tensor in float32
 # (an 8 GB peak for Llama-3's 128k x 2k embedding).
 _RMSE_SLICE_WEIGHTS = 1 << 22
+# Weights the error is measured on per tensor: beyond this, every k-th row (evenly spread, the
+# same rows on every build, so the report stays reproducible). Measuring all of a 3B model's
+# weights in float64 took twice as long as quantizing them natively (3072x8192 q4k: 1.7 s vs
+# 0.8 s on 2 cores); 4M weights estimate a tensor's relative RMSE to about 0.1 % of its value
+# (0.07125 vs 0.07131 on that tensor with row scales from 0.1 to 3), plenty to compare formats.
+RMSE_SAMPLE_WEIGHTS = 1 << 22
 
 
 class TensorReport(msgspec.Struct):
@@ -38,12 +45,17 @@ class TensorReport(msgspec.Struct):
 
 
 def _error_norms(fmt: str, weight: torch.Tensor, blocks: torch.Tensor) -> tuple[float, float]:
-    """||w - dequantize(blocks)|| and ||w||, in float64, a slice of rows at a time."""
-    rows = max(1, _RMSE_SLICE_WEIGHTS // max(1, weight.shape[-1]))
+    """||w - dequantize(blocks)|| and ||w||, in float64, a slice of rows at a time, over every
+    k-th row where the tensor has more than RMSE_SAMPLE_WEIGHTS weights."""
+    cols = max(1, weight.shape[-1])
+    stride = max(1, -(-weight.shape[0] * cols // RMSE_SAMPLE_WEIGHTS))
+    if stride > 1:
+        weight, blocks = weight[::stride], blocks[::stride]
+    rows = max(1, _RMSE_SLICE_WEIGHTS // cols)
     err_sq = norm_sq = 0.0
     for start in range(0, weight.shape[0], rows):
         w = weight[start : start + rows].double()
-        diff = w - FORMATS[fmt].dequantize(blocks[start : start + rows]).double()
+        diff = w - FORMATS[fmt].dequantize(blocks[start : start + rows].contiguous()).double()
         err_sq += float(diff.square().sum())
         norm_sq += float(w.square().sum())
     return math.sqrt(err_sq), math.sqrt(norm_sq)

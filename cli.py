@@ -490,8 +490,16 @@ def export(artifact: Path, gguf_path: Path) -> None:
 @click.option(
     "--dense-weights/--no-dense-weights",
     default=None,
-    help="Keep bf16 copies of quantized weights for prefill and batches of 8+ (2 bytes per weight; "
-    "default: when they take at most a quarter of the memory).",
+    help="Keep dense copies of quantized weights for prefill and big batches (2 bytes per weight, 4 on CPUs "
+    "without native bf16; default: where measured faster for the batches served and they take at most a "
+    "quarter of the memory).",
+)
+@click.option(
+    "--autotune/--no-autotune",
+    default=True,
+    show_default=True,
+    help="Time the weight forms on this host at first start (a few seconds, cached in $LLMC_CACHE_DIR) to "
+    "choose which serves which batch size; --no-autotune: the built-in defaults.",
 )
 @click.option(
     "--expect-manifest-sha256",

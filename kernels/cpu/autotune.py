@@ -46,7 +46,7 @@ log = get_logger("llmc.engine")
 ROWS = (1, 4, 8, 16, 32, 64)
 # The whole measurement's wall-clock budget: it delays the first start of an artifact on a host
 # (build hosts tune at build), so it stays a few seconds on the 2-core machines llmc targets. Past
-# it the measurement stops and the defaults serve, uncached (the next start tries again).
+# it the measurement stops and the defaults serve (and are cached: see tune).
 BUDGET_S = 3.0
 # Timed passes per (shape, form, rows); the minimum counts (the least disturbed by other processes).
 REPEATS = 3
@@ -80,7 +80,7 @@ def default_plan(flags: frozenset[str]) -> DensePlan:
     """The plan without measuring (`--no-autotune`, or a measurement over budget): the thresholds
     measured on an AVX-512 BF16 machine where bf16 is native; elsewhere no dense copies, which
     issue 25 measured faster on AVX2 than emulated bf16 copies, and which saves their memory."""
-    return DEFAULT_PLAN if native_bf16(flags) else NO_DENSE
+    return DEFAULT_PLAN if native_bf16(flags) else replace(NO_DENSE, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -363,8 +363,17 @@ def tune(
     timings = measure(groups, dtypes, act_dtype)
     seconds = round(time.perf_counter() - started, 3)
     if timings is None:
-        log.warning("engine.autotune_over_budget", budget_s=BUDGET_S, seconds=seconds, advice="using the defaults")
-        return Tuning(default_plan(flags), "defaults")
+        # Cached too: a host too busy to measure in budget gets the (safe) defaults at once from now
+        # on rather than the same pause at every start; removing the file measures again.
+        plan = default_plan(flags)
+        log.warning(
+            "engine.autotune_over_budget",
+            budget_s=BUDGET_S,
+            seconds=seconds,
+            advice=f"using the defaults; remove {_cache_path(key)} to measure again",
+        )
+        store(key, plan)
+        return Tuning(plan, "defaults")
     plan = decide(timings, flags)
     rounded = {form: {k: [round(t, 3) for t in v] for k, v in times.items()} for form, times in timings.items()}
     log.debug("engine.autotune_timings", rows=ROWS, timings_ms=rounded)

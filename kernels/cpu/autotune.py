@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, SMALL_FORMS, CpuQMatmul, DensePlan
 from llmc.logs import get_logger
+from llmc.quant.formats import stored_format
 
 log = get_logger("llmc.engine")
 
@@ -57,6 +58,8 @@ STREAM_BYTES = 16 << 20
 # ...and at most this many weights per shape: preparing each for its kernel costs time too, and the
 # small projections of a model (a few hundred KB each) would otherwise take dozens.
 MAX_PER_SHAPE = 8
+# A weight timed on its first rows keeps a multiple of this many: every form's row blocking (16).
+_ROW_STEP = 64
 # A dense copy costs memory (2 or 4 bytes per weight); it must beat the small form by this factor
 # to be worth keeping, which also keeps timing noise on a loaded machine from flipping the choice.
 MIN_GAIN = 1.1
@@ -165,7 +168,7 @@ def _dense_pass(weights: list[torch.Tensor], x: torch.Tensor) -> None:
 
 
 def measure(
-    groups: Iterable[tuple[int, Callable[[], list[CpuQMatmul]]]],
+    groups: Iterable[tuple[float, Callable[[], list[CpuQMatmul]]]],
     dtypes: list[torch.dtype],
     act_dtype: torch.dtype,
     budget_s: float = BUDGET_S,
@@ -191,6 +194,8 @@ def measure(
             x = torch.randn(rows, shapes[0][1]).to(act_dtype)
             entry["small"][i] += scale * _best_ms(partial(_small_pass, modules, x), repeats)
             for dt, weights in dense.items():
+                if clock() > deadline:
+                    return None
                 entry[_name(dt)][i] += scale * _best_ms(partial(_dense_pass, weights, x.to(dt)), repeats)
             if clock() > deadline:
                 return None
@@ -322,32 +327,39 @@ def groups_from(
     tensors: Mapping[str, tuple[str, list[int]]],
     blocks: Callable[[str], torch.Tensor],
     cpu_kernels_loaded: bool,
-) -> list[tuple[int, Callable[[], list[CpuQMatmul]]]]:
+) -> list[tuple[float, Callable[[], list[CpuQMatmul]]]]:
     """The shape groups to time: per distinct (format, shape) of `tensors` (name → (format,
-    stored shape)), its count and a function preparing the first few of its weights (up to
-    STREAM_BYTES of bf16, MAX_PER_SHAPE), read with `blocks(name)`."""
+    stored shape)), how many of the timed weights the model's weights of that shape amount to,
+    and a function preparing the first few of them (up to STREAM_BYTES of bf16, MAX_PER_SHAPE),
+    read with `blocks(name)`. A weight bigger than STREAM_BYTES (an embedding used as the output
+    layer: 128k rows) is timed on its first rows only and scaled up: the time of these matmuls
+    grows in proportion to the rows, and a whole one in bf16 and f32 would take ~1.5 GB and seconds."""
     by_shape: dict[tuple[str, int, int], list[str]] = {}
     for name, (fmt, shape) in sorted(tensors.items()):
         by_shape.setdefault((fmt, shape[0], shape[1]), []).append(name)
-    groups: list[tuple[int, Callable[[], list[CpuQMatmul]]]] = []
-    for (fmt, _, _), names in by_shape.items():
+    groups: list[tuple[float, Callable[[], list[CpuQMatmul]]]] = []
+    for (fmt, rows, width), names in by_shape.items():
+        cols = max(1, stored_format(fmt).cols(width))
+        cap = max(_ROW_STEP, STREAM_BYTES // (2 * cols) // _ROW_STEP * _ROW_STEP)
+        kept = min(rows, cap)
 
-        def make(fmt: str = fmt, names: list[str] = names) -> list[CpuQMatmul]:
+        def make(fmt: str = fmt, names: list[str] = names, kept: int = kept) -> list[CpuQMatmul]:
             modules: list[CpuQMatmul] = []
             for name in names:
-                modules.append(CpuQMatmul(blocks(name), fmt, dense_copy=False, cpu_kernels=cpu_kernels_loaded))
+                weight = blocks(name)[:kept]
+                modules.append(CpuQMatmul(weight, fmt, dense_copy=False, cpu_kernels=cpu_kernels_loaded))
                 streamed = sum(m.out_features * m.in_features * 2 for m in modules)
                 if streamed >= STREAM_BYTES or len(modules) >= MAX_PER_SHAPE:
                     break
             return modules
 
-        groups.append((len(names), make))
+        groups.append((len(names) * rows / kept, make))
     return groups
 
 
 def tune(
     key: str,
-    groups: list[tuple[int, Callable[[], list[CpuQMatmul]]]],
+    groups: list[tuple[float, Callable[[], list[CpuQMatmul]]]],
     act_dtype: torch.dtype,
     flags: frozenset[str] | None = None,
 ) -> Tuning:

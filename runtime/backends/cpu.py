@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def choose_plan(options: BackendOptions, artifact: Artifact, kernels_loaded: boo
         plan = DensePlan(**thresholds, dtype=plan.dtype)
     else:
         weights = forms_of(artifact.manifest, kernels_loaded)
-        plan = autotune.fit(plan, weights, options.max_rows or 2**31, physical_memory(), DENSE_COPY_MEMORY_SHARE)
+        max_rows = options.max_rows if options.max_rows is not None else sys.maxsize  # None: no bound
+        plan = autotune.fit(plan, weights, max_rows, physical_memory(), DENSE_COPY_MEMORY_SHARE)
     return autotune.Tuning(plan, tuning.source, tuning.timings_ms)
 
 

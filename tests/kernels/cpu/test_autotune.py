@@ -208,3 +208,14 @@ def test_the_key_follows_shapes_threads_kernels_and_activations_not_values() -> 
         autotune.cache_key(signature, 2, "avx2", torch.bfloat16),
     ]
     assert key not in others and len(set(others)) == len(others)
+
+
+def test_shape_groups_time_a_few_weights_and_the_first_rows_of_big_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autotune, "STREAM_BYTES", 64 << 10)
+    small = FORMATS["q4_0"].quantize(torch.randn(64, 256))  # 32 KB in bf16: two make the 64 KB
+    big = FORMATS["q4_0"].quantize(torch.randn(512, 256))  # 256 KB in bf16: its first 128 rows
+    blocks = {f"s{i}": small for i in range(5)} | {"big": big}
+    tensors = {name: ("q4_0", list(b.shape)) for name, b in blocks.items()}
+    groups = autotune.groups_from(tensors, blocks.__getitem__, cpu_kernels_loaded=False)
+    made = sorted(((factor, [m.out_features for m in make()]) for factor, make in groups), key=lambda g: len(g[1]))
+    assert made == [(4.0, [128]), (5.0, [64, 64])]  # as many weights as the model's, by rows and count

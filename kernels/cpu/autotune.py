@@ -182,6 +182,8 @@ def measure(
     deadline = clock() + budget_s
     totals: dict[str, dict[str, list[float]]] = {}
     for count, make in groups:
+        if clock() > deadline:
+            return None
         modules = make()
         if not modules or modules[0].form not in SMALL_FORMS:
             continue

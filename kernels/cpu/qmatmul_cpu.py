@@ -19,8 +19,10 @@ All take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-on
 
 The int4 kernel is the fastest for a few rows of activations but computes slowly: with enough
 rows a bf16 GEMM over a dense copy wins, from INT4_DENSE_MIN_ROWS rows for one int4 matmul and
-from PAIR_DENSE_MIN_ROWS for an int4 pair (twice the unpacking). With `dense_copy` a weight keeps
-such a copy and each call takes the faster form for its row count; `weight_form` pins the forms
+from PAIR_DENSE_MIN_ROWS for an int4 pair (twice the unpacking) on the AVX-512 BF16 machine they
+were measured on; a DensePlan carries such thresholds (and the copies' dtype) per host, measured by
+kernels/cpu/autotune.py. With `dense_copy` a weight keeps a copy where its plan has a threshold
+and each call takes the faster form for its row count; `weight_form` pins the forms
 one row count would take (a traced graph cannot branch on its dynamic batch).
 The reference is `llmc.quant.formats.reference_qmatmul`: dequantize in float32, then multiply.
 """

@@ -175,6 +175,13 @@ def main() -> None:
     help='Sampling defaults to bake in over the source\'s, e.g. \'{"temperature": 0.7, "top_p": 0.9}\' '
     "or a generation_config.json (keys: temperature top_p top_k min_p repetition_penalty max_new_tokens do_sample).",
 )
+@click.option(
+    "--autotune/--no-autotune",
+    default=True,
+    show_default=True,
+    help="Time the weight forms on this machine into the user's cache ($LLMC_CACHE_DIR), so that `llmc run` "
+    "here starts without that pause; --no-autotune: skip.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout (for CI).")
 @click.option(
@@ -190,6 +197,7 @@ def build(
     compile_step: bool,
     cpu_kernels: bool,
     cpu_isa: str,
+    autotune: bool,
     buckets: str,
     max_seq_len: int | None,
     name: str | None,
@@ -221,6 +229,7 @@ def build(
         compile=CompileOptions(buckets=sizes, max_seq_len=max_seq_len) if compile_step else None,
         cpu_kernels=cpu_kernels,
         cpu_isa=cpu_isa,
+        autotune=autotune,
         generation_config=generation_config,
     )
     # A progress line only for a person watching: never into a pipe, a log file or --json's stdout.
@@ -490,8 +499,16 @@ def export(artifact: Path, gguf_path: Path) -> None:
 @click.option(
     "--dense-weights/--no-dense-weights",
     default=None,
-    help="Keep bf16 copies of quantized weights for prefill and batches of 8+ (2 bytes per weight; "
-    "default: when they take at most a quarter of the memory).",
+    help="Keep dense copies of quantized weights for prefill and big batches (2 bytes per weight, 4 on CPUs "
+    "without native bf16; default: where measured faster for the batches served and they take at most a "
+    "quarter of the memory).",
+)
+@click.option(
+    "--autotune/--no-autotune",
+    default=True,
+    show_default=True,
+    help="Time the weight forms on this host at first start (a few seconds, cached in $LLMC_CACHE_DIR) to "
+    "choose which serves which batch size; --no-autotune: the built-in defaults.",
 )
 @click.option(
     "--expect-manifest-sha256",

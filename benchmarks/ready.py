@@ -89,8 +89,10 @@ def main() -> None:
     parser.add_argument("--mem", type=int, default=1024, help="KV cache MB (llmc run --mem)")
     parser.add_argument("--eager", action="store_true", help="llmc run --eager")
     parser.add_argument("--no-dense-weights", action="store_true", help="llmc run --no-dense-weights")
+    parser.add_argument("--no-autotune", action="store_true", help="llmc run --no-autotune")
     args = parser.parse_args()
     extra = ["--eager"] * args.eager + ["--no-dense-weights"] * args.no_dense_weights
+    extra += ["--no-autotune"] * args.no_autotune
     print(json.dumps(measure(args.artifact, args.threads, args.mem, extra)))
 
 

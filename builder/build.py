@@ -65,6 +65,9 @@ class BuildOptions:
     cpu_kernels: bool = True
     # `--cpu-isa`: the CPU capabilities the decode step is compiled for (builder/targets/cpu.py).
     cpu_isa: str = DEFAULT_CPU_ISA
+    # Time the weight forms for this host into the user's cache (kernels/cpu/autotune.py), so that
+    # `llmc run` here starts without that pause (`--no-autotune`: skip).
+    autotune: bool = True
     # `--generation-config`: inline JSON or a JSON file whose sampling settings override the
     # source's (artifacts/generation.py).
     generation_config: str | None = None
@@ -128,7 +131,7 @@ def _resolve_dtype(option: str, target: Target) -> str:
 def _target(options: BuildOptions) -> Target:
     """The device target the build adds code for (builder/targets/)."""
     if options.target == "cpu":
-        return CpuTarget(options.compile, options.cpu_kernels, options.cpu_isa)
+        return CpuTarget(options.compile, options.cpu_kernels, options.cpu_isa, options.autotune)
     raise BadInputError(f"--target {options.target!r} is not supported; supported: {', '.join(TARGET_NAMES)}")
 
 

@@ -71,6 +71,7 @@ class EngineConfig:
     compiled: bool = True  # use the artifact's compiled decode step where it can run (`--eager`: never)
     # Keep bf16 copies of quantized weights for prefill and big batches; None: when memory allows.
     dense_weights: bool | None = None
+    autotune: bool = True  # measure the weight forms on this host (kernels/cpu/autotune.py); False: defaults
     max_waiting: int | None = DEFAULT_MAX_WAITING  # None: never refuse (embedding, tests)
     # Sampling defaults over the artifact's (`llmc run --temperature ...`), parsed by
     # artifacts/generation.py; requests still override them.
@@ -137,7 +138,9 @@ class Engine:
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
         manifest = artifact.manifest
         spec = manifest.model
-        self.backend = make_backend(config.device, BackendOptions(config.threads, config.dense_weights))
+        max_rows = max(config.max_batched_tokens, config.max_num_seqs)
+        options = BackendOptions(config.threads, config.dense_weights, config.autotune, max_rows)
+        self.backend = make_backend(config.device, options)
         self.model_name = manifest.model_name
         self.generation_defaults = generation.override(
             generation.effective(manifest.generation), config.generation_overrides, "llmc run flags"

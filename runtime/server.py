@@ -56,7 +56,8 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     seed: int | None = None
     threads: int | None = None
     eager: bool = False  # ignore the artifact's compiled steps
-    dense_weights: bool | None = None  # bf16 copies of quantized weights; None: when memory allows
+    dense_weights: bool | None = None  # dense copies of quantized weights; None: where measured faster
+    autotune: bool = True  # measure the weight forms on this host; False (`--no-autotune`): defaults
     log_level: str = "INFO"
     api_key: str | None = None
     tool_parser: str = "auto"
@@ -196,6 +197,7 @@ def serve(config: ServeConfig) -> None:
             threads=config.threads,
             compiled=not config.eager,
             dense_weights=config.dense_weights,
+            autotune=config.autotune,
             max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
             generation_overrides=overrides,
         ),

@@ -41,7 +41,7 @@ from llmc.builder.targets.base import (
     not_compilable,
 )
 from llmc.errors import BadInputError, InternalError
-from llmc.kernels.cpu import cpu_kernels
+from llmc.kernels.cpu import autotune, cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice, weight_form
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
@@ -378,7 +378,10 @@ class CpuTarget(Target):
     # On CPUs f32 matmuls are the fast unquantized path (bf16 needs AMX/AVX512-BF16 to pay off).
     default_dtype = "f32"
 
-    def __init__(self, compile: CompileOptions | None, kernels: bool, isa: str = DEFAULT_CPU_ISA) -> None:
+    def __init__(
+        self, compile: CompileOptions | None, kernels: bool, isa: str = DEFAULT_CPU_ISA, autotune: bool = True
+    ) -> None:
+        self.autotune = autotune  # `--no-autotune`: False
         self.compile = compile  # None: an eager artifact (`--no-compile`)
         self.kernels = kernels  # `--no-cpu-kernels`: False
         self.isa = isa  # `--cpu-isa`
@@ -406,6 +409,8 @@ class CpuTarget(Target):
     ) -> TargetOutput:
         jobs = self._kernels_jobs
         kernels, loaded = _finish_cpu_kernels(writer, jobs) if jobs is not None else ([], None)
+        if self.autotune:
+            tune_build_host(writer, dtype, loaded is not None)
         compiled, skipped, seconds = _compile(self.compile, spec, writer, formats, dtype, loaded, on_progress, self.isa)
         capability = torch.backends.cpu.get_cpu_capability()
         return TargetOutput(TargetCode(capability=capability, kernels=kernels, compiled=compiled), skipped, seconds)
@@ -417,6 +422,26 @@ class CpuTarget(Target):
     def abort(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)  # a compile under way ends on its own
+
+
+def tune_build_host(writer: ArtifactWriter, dtype: torch.dtype, kernels_loaded: bool) -> autotune.Tuning:
+    """Measure the weight forms of the staged weights on this machine into the user's cache under
+    the key `llmc run` computes here (same shapes, CPU, default thread count, kernel library), so
+    that serving the artifact here starts without the pause (kernels/cpu/autotune.py)."""
+    quantized = {t.name: (t.quant, t.shape) for t in writer.tensors if t.quant}
+    files = {t.name: t.file for t in writer.tensors}
+
+    def blocks(name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(writer.stage / files[name]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+
+    isa = cpu_kernels.loaded_isa() if kernels_loaded else None
+    key = autotune.cache_key(autotune.shape_signature(quantized.values()), torch.get_num_threads(), isa, dtype)
+    tuning = autotune.tune(key, autotune.groups_from(quantized, blocks, kernels_loaded), dtype)
+    log.info("build.weight_forms", **tuning.describe())
+    return tuning
 
 
 def _start_cpu_kernels(pool: ThreadPoolExecutor) -> dict[str, Future[bytes]] | str:

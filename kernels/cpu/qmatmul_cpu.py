@@ -19,8 +19,10 @@ All take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-on
 
 The int4 kernel is the fastest for a few rows of activations but computes slowly: with enough
 rows a bf16 GEMM over a dense copy wins, from INT4_DENSE_MIN_ROWS rows for one int4 matmul and
-from PAIR_DENSE_MIN_ROWS for an int4 pair (twice the unpacking). With `dense_copy` a weight keeps
-such a copy and each call takes the faster form for its row count; `weight_form` pins the forms
+from PAIR_DENSE_MIN_ROWS for an int4 pair (twice the unpacking) on the AVX-512 BF16 machine they
+were measured on; a DensePlan carries such thresholds (and the copies' dtype) per host, measured by
+kernels/cpu/autotune.py. With `dense_copy` a weight keeps a copy where its plan has a threshold
+and each call takes the faster form for its row count; `weight_form` pins the forms
 one row count would take (a traced graph cannot branch on its dynamic batch).
 The reference is `llmc.quant.formats.reference_qmatmul`: dequantize in float32, then multiply.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +60,31 @@ DENSE_MIN_ROWS = min(INT4_DENSE_MIN_ROWS, PAIR_DENSE_MIN_ROWS)  # where the firs
 # The weight forms a compiled package is traced with, as the row count whose choices it pins:
 # "packed" every int4 form, "dense" what DENSE_MIN_ROWS rows take (pairs dense, single int4 packed).
 WEIGHT_FORMS = {"packed": 1, "dense": DENSE_MIN_ROWS}
+# What serves a weight for few rows: llmc's kernel, torch's int4 kernel, an int4 pair, or (where
+# none of them takes the weight) only its dense copy.
+SMALL_FORMS = ("kernel", "int4", "pair")
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """From how many activation rows each small-batch form hands a call over to the weight's dense
+    copy (None: never, and no copy is kept for it), and the dtype of those copies. The defaults are
+    the thresholds measured on an AVX-512 BF16 machine; runtime/backends/cpu_autotune.py measures
+    them per host. Weights with no small-batch form keep a bf16 copy whatever the plan: it is their
+    only form, and f32 would double their memory."""
+
+    kernel: int | None = KERNEL_DENSE_MIN_ROWS
+    int4: int | None = INT4_DENSE_MIN_ROWS
+    pair: int | None = PAIR_DENSE_MIN_ROWS
+    dtype: torch.dtype = COMPUTE_DTYPE
+
+    def from_rows(self, form: str) -> int | None:
+        """The threshold of one of SMALL_FORMS."""
+        value: int | None = getattr(self, form)
+        return value
+
+
+DEFAULT_PLAN = DensePlan()
 
 
 # The codecs split each int4 format into (q, scale, offset); see their int4_parts_* functions.
@@ -88,13 +116,15 @@ def _pack_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tu
     return packed, torch.stack([scale.T, zero.T], dim=-1).to(COMPUTE_DTYPE).contiguous()
 
 
-def _dense_from_parts(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def _dense_from_parts(
+    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE
+) -> torch.Tensor:
     """The bf16 copy of a weight from the (q, scale, offset) parts already unpacked for the int4 or
     VNNI packing: three times faster than dequantizing the blocks again (it counts in every cold
     start), and equal to it, since q * scale is exact in float32 and the sum rounds once either way."""
     rows, groups = scale.shape
     weight = torch.addcmul(offset.unsqueeze(-1), q.view(rows, groups, -1).float(), scale.unsqueeze(-1))
-    return weight.view(rows, -1).to(COMPUTE_DTYPE)
+    return weight.view(rows, -1).to(dtype)
 
 
 class CpuQMatmul(nn.Module):
@@ -112,7 +142,15 @@ class CpuQMatmul(nn.Module):
     kernel_scales: torch.Tensor | None
     dense: torch.Tensor | None
 
-    def __init__(self, blocks: torch.Tensor, fmt: str, dense_copy: bool = False, cpu_kernels: bool = False) -> None:
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        fmt: str,
+        dense_copy: bool = False,
+        cpu_kernels: bool = False,
+        plan: DensePlan = DEFAULT_PLAN,
+    ) -> None:
+        """`dense_copy`: keep a dense copy where `plan` has a threshold for this weight's form."""
         super().__init__()
         self.fmt = fmt
         self.pinned_rows: int | None = None  # choose forms as for this many rows (weight_form)
@@ -121,24 +159,32 @@ class CpuQMatmul(nn.Module):
         self.in_features = blocks.shape[1] // info.type_size * info.block_size
         packed = scales_zeros = packed_low = scales_zeros_low = kernel_weight = kernel_scales = dense = None
         self.kernel_bits = 0
-        kernel_forms = self._kernel_forms(blocks, dense_copy) if cpu_kernels else None
+        self.plan = plan
+
+        def keep(form: str) -> bool:
+            return dense_copy and plan.from_rows(form) is not None
+
+        kernel_forms = self._kernel_forms(blocks, keep("kernel")) if cpu_kernels else None
+        self.form = "dense"  # the small-batch form, SMALL_FORMS; "dense" where there is none
         if kernel_forms is not None:
             kernel_weight, kernel_scales, dense = kernel_forms
+            self.form = "kernel"
         elif fmt in INT4_FORMATS and self.out_features % _INT4_N_MULTIPLE == 0:
             parts = int4_parts(blocks, fmt)
             packed, scales_zeros = _pack_int4(*parts)
-            if dense_copy:
-                dense = _dense_from_parts(*parts)
+            self.form = "int4"
+            if keep("int4"):
+                dense = _dense_from_parts(*parts, plan.dtype)
         elif fmt in PAIR_FORMATS and self.out_features % _INT4_N_MULTIPLE == 0:
             high, low = _INT4_PAIRS[fmt](blocks)
             packed, scales_zeros = _pack_int4(*high)
             packed_low, scales_zeros_low = _pack_int4(*low)
-        if dense is None and ((packed is None and kernel_weight is None) or dense_copy):
+            self.form = "pair"
+        if self.form == "dense":
             dense = info.dequantize(blocks).to(COMPUTE_DTYPE)
-        if kernel_weight is not None:
-            self.dense_from_rows = KERNEL_DENSE_MIN_ROWS
-        else:
-            self.dense_from_rows = PAIR_DENSE_MIN_ROWS if packed_low is not None else INT4_DENSE_MIN_ROWS
+        elif dense is None and keep(self.form):
+            dense = info.dequantize(blocks).to(plan.dtype)
+        self.dense_from_rows = plan.from_rows(self.form) if self.form != "dense" else 0
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.register_buffer("packed_low", packed_low, persistent=False)
@@ -162,8 +208,21 @@ class CpuQMatmul(nn.Module):
         if not dense_copy:
             return weight, scales, None
         if self.fmt in qmatmul_vnni.PARTS_EXACT:
-            return weight, scales, _dense_from_parts(*parts)
-        return weight, scales, FORMATS[self.fmt].dequantize(blocks).to(COMPUTE_DTYPE)
+            return weight, scales, _dense_from_parts(*parts, self.plan.dtype)
+        return weight, scales, FORMATS[self.fmt].dequantize(blocks).to(self.plan.dtype)
+
+    @staticmethod
+    def form_for(fmt: str, out_features: int, cpu_kernels: bool) -> str:
+        """The small-batch form a weight of this format and output rows takes (before looking at its
+        values: the kernel also refuses scales out of its range, rare, which then take int4 forms)."""
+        if cpu_kernels and qmatmul_vnni.fits(fmt, out_features):
+            return "kernel"
+        if out_features % _INT4_N_MULTIPLE == 0:
+            if fmt in INT4_FORMATS:
+                return "int4"
+            if fmt in PAIR_FORMATS:
+                return "pair"
+        return "dense"
 
     @property
     def has_small_batch_form(self) -> bool:
@@ -180,16 +239,18 @@ class CpuQMatmul(nn.Module):
             return False
         if not self.has_small_batch_form:
             return True
+        if self.dense_from_rows is None:
+            return False
         return (rows if self.pinned_rows is None else self.pinned_rows) >= self.dense_from_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_weight is not None and not self._use_dense(x.shape[0]):
             assert self.kernel_scales is not None
             return qmatmul_vnni.qmatmul(x, self.kernel_weight, self.kernel_scales, self.kernel_bits).to(x.dtype)
-        xc = x.to(COMPUTE_DTYPE)
         if self._use_dense(x.shape[0]):
             assert self.dense is not None
-            return F.linear(xc, self.dense).to(x.dtype)
+            return F.linear(x.to(self.dense.dtype), self.dense).to(x.dtype)
+        xc = x.to(COMPUTE_DTYPE)
         if self.packed_low is not None:
             return self._pair(xc).to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP, self.scales_zeros)
@@ -200,7 +261,10 @@ def has_dense_choice(model: nn.Module) -> bool:
     """Whether the "dense" weight form differs from "packed" for `model` (some weight has both
     forms and switches by WEIGHT_FORMS["dense"] rows), so that a package for it is worth compiling."""
     return any(
-        m.has_small_batch_form and m.dense is not None and m.dense_from_rows <= WEIGHT_FORMS["dense"]
+        m.has_small_batch_form
+        and m.dense is not None
+        and m.dense_from_rows is not None
+        and m.dense_from_rows <= WEIGHT_FORMS["dense"]
         for m in model.modules()
         if isinstance(m, CpuQMatmul)
     )

@@ -31,6 +31,12 @@ class BackendOptions:
     threads: int | None = None  # the host's compute threads; None: torch's default
     # Keep dense copies of quantized weights for prefill and big batches; None: when memory allows.
     dense_weights: bool | None = None
+    # Measure which weight form serves which batch size on this host (kernels/cpu/autotune.py,
+    # cached); False: the built-in defaults (`--no-autotune`).
+    autotune: bool = True
+    # The most activation rows one step multiplies (prefill chunks or decode batches): a dense copy
+    # that only wins above it is never kept. None: no bound.
+    max_rows: int | None = None
 
 
 class Backend(ABC):

@@ -1,7 +1,7 @@
 """The CPU backend: the KV cache in anonymous memory, quantized weights in the layouts of
-kernels/cpu/qmatmul_cpu.py (with bf16 dense copies when memory allows), llmc's CPU kernel library
-when the artifact has one that runs here, and the artifact's AOTInductor packages as its
-compiled steps."""
+kernels/cpu/qmatmul_cpu.py (with dense copies where this host measured them faster for the batches
+served and memory allows, kernels/cpu/autotune.py), llmc's CPU kernel library when the artifact has
+one that runs here, and the artifact's AOTInductor packages as its compiled steps."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,12 @@ import torch
 
 from llmc.artifacts.manifest import CompiledStep, Manifest, ModelSpec, capability_rank
 from llmc.artifacts.reader import Artifact
-from llmc.kernels.cpu import cpu_kernels
-from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice
+from llmc.kernels.cpu import autotune, cpu_kernels
+from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, DENSE_MIN_ROWS, SMALL_FORMS, CpuQMatmul, DensePlan
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
 from llmc.model.decode_step import DecodeStep
-from llmc.model.decoder import CausalLM, DeviceKernels, build_model
+from llmc.model.decoder import COMPUTE_DTYPES, CausalLM, DeviceKernels, build_model
 from llmc.model.kv_layout import KVCaches, allocate_kv_caches
 from llmc.quant.formats import stored_format
 from llmc.runtime.backends.aoti_step import AOTInductorStep
@@ -32,19 +33,14 @@ from llmc.runtime.bucketed_step import BucketedStep
 log = get_logger("llmc.engine")
 compiled_log = get_logger("llmc.compiled")
 
-# bf16 copies of the quantized weights make prefill and big batches faster on the CPU
-# (kernels/cpu/qmatmul_cpu.py) at 2 bytes per weight; by default they are kept when they take at most
-# this share of the machine's memory, which leaves the rest for the KV cache and other processes.
+# Dense copies of the quantized weights make prefill and big batches faster on many CPUs
+# (kernels/cpu/qmatmul_cpu.py) at 2 or 4 bytes per weight; by default they are kept where measured
+# faster and they take at most this share of the machine's memory, which leaves the rest for the
+# KV cache and other processes.
 DENSE_COPY_MEMORY_SHARE = 0.25
 # The C library, for madvise on a tensor's address range (release_pages); None where none loads.
 _LIBC_NAME = ctypes.util.find_library("c")
 _LIBC = ctypes.CDLL(_LIBC_NAME, use_errno=True) if _LIBC_NAME else None
-_BF16_BYTES = 2
-
-
-def dense_copy_bytes(manifest: Manifest) -> int:
-    """What bf16 copies of every quantized weight of the artifact take."""
-    return sum(t.shape[0] * stored_format(t.quant).cols(t.shape[1]) * _BF16_BYTES for t in manifest.tensors if t.quant)
 
 
 def physical_memory() -> int | None:
@@ -79,11 +75,47 @@ def load_cpu_kernels(artifact: Artifact) -> bool:
     return True
 
 
-def want_dense_copies(setting: bool | None, manifest: Manifest) -> bool:
-    if setting is not None:
-        return setting
-    memory = physical_memory()
-    return memory is not None and dense_copy_bytes(manifest) <= DENSE_COPY_MEMORY_SHARE * memory
+def forms_of(manifest: Manifest, kernels_loaded: bool) -> dict[str, int]:
+    """The number of weights per small-batch form (qmatmul_cpu.SMALL_FORMS) the artifact's
+    quantized tensors take here: what the dense copies of each form would hold."""
+    counts: dict[str, int] = {}
+    for t in manifest.tensors:
+        if t.quant:
+            form = CpuQMatmul.form_for(t.quant, t.shape[0], kernels_loaded)
+            counts[form] = counts.get(form, 0) + t.shape[0] * stored_format(t.quant).cols(t.shape[1])
+    return counts
+
+
+def choose_plan(options: BackendOptions, artifact: Artifact, kernels_loaded: bool) -> autotune.Tuning:
+    """Which dense copies to keep and from how many rows to use them: measured on this host
+    (or cached, kernels/cpu/autotune.py) unless `--no-autotune`, then cut to the batches the
+    server runs and the memory (`fit`); `--dense-weights` keeps copies of every form whatever
+    the memory, `--no-dense-weights` none."""
+    flags = cpu_kernels.host_cpu_flags()
+    if options.dense_weights is False:
+        return autotune.Tuning(autotune.NO_DENSE, "off")
+    if options.autotune:
+        manifest = artifact.manifest
+        quantized = {t.name: (t.quant, t.shape) for t in manifest.tensors if t.quant}
+        dtype = COMPUTE_DTYPES[manifest.dtype]
+        signature = autotune.shape_signature(quantized.values())
+        isa = cpu_kernels.loaded_isa() if kernels_loaded else None
+        key = autotune.cache_key(signature, torch.get_num_threads(), isa, dtype)
+        lazy = artifact.lazy_weights()
+        groups = autotune.groups_from(quantized, lambda name: lazy[name], kernels_loaded)
+        tuning = autotune.tune(key, groups, dtype, flags)
+    else:
+        tuning = autotune.Tuning(autotune.default_plan(flags), "defaults")
+    plan = tuning.plan
+    if options.dense_weights:
+        # Asked for: every form keeps a copy, from the measured threshold or the default one.
+        thresholds = {f: plan.from_rows(f) or DEFAULT_PLAN.from_rows(f) for f in SMALL_FORMS}
+        plan = DensePlan(**thresholds, dtype=plan.dtype)
+    else:
+        weights = forms_of(artifact.manifest, kernels_loaded)
+        max_rows = options.max_rows if options.max_rows is not None else sys.maxsize  # None: no bound
+        plan = autotune.fit(plan, weights, max_rows, physical_memory(), DENSE_COPY_MEMORY_SHARE)
+    return autotune.Tuning(plan, tuning.source, tuning.timings_ms)
 
 
 def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = False) -> str | None:
@@ -141,6 +173,11 @@ def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
+def _pair_copies(model: torch.nn.Module) -> bool:
+    """Whether some int4 pair of `model` keeps a dense copy: what the "dense" package computes with."""
+    return any(isinstance(m, CpuQMatmul) and m.form == "pair" and m.dense is not None for m in model.modules())
+
+
 def _rank(info: CompiledStep, host: str) -> int:
     return capability_rank(info.cpu_capability, host) or 0
 
@@ -167,7 +204,8 @@ class CpuBackend(Backend):
         super().__init__(options)
         if options.threads:
             torch.set_num_threads(options.threads)
-        self.dense_copies = False  # load_model decides, from the artifact's size
+        self.dense_copies = False  # load_model decides, from measurements and the artifact's size
+        self.tuning = autotune.Tuning(autotune.NO_DENSE, "off")
         self.kernels_loaded = False  # the artifact's CPU kernel library runs in this process
 
     def allocate_kv(self, spec: ModelSpec, dtype: torch.dtype, num_slots: int) -> KVCaches:
@@ -176,11 +214,14 @@ class CpuBackend(Backend):
     def load_model(self, artifact: Artifact, max_positions: int, dtype: torch.dtype) -> CausalLM:
         manifest = artifact.manifest
         quant = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
-        self.dense_copies = want_dense_copies(self.options.dense_weights, manifest)
         self.kernels_loaded = load_cpu_kernels(artifact)
         loaded = self.kernels_loaded  # quantized layers take llmc's matmul, decode attention the paged kernel
+        self.tuning = choose_plan(self.options, artifact, loaded)
+        plan = self.tuning.plan
+        self.dense_copies = any(plan.from_rows(form) is not None for form in SMALL_FORMS)
+        log.info("engine.weight_forms", **self.tuning.describe())
         kernels = DeviceKernels(
-            matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, cpu_kernels=loaded),
+            matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, cpu_kernels=loaded, plan=plan),
             attention=PagedAttention(cpu_kernel=loaded),
         )
         weights = dict(artifact.weights())  # memory-mapped from the artifact, not copied
@@ -198,8 +239,8 @@ class CpuBackend(Backend):
         for info in artifact.manifest.compiled_for("cpu"):
             if info.kind != "decode":
                 continue
-            if info.weights == "dense" and not has_dense_choice(step.model):
-                continue  # a "dense" package also needs the model's dense weight copies
+            if info.weights == "dense" and (self.dense_package_from() is None or not _pair_copies(step.model)):
+                continue  # a "dense" package also needs the model's bf16 dense copies of its int4 pairs
             reason = incompatibility(info, step.block_size, self.kernels_loaded)
             if reason is not None:
                 compiled_log.warning("compiled.not_used", kind=info.kind, weights=info.weights, reason=reason)
@@ -215,17 +256,35 @@ class CpuBackend(Backend):
                 steps.append(loaded)
         return steps
 
+    def dense_package_from(self) -> int | None:
+        """From how many sequences the "dense" package runs, or None: never.
+
+        The package was traced at build with the forms DENSE_MIN_ROWS rows take by the default plan
+        (int4 pairs dense, every other form packed), with bf16 copies. It computes the same values
+        as eager execution whatever the batch, but it is only faster where this host measured the
+        pairs' dense copies faster: so from the measured pair threshold (never below DENSE_MIN_ROWS,
+        the batches it was traced for), and never where the copies kept here are not bf16 or the
+        pairs keep none (then the package's constants would not match ours)."""
+        plan = self.tuning.plan
+        if plan.pair is None or plan.dtype != DEFAULT_PLAN.dtype:
+            return None
+        return max(plan.pair, DENSE_MIN_ROWS)
+
     def choose_step(self, steps: list[BucketedStep], batch: int, max_context: int) -> BucketedStep | None:
-        """The dense package from DENSE_MIN_ROWS sequences on (where eager execution also takes the
-        dense copies, so both compute alike), else the packed one."""
+        """The dense package from dense_package_from() sequences on (where eager execution also
+        takes the pairs' dense copies), else the packed one."""
         usable = {s.info.weights: s for s in steps if s.accepts(batch, max_context)}
-        return usable.get("dense") if batch >= DENSE_MIN_ROWS and "dense" in usable else usable.get("packed")
+        dense_from = self.dense_package_from()
+        if dense_from is not None and batch >= dense_from and "dense" in usable:
+            return usable["dense"]
+        return usable.get("packed")
 
     def describe(self) -> dict[str, Any]:
         isa = cpu_kernels.loaded_isa() if self.kernels_loaded else None
         return {
             **super().describe(),
             "dense_weights": self.dense_copies,
+            "weight_forms": self.tuning.describe(),
             "cpu_kernels": self.kernels_loaded,
             "cpu_isa": isa,
         }

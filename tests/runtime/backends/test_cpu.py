@@ -7,7 +7,8 @@ import torch
 
 from llmc.artifacts.manifest import CompiledStep, ModelSpec
 from llmc.errors import BadInputError
-from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS
+from llmc.kernels.cpu import autotune
+from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, DENSE_MIN_ROWS, DensePlan
 from llmc.model.kv_layout import allocate_kv_caches, kv_bytes_per_token
 from llmc.runtime.backends import make_backend
 from llmc.runtime.backends.base import BackendOptions
@@ -69,6 +70,7 @@ class _Step(BucketedStep):
 
 def test_the_dense_package_takes_batches_from_dense_min_rows() -> None:
     backend = CpuBackend(BackendOptions())
+    backend.tuning = autotune.Tuning(DEFAULT_PLAN, "defaults")
     packed, dense = _Step("packed", [1, 2, 4, 64]), _Step("dense", [DENSE_MIN_ROWS, 64])
     steps: list[BucketedStep] = [packed, dense]
     assert backend.choose_step(steps, 1, 20) is packed
@@ -76,3 +78,20 @@ def test_the_dense_package_takes_batches_from_dense_min_rows() -> None:
     assert backend.choose_step(steps, DENSE_MIN_ROWS, 20) is dense
     assert backend.choose_step([packed], DENSE_MIN_ROWS, 20) is packed
     assert backend.choose_step(steps, 1, 33) is None  # longer than the steps were traced for
+
+
+def test_the_dense_package_follows_the_measured_pair_threshold() -> None:
+    """The package pins the pairs' bf16 copies: used from where this host measured them faster,
+    never where the pairs keep no copy or the copies are f32."""
+    backend = CpuBackend(BackendOptions())
+    packed, dense = _Step("packed", [1, 2, 4, 64]), _Step("dense", [DENSE_MIN_ROWS, 64])
+    steps: list[BucketedStep] = [packed, dense]
+    backend.tuning = autotune.Tuning(DensePlan(pair=16), "measured")
+    assert backend.choose_step(steps, DENSE_MIN_ROWS, 20) is packed
+    assert backend.choose_step(steps, 16, 20) is dense
+    backend.tuning = autotune.Tuning(DensePlan(pair=4), "measured")
+    assert backend.choose_step(steps, 4, 20) is packed  # never below the batches it was traced for
+    assert backend.choose_step(steps, DENSE_MIN_ROWS, 20) is dense
+    for plan in (DensePlan(pair=None), DensePlan(pair=8, dtype=torch.float32)):
+        backend.tuning = autotune.Tuning(plan, "measured")
+        assert backend.choose_step(steps, 64, 20) is packed

@@ -133,7 +133,7 @@ def cache_key(
         "schema": _SCHEMA,
         "shapes": signature,
         "cpu": cpu_model(),
-        "flags": sorted(cpu_kernels.host_cpu_flags()),
+        "flags": sorted(cpu_kernels.effective_cpu_flags()),
         "threads": threads,
         "torch": torch.__version__,
         "kernel_isa": kernel_isa,
@@ -367,7 +367,7 @@ def tune(
 ) -> Tuning:
     """The cached plan for `key`, else one measured now (and cached); the defaults where the
     measurement runs past its budget."""
-    flags = cpu_kernels.host_cpu_flags() if flags is None else flags
+    flags = cpu_kernels.effective_cpu_flags() if flags is None else flags
     cached = load_cached(key, flags)
     if cached is not None:
         return Tuning(cached, "cached")

@@ -138,6 +138,21 @@ def host_cpu_flags() -> frozenset[str]:
     return frozenset(flags)
 
 
+# The flag prefixes of the instruction sets beyond AVX2 (AVX-512's and AMX's families).
+_BEYOND_AVX2_PREFIXES = ("avx512", "amx")
+
+
+def effective_cpu_flags() -> frozenset[str]:
+    """The CPU flags llmc plans with: the host's, less AVX-512 and AMX where $LLMC_CPU_ISA forces
+    an ISA below AVX-512, so that a forced AVX2 run on an AVX-512 machine also plans like an
+    AVX2-only host (no native bf16 matmuls, for one)."""
+    flags = host_cpu_flags()
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if forced in _BY_NAME and not any(flag.startswith(_BEYOND_AVX2_PREFIXES) for flag in _BY_NAME[forced].cpu_flags):
+        flags = frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2_PREFIXES))
+    return flags
+
+
 def host_isas() -> list[str]:
     """The ISAs of ISAS this machine runs, best first."""
     arch = _host_arch()

@@ -91,7 +91,7 @@ def choose_plan(options: BackendOptions, artifact: Artifact, kernels_loaded: boo
     (or cached, kernels/cpu/autotune.py) unless `--no-autotune`, then cut to the batches the
     server runs and the memory (`fit`); `--dense-weights` keeps copies of every form whatever
     the memory, `--no-dense-weights` none."""
-    flags = cpu_kernels.host_cpu_flags()
+    flags = cpu_kernels.effective_cpu_flags()
     if options.dense_weights is False:
         return autotune.Tuning(autotune.NO_DENSE, "off")
     if options.autotune:

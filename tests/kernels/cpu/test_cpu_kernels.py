@@ -208,3 +208,18 @@ def test_arm_cpu_features_are_read_from_proc_cpuinfo(monkeypatch: pytest.MonkeyP
     cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n\n")
     monkeypatch.setattr(cpu_kernels, "_CPUINFO", cpuinfo)
     assert cpu_kernels.host_cpu_flags() == {"fp", "asimd", "asimddp"}
+
+
+def test_a_forced_isa_below_avx512_plans_without_avx512_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLMC_CPU_ISA=avx2 on an AVX-512 BF16 machine plans like an AVX2-only host: no native bf16."""
+    flags = frozenset(
+        {"avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+    )
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: flags)
+    monkeypatch.delenv(cpu_kernels.ISA_ENV, raising=False)
+    assert cpu_kernels.effective_cpu_flags() == flags
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512_vnni")
+    assert cpu_kernels.effective_cpu_flags() == flags
+    for isa in ("avx2", "avx_vnni"):
+        monkeypatch.setenv(cpu_kernels.ISA_ENV, isa)
+        assert cpu_kernels.effective_cpu_flags() == {"avx2", "fma", "f16c", "avx_vnni"}

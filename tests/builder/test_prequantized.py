@@ -19,6 +19,7 @@ from torch import nn
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadInputError, BadModelError
+from llmc.kernels.cpu.qmatmul_cpu import CpuQMatmul
 from llmc.model.quant_linear import FusedQuantLinear
 from llmc.quant.formats import FORMATS
 from tests.conftest import make_tiny_llama
@@ -286,6 +287,8 @@ def stored_weights(artifact_dir: Path) -> dict[str, torch.Tensor]:
 class ReferenceMatmul(nn.Module):
     """Dequantize in float32, then multiply: the exact path the 1e-4 logits check goes through
     (the CPU kernels quantize activations to int8 / bf16)."""
+
+    form_for = staticmethod(CpuQMatmul.form_for)  # what the backend asks the layer class when planning
 
     def __init__(self, blocks: torch.Tensor, fmt: str, **_: object) -> None:
         super().__init__()

@@ -13,9 +13,12 @@ tables) are saved beside the package.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import multiprocessing
 import os
+import signal
+import sys
 import time
 import warnings
 import zipfile
@@ -610,6 +613,53 @@ def _to_cache(key: str, stage: Path, results: list[tuple[CompiledStep, list[str]
     compile_cache.store(key, {"steps": [msgspec.to_builtins(info) for info, _ in results]}, files)
 
 
+# prctl(2)'s option that names the signal a process gets when its parent dies (<linux/prctl.h>).
+_PR_SET_PDEATHSIG = 1
+# How long a killed worker gets to be reaped (a SIGKILLed process ends at once; the wait only
+# collects its status so that it leaves no zombie behind).
+_WORKER_REAP_SECONDS = 5.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """A compile worker's first act (ProcessPoolExecutor's initializer): have Linux SIGKILL it
+    when the build process dies, however it dies (a SIGKILL, the OOM killer), so that no worker
+    outlives its build holding gigabytes. The check after setting it covers a parent that died
+    before: the signal is then never sent. Elsewhere than Linux the worker still ends when the
+    pool's shutdown (or its broken pipe) tells it to."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """Spawned compile workers (a forked torch may deadlock) that die with the build: with its
+    process (_die_with_parent), and on an exception or Ctrl-C in it, when they are killed at once
+    instead of being left to finish compiles nobody will use."""
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
+    try:
+        yield pool
+    except BaseException:
+        # The pool's own map of its live worker processes; the executor has no public kill.
+        processes = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join(_WORKER_REAP_SECONDS)
+        log.info("build.compile_workers_stopped", workers=len(processes))
+        raise
+    pool.shutdown()
+
+
 def _compile_packages(
     options: CompileOptions,
     spec: ModelSpec,
@@ -649,9 +699,7 @@ def _compile_packages(
     with contextlib.ExitStack() as stack:
         futures = []
         if jobs:
-            pool = stack.enter_context(
-                ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            )
+            pool = stack.enter_context(_worker_pool(workers))
             futures = [
                 pool.submit(
                     compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, library, caps, threads

@@ -183,6 +183,29 @@ def staged_fakes(stage: Path, tensor_files: list[str], mode: FakeTensorMode) -> 
     return fakes
 
 
+@contextlib.contextmanager
+def _no_buffer_copies() -> Iterator[None]:
+    """Keep Inductor from copying every buffer of the traced module (the prepared weight forms).
+
+    Before compiling, Inductor clones each buffer (compile_fx._unlift_graph) to keep its initial
+    value for the constants it embeds in the package, in case the graph mutates it. These packages
+    embed no constants (`package_constants_in_so=False`) and the decode step mutates no buffer, so
+    the copies are never read; but written, they are resident: the size of every prepared form
+    (9 GB at 3B, issue 24). An unwritten tensor of the same layout takes their place.
+    """
+    from torch._inductor import compile_fx
+
+    def unwritten(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+
+    original = compile_fx.clone_preserve_strides
+    compile_fx.clone_preserve_strides = unwritten
+    try:
+        yield
+    finally:
+        compile_fx.clone_preserve_strides = original
+
+
 def model_from_stage(
     stage: Path,
     tensor_files: list[str],
@@ -392,7 +415,7 @@ def lower_decode_step(
     fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
     configs = inductor_configs(capability, host, threads)
-    with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning():
+    with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning(), _no_buffer_copies():
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)
     made = {

@@ -13,9 +13,12 @@ tables) are saved beside the package.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import multiprocessing
 import os
+import signal
+import sys
 import time
 import warnings
 import zipfile
@@ -27,10 +30,12 @@ from pathlib import Path
 import msgspec
 import torch
 from safetensors.torch import save_file
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from llmc.artifacts.manifest import CompiledStep, KernelLibrary, ModelSpec, TargetCode
-from llmc.artifacts.writer import ArtifactWriter, read_staged_tensors
+from llmc.artifacts.writer import ArtifactWriter
 from llmc.builder import CPU_ISAS, DEFAULT_CPU_ISA, compile_cache
 from llmc.builder.targets.base import (
     CompileOptions,
@@ -58,6 +63,16 @@ PACKAGE_STEMS = {"packed": _COMPILED_DIR + "decode_cpu", "dense": _COMPILED_DIR 
 # Upper bound of the traced KV cache length in slots: 2^28 tokens is far beyond any cache a host
 # holds; the bound only has to exist for export's range analysis.
 _MAX_KV_SLOTS = 1 << 28
+# The dtypes of the staged weight files (artifacts/writer.py writes no others), by safetensors' name.
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 
 
 def kernels_file(isa: str) -> str:
@@ -149,6 +164,48 @@ def _recorded_constants() -> Iterator[dict[str, torch.Tensor]]:
         GraphLowering.allocate_non_dup_const_name = original  # type: ignore[method-assign]
 
 
+def staged_fakes(stage: Path, tensor_files: list[str], mode: FakeTensorMode) -> dict[str, torch.Tensor]:
+    """Fake tensors (shape and dtype, no data) of every tensor the stage's weight files hold, read
+    from their headers only: tracing needs no weight's value, and reading the weights back would
+    hold the whole model (issue 24: the 3B build's compile stage reached 14 GB)."""
+    from safetensors import safe_open
+
+    fakes: dict[str, torch.Tensor] = {}
+    for file in tensor_files:
+        with safe_open(str(stage / file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                view = handle.get_slice(name)
+                stored = view.get_dtype()
+                if stored not in _SAFETENSORS_DTYPES:
+                    raise InternalError(f"staged tensor {name} has dtype {stored}, which the builder never writes")
+                with mode:
+                    fakes[name] = torch.empty(view.get_shape(), dtype=_SAFETENSORS_DTYPES[stored])
+    return fakes
+
+
+@contextlib.contextmanager
+def _no_buffer_copies() -> Iterator[None]:
+    """Keep Inductor from copying every buffer of the traced module (the prepared weight forms).
+
+    Before compiling, Inductor clones each buffer (compile_fx._unlift_graph) to keep its initial
+    value for the constants it embeds in the package, in case the graph mutates it. These packages
+    embed no constants (`package_constants_in_so=False`) and the decode step mutates no buffer, so
+    the copies are never read; but written, they are resident: the size of every prepared form
+    (9 GB at 3B, issue 24). An unwritten tensor of the same layout takes their place.
+    """
+    from torch._inductor import compile_fx
+
+    def unwritten(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+
+    original = compile_fx.clone_preserve_strides
+    compile_fx.clone_preserve_strides = unwritten
+    try:
+        yield
+    finally:
+        compile_fx.clone_preserve_strides = original
+
+
 def model_from_stage(
     stage: Path,
     tensor_files: list[str],
@@ -158,20 +215,34 @@ def model_from_stage(
     options: CompileOptions,
     library: KernelLibrary | None,
 ) -> CausalLM:
-    """The model to compile, read back from the weights the build has staged, with the dense
-    copies that the "dense" weight form needs, and with llmc's CPU kernels from the staged
-    `library` (loaded into this process) if there is one."""
+    """The model to compile, with fake weights of the staged weights' shapes and dtypes and every
+    prepared form the weight forms need (the dense copies too), computed as fake tensors: the
+    packages hold no weights (the runtime feeds the prepared tensors at load), so the trace needs
+    only shapes, dtypes and strides, and the compile holds no weight whatever the model's size.
+    The constants the model computes itself (rope tables) are built outside the fake mode and stay
+    real. llmc's CPU kernels come from the staged `library` (loaded into this process) if any."""
     _, max_seq_len = check_options(options, spec)
     if library is not None:
         reason = cpu_kernels.load(stage / library.file, library.isa)
         if reason is not None:
             raise InternalError(f"the CPU kernels just compiled do not load: {reason}; build with --no-cpu-kernels")
-    weights = read_staged_tensors(stage, tensor_files)
+    # The shape environment with tracked fakes is what torch.export asks of a fake mode it adopts;
+    # non-fake inputs are allowed for the real constants the model mixes in (rope tables).
+    mode = FakeTensorMode(shape_env=ShapeEnv(tracked_fakes=[]), allow_non_fake_inputs=True)
+    weights = staged_fakes(stage, tensor_files, mode)
     loaded = library is not None  # the quantized matmul and the paged decode attention kernel
     kernels = DeviceKernels(
         matmul=partial(CpuQMatmul, dense_copy=True, cpu_kernels=loaded), attention=PagedAttention(cpu_kernel=loaded)
     )
     return build_model(spec, weights, max_seq_len, formats, dtype, kernels)
+
+
+def fake_mode_of(model: torch.nn.Module) -> FakeTensorMode | None:
+    """The fake mode of `model`'s fake weights (model_from_stage), or None for a real model."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if isinstance(tensor, FakeTensor):
+            return tensor.fake_mode
+    return None
 
 
 def compile_from_stage(
@@ -289,8 +360,13 @@ def export_decode_step(
         [{0: kv_slots}] * kv_count,
     )
     started = time.perf_counter()
-    with torch.no_grad(), weight_form(model, weights), _compiler_errors("tracing"):
+    # A model with fake weights is traced in their fake mode (export adopts the active one).
+    fake = fake_mode_of(model)
+    traced_in = fake if fake is not None else contextlib.nullcontext()
+    with torch.no_grad(), weight_form(model, weights), _compiler_errors("tracing"), traced_in:
         exported = torch.export.export(step, args, dynamic_shapes=dynamic)
+    if fake is not None:
+        _unbacked_weights(exported)
     log.info(
         "build.stage",
         stage="export",
@@ -301,6 +377,19 @@ def export_decode_step(
         max_seq_len=max_seq_len,
     )
     return exported, step, buckets
+
+
+def _unbacked_weights(exported: torch.export.ExportedProgram) -> None:
+    """Swap the program's fake weights for real tensors of the same shapes, dtypes and strides
+    whose memory is never written: Inductor compiles from real tensors, and the package leaves
+    the weights out (`package_constants_in_so=False`), so their pages are never touched and cost
+    no resident memory (an untouched allocation is only address space)."""
+    for table in (exported.state_dict, exported.constants):
+        for name, value in list(table.items()):
+            if isinstance(value, FakeTensor):
+                empty = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+                parameter = isinstance(value, torch.nn.Parameter)
+                table[name] = torch.nn.Parameter(empty, requires_grad=False) if parameter else empty
 
 
 def lower_decode_step(
@@ -326,7 +415,7 @@ def lower_decode_step(
     fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
     configs = inductor_configs(capability, host, threads)
-    with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning():
+    with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning(), _no_buffer_copies():
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)
     made = {
@@ -572,6 +661,53 @@ def _to_cache(key: str, stage: Path, results: list[tuple[CompiledStep, list[str]
     compile_cache.store(key, {"steps": [msgspec.to_builtins(info) for info, _ in results]}, files)
 
 
+# prctl(2)'s option that names the signal a process gets when its parent dies (<linux/prctl.h>).
+_PR_SET_PDEATHSIG = 1
+# How long a killed worker gets to be reaped (a SIGKILLed process ends at once; the wait only
+# collects its status so that it leaves no zombie behind).
+_WORKER_REAP_SECONDS = 5.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """A compile worker's first act (ProcessPoolExecutor's initializer): have Linux SIGKILL it
+    when the build process dies, however it dies (a SIGKILL, the OOM killer), so that no worker
+    outlives its build holding gigabytes. The check after setting it covers a parent that died
+    before: the signal is then never sent. Elsewhere than Linux the worker still ends when the
+    pool's shutdown (or its broken pipe) tells it to."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """Spawned compile workers (a forked torch may deadlock) that die with the build: with its
+    process (_die_with_parent), and on an exception or Ctrl-C in it, when they are killed at once
+    instead of being left to finish compiles nobody will use."""
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
+    try:
+        yield pool
+    except BaseException:
+        # The pool's own map of its live worker processes; the executor has no public kill.
+        processes = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join(_WORKER_REAP_SECONDS)
+        log.info("build.compile_workers_stopped", workers=len(processes))
+        raise
+    pool.shutdown()
+
+
 def _compile_packages(
     options: CompileOptions,
     spec: ModelSpec,
@@ -611,9 +747,7 @@ def _compile_packages(
     with contextlib.ExitStack() as stack:
         futures = []
         if jobs:
-            pool = stack.enter_context(
-                ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            )
+            pool = stack.enter_context(_worker_pool(workers))
             futures = [
                 pool.submit(
                     compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, library, caps, threads

@@ -37,8 +37,12 @@ def _prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def _compare(artifact: Path, vocab: int, batches: tuple[int, ...], max_model_len: int | None = None) -> None:
-    eager = open_engine(artifact, compiled=False, kv_blocks=256, max_model_len=max_model_len)
-    compiled = open_engine(artifact, kv_blocks=256, max_model_len=max_model_len)
+    # Both with the built-in weight forms (`--no-autotune`): a plan measured on this host may give
+    # the eager engine dense copies from a few rows (f32 GEMMs beat the kernel on a tiny model's
+    # shapes), which a package traced with the packed forms does not take, and a random model's
+    # greedy tokens flip on such rounding differences.
+    eager = open_engine(artifact, compiled=False, kv_blocks=256, max_model_len=max_model_len, autotune=False)
+    compiled = open_engine(artifact, kv_blocks=256, max_model_len=max_model_len, autotune=False)
     assert eager.runner.compiled == []
     assert compiled.runner.compiled
     for batch in batches:

@@ -23,7 +23,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,13 +30,13 @@ import msgspec
 import torch
 
 import llmc
+from llmc import user_cache
 from llmc.artifacts.manifest import ModelSpec, TensorInfo
 from llmc.errors import InternalError
 from llmc.logs import get_logger
 
 log = get_logger("llmc.builder.compile")
 
-_CACHE_ENV = "LLMC_CACHE_DIR"
 _INDEX = "index.json"
 # Bump when the layout of an entry or the meaning of the key changes: old entries are then ignored.
 _SCHEMA = 1
@@ -54,8 +53,7 @@ _ENV_IGNORED = ("TORCHINDUCTOR_CACHE_DIR",)
 
 def cache_dir() -> Path:
     """Where compiled packages are kept (a function, so that tests can point it elsewhere)."""
-    root = os.environ.get(_CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "llmc")
-    return Path(root).expanduser() / "compiled"
+    return user_cache.cache_root() / "compiled"
 
 
 def _sources_digest() -> str:
@@ -103,27 +101,6 @@ def cache_key(
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def _private_dir(path: Path) -> None:
-    """`path` as a directory only this user can write: what is found there goes into artifacts."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    status = path.stat()
-    if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InternalError(
-            f"the compile cache {path} is writable by others or not yours; remove it or set ${_CACHE_ENV}"
-        )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load(key: str) -> tuple[dict[str, object], dict[str, bytes]] | None:
     """The entry stored under `key`: its metadata and its files' bytes (by name), each checked
     against the sha256 the index recorded; None when there is no such entry or it does not check."""
@@ -164,10 +141,10 @@ def store(key: str, meta: dict[str, object], files: dict[str, bytes]) -> None:
     compile, so it is logged, not raised."""
     entry = cache_dir() / key
     try:
-        _private_dir(entry)
+        user_cache.private_dir(entry, "the compile cache")
         for name, data in files.items():
-            _write_atomically(entry / name, data)
+            user_cache.write_atomically(entry / name, data)
         index = {"meta": meta, "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
-        _write_atomically(entry / _INDEX, json.dumps(index, sort_keys=True).encode())
+        user_cache.write_atomically(entry / _INDEX, json.dumps(index, sort_keys=True).encode())
     except (OSError, InternalError) as exc:
         log.warning("compile_cache.not_stored", entry=str(entry), reason=str(exc))

@@ -22,13 +22,13 @@ import hashlib
 import os
 import platform
 import shlex
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
+from llmc import user_cache
 from llmc.errors import InternalError
 from llmc.logs import get_logger
 from llmc.quant.formats import FORMATS
@@ -55,8 +55,6 @@ _FLAGS = (
 )
 # Compiling takes ~2 s here; a compiler stuck far beyond that is broken.
 _COMPILE_TIMEOUT_S = 120
-_CACHE_ENV = "LLMC_CACHE_DIR"
-_DIGEST_SUFFIX = ".sha256"  # beside the cached library: its sha256, written after it
 _DETAIL_CHARS = 2000  # of the compiler's messages kept in the warning: the last ones say what failed
 # The input dtypes the library reads directly (the codes of native_quant.cpp's InputType).
 _INPUTS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -68,8 +66,7 @@ def _compiler() -> list[str]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get(_CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "llmc")
-    return Path(root).expanduser() / "native_quant"
+    return user_cache.cache_root() / "native_quant"
 
 
 def _cpu_identity() -> str:
@@ -97,46 +94,12 @@ def _cache_key() -> str:
     return digest.hexdigest()[:32]
 
 
-def _private_dir(path: Path) -> None:
-    """Make `path` a directory only this user can write: a library found there is about to be loaded."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    status = path.stat()
-    if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InternalError(
-            f"the quantizer cache {path} is writable by others or not yours; remove it or set ${_CACHE_ENV}"
-        )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_cached(cached: Path) -> bytes | None:
-    """The cached library's bytes if they match the digest recorded beside them; None otherwise."""
-    try:
-        data = cached.read_bytes()
-        recorded = cached.with_name(cached.name + _DIGEST_SUFFIX).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if hashlib.sha256(data).hexdigest() != recorded:
-        log.warning("quant.native_cache_mismatch", path=str(cached))
-        return None
-    return data
-
-
 def library_bytes() -> bytes:
     """The compiled library, from the cache or compiled now; InternalError when that fails."""
     try:
         cached = _cache_dir() / _cache_key() / LIBRARY_NAME
-        _private_dir(cached.parent)
-        data = _read_cached(cached)
+        user_cache.private_dir(cached.parent, "the quantizer cache")
+        data = user_cache.read_verified(cached, "quant.native_cache_mismatch")
         if data is None:
             with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
                 built = Path(tmp) / LIBRARY_NAME
@@ -151,8 +114,7 @@ def library_bytes() -> bytes:
                 )
                 data = built.read_bytes()
             # The library first, then its digest: a reader that sees the digest sees the library.
-            _write_atomically(cached, data)
-            _write_atomically(cached.with_name(cached.name + _DIGEST_SUFFIX), hashlib.sha256(data).hexdigest().encode())
+            user_cache.write_verified(cached, data)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         raise InternalError(f"compiling llmc's native quantizer failed: {detail.strip()[-_DETAIL_CHARS:]}") from exc

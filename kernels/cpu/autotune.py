@@ -20,10 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
-import stat
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +32,8 @@ import msgspec
 import torch
 import torch.nn.functional as F
 
+from llmc import user_cache
+from llmc.errors import InternalError
 from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, SMALL_FORMS, CpuQMatmul, DensePlan
 from llmc.logs import get_logger
@@ -70,7 +69,6 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 NO_DENSE = DensePlan(kernel=None, int4=None, pair=None)
 _SCHEMA = 1  # of the cached document; another value is ignored
 _MAX_CACHE_BYTES = 4096  # a cached plan is ~200 bytes: anything bigger is not ours
-_CACHE_ENV = "LLMC_CACHE_DIR"
 _CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -262,8 +260,7 @@ class _Cached(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(_CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "llmc")
-    return Path(root).expanduser() / "autotune"
+    return user_cache.cache_root() / "autotune"
 
 
 def _cache_path(key: str) -> Path:
@@ -278,7 +275,7 @@ def load_cached(key: str, flags: frozenset[str]) -> DensePlan | None:
     try:
         if path.stat().st_size > _MAX_CACHE_BYTES:
             raise ValueError("too big")
-        if not _private(path.parent):
+        if not user_cache.is_private(path.parent):
             raise ValueError("the cache folder is writable by others or not this user's")
         entry = msgspec.json.decode(path.read_bytes(), type=_Cached, strict=True)
         if entry.schema != _SCHEMA or entry.key != key:
@@ -296,29 +293,15 @@ def load_cached(key: str, flags: frozenset[str]) -> DensePlan | None:
     return DensePlan(kernel=entry.kernel, int4=entry.int4, pair=entry.pair, dtype=DTYPES[entry.dtype])
 
 
-def _private(path: Path) -> bool:
-    status = path.stat()
-    return status.st_uid == os.getuid() and not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
 def store(key: str, plan: DensePlan) -> None:
     """Cache `plan` under `key` (a private folder, an atomic rename); a cache that cannot be
     written costs a measurement at the next start, nothing else."""
     path = _cache_path(key)
     entry = _Cached(_SCHEMA, key, _name(plan.dtype), plan.kernel, plan.int4, plan.pair)
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _private(path.parent):
-            raise PermissionError(f"{path.parent} is writable by others or not this user's")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(msgspec.json.encode(entry))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
+        user_cache.private_dir(path.parent, "the weight-form cache")
+        user_cache.write_atomically(path, msgspec.json.encode(entry))
+    except (OSError, InternalError) as exc:
         log.warning("engine.autotune_cache_unwritable", path=str(path), reason=str(exc))
 
 

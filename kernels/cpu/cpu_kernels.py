@@ -26,7 +26,6 @@ import hashlib
 import os
 import platform
 import shlex
-import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from llmc import user_cache
 from llmc.errors import BadInputError, InternalError
 from llmc.logs import get_logger
 
@@ -95,12 +95,9 @@ _ARCHES = {
 _CPUINFO = Path("/proc/cpuinfo")
 # Compiling a source takes ~8 s here; a compiler stuck far beyond that is broken.
 _COMPILE_TIMEOUT_S = 300
-_CACHE_ENV = "LLMC_CACHE_DIR"
 
 _loaded: dict[str, tuple[str, str]] = {}  # the one library this process has loaded: sha256 → (ISA, path)
 _kept_fds: list[int] = []  # memfds of loaded libraries, open for the process's life (see _sealed_copy)
-# Beside each cached library: its sha256, written after it, checked before the library is reused.
-_DIGEST_SUFFIX = ".sha256"
 # The ops a library must register, with their schemas: a library of another llmc is refused.
 OPS = {
     "qmatmul": "llmc::qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor",
@@ -206,8 +203,7 @@ def buildable() -> list[str]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get(_CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "llmc")
-    return Path(root).expanduser() / "cpu_kernels"
+    return user_cache.cache_root() / "cpu_kernels"
 
 
 def _compiler() -> list[str]:
@@ -279,44 +275,6 @@ def _cache_key(isa: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _private_dir(path: Path) -> None:
-    """Make `path` (and its parents) a directory only this user can write: a library found there is
-    about to be copied into artifacts and loaded, so nobody else may have put it there."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    status = path.stat()
-    if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InternalError(
-            f"the CPU kernel cache {path} is writable by others or not yours; remove it or set ${_CACHE_ENV}"
-        )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a new file beside `path`, then rename it over `path`: readers see all of it or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_cached(cached: Path) -> bytes | None:
-    """The cached library's bytes if they match the sha256 recorded beside them after the compile;
-    None (a fresh compile) when either is missing or they differ."""
-    sidecar = cached.with_name(cached.name + _DIGEST_SUFFIX)
-    try:
-        data = cached.read_bytes()
-        recorded = sidecar.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if hashlib.sha256(data).hexdigest() != recorded:
-        log.warning("cpu_kernels.cache_mismatch", path=str(cached))
-        return None
-    return data
-
-
 def cached_library(isa: str) -> bytes:
     """The kernels compiled for `isa`, from the cache (checked against the digest recorded when
     they were compiled) or compiled now; InternalError when no C++ compiler works here (the build
@@ -324,8 +282,8 @@ def cached_library(isa: str) -> bytes:
     name = library_name(isa)
     try:
         cached = _cache_dir() / _cache_key(isa) / name
-        _private_dir(cached.parent)
-        data = _read_cached(cached)
+        user_cache.private_dir(cached.parent, "the CPU kernel cache")
+        data = user_cache.read_verified(cached, "cpu_kernels.cache_mismatch")
         if data is None:
             with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
                 built = Path(tmp) / name
@@ -334,8 +292,7 @@ def cached_library(isa: str) -> bytes:
                 data = built.read_bytes()
             # The library first, then its digest: a reader that sees the digest sees the library.
             # Two builds racing write the same bytes; a mismatch at worst costs one more compile.
-            _write_atomically(cached, data)
-            _write_atomically(cached.with_name(cached.name + _DIGEST_SUFFIX), hashlib.sha256(data).hexdigest().encode())
+            user_cache.write_verified(cached, data)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         raise InternalError(

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from llmc.builder.sources.base import ModelSource, TensorMeta
-from llmc.builder.sources.safetensors_folder import load_hf_tokenizer, read_json
+from llmc.builder.sources.safetensors_folder import read_hf_folder, read_json
 from llmc.errors import BadModelError
 
 GPTQ_V1, GPTQ_V2 = "gptq-v1", "gptq-v2"
@@ -228,16 +228,8 @@ class PrequantizedSource(ModelSource):
     layers, whose `blocks` are the exact repack and whose `load` is the reference dequantization."""
 
     def __init__(self, folder: Path, name: str, weights_folder: Path | None = None) -> None:
-        config = read_json(folder / "config.json")
+        config, tokenizer, generation, files = read_hf_folder(folder, weights_folder)
         self.scheme = scheme_from_config(config.get("quantization_config"))
-        generation = (
-            read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
-        )
-        tokenizer = load_hf_tokenizer(folder, config, generation)
-        weights_dir = weights_folder or folder
-        files = sorted(weights_dir.glob("*.safetensors"))
-        if not files:
-            raise BadModelError(f"{weights_dir} has no *.safetensors weight files")
         super().__init__("safetensors", name, config, tokenizer, generation, files)
         self._where: dict[str, Path] = {}
         self._raw: dict[str, tuple[list[int], str]] = {}

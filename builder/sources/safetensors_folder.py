@@ -93,19 +93,26 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any], generation: dict[str
     )
 
 
+def read_hf_folder(
+    folder: Path, weights_folder: Path | None = None
+) -> tuple[dict[str, Any], TokenizerBundle, dict[str, Any], list[Path]]:
+    """A Hugging Face model folder's config, tokenizer, generation config and safetensors files
+    (from `weights_folder` where given): what every safetensors-based source starts from."""
+    if not (folder / "config.json").is_file():
+        raise BadModelError(f"{folder} has no config.json; pass a Hugging Face model folder or a .gguf file")
+    config = read_json(folder / "config.json")
+    generation = read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    tokenizer = load_hf_tokenizer(folder, config, generation)
+    weights_dir = weights_folder or folder
+    files = sorted(weights_dir.glob("*.safetensors"))
+    if not files:
+        raise BadModelError(f"{weights_dir} has no *.safetensors weight files")
+    return config, tokenizer, generation, files
+
+
 class SafetensorsFolderSource(ModelSource):
     def __init__(self, folder: Path, name: str, weights_folder: Path | None = None) -> None:
-        if not (folder / "config.json").is_file():
-            raise BadModelError(f"{folder} has no config.json; pass a Hugging Face model folder or a .gguf file")
-        config = read_json(folder / "config.json")
-        generation = (
-            read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
-        )
-        tokenizer = load_hf_tokenizer(folder, config, generation)
-        weights_dir = weights_folder or folder
-        files = sorted(weights_dir.glob("*.safetensors"))
-        if not files:
-            raise BadModelError(f"{weights_dir} has no *.safetensors weight files")
+        config, tokenizer, generation, files = read_hf_folder(folder, weights_folder)
         super().__init__("safetensors", name, config, tokenizer, generation, files)
         self._where: dict[str, Path] = {}
         self._meta: dict[str, TensorMeta] = {}

@@ -164,16 +164,26 @@ def _recorded_constants() -> Iterator[dict[str, torch.Tensor]]:
         GraphLowering.allocate_non_dup_const_name = original  # type: ignore[method-assign]
 
 
+# Staged tensors read for real: act-order input permutations (int32 [in_features], small) decide
+# the model's structure (which projections fuse, model/quant_linear.py FusedQuantLinear.fusable),
+# which must come out as the runtime's, and a fake tensor has no values to compare.
+_REAL_SUFFIX = ".input_perm"
+
+
 def staged_fakes(stage: Path, tensor_files: list[str], mode: FakeTensorMode) -> dict[str, torch.Tensor]:
-    """Fake tensors (shape and dtype, no data) of every tensor the stage's weight files hold, read
-    from their headers only: tracing needs no weight's value, and reading the weights back would
-    hold the whole model (issue 24: the 3B build's compile stage reached 14 GB)."""
+    """Fake tensors (shape and dtype, no data) of every tensor the stage's weight files hold (but
+    the input permutations, _REAL_SUFFIX), read from their headers only: tracing needs no weight's
+    value, and reading the weights back would hold the whole model (issue 24: the 3B build's
+    compile stage reached 14 GB)."""
     from safetensors import safe_open
 
     fakes: dict[str, torch.Tensor] = {}
     for file in tensor_files:
         with safe_open(str(stage / file), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                if name.endswith(_REAL_SUFFIX):
+                    fakes[name] = handle.get_tensor(name)
+                    continue
                 view = handle.get_slice(name)
                 stored = view.get_dtype()
                 if stored not in _SAFETENSORS_DTYPES:

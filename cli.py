@@ -17,6 +17,7 @@ from llmc.errors import BadInputError, LlmcError
 from llmc.logs import configure
 from llmc.runtime.api.http_guard import BODY_TIMEOUT_S
 from llmc.runtime.api.requests import MAX_TEMPERATURE
+from llmc.runtime.backends.choice import BACKEND_CHOICES
 from llmc.runtime.server import HEADER_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -37,6 +38,15 @@ _VERBOSITY_KEY = "llmc.verbosity"
 _LOG_LEVEL_HELP = "Log level for llmc's own logs (stderr); info by default for run, warning for the rest."
 # What llama.cpp and vLLM users type: -h as well as --help, on every command.
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+
+def _target_list(value: str) -> str:
+    """`--target cpu,onnx`: every name known, none twice; exit code 2 otherwise."""
+    names = [n.strip() for n in value.split(",")]
+    unknown = [n for n in names if n not in TARGET_NAMES]
+    if unknown or len(set(names)) != len(names):
+        raise click.BadParameter(f"{value!r}: give targets from {', '.join(TARGET_NAMES)}, each once, comma-separated")
+    return ",".join(names)
 
 
 def _set_log_level(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -136,7 +146,12 @@ def main() -> None:
     "Default: keep a GGUF source's quantized blocks, leave other sources unquantized.",
 )
 @click.option(
-    "--target", default="cpu", show_default=True, type=click.Choice(TARGET_NAMES), help="Hardware to build for."
+    "--target",
+    default="cpu",
+    show_default=True,
+    callback=lambda _ctx, _param, value: _target_list(value),
+    help=f"What to build for, one or several comma-separated: {', '.join(TARGET_NAMES)} (onnx: a graph that "
+    "onnxruntime serves without torch).",
 )
 @click.option(
     "--compile/--no-compile",
@@ -494,8 +509,20 @@ def export(artifact: Path, gguf_path: Path) -> None:
 @click.option("--min-p", type=click.FloatRange(0, 1), help="Default min-p.")
 @click.option("--max-tokens", type=POSITIVE, help="Default max_tokens (default: the rest of the context).")
 @click.option("--seed", type=int, help="Seed for requests that give none (reproducible servers).")
-@click.option("--threads", type=POSITIVE, help="CPU threads for the model (default: torch's choice).")
+@click.option(
+    "--threads",
+    type=POSITIVE,
+    help="CPU threads for the model (default: torch's choice; onnx: every core this process may use).",
+)
 @click.option("--eager", is_flag=True, help="Run the model eagerly, ignoring the artifact's compiled steps.")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKEND_CHOICES),
+    default="auto",
+    show_default=True,
+    help="What runs the model: cpu (torch, the artifact's cpu target) or onnx (onnxruntime, the artifact's onnx "
+    "target; needs no torch). auto: onnx where torch is not installed or the artifact has only the onnx target.",
+)
 @click.option(
     "--dense-weights/--no-dense-weights",
     default=None,

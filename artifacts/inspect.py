@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
 import msgspec
-import torch
 
 from llmc.artifacts.generation import effective
 from llmc.artifacts.manifest import CompiledStep, KernelLibrary, Manifest, TargetCode, TensorInfo, capability_rank
@@ -114,9 +114,15 @@ def _step_why_not(step: CompiledStep, host: str, torch_version: str, kernels_why
 def target_status(name: str, code: TargetCode) -> dict[str, Any]:
     """One target's device code and whether this host can run each part (`why_not`: None where it
     can). Where a part cannot run, the runtime runs the model eagerly on torch's kernels instead."""
+    if name == "onnx" and code.graph is not None:
+        return _onnx_status(code)
     if name != "cpu":
         why = f"this llmc runs on the cpu only, not {name}"
         return {"capability": code.capability, "runs_here": False, "why_not": why}
+    try:
+        import torch
+    except ImportError:
+        return {"capability": code.capability, "runs_here": False, "why_not": "torch is not installed: llmc[torch]"}
     host = torch.backends.cpu.get_cpu_capability()
     version = torch.__version__.split("+")[0]
     kernels, kernels_why_not = _kernels_status(code.kernels, version)
@@ -126,6 +132,15 @@ def target_status(name: str, code: TargetCode) -> dict[str, Any]:
         entry = {"kind": step.kind, "weights": step.weights, "buckets": step.buckets, "max_seq_len": step.max_seq_len}
         compiled.append({**entry, "runs_here": why_not is None, "why_not": why_not})
     return {"capability": code.capability, "this_host": host, "kernels": kernels, "compiled": compiled}
+
+
+def _onnx_status(code: TargetCode) -> dict[str, Any]:
+    """The onnx target runs wherever onnxruntime is installed (on any CPU: its kernels pick the ISA)."""
+    assert code.graph is not None
+    entry = {"capability": code.capability, "graph": code.graph.model, "accuracy_level": code.graph.accuracy_level}
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {**entry, "runs_here": False, "why_not": "onnxruntime is not installed: pip install 'llmc[lean]'"}
+    return {**entry, "runs_here": True, "why_not": None}
 
 
 def report_table(report: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 import msgspec
@@ -16,8 +17,9 @@ from llmc.errors import BadArtifactError
 # 5: llmc's own CPU kernel library, which compiled steps may call; 6: compiled steps and kernel
 # libraries per device target (Manifest.targets), and the optional generation defaults; 7: one
 # kernel library per instruction set (TargetCode.kernels is a list), a pre-quantized source
-# (SourceInfo.quantization) and layers' `input_perm` tensors (act-order)
-FORMAT_VERSION = 7
+# (SourceInfo.quantization) and layers' `input_perm` tensors (act-order); 8: the ONNX target's
+# graph (TargetCode.graph)
+FORMAT_VERSION = 8
 MANIFEST_NAME = "manifest.json"
 
 
@@ -202,6 +204,18 @@ class KernelLibrary(msgspec.Struct, forbid_unknown_fields=True):
     isa: str  # the instruction set it needs (cpu_kernels.ISA_NAMES, e.g. "avx2"; unknown ones are skipped)
 
 
+class OnnxGraph(msgspec.Struct, forbid_unknown_fields=True):
+    """The ONNX target's model (builder/onnx/graph.py, docs/artifact-format.md): a graph for
+    onnxruntime and its weights as ONNX external data, which the graph names by `weights`' file
+    name in the same folder; `mapping` says how each of the artifact's tensors was written."""
+
+    model: str  # the .onnx graph, relative to the artifact root
+    weights: str  # its external data
+    mapping: str  # JSON: tensor name -> "q4_1: MatMulNBits 4-bit block 32 + group offsets", ...
+    opset: int  # of the default ONNX domain (com.microsoft ops at version 1)
+    accuracy_level: int  # MatMulNBits': 4 = int8 activations, 0 = float32
+
+
 class TargetCode(msgspec.Struct, forbid_unknown_fields=True):
     """The device code an artifact carries for one target (`Manifest.targets`): what it was built
     for, its kernel library and its compiled steps. A target the runtime cannot use here is skipped
@@ -212,6 +226,7 @@ class TargetCode(msgspec.Struct, forbid_unknown_fields=True):
     capability: str
     kernels: list[KernelLibrary] = []  # at most one per ISA
     compiled: list[CompiledStep] = []
+    graph: OnnxGraph | None = None  # the "onnx" target's model
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):
@@ -309,6 +324,8 @@ def opened_paths(manifest: Manifest) -> list[tuple[str, str]]:
             named += [(f"{field}.compiled[{i}].package", step.package)]
             named += [(f"{field}.compiled[{i}].constants", step.constants)]
         named += [(f"{field}.kernels[{i}].file", library.file) for i, library in enumerate(code.kernels)]
+        if code.graph is not None:
+            named += [(f"{field}.graph.{part}", getattr(code.graph, part)) for part in ("model", "weights", "mapping")]
     if manifest.build.report_file is not None:
         named.append(("build.report_file", manifest.build.report_file))
     return named
@@ -406,6 +423,9 @@ def _check_targets(manifest: Manifest) -> None:
                 raise _bad(f"{field}.buckets", f"is {step.buckets}; it must be increasing positive batch sizes")
             _positive(f"{field}.block_size", step.block_size, MAX_POSITION_EMBEDDINGS)
             _positive(f"{field}.max_seq_len", step.max_seq_len, MAX_POSITION_EMBEDDINGS)
+        graph = code.graph
+        if graph is not None and PurePosixPath(graph.weights).parent != PurePosixPath(graph.model).parent:
+            raise _bad(f"targets.{target}.graph.weights", "must lie in the graph's folder, where the graph names it")
         isas = [library.isa for library in code.kernels]
         if len(set(isas)) != len(isas):
             raise _bad(f"targets.{target}.kernels", "lists an instruction set twice; each ISA has one library")

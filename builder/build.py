@@ -128,11 +128,21 @@ def _resolve_dtype(option: str, target: Target) -> str:
     return target.default_dtype
 
 
-def _target(options: BuildOptions) -> Target:
-    """The device target the build adds code for (builder/targets/)."""
-    if options.target == "cpu":
-        return CpuTarget(options.compile, options.cpu_kernels, options.cpu_isa, options.autotune)
-    raise BadInputError(f"--target {options.target!r} is not supported; supported: {', '.join(TARGET_NAMES)}")
+def _targets(options: BuildOptions) -> list[Target]:
+    """The device targets the build adds code for (builder/targets/), from `--target cpu,onnx`."""
+    names = list(dict.fromkeys(n.strip() for n in options.target.split(",")))
+    unknown = [n for n in names if n not in TARGET_NAMES]
+    if unknown or not names:
+        raise BadInputError(f"--target {options.target!r} is not supported; choose from: {', '.join(TARGET_NAMES)}")
+    targets: list[Target] = []
+    for name in names:
+        if name == "cpu":
+            targets.append(CpuTarget(options.compile, options.cpu_kernels, options.cpu_isa, options.autotune))
+        else:
+            from llmc.builder.targets.onnx import OnnxTarget  # needs the `onnx` package
+
+            targets.append(OnnxTarget())
+    return targets
 
 
 def _expected_shapes(source: ModelSource) -> dict[str, list[int]]:
@@ -163,12 +173,13 @@ class BuildPlan:
         return {name: choice.format for name, choice in self.choices.items() if choice.format is not None}
 
 
-def plan_build(options: BuildOptions, target: Target) -> BuildPlan:
+def plan_build(options: BuildOptions, targets: list[Target]) -> BuildPlan:
     """Open the source and check it against its config; refuse bad flags before the slow part."""
-    dtype_name = _resolve_dtype(options.dtype, target)
+    dtype_name = _resolve_dtype(options.dtype, targets[0])
     source = open_source(options.model, options.gguf_file, options.weights)
     spec = spec_from_config(source.config)
-    target.check(spec)
+    for target in targets:
+        target.check(spec)
     expected = _expected_shapes(source)
     available = source.tensors()
     tensors = tensor_plan(spec, sorted(available))
@@ -293,10 +304,10 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
         clock[0] = now
         log.info("build.stage", stage=name, seconds=stages[name])
 
-    target = _target(options)
+    targets = _targets(options)
     check_output(options.output.resolve())  # refuse someone else's folder before the slow part
     generation_flag = generation.load_arg(options.generation_config) if options.generation_config else {}
-    plan = plan_build(options, target)
+    plan = plan_build(options, targets)
     source = plan.source
     log.info(
         "build.source", kind=source.kind, name=source.name, architecture=plan.spec.architecture, dtype=plan.dtype_name
@@ -304,20 +315,28 @@ def build(options: BuildOptions, on_progress: Progress | None = None) -> BuildRe
     writer = ArtifactWriter(options.output)
     stage_done("plan")  # opening the source, reading its configuration and tokenizer
     try:
-        target.start(writer)  # e.g. the CPU kernel library compiles while the weights are written
+        for target in targets:
+            target.start(writer)  # e.g. the CPU kernel library compiles while the weights are written
         report = write_weights(writer, plan, options.isq, on_progress)
         stage_done("weights")  # read, quantize and write every tensor
-        code = target.finish(writer, plan.spec, plan.formats, plan.dtype, on_progress)
-        stage_done("device_code")  # the target's kernels and compiled steps
+        outputs = {t.name: t.finish(writer, plan.spec, plan.formats, plan.dtype, on_progress) for t in targets}
+        stage_done("device_code")  # the targets' kernels, compiled steps and graphs
         _write_tokenizer(writer, source)
-        manifest = _manifest(options, plan, writer, {target.name: code.code}, report, generation_flag)
+        codes = {name: out.code for name, out in outputs.items()}
+        manifest = _manifest(options, plan, writer, codes, report, generation_flag)
         writer.commit(manifest)
         stage_done("finish")  # tokenizer, manifest, checksums and commit
     except BaseException:
-        target.abort()
+        for target in targets:
+            target.abort()
         writer.abort()
         raise
-    target.close()
+    for target in targets:
+        target.close()
+    # The compile summary is the first target's that compiles (the CPU's).
+    code = next(
+        (out for out in outputs.values() if out.compile_seconds or out.compile_skipped), outputs[targets[0].name]
+    )
     seconds = time.perf_counter() - started
     log.info("build.done", output=str(options.output), seconds=round(seconds, 3))
     return BuildResult(options.output, manifest, seconds, report, code.compile_skipped, code.compile_seconds, stages)
@@ -349,7 +368,7 @@ def _manifest(
     return Manifest(
         format_version=FORMAT_VERSION,
         model_name=options.name or _default_name(source.name),
-        target=options.target,
+        target=next(iter(targets)),
         dtype=plan.dtype_name,
         model=plan.spec,
         tokenizer=TokenizerInfo(

@@ -56,6 +56,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     seed: int | None = None
     threads: int | None = None
     eager: bool = False  # ignore the artifact's compiled steps
+    backend: str = "auto"  # runtime/backends/choice.py
     dense_weights: bool | None = None  # dense copies of quantized weights; None: where measured faster
     autotune: bool = True  # measure the weight forms on this host; False (`--no-autotune`): defaults
     log_level: str = "INFO"
@@ -160,6 +161,7 @@ def serve(config: ServeConfig) -> None:
     from llmc.runtime.api.http_guard import BODY_TIMEOUT_S, HttpGuard
     from llmc.runtime.api.mcp.config import check_sdk, load_config
     from llmc.runtime.api.mcp.tools import McpManager
+    from llmc.runtime.backends.choice import choose_backend
     from llmc.runtime.engine import DEFAULT_MAX_WAITING, Engine, EngineConfig
 
     configure(config.log_level)
@@ -183,6 +185,8 @@ def serve(config: ServeConfig) -> None:
     overrides = generation_overrides(config)
     vision = vision_settings(config)
     artifact = Artifact.open(config.artifact, verify=True, expect_manifest_sha256=config.expect_manifest_sha256)
+    backend, why = choose_backend(artifact.manifest, config.backend)
+    log.info("server.backend", backend=backend, reason=why)
     engine = Engine(
         artifact,
         EngineConfig(
@@ -196,6 +200,7 @@ def serve(config: ServeConfig) -> None:
             seed=config.seed,
             threads=config.threads,
             compiled=not config.eager,
+            device=backend,
             dense_weights=config.dense_weights,
             autotune=config.autotune,
             max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,

@@ -25,8 +25,8 @@ def test_command_line_choices_match_what_the_builder_takes(tmp_path: Path) -> No
     # The CLI names them without importing torch; they must stay the builder's own lists.
     assert set(ISQ_FORMATS) == set(FORMATS)
     assert tuple(DTYPES) == BUILD_DTYPES
-    assert TARGET_NAMES == ("cpu",)
-    with pytest.raises(BadInputError, match="--target 'tpu' is not supported; supported: cpu"):
+    assert TARGET_NAMES == ("cpu", "onnx")
+    with pytest.raises(BadInputError, match="--target 'tpu' is not supported; choose from: cpu, onnx"):
         build(BuildOptions(model=None, gguf_file=None, weights=None, output=tmp_path / "a", target="tpu"))
     assert not (tmp_path / "a").exists()
 

@@ -1,0 +1,412 @@
+"""The decoder as an ONNX graph for onnxruntime's CPU kernels.
+
+One graph serves prefill chunks and decode batches (docs/artifact-format.md, "The ONNX target"):
+
+  inputs   input_ids int64 [batch, seq]; seqlens_k int32 [batch] (each row's total length - 1);
+           total_sequence_length int32 []; logits_rows int64 [rows] (rows of the flattened
+           [batch * seq] positions whose logits are wanted); past_key_values.{i}.key / .value
+           float32 [batch, kv_heads, max_len, head_dim]
+  outputs  logits float32 [rows, vocab]; present.{i}.key / .value (same shape as the past)
+
+Attention is `com.microsoft.GroupQueryAttention` with rope inside it; the runtime binds each
+layer's present to its past buffer, so the kernel writes the new keys in place
+(runtime/onnx_runner.py). Norms are (Skip)SimplifiedLayerNormalization, the fused forms
+onnxruntime's CPU provider has. GGML weights are `MatMulNBits` (nbits.py); unquantized ones plain
+MatMul in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from llmc.artifacts.manifest import ModelSpec
+from llmc.builder.onnx import nbits
+from llmc.builder.onnx.external import ExternalData
+from llmc.model.rope import inverse_frequencies, rope_kind
+
+OPSET = 21  # the default domain: BitwiseAnd (18) and onnxruntime 1.20's full support
+MS_DOMAIN = "com.microsoft"
+# MatMulNBits' accuracy_level 4: activations quantized to int8 per block, as llama.cpp does (the
+# fast kernels); 0 computes in float32, for tests that compare logits tightly.
+DEFAULT_ACCURACY_LEVEL = 4
+IR_VERSION = 10  # onnxruntime 1.20 reads up to IR 10
+
+# A weight as the staged artifact holds it: float [N, K], or GGML blocks uint8 with their format.
+Weight = tuple[torch.Tensor, str | None]
+WeightSource = Callable[[str], Weight]
+
+
+def unsupported(spec: ModelSpec) -> str | None:
+    """Why this model's graph cannot be written yet, or None when it can."""
+    reasons = {
+        "mixture-of-experts routing": bool(spec.num_experts),
+        "multi-head latent attention": spec.mla,
+        "LayerNorm models (StableLM)": spec.norm != "rms",
+        "partial rotary embeddings": spec.partial_rotary_factor != 1.0,
+        "sandwich norms (Gemma-2/3, GLM-4)": spec.sandwich_norm,
+        "longrope (Phi-3)": rope_kind(spec.rope_scaling) == "longrope",
+        "per-layer rope bases (Gemma-3)": spec.rope_local_theta is not None,
+        "per-layer sliding windows": spec.layer_types is not None and len(set(spec.layer_types)) > 1,
+        f"the {spec.hidden_act} activation": spec.hidden_act not in _ACTIVATIONS,
+    }
+    missing = [what for what, hit in reasons.items() if hit]
+    return f"the ONNX target does not support {', '.join(missing)} yet" if missing else None
+
+
+@dataclass
+class Mapping:
+    """How each weight was written (the build report's per-tensor list)."""
+
+    tensors: dict[str, str] = field(default_factory=dict)
+    inexact_groups: int = 0
+
+
+@dataclass
+class _Graph:
+    data: ExternalData
+    accuracy_level: int
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    _names: dict[str, int] = field(default_factory=dict)
+    _consts: dict[tuple[str, bytes], str] = field(default_factory=dict)
+    _nbits: dict[str, tuple[nbits.NBitsWeight, str]] = field(default_factory=dict)
+
+    def fresh(self, base: str) -> str:
+        count = self._names.get(base, 0)
+        self._names[base] = count + 1
+        return base if count == 0 else f"{base}_{count}"
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs: Any) -> Any:
+        """Add a node; returns its output name, or the list of them when several are asked for."""
+        names = outputs if isinstance(outputs, list) else [self.fresh(op_type) for _ in range(outputs)]
+        self.nodes.append(
+            helper.make_node(op_type, inputs, names, name=self.fresh(f"n_{op_type}"), domain=domain, **attrs)
+        )
+        return names[0] if len(names) == 1 else names
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.data.tensor(name, array))
+        return name
+
+    def const(self, array: np.ndarray) -> str:
+        """A small constant, shared by every node that needs the same value."""
+        key = (str(array.dtype) + str(array.shape), array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(self.fresh("const"), array)
+        return self._consts[key]
+
+    def ints(self, *values: int) -> str:
+        return self.const(np.array(values, dtype=np.int64))
+
+    def nbits_weight(self, name: str, weight: nbits.NBitsWeight) -> str:
+        """Store one MatMulNBits weight once (a tied embedding and lm_head share it); its name."""
+        if name not in self._nbits:
+            self.init(f"{name}.qweight", weight.packed)
+            self.init(f"{name}.scales", weight.scales.reshape(-1))
+            if weight.offsets is not None:
+                self.init(f"{name}.group_offsets", np.ascontiguousarray(weight.offsets.T))
+            self._nbits[name] = (weight, name)
+        return name
+
+
+def _silu(g: _Graph, x: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+def _gelu_tanh(g: _Graph, x: str) -> str:
+    return g.op("Gelu", [x], approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[_Graph, str], str]] = {
+    "silu": _silu,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_tanh": _gelu_tanh,
+}
+
+
+class _Writer:
+    """Walks the model's weights and emits the graph."""
+
+    def __init__(self, spec: ModelSpec, weights: WeightSource, names: set[str], g: _Graph) -> None:
+        self.spec = spec
+        self.weights = weights
+        self.names = names
+        self.g = g
+        self.mapping = Mapping()
+
+    # ---- weights -----------------------------------------------------------------------
+    def _nbits(self, name: str) -> nbits.NBitsWeight | None:
+        tensor, fmt = self.weights(name)
+        if fmt is None:
+            return None
+        mapped = nbits.map_blocks(tensor, fmt)
+        kind = f"MatMulNBits {mapped.bits}-bit block {mapped.block}"
+        self.mapping.tensors[name] = f"{fmt}: {kind}" + (" + group offsets" if mapped.offsets is not None else "")
+        self.mapping.inexact_groups += mapped.inexact_groups
+        return mapped
+
+    def _dense(self, name: str) -> np.ndarray:
+        tensor, fmt = self.weights(name)
+        assert fmt is None, name
+        self.mapping.tensors[name] = "float32"
+        return tensor.float().numpy()
+
+    def linear(self, x: str, names: list[str], rank: int) -> list[str]:
+        """x [..., K] times the weights `names` (their `.weight`, `.bias`, `.input_perm`): one
+        output per name, fused into one matmul where they share a quantized form."""
+        perms = [n for n in names if f"{n}.input_perm" in self.names]
+        mapped = [self._nbits(f"{n}.weight") for n in names]
+        fused = len(names) > 1 and not perms and all(m is not None for m in mapped)
+        if fused:
+            forms = {(m.bits, m.block, m.k) for m in mapped if m is not None}
+            fused = len(forms) == 1
+        if not fused:
+            return [self._linear_one(x, n, m, rank) for n, m in zip(names, mapped, strict=True)]
+        weight = nbits.concat([m for m in mapped if m is not None])
+        key = self.g.nbits_weight("+".join(names), weight)
+        y = self._matmul_nbits(x, key, weight, rank)
+        y = self._bias(y, names)
+        sizes = [m.n for m in mapped if m is not None]
+        return list(self.g.op("Split", [y, self.g.ints(*sizes)], len(names), axis=-1))
+
+    def _linear_one(self, x: str, name: str, mapped: nbits.NBitsWeight | None, rank: int) -> str:
+        if f"{name}.input_perm" in self.names:
+            perm = self.weights(f"{name}.input_perm")[0].long().numpy()
+            x = self.g.op("Gather", [x, self.g.init(f"{name}.input_perm", perm)], axis=-1)
+        if mapped is not None:
+            key = self.g.nbits_weight(name, mapped)
+            y = self._matmul_nbits(x, key, mapped, rank)
+        else:
+            w = self._dense(f"{name}.weight")
+            y = self.g.op("MatMul", [x, self.g.init(f"{name}.weight_t", np.ascontiguousarray(w.T))])
+        return self._bias(y, [name])
+
+    def _bias(self, y: str, names: list[str]) -> str:
+        biases = [f"{n}.bias" for n in names]
+        if not any(b in self.names for b in biases):
+            return y
+        parts = [self._dense(b) if b in self.names else None for b in biases]
+        sizes = [self._out_features(n) for n in names]
+        bias = np.concatenate(
+            [p if p is not None else np.zeros(s, np.float32) for p, s in zip(parts, sizes, strict=True)]
+        )
+        return self.g.op("Add", [y, self.g.init(f"{'+'.join(names)}.bias", bias.astype(np.float32))])
+
+    def _out_features(self, name: str) -> int:
+        return int(self.weights(f"{name}.weight")[0].shape[0])
+
+    def _matmul_nbits(self, x: str, key: str, w: nbits.NBitsWeight, rank: int) -> str:
+        y = self.g.op(
+            "MatMulNBits",
+            [x, f"{key}.qweight", f"{key}.scales"],
+            domain=MS_DOMAIN,
+            K=w.k,
+            N=w.n,
+            bits=w.bits,
+            block_size=w.block,
+            accuracy_level=self.g.accuracy_level,
+        )
+        if w.offsets is None:
+            return y
+        # The affine formats' group term: y += groupsum(x) @ c^T (nbits.py).
+        shape = [0] * (rank - 1) + [w.k // w.block, w.block]
+        grouped = self.g.op("Reshape", [x, self.g.ints(*shape)])
+        sums = self.g.op("ReduceSum", [grouped, self.g.ints(-1)], keepdims=0)
+        return self.g.op("Add", [y, self.g.op("MatMul", [sums, f"{key}.group_offsets"])])
+
+    def norm_weight(self, name: str) -> str:
+        w = self._dense(name) + np.float32(self.spec.norm_weight_offset)
+        return self.g.init(name, w.astype(np.float32))
+
+    # ---- the model ---------------------------------------------------------------------
+    def embed(self, ids: str) -> str:
+        name = "model.embed_tokens.weight"
+        mapped = self._nbits(name)
+        hidden = self.spec.hidden_size
+        if mapped is None:
+            table = self.g.init(name, self._dense(name))
+            h = self.g.op("Gather", [table, ids], axis=0)
+        else:
+            h = self._gather_nbits(ids, self.g.nbits_weight("model.embed_tokens", mapped), mapped)
+        if self.spec.embed_scale != 1.0:
+            h = self.g.op("Mul", [h, self.g.const(np.array(self.spec.embed_scale, np.float32))])
+        return h if mapped is None else self.g.op("Reshape", [h, self.g.ints(0, 0, hidden)])
+
+    def _gather_nbits(self, ids: str, key: str, w: nbits.NBitsWeight) -> str:
+        """Rows of a MatMulNBits weight, dequantized: [batch, seq, groups, block] float32."""
+        g = self.g
+        rows = g.op("Gather", [f"{key}.qweight", ids], axis=0)  # [b, s, groups, bytes]
+        if w.bits == 4:
+            low = g.op("BitwiseAnd", [rows, g.const(np.array(0x0F, np.uint8))])
+            high = g.op("BitShift", [rows, g.const(np.array(4, np.uint8))], direction="RIGHT")
+            pairs = g.op(
+                "Concat", [g.op("Unsqueeze", [low, g.ints(-1)]), g.op("Unsqueeze", [high, g.ints(-1)])], axis=-1
+            )
+            rows = g.op("Reshape", [pairs, g.ints(0, 0, 0, w.block)])
+        codes = g.op(
+            "Sub", [g.op("Cast", [rows], to=TensorProto.FLOAT), g.const(np.array(1 << (w.bits - 1), np.float32))]
+        )
+        scales = g.op("Reshape", [f"{key}.scales", g.ints(w.n, w.k // w.block, 1)])
+        out = g.op("Mul", [codes, g.op("Gather", [scales, ids], axis=0)])
+        if w.offsets is not None:
+            offsets = g.op("Reshape", [g.op("Transpose", [f"{key}.group_offsets"], perm=[1, 0]), g.ints(w.n, -1, 1)])
+            out = g.op("Add", [out, g.op("Gather", [offsets, ids], axis=0)])
+        return str(out)
+
+    def attention(self, i: int, x: str, inputs: dict[str, str], outputs: list[str]) -> str:
+        spec, g = self.spec, self.g
+        p = f"model.layers.{i}.self_attn"
+        q, k, v = self.linear(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], rank=3)
+        if spec.qk_norm:
+            q = self._head_norm(q, f"{p}.q_norm.weight", spec.num_heads)
+            k = self._head_norm(k, f"{p}.k_norm.weight", spec.num_kv_heads)
+        attrs: dict[str, Any] = {
+            "num_heads": spec.num_heads,
+            "kv_num_heads": spec.num_kv_heads,
+            "do_rotary": 1,
+            "rotary_interleaved": int(spec.rope_interleaved),
+            "scale": float(spec.attn_scale if spec.attn_scale is not None else spec.head_dim**-0.5),
+        }
+        if spec.attn_softcap:
+            attrs["softcap"] = float(spec.attn_softcap)
+        if spec.sliding_window is not None and (spec.layer_types is None or spec.layer_types[i] == "sliding_attention"):
+            attrs["local_window_size"] = int(spec.sliding_window)
+        out = g.op(
+            "GroupQueryAttention",
+            [
+                q,
+                k,
+                v,
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                inputs["seqlens_k"],
+                inputs["total_sequence_length"],
+                inputs["cos"],
+                inputs["sin"],
+            ],
+            [g.fresh("attn"), *outputs],
+            domain=MS_DOMAIN,
+            **attrs,
+        )
+        return self.linear(out[0], [f"{p}.o_proj"], rank=3)[0]
+
+    def _head_norm(self, x: str, name: str, heads: int) -> str:
+        g = self.g
+        per_head = g.op("Reshape", [x, g.ints(0, 0, heads, self.spec.head_dim)])
+        normed = g.op(
+            "SimplifiedLayerNormalization", [per_head, self.norm_weight(name)], axis=-1, epsilon=self.spec.rms_norm_eps
+        )
+        return str(g.op("Reshape", [normed, g.ints(0, 0, heads * self.spec.head_dim)]))
+
+    def mlp(self, i: int, x: str) -> str:
+        p = f"model.layers.{i}.mlp"
+        gate, up = self.linear(x, [f"{p}.gate_proj", f"{p}.up_proj"], rank=3)
+        act = _ACTIVATIONS[self.spec.hidden_act](self.g, gate)
+        return self.linear(self.g.op("Mul", [act, up]), [f"{p}.down_proj"], rank=3)[0]
+
+    def skip_norm(self, x: str, residual: str, weight: str) -> tuple[str, str]:
+        """(norm(x + residual), x + residual)."""
+        out, total = self.g.op(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, self.norm_weight(weight)],
+            [self.g.fresh("normed"), "", "", self.g.fresh("residual")],
+            domain=MS_DOMAIN,
+            epsilon=self.spec.rms_norm_eps,
+        )[::3]
+        return out, total
+
+    def logits(self, hidden: str, rows: str) -> str:
+        spec, g = self.spec, self.g
+        flat = g.op("Reshape", [hidden, g.ints(-1, spec.hidden_size)])
+        picked = g.op("Gather", [flat, rows], axis=0)
+        if spec.tie_word_embeddings:
+            name = "model.embed_tokens"
+            mapped = self._nbits(f"{name}.weight")
+            if mapped is None:
+                out = g.op("Gemm", [picked, f"{name}.weight"], transB=1)
+            else:
+                out = self._matmul_nbits(picked, g.nbits_weight(name, mapped), mapped, rank=2)
+        else:
+            out = self.linear(picked, ["lm_head"], rank=2)[0]
+        if spec.final_softcap:
+            cap = g.const(np.array(spec.final_softcap, np.float32))
+            out = g.op("Mul", [g.op("Tanh", [g.op("Div", [out, cap])]), cap])
+        return str(out)
+
+
+def rope_tables(spec: ModelSpec, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [max_positions, head_dim / 2]: GroupQueryAttention's rotary caches (the
+    attention factor of YaRN-style scalings folded in, as model/rope.py does)."""
+    inv_freq, attention = inverse_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling, False)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return (freqs.cos() * attention).numpy(), (freqs.sin() * attention).numpy()
+
+
+def build_graph(
+    spec: ModelSpec,
+    weights: WeightSource,
+    names: set[str],
+    data: ExternalData,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+) -> tuple[onnx.ModelProto, Mapping]:
+    """The model's graph (module docstring), its initializers appended to `data` as they are made."""
+    problem = unsupported(spec)
+    assert problem is None, problem  # the target checks before building
+    g = _Graph(data, accuracy_level)
+    w = _Writer(spec, weights, names, g)
+    f32, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+    kv_shape = ["batch", spec.num_kv_heads, "max_len", spec.head_dim]
+    graph_inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", i32, []),
+        helper.make_tensor_value_info("logits_rows", i64, ["rows"]),
+    ]
+    graph_outputs = [helper.make_tensor_value_info("logits", f32, ["rows", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            graph_inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, kv_shape))
+            graph_outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_shape))
+    cos, sin = rope_tables(spec, spec.max_position_embeddings)
+    inputs = {
+        "seqlens_k": "seqlens_k",
+        "total_sequence_length": "total_sequence_length",
+        "cos": g.init("rope.cos", cos),
+        "sin": g.init("rope.sin", sin),
+    }
+    h = w.embed("input_ids")
+    residual: str | None = None
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        if residual is None:
+            x = g.op(
+                "SimplifiedLayerNormalization",
+                [h, w.norm_weight(f"{p}.input_layernorm.weight")],
+                axis=-1,
+                epsilon=spec.rms_norm_eps,
+            )
+            residual = h
+        else:
+            x, residual = w.skip_norm(h, residual, f"{p}.input_layernorm.weight")
+        attn = w.attention(i, x, inputs, [f"present.{i}.key", f"present.{i}.value"])
+        x, residual = w.skip_norm(attn, residual, f"{p}.post_attention_layernorm.weight")
+        h = w.mlp(i, x)
+    assert residual is not None
+    final, _ = w.skip_norm(h, residual, "model.norm.weight")
+    logits = w.logits(final, "logits_rows")
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    graph = helper.make_graph(g.nodes, "llmc", graph_inputs, graph_outputs, initializer=g.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="llmc",
+    )
+    model.ir_version = IR_VERSION
+    return model, w.mapping

@@ -1,0 +1,33 @@
+"""Which backend `llmc run` serves an artifact with (`--backend auto|cpu|onnx`).
+
+`auto` takes what the artifact carries and this install can run (docs/decisions/lean-runtime.md
+has the measurements behind the order): the onnx target where torch is not installed or the
+artifact has no cpu target, else torch's cpu backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from llmc.artifacts.manifest import Manifest
+
+BACKEND_CHOICES = ("auto", "cpu", "onnx")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
+    """(backend name, why): the one asked for, or for `auto` the best this host can run."""
+    if requested != "auto":
+        return requested, "--backend"
+    graph = manifest.targets.get("onnx")
+    has_graph = graph is not None and graph.graph is not None
+    has_torch = _installed("torch")
+    if has_graph and not has_torch:
+        return "onnx", "torch is not installed (the lean install)"
+    if has_graph and "cpu" not in manifest.targets:
+        return "onnx", "the artifact was built for the onnx target only"
+    # Without torch (and without a graph) the cpu backend's make_backend says what to install.
+    return "cpu", "the artifact's cpu target"

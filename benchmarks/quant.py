@@ -158,7 +158,7 @@ def our_perplexity(artifact: Path, ids: list[int]) -> float:
     engine = Engine(Artifact.open(artifact, verify=False), EngineConfig())
     seq = Sequence("ppl", ids, SamplingParams(max_tokens=1))
     engine.block_manager.allocate(seq)
-    logits = engine.runner.run([(seq, len(ids))], all_logits=True)[1].float()
+    logits = torch.from_numpy(engine.runner.run([(seq, len(ids))], all_logits=True)[1])
     logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])
     return math.exp(-float(logprobs.mean()))
 

@@ -13,19 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from llmc.artifacts import generation
 from llmc.artifacts.reader import Artifact
 from llmc.errors import BadInputError, OutOfResourcesError
 from llmc.logs import get_logger
-from llmc.model.kv_layout import kv_bytes_per_token
 from llmc.runtime.backends import make_backend
 from llmc.runtime.backends.base import BackendOptions
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
-from llmc.runtime.runner import ModelRunner
-from llmc.runtime.sampler import Sampler, token_logprob
+from llmc.runtime.sampler import Sampler, log_softmax, token_logprob
 from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.sequence import Sequence
@@ -145,19 +143,19 @@ class Engine:
         self.generation_defaults = generation.override(
             generation.effective(manifest.generation), config.generation_overrides, "llmc run flags"
         )
-        dtype = self.backend.compute_dtype(manifest)
-        bytes_per_block = kv_bytes_per_token(spec, dtype) * config.block_size
+        bytes_per_block = self.backend.kv_bytes_per_token(manifest) * config.block_size
         num_blocks = config.kv_blocks or self.backend.kv_blocks(config.kv_cache_mb * _MIB, bytes_per_block)
         self.max_model_len = fit_context(spec.max_position_embeddings, config, num_blocks, bytes_per_block)
         self.tokenizer = Tokenizer.from_artifact(artifact)
-        model = self.backend.load_model(artifact, self.max_model_len, dtype)
-        self.runner = ModelRunner(model, self.backend, num_blocks, config.block_size)
-        if config.compiled:
-            self.runner.load_compiled(artifact)
+        self.runner = self.backend.make_runner(
+            artifact, self.max_model_len, num_blocks, config.block_size, config.compiled
+        )
         # Phi-3's longrope recomputes a sequence's cache with other factors once it outgrows the
         # original context (below); blocks shared through the prefix cache must not be rewritten.
-        self._long_rope_after = model.long_rope_after
-        prefix_cache = config.enable_prefix_cache and self._long_rope_after is None
+        self._long_rope_after = self.runner.long_rope_after
+        prefix_cache = (
+            config.enable_prefix_cache and self._long_rope_after is None and self.backend.supports_prefix_cache
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, prefix_cache)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.max_batched_tokens
@@ -186,7 +184,7 @@ class Engine:
             kv_blocks=num_blocks,
             block_size=config.block_size,
             max_model_len=self.max_model_len,
-            compiled=[c.info.weights for c in self.runner.compiled],
+            **self.runner.describe(),
             **self.backend.describe(),
         )
 
@@ -208,7 +206,7 @@ class Engine:
             if self._grammars is None:
                 tokenizer_json = self.tokenizer.source_json
                 assert tokenizer_json is not None  # the engine's tokenizer comes from its artifact
-                vocab = self.runner.model.spec.vocab_size
+                vocab = self.runner.vocab_size
                 self._grammars = GrammarCompiler(tokenizer_json, vocab, sorted(self.tokenizer.eos_ids))
             return self._grammars
 
@@ -382,10 +380,10 @@ class Engine:
         sink = self._sinks.pop(seq.seq_id)
         sink(output)
 
-    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _record_prompt_logprobs(self, seq: Sequence, logits: np.ndarray) -> None:
         """Logprobs of the prompt tokens this chunk predicted (the chunk's positions, shifted by one)."""
         k = seq.params.prompt_logprobs or 0
-        logprobs = logits.log_softmax(-1)
+        logprobs = log_softmax(logits)
         first = len(seq.prompt_logprobs)  # the prompt token the chunk's first row predicts
         for row in range(logprobs.shape[0]):
             seq.prompt_logprobs.append(token_logprob(logprobs[row], seq.prompt_ids[first + row], k))

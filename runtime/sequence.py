@@ -5,13 +5,22 @@ from __future__ import annotations
 import enum
 import itertools
 
-import torch
+import numpy as np
 
 from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.structured_output import Constraint
 
 _ids = itertools.count()
 NO_HASH = b""  # the "digest" before a sequence's first block (runtime/block_manager.py)
+# numpy's generators take seeds in 0..2**64-1; requests' seeds range over -(2**63)..2**64-1
+# (runtime/api/requests.py), so they are taken modulo this: distinct seeds in one 2**64 window stay
+# distinct, and the same seed always gives the same stream.
+SEED_MODULUS = 2**64
+
+
+def make_generator(seed: int) -> np.random.Generator:
+    """A generator whose draws depend only on `seed` (any int; see SEED_MODULUS)."""
+    return np.random.default_rng(seed % SEED_MODULUS)
 
 
 class SequenceStatus(enum.Enum):
@@ -40,9 +49,10 @@ class Sequence:
         # Logprob of each prompt token given the ones before it (the first has none), when asked for.
         self.prompt_logprobs: list[TokenLogprob | None] = [None]
         self.constraint: Constraint | None = None  # set by the engine when params.grammar is given
-        self.generator: torch.Generator | None = None
+        # A seeded request draws from its own generator: its text does not depend on its batch mates.
+        self.generator: np.random.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = make_generator(params.seed)
 
     @property
     def token_ids(self) -> list[int]:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
-import torch
 
 from llmc.errors import BadInputError
 
@@ -125,10 +124,10 @@ class Constraint:
         self._matcher = matcher
         self._vocab_size = vocab_size
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self) -> np.ndarray:
         """A bool mask over the model's vocabulary: the tokens the grammar allows next."""
         bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        return torch.from_numpy(bits[: self._vocab_size].astype(np.bool_))
+        return bits[: self._vocab_size].astype(np.bool_)
 
     def accept(self, token: int) -> None:
         self._matcher.consume_token(token)

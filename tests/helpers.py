@@ -84,11 +84,12 @@ def generate(
 
 
 def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position, computed through the paged KV cache."""
+    """Logits at every prompt position, computed through the paged KV cache (float32; the runner's
+    numpy array as a tensor, for comparisons with torch references)."""
     seq = Sequence("logits", ids, SamplingParams(max_tokens=1))
     engine.block_manager.allocate(seq)
     try:
-        return engine.runner.run([(seq, len(ids))], all_logits=True)[1]
+        return torch.from_numpy(engine.runner.run([(seq, len(ids))], all_logits=True)[1])
     finally:
         engine.block_manager.free(seq)
 

@@ -43,7 +43,8 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(
         REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", ".cache", "build", "out", "*.egg-info")
     )
-    subprocess.run([*pip, torch_spec, str(source)], check=True, timeout=INSTALL_LIMIT_S)
+    # The torch extra: the runtime's own dependencies are torch-free, the artifact is a cpu one.
+    subprocess.run([*pip, torch_spec, f"{source}[torch]"], check=True, timeout=INSTALL_LIMIT_S)
     return venv
 
 

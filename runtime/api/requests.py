@@ -34,7 +34,8 @@ MAX_REPETITION_PENALTY = 2.0
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: OpenAI's documented range is [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's documented range is [-100, 100]
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also takes "²"
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+# Seeds are 64-bit integers, signed or not; runtime/sequence.py maps them into numpy's 0..2**64-1.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 _PATH_RE = re.compile(r"at `\$\.?([^`\[.]*)")
 _MISSING_RE = re.compile(r"missing required field `([^`]*)`")

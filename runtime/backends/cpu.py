@@ -27,7 +27,8 @@ from llmc.model.decoder import COMPUTE_DTYPES, CausalLM, DeviceKernels, build_mo
 from llmc.model.kv_layout import KVCaches, allocate_kv_caches
 from llmc.quant.formats import stored_format
 from llmc.runtime.backends.aoti_step import AOTInductorStep
-from llmc.runtime.backends.base import Backend, BackendOptions
+from llmc.runtime.backends.base import BackendOptions
+from llmc.runtime.backends.torch_base import TorchBackend
 from llmc.runtime.bucketed_step import BucketedStep
 
 log = get_logger("llmc.engine")
@@ -197,7 +198,7 @@ def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=dtype)
 
 
-class CpuBackend(Backend):
+class CpuBackend(TorchBackend):
     name = "cpu"
 
     def __init__(self, options: BackendOptions) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-import torch
 
 from llmc.builder.build import BuildOptions, build
 from llmc.runtime.engine import Engine
@@ -45,10 +45,10 @@ class _RaisingConstraint(Constraint):
     """Allows every token, then raises on the `fail_at`-th accepted one."""
 
     def __init__(self, vocab: int, fail_at: int) -> None:
-        self._mask = torch.ones(vocab, dtype=torch.bool)
+        self._mask = np.ones(vocab, dtype=np.bool_)
         self._left = fail_at
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self) -> np.ndarray:
         return self._mask
 
     def accept(self, token: int) -> None:
@@ -81,9 +81,9 @@ def test_non_finite_logits_fail_only_their_request(tiny: Path, alone: list[list[
     engine = open_engine(tiny)
     run = engine.runner.run
 
-    def poisoned(batch: Any) -> tuple[Any, torch.Tensor]:
+    def poisoned(batch: Any) -> tuple[Any, np.ndarray]:
         seqs, logits = run(batch)
-        logits = logits.clone()  # the runner's are inference tensors
+        logits = logits.copy()  # the runner's may share the model's output memory
         for row, seq in enumerate(seqs):
             if seq.request_id == "r2" and len(seq.output_ids) == 3:
                 logits[row, 17] = float("nan")
@@ -98,7 +98,7 @@ def test_non_finite_logits_fail_only_their_request(tiny: Path, alone: list[list[
 
 def test_grammar_that_raises_fails_only_its_request(tiny: Path, alone: list[list[int]]) -> None:
     engine = open_engine(tiny)
-    vocab = engine.runner.model.spec.vocab_size
+    vocab = engine.runner.vocab_size
     engine._grammars = _Grammars(lambda grammar: _RaisingConstraint(vocab, fail_at=4))  # type: ignore[assignment]
     tokens, outputs = _attack(engine, SamplingParams(max_tokens=16, temperature=0.0, grammar="start: /.*/"))
     assert "RuntimeError" in _assert_only_attacker_failed(outputs, tokens, alone)
@@ -129,7 +129,7 @@ def test_runner_failure_fails_its_batch_and_the_engine_keeps_serving(tiny: Path,
     run = engine.runner.run
     calls = 0
 
-    def flaky(batch: Any) -> tuple[Any, torch.Tensor]:
+    def flaky(batch: Any) -> tuple[Any, np.ndarray]:
         nonlocal calls
         calls += 1
         if calls == 2:

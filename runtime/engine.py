@@ -137,7 +137,7 @@ class Engine:
         manifest = artifact.manifest
         spec = manifest.model
         max_rows = max(config.max_batched_tokens, config.max_num_seqs)
-        options = BackendOptions(config.threads, config.dense_weights, config.autotune, max_rows)
+        options = BackendOptions(config.threads, config.dense_weights, config.autotune, max_rows, config.max_num_seqs)
         self.backend = make_backend(config.device, options)
         self.model_name = manifest.model_name
         self.generation_defaults = generation.override(

@@ -37,6 +37,9 @@ class BackendOptions:
     # The most activation rows one step multiplies (prefill chunks or decode batches): a dense copy
     # that only wins above it is never kept. None: no bound.
     max_rows: int | None = None
+    # The most sequences that run at once (`--max-num-seqs`): a backend with a KV slot per
+    # sequence (onnx) makes this many. None: no bound given.
+    max_seqs: int | None = None
 
 
 class Runner(ABC):

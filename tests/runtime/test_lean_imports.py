@@ -25,6 +25,9 @@ LEAN_MODULES = (
     "llmc.runtime.backends",
     "llmc.artifacts.reader",
     "llmc.runtime.server",
+    "llmc.runtime.backends.onnx",
+    "llmc.runtime.backends.choice",
+    "llmc.artifacts.inspect",
 )
 # Put first on sys.path, it hides the real torch: importing it raises what a missing package raises.
 _FAKE_TORCH = 'raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n'

@@ -11,7 +11,6 @@ import msgspec
 from llmc.artifacts.generation import effective
 from llmc.artifacts.manifest import CompiledStep, KernelLibrary, Manifest, TargetCode, TensorInfo, capability_rank
 from llmc.errors import LlmcError
-from llmc.kernels.cpu import cpu_kernels
 from llmc.quant.formats import stored_format
 
 
@@ -86,6 +85,8 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
 def _kernels_status(libraries: list[KernelLibrary], torch_version: str) -> tuple[list[dict[str, Any]], str | None]:
     """Each kernel library (one per ISA) with whether it runs here and whether the runtime would
     load it (`selected`); and why none would be loaded (None where one would)."""
+    from llmc.kernels.cpu import cpu_kernels  # imports torch: only for the cpu target, with torch there
+
     entries = []
     for library in libraries:
         why: str | None = cpu_kernels.unsupported(library.isa)

@@ -362,7 +362,7 @@ def build_graph(
     g = _Graph(data, accuracy_level)
     w = _Writer(spec, weights, names, g)
     f32, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
-    kv_shape = ["batch", spec.num_kv_heads, "max_len", spec.head_dim]
+    kv_shape: list[str | int | None] = ["batch", spec.num_kv_heads, "max_len", spec.head_dim]
     graph_inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
         helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),

@@ -158,9 +158,10 @@ class _Writer:
         self.mapping.tensors[name] = "float32"
         return tensor.float().numpy()
 
-    def linear(self, x: str, names: list[str], rank: int) -> list[str]:
-        """x [..., K] times the weights `names` (their `.weight`, `.bias`, `.input_perm`): one
-        output per name, fused into one matmul where they share a quantized form."""
+    def linear(self, x: str, names: list[str], packed: bool = False) -> list[str]:
+        """x [rows, K] times the weights `names` (their `.weight`, `.bias`, `.input_perm`): one
+        output per name, fused into one matmul where they share a quantized form; with `packed`,
+        a fused product is returned whole ([y]) instead of split per name."""
         perms = [n for n in names if f"{n}.input_perm" in self.names]
         mapped = [self._nbits(f"{n}.weight") for n in names]
         fused = len(names) > 1 and not perms and all(m is not None for m in mapped)
@@ -168,21 +169,22 @@ class _Writer:
             forms = {(m.bits, m.block, m.k) for m in mapped if m is not None}
             fused = len(forms) == 1
         if not fused:
-            return [self._linear_one(x, n, m, rank) for n, m in zip(names, mapped, strict=True)]
+            return [self._linear_one(x, n, m) for n, m in zip(names, mapped, strict=True)]
         weight = nbits.concat([m for m in mapped if m is not None])
         key = self.g.nbits_weight("+".join(names), weight)
-        y = self._matmul_nbits(x, key, weight, rank)
-        y = self._bias(y, names)
+        y = self._bias(self._matmul_nbits(x, key, weight), names)
+        if packed:
+            return [y]
         sizes = [m.n for m in mapped if m is not None]
         return list(self.g.op("Split", [y, self.g.ints(*sizes)], len(names), axis=-1))
 
-    def _linear_one(self, x: str, name: str, mapped: nbits.NBitsWeight | None, rank: int) -> str:
+    def _linear_one(self, x: str, name: str, mapped: nbits.NBitsWeight | None) -> str:
         if f"{name}.input_perm" in self.names:
             perm = self.weights(f"{name}.input_perm")[0].long().numpy()
             x = self.g.op("Gather", [x, self.g.init(f"{name}.input_perm", perm)], axis=-1)
         if mapped is not None:
             key = self.g.nbits_weight(name, mapped)
-            y = self._matmul_nbits(x, key, mapped, rank)
+            y = self._matmul_nbits(x, key, mapped)
         else:
             w = self._dense(f"{name}.weight")
             y = self.g.op("MatMul", [x, self.g.init(f"{name}.weight_t", np.ascontiguousarray(w.T))])
@@ -202,7 +204,7 @@ class _Writer:
     def _out_features(self, name: str) -> int:
         return int(self.weights(f"{name}.weight")[0].shape[0])
 
-    def _matmul_nbits(self, x: str, key: str, w: nbits.NBitsWeight, rank: int) -> str:
+    def _matmul_nbits(self, x: str, key: str, w: nbits.NBitsWeight) -> str:
         y = self.g.op(
             "MatMulNBits",
             [x, f"{key}.qweight", f"{key}.scales"],
@@ -215,9 +217,9 @@ class _Writer:
         )
         if w.offsets is None:
             return y
-        # The affine formats' group term: y += groupsum(x) @ c^T (nbits.py).
-        shape = [0] * (rank - 1) + [w.k // w.block, w.block]
-        grouped = self.g.op("Reshape", [x, self.g.ints(*shape)])
+        # The affine formats' group term: y += groupsum(x) @ c^T (nbits.py). (A Gemm adding y
+        # measured slower than MatMul + Add, at batch 16 by a sixth.)
+        grouped = self.g.op("Reshape", [x, self.g.ints(0, w.k // w.block, w.block)])
         sums = self.g.op("ReduceSum", [grouped, self.g.ints(-1)], keepdims=0)
         return self.g.op("Add", [y, self.g.op("MatMul", [sums, f"{key}.group_offsets"])])
 
@@ -227,29 +229,32 @@ class _Writer:
 
     # ---- the model ---------------------------------------------------------------------
     def embed(self, ids: str) -> str:
+        """The embeddings of the flattened ids: [batch * seq, hidden] (the graph's activations are
+        2-D; only attention sees [batch, seq, ...])."""
         name = "model.embed_tokens.weight"
         mapped = self._nbits(name)
-        hidden = self.spec.hidden_size
+        flat = self.g.op("Reshape", [ids, self.g.ints(-1)])
         if mapped is None:
             table = self.g.init(name, self._dense(name))
-            h = self.g.op("Gather", [table, ids], axis=0)
+            h = self.g.op("Gather", [table, flat], axis=0)
         else:
-            h = self._gather_nbits(ids, self.g.nbits_weight("model.embed_tokens", mapped), mapped)
+            h = self._gather_nbits(flat, self.g.nbits_weight("model.embed_tokens", mapped), mapped)
+            h = self.g.op("Reshape", [h, self.g.ints(-1, self.spec.hidden_size)])
         if self.spec.embed_scale != 1.0:
             h = self.g.op("Mul", [h, self.g.const(np.array(self.spec.embed_scale, np.float32))])
-        return h if mapped is None else self.g.op("Reshape", [h, self.g.ints(0, 0, hidden)])
+        return str(h)
 
     def _gather_nbits(self, ids: str, key: str, w: nbits.NBitsWeight) -> str:
-        """Rows of a MatMulNBits weight, dequantized: [batch, seq, groups, block] float32."""
+        """Rows of a MatMulNBits weight, dequantized: [rows, groups, block] float32."""
         g = self.g
-        rows = g.op("Gather", [f"{key}.qweight", ids], axis=0)  # [b, s, groups, bytes]
+        rows = g.op("Gather", [f"{key}.qweight", ids], axis=0)  # [rows, groups, bytes]
         if w.bits == 4:
             low = g.op("BitwiseAnd", [rows, g.const(np.array(0x0F, np.uint8))])
             high = g.op("BitShift", [rows, g.const(np.array(4, np.uint8))], direction="RIGHT")
             pairs = g.op(
                 "Concat", [g.op("Unsqueeze", [low, g.ints(-1)]), g.op("Unsqueeze", [high, g.ints(-1)])], axis=-1
             )
-            rows = g.op("Reshape", [pairs, g.ints(0, 0, 0, w.block)])
+            rows = g.op("Reshape", [pairs, g.ints(0, 0, w.block)])
         codes = g.op(
             "Sub", [g.op("Cast", [rows], to=TensorProto.FLOAT), g.const(np.array(1 << (w.bits - 1), np.float32))]
         )
@@ -263,10 +268,13 @@ class _Writer:
     def attention(self, i: int, x: str, inputs: dict[str, str], outputs: list[str]) -> str:
         spec, g = self.spec, self.g
         p = f"model.layers.{i}.self_attn"
-        q, k, v = self.linear(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], rank=3)
+        projections = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
+        qkv = self.linear(x, projections, packed=not spec.qk_norm)  # [q, k, v], or [q|k|v] packed
         if spec.qk_norm:
-            q = self._head_norm(q, f"{p}.q_norm.weight", spec.num_heads)
-            k = self._head_norm(k, f"{p}.k_norm.weight", spec.num_kv_heads)
+            qkv[0] = self._head_norm(qkv[0], f"{p}.q_norm.weight", spec.num_heads)
+            qkv[1] = self._head_norm(qkv[1], f"{p}.k_norm.weight", spec.num_kv_heads)
+        # GroupQueryAttention takes [batch, seq, ...]: packed q|k|v as the query, key and value absent.
+        q, k, v = [g.op("Reshape", [t, inputs["batch_seq"]]) for t in qkv] + [""] * (3 - len(qkv))
         attrs: dict[str, Any] = {
             "num_heads": spec.num_heads,
             "kv_num_heads": spec.num_kv_heads,
@@ -295,21 +303,22 @@ class _Writer:
             domain=MS_DOMAIN,
             **attrs,
         )
-        return self.linear(out[0], [f"{p}.o_proj"], rank=3)[0]
+        flat = g.op("Reshape", [out[0], g.ints(-1, spec.num_heads * spec.head_dim)])
+        return self.linear(flat, [f"{p}.o_proj"])[0]
 
     def _head_norm(self, x: str, name: str, heads: int) -> str:
         g = self.g
-        per_head = g.op("Reshape", [x, g.ints(0, 0, heads, self.spec.head_dim)])
+        per_head = g.op("Reshape", [x, g.ints(0, heads, self.spec.head_dim)])
         normed = g.op(
             "SimplifiedLayerNormalization", [per_head, self.norm_weight(name)], axis=-1, epsilon=self.spec.rms_norm_eps
         )
-        return str(g.op("Reshape", [normed, g.ints(0, 0, heads * self.spec.head_dim)]))
+        return str(g.op("Reshape", [normed, g.ints(0, heads * self.spec.head_dim)]))
 
     def mlp(self, i: int, x: str) -> str:
         p = f"model.layers.{i}.mlp"
-        gate, up = self.linear(x, [f"{p}.gate_proj", f"{p}.up_proj"], rank=3)
+        gate, up = self.linear(x, [f"{p}.gate_proj", f"{p}.up_proj"])
         act = _ACTIVATIONS[self.spec.hidden_act](self.g, gate)
-        return self.linear(self.g.op("Mul", [act, up]), [f"{p}.down_proj"], rank=3)[0]
+        return self.linear(self.g.op("Mul", [act, up]), [f"{p}.down_proj"])[0]
 
     def skip_norm(self, x: str, residual: str, weight: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual)."""
@@ -324,17 +333,16 @@ class _Writer:
 
     def logits(self, hidden: str, rows: str) -> str:
         spec, g = self.spec, self.g
-        flat = g.op("Reshape", [hidden, g.ints(-1, spec.hidden_size)])
-        picked = g.op("Gather", [flat, rows], axis=0)
+        picked = g.op("Gather", [hidden, rows], axis=0)
         if spec.tie_word_embeddings:
             name = "model.embed_tokens"
             mapped = self._nbits(f"{name}.weight")
             if mapped is None:
                 out = g.op("Gemm", [picked, f"{name}.weight"], transB=1)
             else:
-                out = self._matmul_nbits(picked, g.nbits_weight(name, mapped), mapped, rank=2)
+                out = self._matmul_nbits(picked, g.nbits_weight(name, mapped), mapped)
         else:
-            out = self.linear(picked, ["lm_head"], rank=2)[0]
+            out = self.linear(picked, ["lm_head"])[0]
         if spec.final_softcap:
             cap = g.const(np.array(spec.final_softcap, np.float32))
             out = g.op("Mul", [g.op("Tanh", [g.op("Div", [out, cap])]), cap])
@@ -380,6 +388,8 @@ def build_graph(
         "total_sequence_length": "total_sequence_length",
         "cos": g.init("rope.cos", cos),
         "sin": g.init("rope.sin", sin),
+        # [batch, seq, -1]: the shape attention's inputs take, from the ids' own shape
+        "batch_seq": g.op("Concat", [g.op("Shape", ["input_ids"]), g.ints(-1)], axis=0),
     }
     h = w.embed("input_ids")
     residual: str | None = None

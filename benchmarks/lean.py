@@ -35,11 +35,12 @@ import httpx
 
 from llmc.benchmarks.e2e import DECODE_TOKENS, PREFILL_TOKENS, PROMPT, bench_llama_cpp, prefill_prompt
 from llmc.benchmarks.ready import _memory_mb, _tree
-from llmc.benchmarks.serving import free_port, run_round
+from llmc.benchmarks.serving import free_port, prompt_for, run_round
 
 CLIENTS = 16
 CLIENT_TOKENS = 64  # per client in the concurrent round, as benchmarks/serving.py
 AGREEMENT_TOKENS = 20  # the issue's greedy-agreement length
+TEACHER_FORCED_TOKENS = 1000  # positions of the steadier accuracy measure (teacher_forced)
 STARTUP_LIMIT_S = 300.0
 _POLL_S = 0.01  # /health polling: fine against the ~0.5 s start being measured
 # Hides torch from a child process, as a lean install lacks it (tests/runtime/test_lean_imports.py).
@@ -70,9 +71,11 @@ def _stream(base: str, max_tokens: int, prompt: str | list[int]) -> list[float]:
     return times
 
 
-def bench_llmc(artifact: Path, backend: str, threads: int, runs: int, env: dict[str, str]) -> dict[str, Any]:
+def bench_llmc(
+    artifact: Path, backend: str, threads: int, runs: int, env: dict[str, str], llmc: list[str]
+) -> dict[str, Any]:
     port = free_port()
-    cmd = [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)]
+    cmd = [*llmc, "run", str(artifact), "--p", str(port), "--threads", str(threads)]
     started = time.perf_counter()
     proc = subprocess.Popen([*cmd, "--backend", backend], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -250,6 +253,41 @@ def greedy_reference(hf_model: Path, ids: list[int]) -> list[int]:
     return [int(t) for t in out[0, len(ids) :]]
 
 
+def reference_logits(hf_model: Path, ids: list[int]) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def teacher_forced(artifact: Path, backend: str, ids: list[int], reference: Any) -> dict[str, float]:
+    """Over every position of a long text fed whole: how often the top token is the float32
+    reference's, and the mean KL(reference || llmc) of the next-token distributions. Steadier
+    than 20 greedy tokens, where one near-tie decides everything after it."""
+    import numpy as np
+
+    from llmc.artifacts.reader import Artifact
+    from llmc.runtime.engine import Engine, EngineConfig
+    from llmc.runtime.sampling_params import SamplingParams
+    from llmc.runtime.sequence import Sequence
+
+    engine = Engine(Artifact.open(artifact), EngineConfig(device=backend, max_waiting=None))
+    seq = Sequence("tf", ids, SamplingParams(max_tokens=1))
+    engine.block_manager.allocate(seq)
+    got = engine.runner.run([(seq, len(ids))], all_logits=True)[1].astype(np.float64)
+
+    def log_softmax(x: Any) -> Any:
+        shifted = x - x.max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    ref_lp, got_lp = log_softmax(reference), log_softmax(got)
+    kl = float((np.exp(ref_lp) * (ref_lp - got_lp)).sum(-1).mean())
+    top1 = float((got.argmax(-1) == reference.argmax(-1)).mean())
+    return {"positions": len(ids), "top1_agreement_pct": round(100 * top1, 2), "mean_kl": round(kl, 5)}
+
+
 def agreement(tokens: list[int], reference: list[int]) -> dict[str, int]:
     prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b), len(reference))
     same = sum(a == b for a, b in zip(tokens, reference, strict=False))
@@ -285,6 +323,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--install-size", action="store_true")
+    parser.add_argument("--lean-venv", type=Path, help="a venv with `pip install llmc[lean]` to serve onnx from")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -299,9 +338,14 @@ def main() -> None:
         sizes = {p.name: p.stat().st_size for p in artifact.rglob("*") if p.is_file()}
         result["onnx_weights_mb"] = round(sizes["model.onnx.data"] / 2**20, 1)
         result["llmc_weights_mb"] = round(sum(v for k, v in sizes.items() if k.endswith(".safetensors")) / 2**20, 1)
-        lean_env = no_torch_env(Path(tmp) / "hide")
-        result["llmc_onnx"] = bench_llmc(artifact, "onnx", args.threads, args.runs, lean_env)
-        result["llmc_torch"] = bench_llmc(artifact, "cpu", args.threads, args.runs, dict(os.environ))
+        this = [sys.executable, "-m", "llmc"]
+        if args.lean_venv is not None:  # a real `pip install llmc[lean]`: no torch installed at all
+            lean_cmd, lean_env = [str(args.lean_venv / "bin" / "llmc")], dict(os.environ)
+        else:  # this environment with torch hidden
+            lean_cmd, lean_env = this, no_torch_env(Path(tmp) / "hide")
+        result["lean_server"] = "the venv " + str(args.lean_venv) if args.lean_venv else "torch hidden"
+        result["llmc_onnx"] = bench_llmc(artifact, "onnx", args.threads, args.runs, lean_env, lean_cmd)
+        result["llmc_torch"] = bench_llmc(artifact, "cpu", args.threads, args.runs, dict(os.environ), this)
         from llmc.artifacts.reader import Artifact
         from llmc.runtime.tokenizer import Tokenizer
 
@@ -312,6 +356,10 @@ def main() -> None:
             "llmc_torch": greedy_llmc(artifact, "cpu", ids),
             "llama_cpp": greedy_llama_cpp(args.gguf, ids, args.threads),
         }
+        tokenizer = Tokenizer.from_artifact(Artifact.open(artifact))
+        text_ids = tokenizer.encode(" ".join(prompt_for("accuracy", i) for i in range(16)))[:TEACHER_FORCED_TOKENS]
+        logits = reference_logits(args.hf_model, text_ids)
+        result["teacher_forced"] = {b: teacher_forced(artifact, b, text_ids, logits) for b in ("onnx", "cpu")}
     result["llama_cpp"] = {
         k: round(v, 3 if k.endswith("_s") else 1)
         for k, v in bench_llama_cpp(args.gguf, args.threads, args.runs).items()

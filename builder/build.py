@@ -94,6 +94,7 @@ class BuildResult:
             "architecture": m.model.architecture,
             "dtype": m.dtype,
             "target": m.target,
+            "targets": list(m.targets),
             "format_version": m.format_version,
             "parameters": parameter_count(m),
             "weights": describe_mix(mix),

@@ -201,7 +201,14 @@ def test_enum_flags_are_refused_before_the_model_is_opened(tmp_path: Path, monke
     opened: list[Any] = []
     monkeypatch.setattr(llmc.builder.build, "open_source", lambda *args: opened.append(args) or 1 / 0)
     runner = CliRunner()
-    for flag, value in (("--isq", "bogus"), ("--dtype", "f64"), ("--target", "tpu")):
+    bad = (
+        ("--isq", "bogus"),
+        ("--dtype", "f64"),
+        ("--target", "tpu"),
+        ("--target", "cpu,tpu"),
+        ("--target", "cpu,cpu"),
+    )
+    for flag, value in bad:
         result = runner.invoke(cli.main, ["build", "-m", "owner/name", "-o", str(tmp_path / "out"), flag, value])
         assert result.exit_code == 2, result.output
         assert f"Invalid value for '{flag}'" in result.output

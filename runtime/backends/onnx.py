@@ -64,9 +64,15 @@ class OnnxBackend(Backend):
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # onnxruntime resolves the graph's external data in the graph's folder and refuses a
         # location outside it; the manifest keeps both files in one folder (artifacts/manifest.py).
-        session = self.ort.InferenceSession(
-            str(artifact.path(code.graph.model)), options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            session = self.ort.InferenceSession(
+                str(artifact.path(code.graph.model)), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own errors for a graph it cannot load
+            raise BadArtifactError(
+                f"onnxruntime cannot load the artifact's ONNX graph ({type(exc).__name__}: {str(exc)[:300]}); "
+                "rebuild the artifact with this llmc"
+            ) from exc
         slots = self.options.max_seqs or 1
         return OnnxRunner(session, artifact.manifest.model, slots, max_model_len)
 

@@ -99,3 +99,54 @@ def test_artifact_without_a_graph_is_refused(tmp_path: Path, tiny_llama_dir: Pat
     build(BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=tmp_path / "cpu"))
     with pytest.raises(BadArtifactError, match="has no onnx target"):
         open_engine(tmp_path / "cpu", device="onnx")
+
+
+def _replace_file(artifact: Path, name: str, data: bytes) -> None:
+    """Rewrite one file and its manifest entry, as someone handing over a crafted artifact would."""
+    import hashlib
+    import json
+
+    (artifact / name).write_bytes(data)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == name:
+            entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("location", ["../model.safetensors", "/etc/hostname", "escape.bin"])
+def test_graph_naming_weights_outside_its_folder_is_refused(both_targets: Path, tmp_path: Path, location: str) -> None:
+    """The graph is untrusted: external data it names outside its folder (up, absolute, or through a
+    link) is never read; the artifact is refused as bad (exit code 4), not loaded."""
+    import shutil
+
+    import onnx
+
+    artifact = tmp_path / "crafted"
+    shutil.copytree(both_targets, artifact)
+    if location == "escape.bin":
+        (artifact / "onnx" / "escape.bin").symlink_to("/etc/hostname")
+    model = onnx.load(str(artifact / "onnx" / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    _replace_file(artifact, "onnx/model.onnx", model.SerializeToString())
+    with pytest.raises(BadArtifactError, match="onnxruntime cannot load"):
+        open_engine(artifact, device="onnx")
+
+
+def test_graph_of_another_shape_is_refused(both_targets: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import onnx
+
+    artifact = tmp_path / "renamed"
+    shutil.copytree(both_targets, artifact)
+    model = onnx.load(str(artifact / "onnx" / "model.onnx"), load_external_data=False)
+    model.graph.output[0].name = "scores"
+    for node in model.graph.node:
+        node.output[:] = ["scores" if o == "logits" else o for o in node.output]
+    _replace_file(artifact, "onnx/model.onnx", model.SerializeToString())
+    with pytest.raises(BadArtifactError, match="does not have llmc's inputs and outputs"):
+        open_engine(artifact, device="onnx")

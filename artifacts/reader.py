@@ -9,9 +9,10 @@ very bytes (`read_verified`): no file can be swapped between the check and the u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,10 +104,11 @@ class Artifact:
             artifact.verify()
         return artifact
 
-    def verify(self) -> None:
-        """Check every listed file's size and sha256; name the first file that differs. The files
-        hash on every core at once (hashlib lets go of the GIL): start-up waits on this."""
-        infos = self.manifest.files
+    def verify(self, skip: Collection[str] = ()) -> None:
+        """Check every listed file's size and sha256 but those in `skip` (files this process never
+        opens); name the first file that differs. The files hash on every core at once (hashlib
+        lets go of the GIL): start-up waits on this."""
+        infos = [info for info in self.manifest.files if info.path not in skip]
         paths = [self.path(info.path) for info in infos]
         for info, path in zip(infos, paths, strict=True):
             self._check_size(info, path.stat().st_size)
@@ -116,6 +118,23 @@ class Artifact:
         for info, digest in zip(infos, digests, strict=True):
             if digest != info.sha256:
                 raise self._damaged(info)
+
+    @contextlib.contextmanager
+    def verifying(self, skip: Collection[str] = ()) -> Iterator[None]:
+        """Run `verify(skip)` on other threads while the block loads the model, and wait for it at
+        the block's end: nothing serves from a damaged artifact, and its check no longer delays the
+        load. A damaged file may make the load itself fail first; the check's error then wins, since
+        it names the file."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            check = pool.submit(self.verify, skip)
+            try:
+                yield
+            except BaseException:
+                failure = check.exception()  # waits for the check
+                if failure is not None:
+                    raise failure from None
+                raise
+            check.result()
 
     def path(self, name: str) -> Path:
         """Where a file the manifest lists is: BadArtifactError if it is not listed, is missing, or

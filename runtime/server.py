@@ -20,7 +20,9 @@ from llmc.errors import BadInputError, OutOfResourcesError
 from llmc.logs import configure, get_logger, granian_logging
 
 if TYPE_CHECKING:
+    from llmc.artifacts.reader import Artifact
     from llmc.runtime.api.vision.config import VisionConfig
+    from llmc.runtime.engine import Engine
 
 log = get_logger("llmc.server")
 
@@ -140,8 +142,35 @@ def generation_overrides(config: ServeConfig) -> dict[str, Any]:
     return overrides | generation.parse(flags, "llmc run", strict=True)
 
 
+def _engine(artifact: Artifact, config: ServeConfig, backend: str, overrides: dict[str, Any]) -> Engine:
+    """The engine `llmc run`'s flags describe, on `backend`."""
+    from llmc.runtime.engine import DEFAULT_MAX_WAITING, Engine, EngineConfig
+
+    return Engine(
+        artifact,
+        EngineConfig(
+            max_model_len=config.max_model_len,
+            kv_cache_mb=config.kv_cache_mb,
+            kv_blocks=config.kv_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_batched_tokens=config.prefill_chunk_size,
+            enable_prefix_cache=config.enable_prefix_cache,
+            seed=config.seed,
+            threads=config.threads,
+            compiled=not config.eager,
+            device=backend,
+            dense_weights=config.dense_weights,
+            autotune=config.autotune,
+            max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
+            generation_overrides=overrides,
+        ),
+    )
+
+
 def serve(config: ServeConfig) -> None:
-    """Verify the artifact (a damaged one never loads), load the engine, serve until SIGINT/SIGTERM.
+    """Load the engine while the artifact's files are verified (nothing serves from a damaged
+    artifact; native code is loaded from bytes checked as they are read), serve until SIGINT/SIGTERM.
 
     The first signal drains: new requests get 503, running ones finish (or are ended with an error
     event after `shutdown_timeout`), then the process exits; a second signal exits at once.
@@ -161,8 +190,7 @@ def serve(config: ServeConfig) -> None:
     from llmc.runtime.api.http_guard import BODY_TIMEOUT_S, HttpGuard
     from llmc.runtime.api.mcp.config import check_sdk, load_config
     from llmc.runtime.api.mcp.tools import McpManager
-    from llmc.runtime.backends.choice import choose_backend
-    from llmc.runtime.engine import DEFAULT_MAX_WAITING, Engine, EngineConfig
+    from llmc.runtime.backends.choice import choose_backend, files_unread
 
     configure(config.log_level)
     check_port_free(config.host, config.port)  # before the model loads: fail fast
@@ -184,29 +212,11 @@ def serve(config: ServeConfig) -> None:
             )
     overrides = generation_overrides(config)
     vision = vision_settings(config)
-    artifact = Artifact.open(config.artifact, verify=True, expect_manifest_sha256=config.expect_manifest_sha256)
+    artifact = Artifact.open(config.artifact, verify=False, expect_manifest_sha256=config.expect_manifest_sha256)
     backend, why = choose_backend(artifact.manifest, config.backend)
     log.info("server.backend", backend=backend, reason=why)
-    engine = Engine(
-        artifact,
-        EngineConfig(
-            max_model_len=config.max_model_len,
-            kv_cache_mb=config.kv_cache_mb,
-            kv_blocks=config.kv_blocks,
-            block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs,
-            max_batched_tokens=config.prefill_chunk_size,
-            enable_prefix_cache=config.enable_prefix_cache,
-            seed=config.seed,
-            threads=config.threads,
-            compiled=not config.eager,
-            device=backend,
-            dense_weights=config.dense_weights,
-            autotune=config.autotune,
-            max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
-            generation_overrides=overrides,
-        ),
-    )
+    with artifact.verifying(skip=files_unread(artifact.manifest, backend)):
+        engine = _engine(artifact, config, backend, overrides)
     mcp = None
     if mcp_config is not None:
         mcp = McpManager(mcp_config, max_tools=MAX_TOOLS)

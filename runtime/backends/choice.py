@@ -31,3 +31,17 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
         return "onnx", "the artifact was built for the onnx target only"
     # Without torch (and without a graph) the cpu backend's make_backend says what to install.
     return "cpu", "the artifact's cpu target"
+
+
+def files_unread(manifest: Manifest, backend: str) -> set[str]:
+    """The artifact's files a backend never opens (another target's code; the torch weights on
+    onnx), which `llmc run` therefore does not spend its start-up hashing."""
+    graph_files: set[str] = set()
+    torch_files = {t.file for t in manifest.tensors}
+    for name, code in manifest.targets.items():
+        if code.graph is not None:
+            graph_files |= {code.graph.model, code.graph.weights, code.graph.mapping}
+        if name != "onnx":
+            torch_files |= {step.package for step in code.compiled} | {step.constants for step in code.compiled}
+            torch_files |= {library.file for library in code.kernels}
+    return torch_files if backend == "onnx" else graph_files

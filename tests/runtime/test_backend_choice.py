@@ -49,3 +49,35 @@ def test_auto(
 def test_an_explicit_backend_is_taken_as_given(artifacts: dict[str, Path]) -> None:
     manifest = Artifact.open(artifacts["cpu"], verify=False).manifest
     assert choose_backend(manifest, "onnx") == ("onnx", "--backend")
+
+
+def test_each_backend_skips_only_what_it_never_opens(artifacts: dict[str, Path]) -> None:
+    from llmc.runtime.backends.choice import files_unread
+
+    manifest = Artifact.open(artifacts["cpu,onnx"], verify=False).manifest
+    graph = {"onnx/model.onnx", "onnx/model.onnx.data", "onnx/mapping.json"}
+    torch_side = {t.file for t in manifest.tensors}
+    torch_side |= {lib.file for lib in manifest.targets["cpu"].kernels}
+    torch_side |= {f for step in manifest.targets["cpu"].compiled for f in (step.package, step.constants)}
+    assert files_unread(manifest, "cpu") == graph
+    assert files_unread(manifest, "onnx") == torch_side
+    assert "tokenizer.json" not in files_unread(manifest, "onnx") | files_unread(manifest, "cpu")
+
+
+def test_a_damaged_graph_is_refused_by_llmc_run(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """The onnx weights are hashed while onnxruntime loads them: the server never starts, and the
+    error names the file (exit code 4)."""
+    import shutil
+    import subprocess
+    import sys
+
+    art = tmp_path / "damaged"
+    shutil.copytree(artifacts["onnx"], art)
+    data = bytearray((art / "onnx" / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (art / "onnx" / "model.onnx.data").write_bytes(bytes(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "llmc", "run", str(art), "--p", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 4, result.stderr
+    assert "onnx/model.onnx.data" in result.stderr and "sha256" in result.stderr

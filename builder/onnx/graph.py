@@ -5,13 +5,16 @@ One graph serves prefill chunks and decode batches (docs/artifact-format.md, "Th
   inputs   input_ids int64 [batch, seq]; seqlens_k int32 [batch] (each row's total length - 1);
            total_sequence_length int32 []; logits_rows int64 [rows] (rows of the flattened
            [batch * seq] positions whose logits are wanted); past_key_values.{i}.key / .value
-           float32 [batch, kv_heads, max_len, head_dim]
+           float32 [batch, kv_heads, max_len, head_dim]; longrope models (Phi-3) only:
+           long_rope bool [batch] (the rows whose sequence rotates with the long factors)
   outputs  logits float32 [rows, vocab]; present.{i}.key / .value (same shape as the past)
 
-Attention is `com.microsoft.GroupQueryAttention` with rope inside it; the runtime binds each
-layer's present to its past buffer, so the kernel writes the new keys in place
-(runtime/onnx_runner.py). Norms are (Skip)SimplifiedLayerNormalization, the fused forms
-onnxruntime's CPU provider has. GGML weights are `MatMulNBits` (nbits.py); unquantized ones plain
+Attention is `com.microsoft.GroupQueryAttention`, with rope inside it where the kernel can rotate
+(kernel_rotates; else plain ops rotate q and k before it); the runtime binds each layer's present
+to its past buffer, so the kernel writes the new keys in place (runtime/onnx_runner.py). Norms are
+(Skip)SimplifiedLayerNormalization, or (Skip)LayerNormalization for LayerNorm models, the fused
+forms onnxruntime's CPU provider has. A family's differences are ModelSpec fields that each switch
+one small piece, as in model/decoder.py. GGML weights are `MatMulNBits` (nbits.py); unquantized ones plain
 MatMul in float32.
 """
 
@@ -31,6 +34,7 @@ from llmc.builder.onnx import nbits
 from llmc.builder.onnx.external import ExternalData
 from llmc.model.rope import inverse_frequencies, rope_kind
 
+LONG_ROPE = "long_rope"  # the longrope graph's input: bool [batch], the rows that use the long factors
 SLIDING = "sliding_attention"  # a layer type with a sliding window (model/decoder.py)
 OPSET = 21  # the default domain: BitwiseAnd (18) and onnxruntime 1.20's full support
 MS_DOMAIN = "com.microsoft"
@@ -49,7 +53,6 @@ def unsupported(spec: ModelSpec) -> str | None:
     reasons = {
         "mixture-of-experts routing": bool(spec.num_experts),
         "multi-head latent attention": spec.mla,
-        "longrope (Phi-3)": rope_kind(spec.rope_scaling) == "longrope",
         f"the {spec.hidden_act} activation": spec.hidden_act not in _ACTIVATIONS,
     }
     missing = [what for what, hit in reasons.items() if hit]
@@ -406,35 +409,50 @@ def rotary_dim(spec: ModelSpec) -> int:
 def kernel_rotates(spec: ModelSpec) -> bool:
     """Whether GroupQueryAttention can rotate q and k itself; else the graph does it (_rotate)."""
     dim = rotary_dim(spec)
-    if spec.head_dim % KERNEL_HEAD_MULTIPLE:
+    if spec.head_dim % KERNEL_HEAD_MULTIPLE or long_rope_after(spec) is not None:
         return False
     return dim == spec.head_dim or (dim // 2) % KERNEL_ROTARY_MULTIPLE == 0
 
 
-def rope_tables(spec: ModelSpec, max_positions: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def long_rope_after(spec: ModelSpec) -> int | None:
+    """Phi-3's longrope: the sequence length past which a sequence rotates with the long factors
+    (the graph's `long_rope` input says which rows do); None for every other model."""
+    if rope_kind(spec.rope_scaling) != "longrope":
+        return None
+    assert spec.rope_scaling is not None
+    return int(spec.rope_scaling["original_max_position_embeddings"])
+
+
+def rope_tables(
+    spec: ModelSpec, max_positions: int, local: bool = False, long: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin float32 [max_positions, rotary_dim / 2]: GroupQueryAttention's rotary caches (the
     attention factor of YaRN-style scalings folded in, as model/rope.py does). Partial rotary
     models (StableLM, GLM-4) rotate only the first rotary_dim channels, which the kernel reads off
     the tables' width. `local`: the sliding layers' own table (Gemma-3's rope_local_theta, unscaled,
-    as model/decoder.py's _ropes)."""
+    as model/decoder.py's _ropes). `long`: longrope's long factors."""
     dim = rotary_dim(spec)
     if local:
         assert spec.rope_local_theta is not None
         inv_freq, attention = inverse_frequencies(dim, spec.rope_local_theta, None, False)
     else:
-        inv_freq, attention = inverse_frequencies(dim, spec.rope_theta, spec.rope_scaling, False)
+        inv_freq, attention = inverse_frequencies(dim, spec.rope_theta, spec.rope_scaling, long)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     return (freqs.cos() * attention).numpy(), (freqs.sin() * attention).numpy()
 
 
-def _row_tables(g: _Graph, inputs: dict[str, str]) -> None:
+def _row_tables(g: _Graph, spec: ModelSpec, inputs: dict[str, str]) -> None:
     """Each row's own cos and sin ([rows, 1, rotary_dim / 2]) for rope outside the kernel: row
     (b, s) of a [batch, seq] step sits at position seqlens_k[b] + 1 - seq + s (the runner's chunks
-    and decodes are never padded within a row)."""
+    and decodes are never padded within a row); longrope's long rows read the long half of the
+    tables, max_position_embeddings further on."""
     shape = g.op("Shape", ["input_ids"])
     seq = g.op("Gather", [shape, g.ints(1)], axis=0)  # [1]
     last = g.op("Cast", [g.op("Unsqueeze", ["seqlens_k", g.ints(-1)])], to=TensorProto.INT64)  # [batch, 1]
     start = g.op("Sub", [g.op("Add", [last, g.ints(1)]), seq])
+    if long_rope_after(spec) is not None:
+        long = g.op("Cast", [g.op("Unsqueeze", [LONG_ROPE, g.ints(-1)])], to=TensorProto.INT64)
+        start = g.op("Add", [start, g.op("Mul", [long, g.ints(spec.max_position_embeddings)])])
     steps = g.op(
         "Range", [g.const(np.array(0, np.int64)), g.op("Squeeze", [seq, g.ints(0)]), g.const(np.array(1, np.int64))]
     )
@@ -470,6 +488,10 @@ def build_graph(
             graph_inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, kv_shape))
             graph_outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_shape))
     cos, sin = rope_tables(spec, spec.max_position_embeddings)
+    if long_rope_after(spec) is not None:  # rows [max_positions, 2 * max_positions): the long factors
+        graph_inputs.append(helper.make_tensor_value_info(LONG_ROPE, TensorProto.BOOL, ["batch"]))
+        long_cos, long_sin = rope_tables(spec, spec.max_position_embeddings, long=True)
+        cos, sin = np.concatenate([cos, long_cos]), np.concatenate([sin, long_sin])
     inputs = {
         "seqlens_k": "seqlens_k",
         "total_sequence_length": "total_sequence_length",
@@ -483,7 +505,7 @@ def build_graph(
         inputs["cos.sliding"] = g.init("rope.sliding.cos", local_cos)
         inputs["sin.sliding"] = g.init("rope.sliding.sin", local_sin)
     if not kernel_rotates(spec):
-        _row_tables(g, inputs)
+        _row_tables(g, spec, inputs)
     h = w.embed("input_ids")
     residual: str | None = None
     for i in range(spec.num_layers):

@@ -145,7 +145,6 @@ def test_quantized_graph_matches_the_dequantized_model(tmp_path: Path, isq: str)
         ("qwen2_moe", "mixture-of-experts routing"),
         ("qwen3_moe", "mixture-of-experts routing"),
         ("deepseek_v2", "multi-head latent attention"),
-        ("phi3", "longrope"),
     ],
 )
 def test_unmapped_families_are_refused_before_the_build(tmp_path: Path, family: str, reason: str) -> None:

@@ -49,14 +49,16 @@ WeightSource = Callable[[str], Weight]
 
 
 def unsupported(spec: ModelSpec) -> str | None:
-    """Why this model's graph cannot be written yet, or None when it can."""
+    """Why this model's graph cannot be written yet, or None when it can (each reason says why)."""
     reasons = {
-        "mixture-of-experts routing": bool(spec.num_experts),
-        "multi-head latent attention": spec.mla,
-        f"the {spec.hidden_act} activation": spec.hidden_act not in _ACTIVATIONS,
+        "mixture-of-experts layers (the graph writes no expert layer)": bool(spec.num_experts),
+        "multi-head latent attention (GroupQueryAttention needs values as wide as keys and rope on "
+        "each head's leading channels; MLA's values are narrower and its rope channels trail)": spec.mla,
+        f"the {spec.hidden_act} activation (the graph has {', '.join(_ACTIVATIONS)})": spec.hidden_act
+        not in _ACTIVATIONS,
     }
     missing = [what for what, hit in reasons.items() if hit]
-    return f"the ONNX target does not support {', '.join(missing)} yet" if missing else None
+    return f"the ONNX target does not support {'; '.join(missing)} yet" if missing else None
 
 
 @dataclass

@@ -13,9 +13,9 @@ Attention is `com.microsoft.GroupQueryAttention`, with rope inside it where the 
 (kernel_rotates; else plain ops rotate q and k before it); the runtime binds each layer's present
 to its past buffer, so the kernel writes the new keys in place (runtime/onnx_runner.py). Norms are
 (Skip)SimplifiedLayerNormalization, or (Skip)LayerNormalization for LayerNorm models, the fused
-forms onnxruntime's CPU provider has. A family's differences are ModelSpec fields that each switch
-one small piece, as in model/decoder.py. GGML weights are `MatMulNBits` (nbits.py); unquantized ones plain
-MatMul in float32.
+forms onnxruntime's CPU provider has; routed experts are `com.microsoft.MoE`. A family's
+differences are ModelSpec fields that each switch one small piece, as in model/decoder.py. GGML
+weights are `MatMulNBits` (nbits.py); unquantized ones plain MatMul in float32.
 """
 
 from __future__ import annotations
@@ -51,7 +51,12 @@ WeightSource = Callable[[str], Weight]
 def unsupported(spec: ModelSpec) -> str | None:
     """Why this model's graph cannot be written yet, or None when it can (each reason says why)."""
     reasons = {
-        "mixture-of-experts layers (the graph writes no expert layer)": bool(spec.num_experts),
+        "grouped or scaled expert routing (DeepSeek; onnxruntime's MoE takes a plain softmax top-k)": bool(
+            spec.num_experts
+        )
+        and (spec.router != "softmax" or spec.routed_scaling_factor != 1.0),
+        "experts with another activation than silu (onnxruntime's MoE runs them as SwiGLU)": bool(spec.num_experts)
+        and spec.hidden_act != "silu",
         "multi-head latent attention (GroupQueryAttention needs values as wide as keys and rope on "
         "each head's leading channels; MLA's values are narrower and its rope channels trail)": spec.mla,
         f"the {spec.hidden_act} activation (the graph has {', '.join(_ACTIVATIONS)})": spec.hidden_act
@@ -361,9 +366,47 @@ class _Writer:
 
     def mlp(self, i: int, x: str) -> str:
         p = f"model.layers.{i}.mlp"
+        return self.moe(x, p) if i in (self.spec.moe_layers or []) else self._gated_mlp(x, p)
+
+    def _gated_mlp(self, x: str, p: str) -> str:
         gate, up = self.linear(x, [f"{p}.gate_proj", f"{p}.up_proj"])
         act = _ACTIVATIONS[self.spec.hidden_act](self.g, gate)
         return self.linear(self.g.op("Mul", [act, up]), [f"{p}.down_proj"])[0]
+
+    def moe(self, x: str, p: str) -> str:
+        """Routed experts as `com.microsoft.MoE` (softmax over the router's logits, top-k, weights
+        renormalized with norm_topk_prob; the stacked float experts, gate and up rows interleaved as
+        its CPU kernel takes them), plus the shared expert, sigmoid-gated (Qwen2-MoE)."""
+        spec, g = self.spec, self.g
+        logits = self.linear(x, [f"{p}.gate"])[0]
+        gate_up = self._dense(f"{p}.experts.gate_up_proj")  # [E, 2I, H]: gate rows, then up rows
+        experts, rows, hidden = gate_up.shape
+        size = rows // 2
+        interleaved = np.stack([gate_up[:, :size], gate_up[:, size:]], axis=2).reshape(experts, rows, hidden)
+        out = g.op(
+            "MoE",
+            [
+                x,
+                logits,
+                g.init(f"{p}.experts.gate_up_interleaved", np.ascontiguousarray(interleaved)),
+                "",
+                g.init(f"{p}.experts.down_proj", self._dense(f"{p}.experts.down_proj")),
+            ],
+            domain=MS_DOMAIN,
+            k=spec.num_experts_per_tok,
+            normalize_routing_weights=int(spec.norm_topk_prob),
+            activation_type="swiglu",  # silu(gate) * up with these alpha and beta
+            activation_alpha=1.0,
+            activation_beta=0.0,
+            swiglu_fusion=1,  # gate and up rows interleaved: the one layout the CPU kernel takes
+        )
+        if not spec.shared_expert_intermediate_size:
+            return str(out)
+        shared = self._gated_mlp(x, f"{p}.shared_expert")
+        if spec.shared_expert_gated:
+            gate = self.linear(x, [f"{p}.shared_expert_gate"])[0]
+            shared = g.op("Mul", [g.op("Sigmoid", [gate]), shared])
+        return str(g.op("Add", [out, shared]))
 
     def skip_norm(self, x: str, residual: str, prefix: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual), the norm named `prefix`."""

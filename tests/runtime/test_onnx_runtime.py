@@ -22,7 +22,19 @@ from tests.helpers import generate, open_engine, prompt_logits
 from tests.runtime.test_families import FAMILIES, make_family
 
 # builder/onnx/graph.py `unsupported` refuses the rest
-MAPPED_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "stablelm", "glm4"]
+MAPPED_FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "stablelm",
+    "glm4",
+    "qwen2_moe",
+    "qwen3_moe",
+]
 # Variants that take the other rope path (graph.py kernel_rotates): the tiny families' partial rope
 # is rotated by the graph's own ops; GLM-4 with 32-wide heads has 8-wide tables, which the kernel
 # rotates itself (as GLM-4-9B's 128-wide heads do); Qwen2 with 24-wide heads has a full rope the

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = get_logger("llmc.onnx")
 
 PAD_TOKEN = 0  # what a decode batch's idle rows are fed; any id in the vocabulary does
+LONG_ROPE = "long_rope"  # longrope graphs' input: which rows rotate with the long factors (Phi-3)
 
 
 @dataclass
@@ -61,7 +62,12 @@ class OnnxRunner(Runner):
         self._kv_names = [f"{kind}.{i}.{part}" for i in range(spec.num_layers) for kind, part in _KV_PARTS]
         # Per range of slots, the cache's OrtValues and a binding with them bound: made once.
         self._bindings: dict[tuple[int, int], Any] = {}
-        check_graph(session, spec)
+        # Phi-3's longrope: a sequence longer than this rotates with the long factors, and the
+        # engine recomputes its cache when it grows past it (as on the torch backend).
+        scaling = spec.rope_scaling or {}
+        if scaling.get("rope_type") == "longrope":
+            self.long_rope_after = int(scaling["original_max_position_embeddings"])
+        check_graph(session, spec, self.long_rope_after is not None)
 
     def describe(self) -> dict[str, Any]:
         return {"kv_slots": self.cache.slots}
@@ -148,6 +154,7 @@ class OnnxRunner(Runner):
             np.array([chunk.end - 1], np.int32),
             chunk.end,
             np.array(chunk.rows, np.int64),
+            [chunk.seq],
         )
 
     def _decode(self, decodes: list[tuple[Sequence, int]]) -> np.ndarray:
@@ -162,9 +169,22 @@ class OnnxRunner(Runner):
             ids[slot, 0] = seq.last_token
             last[slot] = seq.num_computed - 1
         rows = np.array([slot for _, slot in decodes], np.int64)
-        return self._run(self._binding(0, width), ids, last, int(last.max()) + 1, rows)
+        return self._run(self._binding(0, width), ids, last, int(last.max()) + 1, rows, self._owners[:width])
 
-    def _run(self, binding: Any, ids: np.ndarray, last: np.ndarray, total: int, rows: np.ndarray) -> np.ndarray:
+    def _run(
+        self,
+        binding: Any,
+        ids: np.ndarray,
+        last: np.ndarray,
+        total: int,
+        rows: np.ndarray,
+        owners: list[Sequence | None],
+    ) -> np.ndarray:
+        """One session run; `owners`: each batch row's sequence (None for an idle decode row)."""
+        if self.long_rope_after is not None:
+            after = self.long_rope_after  # by the sequence's whole length, as InputBatch does
+            long = np.array([seq is not None and len(seq.token_ids) > after for seq in owners], np.bool_)
+            binding.bind_cpu_input(LONG_ROPE, long)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("seqlens_k", last)
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
@@ -189,12 +209,15 @@ def _prompt_rows(seq: Sequence, start: int, end: int) -> list[int]:
     return list(range(min(end, len(seq.prompt_ids) - 1) - start))
 
 
-def check_graph(session: onnxruntime.InferenceSession, spec: ModelSpec) -> None:
-    """The graph must have llmc's inputs and outputs for this model (builder/onnx/graph.py): an
-    artifact is untrusted, and a graph of another shape would misread the cache."""
+def check_graph(session: onnxruntime.InferenceSession, spec: ModelSpec, long_rope: bool = False) -> None:
+    """The graph must have llmc's inputs and outputs for this model (builder/onnx/graph.py), with
+    `long_rope` for longrope models: an artifact is untrusted, and a graph of another shape would
+    misread the cache."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
-    expected_in = {"input_ids", "seqlens_k", "total_sequence_length", "logits_rows"}
+    expected_in = {"input_ids", "seqlens_k", "total_sequence_length", "logits_rows"} | (
+        {LONG_ROPE} if long_rope else set()
+    )
     expected_out = {"logits"}
     for i in range(spec.num_layers):
         for part in ("key", "value"):

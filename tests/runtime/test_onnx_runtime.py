@@ -5,6 +5,7 @@ prompt logprobs and slot reuse behave as on the torch backend."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,9 +19,30 @@ from llmc.errors import BadArtifactError
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.sequence import Sequence
 from tests.helpers import generate, open_engine, prompt_logits
-from tests.runtime.test_families import make_family
+from tests.runtime.test_families import FAMILIES, make_family
 
-MAPPED_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # builder/onnx/graph.py `unsupported` refuses the rest
+# builder/onnx/graph.py `unsupported` refuses the rest
+MAPPED_FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "stablelm",
+    "glm4",
+    "qwen2_moe",
+    "qwen3_moe",
+]
+# Variants that take the other rope path (graph.py kernel_rotates): the tiny families' partial rope
+# is rotated by the graph's own ops; GLM-4 with 32-wide heads has 8-wide tables, which the kernel
+# rotates itself (as GLM-4-9B's 128-wide heads do); Qwen2 with 24-wide heads has a full rope the
+# kernel cannot rotate.
+ROPE_VARIANTS = {
+    "glm4-kernel-partial-rope": ("glm4", {"head_dim": 32}),
+    "qwen2-head-24": ("qwen2", {"hidden_size": 96}),
+}
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
@@ -28,8 +50,16 @@ def _ids(n: int, seed: int = 1) -> list[int]:
     return torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("family", MAPPED_FAMILIES)
-def test_family_matches_transformers_on_onnx(family: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [(f, {}) for f in MAPPED_FAMILIES] + list(ROPE_VARIANTS.values()),
+    ids=MAPPED_FAMILIES + list(ROPE_VARIANTS),
+)
+def test_family_matches_transformers_on_onnx(
+    family: str, overrides: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, model, defaults = FAMILIES[family]
+    monkeypatch.setitem(FAMILIES, family, (config, model, {**defaults, **overrides}))
     hf = make_family(tmp_path / "src", family)
     build(BuildOptions(model=str(tmp_path / "src"), gguf_file=None, weights=None, output=tmp_path / "a", target="onnx"))
     engine = open_engine(tmp_path / "a", device="onnx")
@@ -47,6 +77,35 @@ def test_family_matches_transformers_on_onnx(family: str, tmp_path: Path) -> Non
     others = [_ids(n, seed=n) for n in (7, 70, 23)]
     batched = generate(engine, [others[0], short, others[1], others[2]], GREEDY)
     assert batched[1] == hf_greedy
+
+
+def test_longrope_in_chunks_matches_transformers(tmp_path: Path) -> None:
+    """Phi-3's longrope picks its factors by each sequence's whole length: a long prompt prefilled
+    in small chunks rotates every chunk (the first ones too) with the long factors, and a short
+    prompt that outgrows the original context (48) while decoding switches beside it."""
+    hf = make_family(tmp_path / "src", "phi3")
+    build(BuildOptions(model=str(tmp_path / "src"), gguf_file=None, weights=None, output=tmp_path / "a", target="onnx"))
+    engine = open_engine(tmp_path / "a", device="onnx")
+    ids = _ids(64, seed=5)
+    seq = Sequence("p", ids, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    engine.block_manager.allocate(seq)
+    chunks = []
+    for _ in range(0, len(ids), 16):
+        engine.runner.run([(seq, 16)])
+        chunks.append(engine.runner.prompt_logits[seq.seq_id])
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0, :-1].numpy()
+    assert np.abs(np.concatenate(chunks) - expected).max() < 1e-4
+
+    prompts = [ids, _ids(30, seed=6)]
+    greedy = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        greedy.append(out[0, len(prompt) :].tolist())
+    assert generate(open_engine(tmp_path / "a", device="onnx", max_batched_tokens=16), prompts, GREEDY) == greedy
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,21 @@ artifact has no cpu target, else torch's cpu backend.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 from llmc.artifacts.manifest import Manifest
 
 BACKEND_CHOICES = ("auto", "cpu", "onnx")
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def _importable(module: str) -> bool:
+    """Whether `module` imports: a found but broken package (a half-removed torch) counts as absent.
+    Called only where the artifact could run on both backends, whose torch side imports it anyway."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
@@ -24,11 +30,10 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
         return requested, "--backend"
     graph = manifest.targets.get("onnx")
     has_graph = graph is not None and graph.graph is not None
-    has_torch = _installed("torch")
-    if has_graph and not has_torch:
-        return "onnx", "torch is not installed (the lean install)"
     if has_graph and "cpu" not in manifest.targets:
         return "onnx", "the artifact was built for the onnx target only"
+    if has_graph and not _importable("torch"):
+        return "onnx", "torch is not installed (the lean install)"
     # Without torch (and without a graph) the cpu backend's make_backend says what to install.
     return "cpu", "the artifact's cpu target"
 

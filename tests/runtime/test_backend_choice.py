@@ -41,7 +41,7 @@ def artifacts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_auto(
     artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch, targets: str, torch_installed: bool, expected: str
 ) -> None:
-    monkeypatch.setattr(choice, "_installed", lambda module: torch_installed or module != "torch")
+    monkeypatch.setattr(choice, "_importable", lambda module: torch_installed or module != "torch")
     backend, why = choose_backend(Artifact.open(artifacts[targets], verify=False).manifest, "auto")
     assert backend == expected and why
 

@@ -90,3 +90,20 @@ def test_llmc_run_of_a_torch_artifact_without_torch_fails_cleanly(
     assert result.returncode == 2, result.stderr  # BadInputError: the environment lacks an extra
     assert "llmc[torch]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_auto_backend_takes_onnx_where_torch_cannot_be_imported(
+    no_torch_env: dict[str, str], tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A torch that is found but does not import (here: hidden) counts as absent."""
+    pytest.importorskip("onnx")
+    artifact = tmp_path / "both"
+    build(BuildOptions(model=str(tiny_llama_dir), gguf_file=None, weights=None, output=artifact, target="cpu,onnx"))
+    code = (
+        "from llmc.artifacts.reader import Artifact\n"
+        "from llmc.runtime.backends.choice import choose_backend\n"
+        f"print(choose_backend(Artifact.open({str(artifact)!r}).manifest, 'auto')[0])\n"
+    )
+    result = _child(no_torch_env, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "onnx"

@@ -81,3 +81,14 @@ def test_a_damaged_graph_is_refused_by_llmc_run(artifacts: dict[str, Path], tmp_
     )
     assert result.returncode == 4, result.stderr
     assert "onnx/model.onnx.data" in result.stderr and "sha256" in result.stderr
+
+
+def test_onnx_threads_default_to_every_core_and_follow_the_flag() -> None:
+    """onnxruntime-genai runs one thread unless told; llmc's onnx backend takes every core this
+    process may use, or `--threads`."""
+    import os
+
+    from llmc.runtime.backends import BackendOptions, make_backend
+
+    assert make_backend("onnx", BackendOptions()).describe()["threads"] == len(os.sched_getaffinity(0))
+    assert make_backend("onnx", BackendOptions(threads=1)).describe()["threads"] == 1

@@ -62,12 +62,16 @@ class OnnxBackend(Backend):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # onnxruntime resolves the graph's external data in the graph's folder and refuses a
-        # location outside it; the manifest keeps both files in one folder (artifacts/manifest.py).
+        # onnxruntime parses the graph from bytes checked against the manifest (its weights are
+        # hashed while they load, Artifact.verifying): with a pinned manifest
+        # (--expect-manifest-sha256) a changed graph is never parsed. It reads the external data
+        # from the graph's folder (where the manifest keeps it, artifacts/manifest.py) and refuses a
+        # location outside it (absolute, `..`, or through a link).
+        graph = artifact.read_verified(code.graph.model)
+        folder = str(artifact.path(code.graph.weights).parent)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
         try:
-            session = self.ort.InferenceSession(
-                str(artifact.path(code.graph.model)), options, providers=["CPUExecutionProvider"]
-            )
+            session = self.ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own errors for a graph it cannot load
             raise BadArtifactError(
                 f"onnxruntime cannot load the artifact's ONNX graph ({type(exc).__name__}: {str(exc)[:300]}); "

@@ -74,7 +74,7 @@ def prefill_prompt(run: int) -> list[int]:
     return [_PREFILL_BASE_ID + (run * 7 + i) % 20000 for i in range(PREFILL_TOKENS)]
 
 
-def _stream_completion(base: str, max_tokens: int, prompt: str | list[int] = PROMPT) -> list[float]:
+def stream_completion(base: str, max_tokens: int, prompt: str | list[int] = PROMPT) -> list[float]:
     """Arrival times of each streamed token (one token per SSE event while no stop string is set)."""
     times: list[float] = []
     body = {
@@ -113,16 +113,16 @@ def bench_llmc_server(artifact: Path, threads: int, runs: int, eager: bool) -> d
                 raise RuntimeError("llmc run did not start")
             time.sleep(0.02)
         ready = time.perf_counter() - started
-        cold_start = _stream_completion(base, 1)[0] - started  # process start → first token
-        _stream_completion(base, 8)  # warm-up
+        cold_start = stream_completion(base, 1)[0] - started  # process start → first token
+        stream_completion(base, 8)  # warm-up
         rates = []
         for _ in range(runs):
-            times = _stream_completion(base, DECODE_TOKENS)
+            times = stream_completion(base, DECODE_TOKENS)
             rates.append((len(times) - 1) / (times[-1] - times[0]))
         prefill = []
         for run in range(runs):
             sent = time.perf_counter()
-            first = _stream_completion(base, 1, prefill_prompt(run))[0]
+            first = stream_completion(base, 1, prefill_prompt(run))[0]
             prefill.append(PREFILL_TOKENS / (first - sent))
         return {
             "ready_s": ready,

@@ -33,7 +33,14 @@ from typing import Any
 
 import httpx
 
-from llmc.benchmarks.e2e import DECODE_TOKENS, PREFILL_TOKENS, PROMPT, bench_llama_cpp, prefill_prompt
+from llmc.benchmarks.e2e import (
+    DECODE_TOKENS,
+    PREFILL_TOKENS,
+    PROMPT,
+    stream_completion,
+    bench_llama_cpp,
+    prefill_prompt,
+)
 from llmc.benchmarks.ready import _memory_mb, _tree
 from llmc.benchmarks.serving import free_port, prompt_for, run_round
 
@@ -61,16 +68,6 @@ def build(gguf: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def _stream(base: str, max_tokens: int, prompt: str | list[int]) -> list[float]:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    times: list[float] = []
-    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=600) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                times.append(time.perf_counter())
-    return times
-
-
 def bench_llmc(
     artifact: Path, backend: str, threads: int, runs: int, env: dict[str, str], llmc: list[str]
 ) -> dict[str, Any]:
@@ -90,17 +87,17 @@ def bench_llmc(
                 raise RuntimeError(f"llmc run --backend {backend} did not start")
             time.sleep(_POLL_S)
         ready = time.perf_counter() - started
-        first_token = _stream(base, 1, PROMPT)[0] - started
+        first_token = stream_completion(base, 1, PROMPT)[0] - started
         rss_ready = _memory_mb(_tree(proc.pid))
-        _stream(base, 8, PROMPT)  # warm-up
+        stream_completion(base, 8, PROMPT)  # warm-up
         decode = []
         for _ in range(runs):
-            times = _stream(base, DECODE_TOKENS, PROMPT)
+            times = stream_completion(base, DECODE_TOKENS, PROMPT)
             decode.append((len(times) - 1) / (times[-1] - times[0]))
         prefill = []
         for run in range(runs):
             sent = time.perf_counter()
-            first = _stream(base, 1, prefill_prompt(run))[0]
+            first = stream_completion(base, 1, prefill_prompt(run))[0]
             prefill.append(PREFILL_TOKENS / (first - sent))
         clients = asyncio.run(run_round(base, {"model": "bench"}, CLIENTS, CLIENT_TOKENS, 600.0, "lean"))
         rss_after = _memory_mb(_tree(proc.pid))

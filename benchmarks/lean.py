@@ -37,9 +37,9 @@ from llmc.benchmarks.e2e import (
     DECODE_TOKENS,
     PREFILL_TOKENS,
     PROMPT,
-    stream_completion,
     bench_llama_cpp,
     prefill_prompt,
+    stream_completion,
 )
 from llmc.benchmarks.ready import _memory_mb, _tree
 from llmc.benchmarks.serving import free_port, prompt_for, run_round

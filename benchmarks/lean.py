@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from llmc.benchmarks.e2e import (
     DECODE_TOKENS,
     PREFILL_TOKENS,
@@ -41,14 +39,13 @@ from llmc.benchmarks.e2e import (
     prefill_prompt,
     stream_completion,
 )
-from llmc.benchmarks.ready import _memory_mb, _tree
+from llmc.benchmarks.ready import _memory_mb, _tree, wait_healthy
 from llmc.benchmarks.serving import free_port, prompt_for, run_round
 
 CLIENTS = 16
 CLIENT_TOKENS = 64  # per client in the concurrent round, as benchmarks/serving.py
 AGREEMENT_TOKENS = 20  # the greedy-agreement length
 TEACHER_FORCED_TOKENS = 1000  # positions of the steadier accuracy measure (teacher_forced)
-STARTUP_LIMIT_S = 300.0
 _POLL_S = 0.01  # /health polling: fine against the ~0.5 s start being measured
 # Hides torch from a child process, as a lean install lacks it (tests/runtime/test_lean_imports.py).
 _FAKE_TORCH = 'raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n'
@@ -77,16 +74,7 @@ def bench_llmc(
     proc = subprocess.Popen([*cmd, "--backend", backend], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > STARTUP_LIMIT_S or proc.poll() is not None:
-                raise RuntimeError(f"llmc run --backend {backend} did not start")
-            time.sleep(_POLL_S)
-        ready = time.perf_counter() - started
+        ready = wait_healthy(proc, base, started, f"llmc run --backend {backend}", poll_s=_POLL_S)
         first_token = stream_completion(base, 1, PROMPT)[0] - started
         rss_ready = _memory_mb(_tree(proc.pid))
         stream_completion(base, 8, PROMPT)  # warm-up
@@ -125,16 +113,7 @@ def bench_llama_server(server: Path, gguf: Path, threads: int) -> float:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("llama-server did not start")
-            time.sleep(0.1)
+        wait_healthy(proc, base, time.perf_counter(), "llama-server")
         asyncio.run(run_round(base, {"model": gguf.name}, 2, 8, 600.0, "warm-up"))
         result = asyncio.run(run_round(base, {"model": gguf.name}, CLIENTS, CLIENT_TOKENS, 600.0, "lean"))
         return round(float(result["tok_per_s"]), 1)

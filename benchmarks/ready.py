@@ -57,6 +57,20 @@ def _memory_mb(pids: list[int]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in total.items()}
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], base: str, started: float, what: str, poll_s: float = _POLL_S) -> float:
+    """Poll `base`/health until it answers 200; the seconds since `started` (a perf_counter time).
+    RuntimeError if `proc` exits first or STARTUP_LIMIT_S passes: `what` did not start."""
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=0.5).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - started > STARTUP_LIMIT_S or proc.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(poll_s)
+
+
 def measure(artifact: Path, threads: int, mem_mb: int, extra: list[str]) -> dict[str, object]:
     port = _free_port()
     cmd = [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)]
@@ -64,16 +78,7 @@ def measure(artifact: Path, threads: int, mem_mb: int, extra: list[str]) -> dict
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > STARTUP_LIMIT_S or proc.poll() is not None:
-                raise RuntimeError("llmc run did not start")
-            time.sleep(_POLL_S)
-        ready = time.perf_counter() - started
+        ready = wait_healthy(proc, f"http://127.0.0.1:{port}", started, "llmc run")
         memory = _memory_mb(_tree(proc.pid))
     finally:
         proc.terminate()

@@ -61,6 +61,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     backend: str = "auto"  # runtime/backends/choice.py
     dense_weights: bool | None = None  # dense copies of quantized weights; None: where measured faster
     autotune: bool = True  # measure the weight forms on this host; False (`--no-autotune`): defaults
+    kv_huge_pages: bool = False  # 2 MiB pages for the KV cache (`--kv-huge-pages`)
     log_level: str = "INFO"
     api_key: str | None = None
     tool_parser: str = "auto"
@@ -162,6 +163,7 @@ def _engine(artifact: Artifact, config: ServeConfig, backend: str, overrides: di
             device=backend,
             dense_weights=config.dense_weights,
             autotune=config.autotune,
+            kv_huge_pages=config.kv_huge_pages,
             max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
             generation_overrides=overrides,
         ),

@@ -40,6 +40,11 @@ class BackendOptions:
     # The most sequences that run at once (`--max-num-seqs`): a backend with a KV slot per
     # sequence (onnx) makes this many. None: no bound given.
     max_seqs: int | None = None
+    # Ask for 2 MiB pages for the KV cache (`--kv-huge-pages`). Off by default: on hosts whose THP
+    # defrag setting compacts memory for such regions (`madvise`, the common default) each first
+    # touch of the cache stalls, measured ~4x the cost of small pages; on a warm cache they make
+    # batched decode of long, scattered contexts a few per cent faster (docs/BENCHMARKS.md).
+    kv_huge_pages: bool = False
 
 
 class Runner(ABC):

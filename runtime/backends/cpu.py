@@ -183,17 +183,21 @@ def _rank(info: CompiledStep, host: str) -> int:
     return capability_rank(info.cpu_capability, host) or 0
 
 
-def _zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
+def _zeroed(numel: int, dtype: torch.dtype, huge_pages: bool = False) -> torch.Tensor:
     """`numel` zeros in fresh anonymous memory, which the OS zeroes page by page when first touched:
     a 1 GiB cache costs nothing at startup (torch.zeros writes it all, ~0.3 s here). The tensor
-    keeps the mapping alive."""
+    keeps the mapping alive.
+
+    `huge_pages`: ask for 2 MiB pages (MADV_HUGEPAGE). Attention gathers slots from all over the
+    cache and huge pages keep those reads from missing the TLB (16 sequences at 1024 tokens in
+    scattered blocks: 6-8 % faster decode), but where THP defrag is `madvise` the kernel compacts
+    memory on each first touch: 1.1-2.3 ms per MB against 0.3 for small pages, which made a fresh
+    server's 16-client round 8-10 % slower (docs/BENCHMARKS.md). Hence opt-in."""
     nbytes = numel * dtype.itemsize
     if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.zeros(numel, dtype=dtype)
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        # Huge pages where the kernel allows them: attention gathers slots from all over the cache,
-        # and 2 MiB pages keep those reads from missing the TLB.
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
         memory.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(memory, dtype=dtype)
 
@@ -210,7 +214,8 @@ class CpuBackend(TorchBackend):
         self.kernels_loaded = False  # the artifact's CPU kernel library runs in this process
 
     def allocate_kv(self, spec: ModelSpec, dtype: torch.dtype, num_slots: int) -> KVCaches:
-        return allocate_kv_caches(spec, dtype, num_slots, _zeroed)
+        huge = self.options.kv_huge_pages
+        return allocate_kv_caches(spec, dtype, num_slots, lambda numel, dt: _zeroed(numel, dt, huge))
 
     def load_model(self, artifact: Artifact, max_positions: int, dtype: torch.dtype) -> CausalLM:
         manifest = artifact.manifest

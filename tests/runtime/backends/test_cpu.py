@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,6 +44,30 @@ def test_the_kv_cache_is_zeroed_anonymous_memory_in_the_model_layout() -> None:
     storage = {k.untyped_storage().data_ptr() for pair in caches for k in pair}
     assert len(storage) == 1
     assert caches[0][0].untyped_storage().nbytes() == 48 * kv_bytes_per_token(SPEC, torch.float32)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.parametrize("huge", [False, True])
+def test_the_kv_cache_asks_for_huge_pages_only_when_told(huge: bool) -> None:
+    """Huge pages cost a compaction on every first touch where THP defrag is `madvise`: opt-in."""
+    backend = make_backend("cpu", BackendOptions(kv_huge_pages=huge))
+    # 4 MiB of cache, so that the kernel could back it with huge pages at all
+    caches = backend.allocate_kv(SPEC, torch.float32, 4 * 1024 * 1024 // kv_bytes_per_token(SPEC, torch.float32))
+    assert ("hg" in _vm_flags(caches[0][0].data_ptr())) is huge  # "hg": MADV_HUGEPAGE was given
 
 
 def test_an_unknown_device_is_refused_naming_the_ones_there_are() -> None:

@@ -26,18 +26,18 @@ from llmc.kernels.cpu import cpu_kernels
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.tests.helpers import generate, open_engine
 
-engine = open_engine(Path(sys.argv[1]), compiled=False, kv_blocks=64, autotune=False)
+engine = open_engine(Path(sys.argv[1]), compiled=sys.argv[2] == "compiled", kv_blocks=64, autotune=False)
 prompts = [[1, 5, 9, 13], [2, 4, 8, 16, 32, 64, 100], [7] * 20]
 tokens = generate(engine, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-print(json.dumps({"isa": cpu_kernels.loaded_isa(), "tokens": tokens}))
+print(json.dumps({"isa": cpu_kernels.loaded_isa(), "tokens": tokens, "compiled": engine.runner.compiled_steps}))
 """
 # A child imports torch and builds a tiny engine: seconds; this only stops a hung one.
 CHILD_TIMEOUT_S = 300
 
 
-def _run_child(artifact: Path, **env: str) -> dict[str, object]:
+def _run_child(artifact: Path, compiled: bool = False, **env: str) -> dict[str, object]:
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(artifact)],
+        [sys.executable, "-c", _CHILD, str(artifact), "compiled" if compiled else "eager"],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,
@@ -68,6 +68,36 @@ def test_an_artifact_runs_with_the_avx2_kernels_and_gives_the_same_greedy_output
     assert best["isa"] == cpu_kernels.host_isas()[0]
     assert forced["isa"] == "avx2"
     assert forced["tokens"] == best["tokens"]
+
+
+def test_an_artifact_built_on_avx2_runs_on_the_best_isa_with_the_same_greedy_output(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """The other direction: built where only AVX2 is (forced), served where more is. Its compiled
+    decode package is AVX2's, which a newer CPU runs; the kernels loaded are the host's best."""
+    host = cpu_kernels.host_isas()
+    if "avx2" not in host or host[0] == "avx2":
+        pytest.skip("needs a CPU with an ISA above AVX2 (to build for AVX2 and serve on more)")
+    forced = {cpu_kernels.ISA_ENV: "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = tmp_path / "built-on-avx2"
+    command = [sys.executable, "-m", "llmc", "build", "--m", str(tiny_llama_dir), "--isq", "q4_1", "--buckets", "1,4"]
+    built = subprocess.run(
+        [*command, "--no-autotune", "-o", str(out)],
+        cwd=REPO,
+        env={**os.environ, **forced},
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+    assert built.returncode == 0, built.stderr[-4000:]
+    packages = json.loads((out / "manifest.json").read_text())["targets"]["cpu"]["compiled"]
+    assert {package["cpu_capability"] for package in packages} == {"AVX2"}
+    native_env = {k: v for k, v in os.environ.items() if k not in forced}
+    native = _run_child(out, compiled=True, **native_env)
+    on_avx2 = _run_child(out, compiled=True, **forced)
+    assert native["isa"] == host[0] and on_avx2["isa"] == "avx2"
+    assert native["compiled"] and on_avx2["compiled"]  # the AVX2 package ran on the newer CPU too
+    assert native["tokens"] == on_avx2["tokens"]
 
 
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})

@@ -32,6 +32,7 @@ from llmc.builder.build import BuildOptions, build
 from llmc.builder.gguf_export import export_gguf
 from llmc.builder.quant_plan import runs_quantized
 from llmc.builder.sources.gguf_file import GgufSource
+from llmc.builder.targets.base import CompileOptions
 
 GROUP = 128  # the group size of most GPTQ checkpoints on the hub
 BITS = 4
@@ -115,9 +116,18 @@ def make_checkpoint(gguf: Path, out: Path, act_order: bool, seed: int = 0) -> Pa
     return out
 
 
-def _options(checkpoint: Path, artifact: Path, dtype: str) -> BuildOptions:
-    # "bench": the model name e2e's client asks the server for.
-    return BuildOptions(model=str(checkpoint), gguf_file=None, weights=None, output=artifact, dtype=dtype, name="bench")
+def _options(checkpoint: Path, artifact: Path, dtype: str, eager: bool) -> BuildOptions:
+    """`llmc build`'s defaults (the decode step compiled) unless `eager` (`--no-compile`).
+    "bench": the model name e2e's client asks the server for."""
+    return BuildOptions(
+        model=str(checkpoint),
+        gguf_file=None,
+        weights=None,
+        output=artifact,
+        dtype=dtype,
+        name="bench",
+        compile=None if eager else CompileOptions(),
+    )
 
 
 def main() -> None:
@@ -127,20 +137,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--act-order", action="store_true", help="also measure an act-order (desc_act) checkpoint")
     parser.add_argument("--dtype", default="auto", help="llmc build --dtype: of the unquantized embedding / lm_head")
+    parser.add_argument("--eager", action="store_true", help="build with --no-compile and serve eagerly")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     result: dict[str, object] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads,
         "model": f"{args.gguf.name} as GPTQ v1 4-bit sym group {GROUP} (round-to-nearest)",
-        "llmc": "eager (llmc run --eager), its CPU kernel library loaded",
+        "llmc": ("eager (--no-compile)" if args.eager else "the compiled decode step (the default build)")
+        + ", its CPU kernel library loaded",
         "dtype": args.dtype,
     }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(args.gguf, Path(tmp) / "gptq", act_order=False)
         artifact = Path(tmp) / "artifact"
-        build(_options(ckpt, artifact, args.dtype))
-        ours = bench_llmc_server(artifact, args.threads, args.runs, eager=True)
+        build(_options(ckpt, artifact, args.dtype, args.eager))
+        ours = bench_llmc_server(artifact, args.threads, args.runs, eager=args.eager)
         peer_gguf = export_gguf(artifact, Path(tmp) / "same-weights.q4_0.gguf")
         peer = bench_llama_cpp(peer_gguf, args.threads, args.runs)
         result |= {
@@ -153,8 +165,8 @@ def main() -> None:
         if args.act_order:
             ckpt = make_checkpoint(args.gguf, Path(tmp) / "gptq-act-order", act_order=True)
             artifact = Path(tmp) / "artifact-act-order"
-            build(_options(ckpt, artifact, args.dtype))
-            act = bench_llmc_server(artifact, args.threads, args.runs, eager=True)
+            build(_options(ckpt, artifact, args.dtype, args.eager))
+            act = bench_llmc_server(artifact, args.threads, args.runs, eager=args.eager)
             result["llmc_act_order_decode_tok_s"] = round(act["decode_tok_s"], 1)
     print(json.dumps(result, indent=2))
     if args.json_out:

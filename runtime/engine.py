@@ -23,6 +23,7 @@ from llmc.runtime.backends import make_backend
 from llmc.runtime.backends.base import BackendOptions
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
+from llmc.runtime.resident import trim_heap
 from llmc.runtime.sampler import Sampler, log_softmax, token_logprob
 from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.scheduler import Scheduler
@@ -181,6 +182,7 @@ class Engine:
         self._thread = threading.Thread(target=self.run, name="llmc-engine", daemon=True)
         self._submit_lock = threading.Lock()  # a submit either reaches the inbox before drain() closes it, or fails
         self._closed = False
+        trim_heap()  # what parsing the tokenizer and loading the model freed goes back to the system
         log.info(
             "engine.ready",
             model=self.model_name,

@@ -5,13 +5,10 @@ one that runs here, and the artifact's AOTInductor packages as its compiled step
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 import os
 import sys
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +27,7 @@ from llmc.runtime.backends.aoti_step import AOTInductorStep
 from llmc.runtime.backends.base import BackendOptions
 from llmc.runtime.backends.torch_base import TorchBackend
 from llmc.runtime.bucketed_step import BucketedStep
+from llmc.runtime.resident import drop_range, file_mappings
 
 log = get_logger("llmc.engine")
 compiled_log = get_logger("llmc.compiled")
@@ -39,9 +37,6 @@ compiled_log = get_logger("llmc.compiled")
 # faster and they take at most this share of the machine's memory, which leaves the rest for the
 # KV cache and other processes.
 DENSE_COPY_MEMORY_SHARE = 0.25
-# The C library, for madvise on a tensor's address range (release_pages); None where none loads.
-_LIBC_NAME = ctypes.util.find_library("c")
-_LIBC = ctypes.CDLL(_LIBC_NAME, use_errno=True) if _LIBC_NAME else None
 
 
 def physical_memory() -> int | None:
@@ -136,21 +131,6 @@ def incompatibility(info: CompiledStep, block_size: int, cpu_kernels: bool = Fal
     return None
 
 
-def file_mappings(paths: set[str]) -> list[tuple[int, int]]:
-    """The address ranges at which this process maps any of `paths` (from /proc/self/maps)."""
-    ranges = []
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] in paths:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((start, end))
-    return ranges
-
-
 def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """Drop the pages a memory-mapped weight was read through from this process's resident set.
 
@@ -162,16 +142,12 @@ def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     which on a private mapping MADV_DONTNEED would undo). `mapped`: the address ranges of the
     artifact's files (file_mappings); a tensor outside them (copied into anonymous memory, whose
     pages MADV_DONTNEED would zero) is left alone."""
-    if not hasattr(mmap, "MADV_DONTNEED") or tensor.numel() == 0 or _LIBC is None:
+    if tensor.numel() == 0:
         return
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    if not any(low <= start and end <= high for low, high in mapped):
-        return
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+    if any(low <= start and end <= high for low, high in mapped):
+        drop_range(start, end)
 
 
 def _pair_copies(model: torch.nn.Module) -> bool:

@@ -15,11 +15,13 @@ from llmc.errors import BadArtifactError, BadInputError
 from llmc.logs import get_logger
 from llmc.runtime.backends.base import Backend, BackendOptions
 from llmc.runtime.onnx_runner import OnnxRunner
+from llmc.runtime.resident import drop_clean_file_pages
 
 log = get_logger("llmc.onnx")
 
 TARGET = "onnx"  # the manifest's target key (builder/targets/onnx.py)
 _F32 = 4  # bytes per cached value: the graph's KV cache is float32
+_MIB = 1024 * 1024
 
 
 def _onnxruntime() -> Any:
@@ -77,6 +79,11 @@ class OnnxBackend(Backend):
                 f"onnxruntime cannot load the artifact's ONNX graph ({type(exc).__name__}: {str(exc)[:300]}); "
                 "rebuild the artifact with this llmc"
             ) from exc
+        # onnxruntime maps the weights file and prepacks most of it into copies of its own; the
+        # pages it read would stay resident beside them (resident.py). Those it still reads (the
+        # embedding's rows) come back from the file as they are touched.
+        weights = os.path.realpath(artifact.path(code.graph.weights))
+        log.debug("onnx.weights_pages_dropped", mb=round(drop_clean_file_pages(weights) / _MIB, 1))
         slots = self.options.max_seqs or 1
         return OnnxRunner(session, artifact.manifest.model, slots, max_model_len)
 

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llmc.runtime.backends.cpu import file_mappings, release_pages
+from llmc.runtime.backends.cpu import release_pages
+from llmc.runtime.resident import file_mappings
 
 _PAGES = 2048  # 8 MiB of 4 KiB pages: far above RSS noise
 

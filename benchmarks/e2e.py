@@ -181,6 +181,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", default="f32")
     parser.add_argument("--isq", help="llmc build --isq (default: keep the GGUF's quantized blocks, as `make run`)")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager server (big models: half the time)")
+    parser.add_argument(
+        "--no-transformers", action="store_true", help="skip transformers' cold start (it dequantizes to f32 in RAM)"
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -188,9 +192,9 @@ def main() -> None:
         artifact = Path(tmp) / "artifact"
         built = bench_build(args.gguf, artifact, args.dtype, args.isq)
         ours = bench_llmc_server(artifact, args.threads, args.runs, eager=False)
-        eager = bench_llmc_server(artifact, args.threads, args.runs, eager=True)
+        eager = None if args.no_eager else bench_llmc_server(artifact, args.threads, args.runs, eager=True)
     peer = bench_llama_cpp(args.gguf, args.threads, args.runs)
-    hf_cold = bench_transformers_cold_start(args.gguf)
+    hf_cold = None if args.no_transformers else bench_transformers_cold_start(args.gguf)
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads,
@@ -201,16 +205,16 @@ def main() -> None:
         "llmc_compile_s": round(built["compile_s"], 2),
         "llmc_ready_s": round(ours["ready_s"], 2),
         "llmc_cold_start_s": round(ours["cold_start_s"], 2),
-        "llmc_eager_cold_start_s": round(eager["cold_start_s"], 2),
+        "llmc_eager_cold_start_s": eager and round(eager["cold_start_s"], 2),
         "llmc_decode_tok_s": round(ours["decode_tok_s"], 1),
-        "llmc_eager_decode_tok_s": round(eager["decode_tok_s"], 1),
+        "llmc_eager_decode_tok_s": eager and round(eager["decode_tok_s"], 1),
         "llmc_prefill_tok_s": round(ours["prefill_tok_s"], 1),
         "llama_cpp_load_s": round(peer["load_to_first_token_s"], 2),
         "llama_cpp_decode_tok_s": round(peer["decode_tok_s"], 1),
         "llama_cpp_prefill_tok_s": round(peer["prefill_tok_s"], 1),
-        "transformers_cold_start_s": round(hf_cold, 2),
+        "transformers_cold_start_s": hf_cold and round(hf_cold, 2),
         "decode_ratio": round(ours["decode_tok_s"] / peer["decode_tok_s"], 2),
-        "eager_decode_ratio": round(eager["decode_tok_s"] / peer["decode_tok_s"], 2),
+        "eager_decode_ratio": eager and round(eager["decode_tok_s"] / peer["decode_tok_s"], 2),
         "prefill_ratio": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
     }
     print(json.dumps(result, indent=2))

@@ -10,9 +10,11 @@ memory (`load_bytes`), never from a file that could change after it was checked.
 registers torch ops for the whole process (`torch.ops.llmc.*`), so a process holds one version of
 them: a second, different library is refused, and the caller runs without it.
 
-The same sources are compiled once per instruction set (ISAS: AVX-512 VNNI, AVX-VNNI, AVX2 on
-x86-64; NEON with dot products on aarch64), each library registering the same op names, so that a
-compiled package calls whichever was loaded. An artifact carries all of those of its build host's
+The kernels are compiled once per instruction set (ISAS: AVX-512 VNNI, AVX-VNNI, AVX2 on x86-64;
+NEON with dot products on aarch64) and linked with the torch ops around them, which have no
+ISA-specific code and are compiled once (kernels_api.h): parsing torch's headers is most of a
+compile, so three libraries cost one parse instead of six. Each library registers the same op
+names, so that a compiled package calls whichever was loaded. An artifact carries all of those of its build host's
 architecture; `choose` picks the best one the host runs (`host_isas`, from the CPU's flags), or
 the one $LLMC_CPU_ISA names. The aarch64 kernels are correctness-tested under qemu-user
 (tests/kernels/cpu/test_arm_neon.py); building and loading them on an aarch64 host is untested.
@@ -20,14 +22,17 @@ the one $LLMC_CPU_ISA names. The aarch64 kernels are correctness-tested under qe
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import fcntl
 import hashlib
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +45,11 @@ from llmc.logs import get_logger
 
 log = get_logger("llmc.kernels")
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cpp", "paged_attention_cpu.cpp"))
+# The torch ops (one translation unit including qmatmul.cpp and paged_attention_cpu.cpp),
+# compiled without any ISA's flags; and the kernels they call, compiled with each ISA's.
+OPS_SOURCE = Path(__file__).with_name("torch_ops.cpp")
+KERNELS_SOURCE = Path(__file__).with_name("kernels_isa.cpp")
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))  # every source either includes
 # The sources' per-ISA inner loops and shared declarations (part of the cache key).
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 
@@ -211,10 +220,13 @@ def _compiler() -> list[str]:
 
 
 def _compile_command(source: Path, output: Path, isa: str) -> list[str]:
+    """The compiler's command for one of the sources (OPS_SOURCE, KERNELS_SOURCE) of `isa`'s
+    library: only the kernels get the ISA's flags, so the ops' command is the same for every ISA."""
     from torch.utils.cpp_extension import include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    command = [*_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *_BY_NAME[isa].compiler_flags]
+    flags = _BY_NAME[isa].compiler_flags if source == KERNELS_SOURCE else ()
+    command = [*_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *flags]
     command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-c", str(source), "-o", str(output)]
     return command + [f"-I{path}" for path in include_paths()]
 
@@ -226,31 +238,60 @@ def _link_command(objects: list[Path], output: Path) -> list[str]:
     return command + [f"-L{path}" for path in library_paths()] + ["-ltorch_cpu", "-lc10"]
 
 
-def _build(output: Path, tmp: Path, isa: str) -> None:
-    """Compile every source at once (one compiler process each: parsing torch's headers dominates)
-    and link them."""
-    objects = [tmp / (source.stem + ".o") for source in SOURCES]
-    jobs: list[subprocess.Popen[str]] = []
+def _start(command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+
+
+def _finish(jobs: list[subprocess.Popen[str]]) -> None:
+    """Wait for the compilers; CalledProcessError with their messages when one failed. After a
+    timeout or a failure no compiler is left running."""
     failures = []
     try:
-        for source, obj in zip(SOURCES, objects, strict=True):
-            command = _compile_command(source, obj, isa)
-            jobs.append(
-                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
-            )
         for job in jobs:
             _, stderr = job.communicate(timeout=_COMPILE_TIMEOUT_S)
             if job.returncode != 0:
                 failures.append(stderr)
     finally:
-        for job in jobs:  # after a timeout or a failed start, no compiler is left running
+        for job in jobs:
             if job.poll() is None:
                 job.kill()
                 job.wait()
     if failures:
         raise subprocess.CalledProcessError(1, _compiler(), stderr="\n".join(failures))
+
+
+# The torch ops' object file, compiled once per process and linked into every ISA's library
+# (the builder compiles the three x86 libraries at once, one thread each): by its command.
+_OPS_LOCK = threading.Lock()
+_ops_objects: dict[str, Path] = {}
+
+
+def _ops_object(isa: str) -> Path:
+    """The compiled OPS_SOURCE (the first ISA to need it compiles it; the others wait for it)."""
+    command = _compile_command(OPS_SOURCE, Path("torch_ops.o"), isa)
+    with _OPS_LOCK:
+        done = _ops_objects.get(repr(command))
+        if done is not None and done.exists():
+            return done
+        folder = Path(tempfile.mkdtemp(prefix="llmc-torch-ops-"))
+        atexit.register(shutil.rmtree, folder, True)
+        obj = folder / "torch_ops.o"
+        _finish([_start(_compile_command(OPS_SOURCE, obj, isa))])
+        _ops_objects[repr(command)] = obj
+        return obj
+
+
+def _build(output: Path, tmp: Path, isa: str) -> None:
+    """Compile the ISA's kernels while the torch ops are compiled (or taken from this process's
+    earlier build), and link the two."""
+    kernels = tmp / "kernels_isa.o"
+    job = _start(_compile_command(KERNELS_SOURCE, kernels, isa))
+    try:
+        ops = _ops_object(isa)
+    finally:
+        _finish([job])  # a failed ops compile still waits for (or stops) the kernels' compiler
     subprocess.run(
-        _link_command(objects, output), capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S
+        _link_command([ops, kernels], output), capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S
     )
 
 
@@ -268,7 +309,8 @@ def _cache_key(isa: str) -> str:
     ).stdout
     digest = hashlib.sha256(torch.__version__.encode() + version.encode())
     probe = Path("object.o")
-    commands = [_compile_command(source, probe, isa) for source in SOURCES] + [_link_command([probe], probe)]
+    commands = [_compile_command(source, probe, isa) for source in (OPS_SOURCE, KERNELS_SOURCE)]
+    commands.append(_link_command([probe], probe))
     digest.update(repr(commands).encode())
     for source in (*SOURCES, *HEADERS, Path(__file__)):
         digest.update(source.read_bytes())

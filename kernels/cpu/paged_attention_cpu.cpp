@@ -1,6 +1,6 @@
 // Decode attention over the paged KV cache on CPUs (AVX-512, AVX2 or ARM64 NEON, one library per
-// ISA; the torch op around paged_attention_driver.h): one query per sequence, read from the
-// cache in place (no gathered copy of the keys and values, which the plain-torch path makes).
+// ISA; the torch op around paged_attention_driver.h, reached through kernels_api.h): one query per
+// sequence, read from the cache in place (no gathered copy of the keys and values, which the plain-torch path makes).
 //
 // Each (sequence, KV head) is computed on its own, in a fixed order, whatever else is in the
 // batch: the result of a sequence does not depend on the batch it runs in, nor on the padding of
@@ -20,11 +20,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "paged_attention_driver.h"
+#include "kernels_api.h"
 
 namespace {
-
-using namespace llmc_attention;
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
@@ -43,7 +41,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(k_cache.size(2) == d && v_cache.size(0) == slots && v_cache.size(1) == kv_heads && v_cache.size(2) == d,
               "paged_decode_attention: caches do not match q");
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "paged_decode_attention: heads must be a multiple of kv heads");
-  const AttendFn run = attend_fn(d, heads / kv_heads);
+  const llmc_attention::AttendFn run = llmc_attention::attend_fn_isa(d, heads / kv_heads);
   TORCH_CHECK(run != nullptr, "paged_decode_attention: head_dim 64 or 128 and up to 8 query heads per kv head");
   TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch && block_size > 0,
               "paged_decode_attention: one table and length per sequence");
@@ -52,15 +50,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const int64_t cache_blocks = slots / block_size;
-  const char* error = table_error(tp, lp, batch, width, block_size, cache_blocks);
+  const char* error = llmc_attention::table_error(tp, lp, batch, width, block_size, cache_blocks);
   TORCH_CHECK(error == nullptr, "paged_decode_attention: ", error);
   at::Tensor out = at::empty({batch, heads, d}, q.options());
-  const Problem p{run, qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, lp,
-                  out.data_ptr<float>(), heads, kv_heads, d, width, block_size, window, static_cast<float>(scale)};
+  const llmc_attention::Problem p{run,     qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                                  tp,      lp,                   out.data_ptr<float>(),    heads,
+                                  kv_heads, d,                   width,                    block_size,
+                                  window,  static_cast<float>(scale)};
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
-    run_tasks(p, first, last, scores, rows);
+    llmc_attention::run_tasks_isa(p, first, last, scores, rows);
   });
   return out;
 }

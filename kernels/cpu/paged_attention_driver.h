@@ -1,12 +1,14 @@
 // The ISA-neutral part of the paged decode attention (semantics: paged_attention_cpu.cpp): the
 // checks of the block tables, the rows of each (sequence, KV head) and the call of the ISA's inner
-// loop. Torch-free: paged_attention_cpu.cpp wraps it in the torch op, and the ARM test harness
+// loop. Torch-free: kernels_isa.cpp compiles it per ISA for the torch op (paged_attention_cpu.cpp), and the ARM test harness
 // (tests/kernels/cpu/arm/harness.cpp) runs this very code under qemu without libtorch.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#include "kernels_api.h"
 
 // The inner loop (`attend`) for the ISA this file is compiled for, see qmatmul_driver.h.
 #if defined(__AVX512F__)
@@ -20,8 +22,6 @@
 #endif
 
 namespace llmc_attention {
-
-using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, float, float*, float*);
 
 template <int kVecs>
 AttendFn attend_for_group(int64_t group) {
@@ -42,32 +42,6 @@ AttendFn attend_for_group(int64_t group) {
 inline AttendFn attend_fn(int64_t d, int64_t group) {
   return d == 64 ? attend_for_group<64 / kLanes>(group) : d == 128 ? attend_for_group<128 / kLanes>(group) : nullptr;
 }
-
-// Why the lengths or block tables [batch, width] do not fit a cache of `cache_blocks` blocks, or
-// nullptr: what the compiled step trusts must hold here too.
-inline const char* table_error(const int64_t* tables, const int64_t* lens, int64_t batch, int64_t width,
-                               int64_t block_size, int64_t cache_blocks) {
-  for (int64_t b = 0; b < batch; ++b) {
-    // Compared by division: no product of a stranger's values can overflow.
-    if (!(lens[b] >= 1 && (lens[b] - 1) / block_size < width)) return "a length is outside its table";
-    for (int64_t j = 0; j <= (lens[b] - 1) / block_size; ++j)
-      if (!(tables[b * width + j] >= 0 && tables[b * width + j] < cache_blocks)) return "a block id is outside the cache";
-  }
-  return nullptr;
-}
-
-// One decode attention's operands, checked by the caller (table_error, attend_fn).
-struct Problem {
-  AttendFn run;
-  const float* q;       // [B, H, D]
-  const float* keys;    // [slots, Hkv, D]
-  const float* values;  // [slots, Hkv, D]
-  const int64_t* tables;
-  const int64_t* lens;
-  float* out;  // [B, H, D]
-  int64_t heads, kv_heads, d, width, block_size, window;
-  float scale;
-};
 
 // Tasks first..last-1, task = b * kv_heads + h (the unit the caller's threads split); `scores` and
 // `rows` are the thread's scratch.

@@ -24,11 +24,12 @@
 
 #include <cstdint>
 
-#include "qmatmul_driver.h"
+#include "kernels_api.h"
 
 namespace {
 
-using namespace llmc_qmatmul;
+using llmc_qmatmul::Half16;
+using llmc_qmatmul::kRows;
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "qmatmul: bits must be 4 or 8, got ", bits);
@@ -46,14 +47,18 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({m, groups}, x.options().dtype(at::kFloat));
   at::Tensor xsum = at::empty({m, groups}, x.options().dtype(at::kFloat));
-  quantize_activations(xf.data_ptr<float>(), m * groups, group, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                       xsum.data_ptr<float>());
+  llmc_qmatmul::quantize_activations_isa(xf.data_ptr<float>(), m * groups, group, xq.data_ptr<int8_t>(),
+                                         dx.data_ptr<float>(), xsum.data_ptr<float>());
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   static_assert(sizeof(at::Half) == sizeof(Half16), "at::Half stores float16 bits");
-  const Problem p{weight.data_ptr<uint8_t>(), reinterpret_cast<const Half16*>(scales.data_ptr<at::Half>()),
-                  xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>(),
-                  m, k, n, groups, group, bits, weight.size(1)};
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) { run_blocks(p, first, last); });
+  const llmc_qmatmul::Problem p{weight.data_ptr<uint8_t>(),
+                                reinterpret_cast<const Half16*>(scales.data_ptr<at::Half>()),
+                                xq.data_ptr<int8_t>(),
+                                dx.data_ptr<float>(),
+                                xsum.data_ptr<float>(),
+                                y.data_ptr<float>(),
+                                m, k, n, groups, group, bits, weight.size(1)};
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) { llmc_qmatmul::run_blocks_isa(p, first, last); });
   return y;
 }
 

@@ -1,6 +1,6 @@
 // The ISA-neutral part of the quantized matmul (layout and arithmetic: qmatmul.cpp): the int8
 // quantization of the activations and the loop over weight blocks that calls the ISA's inner
-// loop. Torch-free: qmatmul.cpp wraps it in the torch op, and the ARM test harness
+// loop. Torch-free: kernels_isa.cpp compiles it per ISA for the torch op (qmatmul.cpp), and the ARM test harness
 // (tests/kernels/cpu/arm/harness.cpp) runs this very code under qemu without libtorch.
 #pragma once
 
@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <limits>
 #include <utility>
+
+#include "kernels_api.h"
 
 // The inner loop for the ISA this file is compiled for (kernels/cpu/cpu_kernels.py ISAS' flags).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -67,18 +69,6 @@ inline void quantize_activations(const float* x, int64_t count, int64_t group, i
     sum[i] = static_cast<float>(total);
   }
 }
-
-// One matmul's operands, shapes already checked by the caller: weight [blocks, block_bytes],
-// scales [blocks, groups, 2, 16] float16 bits, the quantized activations of M rows, y [M, N].
-struct Problem {
-  const uint8_t* weight;
-  const Half16* scales;
-  const int8_t* q;
-  const float* scale;
-  const float* sum;
-  float* y;
-  int64_t m, k, n, groups, group, bits, block_bytes;
-};
 
 // y for weight blocks first..last-1 (the unit the caller's threads split).
 inline void run_blocks(const Problem& p, int64_t first, int64_t last) {

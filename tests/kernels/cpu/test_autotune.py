@@ -108,6 +108,10 @@ def test_measure_times_every_form_at_every_row_count_and_stops_at_its_budget() -
     assert over is None
 
 
+# The bound twice over: the int4 path rounds its scales to bf16 as well as the activations.
+BF16_SLACK = 2.0
+
+
 def test_the_plan_sets_which_weights_keep_copies_and_their_dtype() -> None:
     blocks = FORMATS["q4_0"].quantize(torch.randn(64, 256))
     x = torch.randn(40, 256)
@@ -117,7 +121,11 @@ def test_the_plan_sets_which_weights_keep_copies_and_their_dtype() -> None:
     assert f32.dense is not None and f32.dense.dtype == torch.float32 and f32.dense_from_rows == 16
     reference = reference_qmatmul(x, blocks, "q4_0")
     torch.testing.assert_close(f32(x), reference, rtol=1e-4, atol=1e-4)  # the f32 copy is exact
-    torch.testing.assert_close(none(x), reference, rtol=0.05, atol=0.1)  # bf16 activations
+    # torch's int4 path rounds the activations to bf16 (8 significant bits): each product is off
+    # by at most 2^-8 of itself, so the sum by at most 2^-8 of the sum of their magnitudes (a fixed
+    # atol failed a third of the random draws)
+    bound = (x.abs() @ FORMATS["q4_0"].dequantize(blocks).abs().T) * 2.0**-8
+    assert bool(((none(x) - reference).abs() <= bound * BF16_SLACK + 1e-4).all())
 
 
 # ---- the cache ---------------------------------------------------------------------------------

@@ -223,3 +223,16 @@ def test_a_forced_isa_below_avx512_plans_without_avx512_flags(monkeypatch: pytes
     for isa in ("avx2", "avx_vnni"):
         monkeypatch.setenv(cpu_kernels.ISA_ENV, isa)
         assert cpu_kernels.effective_cpu_flags() == {"avx2", "fma", "f16c", "avx_vnni"}
+
+
+def test_the_package_ships_every_kernel_source_and_header() -> None:
+    """An installed llmc compiles the kernels from its package's files: a header left out of the
+    wheel would make every build go without them (as `*.cpp` alone once did)."""
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["llmc.kernels.cpu"]
+    needed = {*cpu_kernels.SOURCES, *cpu_kernels.HEADERS, cpu_kernels.OPS_SOURCE, cpu_kernels.KERNELS_SOURCE}
+    assert cpu_kernels.HEADERS and cpu_kernels.SOURCES
+    assert [f.name for f in needed if not any(fnmatch.fnmatch(f.name, p) for p in patterns)] == []

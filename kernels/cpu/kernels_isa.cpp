@@ -1,0 +1,28 @@
+// The kernels of one ISA's library: the drivers (qmatmul_driver.h, paged_attention_driver.h)
+// compiled with that ISA's flags (kernels/cpu/cpu_kernels.py ISAS), behind kernels_api.h, for the
+// torch ops to call. No torch headers: this compiles in about a second per ISA.
+
+#include "kernels_api.h"
+#include "paged_attention_driver.h"
+#include "qmatmul_driver.h"
+
+namespace llmc_qmatmul {
+
+void quantize_activations_isa(const float* x, int64_t count, int64_t group, int8_t* q, float* scale, float* sum) {
+  quantize_activations(x, count, group, q, scale, sum);
+}
+
+void run_blocks_isa(const Problem& p, int64_t first, int64_t last) { run_blocks(p, first, last); }
+
+}  // namespace llmc_qmatmul
+
+namespace llmc_attention {
+
+AttendFn attend_fn_isa(int64_t d, int64_t group) { return attend_fn(d, group); }
+
+void run_tasks_isa(const Problem& p, int64_t first, int64_t last, std::vector<float>& scores,
+                   std::vector<int64_t>& rows) {
+  run_tasks(p, first, last, scores, rows);
+}
+
+}  // namespace llmc_attention

@@ -42,7 +42,8 @@ STARTUP_LIMIT_S = 180.0
 # Seconds a stopped server gets to exit before it is killed.
 SHUTDOWN_LIMIT_S = 30.0
 # llama-server's context is split evenly among its slots; each slot needs room for one prompt
-# (these prompts are about 60-100 tokens) plus the generated tokens.
+# (these prompts are about 60-100 tokens with a real tokenizer; `--prompt-room` for others, such as
+# the synthetic models' byte-level one, which makes them ~270) plus the generated tokens.
 PROMPT_ROOM_TOKENS = 192
 # Tokens of the unmeasured round that warms each server up (first-call allocations, batch shapes).
 WARMUP_TOKENS = 8
@@ -302,6 +303,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="model threads, for both servers")
     parser.add_argument("--parallel", type=int, default=16, help="llama-server's slots (-np)")
+    parser.add_argument(
+        "--prompt-room", type=int, default=PROMPT_ROOM_TOKENS, help="llama-server's context per slot for the prompt"
+    )
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -320,7 +324,7 @@ def main() -> None:
     rounds = bench_server("llmc", llmc_cmd, port, {"model": model_name}, args)
 
     port = free_port()
-    ctx = args.parallel * (PROMPT_ROOM_TOKENS + args.max_tokens)
+    ctx = args.parallel * (args.prompt_room + args.max_tokens)
     llama_cmd = [str(args.llama_server), "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
                  "-np", str(args.parallel), "-c", str(ctx), "-t", str(args.threads), "--cont-batching"]  # fmt: skip
     rounds += bench_server("llama-server", llama_cmd, port, {"model": args.gguf.name}, args)

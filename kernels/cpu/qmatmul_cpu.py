@@ -200,6 +200,12 @@ class CpuQMatmul(nn.Module):
         where the kernel does not take this weight."""
         if not qmatmul_vnni.fits(self.fmt, self.out_features):
             return None
+        native = qmatmul_vnni.native_pack(blocks, self.fmt) if not dense_copy else None
+        if native is False:
+            return None
+        if native is not None:  # the library's one-pass conversion: no parts are materialised
+            self.kernel_bits, weight, scales = native
+            return weight, scales, None
         bits, parts = qmatmul_vnni.parts(blocks, self.fmt)
         if not qmatmul_vnni.scales_fit(*parts[1:]):
             return None

@@ -75,6 +75,23 @@ def pack(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) 
     return weight.contiguous().view(blocks, -1), scales.to(torch.float16).contiguous()
 
 
+# The formats the kernel library converts to the layout itself (kernel_form.cpp's codes).
+_NATIVE_CODES = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4k": 3, "q6k": 4}
+
+
+def native_pack(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torch.Tensor] | bool | None:
+    """`pack(*parts(blocks, fmt))` by the loaded kernel library in one pass (kernel_form.cpp), as
+    (bits, weight, scales); False where a scale does not fit float16 (see scales_fit); None where the
+    library cannot (no library loaded, an older one, another format, fake weights): use `pack`."""
+    code = _NATIVE_CODES.get(fmt)
+    if code is None or isinstance(blocks, FakeTensor) or not hasattr(torch.ops.llmc, "kernel_form"):
+        return None
+    weight, scales, fits = torch.ops.llmc.kernel_form(blocks.contiguous(), code, blocks.shape[0])
+    if not bool(fits):
+        return False
+    return _PARTS[fmt][0], weight, scales
+
+
 def scales_fit(scale: torch.Tensor, offset: torch.Tensor) -> bool:
     """Whether float16 holds every scale and offset (always, for weights GGML could store).
 

@@ -1,0 +1,162 @@
+// GGML blocks straight into the quantized matmul's layout (qmatmul.cpp's header says the layout),
+// at load: what kernels/cpu/qmatmul_vnni.py's `pack(*parts(blocks, fmt))` computes with torch,
+// byte for byte (tests/kernels/cpu/test_kernel_form.py), in one pass over the blocks instead of
+// several over a byte per weight. At 3B that conversion was most of `llmc run`'s start.
+//
+// Per 16-row block of the weight, each row's blocks are decoded into (u, scale, offset) per group
+// of G inputs, w = u * scale + offset, with the same float32 operations as the torch reference
+// (one multiply per scale or offset, so no contraction can change a bit), then interleaved.
+// Formats: q4_0, q4_1, q8_0, q4k, q6k (codes below); the others go through the torch path.
+// Returns [weight, scales, fits]: `fits` is false when a scale or offset does not fit float16
+// (qmatmul_vnni.scales_fit), and the caller then does not use the kernel for that weight.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kFormRows = 16;            // output rows per weight block (qmatmul_common.h kRows)
+constexpr int64_t kLane = 4;                 // inputs per 32-bit lane of the packed layout
+constexpr float kHalfMax = 65504.f;          // float16's largest finite value
+enum FormCode : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4K = 3, kQ6K = 4 };
+
+struct FormatInfo {
+  int64_t block_bytes, block_weights, group, bits;
+};
+
+FormatInfo format_info(int64_t code) {
+  switch (code) {
+    case kQ4_0: return {18, 32, 32, 4};
+    case kQ4_1: return {20, 32, 32, 4};
+    case kQ8_0: return {34, 32, 32, 8};
+    case kQ4K: return {144, 256, 32, 4};
+    case kQ6K: return {210, 256, 16, 8};
+    default: return {0, 0, 0, 0};
+  }
+}
+
+float f16_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// One GGML block (block_weights weights) into u, and its groups' scales and offsets.
+void decode_block(int64_t code, const uint8_t* b, uint8_t* u, float* scale, float* offset) {
+  switch (code) {
+    case kQ4_0:
+    case kQ4_1: {
+      const float d = f16_at(b);
+      const uint8_t* qs = b + (code == kQ4_0 ? 2 : 4);
+      for (int i = 0; i < 16; ++i) u[i] = qs[i] & 0xF, u[i + 16] = qs[i] >> 4;
+      scale[0] = d;
+      offset[0] = code == kQ4_0 ? -8.f * d : f16_at(b + 2);
+      return;
+    }
+    case kQ8_0: {
+      const float d = f16_at(b);
+      for (int i = 0; i < 32; ++i) u[i] = static_cast<uint8_t>(static_cast<int8_t>(b[2 + i]) + 128);
+      scale[0] = d;
+      offset[0] = -128.f * d;
+      return;
+    }
+    case kQ4K: {
+      const float d = f16_at(b), dmin = f16_at(b + 2);
+      const uint8_t* s = b + 4;  // 12 bytes: 8 six-bit scales and 8 six-bit mins
+      for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
+        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        scale[j] = d * static_cast<float>(sc);
+        offset[j] = -(dmin * static_cast<float>(mn));
+      }
+      const uint8_t* qs = b + 16;  // 4 chunks of 32 bytes: low nibbles 32 weights, high nibbles the next 32
+      for (int c = 0; c < 4; ++c)
+        for (int t = 0; t < 32; ++t) u[c * 64 + t] = qs[c * 32 + t] & 0xF, u[c * 64 + 32 + t] = qs[c * 32 + t] >> 4;
+      return;
+    }
+    case kQ6K: {
+      const uint8_t *ql = b, *qh = b + 128;
+      const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16_at(b + 208);
+      for (int j = 0; j < 16; ++j) {
+        scale[j] = d * static_cast<float>(sc[j]);
+        offset[j] = -32.f * scale[j];
+      }
+      for (int h = 0; h < 2; ++h)
+        for (int s = 0; s < 2; ++s)
+          for (int i = 0; i < 64; ++i) {
+            const int lane = 2 * s + i / 32, t = i % 32;
+            const int low = (ql[h * 64 + i] >> (4 * s)) & 0xF, high = (qh[h * 32 + t] >> (2 * lane)) & 3;
+            u[h * 128 + s * 64 + i] = static_cast<uint8_t>(low | (high << 4));
+          }
+      return;
+    }
+  }
+}
+
+std::vector<at::Tensor> kernel_form(const at::Tensor& blocks, int64_t code, int64_t rows) {
+  const FormatInfo f = format_info(code);
+  TORCH_CHECK(f.block_bytes > 0, "kernel_form: unknown format code ", code);
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");
+  TORCH_CHECK(rows > 0 && rows % kFormRows == 0 && blocks.numel() % rows == 0, "kernel_form: rows must be 16 * n");
+  const int64_t row_bytes = blocks.numel() / rows;
+  TORCH_CHECK(row_bytes % f.block_bytes == 0, "kernel_form: a row is not whole blocks");
+  const int64_t per_row = row_bytes / f.block_bytes, k = per_row * f.block_weights, groups = k / f.group;
+  const int64_t out_blocks = rows / kFormRows, group_bytes = kFormRows * f.group * f.bits / 8;
+  at::Tensor weight = at::empty({out_blocks, groups * group_bytes}, blocks.options());
+  at::Tensor scales = at::empty({out_blocks, groups, 2, kFormRows}, blocks.options().dtype(at::kHalf));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = weight.data_ptr<uint8_t>();
+  auto* sdst = reinterpret_cast<c10::Half*>(scales.data_ptr<at::Half>());
+  std::atomic<bool> fits{true};
+  at::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<uint8_t> u(kFormRows * k);
+    std::vector<float> sc(kFormRows * groups), off(kFormRows * groups);
+    const int64_t groups_per_block = f.block_weights / f.group;
+    for (int64_t ob = first; ob < last; ++ob) {
+      for (int64_t r = 0; r < kFormRows; ++r) {
+        const uint8_t* row = src + (ob * kFormRows + r) * row_bytes;
+        for (int64_t i = 0; i < per_row; ++i)
+          decode_block(code, row + i * f.block_bytes, &u[r * k + i * f.block_weights],
+                       &sc[r * groups + i * groups_per_block], &off[r * groups + i * groups_per_block]);
+      }
+      uint8_t* out = dst + ob * groups * group_bytes;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* og = out + g * group_bytes;
+        const int64_t chunks = f.bits == 4 ? f.group / 8 : f.group / kLane;
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t r = 0; r < kFormRows; ++r)
+            for (int64_t j = 0; j < kLane; ++j) {
+              const uint8_t* ur = &u[r * k + g * f.group];
+              og[(c * kFormRows + r) * kLane + j] = f.bits == 4
+                                                        ? static_cast<uint8_t>(ur[8 * c + j] | (ur[8 * c + 4 + j] << 4))
+                                                        : ur[kLane * c + j];
+            }
+        c10::Half* sg = sdst + (ob * groups + g) * 2 * kFormRows;
+        for (int64_t r = 0; r < kFormRows; ++r) {
+          const float s = sc[r * groups + g], o = off[r * groups + g];
+          if (!(std::fabs(s) <= kHalfMax && std::fabs(o) <= kHalfMax)) fits = false;
+          sg[r] = c10::Half(s);
+          sg[kFormRows + r] = c10::Half(o);
+        }
+      }
+    }
+  });
+  return {weight, scales, at::scalar_tensor(fits.load(), blocks.options().dtype(at::kBool))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("kernel_form(Tensor blocks, int code, int rows) -> Tensor[]"); }
+
+TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("kernel_form", &kernel_form); }

@@ -12,6 +12,7 @@ the K-quants' sub-block scales (a relative 2^-11, well below the int8 activation
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -79,7 +80,7 @@ def pack(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) 
 _NATIVE_CODES = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4k": 3, "q6k": 4}
 
 
-def native_pack(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torch.Tensor] | bool | None:
+def native_pack(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torch.Tensor] | Literal[False] | None:
     """`pack(*parts(blocks, fmt))` by the loaded kernel library in one pass (kernel_form.cpp), as
     (bits, weight, scales); False where a scale does not fit float16 (see scales_fit); None where the
     library cannot (no library loaded, an older one, another format, fake weights): use `pack`."""

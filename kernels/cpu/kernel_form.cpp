@@ -6,7 +6,7 @@
 // Per 16-row block of the weight, each row's blocks are decoded into (u, scale, offset) per group
 // of G inputs, w = u * scale + offset, with the same float32 operations as the torch reference
 // (one multiply per scale or offset, so no contraction can change a bit), then interleaved.
-// Formats: q4_0, q4_1, q8_0, q4k, q6k (codes below); the others go through the torch path.
+// Every GGML format the kernel takes (codes below, qmatmul_vnni.py's _NATIVE_CODES).
 // Returns [weight, scales, fits]: `fits` is false when a scale or offset does not fit float16
 // (qmatmul_vnni.scales_fit), and the caller then does not use the kernel for that weight.
 
@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t kFormRows = 16;            // output rows per weight block (qmatmul_common.h kRows)
 constexpr int64_t kLane = 4;                 // inputs per 32-bit lane of the packed layout
 constexpr float kHalfMax = 65504.f;          // float16's largest finite value
-enum FormCode : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4K = 3, kQ6K = 4 };
+enum FormCode : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4K = 3, kQ6K = 4, kQ5_0 = 5, kQ5_1 = 6, kQ5K = 7, kQ2K = 8, kQ3K = 9 };
 
 struct FormatInfo {
   int64_t block_bytes, block_weights, group, bits;
@@ -41,6 +41,11 @@ FormatInfo format_info(int64_t code) {
     case kQ8_0: return {34, 32, 32, 8};
     case kQ4K: return {144, 256, 32, 4};
     case kQ6K: return {210, 256, 16, 8};
+    case kQ5_0: return {22, 32, 32, 8};
+    case kQ5_1: return {24, 32, 32, 8};
+    case kQ5K: return {176, 256, 32, 8};
+    case kQ2K: return {84, 256, 16, 4};
+    case kQ3K: return {110, 256, 16, 4};
     default: return {0, 0, 0, 0};
   }
 }
@@ -51,9 +56,66 @@ float f16_at(const uint8_t* p) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
+// q4k and q5k's 8 six-bit scales and mins from their 12 bytes, as scale and offset per 32 weights.
+void k4_scales(const uint8_t* b, float* scale, float* offset) {
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  const uint8_t* s = b + 4;
+  for (int j = 0; j < 8; ++j) {
+    const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
+    const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    scale[j] = d * static_cast<float>(sc);
+    offset[j] = -(dmin * static_cast<float>(mn));
+  }
+}
+
 // One GGML block (block_weights weights) into u, and its groups' scales and offsets.
 void decode_block(int64_t code, const uint8_t* b, uint8_t* u, float* scale, float* offset) {
   switch (code) {
+    case kQ5_0:
+    case kQ5_1: {
+      const float d = f16_at(b);
+      const uint8_t* qh = b + (code == kQ5_0 ? 2 : 4);  // bit i: the fifth bit of weight i
+      const uint8_t* qs = qh + 4;
+      for (int i = 0; i < 16; ++i) u[i] = qs[i] & 0xF, u[i + 16] = qs[i] >> 4;
+      for (int i = 0; i < 32; ++i) u[i] |= ((qh[i / 8] >> (i % 8)) & 1) << 4;
+      scale[0] = d;
+      offset[0] = code == kQ5_0 ? -16.f * d : f16_at(b + 2);
+      return;
+    }
+    case kQ5K: {
+      k4_scales(b, scale, offset);
+      const uint8_t *qh = b + 16, *qs = b + 48;  // qh bit l of byte t: the fifth bit of weight 32 l + t
+      for (int c = 0; c < 4; ++c)
+        for (int t = 0; t < 32; ++t) u[c * 64 + t] = qs[c * 32 + t] & 0xF, u[c * 64 + 32 + t] = qs[c * 32 + t] >> 4;
+      for (int i = 0; i < 256; ++i) u[i] |= ((qh[i % 32] >> (i / 32)) & 1) << 4;
+      return;
+    }
+    case kQ2K: {
+      const uint8_t *sc = b, *qs = b + 16;
+      const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+      for (int j = 0; j < 16; ++j) {
+        scale[j] = d * static_cast<float>(sc[j] & 0xF);
+        offset[j] = -(dmin * static_cast<float>(sc[j] >> 4));
+      }
+      for (int c = 0; c < 2; ++c)  // 2 chunks of 32 bytes, 4 two-bit lanes each
+        for (int l = 0; l < 4; ++l)
+          for (int t = 0; t < 32; ++t) u[c * 128 + l * 32 + t] = (qs[c * 32 + t] >> (2 * l)) & 3;
+      return;
+    }
+    case kQ3K: {
+      const uint8_t *hmask = b, *qs = b + 32, *s = b + 96;
+      const float d = f16_at(b + 108);
+      for (int j = 0; j < 16; ++j) {
+        const int low = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4), high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        scale[j] = d * static_cast<float>((low | (high << 4)) - 32);
+        offset[j] = -4.f * scale[j];
+      }
+      for (int c = 0; c < 2; ++c)
+        for (int l = 0; l < 4; ++l)
+          for (int t = 0; t < 32; ++t) u[c * 128 + l * 32 + t] = (qs[c * 32 + t] >> (2 * l)) & 3;
+      for (int i = 0; i < 256; ++i) u[i] |= ((hmask[i % 32] >> (i / 32)) & 1) << 2;
+      return;
+    }
     case kQ4_0:
     case kQ4_1: {
       const float d = f16_at(b);
@@ -71,14 +133,7 @@ void decode_block(int64_t code, const uint8_t* b, uint8_t* u, float* scale, floa
       return;
     }
     case kQ4K: {
-      const float d = f16_at(b), dmin = f16_at(b + 2);
-      const uint8_t* s = b + 4;  // 12 bytes: 8 six-bit scales and 8 six-bit mins
-      for (int j = 0; j < 8; ++j) {
-        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
-        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-        scale[j] = d * static_cast<float>(sc);
-        offset[j] = -(dmin * static_cast<float>(mn));
-      }
+      k4_scales(b, scale, offset);
       const uint8_t* qs = b + 16;  // 4 chunks of 32 bytes: low nibbles 32 weights, high nibbles the next 32
       for (int c = 0; c < 4; ++c)
         for (int t = 0; t < 32; ++t) u[c * 64 + t] = qs[c * 32 + t] & 0xF, u[c * 64 + 32 + t] = qs[c * 32 + t] >> 4;

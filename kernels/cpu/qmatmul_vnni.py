@@ -77,13 +77,15 @@ def pack(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) 
 
 
 # The formats the kernel library converts to the layout itself (kernel_form.cpp's codes).
-_NATIVE_CODES = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4k": 3, "q6k": 4}
+_NATIVE_CODES = {
+    "q4_0": 0, "q4_1": 1, "q8_0": 2, "q4k": 3, "q6k": 4, "q5_0": 5, "q5_1": 6, "q5k": 7, "q2k": 8, "q3k": 9,
+}  # fmt: skip
 
 
 def native_pack(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torch.Tensor] | Literal[False] | None:
     """`pack(*parts(blocks, fmt))` by the loaded kernel library in one pass (kernel_form.cpp), as
     (bits, weight, scales); False where a scale does not fit float16 (see scales_fit); None where the
-    library cannot (no library loaded, an older one, another format, fake weights): use `pack`."""
+    library cannot (no library loaded, an older one, fake weights): use `pack`."""
     code = _NATIVE_CODES.get(fmt)
     if code is None or isinstance(blocks, FakeTensor) or not hasattr(torch.ops.llmc, "kernel_form"):
         return None

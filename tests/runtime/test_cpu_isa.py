@@ -35,9 +35,10 @@ print(json.dumps({"isa": cpu_kernels.loaded_isa(), "tokens": tokens, "compiled":
 CHILD_TIMEOUT_S = 300
 
 
-def _run_child(artifact: Path, compiled: bool = False, **env: str) -> dict[str, object]:
+def _python(args: list[str], env: dict[str, str]) -> str:
+    """A child Python with `args` and `env` (over this process's environment): its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(artifact), "compiled" if compiled else "eager"],
+        [sys.executable, *args],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,
@@ -45,7 +46,12 @@ def _run_child(artifact: Path, compiled: bool = False, **env: str) -> dict[str, 
         timeout=CHILD_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    found: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return result.stdout
+
+
+def _run_child(artifact: Path, compiled: bool = False, **env: str) -> dict[str, object]:
+    stdout = _python(["-c", _CHILD, str(artifact), "compiled" if compiled else "eager"], env)
+    found: dict[str, object] = json.loads(stdout.strip().splitlines()[-1])
     return found
 
 
@@ -80,16 +86,8 @@ def test_an_artifact_built_on_avx2_runs_on_the_best_isa_with_the_same_greedy_out
         pytest.skip("needs a CPU with an ISA above AVX2 (to build for AVX2 and serve on more)")
     forced = {cpu_kernels.ISA_ENV: "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = tmp_path / "built-on-avx2"
-    command = [sys.executable, "-m", "llmc", "build", "--m", str(tiny_llama_dir), "--isq", "q4_1", "--buckets", "1,4"]
-    built = subprocess.run(
-        [*command, "--no-autotune", "-o", str(out)],
-        cwd=REPO,
-        env={**os.environ, **forced},
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-    )
-    assert built.returncode == 0, built.stderr[-4000:]
+    build = ["-m", "llmc", "build", "--m", str(tiny_llama_dir), "--isq", "q4_1", "--buckets", "1,4"]
+    _python([*build, "--no-autotune", "-o", str(out)], forced)
     packages = json.loads((out / "manifest.json").read_text())["targets"]["cpu"]["compiled"]
     assert {package["cpu_capability"] for package in packages} == {"AVX2"}
     native_env = {k: v for k, v in os.environ.items() if k not in forced}

@@ -43,8 +43,9 @@ _MAX_MARKER_BYTES = 4096
 # far below this; a larger manifest.json is not llmc's, so the directory is not replaced.
 _MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 # An empty directory of llmc's naming is left when a build is killed between deleting a marker and
-# the rmdir that follows; it is removed once older than this. Younger, it may be a stage that a
-# running build created a moment ago and is about to mark.
+# the rmdir that follows; a stage's is removed once older than this. Younger, it may be a stage that
+# a running build created a moment ago and is about to mark. A moved-aside artifact is marked before
+# it is moved aside, so an empty unmarked one can only be the end of a deletion: removed at once.
 _EMPTY_GRACE_S = 60
 # Files named in the refusal message: enough to recognise the folder, short enough to read.
 _SHOWN_FILES = 5
@@ -242,7 +243,7 @@ def recover(out_dir: Path, *, sweep: bool = True) -> None:
             continue
         marker = _read_marker(path)
         if marker is None and sweep:
-            _remove_if_old_and_empty(path)
+            _remove_if_old_and_empty(path, 0 if ASIDE_INFIX in path.name else _EMPTY_GRACE_S)
         if marker is None or not _owner_gone(marker):
             continue
         target = parent / str(marker.get("target", ""))
@@ -256,9 +257,9 @@ def recover(out_dir: Path, *, sweep: bool = True) -> None:
                 log.warning("build.sweep_failed", path=str(path), error=str(exc))
 
 
-def _remove_if_old_and_empty(path: Path) -> None:
+def _remove_if_old_and_empty(path: Path, grace_s: float) -> None:
     with contextlib.suppress(OSError):  # not empty (someone's folder), or gone already
-        if time.time() - path.stat().st_mtime > _EMPTY_GRACE_S:
+        if time.time() - path.stat().st_mtime >= grace_s:
             path.rmdir()  # fails unless empty: it can hold nothing of anyone's
 
 

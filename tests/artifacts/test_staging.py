@@ -194,6 +194,24 @@ def test_sweeps_only_marked_stale_directories(tiny_llama_dir: Path, tmp_path: Pa
         sleeper.wait()
 
 
+def test_an_emptied_aside_is_removed_at_once_and_a_fresh_empty_stage_is_kept(tmp_path: Path) -> None:
+    """A build killed between deleting an old artifact's marker and its rmdir leaves an empty,
+    unmarked `.NAME.llmc-old-*`: only that can make one (asides are marked before they are moved),
+    so the next build removes it without waiting. An empty unmarked stage may be a running
+    build's, a moment before its marker: kept until the grace period has passed."""
+    aside = tmp_path / f".art{staging.ASIDE_INFIX}0123abcd"
+    stage = tmp_path / f".art{staging.STAGE_INFIX}0123abcd"
+    aside.mkdir()
+    stage.mkdir()
+    staging.recover(tmp_path / "art")
+    assert not aside.exists()
+    assert stage.is_dir()
+    old = time.time() - staging._EMPTY_GRACE_S - 1
+    os.utime(stage, (old, old))
+    staging.recover(tmp_path / "art")
+    assert not stage.exists()
+
+
 def test_cli_restores_an_artifact_a_killed_build_moved_aside(tiny_llama_dir: Path, tmp_path: Path) -> None:
     art = tmp_path / "art"
     _build(tiny_llama_dir, art, name="old")

@@ -23,7 +23,7 @@ from llmc.runtime.backends import make_backend
 from llmc.runtime.backends.base import BackendOptions
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.output_processor import OutputProcessor, RequestOutput
-from llmc.runtime.resident import trim_heap
+from llmc.runtime.resident import keep_freed_heap, trim_heap
 from llmc.runtime.sampler import Sampler, log_softmax, token_logprob
 from llmc.runtime.sampling_params import SamplingParams, TokenLogprob
 from llmc.runtime.scheduler import Scheduler
@@ -183,6 +183,7 @@ class Engine:
         self._submit_lock = threading.Lock()  # a submit either reaches the inbox before drain() closes it, or fails
         self._closed = False
         trim_heap()  # what parsing the tokenizer and loading the model freed goes back to the system
+        keep_freed_heap()  # while serving, a step's freed memory waits for the next step (run() trims when idle)
         log.info(
             "engine.ready",
             model=self.model_name,
@@ -283,8 +284,12 @@ class Engine:
     # ---- the engine thread ------------------------------------------------------------------
     def run(self) -> None:
         """The engine loop: accept work, step while there is any; return after `stop()`."""
+        stepped = False  # since the heap was last trimmed
         while True:
             block = not self.scheduler.has_work()
+            if block and stepped:
+                trim_heap()  # idle: the memory steps kept for each other goes back to the system
+                stepped = False
             while True:
                 try:
                     item = self._inbox.get(block=block)
@@ -296,6 +301,7 @@ class Engine:
                 self._accept(item)
             if self.scheduler.has_work():
                 self._step_safely()
+                stepped = True
 
     def drain(self, timeout_s: float) -> bool:
         """After `run()` returned on `stop()`: keep stepping until every request has finished or

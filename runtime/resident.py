@@ -88,6 +88,32 @@ def drop_clean_file_pages(path: str) -> int:
     return dropped
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks up to this size come from the heap, not from a fresh mmap per allocation: glibc's
+# largest allowed threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB). A prefill's
+# activations (tokens x intermediate size x 4 bytes) are MBs; mapped afresh each step, every page
+# of them faults in zeroed again.
+HEAP_BLOCK_MAX = 32 << 20
+# Free memory at the heap's top kept rather than given back after each free: above any step's
+# working set at the sizes llmc serves on a CPU, so the next step reuses it. `trim_heap` (called
+# when the engine goes idle) still returns it all.
+HEAP_KEEP_FREE = 1 << 30
+
+
+def keep_freed_heap() -> bool:
+    """Keep memory freed between steps for the next step instead of unmapping it and faulting it
+    in again. glibc's default moves its mmap threshold with the sizes it sees and trims the heap
+    at 2x that threshold, so a prefill's MB-sized activations kept coming back as fresh pages:
+    6,500 to 49,000 page faults per 500-token prefill of SmolLM2, 5-25 % of its time on AVX2
+    (docs/BENCHMARKS.md). False where the C library has no mallopt (not glibc)."""
+    mallopt = getattr(LIBC, "mallopt", None) if LIBC is not None else None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_FREE))
+
+
 def trim_heap() -> bool:
     """Return the C heap's free memory to the system (glibc's malloc_trim). Parsing a tokenizer's
     JSON or an ONNX graph frees tens of MB that glibc otherwise keeps resident. False where the C

@@ -179,3 +179,34 @@ def test_prompt_logprobs_match_a_full_forward(tiny: Path, chunk: int) -> None:
         assert entry.logprob == pytest.approx(float(expected[position, prompt[position + 1]]), abs=1e-5)
         assert len(entry.top) == 2
     assert all(o.prompt_logprobs is None for o in outputs[1:])
+
+
+def test_the_heap_is_trimmed_once_each_time_the_engine_goes_idle(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between steps freed memory is kept for the next step (resident.keep_freed_heap); an idle
+    server gives it back, once per idle spell, not on every wake-up."""
+    import threading
+    import time
+
+    from llmc.runtime import engine as engine_module
+
+    trims: list[float] = []
+    monkeypatch.setattr(engine_module, "trim_heap", lambda: trims.append(time.monotonic()) or True)
+    engine = open_engine(tiny)
+    at_ready = len(trims)  # the trim before engine.ready
+    engine.start()
+    try:
+        for i, prompt in enumerate(_prompts(2, seed=9)):
+            done = threading.Event()
+            engine.submit(f"t{i}", prompt, GREEDY, lambda out, done=done: done.set() if out.finished else None)
+            assert done.wait(60)
+            deadline = time.monotonic() + 10
+            while len(trims) < at_ready + i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(trims) == at_ready + i + 1
+        engine.abort(["nobody"])  # wakes the idle loop without giving it work: no trim
+        time.sleep(0.2)
+        assert len(trims) == at_ready + 2
+    finally:
+        engine.stop()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,42 @@ def _address_readonly(view: mmap.mmap) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_the_heap_is_trimmed_on_glibc() -> None:
     assert resident.trim_heap() is True
+
+
+# A thread (as the engine's) allocating, touching and freeing MB-sized blocks of varied sizes, as
+# a prefill's activations are: how many pages it faults in after a warm-up.
+_HEAP_CHILD = """
+import ctypes, ctypes.util, resource, sys, threading
+from llmc.runtime.resident import keep_freed_heap
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    assert keep_freed_heap()
+sizes = [3 << 20, 5 << 20, 8 << 20, 12 << 20, 6 << 20, 20 << 20]
+def step(i):
+    a, b = libc.malloc(sizes[i % 6]), libc.malloc(sizes[(i + 1) % 6])
+    ctypes.memset(a, 1, sizes[i % 6]); ctypes.memset(b, 1, sizes[(i + 1) % 6])
+    libc.free(a); libc.free(b)
+def work():
+    for i in range(6):
+        step(i)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for i in range(30):
+        step(i)
+    print(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's thresholds are glibc's")
+def test_freed_heap_is_reused_without_faulting_pages_in_again() -> None:
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _HEAP_CHILD, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    default = faults("default")
+    if default == 0:
+        pytest.skip("this C library already keeps these blocks between uses")
+    assert faults("keep") <= default // 10

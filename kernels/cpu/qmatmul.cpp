@@ -31,6 +31,11 @@ namespace {
 using llmc_qmatmul::Half16;
 using llmc_qmatmul::kRows;
 
+// Groups of activations one thread quantizes before a second one joins: ~10 us of work (a
+// prefill's rows), above the cost of waking the other threads; a decode step's few rows stay on
+// the calling thread.
+constexpr int64_t kQuantizeGrain = 4096;
+
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "qmatmul: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
@@ -47,8 +52,13 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({m, groups}, x.options().dtype(at::kFloat));
   at::Tensor xsum = at::empty({m, groups}, x.options().dtype(at::kFloat));
-  llmc_qmatmul::quantize_activations_isa(xf.data_ptr<float>(), m * groups, group, xq.data_ptr<int8_t>(),
-                                         dx.data_ptr<float>(), xsum.data_ptr<float>());
+  const float* xp = xf.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  float *dxp = dx.data_ptr<float>(), *sump = xsum.data_ptr<float>();
+  at::parallel_for(0, m * groups, kQuantizeGrain, [&](int64_t first, int64_t last) {
+    llmc_qmatmul::quantize_activations_isa(xp + first * group, last - first, group, qp + first * group, dxp + first,
+                                           sump + first);
+  });
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   static_assert(sizeof(at::Half) == sizeof(Half16), "at::Half stores float16 bits");
   const llmc_qmatmul::Problem p{weight.data_ptr<uint8_t>(),

@@ -41,33 +41,75 @@ inline BlockFn block_fn(int64_t group, int64_t bits, int64_t batch) {
   return bits == 4 ? batch_fn<32, 4>(batch, batches) : batch_fn<32, 8>(batch, batches);
 }
 
-// x [M, K] float → int8 per group of G, its scales and its sums (single-threaded: M * K is
-// small beside the weights, and the reference does exactly these float32 operations).
-inline void quantize_activations(const float* x, int64_t count, int64_t group, int8_t* q, float* scale, float* sum) {
-  for (int64_t i = 0; i < count; ++i) {
-    const float* xg = x + i * group;
-    float amax = 0.f;
-    bool finite = true;
-    for (int64_t j = 0; j < group; ++j) {
-      amax = std::max(amax, std::fabs(xg[j]));
-      finite = finite && std::isfinite(xg[j]);
-    }
-    if (!finite) {  // NaN or inf in x: the group's outputs are NaN, as the reference's are
-      std::fill(q + i * group, q + (i + 1) * group, int8_t{0});
-      scale[i] = std::numeric_limits<float>::quiet_NaN();
-      sum[i] = 0.f;
-      continue;
-    }
-    const float inv = amax > 0.f ? kInt8Max / amax : 0.f;
-    int32_t total = 0;
-    for (int64_t j = 0; j < group; ++j) {
-      const auto v = static_cast<int32_t>(std::nearbyint(xg[j] * inv));
-      q[i * group + j] = static_cast<int8_t>(v);
-      total += v;
-    }
-    scale[i] = amax / kInt8Max;
-    sum[i] = static_cast<float>(total);
+// One group of x → int8 (scale max|x| / 127, round half to even), its scale and the sum of its
+// int8 values; a group holding NaN or inf gets zeros, a NaN scale and sum 0, so that its outputs
+// are NaN as the reference's are.
+inline void quantize_group_scalar(const float* xg, int64_t group, int8_t* q, float* scale, float* sum) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t j = 0; j < group; ++j) {
+    amax = std::max(amax, std::fabs(xg[j]));
+    finite = finite && std::isfinite(xg[j]);
   }
+  if (!finite) {
+    std::fill(q, q + group, int8_t{0});
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    *sum = 0.f;
+    return;
+  }
+  const float inv = amax > 0.f ? kInt8Max / amax : 0.f;
+  int32_t total = 0;
+  for (int64_t j = 0; j < group; ++j) {
+    const auto v = static_cast<int32_t>(std::nearbyint(xg[j] * inv));
+    q[j] = static_cast<int8_t>(v);
+    total += v;
+  }
+  *scale = amax / kInt8Max;
+  *sum = static_cast<float>(total);
+}
+
+#if defined(__AVX2__)
+// The same float32 operations, 8 lanes at a time (groups are 16 or 32 wide): max and abs are
+// exact and `vroundps` to nearest is nearbyint's rounding, so the bytes equal the scalar loop's.
+// The scalar loop ran at ~2 cycles per value, 10 % of a 500-token prefill on AVX2.
+inline void quantize_group(const float* xg, int64_t group, int8_t* q, float* scale, float* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
+  __m256 amax = zero, bad = zero;
+  for (int64_t j = 0; j < group; j += 8) {
+    const __m256 v = _mm256_loadu_ps(xg + j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), zero, _CMP_NEQ_UQ));  // v - v: NaN for inf/NaN
+  }
+  if (!_mm256_testz_ps(bad, bad)) return quantize_group_scalar(xg, group, q, scale, sum);
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float top = _mm_cvtss_f32(m4);
+  const __m256 inv = _mm256_set1_ps(top > 0.f ? kInt8Max / top : 0.f);
+  __m256i total = _mm256_setzero_si256();
+  for (int64_t j = 0; j < group; j += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i v = _mm256_cvtps_epi32(r);
+    total = _mm256_add_epi32(total, v);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));  // |v| <= 127
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), _mm_packs_epi16(w, w));
+  }
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+  *scale = top / kInt8Max;
+  *sum = static_cast<float>(_mm_cvtsi128_si32(t4));
+}
+#else
+inline void quantize_group(const float* xg, int64_t group, int8_t* q, float* scale, float* sum) {
+  quantize_group_scalar(xg, group, q, scale, sum);
+}
+#endif
+
+// `count` groups of x (G floats each) → int8, with their scales dx and their sums. The caller
+// splits M * K / G groups among threads (qmatmul.cpp).
+inline void quantize_activations(const float* x, int64_t count, int64_t group, int8_t* q, float* scale, float* sum) {
+  for (int64_t i = 0; i < count; ++i) quantize_group(x + i * group, group, q + i * group, scale + i, sum + i);
 }
 
 // y for weight blocks first..last-1 (the unit the caller's threads split).

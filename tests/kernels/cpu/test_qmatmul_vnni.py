@@ -149,6 +149,27 @@ def test_non_finite_activations_reach_the_output(cpu_kernels_loaded: None) -> No
     assert bool(y[0].isnan().all()) and bool(y[1].isfinite().all())
 
 
+@pytest.mark.parametrize("m", [5, 1100])  # 1100 rows: enough groups for the quantization to run on several threads
+def test_activations_are_quantized_exactly_as_the_reference(cpu_kernels_loaded: None, m: int) -> None:
+    """Identity weights (u = 1 on the diagonal, scale 1, offset 0) make y the dequantized int8
+    activations themselves, bit for bit: ties round half to even, zero groups stay zero, a group
+    holding inf makes its row NaN (as in the float reference) and no other row."""
+    k = 128
+    u = torch.eye(k, dtype=torch.uint8)
+    weight, scales = pack(u, torch.ones(k, k // 32), torch.zeros(k, k // 32), 8)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(11)) * 3
+    x[0, :32] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 126.5] * 4)  # amax 127: x * inv = x, ties
+    x[1, 32:64] = 0.0
+    x[2, 64:96] = torch.linspace(-1e-30, 1e-30, 32)  # tiny but not zero
+    y = qmatmul(x, weight, scales, 8)
+    assert torch.equal(y, quantize_activations(x, 32))
+    assert y[0, :8].tolist() == [127.0, 0.0, 2.0, 2.0, -0.0, -2.0, 4.0, 126.0]
+    x[3, 40] = float("inf")
+    y = qmatmul(x, weight, scales, 8)
+    assert bool(y[3].isnan().all())
+    assert torch.equal(y[:3], quantize_activations(x[:3], 32)) and torch.equal(y[4:], quantize_activations(x[4:], 32))
+
+
 @pytest.mark.parametrize(("bits", "group"), [(8, 32), (8, 16), (4, 32), (4, 16)])
 def test_extreme_values_do_not_saturate(cpu_kernels_loaded: None, bits: int, group: int) -> None:
     """The largest products the formats allow (q8_0's u = 255 and u = 0, 4-bit's 15) by activations

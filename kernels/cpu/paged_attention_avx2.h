@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "paged_attention_prefetch.h"
+
 namespace llmc_attention {
 
 constexpr int64_t kLanes = 8;  // floats per 256-bit vector
@@ -79,8 +81,10 @@ void attend(const float* q, const float* keys, const float* values, const int64_
   constexpr int64_t kDim = kVecs * kLanes;
   const __m256 vscale = _mm256_set1_ps(scale);
   const float lowest = -std::numeric_limits<float>::infinity();
+  prefetch_rows(keys, rows, 0, kKeysAhead, count, kDim);
   for (int64_t c = 0; c < count; c += kLanes) {  // scores, 8 positions at a time
     const int64_t m = std::min<int64_t>(kLanes, count - c);
+    prefetch_rows(keys, rows, c + kKeysAhead, c + kKeysAhead + kLanes, count, kDim);
     for (int g = 0; g < kGroup; ++g) {
       __m256 part[kLanes];
       for (int64_t i = 0; i < kLanes; ++i) {
@@ -94,6 +98,7 @@ void attend(const float* q, const float* keys, const float* values, const int64_
       store_partial(scores + g * count + c, m, _mm256_mul_ps(reduce8(part), vscale));
     }
   }
+  prefetch_rows(values, rows, 0, kValuesAhead, count, kDim);  // while the softmax runs
   float inv[kGroup];
   for (int g = 0; g < kGroup; ++g) {  // softmax numerators in place, and 1 / their sum
     float* s = scores + g * count;
@@ -117,6 +122,7 @@ void attend(const float* q, const float* keys, const float* values, const int64_
     for (int j = 0; j < kVecs; ++j) acc[g][j] = _mm256_setzero_ps();
   for (int64_t t = 0; t < count; ++t) {  // weighted sum of the values
     const float* value = values + rows[t] * kDim;
+    prefetch_rows(values, rows, t + kValuesAhead, t + kValuesAhead + 1, count, kDim);
     __m256 v[kVecs];
     for (int j = 0; j < kVecs; ++j) v[j] = _mm256_loadu_ps(value + j * kLanes);
     for (int g = 0; g < kGroup; ++g) {

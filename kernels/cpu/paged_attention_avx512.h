@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "paged_attention_prefetch.h"
+
 namespace llmc_attention {
 
 constexpr int64_t kLanes = 16;  // floats per 512-bit vector
@@ -53,8 +55,10 @@ void attend(const float* q, const float* keys, const float* values, const int64_
             float* scores, float* out) {
   constexpr int64_t kDim = kVecs * kLanes;
   const __m512 vscale = _mm512_set1_ps(scale);
+  prefetch_rows(keys, rows, 0, kKeysAhead, count, kDim);
   for (int64_t c = 0; c < count; c += kLanes) {  // scores, 16 positions at a time
     const int64_t m = std::min<int64_t>(kLanes, count - c);
+    prefetch_rows(keys, rows, c + kKeysAhead, c + kKeysAhead + kLanes, count, kDim);
     const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
     for (int g = 0; g < kGroup; ++g) {
       __m512 part[kLanes];
@@ -69,6 +73,7 @@ void attend(const float* q, const float* keys, const float* values, const int64_
       _mm512_mask_storeu_ps(scores + g * count + c, valid, _mm512_mul_ps(reduce16(part), vscale));
     }
   }
+  prefetch_rows(values, rows, 0, kValuesAhead, count, kDim);  // while the softmax runs
   float inv[kGroup];
   for (int g = 0; g < kGroup; ++g) {  // softmax numerators in place, and 1 / their sum
     float* s = scores + g * count;
@@ -92,6 +97,7 @@ void attend(const float* q, const float* keys, const float* values, const int64_
     for (int j = 0; j < kVecs; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int64_t t = 0; t < count; ++t) {  // weighted sum of the values
     const float* value = values + rows[t] * kDim;
+    prefetch_rows(values, rows, t + kValuesAhead, t + kValuesAhead + 1, count, kDim);
     __m512 v[kVecs];
     for (int j = 0; j < kVecs; ++j) v[j] = _mm512_loadu_ps(value + j * kLanes);
     for (int g = 0; g < kGroup; ++g) {

@@ -181,9 +181,7 @@ def test_prompt_logprobs_match_a_full_forward(tiny: Path, chunk: int) -> None:
     assert all(o.prompt_logprobs is None for o in outputs[1:])
 
 
-def test_the_heap_is_trimmed_once_each_time_the_engine_goes_idle(
-    tiny: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_heap_is_trimmed_once_each_time_the_engine_goes_idle(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Between steps freed memory is kept for the next step (resident.keep_freed_heap); an idle
     server gives it back, once per idle spell, not on every wake-up."""
     import threading

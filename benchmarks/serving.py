@@ -241,13 +241,13 @@ def wait_quiet(pgid: int) -> bool:
 
 
 def measured_round(
-    base: str, extra: dict[str, Any], clients: int, args: argparse.Namespace, pgid: int
+    base: str, extra: dict[str, Any], clients: int, args: argparse.Namespace, pgid: int, repeat: int = 1
 ) -> dict[str, Any]:
     discarded: list[dict[str, float]] = []
     for attempt in range(1, ATTEMPTS + 1):
         quiet = wait_quiet(pgid)
         before = other_cpu_s(pgid)
-        name = f"{clients}-{attempt}"  # a new prompt set per attempt: no prompt cache hits
+        name = f"{clients}-{repeat}-{attempt}"  # a new prompt set per repeat and attempt: no prompt cache hits
         result = asyncio.run(run_round(base, extra, clients, args.max_tokens, args.request_timeout, name))
         result["other_load_cores"] = (other_cpu_s(pgid) - before) / result["wall_s"]
         result.update(attempt=attempt, quiet_before=quiet, discarded_attempts=discarded)
@@ -270,7 +270,7 @@ def bench_server(
             raise RuntimeError(f"{name} warm-up failed: {warm['errors']}")
         for clients in args.clients:
             print(f"{name}: {clients} clients ...", file=sys.stderr, flush=True)
-            repeats = [measured_round(base, extra, clients, args, pgid) for _ in range(args.repeats)]
+            repeats = [measured_round(base, extra, clients, args, pgid, r) for r in range(1, args.repeats + 1)]
             rounds.append({"server": name, **median_round(repeats)})
     return rounds
 

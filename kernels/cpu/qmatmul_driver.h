@@ -41,6 +41,13 @@ inline BlockFn block_fn(int64_t group, int64_t bits, int64_t batch) {
   return bits == 4 ? batch_fn<32, 4>(batch, batches) : batch_fn<32, 8>(batch, batches);
 }
 
+// 127 / amax, the factor that maps the group onto the int8 levels; 0 where amax is 0, or so small
+// (below 127 / FLT_MAX, ~4e-37) that the factor overflows: such a group quantizes to zeros.
+inline float inverse_step(float amax) {
+  const float inv = amax > 0.f ? kInt8Max / amax : 0.f;
+  return inv <= std::numeric_limits<float>::max() ? inv : 0.f;
+}
+
 // One group of x → int8 (scale max|x| / 127, round half to even), its scale and the sum of its
 // int8 values; a group holding NaN or inf gets zeros, a NaN scale and sum 0, so that its outputs
 // are NaN as the reference's are.
@@ -57,7 +64,7 @@ inline void quantize_group_scalar(const float* xg, int64_t group, int8_t* q, flo
     *sum = 0.f;
     return;
   }
-  const float inv = amax > 0.f ? kInt8Max / amax : 0.f;
+  const float inv = inverse_step(amax);
   int32_t total = 0;
   for (int64_t j = 0; j < group; ++j) {
     const auto v = static_cast<int32_t>(std::nearbyint(xg[j] * inv));
@@ -85,7 +92,7 @@ inline void quantize_group(const float* xg, int64_t group, int8_t* q, float* sca
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
   const float top = _mm_cvtss_f32(m4);
-  const __m256 inv = _mm256_set1_ps(top > 0.f ? kInt8Max / top : 0.f);
+  const __m256 inv = _mm256_set1_ps(inverse_step(top));
   __m256i total = _mm256_setzero_si256();
   for (int64_t j = 0; j < group; j += 8) {
     const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -127,7 +127,9 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     m, k = x.shape
     groups = x.float().reshape(m, k // group, group)
     amax = groups.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, _INT8_MAX / amax, torch.zeros_like(amax))
+    inv = _INT8_MAX / amax
+    # 0 where amax is 0 or so small that 127 / amax overflows float32: the group quantizes to zeros
+    inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
     return (torch.round(groups * inv) * (amax / _INT8_MAX)).reshape(m, k)
 
 

@@ -161,9 +161,11 @@ def test_activations_are_quantized_exactly_as_the_reference(cpu_kernels_loaded: 
     x[0, :32] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 126.5] * 4)  # amax 127: x * inv = x, ties
     x[1, 32:64] = 0.0
     x[2, 64:96] = torch.linspace(-1e-30, 1e-30, 32)  # tiny but not zero
+    x[2, 96:128] = torch.linspace(-1e-38, 1e-38, 32)  # so tiny that 127 / max overflows: zeros
     y = qmatmul(x, weight, scales, 8)
     assert torch.equal(y, quantize_activations(x, 32))
     assert y[0, :8].tolist() == [127.0, 0.0, 2.0, 2.0, -0.0, -2.0, 4.0, 126.0]
+    assert not bool(y[2, 96:].any()) and bool(y[2, 64:96].any())
     x[3, 40] = float("inf")
     y = qmatmul(x, weight, scales, 8)
     assert bool(y[3].isnan().all())

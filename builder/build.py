@@ -46,6 +46,12 @@ from llmc.quant.formats import FORMATS
 log = get_logger("llmc.builder")
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# The float tables a float32 build keeps in the source's own 16-bit dtype where it has one, when
+# they stay unquantized (the embedding and lm_head of GPTQ / AWQ checkpoints, or of `--isq none`):
+# widening them is exact, and the logits then read half the bytes per token (model/half_linear.py,
+# kernels/cpu/half_matmul_driver.h). Other float tensors are small, or all the model's linears.
+SOURCE_PRECISION_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+SOURCE_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -164,10 +170,16 @@ class BuildPlan:
     expected: dict[str, list[int]]  # canonical tensor name -> shape the model needs
     tensors: dict[str, TensorSource]  # canonical tensor name -> the source tensor(s) it is made of
     choices: dict[str, QuantChoice]  # the tensors stored quantized, with their format and why
+    # float tensors stored in the source's 16-bit dtype rather than the build's (SOURCE_PRECISION_TENSORS)
+    source_precision: dict[str, torch.dtype]
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.dtype_name]
+
+    def float_dtype(self, name: str) -> torch.dtype:
+        """The dtype the artifact stores the unquantized tensor `name` in."""
+        return self.source_precision.get(name, self.dtype)
 
     @property
     def formats(self) -> dict[str, str]:
@@ -202,7 +214,17 @@ def plan_build(options: BuildOptions, targets: list[Target]) -> BuildPlan:
         if got != shape:
             raise BadModelError(f"tensor {name} has shape {got}, its config implies {shape}")
     choices = _choose_formats(options.isq, spec, expected, tensors, source)
-    return BuildPlan(source, spec, dtype_name, expected, tensors, choices)
+    quantized = {name for name, choice in choices.items() if choice.format is not None}
+    source_precision = {
+        name: available[tensors[name].name].dtype
+        for name in SOURCE_PRECISION_TENSORS
+        if DTYPES[dtype_name] == torch.float32
+        and name in tensors
+        and name not in quantized
+        and tensors[name].stack is None
+        and available[tensors[name].name].dtype in SOURCE_PRECISION_DTYPES
+    }
+    return BuildPlan(source, spec, dtype_name, expected, tensors, choices, source_precision)
 
 
 def _load_float(plan: BuildPlan, name: str) -> torch.Tensor:
@@ -236,7 +258,7 @@ def _load_stored(plan: BuildPlan, name: str, formats: dict[str, str], report: Qu
     own where they are already in the chosen format), recorded in the quantization report."""
     fmt = formats.get(name)
     if fmt is None:
-        return _load_float(plan, name).to(plan.dtype)
+        return _load_float(plan, name).to(plan.float_dtype(name))
     assert report is not None
     ref = plan.tensors[name]
     if _carried(plan, name, fmt):
@@ -276,7 +298,7 @@ def write_weights(
     stored = {
         name: (torch.uint8, [shape[0], FORMATS[formats[name]].row_bytes(shape[1])])
         if name in formats
-        else (plan.dtype, shape)
+        else (plan.float_dtype(name), shape)
         for name, shape in plan.expected.items()
     }
     perms = input_permutations(plan)

@@ -4,7 +4,8 @@ Every family with a llama.cpp architecture is written in that architecture's lay
 `builder/sources/gguf_file.py`, which reads it back): Mistral as `llama`, Qwen2-MoE as `qwen2moe`,
 and so on. Artifacts with a byte-level BPE tokenizer (llama.cpp's `gpt2` tokenizer model) are
 supported for now; float tensors are written in the artifact's float dtype (f32, or f16 for
-f16/bf16 artifacts, since GGUF's BF16 support varies across llama.cpp builds) and quantized tensors
+f16/bf16 artifacts, since GGUF's BF16 support varies across llama.cpp builds; a float16 embedding
+kept in a float32 artifact stays f16) and quantized tensors
 as the GGML blocks they already are, byte for byte. llama.cpp's conventions are applied as its
 converter does: Q and K rows permuted into interleaved rope order for the `llama` arch (rows are
 independent runs of blocks, so this works on blocks too), Gemma norms stored as (1 + w), Phi-3's
@@ -345,7 +346,8 @@ def _gguf_tensors(
             for gguf_local, half in zip(JOINED_EXPERTS, (gate, up), strict=True):
                 yield f"blk.{name.split('.')[2]}.{gguf_local}", half, None
             continue
-        data = tensor if name in quant else tensor.float()
+        # float16 tables (a checkpoint's own precision, builder/build.py) stay F16, which GGUF has
+        data = tensor if name in quant or tensor.dtype == torch.float16 else tensor.float()
         if arch in PERMUTED_QK_ARCHITECTURES and local == "self_attn.q_proj.weight":
             data = _permute(data, spec.num_heads)
         elif arch in PERMUTED_QK_ARCHITECTURES and local == "self_attn.k_proj.weight":

@@ -16,6 +16,7 @@ from llmc.artifacts.manifest import ModelSpec
 from llmc.errors import BadArtifactError
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.model.attention import Attention, LatentAttention, StepContext
+from llmc.model.half_linear import HalfMatmulFactory, WidenedLinear, narrower_than
 from llmc.model.layers import MLP, make_norm
 from llmc.model.moe import MoE
 from llmc.model.quant_linear import FusedQuantLinear, MatmulFactory, QuantEmbedding, QuantLinear
@@ -45,10 +46,12 @@ COMPUTE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bflo
 class DeviceKernels:
     """How a device computes the model, chosen by its backend (runtime/backends/) or the builder's
     target: its quantized matmul (also where dense copies or kernel layouts are made), whether
-    q/k/v and gate/up run as one matmul over stacked rows, and its attention."""
+    q/k/v and gate/up run as one matmul over stacked rows, its attention, and its matmul over an
+    lm_head stored in 16 bits under a float32 compute dtype (model/half_linear.py)."""
 
     matmul: MatmulFactory
     fuse_projections: bool = True
+    half_matmul: HalfMatmulFactory = WidenedLinear
     attention: PagedAttention = field(default_factory=PagedAttention)
 
 
@@ -128,7 +131,7 @@ class CausalLM(nn.Module):
         self.dtype = torch.float32  # the compute dtype: activations and KV cache (build_model sets it)
         self.attention: PagedAttention = PagedAttention()  # the device's (build_model sets it)
         self.model = Backbone(spec, max_positions)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head: nn.Module = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Phi-3's longrope switches factors once a sequence is longer than this.
@@ -144,7 +147,7 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         ctx: StepContext,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.dtype)  # a 16-bit table under float32 (half_linear.py)
         if self.spec.embed_scale != 1.0:
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
@@ -207,7 +210,18 @@ def build_model(
         for module in model.modules():
             if isinstance(module, QuantLinear) and module not in fused:
                 module.prepare(kernels.matmul)
+        _prepare_float_head(model, kernels.half_matmul)
     return model.eval()
+
+
+def _prepare_float_head(model: CausalLM, half_matmul: HalfMatmulFactory) -> None:
+    """A float lm_head stored in another dtype than the compute dtype: the device's matmul over its
+    16-bit values where it is narrower (model/half_linear.py), else converted once at load."""
+    head = model.lm_head
+    if not isinstance(head, nn.Linear) or head.weight.dtype == model.dtype:
+        return
+    factory = half_matmul if narrower_than(head.weight, model.dtype) else WidenedLinear
+    model.lm_head = factory(head.weight, model.dtype)
 
 
 def fuse_projections(model: CausalLM, matmul: MatmulFactory) -> set[nn.Module]:

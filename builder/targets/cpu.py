@@ -47,11 +47,13 @@ from llmc.builder.targets.base import (
 )
 from llmc.errors import BadInputError, InternalError
 from llmc.kernels.cpu import autotune, cpu_kernels
+from llmc.kernels.cpu.half_matmul import CpuHalfMatmul
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice, weight_form
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
 from llmc.model.decode_step import DecodeStep
 from llmc.model.decoder import CausalLM, DeviceKernels, build_model
+from llmc.model.half_linear import WidenedLinear
 from llmc.model.kv_layout import allocate_kv_caches
 
 log = get_logger("llmc.builder.compile")
@@ -242,7 +244,9 @@ def model_from_stage(
     weights = staged_fakes(stage, tensor_files, mode)
     loaded = library is not None  # the quantized matmul and the paged decode attention kernel
     kernels = DeviceKernels(
-        matmul=partial(CpuQMatmul, dense_copy=True, cpu_kernels=loaded), attention=PagedAttention(cpu_kernel=loaded)
+        matmul=partial(CpuQMatmul, dense_copy=True, cpu_kernels=loaded),
+        attention=PagedAttention(cpu_kernel=loaded),
+        half_matmul=CpuHalfMatmul if loaded else WidenedLinear,
     )
     return build_model(spec, weights, max_seq_len, formats, dtype, kernels)
 

@@ -112,6 +112,7 @@ OPS = {
     "qmatmul": "llmc::qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor",
     "paged_decode_attention": "llmc::paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
     "Tensor block_tables, Tensor context_lens, int block_size, float scale, int window) -> Tensor",
+    "half_matmul": "llmc::half_matmul(Tensor x, Tensor weight) -> Tensor",
 }
 _COMPILER_ADVICE = "install a C++20 compiler (g++ or clang++) or name one in $CXX, or build with --no-cpu-kernels"
 _DETAIL_CHARS = 2000  # of the compiler's messages kept in the error: the last ones say what failed
@@ -442,3 +443,7 @@ def _register_fakes() -> None:
         window: int,
     ) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[2]))
+
+    @torch.library.register_fake("llmc::half_matmul")
+    def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)

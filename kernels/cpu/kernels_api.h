@@ -66,3 +66,21 @@ void run_tasks_isa(const Problem& p, int64_t first, int64_t last, std::vector<fl
                    std::vector<int64_t>& rows);
 
 }  // namespace llmc_attention
+
+namespace llmc_half {
+
+// One half matmul's operands (half_matmul_driver.h), shapes checked by the caller: x float32
+// [m, k], weight [n, k] float16 or bfloat16 bits, y float32 [m, n].
+struct Problem {
+  const float* x;
+  const uint16_t* weight;
+  float* y;
+  int64_t m, k, n;
+  bool bf16;
+};
+
+// half_matmul_driver.h's run_tiles (tiles of kHalfTileRows weight rows), as compiled for the library's ISA.
+constexpr int64_t kHalfTileRows = 8;
+void run_tiles_isa(const Problem& p, int64_t first, int64_t last);
+
+}  // namespace llmc_half

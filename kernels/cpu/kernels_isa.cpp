@@ -2,6 +2,7 @@
 // compiled with that ISA's flags (kernels/cpu/cpu_kernels.py ISAS), behind kernels_api.h, for the
 // torch ops to call. No torch headers: this compiles in about a second per ISA.
 
+#include "half_matmul_driver.h"
 #include "kernels_api.h"
 #include "paged_attention_driver.h"
 #include "qmatmul_driver.h"
@@ -26,3 +27,9 @@ void run_tasks_isa(const Problem& p, int64_t first, int64_t last, std::vector<fl
 }
 
 }  // namespace llmc_attention
+
+namespace llmc_half {
+
+void run_tiles_isa(const Problem& p, int64_t first, int64_t last) { run_tiles(p, first, last); }
+
+}  // namespace llmc_half

@@ -2,6 +2,7 @@
 // are parsed once for both ops (and once for every ISA: kernels_api.h says how the ops reach the
 // ISA's kernels).
 
+#include "half_matmul.cpp"
 #include "kernel_form.cpp"
 #include "paged_attention_cpu.cpp"
 #include "qmatmul.cpp"

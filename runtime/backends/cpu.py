@@ -16,11 +16,13 @@ import torch
 from llmc.artifacts.manifest import CompiledStep, Manifest, ModelSpec, capability_rank
 from llmc.artifacts.reader import Artifact
 from llmc.kernels.cpu import autotune, cpu_kernels
+from llmc.kernels.cpu.half_matmul import CpuHalfMatmul
 from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, DENSE_MIN_ROWS, SMALL_FORMS, CpuQMatmul, DensePlan
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
 from llmc.model.decode_step import DecodeStep
 from llmc.model.decoder import COMPUTE_DTYPES, CausalLM, DeviceKernels, build_model
+from llmc.model.half_linear import WidenedLinear
 from llmc.model.kv_layout import KVCaches, allocate_kv_caches
 from llmc.quant.formats import stored_format
 from llmc.runtime.backends.aoti_step import AOTInductorStep
@@ -205,6 +207,7 @@ class CpuBackend(TorchBackend):
         kernels = DeviceKernels(
             matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, cpu_kernels=loaded, plan=plan),
             attention=PagedAttention(cpu_kernel=loaded),
+            half_matmul=CpuHalfMatmul if loaded else WidenedLinear,
         )
         weights = dict(artifact.weights())  # memory-mapped from the artifact, not copied
         model = build_model(manifest.model, weights, max_positions, quant, dtype, kernels)

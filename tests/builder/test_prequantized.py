@@ -224,10 +224,16 @@ VARIANTS = [
 
 
 def write_checkpoint(
-    float_dir: Path, out: Path, variant: Variant, seed: int = 0, exact: bool = True
+    float_dir: Path,
+    out: Path,
+    variant: Variant,
+    seed: int = 0,
+    exact: bool = True,
+    tables: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The float model's folder with its projections replaced by `variant`'s packed tensors; returns
-    the dequantized reference weight of every projection."""
+    the dequantized reference weight of every projection. `tables`: store the embedding and lm_head
+    in this dtype, as GPTQ checkpoints keep them in float16 (their widened values join the reference)."""
     shutil.copytree(float_dir, out)
     (out / "model.safetensors").unlink()
     config = json.loads((float_dir / "config.json").read_text())
@@ -242,6 +248,9 @@ def write_checkpoint(
         layer = name.removesuffix(".weight")
         if not layer.endswith(PROJECTIONS):
             packed[name] = tensors[name]
+            if tables is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+                packed[name] = tensors[name].to(tables)
+                reference[name] = packed[name].float()
             continue
         n, k = tensors[name].shape
         shared = layer.rsplit("_proj", 1)[0].replace("self_attn.k", "self_attn.q").replace("self_attn.v", "self_attn.q")
@@ -341,6 +350,54 @@ def test_repack_is_exact_and_logits_match(
     assert (got - want).abs().max().item() < LOGITS_TOL
     fused = [m for m in engine.runner.model.modules() if isinstance(m, FusedQuantLinear)]
     assert len(fused) == (2 * 2 if variant.shared_order else 0)  # qkv and gate_up in both layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernels", [False, True], ids=["widened", "cpu-kernel"])
+def test_16_bit_tables_are_stored_as_the_checkpoint_has_them(
+    dtype: torch.dtype, kernels: bool, float_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: Any
+) -> None:
+    """A float32 build keeps a checkpoint's float16 / bfloat16 embedding and lm_head in that dtype
+    (exact; half the bytes per token); the lm_head runs through llmc's kernel over the 16-bit values
+    where the library is loaded, else widened once at load; the logits match either way."""
+    if kernels:
+        request.getfixturevalue("cpu_kernels_loaded")  # skips where this CPU runs no library
+    reference = write_checkpoint(float_llama, tmp_path / "ckpt", VARIANTS[2], tables=dtype)
+    build(
+        BuildOptions(
+            model=str(tmp_path / "ckpt"),
+            gguf_file=None,
+            weights=None,
+            output=tmp_path / "artifact",
+            dtype="f32",
+            cpu_kernels=kernels,
+        )
+    )
+    manifest = Artifact.open(tmp_path / "artifact").manifest
+    stored = {t.name: t.dtype for t in manifest.tensors}
+    name = {torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+    assert stored["model.embed_tokens.weight"] == stored["lm_head.weight"] == name
+    assert stored["model.norm.weight"] == "F32"
+
+    from llmc.runtime.backends import cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "CpuQMatmul", ReferenceMatmul)
+    engine = open_engine(tmp_path / "artifact")
+    head = type(engine.runner.model.lm_head).__name__
+    assert head == ("CpuHalfMatmul" if kernels else "WidenedLinear")
+    ids = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = prompt_logits(engine, ids)
+    want = hf_logits(float_llama, reference, ids)
+    assert (got - want).abs().max().item() < LOGITS_TOL
+    if not kernels:  # `llmc export --gguf` writes what llama.cpp reads: float16 stays F16 (its BF16 support varies)
+        from llmc.builder.gguf_export import _gguf_tensors
+
+        artifact = Artifact.open(tmp_path / "artifact")
+        quant = {t.name: t.quant for t in artifact.manifest.tensors if t.quant}
+        tensors = _gguf_tensors(manifest.model, "llama", artifact.lazy_weights(), quant)
+        exported = {n: data.dtype for n, data, _ in tensors}
+        expected = torch.float16 if dtype == torch.float16 else torch.float32
+        assert exported["token_embd.weight"] == exported["output.weight"] == expected
 
 
 # transformers + compressed-tensors 0.20 load symmetric pack-quantized checkpoints; asymmetric ones

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from llmc.kernels.cpu import cpu_kernels
+from llmc.kernels.cpu.half_matmul import HALF_DTYPES, reference_half_matmul
 from llmc.kernels.cpu.qmatmul_vnni import FORMATS, ROWS, pack, parts, reference_vnni_matmul, unpack
 from llmc.kernels.paged_attention import decode_attention
 from llmc.quant.formats import FORMATS as BLOCK_FORMATS
@@ -146,6 +147,33 @@ def test_neon_non_finite_activations_reach_the_output(harness: Path, tmp_path: P
     x[0, 3] = float("nan")
     [y] = _neon_matmuls(harness, tmp_path, [(x, weight, scales, bits)])
     assert bool(y[0].isnan().all()) and bool(y[1].isfinite().all())
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_neon_half_matmul_matches_its_reference(harness: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    """The half matmul (half_matmul_driver.h) in one row and in pairs of rows, with input tails and
+    a partial last tile, plus every 16-bit pattern widened by the vector and the scalar code."""
+    cases, expected = [], []
+    bf16 = int(dtype == torch.bfloat16)
+    for i, (m, k, n) in enumerate([(1, 576, 37), (1, 7, 5), (3, 100, 21), (17, 64, 8)]):
+        gen = torch.Generator().manual_seed(i)
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen).to(dtype)
+        cases.append(
+            _write(tmp_path / str(i), [m, k, n, int(dtype == torch.bfloat16)], x=x, weight=w.view(torch.int16))
+        )
+        expected.append(reference_half_matmul(x, w))
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for k in (1, 4):  # the scalar tail, then one NEON vector
+        w = torch.zeros(patterns.numel(), k, dtype=torch.int16)
+        w[:, 0] = patterns
+        meta = [1, k, patterns.numel(), bf16]
+        cases.append(_write(tmp_path / f"patterns{k}", meta, x=torch.ones(1, k), weight=w))
+        expected.append(patterns.view(dtype).float()[None])
+    result = _run(harness, "half", cases)
+    assert result.returncode == 0, result.stderr
+    for case, want in zip(cases, expected, strict=True):
+        got = _read(case / "y", tuple(want.shape))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, equal_nan=True)
 
 
 def _attention_case(

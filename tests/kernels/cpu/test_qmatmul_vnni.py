@@ -193,7 +193,7 @@ def test_extreme_values_do_not_saturate(cpu_kernels_loaded: None, bits: int, gro
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))  # saturation: ~50%
 
 
-# A child runs two test files (about 20 s here, 2 cores shared) after compiling its library if the
+# A child runs three test files (about 20 s here, 2 cores shared) after compiling its library if the
 # cache lacks it (about 30 s): far below this, which only stops a hung child.
 CHILD_TIMEOUT_S = 600
 # In the child: every test of this file but this one, and the paged attention's kernel tests.
@@ -210,13 +210,17 @@ def _other_isas() -> list[str]:
     "isa", [isa if isa == "avx2" else pytest.param(isa, marks=pytest.mark.slow) for isa in cpu_kernels.ISA_NAMES]
 )
 def test_every_isa_this_cpu_runs_passes_the_kernel_tests(isa: str) -> None:
-    """A process loads one library: the kernel tests of this file and the paged attention's run
+    """A process loads one library: the kernel tests of this file, the half matmul's and the paged attention's run
     again in a child process per other ISA (e.g. AVX2 and AVX-VNNI on an AVX-512 machine; AVX2,
     which every x86-64 CI machine runs, in the quick suite)."""
     if isa not in _other_isas():
         pytest.skip(f"{isa} is the ISA loaded here, or this CPU lacks it")
     tests = Path(__file__).parents[1]
-    files = [str(tests / "cpu" / "test_qmatmul_vnni.py"), str(tests / "test_paged_attention.py")]
+    files = [
+        str(tests / "cpu" / "test_qmatmul_vnni.py"),
+        str(tests / "cpu" / "test_half_matmul.py"),
+        str(tests / "test_paged_attention.py"),
+    ]
     env = {**os.environ, cpu_kernels.ISA_ENV: isa}
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files, "-k", _CHILD_TESTS]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)

@@ -8,6 +8,8 @@
 //   harness attention CASE...  CASE/meta: batch heads kv_heads d slots width block_size window
 //                              scale; CASE/q, CASE/k, CASE/v (float32), CASE/tables, CASE/lens
 //                              (int64); writes CASE/out (float32 [batch, heads, d]).
+//   harness half CASE...       CASE/meta: m k n bf16; CASE/x (float32 [m, k]), CASE/weight
+//                              (float16 or bfloat16 bits [n, k]); writes CASE/y (float32 [m, n]).
 // Exits 0 when every case ran; 2 with a message on stderr for a malformed case.
 
 #include <algorithm>
@@ -20,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "half_matmul_driver.h"
 #include "paged_attention_driver.h"
 #include "qmatmul_driver.h"
 
@@ -107,11 +110,22 @@ void run_attention(const std::string& dir) {
   write_array(dir + "/out", out);
 }
 
+void run_half(const std::string& dir) {
+  const auto meta = read_meta(dir, 4);
+  const int64_t m = meta[0], k = meta[1], n = meta[2];
+  const auto x = read_array<float>(dir + "/x", checked_product(m, k));
+  const auto weight = read_array<uint16_t>(dir + "/weight", checked_product(n, k));
+  std::vector<float> y(checked_product(m, n));
+  const llmc_half::Problem p{x.data(), weight.data(), y.data(), m, k, n, meta[3] != 0};
+  llmc_half::run_tiles(p, 0, (n + llmc_half::kHalfTileRows - 1) / llmc_half::kHalfTileRows);
+  write_array(dir + "/y", y);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s qmatmul|attention CASE...\n", argv[0]);
+    std::fprintf(stderr, "usage: %s qmatmul|attention|half CASE...\n", argv[0]);
     return 2;
   }
   const std::string mode = argv[1];
@@ -119,6 +133,7 @@ int main(int argc, char** argv) {
     for (int i = 2; i < argc; ++i) {
       if (mode == "qmatmul") run_qmatmul(argv[i]);
       else if (mode == "attention") run_attention(argv[i]);
+      else if (mode == "half") run_half(argv[i]);
       else throw std::runtime_error("unknown mode " + mode);
     }
   } catch (const std::exception& e) {

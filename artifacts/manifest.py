@@ -18,8 +18,9 @@ from llmc.errors import BadArtifactError
 # libraries per device target (Manifest.targets), and the optional generation defaults; 7: one
 # kernel library per instruction set (TargetCode.kernels is a list), a pre-quantized source
 # (SourceInfo.quantization) and layers' `input_perm` tensors (act-order); 8: the ONNX target's
-# graph (TargetCode.graph)
-FORMAT_VERSION = 8
+# graph (TargetCode.graph); 9: a float32 artifact may store its embedding and lm_head in float16 or
+# bfloat16 (`dtype` is no longer the dtype of every unquantized tensor: each tensor's own says)
+FORMAT_VERSION = 9
 MANIFEST_NAME = "manifest.json"
 
 

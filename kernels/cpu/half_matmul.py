@@ -34,7 +34,9 @@ class CpuHalfMatmul(nn.Module):
         super().__init__()
         if weight.dtype not in HALF_DTYPES or weight.dim() != 2:
             raise ValueError(f"CpuHalfMatmul takes a 2-D float16 or bfloat16 weight, not {weight.dtype}")
-        self.register_buffer("weight", weight, persistent=False)
+        # A parameter, as nn.Linear's was: a tied table is the embedding's parameter too, and
+        # torch.export cannot unlift one tensor as a parameter and a buffer at once.
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.ops.llmc.half_matmul(x, self.weight)

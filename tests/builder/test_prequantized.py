@@ -581,3 +581,26 @@ def test_act_order_compiled_step_matches_eager(float_llama: Path, tmp_path: Path
         before = compiled.runner.compiled_steps
         assert generate(compiled, prompts[:batch], greedy) == generate(eager, prompts[:batch], greedy)
         assert compiled.runner.compiled_steps - before >= greedy.max_tokens - 1
+
+
+@pytest.mark.slow  # an ahead-of-time compile: ~15 s alone, more on a loaded machine
+def test_16_bit_tables_compiled_step_matches_eager(float_llama: Path, tmp_path: Path, cpu_kernels_loaded: None) -> None:
+    """The compiled step calls the half matmul on the float16 lm_head (the build traces it with
+    the library loaded) and decodes what eager execution does."""
+    from llmc.builder.targets.base import CompileOptions
+    from llmc.runtime.sampling_params import SamplingParams
+    from tests.helpers import build_compiled, generate
+
+    write_checkpoint(float_llama, tmp_path / "ckpt", VARIANTS[2], tables=torch.float16)
+    build_compiled(tmp_path / "ckpt", tmp_path / "artifact", "tiny", CompileOptions(buckets=(1, 2)))
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    # The built-in weight forms in both (as tests/runtime/test_compiled_step.py says why): a plan
+    # measured here may give the eager engine dense copies that the packed package does not take.
+    eager = open_engine(tmp_path / "artifact", compiled=False, kv_blocks=64, autotune=False)
+    compiled = open_engine(tmp_path / "artifact", kv_blocks=64, autotune=False)
+    assert type(compiled.runner.model.lm_head).__name__ == "CpuHalfMatmul"
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    for batch in (1, 2):
+        before = compiled.runner.compiled_steps
+        assert generate(compiled, prompts[:batch], greedy) == generate(eager, prompts[:batch], greedy)
+        assert compiled.runner.compiled_steps - before >= greedy.max_tokens - 1

@@ -3,10 +3,15 @@ artifact vs llama.cpp on the same weights as a q4_0 GGUF, in one run.
 
 The checkpoint is made here from the SmolLM2 GGUF's weights (dequantized, then round-to-nearest
 GPTQ v1, symmetric, group 128, written in AutoGPTQ's layout): real weights, so both engines decode
-ordinary text. llmc builds it (the repack: q4_0 blocks), then `llmc export` turns that artifact into
-the GGUF llama.cpp runs, so both read the same bytes. With --act-order the columns of each input
-are shuffled into groups as GPTQ's desc_act does, and only llmc runs (GGUF has no input
-permutation): the figure shows what the run-time gather costs.
+ordinary text. Its embedding / lm_head stay unquantized in float16, as GPTQ checkpoints keep them.
+llmc builds it (the repack: q4_0 blocks; the float16 table kept as it is), then `llmc export` turns
+that artifact into the GGUF llama.cpp runs, so both read the same bytes. llama.cpp also runs the
+same model with its tables in float32 (a second checkpoint that stores them so, exported the same
+way), since its float16 matmul can be the slower of the two: the ratio is against llama.cpp's
+faster configuration. llmc on that float32 checkpoint is measured too (what it did before it kept
+float16 tables). With --act-order the columns of each input are shuffled into groups as GPTQ's
+desc_act does, and only llmc runs (GGUF has no input permutation): the figure shows what the
+run-time gather costs.
 
     python -m llmc.benchmarks.gptq --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf [--act-order]
 
@@ -78,8 +83,9 @@ def gptq_layer(w: torch.Tensor, order: torch.Tensor | None) -> dict[str, torch.T
     }
 
 
-def make_checkpoint(gguf: Path, out: Path, act_order: bool, seed: int = 0) -> Path:
-    """A GPTQ v1 checkpoint folder (config, tokenizer, model.safetensors) of the GGUF's model."""
+def make_checkpoint(gguf: Path, out: Path, act_order: bool, seed: int = 0, tables: torch.dtype = torch.float16) -> Path:
+    """A GPTQ v1 checkpoint folder (config, tokenizer, model.safetensors) of the GGUF's model, its
+    unquantized tensors in `tables` (float16, as GPTQ checkpoints keep them)."""
     source = GgufSource(gguf, name=gguf.name)
     out.mkdir(parents=True)
     config = dict(source.config)
@@ -103,7 +109,7 @@ def make_checkpoint(gguf: Path, out: Path, act_order: bool, seed: int = 0) -> Pa
         w = source.load(name)
         embedding = name in ("model.embed_tokens.weight", "lm_head.weight")
         if embedding or not runs_quantized(name, meta.shape):
-            tensors[name] = w.half().contiguous()  # GPTQ checkpoints keep these in f16
+            tensors[name] = w.to(tables).contiguous()
             continue
         layer = name.removesuffix(".weight")
         order = None
@@ -149,18 +155,25 @@ def main() -> None:
         "dtype": args.dtype,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(args.gguf, Path(tmp) / "gptq", act_order=False)
-        artifact = Path(tmp) / "artifact"
-        build(_options(ckpt, artifact, args.dtype, args.eager))
-        ours = bench_llmc_server(artifact, args.threads, args.runs, eager=args.eager)
-        peer_gguf = export_gguf(artifact, Path(tmp) / "same-weights.q4_0.gguf")
-        peer = bench_llama_cpp(peer_gguf, args.threads, args.runs)
+        runs: dict[str, dict[str, float]] = {}
+        for tables, dtype in (("f16", torch.float16), ("f32", torch.float32)):
+            ckpt = make_checkpoint(args.gguf, Path(tmp) / f"gptq-{tables}", act_order=False, tables=dtype)
+            artifact = Path(tmp) / f"artifact-{tables}"
+            build(_options(ckpt, artifact, args.dtype, args.eager))
+            runs[f"llmc_{tables}"] = bench_llmc_server(artifact, args.threads, args.runs, eager=args.eager)
+            peer_gguf = export_gguf(artifact, Path(tmp) / f"same-weights-{tables}.q4_0.gguf")
+            runs[f"llama_cpp_{tables}"] = bench_llama_cpp(peer_gguf, args.threads, args.runs)
+        ours, peer_name = (
+            runs["llmc_f16"],
+            max(("llama_cpp_f16", "llama_cpp_f32"), key=lambda k: runs[k]["decode_tok_s"]),
+        )
+        peer = runs[peer_name]
+        result |= {f"{name}_decode_tok_s": round(r["decode_tok_s"], 1) for name, r in runs.items()}
+        result |= {f"{name}_prefill_tok_s": round(r["prefill_tok_s"], 1) for name, r in runs.items()}
         result |= {
-            "llmc_decode_tok_s": round(ours["decode_tok_s"], 1),
-            "llama_cpp_q4_0_decode_tok_s": round(peer["decode_tok_s"], 1),
+            "peer": f"{peer_name} (the faster llama.cpp)",
             "decode_ratio": round(ours["decode_tok_s"] / peer["decode_tok_s"], 2),
-            "llmc_prefill_tok_s": round(ours["prefill_tok_s"], 1),
-            "llama_cpp_prefill_tok_s": round(peer["prefill_tok_s"], 1),
+            "prefill_ratio": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
         }
         if args.act_order:
             ckpt = make_checkpoint(args.gguf, Path(tmp) / "gptq-act-order", act_order=True)

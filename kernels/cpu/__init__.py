@@ -1,2 +1,2 @@
 """The CPU's kernels: llmc's C++ library (its sources, compiler and loader) and the torch-op matmuls
-over GGML blocks that the CPU runs."""
+over GGML blocks and over float16 / bfloat16 weights that the CPU runs."""

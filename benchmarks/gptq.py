@@ -163,10 +163,8 @@ def main() -> None:
             runs[f"llmc_{tables}"] = bench_llmc_server(artifact, args.threads, args.runs, eager=args.eager)
             peer_gguf = export_gguf(artifact, Path(tmp) / f"same-weights-{tables}.q4_0.gguf")
             runs[f"llama_cpp_{tables}"] = bench_llama_cpp(peer_gguf, args.threads, args.runs)
-        ours, peer_name = (
-            runs["llmc_f16"],
-            max(("llama_cpp_f16", "llama_cpp_f32"), key=lambda k: runs[k]["decode_tok_s"]),
-        )
+        ours = runs["llmc_f16"]
+        peer_name = max(("llama_cpp_f16", "llama_cpp_f32"), key=lambda name: runs[name]["decode_tok_s"])
         peer = runs[peer_name]
         result |= {f"{name}_decode_tok_s": round(r["decode_tok_s"], 1) for name, r in runs.items()}
         result |= {f"{name}_prefill_tok_s": round(r["prefill_tok_s"], 1) for name, r in runs.items()}

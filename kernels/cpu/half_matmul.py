@@ -20,11 +20,6 @@ def reference_half_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return (x.float().double() @ weight.double().T).float()
 
 
-def available() -> bool:
-    """Whether llmc's CPU kernel library (which has the op) is loaded in this process."""
-    return hasattr(torch.ops.llmc, "half_matmul")
-
-
 class CpuHalfMatmul(nn.Module):
     """x [M, K] (any float dtype) @ a float16 / bfloat16 weight [N, K], transposed, → [M, N] in
     float32 (the logits' dtype), with the library's kernel. The weight stays as the artifact stores

@@ -24,7 +24,7 @@
 
 namespace llmc_half {
 
-// Exact widening of one float16 (IEEE binary16) or bfloat16, for tails and the portable path.
+// Exact widening of one float16 (IEEE binary16) or bfloat16, for the inputs past the last vector.
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, bits;

@@ -14,6 +14,7 @@ from torch import nn
 
 from llmc.artifacts.manifest import ModelSpec
 from llmc.errors import BadArtifactError
+from llmc.kernels.casts import cast
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.model.attention import Attention, LatentAttention, StepContext
 from llmc.model.half_linear import HalfMatmulFactory, WidenedLinear, narrower_than
@@ -147,7 +148,7 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         ctx: StepContext,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids).to(self.dtype)  # a 16-bit table under float32 (half_linear.py)
+        x = cast(self.model.embed_tokens(input_ids), self.dtype)  # a 16-bit table under float32 (half_linear.py)
         if self.spec.embed_scale != 1.0:
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
@@ -155,7 +156,7 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = cast(self.lm_head(hidden), torch.float32)
         if self.spec.final_softcap is not None:
             cap = self.spec.final_softcap
             logits = cap * torch.tanh(logits / cap)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmc.artifacts.manifest import ModelSpec
+from llmc.kernels.casts import cast
 from llmc.model.quant_linear import FusedQuantLinear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -27,15 +28,15 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = cast(x, torch.float32)
         # The mean square accumulates in float64: summed in any order (eager kernels and the
         # compiled step's fused loops differ) it then rounds to the same float32, so compiled and
         # eager steps agree bit for bit even where bf16 rounding would amplify a last-bit change.
         mean_square = x32.double().pow(2).mean(-1, keepdim=True)
-        x32 = x32 * torch.rsqrt(mean_square + self.eps).float()
+        x32 = x32 * cast(torch.rsqrt(mean_square + self.eps), torch.float32)
         if self.offset:  # Gemma scales in float32 by (1 + weight), then casts
-            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * x32.to(x.dtype)
+            return cast(x32 * (self.offset + cast(self.weight, torch.float32)), x.dtype)
+        return self.weight * cast(x32, x.dtype)
 
 
 def make_norm(spec: ModelSpec, dim: int) -> nn.Module:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from llmc.errors import BadArtifactError
+from llmc.kernels.casts import cast
 
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "longrope", "yarn")
 
@@ -133,14 +134,17 @@ class RotaryEmbedding(torch.nn.Module):
             pick = use_long.unsqueeze(-1)
             cos = torch.where(pick, self.cos_long[positions], cos)
             sin = torch.where(pick, self.sin_long[positions], sin)
-        return self._rotate(q, cos.unsqueeze(1), sin.unsqueeze(1)), self._rotate(k, cos.unsqueeze(1), sin.unsqueeze(1))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        # Slices only where part of the head is rotated: a traced graph then holds no empty ones.
+        partial = x.shape[-1] != self.rotary_dim
+        rot = x[..., : self.rotary_dim] if partial else x
         if self.interleaved:
             rotated = torch.stack([-rot[..., 1::2], rot[..., 0::2]], dim=-1).flatten(-2)
         else:
             half = self.rotary_dim // 2
             rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        out = (rot.float() * cos + rotated.float() * sin).to(x.dtype)
-        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+        out = cast(cast(rot, torch.float32) * cos + cast(rotated, torch.float32) * sin, x.dtype)
+        return torch.cat([out, x[..., self.rotary_dim :]], dim=-1) if partial else out

@@ -337,6 +337,13 @@ def inductor_configs(capability: str, host: str, threads: int) -> dict[str, obje
         # No line tables (-g1): they cost compile time and embed the paths of Inductor's cache, so
         # that the same code compiled in another cache folder would give other bytes.
         "aot_inductor.enable_line_tables": False,
+        # Inductor first proves that the compiler builds each vector ISA the CPU reports, by
+        # compiling torch's vector headers once per ISA and loading the result in a child
+        # process: ~8 s of a cold build on 2 cores, paid again by the process compiling the
+        # second package. The CPU's own report (cpuid) is what decides the ISA here, and the
+        # compiler is the one that builds llmc's kernel libraries for AVX-512 VNNI and AVX2 at the
+        # start of the build; one that could not would fail the compile with its own message.
+        "cpp.vec_isa_ok": True,
     }
     if capability != host:
         # The vector width picks Inductor's ISA (cpu_vec_isa.pick_vec_isa): its generated kernels

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmc.kernels.casts import cast
 from llmc.kernels.cpu import qmatmul_vnni
 from llmc.quant import kquants, legacy
 from llmc.quant.formats import FORMATS
@@ -252,15 +253,15 @@ class CpuQMatmul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_weight is not None and not self._use_dense(x.shape[0]):
             assert self.kernel_scales is not None
-            return qmatmul_vnni.qmatmul(x, self.kernel_weight, self.kernel_scales, self.kernel_bits).to(x.dtype)
+            return cast(qmatmul_vnni.qmatmul(x, self.kernel_weight, self.kernel_scales, self.kernel_bits), x.dtype)
         if self._use_dense(x.shape[0]):
             assert self.dense is not None
-            return F.linear(x.to(self.dense.dtype), self.dense).to(x.dtype)
-        xc = x.to(COMPUTE_DTYPE)
+            return cast(F.linear(cast(x, self.dense.dtype), self.dense), x.dtype)
+        xc = cast(x, COMPUTE_DTYPE)
         if self.packed_low is not None:
-            return self._pair(xc).to(x.dtype)
+            return cast(self._pair(xc), x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP, self.scales_zeros)
-        return y.to(x.dtype)
+        return cast(y, x.dtype)
 
 
 def has_dense_choice(model: nn.Module) -> bool:

@@ -173,8 +173,9 @@ def main() -> None:
     default=DEFAULT_CPU_ISA,
     show_default=True,
     type=click.Choice(CPU_ISAS),
-    help="CPUs the compiled step is built for: host (this machine's vector ISA), baseline (x86-64 AVX2) or all "
-    "(both: an artifact built on an AVX-512 machine also runs compiled on AVX2 ones; the runtime takes the best).",
+    help="CPUs the compiled step is built for: baseline (x86-64 AVX2, which every x86-64 CPU since 2013 runs, "
+    "AVX-512 ones as fast: the step's own code is glue between llmc's kernels, which pick their ISA at run time; "
+    "other CPUs: their own), host (this machine's vector ISA) or all (both; the runtime takes the best).",
 )
 @click.option(
     "--buckets",

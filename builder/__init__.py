@@ -11,8 +11,10 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 ISQ_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k")
 BUILD_DTYPES = ("f32", "f16", "bf16")
 # `llmc build --cpu-isa`: the CPU capabilities the decode step is compiled for (builder/targets/cpu.py).
-# "host": the build machine's only; "baseline": x86-64 AVX2 only; "all": both, so that an artifact
-# built on an AVX-512 machine also runs compiled on an AVX2 one (the runtime takes the best package
-# the host supports).
+# "host": the build machine's only; "baseline": x86-64 AVX2 only (a non-x86 or AVX2 machine: its
+# own); "all": both (the runtime takes the best package the host supports). The default is the
+# baseline: the package's own code is only the glue between llmc's kernels (norms, rope, residual
+# adds), whose vector width did not change the step time on an AVX-512 host (docs/BENCHMARKS.md,
+# "One decode package"), and one package is half the compile of two, yet runs on every x86-64 CPU.
 CPU_ISAS = ("host", "baseline", "all")
-DEFAULT_CPU_ISA = "all"
+DEFAULT_CPU_ISA = "baseline"

@@ -15,6 +15,6 @@ BUILD_DTYPES = ("f32", "f16", "bf16")
 # own); "all": both (the runtime takes the best package the host supports). The default is the
 # baseline: the package's own code is only the glue between llmc's kernels (norms, rope, residual
 # adds), whose vector width did not change the step time on an AVX-512 host (docs/BENCHMARKS.md,
-# "One decode package"), and one package is half the compile of two, yet runs on every x86-64 CPU.
+# "The cold default build"), and one package is half the compile of two, yet runs on every x86-64 CPU.
 CPU_ISAS = ("host", "baseline", "all")
 DEFAULT_CPU_ISA = "baseline"

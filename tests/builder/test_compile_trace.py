@@ -105,6 +105,24 @@ def test_the_traced_model_holds_no_weight_and_its_computed_constants_are_real(tm
         assert handle.get_slice(next(iter(handle.keys()))).get_shape()  # the header is intact
 
 
+def test_the_traced_step_converts_no_tensor_to_the_dtype_it_already_has(tmp_path: Path) -> None:
+    """torch.export records even a no-op `.to()`/`.float()` (kernels/casts.py); every node costs the
+    compile, and such no-ops were a third of the decode step's nodes."""
+    artifact = _eager_artifact(tmp_path, "q4_1")
+    manifest = artifact.manifest
+    files = sorted({t.file for t in manifest.tensors})
+    formats = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
+    options = CompileOptions(buckets=(1, 8), max_seq_len=64)
+    model = model_from_stage(
+        artifact.root, files, manifest.model, formats, COMPUTE_DTYPES[manifest.dtype], options, None
+    )
+    exported, _, _ = export_decode_step(model, options, "packed")
+    conversions = [node for node in exported.graph.nodes if node.target is torch.ops.aten.to.dtype]
+    assert conversions  # the norms' float64 mean square: real conversions stay
+    no_ops = [node.name for node in conversions if node.args[0].meta["val"].dtype == node.args[1]]
+    assert no_ops == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
 def test_compiling_holds_no_copy_of_the_prepared_weights(tmp_path: Path) -> None:

@@ -340,9 +340,9 @@ def inductor_configs(capability: str, host: str, threads: int) -> dict[str, obje
         # Inductor first proves that the compiler builds each vector ISA the CPU reports, by
         # compiling torch's vector headers once per ISA and loading the result in a child
         # process: ~8 s of a cold build on 2 cores, paid again by the process compiling the
-        # second package. The CPU's own report (cpuid) is what decides the ISA here, and the
-        # compiler is the one that builds llmc's kernel libraries for AVX-512 VNNI and AVX2 at the
-        # start of the build; one that could not would fail the compile with its own message.
+        # second package. The CPU's own report (cpuid) decides the ISA here; a compiler too old for
+        # it (GCC builds AVX-512 since 4.9, and compiles llmc's AVX-512 VNNI kernels in the same
+        # build unless --no-cpu-kernels) fails the compile with its own message, not silently.
         "cpp.vec_isa_ok": True,
     }
     if capability != host:

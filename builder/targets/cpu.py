@@ -45,7 +45,7 @@ from llmc.builder.targets.base import (
     check_options,
     not_compilable,
 )
-from llmc.errors import BadInputError, InternalError
+from llmc.errors import BadInputError, InternalError, LlmcError
 from llmc.kernels.cpu import autotune, cpu_kernels
 from llmc.kernels.cpu.half_matmul import CpuHalfMatmul
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice, weight_form
@@ -218,6 +218,43 @@ def _no_buffer_copies() -> Iterator[None]:
         compile_fx.clone_preserve_strides = original
 
 
+# What the wrapper's input checks become (see _no_input_check_code): the two functions the rest of
+# the generated code calls, doing nothing, the switch a compile-time constant so that the compiler
+# drops every check it guards.
+_NO_INPUT_CHECKS = """
+static constexpr bool _check_aoti_runtime_check_inputs_env() { return false; }
+AOTI_NOINLINE static void __check_inputs_outputs(AtenTensorHandle*, AtenTensorHandle*) {}
+"""
+
+
+@contextlib.contextmanager
+def _no_input_check_code() -> Iterator[None]:
+    """Keep AOTInductor from generating its debug checks of the inputs' dtypes, sizes and strides.
+
+    They run only when $AOTI_RUNTIME_CHECK_INPUTS is set, but their code is half of the wrapper
+    that g++ compiles (5,400 of 11,900 lines for SmolLM2's step, 18 s of CPU against 11 s without,
+    docs/BENCHMARKS.md). llmc checks the inputs itself before every call (runtime/bucketed_step.py),
+    the checks that matter: the slots and block ids against the cache. A torch without the method
+    generates its checks as before.
+    """
+    from torch._inductor.codegen import cpp_wrapper_cpu
+
+    wrapper = cpp_wrapper_cpu.CppWrapperCpu
+    original = getattr(wrapper, "generate_input_output_runtime_checks", None)
+    if original is None:
+        yield
+        return
+
+    def no_checks(self: cpp_wrapper_cpu.CppWrapperCpu) -> None:
+        self.prefix.splice_aot(_NO_INPUT_CHECKS)
+
+    wrapper.generate_input_output_runtime_checks = no_checks  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        wrapper.generate_input_output_runtime_checks = original  # type: ignore[method-assign]
+
+
 def model_from_stage(
     stage: Path,
     tensor_files: list[str],
@@ -280,9 +317,16 @@ def compile_from_stage(
 
 
 def example_inputs(step: DecodeStep, batch: int, num_blocks: int) -> tuple[object, ...]:
-    """Valid inputs of the traced shapes: `batch` sequences over a cache of `num_blocks` blocks."""
+    """Valid inputs of the traced shapes: `batch` sequences over a cache of `num_blocks` blocks.
+
+    Each cache gets its own storage. The runtime's caches are views of one allocation
+    (model/kv_layout.py), and traced as such they alias in the compiler's eyes: AOTAutograd and
+    Inductor's re-inplacing pass then check every pair of them for overlap under symbolic shapes,
+    ~25 s of SmolLM2's 70 s compile (docs/BENCHMARKS.md). The views never overlap, so a program
+    traced on separate tensors runs on them unchanged."""
     spec, bs = step.model.spec, step.block_size
-    kv = [cache for pair in allocate_kv_caches(spec, step.model.dtype, num_blocks * bs) for cache in pair]
+    shared = allocate_kv_caches(spec, step.model.dtype, num_blocks * bs)
+    kv = [cache.clone() for pair in shared for cache in pair]
     width = 2
     tables = torch.arange(batch * width, dtype=torch.int64).remainder(num_blocks).view(batch, width)
     lens = torch.full((batch,), bs + 1, dtype=torch.int64)
@@ -436,7 +480,13 @@ def lower_decode_step(
     fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
     configs = inductor_configs(capability, host, threads)
-    with _recorded_constants() as recorded, _compiler_errors("compiling"), _no_leafspec_warning(), _no_buffer_copies():
+    with (
+        _recorded_constants() as recorded,
+        _compiler_errors("compiling"),
+        _no_leafspec_warning(),
+        _no_buffer_copies(),
+        _no_input_check_code(),
+    ):
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)
     made = {
@@ -505,8 +555,8 @@ class CpuTarget(Target):
 
     def start(self, writer: ArtifactWriter) -> None:
         if self.kernels:
-            # One thread per ISA: each waits on its own compiler processes.
-            self._pool = ThreadPoolExecutor(max_workers=len(cpu_kernels.ISAS), thread_name_prefix="llmc-kernels")
+            # One ISA at a time, this machine's first (_start_cpu_kernels).
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc-kernels")
             self._kernels_jobs = _start_cpu_kernels(self._pool)
 
     def finish(
@@ -518,10 +568,22 @@ class CpuTarget(Target):
         on_progress: Progress | None,
     ) -> TargetOutput:
         jobs = self._kernels_jobs
-        kernels, loaded = _finish_cpu_kernels(writer, jobs) if jobs is not None else ([], None)
+        isa, why = None, ""
+        if isinstance(jobs, str):
+            log.warning("build.cpu_kernels_skipped", reason=jobs)
+            jobs = None
+        elif jobs is not None:
+            chosen = _load_cpu_kernels(writer, jobs)
+            if chosen is None:
+                jobs = None
+            else:
+                isa, why = chosen
+        torch_version = torch.__version__.split("+")[0]
+        loaded = None if isa is None else KernelLibrary(file=kernels_file(isa), torch_version=torch_version, isa=isa)
         if self.autotune:
             tune_build_host(writer, dtype, loaded is not None)
         compiled, skipped, seconds = _compile(self.compile, spec, writer, formats, dtype, loaded, on_progress, self.isa)
+        kernels = [] if jobs is None else _ship_cpu_kernels(writer, jobs, isa, why)
         capability = torch.backends.cpu.get_cpu_capability()
         return TargetOutput(TargetCode(capability=capability, kernels=kernels, compiled=compiled), skipped, seconds)
 
@@ -555,44 +617,70 @@ def tune_build_host(writer: ArtifactWriter, dtype: torch.dtype, kernels_loaded: 
 
 
 def _start_cpu_kernels(pool: ThreadPoolExecutor) -> dict[str, Future[bytes]] | str:
-    """Start compiling llmc's CPU kernels for every ISA (into the user's cache, all at once); or
-    why they cannot be built here."""
+    """Start compiling llmc's CPU kernels for every ISA (into the user's cache), the one this
+    machine loads first; or why they cannot be built here. The pool runs them one at a time: the
+    first compiles its two sources on two cores while the weights are written, and the compile of
+    the decode step, which needs only that one, starts as soon as it is done; the others compile
+    beside it (they only go into the artifact), each on one core."""
     isas = cpu_kernels.buildable()
     if not isas:
         return f"llmc's CPU kernels are for x86-64 and aarch64 CPUs ({', '.join(cpu_kernels.ISA_NAMES)})"
-    return {isa: pool.submit(cpu_kernels.cached_library, isa) for isa in isas}
+    try:
+        first, _ = cpu_kernels.choose(isas)
+    except LlmcError:  # a bad $LLMC_CPU_ISA: _load_cpu_kernels says so
+        first = None
+    order = sorted(isas, key=lambda name: name != first)
+    return {isa: pool.submit(cpu_kernels.cached_library, isa) for isa in order}
 
 
-def _finish_cpu_kernels(
-    writer: ArtifactWriter, jobs: dict[str, Future[bytes]] | str
-) -> tuple[list[KernelLibrary], KernelLibrary | None]:
-    """Wait for the kernels and copy them into the artifact, one library per ISA; load the one
-    this machine runs best here (the compiled steps then call it). Returns the libraries and the
-    loaded one; none where this machine cannot compile them, and none loaded where it runs none
-    of them: the artifact then uses torch's own kernels here."""
-    if isinstance(jobs, str):
-        log.warning("build.cpu_kernels_skipped", reason=jobs)
-        return [], None
-    torch_version = torch.__version__.split("+")[0]
-    built: dict[str, bytes] = {}
-    for name, job in jobs.items():
-        try:
-            built[name] = job.result()
-        except InternalError as exc:
-            log.warning("build.cpu_kernels_skipped", isa=name, reason=str(exc))
-    libraries = [KernelLibrary(file=kernels_file(name), torch_version=torch_version, isa=name) for name in built]
-    isa, why = cpu_kernels.choose(built)
-    loaded = next((library for library in libraries if library.isa == isa), None)
-    if isa is not None:
-        reason = cpu_kernels.load_bytes(built[isa], isa)
-        if reason is not None:  # a library that fails here would fail its users too: ship none
+def _built(name: str, job: Future[bytes]) -> bytes | None:
+    """The library a kernel job compiled, or None (logged) when it failed."""
+    try:
+        return job.result()
+    except InternalError as exc:
+        log.warning("build.cpu_kernels_skipped", isa=name, reason=str(exc))
+        return None
+
+
+def _load_cpu_kernels(writer: ArtifactWriter, jobs: dict[str, Future[bytes]]) -> tuple[str | None, str] | None:
+    """Wait for the library this machine runs best (the next best where one fails to compile),
+    load it and copy it into the artifact (the compiled steps then call it): its ISA, or None
+    where this machine runs none of them, and why; None when it does not load here, and the
+    artifact then ships no library (one that fails here would fail its users too)."""
+    candidates = set(jobs)
+    while True:
+        isa, why = cpu_kernels.choose(candidates)
+        if isa is None:
+            return None, why
+        data = _built(isa, jobs[isa])
+        if data is None:
+            candidates.discard(isa)
+            continue
+        reason = cpu_kernels.load_bytes(data, isa)
+        if reason is not None:
             log.warning("build.cpu_kernels_skipped", isa=isa, reason=reason)
-            return [], None
-    log.info("build.cpu_kernels", isas=sorted(built), loaded=isa, why=why)
-    for library in libraries:
-        cpu_kernels.install(built[library.isa], writer.stage / library.file)
-        writer.add(library.file)
-    return libraries, loaded
+            return None
+        cpu_kernels.install(data, writer.stage / kernels_file(isa))
+        return isa, why
+
+
+def _ship_cpu_kernels(
+    writer: ArtifactWriter, jobs: dict[str, Future[bytes]], loaded: str | None, why: str
+) -> list[KernelLibrary]:
+    """Wait for the other libraries and copy them into the artifact, one per ISA, in ISA order."""
+    torch_version = torch.__version__.split("+")[0]
+    built = [name for name in cpu_kernels.ISA_NAMES if name in jobs]
+    libraries = []
+    for name in built:
+        if name != loaded:
+            data = _built(name, jobs[name])
+            if data is None:
+                continue
+            cpu_kernels.install(data, writer.stage / kernels_file(name))
+        libraries.append(KernelLibrary(file=kernels_file(name), torch_version=torch_version, isa=name))
+        writer.add(kernels_file(name))
+    log.info("build.cpu_kernels", isas=sorted(lib.isa for lib in libraries), loaded=loaded, why=why)
+    return libraries
 
 
 def _compile(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import msgspec
@@ -172,6 +173,19 @@ def test_artifact_lists_and_hashes_the_package(tiny_compiled: Path) -> None:
     assert step["buckets"] == list(BUCKETS)
     assert step["torch_version"] == torch.__version__.split("+")[0]
     assert manifest["build"]["flags"]["compile"]["buckets"] == list(BUCKETS)
+
+
+def test_the_package_carries_no_input_check_code(tiny_compiled: Path) -> None:
+    """AOTInductor's debug checks of the inputs (on only under $AOTI_RUNTIME_CHECK_INPUTS) were half
+    of the wrapper g++ compiled (builder/targets/cpu.py _no_input_check_code); llmc checks the
+    inputs itself (test_compiled_step_refuses_out_of_range_inputs). Their messages are their trace."""
+    manifest = json.loads((tiny_compiled / "manifest.json").read_text())
+    [step] = manifest["targets"]["cpu"]["compiled"]
+    with zipfile.ZipFile(tiny_compiled / step["package"]) as package:
+        libraries = [package.read(name) for name in package.namelist() if name.endswith(".so")]
+    assert libraries
+    for library in libraries:
+        assert b"unmatched dtype" not in library and b"dim value is too" not in library
 
 
 def test_compiled_build_is_reproducible(tiny_compiled: Path, tmp_path: Path) -> None:

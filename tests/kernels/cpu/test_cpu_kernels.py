@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from llmc.artifacts.writer import ArtifactWriter
 from llmc.builder.build import BuildOptions, build
 from llmc.errors import BadInputError, InternalError
 from llmc.kernels.cpu import cpu_kernels
@@ -236,3 +238,56 @@ def test_the_package_ships_every_kernel_source_and_header() -> None:
     needed = {*cpu_kernels.SOURCES, *cpu_kernels.HEADERS, cpu_kernels.OPS_SOURCE, cpu_kernels.KERNELS_SOURCE}
     assert cpu_kernels.HEADERS and cpu_kernels.SOURCES
     assert [f.name for f in needed if not any(fnmatch.fnmatch(f.name, p) for p in patterns)] == []
+
+
+class _Stage:
+    """What the kernel steps of the CPU target use of an ArtifactWriter."""
+
+    def __init__(self, stage: Path) -> None:
+        self.stage = stage
+        self.files: list[str] = []
+
+    def add(self, name: str) -> None:
+        assert (self.stage / name).is_file(), name
+        self.files.append(name)
+
+
+@pytest.mark.parametrize("broken", [None, "avx_vnni"])
+def test_the_library_this_machine_loads_compiles_first_and_every_library_ships(
+    x86: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, broken: str | None
+) -> None:
+    """The decode step's compile waits for the one library it loads; the others only go into the
+    artifact and compile beside it (builder/targets/cpu.py). A library that fails to compile is
+    left out, and the next best one this machine runs is loaded instead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmc.builder.targets import cpu as cpu_target
+
+    monkeypatch.setattr(cpu_kernels, "host_cpu_flags", lambda: AVX_VNNI_HOST)
+    started: list[str] = []
+
+    def compiled(isa: str) -> bytes:
+        started.append(isa)
+        if isa == broken:
+            raise InternalError("compiling llmc's CPU kernels failed")
+        return f"library {isa}".encode()
+
+    loaded: list[str] = []
+    monkeypatch.setattr(cpu_kernels, "cached_library", compiled)
+    monkeypatch.setattr(cpu_kernels, "load_bytes", lambda data, isa: loaded.append(isa))
+    stage = _Stage(tmp_path)
+    writer = cast(ArtifactWriter, stage)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        jobs = cpu_target._start_cpu_kernels(pool)
+        assert isinstance(jobs, dict)
+        chosen = cpu_target._load_cpu_kernels(writer, jobs)
+        assert chosen is not None
+        libraries = cpu_target._ship_cpu_kernels(writer, jobs, *chosen)
+    assert started == ["avx_vnni", "avx512_vnni", "avx2"]
+    best = "avx2" if broken else "avx_vnni"
+    assert chosen[0] == best and loaded == [best]
+    shipped = [name for name in ("avx512_vnni", "avx_vnni", "avx2") if name != broken]
+    assert [library.isa for library in libraries] == shipped
+    assert stage.files == [cpu_target.kernels_file(name) for name in shipped]
+    for name in shipped:
+        assert (tmp_path / cpu_target.kernels_file(name)).read_bytes() == f"library {name}".encode()

@@ -74,10 +74,10 @@ def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 class GgufSource(ModelSource):
     def __init__(self, path: Path, name: str) -> None:
-        import gguf  # the builder's dependency, not the runtime's
+        from llmc.builder.gguf_reader import FastGGUFReader  # gguf: the builder's dependency, not the runtime's
 
         try:
-            self._reader = gguf.GGUFReader(str(path), "r")
+            self._reader = FastGGUFReader(str(path), "r")
         except (ValueError, OSError) as exc:
             raise BadModelError(f"{path} is not a readable GGUF file: {exc}") from exc
         fields = read_gguf_fields(self._reader)

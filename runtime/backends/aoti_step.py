@@ -5,7 +5,8 @@ Loading never compiles anything: the package's code is mapped with torch's C++ l
 `aoti_load_package` spends seconds importing and probing), and its weights are the eager model's
 own tensors, handed over by name. Whether this process can run a package at all (torch version,
 CPU capability, kernel library) is the backend's check before loading (runtime/backends/cpu.py).
-The package and its constants are loaded from the bytes whose sha256 was checked (a private copy).
+The package and its constants are loaded from the bytes whose sha256 was checked (unpacked into a
+private folder, removed once loaded).
 
 AOTInductor does not check the shapes or index ranges of what it is given: BucketedStep
 validates every input first, as a bad slot or block id would otherwise corrupt memory.
@@ -13,14 +14,18 @@ validates every input first, as a bad slot or block id would otherwise corrupt m
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors.torch import load
 
 from llmc.artifacts.manifest import CompiledStep
 from llmc.artifacts.reader import Artifact
+from llmc.errors import BadArtifactError
 from llmc.logs import get_logger
 from llmc.model.decode_step import DecodeStep
 from llmc.runtime.bucketed_step import BucketedStep
@@ -31,19 +36,52 @@ _MODEL_NAME = "model"  # the name aoti_compile_and_package gives the one model i
 _RUN_SINGLE_THREADED = False  # the engine calls from one thread at a time either way
 _NUM_RUNNERS = 1
 _CPU_DEVICE_INDEX = -1
-_PACKAGE_NAME = "decode.pt2"  # the private copy's name: torch's loader wants a .pt2 file
+# The most a package may unpack to. A package holds code only (SmolLM2's unpacks to 0.7 MB, and
+# the code does not grow with the weights); the bound keeps a hostile archive from filling the disk.
+_MAX_UNPACKED_BYTES = 1 << 30
+
+
+def _unpack(package: bytes, root: Path) -> None:
+    """Unpack a .pt2 package (a zip archive, from an artifact: untrusted) under `root`: every entry
+    a relative path confined to it, nothing linked, its total size bounded."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(package)) as archive:
+            entries = archive.infolist()
+            total = sum(entry.file_size for entry in entries)
+            if total > _MAX_UNPACKED_BYTES:
+                raise BadArtifactError(
+                    f"a compiled package unpacks to {total} bytes, more than the {_MAX_UNPACKED_BYTES} a package "
+                    "may hold: rebuild the artifact with llmc"
+                )
+            for entry in entries:
+                parts = PurePosixPath(entry.filename).parts
+                if not parts or entry.filename.startswith("/") or "\\" in entry.filename or ".." in parts:
+                    raise BadArtifactError(
+                        f"a compiled package names the path {entry.filename!r}, outside the package: "
+                        "rebuild the artifact with llmc"
+                    )
+                path = root.joinpath(*parts)
+                if entry.is_dir():
+                    path.mkdir(parents=True, exist_ok=True)
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                with os.fdopen(os.open(path, flags, 0o600), "wb") as fh:
+                    fh.write(archive.read(entry))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # a broken archive, a duplicate entry
+        raise BadArtifactError(f"a compiled package cannot be unpacked ({exc}): rebuild the artifact") from exc
 
 
 def _load_package(package: bytes) -> torch._C._aoti.AOTIModelPackageLoader:
-    """Load a .pt2 package from these (verified) bytes: written to a fresh file in a fresh 0700
-    directory of our own (torch's loader takes a path), removed once the loader has unpacked it."""
+    """Load a .pt2 package from these (verified) bytes: unpacked into a fresh 0700 directory of our
+    own, loaded from there (torch's loader takes a folder as well as a file), and removed at once:
+    the loaded code stays mapped. Given the file, torch's loader unpacks it into a
+    /tmp/aotinductor_* folder of its own that lives as long as the loader, and that a killed process
+    leaves behind."""
     with tempfile.TemporaryDirectory(prefix="llmc-package-") as private:
-        path = os.path.join(private, _PACKAGE_NAME)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(package)
+        _unpack(package, Path(private))
         return torch._C._aoti.AOTIModelPackageLoader(
-            path, _MODEL_NAME, _RUN_SINGLE_THREADED, _NUM_RUNNERS, _CPU_DEVICE_INDEX
+            private, _MODEL_NAME, _RUN_SINGLE_THREADED, _NUM_RUNNERS, _CPU_DEVICE_INDEX
         )
 
 

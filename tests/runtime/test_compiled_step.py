@@ -6,8 +6,10 @@ artifacts are module-scoped and shared by the tests.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from llmc.builder.targets.base import CompileOptions
 from llmc.errors import BadArtifactError, InternalError
 from llmc.kernels.cpu import autotune, cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
+from llmc.runtime.backends import aoti_step
 from llmc.runtime.backends.cpu import incompatibility, load_cpu_kernels
 from llmc.runtime.engine import Engine, EngineConfig
 from llmc.runtime.sampling_params import SamplingParams
@@ -186,6 +189,51 @@ def test_the_package_carries_no_input_check_code(tiny_compiled: Path) -> None:
     assert libraries
     for library in libraries:
         assert b"unmatched dtype" not in library and b"dim value is too" not in library
+
+
+def test_loading_a_package_leaves_no_file_behind(
+    tiny_compiled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given the .pt2 file, torch's loader unpacked it into a /tmp/aotinductor_* folder that lived as
+    long as the loader, and that every killed server left behind; llmc unpacks it itself and
+    removes the folder once it is loaded (runtime/backends/aoti_step.py)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where torch's loader unpacks (C++ reads $TMPDIR)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    engine = open_engine(tiny_compiled, kv_blocks=64)
+    assert engine.runner.compiled
+    assert list(scratch.iterdir()) == []
+    assert generate(engine, [[5, 6, 7]], GREEDY)[0]
+    assert engine.runner.compiled_steps > 0
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["../escape.so", "/abs/model.so", "pkg/../../escape.so", "pkg\\..\\x.so"])
+def test_a_package_naming_a_path_outside_itself_is_refused(tmp_path: Path, name: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(BadArtifactError, match="outside the package"):
+        aoti_step._unpack(_zip({"pkg/ok.txt": b"fine", name: b"x"}), root)
+    assert not (tmp_path / "escape.so").exists() and not Path("/abs/model.so").exists()
+
+
+def test_a_package_unpacking_beyond_the_bound_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aoti_step, "_MAX_UNPACKED_BYTES", 1000)
+    with pytest.raises(BadArtifactError, match="more than the 1000"):
+        aoti_step._unpack(_zip({"a.so": b"\0" * 600, "b.so": b"\0" * 600}), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    aoti_step._unpack(_zip({"pkg/a.so": b"\0" * 600}), tmp_path)  # within the bound: unpacked
+    assert (tmp_path / "pkg" / "a.so").read_bytes() == b"\0" * 600
+    with pytest.raises(BadArtifactError, match="cannot be unpacked"):
+        aoti_step._unpack(b"not a zip archive", tmp_path)
 
 
 def test_compiled_build_is_reproducible(tiny_compiled: Path, tmp_path: Path) -> None:

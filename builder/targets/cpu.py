@@ -580,10 +580,12 @@ class CpuTarget(Target):
                 isa, why = chosen
         torch_version = torch.__version__.split("+")[0]
         loaded = None if isa is None else KernelLibrary(file=kernels_file(isa), torch_version=torch_version, isa=isa)
-        if self.autotune:
-            tune_build_host(writer, dtype, loaded is not None)
         compiled, skipped, seconds = _compile(self.compile, spec, writer, formats, dtype, loaded, on_progress, self.isa)
         kernels = [] if jobs is None else _ship_cpu_kernels(writer, jobs, isa, why)
+        if self.autotune:
+            # Last: the packages are traced with the default weight forms whatever it measures, and
+            # nothing else compiles now to disturb the measurement.
+            tune_build_host(writer, dtype, loaded is not None)
         capability = torch.backends.cpu.get_cpu_capability()
         return TargetOutput(TargetCode(capability=capability, kernels=kernels, compiled=compiled), skipped, seconds)
 

@@ -246,7 +246,9 @@ def _no_input_check_code() -> Iterator[None]:
         return
 
     def no_checks(self: cpp_wrapper_cpu.CppWrapperCpu) -> None:
-        self.prefix.splice_aot(_NO_INPUT_CHECKS)
+        # The AOT half of torch 2.13's dual buffer; a single buffer in torches before it.
+        splice = getattr(self.prefix, "splice_aot", None) or self.prefix.splice
+        splice(_NO_INPUT_CHECKS)
 
     wrapper.generate_input_output_runtime_checks = no_checks  # type: ignore[method-assign]
     try:

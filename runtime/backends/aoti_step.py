@@ -36,6 +36,7 @@ _MODEL_NAME = "model"  # the name aoti_compile_and_package gives the one model i
 _RUN_SINGLE_THREADED = False  # the engine calls from one thread at a time either way
 _NUM_RUNNERS = 1
 _CPU_DEVICE_INDEX = -1
+_PACKAGE_FILE = "decode.pt2"  # the file a loader that takes no folder gets: it wants a .pt2 name
 # The most a package may unpack to. A package holds code only (SmolLM2's unpacks to 0.7 MB, and
 # the code does not grow with the weights); the bound keeps a hostile archive from filling the disk.
 _MAX_UNPACKED_BYTES = 1 << 30
@@ -77,12 +78,25 @@ def _load_package(package: bytes) -> torch._C._aoti.AOTIModelPackageLoader:
     own, loaded from there (torch's loader takes a folder as well as a file), and removed at once:
     the loaded code stays mapped. Given the file, torch's loader unpacks it into a
     /tmp/aotinductor_* folder of its own that lives as long as the loader, and that a killed process
-    leaves behind."""
+    leaves behind: that remains the way only where torch's loader takes no folder."""
     with tempfile.TemporaryDirectory(prefix="llmc-package-") as private:
-        _unpack(package, Path(private))
-        return torch._C._aoti.AOTIModelPackageLoader(
-            private, _MODEL_NAME, _RUN_SINGLE_THREADED, _NUM_RUNNERS, _CPU_DEVICE_INDEX
-        )
+        unpacked = Path(private) / "package"
+        _unpack(package, unpacked)
+        try:
+            return _loader(str(unpacked))
+        except RuntimeError as exc:  # a torch whose loader takes only a file
+            log.debug("compiled.load_from_file", reason=str(exc).splitlines()[0] if str(exc) else "")
+        path = os.path.join(private, _PACKAGE_FILE)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(path, flags, 0o600), "wb") as fh:
+            fh.write(package)
+        return _loader(path)
+
+
+def _loader(path: str) -> torch._C._aoti.AOTIModelPackageLoader:
+    return torch._C._aoti.AOTIModelPackageLoader(
+        path, _MODEL_NAME, _RUN_SINGLE_THREADED, _NUM_RUNNERS, _CPU_DEVICE_INDEX
+    )
 
 
 class AOTInductorStep(BucketedStep):

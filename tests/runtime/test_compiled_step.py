@@ -208,6 +208,24 @@ def test_loading_a_package_leaves_no_file_behind(
     assert engine.runner.compiled_steps > 0
 
 
+def test_a_torch_whose_loader_takes_no_folder_loads_the_file(
+    tiny_compiled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = aoti_step._loader
+    tried: list[str] = []
+
+    def file_only(path: str) -> torch._C._aoti.AOTIModelPackageLoader:
+        tried.append(path)
+        if Path(path).is_dir():
+            raise RuntimeError("Unsupported model package: not a zip file")
+        return original(path)
+
+    monkeypatch.setattr(aoti_step, "_loader", file_only)
+    engine = open_engine(tiny_compiled, kv_blocks=64)
+    assert engine.runner.compiled and [Path(p).suffix for p in tried] == ["", ".pt2"]
+    assert generate(engine, [[5, 6, 7]], GREEDY)[0] and engine.runner.compiled_steps > 0
+
+
 def _zip(entries: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:

@@ -580,8 +580,7 @@ class CpuTarget(Target):
                 jobs = None
             else:
                 isa, why = chosen
-        torch_version = torch.__version__.split("+")[0]
-        loaded = None if isa is None else KernelLibrary(file=kernels_file(isa), torch_version=torch_version, isa=isa)
+        loaded = None if isa is None else _library(isa)
         compiled, skipped, seconds = _compile(self.compile, spec, writer, formats, dtype, loaded, on_progress, self.isa)
         kernels = [] if jobs is None else _ship_cpu_kernels(writer, jobs, isa, why)
         if self.autotune:
@@ -637,6 +636,11 @@ def _start_cpu_kernels(pool: ThreadPoolExecutor) -> dict[str, Future[bytes]] | s
     return {isa: pool.submit(cpu_kernels.cached_library, isa) for isa in order}
 
 
+def _library(isa: str) -> KernelLibrary:
+    """The manifest entry of the kernel library for `isa`, compiled against this torch."""
+    return KernelLibrary(file=kernels_file(isa), torch_version=torch.__version__.split("+")[0], isa=isa)
+
+
 def _built(name: str, job: Future[bytes]) -> bytes | None:
     """The library a kernel job compiled, or None (logged) when it failed."""
     try:
@@ -672,7 +676,6 @@ def _ship_cpu_kernels(
     writer: ArtifactWriter, jobs: dict[str, Future[bytes]], loaded: str | None, why: str
 ) -> list[KernelLibrary]:
     """Wait for the other libraries and copy them into the artifact, one per ISA, in ISA order."""
-    torch_version = torch.__version__.split("+")[0]
     built = [name for name in cpu_kernels.ISA_NAMES if name in jobs]
     libraries = []
     for name in built:
@@ -681,7 +684,7 @@ def _ship_cpu_kernels(
             if data is None:
                 continue
             cpu_kernels.install(data, writer.stage / kernels_file(name))
-        libraries.append(KernelLibrary(file=kernels_file(name), torch_version=torch_version, isa=name))
+        libraries.append(_library(name))
         writer.add(kernels_file(name))
     log.info("build.cpu_kernels", isas=sorted(lib.isa for lib in libraries), loaded=loaded, why=why)
     return libraries

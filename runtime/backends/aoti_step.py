@@ -42,6 +42,13 @@ _PACKAGE_FILE = "decode.pt2"  # the file a loader that takes no folder gets: it 
 _MAX_UNPACKED_BYTES = 1 << 30
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a file that must not exist yet (nor be a link), readable by us only."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o600), "wb") as fh:
+        fh.write(data)
+
+
 def _unpack(package: bytes, root: Path) -> None:
     """Unpack a .pt2 package (a zip archive, from an artifact: untrusted) under `root`: every entry
     a relative path confined to it, nothing linked, its total size bounded."""
@@ -66,9 +73,7 @@ def _unpack(package: bytes, root: Path) -> None:
                     path.mkdir(parents=True, exist_ok=True)
                     continue
                 path.parent.mkdir(parents=True, exist_ok=True)
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                with os.fdopen(os.open(path, flags, 0o600), "wb") as fh:
-                    fh.write(archive.read(entry))
+                _write_new(path, archive.read(entry))
     except (zipfile.BadZipFile, OSError, ValueError) as exc:  # a broken archive, a duplicate entry
         raise BadArtifactError(f"a compiled package cannot be unpacked ({exc}): rebuild the artifact") from exc
 
@@ -86,11 +91,9 @@ def _load_package(package: bytes) -> torch._C._aoti.AOTIModelPackageLoader:
             return _loader(str(unpacked))
         except RuntimeError as exc:  # a torch whose loader takes only a file
             log.debug("compiled.load_from_file", reason=str(exc).splitlines()[0] if str(exc) else "")
-        path = os.path.join(private, _PACKAGE_FILE)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        with os.fdopen(os.open(path, flags, 0o600), "wb") as fh:
-            fh.write(package)
-        return _loader(path)
+        path = Path(private) / _PACKAGE_FILE
+        _write_new(path, package)
+        return _loader(str(path))
 
 
 def _loader(path: str) -> torch._C._aoti.AOTIModelPackageLoader:

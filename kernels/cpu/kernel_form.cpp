@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t kFormRows = 16;            // output rows per weight block (qmatmul_common.h kRows)
 constexpr int64_t kLane = 4;                 // inputs per 32-bit lane of the packed layout
 constexpr float kHalfMax = 65504.f;          // float16's largest finite value
-enum FormCode : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4K = 3, kQ6K = 4, kQ5_0 = 5, kQ5_1 = 6, kQ5K = 7, kQ2K = 8, kQ3K = 9 };
+enum FormCode : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4K = 3, kQ6K = 4, kQ5_0 = 5, kQ5_1 = 6, kQ5K = 7, kQ2K = 8, kQ3K = 9, kQ6KForm = 10 };
 
 struct FormatInfo {
   int64_t block_bytes, block_weights, group, bits;
@@ -159,7 +159,52 @@ void decode_block(int64_t code, const uint8_t* b, uint8_t* u, float* scale, floa
   }
 }
 
+// q6k blocks into the q6k form (qmatmul_common.h): the same bytes per weight, regrouped; d is copied.
+std::vector<at::Tensor> q6k_form(const at::Tensor& blocks, int64_t rows) {
+  constexpr int64_t kBlockBytes = 210, kWeights = 256, kGroup = 16, kGroups = 16;
+  constexpr int64_t kLowBytes = kGroups * 2 * 64, kHighBytes = kGroups * 64, kSuperBytes = kLowBytes + kHighBytes + kGroups * kFormRows;
+  const int64_t row_bytes = blocks.numel() / rows;
+  TORCH_CHECK(row_bytes % kBlockBytes == 0, "kernel_form: a row is not whole blocks");
+  const int64_t supers = row_bytes / kBlockBytes, out_blocks = rows / kFormRows;
+  at::Tensor weight = at::empty({out_blocks, supers * kSuperBytes}, blocks.options());
+  at::Tensor scales = at::empty({out_blocks, supers, 1, kFormRows}, blocks.options().dtype(at::kHalf));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = weight.data_ptr<uint8_t>();
+  auto* ddst = reinterpret_cast<uint8_t*>(scales.data_ptr<at::Half>());
+  at::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
+    uint8_t u[kWeights];
+    float unused_scale[kGroups], unused_offset[kGroups];
+    for (int64_t ob = first; ob < last; ++ob)
+      for (int64_t s = 0; s < supers; ++s) {
+        uint8_t* out = dst + (ob * supers + s) * kSuperBytes;
+        for (int64_t r = 0; r < kFormRows; ++r) {
+          const uint8_t* b = src + (ob * kFormRows + r) * row_bytes + s * kBlockBytes;
+          decode_block(kQ6K, b, u, unused_scale, unused_offset);
+          for (int64_t g = 0; g < kGroups; ++g) {
+            const uint8_t* ug = u + g * kGroup;
+            for (int64_t j = 0; j < kLane; ++j) {
+              for (int64_t c = 0; c < 2; ++c)
+                out[g * 128 + c * 64 + r * kLane + j] =
+                    static_cast<uint8_t>((ug[8 * c + j] & 0xF) | ((ug[8 * c + 4 + j] & 0xF) << 4));
+              uint8_t high = 0;
+              for (int64_t t = 0; t < 4; ++t) high |= static_cast<uint8_t>((ug[4 * t + j] >> 4) << (2 * t));
+              out[kLowBytes + g * 64 + r * kLane + j] = high;
+            }
+            out[kLowBytes + kHighBytes + g * kFormRows + r] = b[192 + g];  // sc, int8
+          }
+          std::memcpy(ddst + ((ob * supers + s) * kFormRows + r) * 2, b + 208, 2);  // d, float16
+        }
+      }
+  });
+  return {weight, scales, at::scalar_tensor(true, blocks.options().dtype(at::kBool))};
+}
+
 std::vector<at::Tensor> kernel_form(const at::Tensor& blocks, int64_t code, int64_t rows) {
+  if (code == kQ6KForm) {
+    TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");
+    TORCH_CHECK(rows > 0 && rows % kFormRows == 0 && blocks.numel() % rows == 0, "kernel_form: rows must be 16 * n");
+    return q6k_form(blocks, rows);
+  }
   const FormatInfo f = format_info(code);
   TORCH_CHECK(f.block_bytes > 0, "kernel_form: unknown format code ", code);
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");

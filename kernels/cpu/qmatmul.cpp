@@ -16,6 +16,7 @@
 //           and u[r][8c + 4 + j] in its high nibble.
 // `scales`: float16 [N / 16, K / G, 2, 16], the 16 rows' scales then their offsets; G is K
 // divided by its second dimension.
+// bits 6: the q6k form, GGML's q6k blocks at their own size (layout in qmatmul_common.h).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "kernels_api.h"
 
@@ -36,18 +38,40 @@ using llmc_qmatmul::kRows;
 // the calling thread.
 constexpr int64_t kQuantizeGrain = 4096;
 
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "qmatmul: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
-  TORCH_CHECK(weight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf, "qmatmul: bad dtypes");
-  TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");
-  const int64_t m = x.size(0), k = x.size(1), blocks = weight.size(0), n = blocks * kRows, groups = scales.size(1);
+// K, the activations' quantization group and their number of groups, for `weight` and `scales`
+// in the layout of `bits` (checked).
+struct Geometry {
+  int64_t k, group, groups;
+};
+
+Geometry geometry(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
+  const int64_t k = x.size(1), blocks = weight.size(0);
+  if (bits == llmc_qmatmul::kQ6KBits) {
+    const int64_t supers = scales.size(1), sub = llmc_qmatmul::kQ6KGroup * llmc_qmatmul::kQ6KGroups;
+    TORCH_CHECK(supers > 0 && k == supers * sub, "qmatmul: the q6k form needs K = 256 per d, got K = ", k, " for ",
+                supers);
+    TORCH_CHECK(weight.size(1) == supers * llmc_qmatmul::kQ6KSuperBytes, "qmatmul: weight does not match K");
+    TORCH_CHECK(scales.size(0) == blocks && scales.size(2) == 1 && scales.size(3) == kRows,
+                "qmatmul: scales do not match the weight");
+    return {k, llmc_qmatmul::kQ6KGroup, k / llmc_qmatmul::kQ6KGroup};
+  }
+  const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups == 16 || k / groups == 32),
               "qmatmul: K must be 16 or 32 inputs per scale group, got K = ", k, " for ", groups, " groups");
   const int64_t group = k / groups;
   TORCH_CHECK(weight.size(1) == groups * kRows * group * bits / 8, "qmatmul: weight does not match K");
   TORCH_CHECK(scales.size(0) == blocks && scales.size(1) == groups && scales.size(2) == 2 && scales.size(3) == kRows,
               "qmatmul: scales do not match the weight");
+  return {k, group, groups};
+}
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8 || bits == llmc_qmatmul::kQ6KBits, "qmatmul: bits must be 4, 6 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
+  TORCH_CHECK(weight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf, "qmatmul: bad dtypes");
+  TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");
+  const int64_t m = x.size(0), blocks = weight.size(0), n = blocks * kRows;
+  const auto [k, group, groups] = geometry(x, weight, scales, bits);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({m, groups}, x.options().dtype(at::kFloat));
@@ -72,8 +96,14 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   return y;
 }
 
+// The `bits` this library's qmatmul takes: a library without this op takes 4 and 8 only.
+std::vector<int64_t> qmatmul_bits() { return {4, 8, llmc_qmatmul::kQ6KBits}; }
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(llmc, m) {
+  m.def("qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
+  m.def("qmatmul_bits() -> int[]", &qmatmul_bits);  // no tensors to dispatch on: one kernel for all
+}
 
 TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("qmatmul", &qmatmul); }

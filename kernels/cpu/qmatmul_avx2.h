@@ -102,6 +102,58 @@ void half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t
   for (int m = 0; m < kBatch; ++m) _mm256_storeu_ps(y + m * ldy + half * kHalfRows, acc[m]);
 }
 
+// The q6k form (qmatmul_common.h), 8 rows per half as above. Plain AVX2: a `vpmaddubsw` pair is at
+// most 2 * 63 * 127 = 16002, so two pairs add in int16 and each such sum is widened (4 would not fit).
+template <int kBatch>
+void q6k_half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+                   int64_t ldy, int half) {
+  __m256 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  for (int64_t s = 0; s < groups / kQ6KGroups; ++s) {
+    const uint8_t* ws = w + s * kQ6KSuperBytes + half * 32;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + s * kRows + half * kHalfRows)));
+    for (int g = 0; g < kQ6KGroups; ++g) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128 + 64));
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + kQ6KLowBytes + g * 64));
+      const __m256i u[4] = {
+          _mm256_or_si256(_mm256_and_si256(v0, nibble), _mm256_and_si256(_mm256_slli_epi16(h, 4), top)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble), _mm256_and_si256(_mm256_slli_epi16(h, 2), top)),
+          _mm256_or_si256(_mm256_and_si256(v1, nibble), _mm256_and_si256(h, top)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(h, 2), top)),
+      };
+      const auto* sub = reinterpret_cast<const __m128i*>(ws - half * 32 + kQ6KLowBytes + kQ6KHighBytes + g * kRows +
+                                                         half * kHalfRows);
+      const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(sub))));
+      const int64_t gi = s * kQ6KGroups + g;
+      for (int m = 0; m < kBatch; ++m) {
+        const int8_t* x = a.q + m * k + gi * kQ6KGroup;
+#ifdef __AVXVNNI__
+        __m256i dot = _mm256_setzero_si256();
+        for (int t = 0; t < 4; ++t) dot = _mm256_dpbusd_avx_epi32(dot, u[t], broadcast4(x + 4 * t));
+#else
+        const __m256i ones = _mm256_set1_epi16(1);
+        const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(u[0], broadcast4(x)), _mm256_maddubs_epi16(u[1], broadcast4(x + 4)));
+        const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(u[2], broadcast4(x + 8)), _mm256_maddubs_epi16(u[3], broadcast4(x + 12)));
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(p01, ones), _mm256_madd_epi16(p23, ones));
+#endif
+        const int64_t i = m * groups + gi;
+        const __m256 centred = _mm256_sub_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(kQ6KBias * a.sum[i]));  // exact
+        acc[m] = _mm256_fmadd_ps(centred, _mm256_mul_ps(scale, _mm256_set1_ps(a.scale[i])), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < kBatch; ++m) _mm256_storeu_ps(y + m * ldy + half * kHalfRows, acc[m]);
+}
+
+template <int kBatch>
+void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+              int64_t ldy) {
+  q6k_half_rows<kBatch>(w, sc, a, groups, k, y, ldy, 0);
+  q6k_half_rows<kBatch>(w, sc, a, groups, k, y, ldy, 1);
+}
+
 template <int kGroup, int kBits, int kBatch>
 void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                 int64_t ldy) {

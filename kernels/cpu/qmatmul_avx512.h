@@ -56,4 +56,48 @@ void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
+// The q6k form (qmatmul_common.h): per group of 16 inputs, u's low nibbles come from two chunks in
+// the bits-4 layout and its top two bits from one 64-byte vector (field t of a byte: inputs 4t + j),
+// joined by one `vpternlogd` each; then y += dx * d * sc * (sum(u * xq) - 32 * sum(xq)).
+template <int kBatch>
+void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+              int64_t ldy) {
+  __m512 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  constexpr int kOrAnd = 0xF8;  // vpternlogd's truth table of a | (b & c)
+  for (int64_t s = 0; s < groups / kQ6KGroups; ++s) {
+    const uint8_t* ws = w + s * kQ6KSuperBytes;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + s * kRows)));
+    for (int g = 0; g < kQ6KGroups; ++g) {
+      const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
+      const __m512i h = _mm512_loadu_si512(ws + kQ6KLowBytes + g * 64);
+      const __m512i u[4] = {
+          _mm512_ternarylogic_epi32(_mm512_and_si512(v0, nibble), _mm512_slli_epi16(h, 4), top, kOrAnd),
+          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble), _mm512_slli_epi16(h, 2), top,
+                                    kOrAnd),
+          _mm512_ternarylogic_epi32(_mm512_and_si512(v1, nibble), h, top, kOrAnd),
+          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble), _mm512_srli_epi16(h, 2), top,
+                                    kOrAnd),
+      };
+      const auto* sub = reinterpret_cast<const __m128i*>(ws + kQ6KLowBytes + kQ6KHighBytes + g * kRows);
+      const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sub))));
+      const int64_t gi = s * kQ6KGroups + g;
+      for (int m = 0; m < kBatch; ++m) {
+        const int8_t* x = a.q + m * k + gi * kQ6KGroup;
+        __m512i dot = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          int32_t xt;
+          std::memcpy(&xt, x + 4 * t, 4);
+          dot = _mm512_dpbusd_epi32(dot, u[t], _mm512_set1_epi32(xt));
+        }
+        const int64_t i = m * groups + gi;
+        const __m512 centred = _mm512_sub_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(kQ6KBias * a.sum[i]));  // exact
+        acc[m] = _mm512_fmadd_ps(centred, _mm512_mul_ps(scale, _mm512_set1_ps(a.scale[i])), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
+}
+
 }  // namespace llmc_qmatmul

@@ -19,6 +19,27 @@ struct Activations {
   const float* sum;     // [M, K / G]: sum of q over the group, as float
 };
 
+// The q6k form (bits == kQ6KBits): GGML's q6k blocks regrouped for the kernel at the blocks' own
+// 6.5625 bits per weight, w = d * sc * (u - 32) with u = 0..63, an int8 scale sc per 16 weights
+// and a float16 d per 256. Per block of 16 rows and super-block of 256 inputs, kQ6KSuperBytes:
+//   lows:  16 groups x 2 chunks of 64 bytes, u's low 4 bits in the bits-4 layout (qmatmul.cpp);
+//   highs: 16 groups x 64 bytes; byte 4*r + j holds u[r][16g + 4t + j] >> 4 in its bits 2t, 2t+1;
+//   subs:  16 groups x 16 rows of sc (int8).
+// d is `scales`, float16 [N / 16, K / 256, 1, 16]. The activations are quantized per 16 inputs.
+constexpr int64_t kQ6KBits = 6;
+constexpr int64_t kQ6KGroup = 16;       // inputs per sc, and per activation scale
+constexpr int64_t kQ6KGroups = 16;      // groups per super-block of 256 inputs
+constexpr int64_t kQ6KLowBytes = kQ6KGroups * 2 * 64;
+constexpr int64_t kQ6KHighBytes = kQ6KGroups * 64;
+constexpr int64_t kQ6KSuperBytes = kQ6KLowBytes + kQ6KHighBytes + kQ6KGroups * kRows;  // 3328
+constexpr float kQ6KBias = 32.f;        // w = d * sc * (u - 32)
+
+// The float16 values of `scales` per block of 16 rows: a scale and an offset per row and group, or
+// (the q6k form) one d per row and super-block.
+inline int64_t scale_halves_per_block(int64_t bits, int64_t groups) {
+  return bits == kQ6KBits ? groups / kQ6KGroups * kRows : groups * 2 * kRows;
+}
+
 // The IEEE float16 bits of a scale or offset (at::Half's storage; each ISA converts them itself).
 using Half16 = uint16_t;
 

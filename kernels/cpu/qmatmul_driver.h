@@ -34,9 +34,17 @@ BlockFn batch_fn(int64_t batch, std::integer_sequence<int64_t, kBatches...>) {
   return fn;
 }
 
+template <int64_t... kBatches>
+BlockFn q6k_batch_fn(int64_t batch, std::integer_sequence<int64_t, kBatches...>) {
+  BlockFn fn = &q6k_rows<kMaxBatch>;
+  ((batch == kBatches + 1 ? (fn = &q6k_rows<kBatches + 1>, 0) : 0), ...);
+  return fn;
+}
+
 // The inner loop for `batch` activation rows (1..kMaxBatch; more take kMaxBatch).
 inline BlockFn block_fn(int64_t group, int64_t bits, int64_t batch) {
   const auto batches = std::make_integer_sequence<int64_t, kMaxBatch>{};
+  if (bits == kQ6KBits) return q6k_batch_fn(batch, batches);
   if (group == 16) return bits == 4 ? batch_fn<16, 4>(batch, batches) : batch_fn<16, 8>(batch, batches);
   return bits == 4 ? batch_fn<32, 4>(batch, batches) : batch_fn<32, 8>(batch, batches);
 }
@@ -127,7 +135,7 @@ inline void run_blocks(const Problem& p, int64_t first, int64_t last) {
       const Activations a{p.q + m0 * p.k, p.scale + m0 * p.groups, p.sum + m0 * p.groups};
       const int64_t rows = std::min(kMaxBatch, p.m - m0);
       float* out = p.y + m0 * p.n + b * kRows;
-      const Half16* sb = p.scales + b * p.groups * 2 * kRows;
+      const Half16* sb = p.scales + b * scale_halves_per_block(p.bits, p.groups);
       (rows == kMaxBatch ? full : tail)(p.weight + b * p.block_bytes, sb, a, p.groups, p.k, out, p.n);
     }
   }

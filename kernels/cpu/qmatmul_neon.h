@@ -100,4 +100,63 @@ void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_
     for (int r = 0; r < kQuads; ++r) vst1q_f32(y + m * ldy + r * 4, acc[m][r]);
 }
 
+// The q6k form (qmatmul_common.h): u = low nibble | top two bits << 4 (0..63, non-negative as s8),
+// and `sdot` takes the 4 inputs 4t + j of field t from lane t of the group's 16 activations.
+template <int kBatch>
+void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+              int64_t ldy) {
+  float32x4_t acc[kBatch][kQuads];
+  for (int m = 0; m < kBatch; ++m)
+    for (int r = 0; r < kQuads; ++r) acc[m][r] = vdupq_n_f32(0.f);
+  const uint8x16_t nibble = vdupq_n_u8(0x0F), top = vdupq_n_u8(0x30);
+  for (int64_t s = 0; s < groups / kQ6KGroups; ++s) {
+    const uint8_t* ws = w + s * kQ6KSuperBytes;
+    float32x4_t d[kQuads];
+    for (int r = 0; r < kQuads; ++r) d[r] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + s * kRows + r * 4)));
+    for (int g = 0; g < kQ6KGroups; ++g) {
+      int8x16_t x[kBatch];
+      const int64_t gi = s * kQ6KGroups + g;
+      for (int m = 0; m < kBatch; ++m) x[m] = vld1q_s8(a.q + m * k + gi * kQ6KGroup);
+      int32x4_t dot[kBatch][kQuads];
+      for (int m = 0; m < kBatch; ++m)
+        for (int r = 0; r < kQuads; ++r) dot[m][r] = vdupq_n_s32(0);
+      int8x16_t u[kQuads];
+      for (int r = 0; r < kQuads; ++r) {
+        const uint8x16_t h = vld1q_u8(ws + kQ6KLowBytes + g * 64 + r * 16);
+        u[r] = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(vld1q_u8(ws + g * 128 + r * 16), nibble), vandq_u8(vshlq_n_u8(h, 4), top)));
+      }
+      chunk_dot<0>(u, x, dot);
+      for (int r = 0; r < kQuads; ++r) {
+        const uint8x16_t h = vld1q_u8(ws + kQ6KLowBytes + g * 64 + r * 16);
+        u[r] = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(vld1q_u8(ws + g * 128 + r * 16), 4), vandq_u8(vshlq_n_u8(h, 2), top)));
+      }
+      chunk_dot<1>(u, x, dot);
+      for (int r = 0; r < kQuads; ++r) {
+        const uint8x16_t h = vld1q_u8(ws + kQ6KLowBytes + g * 64 + r * 16);
+        u[r] = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(vld1q_u8(ws + g * 128 + 64 + r * 16), nibble), vandq_u8(h, top)));
+      }
+      chunk_dot<2>(u, x, dot);
+      for (int r = 0; r < kQuads; ++r) {
+        const uint8x16_t h = vld1q_u8(ws + kQ6KLowBytes + g * 64 + r * 16);
+        u[r] = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(vld1q_u8(ws + g * 128 + 64 + r * 16), 4), vandq_u8(vshrq_n_u8(h, 2), top)));
+      }
+      chunk_dot<3>(u, x, dot);
+      const int8x16_t sub = vld1q_s8(reinterpret_cast<const int8_t*>(ws + kQ6KLowBytes + kQ6KHighBytes + g * kRows));
+      const int16x8_t sub16[2] = {vmovl_s8(vget_low_s8(sub)), vmovl_s8(vget_high_s8(sub))};
+      for (int r = 0; r < kQuads; ++r) {
+        const int16x8_t half = sub16[r / 2];
+        const int32x4_t s32 = r % 2 == 0 ? vmovl_s16(vget_low_s16(half)) : vmovl_s16(vget_high_s16(half));
+        const float32x4_t scale = vmulq_f32(d[r], vcvtq_f32_s32(s32));
+        for (int m = 0; m < kBatch; ++m) {
+          const int64_t i = m * groups + gi;
+          const float32x4_t centred = vsubq_f32(vcvtq_f32_s32(dot[m][r]), vdupq_n_f32(kQ6KBias * a.sum[i]));  // exact
+          acc[m][r] = vfmaq_f32(acc[m][r], centred, vmulq_f32(scale, vdupq_n_f32(a.scale[i])));
+        }
+      }
+    }
+  }
+  for (int m = 0; m < kBatch; ++m)
+    for (int r = 0; r < kQuads; ++r) vst1q_f32(y + m * ldy + r * 4, acc[m][r]);
+}
+
 }  // namespace llmc_qmatmul

@@ -95,6 +95,66 @@ def native_pack(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torc
     return _PARTS[fmt][0], weight, scales
 
 
+# The q6k form (qmatmul_common.h): q6k's blocks regrouped at their own 6.5625 bits per weight, with
+# its int8 sub-block scales and float16 d kept as they are, where `parts` takes 10 (a byte per value
+# and a float16 scale and offset per 16 weights). Libraries older than the form take only 4 and 8.
+Q6K_BITS = 6
+_Q6K_FORM_CODE = 10  # kernel_form.cpp's kQ6KForm
+_Q6K_GROUPS = 16  # groups of 16 weights per super-block of 256
+_Q6K_LOW, _Q6K_HIGH, _Q6K_SUB = 2048, 1024, 256  # bytes per block of 16 rows and super-block
+_Q6K_BIAS = 32  # w = d * sc * (u - 32)
+_HIGH_SHIFTS = (0, 2, 4, 6)  # field t of a highs byte: the top two bits of input 4t + j
+
+
+def q6k_form_available() -> bool:
+    """Whether the loaded kernel library takes the q6k form (its `llmc::qmatmul_bits` lists it)."""
+    return hasattr(torch.ops.llmc, "qmatmul_bits") and Q6K_BITS in torch.ops.llmc.qmatmul_bits()
+
+
+def pack_q6k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q6k blocks [N, K / 256 * 210] → the q6k form's weight uint8 [N / 16, K / 256 * 3328] and d
+    float16 [N / 16, K / 256, 1, 16] (layout in qmatmul_common.h), in plain torch."""
+    u = kquants.byte_parts_q6k(blocks)[0]
+    n, k = u.shape
+    nb, supers = n // ROWS, k // 256
+    b = blocks.reshape(n, supers, 210)
+    ug = u.view(nb, ROWS, supers, _Q6K_GROUPS, 16).permute(0, 2, 3, 1, 4)  # [b, s, g, row, 16]
+    low = (ug & _NIBBLE).reshape(nb, supers, _Q6K_GROUPS, ROWS, 2, 2, _INPUTS_PER_LANE)  # k = 8c + 4h + j
+    lows = (low[..., 0, :] | (low[..., 1, :] << 4)).permute(0, 1, 2, 4, 3, 5)  # [b, s, g, c, row, j]
+    high = (ug >> 4).reshape(nb, supers, _Q6K_GROUPS, ROWS, 4, _INPUTS_PER_LANE)  # k = 4t + j
+    highs = high[..., 0, :]
+    for t in range(1, 4):
+        highs = highs | (high[..., t, :] << _HIGH_SHIFTS[t])
+    subs = b[:, :, 192:208].reshape(nb, ROWS, supers, _Q6K_GROUPS).permute(0, 2, 3, 1)  # [b, s, g, row]
+    weight = torch.cat(
+        [lows.reshape(nb, supers, -1), highs.reshape(nb, supers, -1), subs.reshape(nb, supers, -1)], dim=2
+    ).reshape(nb, -1)
+    d = b[:, :, 208:210].contiguous().view(torch.float16).reshape(nb, ROWS, supers).permute(0, 2, 1)
+    return weight.contiguous(), d.reshape(nb, supers, 1, ROWS).contiguous()
+
+
+def _unpack_q6k(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    nb, supers = scales.shape[0], scales.shape[1]
+    w = weight.view(nb, supers, _Q6K_LOW + _Q6K_HIGH + _Q6K_SUB)
+    lows = w[..., :_Q6K_LOW].reshape(nb, supers, _Q6K_GROUPS, 2, ROWS, _INPUTS_PER_LANE)  # [b, s, g, c, row, j]
+    low = torch.stack([lows & _NIBBLE, lows >> 4], dim=4).permute(0, 5, 1, 2, 3, 4, 6)  # [b, row, s, g, c, h, j]
+    highs = w[..., _Q6K_LOW : _Q6K_LOW + _Q6K_HIGH].reshape(nb, supers, _Q6K_GROUPS, ROWS, _INPUTS_PER_LANE)
+    high = torch.stack([(highs >> shift) & 3 for shift in _HIGH_SHIFTS], dim=4).permute(0, 3, 1, 2, 4, 5)
+    u = low.reshape(nb * ROWS, -1) | (high.reshape(nb * ROWS, -1) << 4)
+    sub = w[..., _Q6K_LOW + _Q6K_HIGH :].reshape(nb, supers, _Q6K_GROUPS, ROWS).permute(0, 3, 1, 2)
+    d = scales.reshape(nb, supers, ROWS).permute(0, 2, 1).reshape(nb * ROWS, supers, 1).float()
+    scale = (d * sub.contiguous().view(torch.int8).reshape(nb * ROWS, supers, _Q6K_GROUPS).float()).reshape(-1, 1)
+    return ((u.float() - _Q6K_BIAS).reshape(-1, 16) * scale).reshape(nb * ROWS, -1)
+
+
+def q6k_form(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_q6k(blocks)`, by the loaded kernel library in one pass where it can (real weights)."""
+    if isinstance(blocks, FakeTensor) or not hasattr(torch.ops.llmc, "kernel_form"):
+        return pack_q6k(blocks)
+    weight, scales, _ = torch.ops.llmc.kernel_form(blocks.contiguous(), _Q6K_FORM_CODE, blocks.shape[0])
+    return weight, scales
+
+
 def scales_fit(scale: torch.Tensor, offset: torch.Tensor) -> bool:
     """Whether float16 holds every scale and offset (always, for weights GGML could store).
 
@@ -108,6 +168,8 @@ def scales_fit(scale: torch.Tensor, offset: torch.Tensor) -> bool:
 
 def unpack(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """The kernel's layout back to the float32 weight [N, K]: what the tests check `pack` against."""
+    if bits == Q6K_BITS:
+        return _unpack_q6k(weight, scales)
     blocks, groups = scales.shape[0], scales.shape[1]
     group = weight.shape[1] * 8 // bits // groups // ROWS
     if bits == 4:

@@ -18,7 +18,16 @@ import torch
 
 from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.half_matmul import HALF_DTYPES, reference_half_matmul
-from llmc.kernels.cpu.qmatmul_vnni import FORMATS, ROWS, pack, parts, reference_vnni_matmul, unpack
+from llmc.kernels.cpu.qmatmul_vnni import (
+    FORMATS,
+    Q6K_BITS,
+    ROWS,
+    pack,
+    pack_q6k,
+    parts,
+    reference_vnni_matmul,
+    unpack,
+)
 from llmc.kernels.paged_attention import decode_attention
 from llmc.quant.formats import FORMATS as BLOCK_FORMATS
 from llmc.quant.formats import reference_qmatmul
@@ -116,6 +125,18 @@ def test_neon_kernel_matches_its_reference(harness: Path, tmp_path: Path, fmt: s
     for y, want, ref in zip(_neon_matmuls(harness, tmp_path, problems), expected, refs, strict=True):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         assert float((y - ref).norm() / ref.norm()) < 3e-2  # the int8 activations' error, as on x86
+
+
+def test_neon_q6k_form_matches_its_reference(harness: Path, tmp_path: Path) -> None:
+    problems, expected = [], []
+    for m, n in SHAPES:
+        gen = torch.Generator().manual_seed(20 + m)
+        weight, scales = pack_q6k(random_blocks("q6k", n, 768, gen))
+        x = torch.randn(m, 768, generator=gen)
+        problems.append((x, weight, scales, Q6K_BITS))
+        expected.append(reference_vnni_matmul(x, unpack(weight, scales, Q6K_BITS), 16))
+    for y, want in zip(_neon_matmuls(harness, tmp_path, problems), expected, strict=True):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize(("bits", "group"), [(8, 32), (8, 16), (4, 32), (4, 16)])

@@ -17,7 +17,9 @@ from llmc.kernels.cpu.qmatmul_cpu import KERNEL_DENSE_MIN_ROWS, CpuQMatmul
 from llmc.kernels.cpu.qmatmul_vnni import (
     FORMATS,
     PARTS_EXACT,
+    Q6K_BITS,
     pack,
+    pack_q6k,
     parts,
     qmatmul,
     quantize_activations,
@@ -87,6 +89,56 @@ def test_kernel_matches_its_reference(cpu_kernels_loaded: None, fmt: str, m: int
     assert float((y - ref).norm() / ref.norm()) < 3e-2
 
 
+def test_the_q6k_form_keeps_every_weight_at_the_blocks_size() -> None:
+    blocks = random_blocks("q6k", 48, 768, torch.Generator().manual_seed(4))
+    weight, scales = pack_q6k(blocks)
+    assert weight.numel() + 2 * scales.numel() == blocks.numel()  # 6.5625 bits per weight, as the blocks
+    assert torch.equal(unpack(weight, scales, Q6K_BITS), BLOCK_FORMATS["q6k"].dequantize(blocks))
+
+
+@pytest.mark.parametrize(("m", "n"), SHAPES)
+def test_the_q6k_form_kernel_matches_its_reference(cpu_kernels_loaded: None, m: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(20 + m)
+    blocks = random_blocks("q6k", n, 768, gen)
+    weight, scales = pack_q6k(blocks)
+    x = torch.randn(m, 768, generator=gen)
+    y = qmatmul(x, weight, scales, Q6K_BITS)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, Q6K_BITS), 16)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    # the same result as the 8-bit form of the same blocks, up to its float16 scales' rounding
+    bits, (u, scale, offset) = parts(blocks, "q6k")
+    torch.testing.assert_close(y, qmatmul(x, *pack(u, scale, offset, bits), bits), rtol=1e-3, atol=1e-3 * float(y.abs().max()))
+
+
+def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -> None:
+    """u = 63 and 0 with sub-block scales of +-127 and -128 by activations of +-127: AVX2 sums
+    two `vpmaddubsw` pairs in int16 (2 * 16002 fits, 4 would not)."""
+    n, k = 32, 512
+    blocks = random_blocks("q6k", n, k, torch.Generator().manual_seed(6)).view(n, 2, 210)
+    blocks[:, :, :192] = 0xFF  # every u = 63
+    blocks[1::2, :, :192] = 0  # odd rows: every u = 0
+    blocks[2::4, :, :128] = 0x5A  # and some rows mixed
+    blocks[:, :, 192:208] = torch.tensor([127, 0x80], dtype=torch.uint8).repeat(8)  # sc = 127, -128
+    blocks = blocks.reshape(n, -1)
+    weight, scales = pack_q6k(blocks)
+    x = torch.ones(4, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    x[3] = torch.linspace(-1.0, 1.0, k)
+    y = qmatmul(x, weight, scales, Q6K_BITS)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, Q6K_BITS), 16)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_the_q6k_form_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
+    weight, scales = pack_q6k(random_blocks("q6k", 32, 512, torch.Generator().manual_seed(7)))
+    with pytest.raises(RuntimeError, match="K = 256 per d"):
+        qmatmul(torch.randn(1, 768), weight, scales, Q6K_BITS)
+    with pytest.raises(RuntimeError, match="weight does not match K"):
+        qmatmul(torch.randn(1, 512), weight[:, :-1].contiguous(), scales, Q6K_BITS)
+
+
 def test_kernel_takes_bf16_activations(cpu_kernels_loaded: None) -> None:
     gen = torch.Generator().manual_seed(5)
     blocks = random_blocks("q4_1", 32, 128, gen)
@@ -105,7 +157,7 @@ def test_kernel_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
         qmatmul(torch.randn(1, 96), weight, scales, bits)
     with pytest.raises(RuntimeError, match="weight does not match K"):
         qmatmul(torch.randn(1, 64), weight, scales, 4)
-    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+    with pytest.raises(RuntimeError, match="bits must be 4, 6 or 8"):
         qmatmul(torch.randn(1, 64), weight, scales, 5)
 
 

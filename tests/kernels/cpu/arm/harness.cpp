@@ -2,7 +2,7 @@
 // (tests/kernels/cpu/test_arm_neon.py): the very drivers and inner loops the library compiles
 // (kernels/cpu/qmatmul_driver.h, paged_attention_driver.h), on inputs the test writes to files.
 //
-//   harness qmatmul CASE...    CASE/meta: m k groups bits blocks; CASE/x (float32 [m, k]),
+//   harness qmatmul CASE...    CASE/meta: m k scale-groups bits blocks; CASE/x (float32 [m, k]),
 //                              CASE/weight (uint8, pack()'s layout), CASE/scales (float16 bits);
 //                              writes CASE/y (float32 [m, blocks * 16]).
 //   harness attention CASE...  CASE/meta: batch heads kv_heads d slots width block_size window
@@ -69,14 +69,17 @@ int64_t checked_product(int64_t a, int64_t b) {
 void run_qmatmul(const std::string& dir) {
   using namespace llmc_qmatmul;
   const auto meta = read_meta(dir, 5);
-  const int64_t m = meta[0], k = meta[1], groups = meta[2], bits = meta[3], blocks = meta[4];
-  if (groups == 0 || k % groups != 0 || (k / groups != 16 && k / groups != 32) || (bits != 4 && bits != 8))
-    throw std::runtime_error(dir + ": K must be 16 or 32 per group and bits 4 or 8");
-  const int64_t group = k / groups, n = checked_product(blocks, kRows);
-  const int64_t block_bytes = checked_product(groups, kRows * group * bits / 8);
+  const int64_t m = meta[0], k = meta[1], scale_groups = meta[2], bits = meta[3], blocks = meta[4];
+  const bool q6k = bits == kQ6KBits;  // scale_groups: the super-blocks of 256 inputs
+  if (scale_groups == 0 || k % scale_groups != 0 || (bits != 4 && bits != 8 && !q6k) ||
+      (q6k ? k / scale_groups != kQ6KGroup * kQ6KGroups : k / scale_groups != 16 && k / scale_groups != 32))
+    throw std::runtime_error(dir + ": K must be 16 or 32 per group (256 per super-block for bits 6) and bits 4, 6 or 8");
+  const int64_t groups = q6k ? k / kQ6KGroup : scale_groups, group = k / groups, n = checked_product(blocks, kRows);
+  const int64_t block_bytes =
+      q6k ? checked_product(scale_groups, kQ6KSuperBytes) : checked_product(groups, kRows * group * bits / 8);
   const auto x = read_array<float>(dir + "/x", checked_product(m, k));
   const auto weight = read_array<uint8_t>(dir + "/weight", checked_product(blocks, block_bytes));
-  const auto scales = read_array<Half16>(dir + "/scales", checked_product(blocks, groups * 2 * kRows));
+  const auto scales = read_array<Half16>(dir + "/scales", checked_product(blocks, scale_halves_per_block(bits, groups)));
   std::vector<int8_t> q(m * k);
   std::vector<float> dx(m * groups), sum(m * groups), y(checked_product(m, n));
   quantize_activations(x.data(), m * groups, group, q.data(), dx.data(), sum.data());

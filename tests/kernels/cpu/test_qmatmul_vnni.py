@@ -108,7 +108,9 @@ def test_the_q6k_form_kernel_matches_its_reference(cpu_kernels_loaded: None, m: 
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     # the same result as the 8-bit form of the same blocks, up to its float16 scales' rounding
     bits, (u, scale, offset) = parts(blocks, "q6k")
-    torch.testing.assert_close(y, qmatmul(x, *pack(u, scale, offset, bits), bits), rtol=1e-3, atol=1e-3 * float(y.abs().max()))
+    torch.testing.assert_close(
+        y, qmatmul(x, *pack(u, scale, offset, bits), bits), rtol=1e-3, atol=1e-3 * float(y.abs().max())
+    )
 
 
 def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -> None:

@@ -346,8 +346,11 @@ def _gguf_tensors(
             for gguf_local, half in zip(JOINED_EXPERTS, (gate, up), strict=True):
                 yield f"blk.{name.split('.')[2]}.{gguf_local}", half, None
             continue
-        # float16 tables (a checkpoint's own precision, builder/build.py) stay F16, which GGUF has
-        data = tensor if name in quant or tensor.dtype == torch.float16 else tensor.float()
+        # float16 tables (a checkpoint's own precision, builder/build.py) stay F16, which GGUF has;
+        # vectors (norms, biases) are F32 whatever the artifact holds: llama.cpp multiplies f32
+        # activations by them and aborts on an F16 one (`binary_op: unsupported types`)
+        table = tensor.dtype == torch.float16 and tensor.dim() > 1
+        data = tensor if name in quant or table else tensor.float()
         if arch in PERMUTED_QK_ARCHITECTURES and local == "self_attn.q_proj.weight":
             data = _permute(data, spec.num_heads)
         elif arch in PERMUTED_QK_ARCHITECTURES and local == "self_attn.k_proj.weight":

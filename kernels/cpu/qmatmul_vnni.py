@@ -7,6 +7,10 @@ quantizes the activations to int8 per group, as llama.cpp does, and multiplies i
 `vpdpbusd`; it computes exactly `reference_vnni_matmul` up to float32 summation order. Scales and
 offsets are kept in float16: exact for the legacy formats (GGML stores them so), rounded once for
 the K-quants' sub-block scales (a relative 2^-11, well below the int8 activations' own error).
+
+q6k, where that form takes 10 bits per weight against the blocks' 6.5625, has a form of its own
+(`pack_q6k`, bits 6): the blocks' values, int8 sub-block scales and float16 d regrouped for the
+kernel at their own size, exact (no float16 rounding of d * sc). The kernel reads 35 % fewer bytes.
 """
 
 from __future__ import annotations

@@ -92,3 +92,27 @@ def test_export_never_overwrites_a_file(smollm2_artifact: Path, exported: Path, 
         assert "already exists" in result.stderr and str(target) in result.stderr
         assert sha256_file(target) == before
     assert [p.name for p in tmp_path.iterdir()] == ["mine.gguf"]
+
+
+def test_an_f16_artifact_exports_its_vectors_as_f32(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """llama.cpp multiplies f32 activations by norms and aborts on an F16 one: every 1-D tensor
+    is F32, as llama.cpp's converter writes it, and the matrices are F16."""
+    import gguf
+
+    out = tmp_path / "half"
+    build(
+        BuildOptions(
+            model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, dtype="f16", isq="none", compile=None
+        )
+    )
+    path = tmp_path / "half.gguf"
+    result = subprocess.run(
+        [sys.executable, "-m", "llmc", "export", str(out), "--gguf", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    types = {t.name: (len([d for d in t.shape if d > 1]), t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
+    assert {kind for dims, kind in types.values() if dims == 1} == {gguf.GGMLQuantizationType.F32}
+    assert {kind for dims, kind in types.values() if dims == 2} == {gguf.GGMLQuantizationType.F16}

@@ -52,6 +52,7 @@ void half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t
     const uint8_t* wg = w + g * kGroupBytes + half * 32;
     const int8_t* xg = a.q + g * kGroup;
     for (int c = 0; c < kChunks; ++c) {
+      prefetch_line(wg + c * 64);  // (the second half finds most of these lines cached already)
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 64));
       if constexpr (kBits == 4) {
         const __m256i nibble = _mm256_set1_epi8(0x0F);
@@ -114,6 +115,7 @@ void q6k_half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int
     const uint8_t* ws = w + s * kQ6KSuperBytes + half * 32;
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + s * kRows + half * kHalfRows)));
     for (int g = 0; g < kQ6KGroups; ++g) {
+      prefetch_q6k_group(ws - half * 32, g);
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128 + 64));
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + kQ6KLowBytes + g * 64));

@@ -25,6 +25,7 @@ void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_
     const uint8_t* wg = w + g * kGroupBytes;
     const int8_t* xg = a.q + g * kGroup;
     for (int c = 0; c < kGroupBytes / 64; ++c) {
+      prefetch_line(wg + c * 64);
       const __m512i v = _mm512_loadu_si512(wg + c * 64);
       if constexpr (kBits == 4) {
         const __m512i lo = _mm512_and_si512(v, nibble);
@@ -71,6 +72,7 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + s * kRows)));
     for (int g = 0; g < kQ6KGroups; ++g) {
       const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
+      prefetch_q6k_group(ws, g);
       const __m512i h = _mm512_loadu_si512(ws + kQ6KLowBytes + g * 64);
       const __m512i u[4] = {
           _mm512_ternarylogic_epi32(_mm512_and_si512(v0, nibble), _mm512_slli_epi16(h, 4), top, kOrAnd),

@@ -19,6 +19,17 @@ struct Activations {
   const float* sum;     // [M, K / G]: sum of q over the group, as float
 };
 
+// How far ahead of the inner loop its weights are prefetched (each line once). The hardware
+// prefetcher alone kept a 2-core Intel Xeon VM's kernel at 19-24 GB/s, and the q6k form, which
+// walks three regions of each super-block at once, at 12; measured in docs/BENCHMARKS.md. About
+// two q6k super-blocks (6.5 KB): far enough to cover a DRAM latency at these rates, near enough to
+// stay in L1 until used.
+constexpr int64_t kPrefetchBytes = 6656;
+
+// always_inline: GCC 12 otherwise finds these calls free of side effects and drops them (measured:
+// no prefetch left in the q6k loop).
+[[gnu::always_inline]] inline void prefetch_line(const uint8_t* p) { __builtin_prefetch(p + kPrefetchBytes, 0, 3); }
+
 // The q6k form (bits == kQ6KBits): GGML's q6k blocks regrouped for the kernel at the blocks' own
 // 6.5625 bits per weight, w = d * sc * (u - 32) with u = 0..63, an int8 scale sc per 16 weights
 // and a float16 d per 256. Per block of 16 rows and super-block of 256 inputs, kQ6KSuperBytes:
@@ -33,6 +44,14 @@ constexpr int64_t kQ6KLowBytes = kQ6KGroups * 2 * 64;
 constexpr int64_t kQ6KHighBytes = kQ6KGroups * 64;
 constexpr int64_t kQ6KSuperBytes = kQ6KLowBytes + kQ6KHighBytes + kQ6KGroups * kRows;  // 3328
 constexpr float kQ6KBias = 32.f;        // w = d * sc * (u - 32)
+
+// The lines of group g's lows, highs and sub-block scales, kPrefetchBytes ahead.
+[[gnu::always_inline]] inline void prefetch_q6k_group(const uint8_t* super, int64_t g) {
+  prefetch_line(super + g * 128);
+  prefetch_line(super + g * 128 + 64);
+  prefetch_line(super + kQ6KLowBytes + g * 64);
+  if (g % 4 == 0) prefetch_line(super + kQ6KLowBytes + kQ6KHighBytes + g * kRows);  // 4 groups per line
+}
 
 // The float16 values of `scales` per block of 16 rows: a scale and an offset per row and group, or
 // (the q6k form) one d per row and super-block.

@@ -562,6 +562,20 @@ def _decode_k4(b: torch.Tensor, q: torch.Tensor, rows: int) -> torch.Tensor:
     return (dl * q.float().reshape(-1, 8, 32) - ml).reshape(rows, -1)
 
 
+def q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4k's fields as stored: its 4-bit values uint8 [rows, cols], its 6-bit scales and mins uint8
+    [rows, cols / 32], and the float16 bits (int16) of d and dmin [rows, cols / 256, 2]."""
+    b, rows = _as_blocks(blocks, "q4k")
+    sc, mn = _unpack_k4_scales(b[:, 4:16])
+    q = _unpack_fields(b[:, 16:144], 4, 2)
+    return (
+        q.reshape(rows, -1),
+        sc.reshape(rows, -1),
+        mn.reshape(rows, -1),
+        b[:, 0:4].contiguous().view(torch.int16).reshape(rows, -1, 2),
+    )
+
+
 def int4_parts_q4k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q4k as 4-bit values with one scale and offset per 32-weight sub-block, w = q * scale + offset
     (exact in float32): the form the CPU's packed int4 matmul takes (kernels/cpu/qmatmul_cpu.py)."""

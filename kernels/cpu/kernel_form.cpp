@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t kFormRows = 16;            // output rows per weight block (qmatmul_common.h kRows)
 constexpr int64_t kLane = 4;                 // inputs per 32-bit lane of the packed layout
 constexpr float kHalfMax = 65504.f;          // float16's largest finite value
-enum FormCode : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4K = 3, kQ6K = 4, kQ5_0 = 5, kQ5_1 = 6, kQ5K = 7, kQ2K = 8, kQ3K = 9, kQ6KForm = 10 };
+enum FormCode : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4K = 3, kQ6K = 4, kQ5_0 = 5, kQ5_1 = 6, kQ5K = 7, kQ2K = 8, kQ3K = 9, kQ6KForm = 10, kQ4KForm = 11 };
 
 struct FormatInfo {
   int64_t block_bytes, block_weights, group, bits;
@@ -199,11 +199,53 @@ std::vector<at::Tensor> q6k_form(const at::Tensor& blocks, int64_t rows) {
   return {weight, scales, at::scalar_tensor(true, blocks.options().dtype(at::kBool))};
 }
 
+// q4k blocks into the q4k form (qmatmul_common.h): the values in the bits-4 layout, the 6-bit scales
+// and mins as bytes, d and dmin copied.
+std::vector<at::Tensor> q4k_form(const at::Tensor& blocks, int64_t rows) {
+  constexpr int64_t kBlockBytes = 144, kWeights = 256, kGroup = 32, kGroups = 8;
+  constexpr int64_t kValueBytes = kGroups * kFormRows * kGroup / 2, kSuperBytes = kValueBytes + 2 * kGroups * kFormRows;
+  const int64_t row_bytes = blocks.numel() / rows;
+  TORCH_CHECK(row_bytes % kBlockBytes == 0, "kernel_form: a row is not whole blocks");
+  const int64_t supers = row_bytes / kBlockBytes, out_blocks = rows / kFormRows;
+  at::Tensor weight = at::empty({out_blocks, supers * kSuperBytes}, blocks.options());
+  at::Tensor scales = at::empty({out_blocks, supers, 2, kFormRows}, blocks.options().dtype(at::kHalf));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = weight.data_ptr<uint8_t>();
+  auto* ddst = reinterpret_cast<uint8_t*>(scales.data_ptr<at::Half>());
+  at::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
+    uint8_t u[kWeights];
+    for (int64_t ob = first; ob < last; ++ob)
+      for (int64_t s = 0; s < supers; ++s) {
+        uint8_t* out = dst + (ob * supers + s) * kSuperBytes;
+        uint8_t* dout = ddst + (ob * supers + s) * 2 * kFormRows * 2;
+        for (int64_t r = 0; r < kFormRows; ++r) {
+          const uint8_t* b = src + (ob * kFormRows + r) * row_bytes + s * kBlockBytes;
+          const uint8_t *sb = b + 4, *qs = b + 16;
+          for (int64_t j = 0; j < 4; ++j)  // the 32 bytes of qs hold weights 64j + i (low) and 64j + 32 + i (high)
+            for (int64_t i = 0; i < 32; ++i) u[64 * j + i] = qs[32 * j + i] & 0xF, u[64 * j + 32 + i] = qs[32 * j + i] >> 4;
+          for (int64_t g = 0; g < kGroups; ++g) {
+            const uint8_t* ug = u + g * kGroup;
+            for (int64_t c = 0; c < kGroup / 8; ++c)
+              for (int64_t j = 0; j < kLane; ++j)
+                out[g * 256 + (c * kFormRows + r) * kLane + j] = static_cast<uint8_t>(ug[8 * c + j] | (ug[8 * c + 4 + j] << 4));
+            const int sc = g < 4 ? (sb[g] & 0x3F) : ((sb[g + 4] & 0xF) | ((sb[g - 4] >> 6) << 4));
+            const int mn = g < 4 ? (sb[g + 4] & 0x3F) : ((sb[g + 4] >> 4) | ((sb[g] >> 6) << 4));
+            out[kValueBytes + g * kFormRows + r] = static_cast<uint8_t>(sc);
+            out[kValueBytes + kGroups * kFormRows + g * kFormRows + r] = static_cast<uint8_t>(mn);
+          }
+          std::memcpy(dout + r * 2, b, 2);                   // d, float16
+          std::memcpy(dout + (kFormRows + r) * 2, b + 2, 2);  // dmin, float16
+        }
+      }
+  });
+  return {weight, scales, at::scalar_tensor(true, blocks.options().dtype(at::kBool))};
+}
+
 std::vector<at::Tensor> kernel_form(const at::Tensor& blocks, int64_t code, int64_t rows) {
-  if (code == kQ6KForm) {
+  if (code == kQ6KForm || code == kQ4KForm) {
     TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");
     TORCH_CHECK(rows > 0 && rows % kFormRows == 0 && blocks.numel() % rows == 0, "kernel_form: rows must be 16 * n");
-    return q6k_form(blocks, rows);
+    return code == kQ6KForm ? q6k_form(blocks, rows) : q4k_form(blocks, rows);
   }
   const FormatInfo f = format_info(code);
   TORCH_CHECK(f.block_bytes > 0, "kernel_form: unknown format code ", code);

@@ -16,7 +16,8 @@
 //           and u[r][8c + 4 + j] in its high nibble.
 // `scales`: float16 [N / 16, K / G, 2, 16], the 16 rows' scales then their offsets; G is K
 // divided by its second dimension.
-// bits 6: the q6k form, GGML's q6k blocks at their own size (layout in qmatmul_common.h).
+// bits 6: the q6k form, GGML's q6k blocks at their own size; bits 5: the q4k form, q4k's blocks at
+// 4.625 bits per weight (layouts in qmatmul_common.h).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -55,6 +56,15 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                 "qmatmul: scales do not match the weight");
     return {k, llmc_qmatmul::kQ6KGroup, k / llmc_qmatmul::kQ6KGroup};
   }
+  if (bits == llmc_qmatmul::kQ4KBits) {
+    const int64_t supers = scales.size(1), sub = llmc_qmatmul::kQ4KGroup * llmc_qmatmul::kQ4KGroups;
+    TORCH_CHECK(supers > 0 && k == supers * sub, "qmatmul: the q4k form needs K = 256 per d, got K = ", k, " for ",
+                supers);
+    TORCH_CHECK(weight.size(1) == supers * llmc_qmatmul::kQ4KSuperBytes, "qmatmul: weight does not match K");
+    TORCH_CHECK(scales.size(0) == blocks && scales.size(2) == 2 && scales.size(3) == kRows,
+                "qmatmul: scales do not match the weight");
+    return {k, llmc_qmatmul::kQ4KGroup, k / llmc_qmatmul::kQ4KGroup};
+  }
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups == 16 || k / groups == 32),
               "qmatmul: K must be 16 or 32 inputs per scale group, got K = ", k, " for ", groups, " groups");
@@ -66,7 +76,8 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 }
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8 || bits == llmc_qmatmul::kQ6KBits, "qmatmul: bits must be 4, 6 or 8, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 8 || bits == llmc_qmatmul::kQ6KBits || bits == llmc_qmatmul::kQ4KBits,
+              "qmatmul: bits must be 4, 5, 6 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
   TORCH_CHECK(weight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf, "qmatmul: bad dtypes");
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");
@@ -97,7 +108,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 }
 
 // The `bits` this library's qmatmul takes: a library without this op takes 4 and 8 only.
-std::vector<int64_t> qmatmul_bits() { return {4, 8, llmc_qmatmul::kQ6KBits}; }
+std::vector<int64_t> qmatmul_bits() { return {4, 8, llmc_qmatmul::kQ6KBits, llmc_qmatmul::kQ4KBits}; }
 
 }  // namespace
 

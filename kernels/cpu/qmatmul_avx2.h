@@ -156,6 +156,65 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
   q6k_half_rows<kBatch>(w, sc, a, groups, k, y, ldy, 1);
 }
 
+// The q4k form (qmatmul_common.h), 8 rows per half: the bits-4 inner loop per group of 32 (its int16
+// bound above holds: u <= 15), with the scale d * sc and offset -dmin * mn made from its bytes.
+template <int kBatch>
+void q4k_half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+                   int64_t ldy, int half) {
+  __m256 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
+    const uint8_t* ws = w + s * kQ4KSuperBytes;
+    const Half16* dd = sc + s * 2 * kRows + half * kHalfRows;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dd)));
+    const __m256 neg_dmin =
+        _mm256_sub_ps(_mm256_setzero_ps(), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dd + kRows))));
+    for (int g = 0; g < kQ4KGroups; ++g) {
+      prefetch_q4k_group(ws, g);
+      const int64_t gi = s * kQ4KGroups + g;
+      __m256i dot[kBatch];
+      for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 256 + c * 64 + half * 32));
+        const __m256i lo = _mm256_and_si256(v, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < kBatch; ++m) {
+          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
+#ifdef __AVXVNNI__
+          dot[m] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[m], lo, broadcast4(x)), hi, broadcast4(x + 4));
+#else
+          dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x)),
+                                                             _mm256_maddubs_epi16(hi, broadcast4(x + 4))));
+#endif
+        }
+      }
+      const uint8_t* bytes = ws + kQ4KValueBytes + g * kRows + half * kHalfRows;
+      const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)))));
+      const __m256 offset = _mm256_mul_ps(
+          neg_dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + kQ4KGroups * kRows)))));
+      for (int m = 0; m < kBatch; ++m) {
+        const int64_t i = m * groups + gi;
+#ifdef __AVXVNNI__
+        const __m256 dm = _mm256_cvtepi32_ps(dot[m]);
+#else
+        const __m256 dm = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[m], _mm256_set1_epi16(1)));
+#endif
+        const __m256 t = _mm256_fmadd_ps(scale, dm, _mm256_mul_ps(offset, _mm256_set1_ps(a.sum[i])));
+        acc[m] = _mm256_fmadd_ps(t, _mm256_set1_ps(a.scale[i]), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < kBatch; ++m) _mm256_storeu_ps(y + m * ldy + half * kHalfRows, acc[m]);
+}
+
+template <int kBatch>
+void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+              int64_t ldy) {
+  q4k_half_rows<kBatch>(w, sc, a, groups, k, y, ldy, 0);
+  q4k_half_rows<kBatch>(w, sc, a, groups, k, y, ldy, 1);
+}
+
 template <int kGroup, int kBits, int kBatch>
 void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                 int64_t ldy) {

@@ -102,4 +102,49 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
+// The q4k form (qmatmul_common.h): the bits-4 inner loop per group of 32, with the group's scale
+// d * sc and offset -dmin * mn made from its bytes for the 16 rows at once.
+template <int kBatch>
+void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+              int64_t ldy) {
+  __m512 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
+    const uint8_t* ws = w + s * kQ4KSuperBytes;
+    const auto* dd = reinterpret_cast<const __m256i*>(sc + s * 2 * kRows);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(dd));
+    const __m512 neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(dd + 1)));
+    for (int g = 0; g < kQ4KGroups; ++g) {
+      prefetch_q4k_group(ws, g);
+      const int64_t gi = s * kQ4KGroups + g;
+      __m512i dot[kBatch];
+      for (int m = 0; m < kBatch; ++m) dot[m] = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(ws + g * 256 + c * 64);
+        const __m512i lo = _mm512_and_si512(v, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < kBatch; ++m) {
+          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
+          int32_t x0, x1;
+          std::memcpy(&x0, x, 4);
+          std::memcpy(&x1, x + 4, 4);
+          dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
+          dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
+        }
+      }
+      const auto* bytes = reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows);
+      const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes))));
+      const __m512 offset =
+          _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + kQ4KGroups))));
+      for (int m = 0; m < kBatch; ++m) {
+        const int64_t i = m * groups + gi;
+        const __m512 t = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot[m]), _mm512_mul_ps(offset, _mm512_set1_ps(a.sum[i])));
+        acc[m] = _mm512_fmadd_ps(t, _mm512_set1_ps(a.scale[i]), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
+}
+
 }  // namespace llmc_qmatmul

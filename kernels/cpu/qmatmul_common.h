@@ -53,10 +53,35 @@ constexpr float kQ6KBias = 32.f;        // w = d * sc * (u - 32)
   if (g % 4 == 0) prefetch_line(super + kQ6KLowBytes + kQ6KHighBytes + g * kRows);  // 4 groups per line
 }
 
+// The q4k form (bits == kQ4KBits, a code: its values have 4 bits): q4k's blocks at 4.625 bits per
+// weight where the bits-4 layout takes 5, w = d * sc * u - dmin * mn with u = 0..15 and q4k's
+// 6-bit scale sc and min mn per 32 weights held as bytes. Per block of 16 rows and super-block of
+// 256 inputs, kQ4KSuperBytes:
+//   values: 8 groups of 32 inputs in the bits-4 layout (4 chunks of 64 bytes each);
+//   scs:    8 groups x 16 rows of sc (uint8);
+//   mns:    8 groups x 16 rows of mn (uint8).
+// d and dmin are `scales`, float16 [N / 16, K / 256, 2, 16]. The activations are quantized per 32.
+constexpr int64_t kQ4KBits = 5;
+constexpr int64_t kQ4KGroup = 32;
+constexpr int64_t kQ4KGroups = 8;
+constexpr int64_t kQ4KValueBytes = kQ4KGroups * kRows * kQ4KGroup / 2;  // 2048
+constexpr int64_t kQ4KSuperBytes = kQ4KValueBytes + 2 * kQ4KGroups * kRows;  // 2304
+
+// Group g's value lines, and (one line per 4 groups) its scs and mns, kPrefetchBytes ahead.
+[[gnu::always_inline]] inline void prefetch_q4k_group(const uint8_t* super, int64_t g) {
+  for (int64_t c = 0; c < 4; ++c) prefetch_line(super + g * 256 + c * 64);
+  if (g % 4 == 0) {
+    prefetch_line(super + kQ4KValueBytes + g * kRows);
+    prefetch_line(super + kQ4KValueBytes + kQ4KGroups * kRows + g * kRows);
+  }
+}
+
 // The float16 values of `scales` per block of 16 rows: a scale and an offset per row and group, or
-// (the q6k form) one d per row and super-block.
+// (the q6k form) one d per row and super-block, or (the q4k form) a d and a dmin.
 inline int64_t scale_halves_per_block(int64_t bits, int64_t groups) {
-  return bits == kQ6KBits ? groups / kQ6KGroups * kRows : groups * 2 * kRows;
+  if (bits == kQ6KBits) return groups / kQ6KGroups * kRows;
+  if (bits == kQ4KBits) return groups / kQ4KGroups * 2 * kRows;
+  return groups * 2 * kRows;
 }
 
 // The IEEE float16 bits of a scale or offset (at::Half's storage; each ISA converts them itself).

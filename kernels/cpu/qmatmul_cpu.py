@@ -201,9 +201,8 @@ class CpuQMatmul(nn.Module):
         where the kernel does not take this weight."""
         if not qmatmul_vnni.fits(self.fmt, self.out_features):
             return None
-        if self.fmt == "q6k" and qmatmul_vnni.q6k_form_available():
-            self.kernel_bits = qmatmul_vnni.Q6K_BITS
-            weight, scales = qmatmul_vnni.q6k_form(blocks)
+        if qmatmul_vnni.kquant_form_available(self.fmt):
+            self.kernel_bits, weight, scales = qmatmul_vnni.kquant_form(blocks, self.fmt)
             return weight, scales, FORMATS[self.fmt].dequantize(blocks).to(self.plan.dtype) if dense_copy else None
         native = qmatmul_vnni.native_pack(blocks, self.fmt) if not dense_copy else None
         if native is False:

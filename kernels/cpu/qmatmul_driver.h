@@ -41,10 +41,18 @@ BlockFn q6k_batch_fn(int64_t batch, std::integer_sequence<int64_t, kBatches...>)
   return fn;
 }
 
+template <int64_t... kBatches>
+BlockFn q4k_batch_fn(int64_t batch, std::integer_sequence<int64_t, kBatches...>) {
+  BlockFn fn = &q4k_rows<kMaxBatch>;
+  ((batch == kBatches + 1 ? (fn = &q4k_rows<kBatches + 1>, 0) : 0), ...);
+  return fn;
+}
+
 // The inner loop for `batch` activation rows (1..kMaxBatch; more take kMaxBatch).
 inline BlockFn block_fn(int64_t group, int64_t bits, int64_t batch) {
   const auto batches = std::make_integer_sequence<int64_t, kMaxBatch>{};
   if (bits == kQ6KBits) return q6k_batch_fn(batch, batches);
+  if (bits == kQ4KBits) return q4k_batch_fn(batch, batches);
   if (group == 16) return bits == 4 ? batch_fn<16, 4>(batch, batches) : batch_fn<16, 8>(batch, batches);
   return bits == 4 ? batch_fn<32, 4>(batch, batches) : batch_fn<32, 8>(batch, batches);
 }

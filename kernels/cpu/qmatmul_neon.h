@@ -159,4 +159,55 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
     for (int r = 0; r < kQuads; ++r) vst1q_f32(y + m * ldy + r * 4, acc[m][r]);
 }
 
+// The q4k form (qmatmul_common.h): the bits-4 inner loop per group of 32, with the scale d * sc and
+// offset -dmin * mn made from its bytes, 4 rows per quad.
+template <int kBatch>
+void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
+              int64_t ldy) {
+  float32x4_t acc[kBatch][kQuads];
+  for (int m = 0; m < kBatch; ++m)
+    for (int r = 0; r < kQuads; ++r) acc[m][r] = vdupq_n_f32(0.f);
+  for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
+    const uint8_t* ws = w + s * kQ4KSuperBytes;
+    float32x4_t d[kQuads], neg_dmin[kQuads];
+    for (int r = 0; r < kQuads; ++r) {
+      d[r] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + s * 2 * kRows + r * 4)));
+      neg_dmin[r] = vnegq_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + s * 2 * kRows + kRows + r * 4))));
+    }
+    for (int g = 0; g < kQ4KGroups; ++g) {
+      const int64_t gi = s * kQ4KGroups + g;
+      int32x4_t dot[kBatch][kQuads];
+      for (int m = 0; m < kBatch; ++m)
+        for (int r = 0; r < kQuads; ++r) dot[m][r] = vdupq_n_s32(0);
+      for (int xv = 0; xv < kQ4KGroup / kXBytes; ++xv) {
+        int8x16_t x[kBatch];
+        for (int m = 0; m < kBatch; ++m) x[m] = vld1q_s8(a.q + m * k + gi * kQ4KGroup + xv * kXBytes);
+        int8x16_t v[kQuads];
+        const uint8_t* c = ws + g * 256 + xv * 2 * kChunkBytes;
+        load_chunk<4, 0>(c, v), chunk_dot<0>(v, x, dot);
+        load_chunk<4, 1>(c, v), chunk_dot<1>(v, x, dot);
+        load_chunk<4, 0>(c + kChunkBytes, v), chunk_dot<2>(v, x, dot);
+        load_chunk<4, 1>(c + kChunkBytes, v), chunk_dot<3>(v, x, dot);
+      }
+      const uint8x16_t scs = vld1q_u8(ws + kQ4KValueBytes + g * kRows);
+      const uint8x16_t mns = vld1q_u8(ws + kQ4KValueBytes + kQ4KGroups * kRows + g * kRows);
+      const uint16x8_t sc16[2] = {vmovl_u8(vget_low_u8(scs)), vmovl_u8(vget_high_u8(scs))};
+      const uint16x8_t mn16[2] = {vmovl_u8(vget_low_u8(mns)), vmovl_u8(vget_high_u8(mns))};
+      for (int r = 0; r < kQuads; ++r) {
+        const uint32x4_t s32 = r % 2 == 0 ? vmovl_u16(vget_low_u16(sc16[r / 2])) : vmovl_u16(vget_high_u16(sc16[r / 2]));
+        const uint32x4_t m32 = r % 2 == 0 ? vmovl_u16(vget_low_u16(mn16[r / 2])) : vmovl_u16(vget_high_u16(mn16[r / 2]));
+        const float32x4_t scale = vmulq_f32(d[r], vcvtq_f32_u32(s32));
+        const float32x4_t offset = vmulq_f32(neg_dmin[r], vcvtq_f32_u32(m32));
+        for (int m = 0; m < kBatch; ++m) {
+          const int64_t i = m * groups + gi;
+          const float32x4_t t = vfmaq_f32(vmulq_f32(offset, vdupq_n_f32(a.sum[i])), scale, vcvtq_f32_s32(dot[m][r]));
+          acc[m][r] = vfmaq_f32(acc[m][r], t, vdupq_n_f32(a.scale[i]));
+        }
+      }
+    }
+  }
+  for (int m = 0; m < kBatch; ++m)
+    for (int r = 0; r < kQuads; ++r) vst1q_f32(y + m * ldy + r * 4, acc[m][r]);
+}
+
 }  // namespace llmc_qmatmul

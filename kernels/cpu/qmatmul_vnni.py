@@ -8,9 +8,9 @@ quantizes the activations to int8 per group, as llama.cpp does, and multiplies i
 offsets are kept in float16: exact for the legacy formats (GGML stores them so), rounded once for
 the K-quants' sub-block scales (a relative 2^-11, well below the int8 activations' own error).
 
-q6k, where that form takes 10 bits per weight against the blocks' 6.5625, has a form of its own
-(`pack_q6k`, bits 6): the blocks' values, int8 sub-block scales and float16 d regrouped for the
-kernel at their own size, exact (no float16 rounding of d * sc). The kernel reads 35 % fewer bytes.
+q6k and q4k, where that form takes 10 and 5 bits per weight against the blocks' 6.5625 and 4.5,
+have forms of their own (`pack_q6k`, `pack_q4k`: 6.5625 and 4.625 bits), exact (no float16 rounding
+of the sub-block scales).
 """
 
 from __future__ import annotations
@@ -99,20 +99,46 @@ def native_pack(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torc
     return _PARTS[fmt][0], weight, scales
 
 
-# The q6k form (qmatmul_common.h): q6k's blocks regrouped at their own 6.5625 bits per weight, with
-# its int8 sub-block scales and float16 d kept as they are, where `parts` takes 10 (a byte per value
-# and a float16 scale and offset per 16 weights). Libraries older than the form take only 4 and 8.
+# The K-quant forms (qmatmul_common.h): where the general form takes 10 bits per weight for q6k
+# (a byte per value, a float16 scale and offset per 16 weights) and 5 for q4k, the q6k form holds
+# q6k's blocks at their own 6.5625 bits (values split into 4- and 2-bit planes, int8 sub-block scales
+# and float16 d as they are) and the q4k form q4k's at 4.625 (4-bit values, 6-bit scales and mins as
+# bytes, d and dmin as they are). Both are exact: no float16 rounding of the sub-block scales.
+# Libraries older than these forms take only bits 4 and 8.
 Q6K_BITS = 6
-_Q6K_FORM_CODE = 10  # kernel_form.cpp's kQ6KForm
-_Q6K_GROUPS = 16  # groups of 16 weights per super-block of 256
+Q4K_BITS = 5  # a code: the q4k form's values have 4 bits
+KQUANT_FORMS = {"q6k": Q6K_BITS, "q4k": Q4K_BITS}
+_KQUANT_FORM_CODES = {"q6k": 10, "q4k": 11}  # kernel_form.cpp's kQ6KForm, kQ4KForm
+_SUPER = 256  # inputs per K-quant super-block
+_Q6K_GROUPS = 16  # groups of 16 weights per super-block
 _Q6K_LOW, _Q6K_HIGH, _Q6K_SUB = 2048, 1024, 256  # bytes per block of 16 rows and super-block
 _Q6K_BIAS = 32  # w = d * sc * (u - 32)
 _HIGH_SHIFTS = (0, 2, 4, 6)  # field t of a highs byte: the top two bits of input 4t + j
+_Q4K_GROUP = 32
+_Q4K_VALUES = 2048  # bytes of values per block of 16 rows and super-block, then 128 of sc, 128 of mn
 
 
-def q6k_form_available() -> bool:
-    """Whether the loaded kernel library takes the q6k form (its `llmc::qmatmul_bits` lists it)."""
-    return hasattr(torch.ops.llmc, "qmatmul_bits") and Q6K_BITS in torch.ops.llmc.qmatmul_bits()
+def kquant_form_available(fmt: str) -> bool:
+    """Whether `fmt` has a K-quant form that the loaded kernel library takes (its
+    `llmc::qmatmul_bits` lists the form's code)."""
+    bits = KQUANT_FORMS.get(fmt)
+    return bits is not None and hasattr(torch.ops.llmc, "qmatmul_bits") and bits in torch.ops.llmc.qmatmul_bits()
+
+
+def _nibble_layout(u: torch.Tensor, group: int) -> torch.Tensor:
+    """u uint8 [N, K] (< 16) in the bits-4 layout per group: [N / 16, K / group, group / 8 * 64]."""
+    n, k = u.shape
+    by_group = u.view(n // ROWS, ROWS, k // group, group).permute(0, 2, 1, 3)  # [b, g, row, k]
+    chunks = by_group.reshape(n // ROWS, k // group, ROWS, group // 8, 2, _INPUTS_PER_LANE)  # k = 8c + 4h + j
+    return (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).permute(0, 1, 3, 2, 4).reshape(n // ROWS, k // group, -1)
+
+
+def _nibbles_back(values: torch.Tensor, rows: int, group: int) -> torch.Tensor:
+    """_nibble_layout's inverse: [N / 16, K / group, group / 8 * 64] → u uint8 [N, K]."""
+    blocks, groups = values.shape[0], values.shape[1]
+    w = values.reshape(blocks, groups, group // 8, ROWS, _INPUTS_PER_LANE)  # [b, g, c, row, j]
+    u = torch.stack([w & _NIBBLE, w >> 4], dim=3)  # [b, g, c, h, row, j]
+    return u.permute(0, 4, 1, 2, 3, 5).reshape(rows, -1)
 
 
 def pack_q6k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,43 +146,78 @@ def pack_q6k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float16 [N / 16, K / 256, 1, 16] (layout in qmatmul_common.h), in plain torch."""
     u = kquants.byte_parts_q6k(blocks)[0]
     n, k = u.shape
-    nb, supers = n // ROWS, k // 256
+    nb, supers = n // ROWS, k // _SUPER
     b = blocks.reshape(n, supers, 210)
-    ug = u.view(nb, ROWS, supers, _Q6K_GROUPS, 16).permute(0, 2, 3, 1, 4)  # [b, s, g, row, 16]
-    low = (ug & _NIBBLE).reshape(nb, supers, _Q6K_GROUPS, ROWS, 2, 2, _INPUTS_PER_LANE)  # k = 8c + 4h + j
-    lows = (low[..., 0, :] | (low[..., 1, :] << 4)).permute(0, 1, 2, 4, 3, 5)  # [b, s, g, c, row, j]
-    high = (ug >> 4).reshape(nb, supers, _Q6K_GROUPS, ROWS, 4, _INPUTS_PER_LANE)  # k = 4t + j
+    lows = _nibble_layout(u & _NIBBLE, 16).reshape(nb, supers, -1)
+    high = (u >> 4).view(nb, ROWS, supers, _Q6K_GROUPS, 4, _INPUTS_PER_LANE).permute(0, 2, 3, 1, 4, 5)  # k = 4t + j
     highs = high[..., 0, :]
     for t in range(1, 4):
-        highs = highs | (high[..., t, :] << _HIGH_SHIFTS[t])
+        highs = highs | (high[..., t, :] << _HIGH_SHIFTS[t])  # [b, s, g, row, j]
     subs = b[:, :, 192:208].reshape(nb, ROWS, supers, _Q6K_GROUPS).permute(0, 2, 3, 1)  # [b, s, g, row]
-    weight = torch.cat(
-        [lows.reshape(nb, supers, -1), highs.reshape(nb, supers, -1), subs.reshape(nb, supers, -1)], dim=2
-    ).reshape(nb, -1)
+    weight = torch.cat([lows, highs.reshape(nb, supers, -1), subs.reshape(nb, supers, -1)], dim=2).reshape(nb, -1)
     d = b[:, :, 208:210].contiguous().view(torch.float16).reshape(nb, ROWS, supers).permute(0, 2, 1)
     return weight.contiguous(), d.reshape(nb, supers, 1, ROWS).contiguous()
 
 
+def pack_q4k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4k blocks [N, K / 256 * 144] → the q4k form's weight uint8 [N / 16, K / 256 * 2304] and d,
+    dmin float16 [N / 16, K / 256, 2, 16] (layout in qmatmul_common.h), in plain torch."""
+    u, sc, mn, d_dmin = kquants.q4k_fields(blocks)
+    n, k = u.shape
+    nb, supers = n // ROWS, k // _SUPER
+    values = _nibble_layout(u, _Q4K_GROUP).reshape(nb, supers, -1)
+    per_group = _SUPER // _Q4K_GROUP
+
+    def by_group(field: torch.Tensor) -> torch.Tensor:
+        return field.reshape(nb, ROWS, supers, per_group).permute(0, 2, 3, 1).reshape(nb, supers, -1)
+
+    weight = torch.cat([values, by_group(sc), by_group(mn)], dim=2).reshape(nb, -1)
+    scales = d_dmin.view(torch.float16).reshape(nb, ROWS, supers, 2).permute(0, 2, 3, 1)
+    return weight.contiguous(), scales.contiguous()
+
+
 def _unpack_q6k(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     nb, supers = scales.shape[0], scales.shape[1]
+    rows = nb * ROWS
     w = weight.view(nb, supers, _Q6K_LOW + _Q6K_HIGH + _Q6K_SUB)
-    lows = w[..., :_Q6K_LOW].reshape(nb, supers, _Q6K_GROUPS, 2, ROWS, _INPUTS_PER_LANE)  # [b, s, g, c, row, j]
-    low = torch.stack([lows & _NIBBLE, lows >> 4], dim=4).permute(0, 5, 1, 2, 3, 4, 6)  # [b, row, s, g, c, h, j]
+    low = _nibbles_back(w[..., :_Q6K_LOW].reshape(nb, supers * _Q6K_GROUPS, -1), rows, 16)
     highs = w[..., _Q6K_LOW : _Q6K_LOW + _Q6K_HIGH].reshape(nb, supers, _Q6K_GROUPS, ROWS, _INPUTS_PER_LANE)
     high = torch.stack([(highs >> shift) & 3 for shift in _HIGH_SHIFTS], dim=4).permute(0, 3, 1, 2, 4, 5)
-    u = low.reshape(nb * ROWS, -1) | (high.reshape(nb * ROWS, -1) << 4)
+    u = low | (high.reshape(rows, -1) << 4)
     sub = w[..., _Q6K_LOW + _Q6K_HIGH :].reshape(nb, supers, _Q6K_GROUPS, ROWS).permute(0, 3, 1, 2)
-    d = scales.reshape(nb, supers, ROWS).permute(0, 2, 1).reshape(nb * ROWS, supers, 1).float()
-    scale = (d * sub.contiguous().view(torch.int8).reshape(nb * ROWS, supers, _Q6K_GROUPS).float()).reshape(-1, 1)
-    return ((u.float() - _Q6K_BIAS).reshape(-1, 16) * scale).reshape(nb * ROWS, -1)
+    d = scales.reshape(nb, supers, ROWS).permute(0, 2, 1).reshape(rows, supers, 1).float()
+    scale = (d * sub.contiguous().view(torch.int8).reshape(rows, supers, _Q6K_GROUPS).float()).reshape(-1, 1)
+    return ((u.float() - _Q6K_BIAS).reshape(-1, 16) * scale).reshape(rows, -1)
 
 
-def q6k_form(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pack_q6k(blocks)`, by the loaded kernel library in one pass where it can (real weights)."""
+def _unpack_q4k(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    nb, supers = scales.shape[0], scales.shape[1]
+    rows, per_group = nb * ROWS, _SUPER // _Q4K_GROUP
+    w = weight.view(nb, supers, -1)
+    u = _nibbles_back(w[..., :_Q4K_VALUES].reshape(nb, supers * per_group, -1), rows, _Q4K_GROUP)
+
+    def by_row(field: torch.Tensor) -> torch.Tensor:
+        return field.reshape(nb, supers, per_group, ROWS).permute(0, 3, 1, 2).reshape(rows, supers, per_group).float()
+
+    sc = by_row(w[..., _Q4K_VALUES : _Q4K_VALUES + per_group * ROWS])
+    mn = by_row(w[..., _Q4K_VALUES + per_group * ROWS :])
+    d_dmin = scales.float().permute(0, 3, 1, 2).reshape(rows, supers, 1, 2)
+    scale, offset = d_dmin[..., 0] * sc, -(d_dmin[..., 1] * mn)
+    return (u.float().reshape(rows, supers, per_group, -1) * scale[..., None] + offset[..., None]).reshape(rows, -1)
+
+
+def pack_kquant_form(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(bits, weight, scales) of `fmt`'s K-quant form (pack_q6k, pack_q4k), in plain torch."""
+    weight, scales = (pack_q6k if fmt == "q6k" else pack_q4k)(blocks)
+    return KQUANT_FORMS[fmt], weight, scales
+
+
+def kquant_form(blocks: torch.Tensor, fmt: str) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """`pack_kquant_form`, by the loaded kernel library in one pass where it can (real weights)."""
     if isinstance(blocks, FakeTensor) or not hasattr(torch.ops.llmc, "kernel_form"):
-        return pack_q6k(blocks)
-    weight, scales, _ = torch.ops.llmc.kernel_form(blocks.contiguous(), _Q6K_FORM_CODE, blocks.shape[0])
-    return weight, scales
+        return pack_kquant_form(blocks, fmt)
+    weight, scales, _ = torch.ops.llmc.kernel_form(blocks.contiguous(), _KQUANT_FORM_CODES[fmt], blocks.shape[0])
+    return KQUANT_FORMS[fmt], weight, scales
 
 
 def scales_fit(scale: torch.Tensor, offset: torch.Tensor) -> bool:
@@ -174,6 +235,8 @@ def unpack(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tenso
     """The kernel's layout back to the float32 weight [N, K]: what the tests check `pack` against."""
     if bits == Q6K_BITS:
         return _unpack_q6k(weight, scales)
+    if bits == Q4K_BITS:
+        return _unpack_q4k(weight, scales)
     blocks, groups = scales.shape[0], scales.shape[1]
     group = weight.shape[1] * 8 // bits // groups // ROWS
     if bits == 4:

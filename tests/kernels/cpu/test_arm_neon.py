@@ -20,10 +20,10 @@ from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.half_matmul import HALF_DTYPES, reference_half_matmul
 from llmc.kernels.cpu.qmatmul_vnni import (
     FORMATS,
-    Q6K_BITS,
+    KQUANT_FORMS,
     ROWS,
     pack,
-    pack_q6k,
+    pack_kquant_form,
     parts,
     reference_vnni_matmul,
     unpack,
@@ -127,14 +127,15 @@ def test_neon_kernel_matches_its_reference(harness: Path, tmp_path: Path, fmt: s
         assert float((y - ref).norm() / ref.norm()) < 3e-2  # the int8 activations' error, as on x86
 
 
-def test_neon_q6k_form_matches_its_reference(harness: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", list(KQUANT_FORMS))
+def test_neon_kquant_forms_match_their_reference(harness: Path, tmp_path: Path, fmt: str) -> None:
     problems, expected = [], []
     for m, n in SHAPES:
         gen = torch.Generator().manual_seed(20 + m)
-        weight, scales = pack_q6k(random_blocks("q6k", n, 768, gen))
+        bits, weight, scales = pack_kquant_form(random_blocks(fmt, n, 768, gen), fmt)
         x = torch.randn(m, 768, generator=gen)
-        problems.append((x, weight, scales, Q6K_BITS))
-        expected.append(reference_vnni_matmul(x, unpack(weight, scales, Q6K_BITS), 16))
+        problems.append((x, weight, scales, bits))
+        expected.append(reference_vnni_matmul(x, unpack(weight, scales, bits), 16 if fmt == "q6k" else 32))
     for y, want in zip(_neon_matmuls(harness, tmp_path, problems), expected, strict=True):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 

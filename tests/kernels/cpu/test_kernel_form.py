@@ -64,8 +64,8 @@ def test_a_layer_built_through_the_library_computes_as_before(fmt: str) -> None:
     layer = CpuQMatmul(blocks, fmt, cpu_kernels=True)
     assert layer.form == "kernel"
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))
-    if fmt == "q6k":  # the q6k form, which this library takes
-        bits, (weight, scales) = qmatmul_vnni.Q6K_BITS, qmatmul_vnni.pack_q6k(blocks)
+    if fmt in qmatmul_vnni.KQUANT_FORMS:  # its K-quant form, which this library takes
+        bits, weight, scales = qmatmul_vnni.pack_kquant_form(blocks, fmt)
     else:
         bits, parts = qmatmul_vnni.parts(blocks, fmt)
         weight, scales = qmatmul_vnni.pack(*parts, bits)
@@ -73,26 +73,29 @@ def test_a_layer_built_through_the_library_computes_as_before(fmt: str) -> None:
     assert torch.equal(layer(x), qmatmul_vnni.qmatmul(x, weight, scales, bits))
 
 
+@pytest.mark.parametrize("fmt", list(qmatmul_vnni.KQUANT_FORMS))
 @pytest.mark.parametrize("shape", [(16, 256), (48, 512), (64, 1536)])
-def test_the_library_makes_the_q6k_form_exactly_as_the_torch_path(shape: tuple[int, int]) -> None:
-    blocks = _blocks("q6k", *shape, seed=shape[0])
-    weight, scales = qmatmul_vnni.q6k_form(blocks)
-    expected_weight, expected_scales = qmatmul_vnni.pack_q6k(blocks)
+def test_the_library_makes_the_kquant_forms_exactly_as_the_torch_path(fmt: str, shape: tuple[int, int]) -> None:
+    blocks = _blocks(fmt, *shape, seed=shape[0])
+    bits, weight, scales = qmatmul_vnni.kquant_form(blocks, fmt)
+    expected_bits, expected_weight, expected_scales = qmatmul_vnni.pack_kquant_form(blocks, fmt)
+    assert bits == expected_bits
     assert torch.equal(weight, expected_weight)
     assert torch.equal(scales.view(torch.int16), expected_scales.view(torch.int16))  # the float16 bits
 
 
-def test_a_library_without_the_q6k_form_gets_the_byte_form(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fmt", list(qmatmul_vnni.KQUANT_FORMS))
+def test_a_library_without_the_kquant_forms_gets_the_general_form(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     """An artifact of an older llmc ships a library that takes bits 4 and 8 only, and packages traced
-    for them: its q6k weights keep the byte form."""
-    blocks = _blocks("q6k", 32, 512, seed=5)
-    assert CpuQMatmul(blocks, "q6k", cpu_kernels=True).kernel_bits == qmatmul_vnni.Q6K_BITS
+    for them: its q6k and q4k weights keep the general form."""
+    blocks = _blocks(fmt, 32, 512, seed=5)
+    assert CpuQMatmul(blocks, fmt, cpu_kernels=True).kernel_bits == qmatmul_vnni.KQUANT_FORMS[fmt]
     older = SimpleNamespace(kernel_form=torch.ops.llmc.kernel_form, qmatmul=torch.ops.llmc.qmatmul)  # no qmatmul_bits
     monkeypatch.setattr(torch.ops, "llmc", older)
-    assert not qmatmul_vnni.q6k_form_available()
-    layer = CpuQMatmul(blocks, "q6k", cpu_kernels=True)
-    assert layer.kernel_bits == 8 and layer.kernel_weight is not None
-    assert layer.kernel_weight.numel() == 32 * 512
+    assert not qmatmul_vnni.kquant_form_available(fmt)
+    layer = CpuQMatmul(blocks, fmt, cpu_kernels=True)
+    assert layer.kernel_bits == qmatmul_vnni.parts(blocks, fmt)[0] and layer.kernel_weight is not None
+    assert layer.kernel_weight.numel() == 32 * 512 * layer.kernel_bits // 8
 
 
 def test_the_library_converts_every_format_the_kernel_takes() -> None:

@@ -16,9 +16,11 @@ from llmc.kernels.cpu import cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import KERNEL_DENSE_MIN_ROWS, CpuQMatmul
 from llmc.kernels.cpu.qmatmul_vnni import (
     FORMATS,
+    KQUANT_FORMS,
     PARTS_EXACT,
     Q6K_BITS,
     pack,
+    pack_kquant_form,
     pack_q6k,
     parts,
     qmatmul,
@@ -89,28 +91,48 @@ def test_kernel_matches_its_reference(cpu_kernels_loaded: None, fmt: str, m: int
     assert float((y - ref).norm() / ref.norm()) < 3e-2
 
 
-def test_the_q6k_form_keeps_every_weight_at_the_blocks_size() -> None:
-    blocks = random_blocks("q6k", 48, 768, torch.Generator().manual_seed(4))
-    weight, scales = pack_q6k(blocks)
-    assert weight.numel() + 2 * scales.numel() == blocks.numel()  # 6.5625 bits per weight, as the blocks
-    assert torch.equal(unpack(weight, scales, Q6K_BITS), BLOCK_FORMATS["q6k"].dequantize(blocks))
+@pytest.mark.parametrize(("fmt", "bits_per_weight"), [("q6k", 6.5625), ("q4k", 4.625)])
+def test_the_kquant_forms_keep_every_weight_exactly(fmt: str, bits_per_weight: float) -> None:
+    blocks = random_blocks(fmt, 48, 768, torch.Generator().manual_seed(4))
+    bits, weight, scales = pack_kquant_form(blocks, fmt)
+    assert (weight.numel() + 2 * scales.numel()) * 8 == 48 * 768 * bits_per_weight
+    assert torch.equal(unpack(weight, scales, bits), BLOCK_FORMATS[fmt].dequantize(blocks))
 
 
+@pytest.mark.parametrize("fmt", list(KQUANT_FORMS))
 @pytest.mark.parametrize(("m", "n"), SHAPES)
-def test_the_q6k_form_kernel_matches_its_reference(cpu_kernels_loaded: None, m: int, n: int) -> None:
+def test_the_kquant_form_kernels_match_their_reference(cpu_kernels_loaded: None, fmt: str, m: int, n: int) -> None:
     gen = torch.Generator().manual_seed(20 + m)
-    blocks = random_blocks("q6k", n, 768, gen)
-    weight, scales = pack_q6k(blocks)
+    blocks = random_blocks(fmt, n, 768, gen)
+    bits, weight, scales = pack_kquant_form(blocks, fmt)
     x = torch.randn(m, 768, generator=gen)
-    y = qmatmul(x, weight, scales, Q6K_BITS)
-    expected = reference_vnni_matmul(x, unpack(weight, scales, Q6K_BITS), 16)
+    y = qmatmul(x, weight, scales, bits)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), 16 if fmt == "q6k" else 32)
     assert y.dtype == torch.float32 and y.shape == (m, n)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    # the same result as the 8-bit form of the same blocks, up to its float16 scales' rounding
-    bits, (u, scale, offset) = parts(blocks, "q6k")
-    torch.testing.assert_close(
-        y, qmatmul(x, *pack(u, scale, offset, bits), bits), rtol=1e-3, atol=1e-3 * float(y.abs().max())
-    )
+    # the same result as the general form of the same blocks, up to its float16 scales' rounding
+    general_bits, (u, scale, offset) = parts(blocks, fmt)
+    general = qmatmul(x, *pack(u, scale, offset, general_bits), general_bits)
+    torch.testing.assert_close(y, general, rtol=1e-3, atol=1e-3 * float(y.abs().max()))
+
+
+def test_the_q4k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -> None:
+    """u = 15 and 0 with the largest 6-bit scales and mins (63) by activations of +-127: plain AVX2
+    sums a group's 8 `vpmaddubsw` pairs in int16 (8 * 3810 fits)."""
+    n, k = 32, 512
+    blocks = random_blocks("q4k", n, k, torch.Generator().manual_seed(8)).view(n, 2, 144)
+    blocks[:, :, 4:16] = 0xFF  # every sc and mn = 63
+    blocks[:, :, 16:] = 0xFF  # every u = 15
+    blocks[1::2, :, 16:] = 0  # odd rows: every u = 0
+    blocks = blocks.reshape(n, -1)
+    bits, weight, scales = pack_kquant_form(blocks, "q4k")
+    x = torch.ones(4, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    x[3] = torch.linspace(-1.0, 1.0, k)
+    y = qmatmul(x, weight, scales, bits)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), 32)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -> None:
@@ -133,12 +155,13 @@ def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
-def test_the_q6k_form_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
-    weight, scales = pack_q6k(random_blocks("q6k", 32, 512, torch.Generator().manual_seed(7)))
+@pytest.mark.parametrize("fmt", list(KQUANT_FORMS))
+def test_the_kquant_forms_refuse_mismatched_shapes(cpu_kernels_loaded: None, fmt: str) -> None:
+    bits, weight, scales = pack_kquant_form(random_blocks(fmt, 32, 512, torch.Generator().manual_seed(7)), fmt)
     with pytest.raises(RuntimeError, match="K = 256 per d"):
-        qmatmul(torch.randn(1, 768), weight, scales, Q6K_BITS)
+        qmatmul(torch.randn(1, 768), weight, scales, bits)
     with pytest.raises(RuntimeError, match="weight does not match K"):
-        qmatmul(torch.randn(1, 512), weight[:, :-1].contiguous(), scales, Q6K_BITS)
+        qmatmul(torch.randn(1, 512), weight[:, :-1].contiguous(), scales, bits)
 
 
 def test_kernel_takes_bf16_activations(cpu_kernels_loaded: None) -> None:
@@ -159,7 +182,7 @@ def test_kernel_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
         qmatmul(torch.randn(1, 96), weight, scales, bits)
     with pytest.raises(RuntimeError, match="weight does not match K"):
         qmatmul(torch.randn(1, 64), weight, scales, 4)
-    with pytest.raises(RuntimeError, match="bits must be 4, 6 or 8"):
+    with pytest.raises(RuntimeError, match="bits must be 4, 5, 6 or 8"):
         qmatmul(torch.randn(1, 64), weight, scales, 5)
 
 

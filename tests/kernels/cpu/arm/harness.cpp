@@ -70,13 +70,16 @@ void run_qmatmul(const std::string& dir) {
   using namespace llmc_qmatmul;
   const auto meta = read_meta(dir, 5);
   const int64_t m = meta[0], k = meta[1], scale_groups = meta[2], bits = meta[3], blocks = meta[4];
-  const bool q6k = bits == kQ6KBits;  // scale_groups: the super-blocks of 256 inputs
-  if (scale_groups == 0 || k % scale_groups != 0 || (bits != 4 && bits != 8 && !q6k) ||
-      (q6k ? k / scale_groups != kQ6KGroup * kQ6KGroups : k / scale_groups != 16 && k / scale_groups != 32))
-    throw std::runtime_error(dir + ": K must be 16 or 32 per group (256 per super-block for bits 6) and bits 4, 6 or 8");
-  const int64_t groups = q6k ? k / kQ6KGroup : scale_groups, group = k / groups, n = checked_product(blocks, kRows);
-  const int64_t block_bytes =
-      q6k ? checked_product(scale_groups, kQ6KSuperBytes) : checked_product(groups, kRows * group * bits / 8);
+  // A K-quant form's scale_groups are its super-blocks of 256 inputs (qmatmul_common.h).
+  const bool q6k = bits == kQ6KBits, q4k = bits == kQ4KBits;
+  if (scale_groups == 0 || k % scale_groups != 0 || (bits != 4 && bits != 8 && !q6k && !q4k) ||
+      (q6k || q4k ? k / scale_groups != 256 : k / scale_groups != 16 && k / scale_groups != 32))
+    throw std::runtime_error(dir + ": K must be 16 or 32 per group (256 per super-block for bits 5 and 6) and bits 4, 5, 6 or 8");
+  const int64_t groups = q6k ? k / kQ6KGroup : q4k ? k / kQ4KGroup : scale_groups;
+  const int64_t group = k / groups, n = checked_product(blocks, kRows);
+  const int64_t block_bytes = q6k   ? checked_product(scale_groups, kQ6KSuperBytes)
+                              : q4k ? checked_product(scale_groups, kQ4KSuperBytes)
+                                    : checked_product(groups, kRows * group * bits / 8);
   const auto x = read_array<float>(dir + "/x", checked_product(m, k));
   const auto weight = read_array<uint8_t>(dir + "/weight", checked_product(blocks, block_bytes));
   const auto scales = read_array<Half16>(dir + "/scales", checked_product(blocks, scale_halves_per_block(bits, groups)));

@@ -256,7 +256,9 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     m, k = x.shape
     groups = x.float().reshape(m, k // group, group)
     amax = groups.abs().amax(dim=-1, keepdim=True)
-    inv = _INT8_MAX / amax
+    # a tensor divided by a tensor: `127 / amax` is torch's reciprocal times 127, two roundings,
+    # which put x * inv on the other side of a .5 tie from the kernel's one IEEE division
+    inv = torch.full_like(amax, _INT8_MAX) / amax
     # 0 where amax is 0 or so small that 127 / amax overflows float32: the group quantizes to zeros
     inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
     return (torch.round(groups * inv) * (amax / _INT8_MAX)).reshape(m, k)

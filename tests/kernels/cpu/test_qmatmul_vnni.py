@@ -183,7 +183,7 @@ def test_kernel_refuses_mismatched_shapes(cpu_kernels_loaded: None) -> None:
     with pytest.raises(RuntimeError, match="weight does not match K"):
         qmatmul(torch.randn(1, 64), weight, scales, 4)
     with pytest.raises(RuntimeError, match="bits must be 4, 5, 6 or 8"):
-        qmatmul(torch.randn(1, 64), weight, scales, 5)
+        qmatmul(torch.randn(1, 64), weight, scales, 7)
 
 
 def test_a_second_different_library_is_refused(cpu_kernels_loaded: None, tmp_path: Path) -> None:
@@ -239,7 +239,12 @@ def test_activations_are_quantized_exactly_as_the_reference(cpu_kernels_loaded: 
     x[1, 32:64] = 0.0
     x[2, 64:96] = torch.linspace(-1e-30, 1e-30, 32)  # tiny but not zero
     x[2, 96:128] = torch.linspace(-1e-38, 1e-38, 32)  # so tiny that 127 / max overflows: zeros
+    # x * (127 / amax) is 21.499998 with one IEEE division, 21.5 with torch's `127 / amax` (a
+    # reciprocal, then times 127): the reference must round it to 21, as the kernel does
+    x[3, :32] = 0.0
+    x[3, :2] = torch.tensor([2.407855749130249, 0.4076291024684906])
     y = qmatmul(x, weight, scales, 8)
+    assert y[3, 1] == 21 * (x[3, 0] / 127)
     assert torch.equal(y, quantize_activations(x, 32))
     assert y[0, :8].tolist() == [127.0, 0.0, 2.0, 2.0, -0.0, -2.0, 4.0, 126.0]
     assert not bool(y[2, 96:].any()) and bool(y[2, 64:96].any())

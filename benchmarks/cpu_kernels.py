@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,14 +82,35 @@ def bench_attention(batch: int, context: int) -> dict[str, object]:
     return {"batch": batch, "context": context, "kernel_us": round(t_ours, 1), "torch_us": round(t_torch, 1)}
 
 
-def run_isa(isa: str, rows: list[int], formats: list[str]) -> dict[str, list[dict[str, object]]]:
-    """Every case with the kernels compiled for `isa`, loaded into this process."""
+def load_isa(isa: str) -> None:
+    """The kernels compiled for `isa`, loaded into this process (one library per process)."""
     with tempfile.TemporaryDirectory() as tmp:
         library = Path(tmp) / cpu_kernels.library_name(isa)
         cpu_kernels.compile_library(library, isa)
         reason = cpu_kernels.load(library, isa)
         if reason is not None:
             raise SystemExit(reason)
+
+
+def each_isa(module: str, argv: list[str]) -> list[Any]:
+    """The JSON results of `python -m module --isa ISA argv` for each ISA this CPU runs, each in a
+    child process of its own (a process loads one kernel library)."""
+    isas = cpu_kernels.host_isas()
+    if not isas:
+        raise SystemExit(f"llmc's CPU kernels cannot run here: {cpu_kernels.unsupported()}")
+    results = []
+    for isa in isas:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "results.json"
+            command = [sys.executable, "-m", module, "--isa", isa, "--json-out", str(out), *argv]
+            subprocess.run(command, check=True, env=os.environ, stdout=subprocess.DEVNULL)
+            results.append(json.loads(out.read_text()))
+    return results
+
+
+def run_isa(isa: str, rows: list[int], formats: list[str]) -> dict[str, list[dict[str, object]]]:
+    """Every case with the kernels compiled for `isa`, loaded into this process."""
+    load_isa(isa)
     cases = [(fmt, n, k) for fmt in formats for n, k in SHAPES if k % FORMATS[fmt].block_size == 0]
     matmul = [{"isa": isa, **bench_matmul(fmt, n, k, m)} for fmt, n, k in cases for m in rows]
     attention = [{"isa": isa, **bench_attention(batch, context)} for batch, context in ATTENTION]
@@ -110,17 +132,10 @@ def main() -> None:
     if args.isa is not None:
         results = run_isa(args.isa, rows, formats)
     else:
-        isas = cpu_kernels.host_isas()
-        if not isas:
-            raise SystemExit(f"llmc's CPU kernels cannot run here: {cpu_kernels.unsupported()}")
-        for isa in isas:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "results.json"
-                command = [sys.executable, "-m", "llmc.benchmarks.cpu_kernels", "--isa", isa, "--json-out", str(out)]
-                command += ["--threads", str(args.threads), "--rows", args.rows, "--formats", args.formats]
-                subprocess.run(command, check=True, env=os.environ, stdout=subprocess.DEVNULL)
-                for key, found in json.loads(out.read_text()).items():
-                    results[key] += found
+        argv = ["--threads", str(args.threads), "--rows", args.rows, "--formats", args.formats]
+        for child in each_isa("llmc.benchmarks.cpu_kernels", argv):
+            for key, found in child.items():
+                results[key] += found
     for section in results.values():
         for row in section:
             print(json.dumps(row))

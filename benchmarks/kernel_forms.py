@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from llmc.benchmarks.cpu_kernels import each_isa, load_isa
 from llmc.kernels.cpu import cpu_kernels, qmatmul_vnni
 from llmc.quant.synthetic import random_blocks
 
@@ -78,12 +75,7 @@ def bench(fmt: str, rows: int) -> list[dict[str, object]]:
 
 
 def run_isa(isa: str, rows: list[int], formats: list[str]) -> list[dict[str, object]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        library = Path(tmp) / cpu_kernels.library_name(isa)
-        cpu_kernels.compile_library(library, isa)
-        reason = cpu_kernels.load(library, isa)
-        if reason is not None:
-            raise SystemExit(reason)
+    load_isa(isa)
     return [{"isa": isa, **row} for fmt in formats for m in rows for row in bench(fmt, m)]
 
 
@@ -101,17 +93,8 @@ def main() -> None:
     if args.isa is not None:
         results = run_isa(args.isa, rows, formats)
     else:
-        isas = cpu_kernels.host_isas()
-        if not isas:
-            raise SystemExit(f"llmc's CPU kernels cannot run here: {cpu_kernels.unsupported()}")
-        results = []
-        for isa in isas:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "results.json"
-                command = [sys.executable, "-m", "llmc.benchmarks.kernel_forms", "--isa", isa, "--json-out", str(out)]
-                command += ["--threads", str(args.threads), "--rows", args.rows, "--formats", args.formats]
-                subprocess.run(command, check=True, env=os.environ, stdout=subprocess.DEVNULL)
-                results += json.loads(out.read_text())
+        argv = ["--threads", str(args.threads), "--rows", args.rows, "--formats", args.formats]
+        results = [row for child in each_isa("llmc.benchmarks.kernel_forms", argv) for row in child]
     for row in results:
         print(json.dumps(row))
     if args.json_out:

@@ -17,17 +17,21 @@ from llmc.runtime.sampling_params import SamplingParams
 from tests.helpers import generate, open_engine
 
 
-@pytest.fixture(scope="module")
-def exported(smollm2_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "smollm2.gguf"
+def _export(artifact: Path, out: Path) -> Path:
+    """`llmc export --gguf out` of the artifact, which must succeed."""
     result = subprocess.run(
-        [sys.executable, "-m", "llmc", "export", str(smollm2_artifact), "--gguf", str(out)],
+        [sys.executable, "-m", "llmc", "export", str(artifact), "--gguf", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(smollm2_artifact, tmp_path_factory.mktemp("export") / "smollm2.gguf")
 
 
 def test_round_trip_keeps_every_weight(smollm2_artifact: Path, exported: Path, tmp_path: Path) -> None:
@@ -105,14 +109,7 @@ def test_an_f16_artifact_exports_its_vectors_as_f32(smollm2_gguf: Path, tmp_path
             model=str(smollm2_gguf), gguf_file=None, weights=None, output=out, dtype="f16", isq="none", compile=None
         )
     )
-    path = tmp_path / "half.gguf"
-    result = subprocess.run(
-        [sys.executable, "-m", "llmc", "export", str(out), "--gguf", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    path = _export(out, tmp_path / "half.gguf")
     types = {t.name: (len([d for d in t.shape if d > 1]), t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
     assert {kind for dims, kind in types.values() if dims == 1} == {gguf.GGMLQuantizationType.F32}
     assert {kind for dims, kind in types.values() if dims == 2} == {gguf.GGMLQuantizationType.F16}

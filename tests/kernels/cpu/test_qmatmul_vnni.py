@@ -116,6 +116,19 @@ def test_the_kquant_form_kernels_match_their_reference(cpu_kernels_loaded: None,
     torch.testing.assert_close(y, general, rtol=1e-3, atol=1e-3 * float(y.abs().max()))
 
 
+def _assert_exact_at_extremes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> None:
+    """The kernel against its reference on activations that quantize to +-127 in every lane (all
+    +127, all -127, alternating signs, a ramp): a saturating int16 sum would come out ~50 % short."""
+    k = unpack(weight, scales, bits).shape[1]
+    x = torch.ones(4, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    x[3] = torch.linspace(-1.0, 1.0, k)
+    y = qmatmul(x, weight, scales, bits)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), group)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
 def test_the_q4k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -> None:
     """u = 15 and 0 with the largest 6-bit scales and mins (63) by activations of +-127: plain AVX2
     sums a group's 8 `vpmaddubsw` pairs in int16 (8 * 3810 fits)."""
@@ -126,13 +139,7 @@ def test_the_q4k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -
     blocks[1::2, :, 16:] = 0  # odd rows: every u = 0
     blocks = blocks.reshape(n, -1)
     bits, weight, scales = pack_kquant_form(blocks, "q4k")
-    x = torch.ones(4, k)
-    x[1] = -1.0
-    x[2, ::2] = -1.0
-    x[3] = torch.linspace(-1.0, 1.0, k)
-    y = qmatmul(x, weight, scales, bits)
-    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), 32)
-    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    _assert_exact_at_extremes(weight, scales, bits, 32)
 
 
 def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -> None:
@@ -146,13 +153,7 @@ def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -
     blocks[:, :, 192:208] = torch.tensor([127, 0x80], dtype=torch.uint8).repeat(8)  # sc = 127, -128
     blocks = blocks.reshape(n, -1)
     weight, scales = pack_q6k(blocks)
-    x = torch.ones(4, k)
-    x[1] = -1.0
-    x[2, ::2] = -1.0
-    x[3] = torch.linspace(-1.0, 1.0, k)
-    y = qmatmul(x, weight, scales, Q6K_BITS)
-    expected = reference_vnni_matmul(x, unpack(weight, scales, Q6K_BITS), 16)
-    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    _assert_exact_at_extremes(weight, scales, Q6K_BITS, 16)
 
 
 @pytest.mark.parametrize("fmt", list(KQUANT_FORMS))
@@ -266,13 +267,7 @@ def test_extreme_values_do_not_saturate(cpu_kernels_loaded: None, bits: int, gro
     scale = torch.full((n, k // group), 1.0)
     offset = torch.full((n, k // group), -(2.0 ** (bits - 1)))
     weight, scales = pack(u, scale, offset, bits)
-    x = torch.ones(4, k)
-    x[1] = -1.0  # all -127
-    x[2, ::2] = -1.0  # alternating signs
-    x[3] = torch.linspace(-1.0, 1.0, k)
-    y = qmatmul(x, weight, scales, bits)
-    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), group)
-    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))  # saturation: ~50%
+    _assert_exact_at_extremes(weight, scales, bits, group)
 
 
 # A child runs three test files (about 20 s here, 2 cores shared) after compiling its library if the

@@ -612,7 +612,7 @@ def tune_build_host(writer: ArtifactWriter, dtype: torch.dtype, kernels_loaded: 
         with safe_open(str(writer.stage / files[name]), framework="pt", device="cpu") as handle:
             return handle.get_tensor(name)
 
-    isa = cpu_kernels.loaded_isa() if kernels_loaded else None
+    isa = cpu_kernels.loaded_variant() if kernels_loaded else None  # the key `llmc run` computes here
     key = autotune.cache_key(autotune.shape_signature(quantized.values()), torch.get_num_threads(), isa, dtype)
     tuning = autotune.tune(key, autotune.groups_from(quantized, blocks, kernels_loaded), dtype)
     log.info("build.weight_forms", **tuning.describe())

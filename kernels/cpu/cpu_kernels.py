@@ -373,6 +373,21 @@ def loaded_isa() -> str | None:
     return next((isa for isa, _ in _loaded.values()), None)
 
 
+def uses_amx() -> bool:
+    """Whether the loaded library's quantized matmul takes its biggest problems (32 activation
+    rows and more: prefill, big batches) to the CPU's AMX tiles in this process
+    (kernels/cpu/qmatmul_amx.h): an AVX-512 library, a CPU with AMX, Linux's grant of the tile
+    state, and $LLMC_CPU_AMX not "0"."""
+    return loaded_isa() is not None and hasattr(torch.ops.llmc, "qmatmul_amx") and bool(torch.ops.llmc.qmatmul_amx())
+
+
+def loaded_variant() -> str | None:
+    """What the loaded kernels run as, for logs and for the keys of measurements made with them:
+    the library's ISA, with "+amx" where its matmul uses AMX; None without a library."""
+    isa = loaded_isa()
+    return None if isa is None else isa + ("+amx" if uses_amx() else "")
+
+
 def _sealed_copy(data: bytes) -> str:
     """A path that the dynamic loader can open holding exactly `data`, which nobody can change: a
     sealed memfd on Linux; elsewhere a file in a fresh 0700 directory of our own. Kept open (and
@@ -420,7 +435,7 @@ def load_bytes(data: bytes, isa: str) -> str | None:
             return f"the library is not this llmc's: its op {name} is {found or 'missing'}"
     _register_fakes()
     _loaded[digest] = (isa, path)
-    log.info("cpu_kernels.loaded", sha256=digest, isa=isa)
+    log.info("cpu_kernels.loaded", sha256=digest, isa=isa, amx=uses_amx())
     return None
 
 

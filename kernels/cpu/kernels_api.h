@@ -26,6 +26,7 @@ struct Problem {
 // qmatmul_driver.h's quantize_activations and run_blocks, as compiled for the library's ISA.
 void quantize_activations_isa(const float* x, int64_t count, int64_t group, int8_t* q, float* scale, float* sum);
 void run_blocks_isa(const Problem& p, int64_t first, int64_t last);
+bool uses_amx_isa();  // whether run_blocks_isa takes its biggest problems to AMX in this process
 
 }  // namespace llmc_qmatmul
 

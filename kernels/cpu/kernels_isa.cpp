@@ -15,6 +15,8 @@ void quantize_activations_isa(const float* x, int64_t count, int64_t group, int8
 
 void run_blocks_isa(const Problem& p, int64_t first, int64_t last) { run_blocks(p, first, last); }
 
+bool uses_amx_isa() { return uses_amx(); }
+
 }  // namespace llmc_qmatmul
 
 namespace llmc_attention {

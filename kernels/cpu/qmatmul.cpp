@@ -110,11 +110,16 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 // The `bits` this library's qmatmul takes: a library without this op takes 4 and 8 only.
 std::vector<int64_t> qmatmul_bits() { return {4, 8, llmc_qmatmul::kQ6KBits, llmc_qmatmul::kQ4KBits}; }
 
+// Whether 32 activation rows and more run on AMX here (qmatmul_amx.h): the library, the CPU, the
+// kernel's grant and $LLMC_CPU_AMX decide. A library without this op never does.
+bool qmatmul_amx() { return llmc_qmatmul::uses_amx_isa(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmc, m) {
   m.def("qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
   m.def("qmatmul_bits() -> int[]", &qmatmul_bits);  // no tensors to dispatch on: one kernel for all
+  m.def("qmatmul_amx() -> bool", &qmatmul_amx);
 }
 
 TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("qmatmul", &qmatmul); }

@@ -15,6 +15,12 @@
 // The inner loop for the ISA this file is compiled for (kernels/cpu/cpu_kernels.py ISAS' flags).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include "qmatmul_avx512.h"
+// AMX for kAmxMinRows rows and more (qmatmul_amx.h): GCC 11 and Clang 12 are the first to know its
+// instructions, and only Linux's arch_prctl grants its state here.
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#include "qmatmul_amx.h"
+#define LLMC_QMATMUL_AMX 1
+#endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include "qmatmul_avx2.h"
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
@@ -137,9 +143,17 @@ inline void quantize_activations(const float* x, int64_t count, int64_t group, i
 
 // y for weight blocks first..last-1 (the unit the caller's threads split).
 inline void run_blocks(const Problem& p, int64_t first, int64_t last) {
+  int64_t done = 0;  // rows computed on AMX: whole tiles of 16, where the CPU runs it
+#ifdef LLMC_QMATMUL_AMX
+  static_assert(kAmxRows % kMaxBatch == 0, "the VNNI loops take over at a multiple of their batch");
+  if (p.m >= kAmxMinRows && amx_usable()) {
+    done = p.m / kAmxRows * kAmxRows;
+    run_blocks_amx(p, done, first, last);
+  }
+#endif
   const BlockFn full = block_fn(p.group, p.bits, kMaxBatch), tail = block_fn(p.group, p.bits, p.m % kMaxBatch);
   for (int64_t b = first; b < last; ++b) {
-    for (int64_t m0 = 0; m0 < p.m; m0 += kMaxBatch) {
+    for (int64_t m0 = done; m0 < p.m; m0 += kMaxBatch) {
       const Activations a{p.q + m0 * p.k, p.scale + m0 * p.groups, p.sum + m0 * p.groups};
       const int64_t rows = std::min(kMaxBatch, p.m - m0);
       float* out = p.y + m0 * p.n + b * kRows;
@@ -147,6 +161,15 @@ inline void run_blocks(const Problem& p, int64_t first, int64_t last) {
       (rows == kMaxBatch ? full : tail)(p.weight + b * p.block_bytes, sb, a, p.groups, p.k, out, p.n);
     }
   }
+}
+
+// Whether this library's matmul runs kAmxMinRows rows and more on AMX in this process.
+inline bool uses_amx() {
+#ifdef LLMC_QMATMUL_AMX
+  return amx_usable();
+#else
+  return false;
+#endif
 }
 
 }  // namespace llmc_qmatmul

@@ -97,7 +97,7 @@ def choose_plan(options: BackendOptions, artifact: Artifact, kernels_loaded: boo
         quantized = {t.name: (t.quant, t.shape) for t in manifest.tensors if t.quant}
         dtype = COMPUTE_DTYPES[manifest.dtype]
         signature = autotune.shape_signature(quantized.values())
-        isa = cpu_kernels.loaded_isa() if kernels_loaded else None
+        isa = cpu_kernels.loaded_variant() if kernels_loaded else None  # AMX changes what wins
         key = autotune.cache_key(signature, torch.get_num_threads(), isa, dtype)
         lazy = artifact.lazy_weights()
         groups = autotune.groups_from(quantized, lambda name: lazy[name], kernels_loaded)
@@ -272,4 +272,5 @@ class CpuBackend(TorchBackend):
             "weight_forms": self.tuning.describe(),
             "cpu_kernels": self.kernels_loaded,
             "cpu_isa": isa,
+            "cpu_amx": self.kernels_loaded and cpu_kernels.uses_amx(),
         }

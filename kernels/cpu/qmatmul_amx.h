@@ -1,0 +1,277 @@
+// The quantized matmul on AMX (Intel's tile registers and their int8 multiplier, Sapphire Rapids
+// and later), for 16 or more activation rows: prefill chunks and big decode batches. It computes
+// exactly what the AVX-512 VNNI loops compute (qmatmul_avx512.h): `tdpbsud` adds the same s8 x u8
+// products into int32 as `vpdpbusd` does, per group of inputs, and every group's float32 scaling
+// is the same operations in the same order. So the outputs are bit-identical to the VNNI path's,
+// and what the VNNI path's tests prove of it holds here (tests/kernels/cpu/test_qmatmul_amx.py).
+//
+// Why it is faster: the VNNI loop unpacks a block's weights again for every 4 activation rows
+// and issues one 64-MAC `vpdpbusd` per 4 inputs and 16 outputs; here a block is unpacked once
+// into the tile layout, and one `tdpbsud` multiplies 16 activation rows by 16 outputs over a whole
+// group (8192 MACs for a group of 32). What remains on the vector units is each group's scaling,
+// which a scale per group of 32 inputs makes as costly as the tile work: measured on a 2-core
+// Xeon VM, 1.2-1.4x the VNNI loops' rate from 64 rows on, and no faster at 16 (kAmxMinRows;
+// docs/BENCHMARKS.md).
+//
+// Compiled into the AVX-512 library only, with the AMX instructions enabled per function (the
+// library's own flags stay those of AVX-512 VNNI); it runs only where the CPU reports AMX and
+// Linux grants the process the tile state (amx_usable()), and `$LLMC_CPU_AMX=0` turns it off.
+#pragma once
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cpuid.h>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels_api.h"
+#include "qmatmul_common.h"
+
+namespace llmc_qmatmul {
+
+constexpr int64_t kAmxRows = 16;  // activation rows per tile (an int8 tile holds 16 rows)
+// The fewest rows the AMX path takes: at 16 it measured as fast as the VNNI loops, at 32 up to
+// 1.2x, from 64 on 1.2-1.4x (the 2-core Xeon VM of docs/BENCHMARKS.md, AMX vs VNNI alternated).
+constexpr int64_t kAmxMinRows = 32;
+
+// Linux's arch_prctl request for the AMX tile data state (asm/prctl.h, asm/fpu/xstate.h): a
+// process must ask for it before its first tile instruction, or that instruction faults.
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+// CPUID leaf 7's EDX bits for the tile registers and their int8 multiplier.
+constexpr unsigned kCpuidAmxTile = 1u << 24;
+constexpr unsigned kCpuidAmxInt8 = 1u << 25;
+
+// Whether this process may run the AMX path: the CPU has AMX-TILE and AMX-INT8, Linux granted the
+// tile state, and $LLMC_CPU_AMX is not "0". Decided once per process.
+inline bool amx_usable() {
+  static const bool usable = [] {
+    const char* env = std::getenv("LLMC_CPU_AMX");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    if ((d & kCpuidAmxTile) == 0 || (d & kCpuidAmxInt8) == 0) return false;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+// The tile configuration (palette 1): tiles 0-1 hold int32 sums [16 rows x 16 outputs], 4-5 the
+// activations [16 rows x G bytes], 6-7 the weights [G / 4 rows x 64 bytes: 16 outputs x 4 inputs];
+// each pair takes turns (amx_rows). Tiles 2-3 are left unconfigured.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile"))) inline void configure_tiles(int64_t group) {
+  TileConfig cfg;
+  for (int t = 0; t < 2; ++t) {  // sums
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = kAmxRows;
+  }
+  for (int t = 4; t < 6; ++t) {  // activations
+    cfg.colsb[t] = static_cast<uint16_t>(group);
+    cfg.rows[t] = kAmxRows;
+  }
+  for (int t = 6; t < 8; ++t) {  // weights
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = static_cast<uint8_t>(group / 4);
+  }
+  // GCC 12 at -O2 dropped some of the stores above as if `ldtilecfg` did not read them (seen in
+  // the debugger: colsb of tiles 0-3 left zero, and the instruction faulting): the barrier says
+  // the memory is read.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// One block's weights in the tile layout and its per-group float32 factors, as the VNNI loops make
+// them: per group, G / 4 rows of 64 bytes (row t: for each of the 16 outputs, its inputs 4t..4t+3
+// as u8), then `scale` and `offset` (16 floats each; the q6k form has no offset).
+struct UnpackedBlock {
+  std::vector<uint8_t> values;
+  std::vector<float> factors;  // [groups][2][16]
+};
+
+// The block's values and factors, for every form the VNNI loops take.
+inline void unpack_block(const uint8_t* w, const Half16* sc, int64_t groups, int64_t group, int64_t bits,
+                         UnpackedBlock& out) {
+  out.values.resize(static_cast<size_t>(groups * group * kRows));
+  out.factors.resize(static_cast<size_t>(groups * 2 * kRows));
+  uint8_t* u = out.values.data();
+  float* f = out.factors.data();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  if (bits == kQ6KBits) {
+    const __m512i top = _mm512_set1_epi8(0x30);
+    constexpr int kOrAnd = 0xF8;  // a | (b & c), as in q6k_rows
+    for (int64_t s = 0; s < groups / kQ6KGroups; ++s) {
+      const uint8_t* ws = w + s * kQ6KSuperBytes;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + s * kRows)));
+      for (int g = 0; g < kQ6KGroups; ++g) {
+        const int64_t gi = s * kQ6KGroups + g;
+        const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
+        const __m512i h = _mm512_loadu_si512(ws + kQ6KLowBytes + g * 64);
+        uint8_t* ug = u + gi * kQ6KGroup * kRows;
+        _mm512_storeu_si512(ug, _mm512_ternarylogic_epi32(_mm512_and_si512(v0, nibble), _mm512_slli_epi16(h, 4), top,
+                                                          kOrAnd));
+        _mm512_storeu_si512(ug + 64, _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble),
+                                                               _mm512_slli_epi16(h, 2), top, kOrAnd));
+        _mm512_storeu_si512(ug + 128, _mm512_ternarylogic_epi32(_mm512_and_si512(v1, nibble), h, top, kOrAnd));
+        _mm512_storeu_si512(ug + 192, _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble),
+                                                                _mm512_srli_epi16(h, 2), top, kOrAnd));
+        const auto* sub = reinterpret_cast<const __m128i*>(ws + kQ6KLowBytes + kQ6KHighBytes + g * kRows);
+        _mm512_storeu_ps(f + gi * 2 * kRows,
+                         _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sub)))));
+      }
+    }
+    return;
+  }
+  if (bits == kQ4KBits) {
+    for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
+      const uint8_t* ws = w + s * kQ4KSuperBytes;
+      const auto* dd = reinterpret_cast<const __m256i*>(sc + s * 2 * kRows);
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(dd));
+      const __m512 neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(dd + 1)));
+      for (int g = 0; g < kQ4KGroups; ++g) {
+        const int64_t gi = s * kQ4KGroups + g;
+        uint8_t* ug = u + gi * kQ4KGroup * kRows;
+        for (int c = 0; c < 4; ++c) {
+          const __m512i v = _mm512_loadu_si512(ws + g * 256 + c * 64);
+          _mm512_storeu_si512(ug + c * 128, _mm512_and_si512(v, nibble));
+          _mm512_storeu_si512(ug + c * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+        }
+        const auto* bytes = reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows);
+        _mm512_storeu_ps(f + gi * 2 * kRows,
+                         _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes)))));
+        _mm512_storeu_ps(f + gi * 2 * kRows + kRows,
+                         _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                                     _mm_loadu_si128(bytes + kQ4KGroups)))));
+      }
+    }
+    return;
+  }
+  const int64_t group_bytes = kRows * group * bits / 8;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* wg = w + g * group_bytes;
+    uint8_t* ug = u + g * group * kRows;
+    if (bits == 4) {
+      for (int64_t c = 0; c < group_bytes / 64; ++c) {
+        const __m512i v = _mm512_loadu_si512(wg + c * 64);
+        _mm512_storeu_si512(ug + c * 128, _mm512_and_si512(v, nibble));
+        _mm512_storeu_si512(ug + c * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+      }
+    } else {
+      std::memcpy(ug, wg, static_cast<size_t>(group_bytes));  // bits 8: already the tile layout
+    }
+    const auto* s16 = reinterpret_cast<const __m256i*>(sc + g * 2 * kRows);
+    _mm512_storeu_ps(f + g * 2 * kRows, _mm512_cvtph_ps(_mm256_loadu_si256(s16)));
+    _mm512_storeu_ps(f + g * 2 * kRows + kRows, _mm512_cvtph_ps(_mm256_loadu_si256(s16 + 1)));
+  }
+}
+
+// Rows of one group's int32 sums (tile rows 16 x 16 outputs) scaled into the accumulators acc
+// (float32 [16 rows][16 outputs], in memory), the VNNI loops' float operations.
+template <bool kQ6K>
+[[gnu::always_inline]] inline void scale_rows(const int32_t* dots, const float* factors, const Activations& a,
+                                              int64_t m0, int64_t groups, int64_t g, float* acc) {
+  const __m512 scale = _mm512_loadu_ps(factors);
+  const __m512 offset = _mm512_loadu_ps(factors + kRows);
+  for (int r = 0; r < kAmxRows; ++r) {
+    const int64_t i = (m0 + r) * groups + g;
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots + r * kRows));
+    const __m512 before = _mm512_load_ps(acc + r * kRows);
+    __m512 after;
+    if constexpr (kQ6K) {
+      const __m512 centred = _mm512_sub_ps(dot, _mm512_set1_ps(kQ6KBias * a.sum[i]));
+      after = _mm512_fmadd_ps(centred, _mm512_mul_ps(scale, _mm512_set1_ps(a.scale[i])), before);
+    } else {
+      const __m512 t = _mm512_fmadd_ps(scale, dot, _mm512_mul_ps(offset, _mm512_set1_ps(a.sum[i])));
+      after = _mm512_fmadd_ps(t, _mm512_set1_ps(a.scale[i]), before);
+    }
+    _mm512_store_ps(acc + r * kRows, after);
+  }
+}
+
+// 16 activation rows from m0 times one unpacked block: y[m0..m0+15][16 outputs]. Two software
+// pipelines: the tiles of group g + 1 are multiplied (tiles 0 and 1 take turns) while group g's
+// sums are stored, and group g - 1's sums, stored one step earlier, are scaled meanwhile: loads
+// of what a tile store has just written wait for it to complete.
+template <bool kQ6K>
+__attribute__((target("amx-tile,amx-int8"))) void amx_rows(const UnpackedBlock& block, const Activations& a,
+                                                           int64_t m0, int64_t groups, int64_t group, int64_t k,
+                                                           float* y, int64_t ldy) {
+  alignas(64) int32_t dots[2][kAmxRows * kRows];
+  alignas(64) float acc[kAmxRows * kRows] = {};
+  const uint8_t* u = block.values.data();
+  const float* f = block.factors.data();
+  const int8_t* x = a.q + m0 * k;  // packed: this tile's groups, 16 x G bytes each
+  const int64_t tile_bytes = kAmxRows * group, values_per_group = group * kRows;
+  _tile_loadd(4, x, group);
+  _tile_loadd(6, u, 64);
+  _tile_zero(0);
+  _tile_dpbsud(0, 4, 6);
+  for (int64_t g = 0; g < groups; g += 2) {
+    const bool odd = g + 1 < groups;
+    if (odd) {
+      _tile_loadd(5, x + (g + 1) * tile_bytes, group);
+      _tile_loadd(7, u + (g + 1) * values_per_group, 64);
+      _tile_zero(1);
+      _tile_dpbsud(1, 5, 7);
+    }
+    _tile_stored(0, dots[0], 64);
+    if (g > 0) scale_rows<kQ6K>(dots[1], f + (g - 1) * 2 * kRows, a, m0, groups, g - 1, acc);
+    if (!odd) {
+      scale_rows<kQ6K>(dots[0], f + g * 2 * kRows, a, m0, groups, g, acc);
+      break;
+    }
+    if (g + 2 < groups) {
+      _tile_loadd(4, x + (g + 2) * tile_bytes, group);
+      _tile_loadd(6, u + (g + 2) * values_per_group, 64);
+      _tile_zero(0);
+      _tile_dpbsud(0, 4, 6);
+    }
+    _tile_stored(1, dots[1], 64);
+    scale_rows<kQ6K>(dots[0], f + g * 2 * kRows, a, m0, groups, g, acc);
+    if (g + 2 >= groups) scale_rows<kQ6K>(dots[1], f + (g + 1) * 2 * kRows, a, m0, groups, g + 1, acc);
+  }
+  for (int r = 0; r < kAmxRows; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_load_ps(acc + r * kRows));
+}
+
+// Blocks first..last-1 for the activations' first `rows` rows, a multiple of 16 (the caller runs
+// the rest on the VNNI loops). Each block is unpacked once, here, for all the tiles.
+__attribute__((target("amx-tile,amx-int8"))) inline void run_blocks_amx(const Problem& p, int64_t rows, int64_t first,
+                                                                         int64_t last) {
+  thread_local UnpackedBlock block;
+  thread_local std::vector<int8_t> packed;
+  configure_tiles(p.group);
+  // The activations regrouped per tile: for tile t and group g, its 16 rows' G values in a row
+  // (16 x G bytes), so that a tile load reads whole lines instead of 16 strided half lines.
+  packed.resize(static_cast<size_t>(rows * p.k));
+  for (int64_t t = 0; t < rows / kAmxRows; ++t)
+    for (int64_t g = 0; g < p.groups; ++g)
+      for (int64_t r = 0; r < kAmxRows; ++r)
+        std::memcpy(packed.data() + ((t * p.groups + g) * kAmxRows + r) * p.group,
+                    p.q + (t * kAmxRows + r) * p.k + g * p.group, static_cast<size_t>(p.group));
+  const Activations a{packed.data(), p.scale, p.sum};
+  for (int64_t b = first; b < last; ++b) {
+    unpack_block(p.weight + b * p.block_bytes, p.scales + b * scale_halves_per_block(p.bits, p.groups), p.groups,
+                 p.group, p.bits, block);
+    for (int64_t m0 = 0; m0 < rows; m0 += kAmxRows) {
+      float* out = p.y + m0 * p.n + b * kRows;
+      if (p.bits == kQ6KBits) {
+        amx_rows<true>(block, a, m0, p.groups, p.group, p.k, out, p.n);
+      } else {
+        amx_rows<false>(block, a, m0, p.groups, p.group, p.k, out, p.n);
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace llmc_qmatmul

@@ -10,8 +10,8 @@
 // into the tile layout, and one `tdpbsud` multiplies 16 activation rows by 16 outputs over a whole
 // group (8192 MACs for a group of 32). What remains on the vector units is each group's scaling,
 // which a scale per group of 32 inputs makes as costly as the tile work: measured on a 2-core
-// Xeon VM, 1.2-1.4x the VNNI loops' rate from 64 rows on, and no faster at 16 (kAmxMinRows;
-// docs/BENCHMARKS.md).
+// Xeon VM, 1.1-1.4x the VNNI loops' rate on 3B-sized matrices from 64 rows on, no faster at 16
+// rows (kAmxMinRows) nor on SmolLM2's small ones (docs/BENCHMARKS.md, llmc.benchmarks.amx).
 //
 // Compiled into the AVX-512 library only, with the AMX instructions enabled per function (the
 // library's own flags stay those of AVX-512 VNNI); it runs only where the CPU reports AMX and

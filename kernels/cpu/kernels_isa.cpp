@@ -17,6 +17,12 @@ void run_blocks_isa(const Problem& p, int64_t first, int64_t last) { run_blocks(
 
 bool uses_amx_isa() { return uses_amx(); }
 
+bool has_bf16_path_isa() { return has_bf16_path(); }
+
+void run_bf16_isa(const Problem& p, const uint16_t* xb, int64_t rows, int64_t first, int64_t last) {
+  run_bf16(p, xb, rows, first, last);
+}
+
 }  // namespace llmc_qmatmul
 
 namespace llmc_attention {

@@ -21,6 +21,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -75,12 +76,16 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   return {k, group, groups};
 }
 
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
+void check_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8 || bits == llmc_qmatmul::kQ6KBits || bits == llmc_qmatmul::kQ4KBits,
               "qmatmul: bits must be 4, 5, 6 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
   TORCH_CHECK(weight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf, "qmatmul: bad dtypes");
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");
+}
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
+  check_operands(x, weight, scales, bits);
   const int64_t m = x.size(0), blocks = weight.size(0), n = blocks * kRows;
   const auto [k, group, groups] = geometry(x, weight, scales, bits);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -107,6 +112,41 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   return y;
 }
 
+// Inputs per bf16 tile product (qmatmul_amx.h kBf16Inputs) and rows per tile.
+constexpr int64_t kBf16Inputs = 32;
+constexpr int64_t kTileRows = 16;
+
+// The same weights in the dense copies' arithmetic, bf16(x) @ bf16(w)^T summed in float32, on AMX's
+// bf16 tiles where qmatmul_bf16_available(): for many rows, where it is faster than qmatmul and the
+// dense copies' memory is not kept (kernels/cpu/qmatmul_cpu.py decides).
+at::Tensor qmatmul_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
+  TORCH_CHECK(llmc_qmatmul::has_bf16_path_isa(), "qmatmul_bf16: this CPU or library has no AMX bf16 path");
+  check_operands(x, weight, scales, bits);
+  const int64_t m = x.size(0), blocks = weight.size(0), n = blocks * kRows;
+  const auto [k, group, groups] = geometry(x, weight, scales, bits);
+  TORCH_CHECK(k % kBf16Inputs == 0, "qmatmul_bf16: K must be a multiple of 32, got ", k);
+  // The activations in tiles [rows / 16][K / 32][16][32], zero rows past m.
+  const int64_t rows = (m + kTileRows - 1) / kTileRows * kTileRows;
+  at::Tensor padded = at::zeros({rows, k}, x.options().dtype(at::kBFloat16));
+  padded.narrow(0, 0, m).copy_(x);
+  const at::Tensor tiles =
+      padded.view({rows / kTileRows, kTileRows, k / kBf16Inputs, kBf16Inputs}).permute({0, 2, 1, 3}).contiguous();
+  at::Tensor y = at::empty({rows, n}, x.options().dtype(at::kFloat));
+  const llmc_qmatmul::Problem p{weight.data_ptr<uint8_t>(),
+                                reinterpret_cast<const Half16*>(scales.data_ptr<at::Half>()),
+                                nullptr,
+                                nullptr,
+                                nullptr,
+                                y.data_ptr<float>(),
+                                rows, k, n, groups, group, bits, weight.size(1)};
+  const auto* xb = reinterpret_cast<const uint16_t*>(tiles.data_ptr<at::BFloat16>());
+  at::parallel_for(0, blocks, 1,
+                   [&](int64_t first, int64_t last) { llmc_qmatmul::run_bf16_isa(p, xb, rows, first, last); });
+  return y.narrow(0, 0, m);
+}
+
+bool qmatmul_bf16_available() { return llmc_qmatmul::has_bf16_path_isa(); }
+
 // The `bits` this library's qmatmul takes: a library without this op takes 4 and 8 only.
 std::vector<int64_t> qmatmul_bits() { return {4, 8, llmc_qmatmul::kQ6KBits, llmc_qmatmul::kQ4KBits}; }
 
@@ -120,6 +160,11 @@ TORCH_LIBRARY_FRAGMENT(llmc, m) {
   m.def("qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
   m.def("qmatmul_bits() -> int[]", &qmatmul_bits);  // no tensors to dispatch on: one kernel for all
   m.def("qmatmul_amx() -> bool", &qmatmul_amx);
+  m.def("qmatmul_bf16(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
+  m.def("qmatmul_bf16_available() -> bool", &qmatmul_bf16_available);
 }
 
-TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("qmatmul", &qmatmul); }
+TORCH_LIBRARY_IMPL(llmc, CPU, m) {
+  m.impl("qmatmul", &qmatmul);
+  m.impl("qmatmul_bf16", &qmatmul_bf16);
+}

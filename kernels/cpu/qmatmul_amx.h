@@ -44,6 +44,9 @@ constexpr int kXfeatureXtiledata = 18;
 // CPUID leaf 7's EDX bits for the tile registers and their int8 multiplier.
 constexpr unsigned kCpuidAmxTile = 1u << 24;
 constexpr unsigned kCpuidAmxInt8 = 1u << 25;
+constexpr unsigned kCpuidAmxBf16 = 1u << 22;
+// CPUID leaf 7, subleaf 1's EAX bit for AVX512_BF16 (the conversion to bf16 pairs).
+constexpr unsigned kCpuidAvx512Bf16 = 1u << 5;
 
 // Whether this process may run the AMX path: the CPU has AMX-TILE and AMX-INT8, Linux granted the
 // tile state, and $LLMC_CPU_AMX is not "0". Decided once per process.
@@ -55,6 +58,18 @@ inline bool amx_usable() {
     if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
     if ((d & kCpuidAmxTile) == 0 || (d & kCpuidAmxInt8) == 0) return false;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+// Whether the bf16 path (run_blocks_bf16) may run: the int8 path's conditions, and the CPU's
+// AMX-BF16 and AVX512-BF16.
+inline bool amx_bf16_usable() {
+  static const bool usable = [] {
+    if (!amx_usable()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & kCpuidAmxBf16) == 0) return false;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && (a & kCpuidAvx512Bf16) != 0;
   }();
   return usable;
 }
@@ -268,6 +283,119 @@ __attribute__((target("amx-tile,amx-int8"))) inline void run_blocks_amx(const Pr
         amx_rows<true>(block, a, m0, p.groups, p.group, p.k, out, p.n);
       } else {
         amx_rows<false>(block, a, m0, p.groups, p.group, p.k, out, p.n);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// ---- The bf16 path (qmatmul_bf16): the weights dequantized per block into bf16 -------------------
+//
+// y = bf16(x) @ bf16(w)^T with float32 sums over all of K, w = scale * u + offset in float32 as
+// the dense copies compute it (kernels/cpu/qmatmul_cpu.py), then rounded to bf16: the dense
+// copies' arithmetic, without keeping a copy. No per-group scaling is left for the vector units,
+// so the tile unit sets the pace; the int8 path stays exact to its own reference and is the one
+// for few rows (where to switch is the caller's choice).
+
+constexpr int64_t kBf16Inputs = 32;  // inputs per tile product: 16 pairs of bf16
+// The most activation bytes (rows x K bf16) one pass over the blocks reads: half of a 2 MB L2.
+// Every block streamed all of a 512-row prefill's activations (3 MB at K = 3072) from L3 without
+// the chunks: ~10x the tile products' cost (docs/BENCHMARKS.md).
+constexpr int64_t kBf16ChunkBytes = 1 << 20;
+
+// Tiles 0-1: float32 sums of two activation tiles; 2-3 and 6-7: their bf16 activations [16 rows x
+// 32 inputs]; 4-5: the weights [16 pairs of inputs x 16 outputs x 2]. Each set takes turns.
+__attribute__((target("amx-tile"))) inline void configure_bf16_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = kAmxRows;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // see configure_tiles
+  _tile_loadconfig(&cfg);
+}
+
+// An unpacked block (unpack_block) as bf16 tile rows: for input pair j (inputs 2j, 2j + 1), 16
+// outputs x 2 bf16; out holds K / 2 rows of 32 uint16.
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void dequantize_bf16(
+    const UnpackedBlock& block, int64_t groups, int64_t group, bool q6k, uint16_t* out) {
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  alignas(64) uint16_t order[32];  // (a[n], b[n]) for n < 16 from [a[0..15], b[0..15]]
+  for (int n = 0; n < 16; ++n) {
+    order[2 * n] = static_cast<uint16_t>(n);
+    order[2 * n + 1] = static_cast<uint16_t>(16 + n);
+  }
+  const __m512i pairs = _mm512_load_si512(order);
+  const __m512 bias = _mm512_set1_ps(-kQ6KBias);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* f = block.factors.data() + g * 2 * kRows;
+    const __m512 scale = _mm512_loadu_ps(f);
+    // q6k: scale * (u - 32) = u * scale - 32 * scale, exactly, before the one rounding.
+    const __m512 offset = q6k ? _mm512_mul_ps(bias, scale) : _mm512_loadu_ps(f + kRows);
+    for (int64_t t = 0; t < group / 4; ++t) {  // 4 inputs per row of the unpacked block
+      const __m512i v = _mm512_loadu_si512(block.values.data() + (g * group / 4 + t) * 64);
+      __m512 w[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m512 u = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte));
+        w[j] = _mm512_fmadd_ps(u, scale, offset);
+      }
+      uint16_t* row = out + (g * group / 2 + 2 * t) * 32;
+      _mm512_storeu_si512(row, _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0])));
+      _mm512_storeu_si512(row + 32, _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2])));
+    }
+  }
+}
+
+// Blocks first..last-1 times the activations `xb`, bf16 packed per tile of 16 rows and 32 inputs
+// ([rows / 16][K / 32][16][32]; rows a multiple of 16, zeros past the real ones), into y [rows, N].
+__attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512f"))) inline void run_blocks_bf16(
+    const Problem& p, const uint16_t* xb, int64_t rows, int64_t first, int64_t last) {
+  thread_local UnpackedBlock block;
+  thread_local std::vector<uint16_t> wb;
+  wb.resize(static_cast<size_t>(p.k * kRows));
+  configure_bf16_tiles();
+  const int64_t steps = p.k / kBf16Inputs, tile = kAmxRows * kBf16Inputs;  // tile: uint16 per tile
+  const int64_t chunk = std::max(2 * kAmxRows, kBf16ChunkBytes / (2 * p.k) / (2 * kAmxRows) * (2 * kAmxRows));
+  const int64_t ldy = p.n * static_cast<int64_t>(sizeof(float));
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk);
+    for (int64_t b = first; b < last; ++b) {
+      unpack_block(p.weight + b * p.block_bytes, p.scales + b * scale_halves_per_block(p.bits, p.groups), p.groups,
+                   p.group, p.bits, block);
+      dequantize_bf16(block, p.groups, p.group, p.bits == kQ6KBits, wb.data());
+      const uint16_t* w = wb.data();
+      int64_t m0 = r0;
+      for (; m0 + 2 * kAmxRows <= r1; m0 += 2 * kAmxRows) {  // two activation tiles per weight tile
+        const uint16_t* a0 = xb + m0 / kAmxRows * steps * tile;
+        const uint16_t* a1 = a0 + steps * tile;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t s = 0; s < steps; s += 2) {
+          _tile_loadd(4, w + s * tile, 64);
+          _tile_loadd(2, a0 + s * tile, 64);
+          _tile_loadd(3, a1 + s * tile, 64);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(1, 3, 4);
+          if (s + 1 < steps) {
+            _tile_loadd(5, w + (s + 1) * tile, 64);
+            _tile_loadd(6, a0 + (s + 1) * tile, 64);
+            _tile_loadd(7, a1 + (s + 1) * tile, 64);
+            _tile_dpbf16ps(0, 6, 5);
+            _tile_dpbf16ps(1, 7, 5);
+          }
+        }
+        _tile_stored(0, p.y + m0 * p.n + b * kRows, ldy);
+        _tile_stored(1, p.y + (m0 + kAmxRows) * p.n + b * kRows, ldy);
+      }
+      if (m0 < r1) {  // one tile left
+        const uint16_t* a0 = xb + m0 / kAmxRows * steps * tile;
+        _tile_zero(0);
+        for (int64_t s = 0; s < steps; ++s) {
+          _tile_loadd(4, w + s * tile, 64);
+          _tile_loadd(2, a0 + s * tile, 64);
+          _tile_dpbf16ps(0, 2, 4);
+        }
+        _tile_stored(0, p.y + m0 * p.n + b * kRows, ldy);
       }
     }
   }

@@ -15,7 +15,9 @@ All take bf16 activations: oneDNN's and the int4 kernel's fast paths are bf16-on
 - kernel: with `cpu_kernels` (llmc's own kernel library loaded, kernels/cpu/cpu_kernels.py, built
   for the host's ISA: AVX-512 VNNI, AVX-VNNI or AVX2), every format of kernels/cpu/qmatmul_vnni.py
   takes its quantized matmul instead of int4 or pairs for fewer than KERNEL_DENSE_MIN_ROWS rows:
-  2-4x faster than torch's int4 kernel at one row.
+  2-4x faster than torch's int4 kernel at one row. On AMX hosts, a weight that keeps no dense copy
+  (memory) takes the kernel's bf16 path from KERNEL_BF16_MIN_ROWS rows: the dense copies'
+  arithmetic, the weights dequantized per block on the fly.
 
 The int4 kernel is the fastest for a few rows of activations but computes slowly: with enough
 rows a bf16 GEMM over a dense copy wins, from INT4_DENSE_MIN_ROWS rows for one int4 matmul and
@@ -57,6 +59,11 @@ INT4_DENSE_MIN_ROWS = 32
 PAIR_DENSE_MIN_ROWS = 8
 # llmc's kernel reads each weight once per 4 activation rows, from cache after the first.
 KERNEL_DENSE_MIN_ROWS = 32
+# From how many rows a weight on llmc's kernel that keeps no dense copy takes the kernel's bf16
+# path instead (AMX hosts: the dense copies' arithmetic on weights dequantized per block, no copy
+# kept; kernels/cpu/qmatmul_amx.h). Measured on 3B- and SmolLM2-sized matrices (docs/BENCHMARKS.md):
+# 1.1-1.9x the int8 path at 64 rows, mixed at 32, slower at 16.
+KERNEL_BF16_MIN_ROWS = 64
 DENSE_MIN_ROWS = min(INT4_DENSE_MIN_ROWS, PAIR_DENSE_MIN_ROWS)  # where the first weight switches
 # The weight forms a compiled package is traced with, as the row count whose choices it pins:
 # "packed" every int4 form, "dense" what DENSE_MIN_ROWS rows take (pairs dense, single int4 packed).
@@ -186,6 +193,12 @@ class CpuQMatmul(nn.Module):
         elif dense is None and keep(self.form):
             dense = info.dequantize(blocks).to(plan.dtype)
         self.dense_from_rows = plan.from_rows(self.form) if self.form != "dense" else 0
+        # The kernel's bf16 path for many rows where no dense copy is kept (eager calls only: a
+        # traced package pins its forms, weight_form).
+        self.bf16_path = (
+            kernel_weight is not None and dense is None and self.in_features % 32 == 0
+            and qmatmul_vnni.bf16_path_available()
+        )  # fmt: skip
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.register_buffer("packed_low", packed_low, persistent=False)
@@ -253,9 +266,15 @@ class CpuQMatmul(nn.Module):
             return False
         return (rows if self.pinned_rows is None else self.pinned_rows) >= self.dense_from_rows
 
+    def _use_bf16_path(self, rows: int) -> bool:
+        return self.bf16_path and self.pinned_rows is None and rows >= KERNEL_BF16_MIN_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_weight is not None and not self._use_dense(x.shape[0]):
             assert self.kernel_scales is not None
+            if self._use_bf16_path(x.shape[0]):
+                y = qmatmul_vnni.qmatmul_bf16(x, self.kernel_weight, self.kernel_scales, self.kernel_bits)
+                return cast(y, x.dtype)
             return cast(qmatmul_vnni.qmatmul(x, self.kernel_weight, self.kernel_scales, self.kernel_bits), x.dtype)
         if self._use_dense(x.shape[0]):
             assert self.dense is not None

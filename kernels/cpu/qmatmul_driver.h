@@ -172,4 +172,22 @@ inline bool uses_amx() {
 #endif
 }
 
+// Whether this library runs the bf16 path (qmatmul_amx.h) in this process.
+inline bool has_bf16_path() {
+#ifdef LLMC_QMATMUL_AMX
+  return amx_bf16_usable();
+#else
+  return false;
+#endif
+}
+
+// The bf16 path for blocks first..last-1 (see run_blocks_bf16); the caller checked has_bf16_path().
+inline void run_bf16(const Problem& p, const uint16_t* xb, int64_t rows, int64_t first, int64_t last) {
+#ifdef LLMC_QMATMUL_AMX
+  run_blocks_bf16(p, xb, rows, first, last);
+#else
+  (void)p, (void)xb, (void)rows, (void)first, (void)last;
+#endif
+}
+
 }  // namespace llmc_qmatmul

@@ -275,3 +275,22 @@ def qmatmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: i
     loaded (kernels/cpu/cpu_kernels.py)."""
     out: torch.Tensor = torch.ops.llmc.qmatmul(x, weight, scales, bits)
     return out
+
+
+def bf16_path_available() -> bool:
+    """Whether the loaded kernel library runs qmatmul_bf16 here (AVX-512 library, AMX-BF16 CPU)."""
+    return hasattr(torch.ops.llmc, "qmatmul_bf16_available") and bool(torch.ops.llmc.qmatmul_bf16_available())
+
+
+def qmatmul_bf16(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """The same packed weight in the dense copies' arithmetic: bf16(x) @ bf16(w)^T, float32 sums and
+    result [M, N], the weights dequantized per block on the fly (AMX; see bf16_path_available).
+    Reference: reference_bf16_matmul."""
+    out: torch.Tensor = torch.ops.llmc.qmatmul_bf16(x, weight, scales, bits)
+    return out
+
+
+def reference_bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What qmatmul_bf16 computes, in plain torch: x and the float32 weight w [N, K] rounded to bf16,
+    multiplied and summed in float64 (the kernel sums in float32, in its own order)."""
+    return (x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T).float()

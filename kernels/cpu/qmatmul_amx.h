@@ -1,5 +1,6 @@
-// The quantized matmul on AMX (Intel's tile registers and their int8 multiplier, Sapphire Rapids
-// and later), for 16 or more activation rows: prefill chunks and big decode batches. It computes
+// The quantized matmul on AMX (Intel's tile registers, Sapphire Rapids and later), in two paths.
+//
+// The int8 path, for kAmxMinRows activation rows and more (prefill chunks, big batches). It computes
 // exactly what the AVX-512 VNNI loops compute (qmatmul_avx512.h): `tdpbsud` adds the same s8 x u8
 // products into int32 as `vpdpbusd` does, per group of inputs, and every group's float32 scaling
 // is the same operations in the same order. So the outputs are bit-identical to the VNNI path's,
@@ -13,9 +14,12 @@
 // Xeon VM, 1.1-1.4x the VNNI loops' rate on 3B-sized matrices from 64 rows on, no faster at 16
 // rows (kAmxMinRows) nor on SmolLM2's small ones (docs/BENCHMARKS.md, llmc.benchmarks.amx).
 //
+// The bf16 path (run_blocks_bf16, the op qmatmul_bf16): the dense copies' arithmetic on weights
+// dequantized per block, for many rows where no dense copy is kept; see its section below.
+//
 // Compiled into the AVX-512 library only, with the AMX instructions enabled per function (the
-// library's own flags stay those of AVX-512 VNNI); it runs only where the CPU reports AMX and
-// Linux grants the process the tile state (amx_usable()), and `$LLMC_CPU_AMX=0` turns it off.
+// library's own flags stay those of AVX-512 VNNI); they run only where the CPU reports AMX and
+// Linux grants the process the tile state (amx_usable()), and `$LLMC_CPU_AMX=0` turns both off.
 #pragma once
 
 #include <immintrin.h>
@@ -298,9 +302,9 @@ __attribute__((target("amx-tile,amx-int8"))) inline void run_blocks_amx(const Pr
 // for few rows (where to switch is the caller's choice).
 
 constexpr int64_t kBf16Inputs = 32;  // inputs per tile product: 16 pairs of bf16
-// The most activation bytes (rows x K bf16) one pass over the blocks reads: half of a 2 MB L2.
-// Every block streamed all of a 512-row prefill's activations (3 MB at K = 3072) from L3 without
-// the chunks: ~10x the tile products' cost (docs/BENCHMARKS.md).
+// The most activation bytes (rows x K bf16) one pass over the blocks reads: half of a 2 MB L2, so
+// that every block's pass finds them there; a 512-row prefill's activations alone are 3 MB at
+// K = 3072. Each block is dequantized again per chunk.
 constexpr int64_t kBf16ChunkBytes = 1 << 20;
 
 // Tiles 0-1: float32 sums of two activation tiles; 2-3 and 6-7: their bf16 activations [16 rows x

@@ -154,9 +154,7 @@ inline void unpack_block(const uint8_t* w, const Half16* sc, int64_t groups, int
   if (bits == kQ4KBits) {
     for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
       const uint8_t* ws = w + s * kQ4KSuperBytes;
-      const auto* dd = reinterpret_cast<const __m256i*>(sc + s * 2 * kRows);
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(dd));
-      const __m512 neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(dd + 1)));
+      const Q4KSuper super = q4k_super(sc, s);
       for (int g = 0; g < kQ4KGroups; ++g) {
         const int64_t gi = s * kQ4KGroups + g;
         uint8_t* ug = u + gi * kQ4KGroup * kRows;
@@ -165,12 +163,10 @@ inline void unpack_block(const uint8_t* w, const Half16* sc, int64_t groups, int
           _mm512_storeu_si512(ug + c * 128, _mm512_and_si512(v, nibble));
           _mm512_storeu_si512(ug + c * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
         }
-        const auto* bytes = reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows);
-        _mm512_storeu_ps(f + gi * 2 * kRows,
-                         _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes)))));
-        _mm512_storeu_ps(f + gi * 2 * kRows + kRows,
-                         _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                                     _mm_loadu_si128(bytes + kQ4KGroups)))));
+        __m512 scale, offset;
+        q4k_group_factors(ws, g, super, scale, offset);
+        _mm512_storeu_ps(f + gi * 2 * kRows, scale);
+        _mm512_storeu_ps(f + gi * 2 * kRows + kRows, offset);
       }
     }
     return;

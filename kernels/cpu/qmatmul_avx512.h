@@ -102,6 +102,25 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
+// The q4k form's factors (qmatmul_common.h): a super-block's d and -dmin for the 16 rows, and from
+// them a group's scale d * sc and offset -dmin * mn, made from its bytes. Shared with the AMX
+// paths (qmatmul_amx.h), whose outputs must equal these loops' bit for bit.
+struct Q4KSuper {
+  __m512 d, neg_dmin;
+};
+
+inline Q4KSuper q4k_super(const Half16* sc, int64_t s) {
+  const auto* dd = reinterpret_cast<const __m256i*>(sc + s * 2 * kRows);
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(dd)),
+          _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(dd + 1)))};
+}
+
+inline void q4k_group_factors(const uint8_t* super, int g, const Q4KSuper& f, __m512& scale, __m512& offset) {
+  const auto* bytes = reinterpret_cast<const __m128i*>(super + kQ4KValueBytes + g * kRows);
+  scale = _mm512_mul_ps(f.d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes))));
+  offset = _mm512_mul_ps(f.neg_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + kQ4KGroups))));
+}
+
 // The q4k form (qmatmul_common.h): the bits-4 inner loop per group of 32, with the group's scale
 // d * sc and offset -dmin * mn made from its bytes for the 16 rows at once.
 template <int kBatch>
@@ -112,9 +131,7 @@ void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
     const uint8_t* ws = w + s * kQ4KSuperBytes;
-    const auto* dd = reinterpret_cast<const __m256i*>(sc + s * 2 * kRows);
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(dd));
-    const __m512 neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(dd + 1)));
+    const Q4KSuper factors = q4k_super(sc, s);
     for (int g = 0; g < kQ4KGroups; ++g) {
       prefetch_q4k_group(ws, g);
       const int64_t gi = s * kQ4KGroups + g;
@@ -133,10 +150,8 @@ void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
           dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
         }
       }
-      const auto* bytes = reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows);
-      const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes))));
-      const __m512 offset =
-          _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + kQ4KGroups))));
+      __m512 scale, offset;
+      q4k_group_factors(ws, g, factors, scale, offset);
       for (int m = 0; m < kBatch; ++m) {
         const int64_t i = m * groups + gi;
         const __m512 t = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot[m]), _mm512_mul_ps(offset, _mm512_set1_ps(a.sum[i])));

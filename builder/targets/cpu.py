@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import multiprocessing
 import os
+import platform
 import signal
 import sys
 import time
@@ -257,6 +258,39 @@ def _no_input_check_code() -> Iterator[None]:
         wrapper.generate_input_output_runtime_checks = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _probe_only_the_chosen_isa() -> Iterator[None]:
+    """Keep Inductor from test-compiling vector ISAs that the package does not use.
+
+    Inductor lists the vector ISAs this machine can build by compiling and loading a probe for each
+    AVX-512 extension (VNNI, BF16, AMX, AMX-FP16): six g++ runs, ~3-4 s of a cold build on 2 cores,
+    before it picks the one ISA of `cpp.simdlen`. Where `cpp.simdlen` names the width (a package for
+    another capability than this machine's, e.g. the default AVX2 one), only the ISAs of that width
+    are tested. A package for this machine's own ISA (no simdlen) keeps every probe: its AVX-512
+    flags come from them.
+    """
+    from torch._inductor import config, cpu_vec_isa
+
+    original = cpu_vec_isa.valid_vec_isa_list
+
+    def of_the_chosen_width() -> list[cpu_vec_isa.VecISA]:
+        width = config.cpp.simdlen
+        if width is None or platform.machine() not in ("x86_64", "AMD64"):
+            return original()
+        flags = cpu_vec_isa.x86_isa_checker()
+        return [
+            isa
+            for isa in cpu_vec_isa.supported_vec_isa_list
+            if isa.bit_width() == width and all(flag in flags for flag in str(isa).split()) and isa
+        ]
+
+    cpu_vec_isa.valid_vec_isa_list = of_the_chosen_width  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        cpu_vec_isa.valid_vec_isa_list = original
+
+
 def model_from_stage(
     stage: Path,
     tensor_files: list[str],
@@ -390,6 +424,12 @@ def inductor_configs(capability: str, host: str, threads: int) -> dict[str, obje
         # it (GCC builds AVX-512 since 4.9, and compiles llmc's AVX-512 VNNI kernels in the same
         # build unless --no-cpu-kernels) fails the compile with its own message, not silently.
         "cpp.vec_isa_ok": True,
+        # No precompiled headers. AOTInductor would first compile the wrapper's and the kernels'
+        # torch headers into two .gch files (~130 and ~146 MB) and then include them. On a machine
+        # without them that is 5.9 + 5.6 s of g++ for one package, more than they save it, and
+        # the files land in /tmp/torchinductor_$USER, outside every cache llmc controls, a new pair
+        # for each torch install path and flag set, never removed (docs/BENCHMARKS.md).
+        "aot_inductor.precompile_headers": False,
     }
     if capability != host:
         # The vector width picks Inductor's ISA (cpu_vec_isa.pick_vec_isa): its generated kernels
@@ -488,6 +528,7 @@ def lower_decode_step(
         _no_leafspec_warning(),
         _no_buffer_copies(),
         _no_input_check_code(),
+        _probe_only_the_chosen_isa(),
     ):
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import torch
 from llmc.artifacts.manifest import CompiledStep, capability_rank
 from llmc.builder import compile_cache
 from llmc.builder.targets.base import CompileOptions
-from llmc.builder.targets.cpu import capabilities, inductor_configs
+from llmc.builder.targets.cpu import _probe_only_the_chosen_isa, capabilities, inductor_configs
 from llmc.errors import BadInputError
 from llmc.runtime.backends.cpu import incompatibility
 from llmc.runtime.sampling_params import SamplingParams
@@ -45,6 +46,45 @@ def test_capabilities_compiled_for_each_cpu_isa_choice() -> None:
     # The baseline package's code is generated for 256-bit vectors; the host's as Inductor picks.
     assert inductor_configs("AVX2", "AVX512", 2)["cpp.simdlen"] == 256
     assert "cpp.simdlen" not in inductor_configs("AVX512", "AVX512", 2)
+
+
+def test_packages_compile_without_precompiled_headers() -> None:
+    """Precompiled headers cost a cold build more g++ time than they saved it (5.9 + 5.6 s for one
+    package) and left ~280 MB per flag set in /tmp/torchinductor_$USER (builder/targets/cpu.py).
+    An option name Inductor does not know would fail the patch."""
+    with torch._inductor.config.patch(inductor_configs("AVX2", "AVX512", 2)):
+        assert torch._inductor.config.aot_inductor.precompile_headers is False
+
+
+def test_a_package_of_another_vector_width_probes_no_avx512_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor test-compiles a probe per AVX-512 extension before it picks the ISA of `cpp.simdlen`;
+    the baseline (AVX2) package needs none of them. The CPU's flags are those of an AMX machine
+    here, so that the test means the same on every host."""
+    from torch._inductor import config, cpu_vec_isa
+
+    probed: list[str] = []
+
+    def probe(self: cpu_vec_isa.VecISA) -> bool:
+        probed.append(str(self))
+        return True
+
+    for kind in (cpu_vec_isa.VecAVX512, cpu_vec_isa.VecAVX512VNNI, cpu_vec_isa.VecAMX):
+        monkeypatch.setattr(kind, "__bool__", probe)
+    monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda: ["avx2", "avx512", "avx512_vnni", "amx_tile"])
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    try:
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
+        with config.patch({"cpp.simdlen": 256, "cpp.vec_isa_ok": True}), _probe_only_the_chosen_isa():
+            chosen = cpu_vec_isa.pick_vec_isa()
+        assert str(chosen) == "avx2"
+        assert probed == []
+        # This machine's own package (no simdlen) keeps Inductor's probes: its flags come from them.
+        with config.patch({"cpp.simdlen": None}), _probe_only_the_chosen_isa():
+            cpu_vec_isa.valid_vec_isa_list()
+        assert "avx512 avx512_vnni amx_tile" in probed
+    finally:
+        # Nothing faked stays in Inductor's cached list for the compiles of later tests.
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
 
 
 def test_a_package_runs_on_its_capability_and_later_ones_only() -> None:

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,12 @@ import torch
 from llmc.artifacts.manifest import CompiledStep, capability_rank
 from llmc.builder import compile_cache
 from llmc.builder.targets.base import CompileOptions
-from llmc.builder.targets.cpu import _probe_only_the_chosen_isa, capabilities, inductor_configs
+from llmc.builder.targets.cpu import (
+    _probe_only_the_chosen_isa,
+    _wrapper_beside_the_kernels,
+    capabilities,
+    inductor_configs,
+)
 from llmc.errors import BadInputError
 from llmc.runtime.backends.cpu import incompatibility
 from llmc.runtime.sampling_params import SamplingParams
@@ -85,6 +91,47 @@ def test_a_package_of_another_vector_width_probes_no_avx512_isa(monkeypatch: pyt
     finally:
         # Nothing faked stays in Inductor's cached list for the compiles of later tests.
         cpu_vec_isa.valid_vec_isa_list.cache_clear()
+
+
+class _FakeBuild:
+    """A compile of one AOTInductor object: records when it ran; fails if told to."""
+
+    def __init__(self, target: str, seconds: float, fails: bool = False) -> None:
+        self.target, self.seconds, self.fails = target, seconds, fails
+        self.span: tuple[float, float] = (0.0, 0.0)
+
+    def get_target_file_path(self) -> str:
+        return self.target
+
+
+def _fake_compile(self: _FakeBuild) -> None:
+    started = time.monotonic()
+    time.sleep(self.seconds)
+    self.span = (started, time.monotonic())
+    if self.fails:
+        raise RuntimeError(f"{self.target}: error")
+
+
+def test_the_wrapper_compiles_beside_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AOTInductor compiles the wrapper, then the kernels; the builder runs the two at once, and the
+    kernels' compile returns only when the wrapper's is done (the link needs both)."""
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpp_builder.CppBuilder, "build", _fake_compile)
+    wrapper, kernels = _FakeBuild("/c/x.wrapper.o", 0.5), _FakeBuild("/c/x.kernel.o", 0.5)
+    with _wrapper_beside_the_kernels():
+        cpp_builder.CppBuilder.build(wrapper)  # type: ignore[arg-type]
+        cpp_builder.CppBuilder.build(kernels)  # type: ignore[arg-type]
+        assert wrapper.span[1] > 0, "the kernels' compile returned before the wrapper's was done"
+    assert kernels.span[0] < wrapper.span[1], "the two compiles ran one after the other"
+    assert cpp_builder.CppBuilder.build is _fake_compile
+
+    # The wrapper's failure is raised where AOTInductor waits for the next compile.
+    failing = _FakeBuild("/c/y.wrapper.o", 0.1, fails=True)
+    with _wrapper_beside_the_kernels():
+        cpp_builder.CppBuilder.build(failing)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match=r"y\.wrapper\.o: error"):
+            cpp_builder.CppBuilder.build(_FakeBuild("/c/y.kernel.o", 0.0))  # type: ignore[arg-type]
 
 
 def test_a_package_runs_on_its_capability_and_later_ones_only() -> None:

@@ -303,8 +303,8 @@ constexpr int64_t kBf16Inputs = 32;  // inputs per tile product: 16 pairs of bf1
 // K = 3072. Each block is dequantized again per chunk.
 constexpr int64_t kBf16ChunkBytes = 1 << 20;
 
-// Tiles 0-1: float32 sums of two activation tiles; 2-3 and 6-7: their bf16 activations [16 rows x
-// 32 inputs]; 4-5: the weights [16 pairs of inputs x 16 outputs x 2]. Each set takes turns.
+// Every tile 16 rows of 64 bytes (bf16_tile_products): 0-3 float32 sums [16 rows x 16 outputs],
+// 4-5 bf16 activations [16 rows x 32 inputs], 6-7 bf16 weights [16 pairs of inputs x 16 outputs x 2].
 __attribute__((target("amx-tile"))) inline void configure_bf16_tiles() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
@@ -346,57 +346,91 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void dequantize_bf
   }
 }
 
+// Tile products of one or two dequantized blocks (`w0`, `w1`: dequantize_bf16's layout; `w1` null
+// for one) with the activation tiles of rows m0..r1-1, into y. Two blocks and two activation tiles
+// at a time, the four sums in tiles 0-3, the activations in 4-5 and the weights in 6-7: four tile
+// loads per four products, where one block with two activation tiles took three per two. The
+// loads, not the products, set the pace once the tiles come from L2.
+__attribute__((target("amx-tile,amx-bf16"))) inline void bf16_tile_products(const Problem& p, const uint16_t* xb,
+                                                                           const uint16_t* w0, const uint16_t* w1,
+                                                                           int64_t b, int64_t m0, int64_t r1) {
+  const int64_t steps = p.k / kBf16Inputs, tile = kAmxRows * kBf16Inputs;  // tile: uint16 per tile
+  const int64_t ldy = p.n * static_cast<int64_t>(sizeof(float));
+  float* y = p.y + b * kRows;
+  for (; m0 < r1; m0 += 2 * kAmxRows) {
+    const uint16_t* a0 = xb + m0 / kAmxRows * steps * tile;
+    const uint16_t* a1 = a0 + steps * tile;
+    const bool two_tiles = m0 + kAmxRows < r1;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    if (w1 != nullptr && two_tiles) {
+      for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(6, w0 + s * tile, 64);
+        _tile_loadd(4, a0 + s * tile, 64);
+        _tile_loadd(7, w1 + s * tile, 64);
+        _tile_loadd(5, a1 + s * tile, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    } else if (w1 != nullptr) {  // one activation tile, two blocks
+      for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(4, a0 + s * tile, 64);
+        _tile_loadd(6, w0 + s * tile, 64);
+        _tile_loadd(7, w1 + s * tile, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+    } else if (two_tiles) {  // two activation tiles, one block
+      for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(6, w0 + s * tile, 64);
+        _tile_loadd(4, a0 + s * tile, 64);
+        _tile_loadd(5, a1 + s * tile, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+      }
+    } else {
+      for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(6, w0 + s * tile, 64);
+        _tile_loadd(4, a0 + s * tile, 64);
+        _tile_dpbf16ps(0, 4, 6);
+      }
+    }
+    _tile_stored(0, y + m0 * p.n, ldy);
+    if (w1 != nullptr) _tile_stored(1, y + m0 * p.n + kRows, ldy);
+    if (two_tiles) {
+      _tile_stored(2, y + (m0 + kAmxRows) * p.n, ldy);
+      if (w1 != nullptr) _tile_stored(3, y + (m0 + kAmxRows) * p.n + kRows, ldy);
+    }
+  }
+}
+
 // Blocks first..last-1 times the activations `xb`, bf16 packed per tile of 16 rows and 32 inputs
 // ([rows / 16][K / 32][16][32]; rows a multiple of 16, zeros past the real ones), into y [rows, N].
+// The blocks go in pairs (bf16_tile_products), the last one alone where their count is odd.
 __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512f"))) inline void run_blocks_bf16(
     const Problem& p, const uint16_t* xb, int64_t rows, int64_t first, int64_t last) {
   thread_local UnpackedBlock block;
   thread_local std::vector<uint16_t> wb;
-  wb.resize(static_cast<size_t>(p.k * kRows));
+  const int64_t block_values = p.k * kRows;  // one dequantized block, in uint16
+  wb.resize(static_cast<size_t>(2 * block_values));
   configure_bf16_tiles();
-  const int64_t steps = p.k / kBf16Inputs, tile = kAmxRows * kBf16Inputs;  // tile: uint16 per tile
+  // A chunk's activations (kBf16ChunkBytes) and two dequantized blocks (2 x K x 32 bytes) stay in
+  // L2 together.
   const int64_t chunk = std::max(2 * kAmxRows, kBf16ChunkBytes / (2 * p.k) / (2 * kAmxRows) * (2 * kAmxRows));
-  const int64_t ldy = p.n * static_cast<int64_t>(sizeof(float));
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t r1 = std::min(rows, r0 + chunk);
-    for (int64_t b = first; b < last; ++b) {
-      unpack_block(p.weight + b * p.block_bytes, p.scales + b * scale_halves_per_block(p.bits, p.groups), p.groups,
-                   p.group, p.bits, block);
-      dequantize_bf16(block, p.groups, p.group, p.bits == kQ6KBits, wb.data());
-      const uint16_t* w = wb.data();
-      int64_t m0 = r0;
-      for (; m0 + 2 * kAmxRows <= r1; m0 += 2 * kAmxRows) {  // two activation tiles per weight tile
-        const uint16_t* a0 = xb + m0 / kAmxRows * steps * tile;
-        const uint16_t* a1 = a0 + steps * tile;
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t s = 0; s < steps; s += 2) {
-          _tile_loadd(4, w + s * tile, 64);
-          _tile_loadd(2, a0 + s * tile, 64);
-          _tile_loadd(3, a1 + s * tile, 64);
-          _tile_dpbf16ps(0, 2, 4);
-          _tile_dpbf16ps(1, 3, 4);
-          if (s + 1 < steps) {
-            _tile_loadd(5, w + (s + 1) * tile, 64);
-            _tile_loadd(6, a0 + (s + 1) * tile, 64);
-            _tile_loadd(7, a1 + (s + 1) * tile, 64);
-            _tile_dpbf16ps(0, 6, 5);
-            _tile_dpbf16ps(1, 7, 5);
-          }
-        }
-        _tile_stored(0, p.y + m0 * p.n + b * kRows, ldy);
-        _tile_stored(1, p.y + (m0 + kAmxRows) * p.n + b * kRows, ldy);
+    for (int64_t b = first; b < last; b += 2) {
+      const bool pair = b + 1 < last;
+      for (int64_t i = 0; i < (pair ? 2 : 1); ++i) {
+        unpack_block(p.weight + (b + i) * p.block_bytes,
+                     p.scales + (b + i) * scale_halves_per_block(p.bits, p.groups), p.groups, p.group, p.bits, block);
+        dequantize_bf16(block, p.groups, p.group, p.bits == kQ6KBits, wb.data() + i * block_values);
       }
-      if (m0 < r1) {  // one tile left
-        const uint16_t* a0 = xb + m0 / kAmxRows * steps * tile;
-        _tile_zero(0);
-        for (int64_t s = 0; s < steps; ++s) {
-          _tile_loadd(4, w + s * tile, 64);
-          _tile_loadd(2, a0 + s * tile, 64);
-          _tile_dpbf16ps(0, 2, 4);
-        }
-        _tile_stored(0, p.y + m0 * p.n + b * kRows, ldy);
-      }
+      bf16_tile_products(p, xb, wb.data(), pair ? wb.data() + block_values : nullptr, b, r0, r1);
     }
   }
   _tile_release();

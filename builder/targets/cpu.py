@@ -20,6 +20,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -275,7 +276,7 @@ def _probe_only_the_chosen_isa() -> Iterator[None]:
 
     def of_the_chosen_width() -> list[cpu_vec_isa.VecISA]:
         width = config.cpp.simdlen
-        if width is None or platform.machine() not in ("x86_64", "AMD64"):
+        if width is None or platform.machine() not in ("x86_64", "AMD64") or sys.platform not in ("linux", "win32"):
             return original()
         flags = cpu_vec_isa.x86_isa_checker()
         return [
@@ -298,32 +299,39 @@ def _wrapper_beside_the_kernels() -> Iterator[None]:
     AOTInductor compiles the wrapper, then the kernels, then links the two: 10.7 s and 3.3 s one
     after the other in a cold default build on 2 cores (docs/BENCHMARKS.md), while the kernel
     libraries are long done and the second core is idle. The wrapper's compile starts in a thread
-    here; the next compile (the kernels') runs beside it and waits for it before returning, so the
-    link finds both objects and a failure of either is raised there.
+    here; the next compile of the same thread (the kernels') runs beside it and waits for it before
+    returning, so the link finds both objects and a failure of either is raised there.
     """
     from torch._inductor import cpp_builder
 
     original = cpp_builder.CppBuilder.build
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc-wrapper-compile")
-    pending: list[Future[None]] = []
+    pending: dict[int, Future[None]] = {}  # by the thread that started it
 
     def build(self: cpp_builder.CppBuilder) -> None:
-        if self.get_target_file_path().endswith(".wrapper.o") and not pending:
-            pending.append(pool.submit(original, self))
+        caller = threading.get_ident()
+        if self.get_target_file_path().endswith(".wrapper.o") and caller not in pending:
+            pending[caller] = pool.submit(original, self)
             return
         try:
             original(self)
         finally:
-            while pending:
-                pending.pop().result()
+            job = pending.pop(caller, None)
+            if job is not None:
+                job.result()
 
     cpp_builder.CppBuilder.build = build  # type: ignore[method-assign]
     try:
         yield
+    except BaseException:
+        for job in pending.values():  # the compile stopped in between: its own error is the one raised
+            job.exception()
+        raise
+    else:
+        for job in pending.values():  # a wrapper no later compile waited for: its failure is not lost
+            job.result()
     finally:
         cpp_builder.CppBuilder.build = original  # type: ignore[method-assign]
-        for job in pending:  # left only when the compile stopped in between: its error is the one raised
-            job.exception()
         pool.shutdown(wait=True)
 
 

@@ -418,8 +418,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512f"))) inline 
   const int64_t block_values = p.k * kRows;  // one dequantized block, in uint16
   wb.resize(static_cast<size_t>(2 * block_values));
   configure_bf16_tiles();
-  // A chunk's activations (kBf16ChunkBytes) and two dequantized blocks (2 x K x 32 bytes) stay in
-  // L2 together.
+  // A chunk's activations (kBf16ChunkBytes) and two dequantized blocks (2 x K x 32 bytes) share a
+  // 2 MB L2: 1.5 MB at K = 8192; a much larger K spills some of them (slower, not wrong).
   const int64_t chunk = std::max(2 * kAmxRows, kBf16ChunkBytes / (2 * p.k) / (2 * kAmxRows) * (2 * kAmxRows));
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t r1 = std::min(rows, r0 + chunk);

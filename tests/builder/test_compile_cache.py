@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,12 +127,26 @@ def test_the_wrapper_compiles_beside_the_kernels(monkeypatch: pytest.MonkeyPatch
     assert kernels.span[0] < wrapper.span[1], "the two compiles ran one after the other"
     assert cpp_builder.CppBuilder.build is _fake_compile
 
-    # The wrapper's failure is raised where AOTInductor waits for the next compile.
+    # A compile in another thread meanwhile neither waits for the wrapper nor takes it over.
+    wrapper, kernels, other = (_FakeBuild(f"/c/z.{name}.o", seconds) for name, seconds in
+                               (("wrapper", 0.5), ("kernel", 0.0), ("elsewhere", 0.0)))  # fmt: skip
+    with _wrapper_beside_the_kernels():
+        cpp_builder.CppBuilder.build(wrapper)  # type: ignore[arg-type]
+        beside = threading.Thread(target=cpp_builder.CppBuilder.build, args=(other,))
+        beside.start()
+        beside.join()
+        assert wrapper.span == (0.0, 0.0), "another thread's compile waited for this thread's wrapper"
+        cpp_builder.CppBuilder.build(kernels)  # type: ignore[arg-type]
+        assert wrapper.span[1] > 0
+
+    # The wrapper's failure is raised where AOTInductor waits for the next compile, or at the end.
     failing = _FakeBuild("/c/y.wrapper.o", 0.1, fails=True)
     with _wrapper_beside_the_kernels():
         cpp_builder.CppBuilder.build(failing)  # type: ignore[arg-type]
         with pytest.raises(RuntimeError, match=r"y\.wrapper\.o: error"):
             cpp_builder.CppBuilder.build(_FakeBuild("/c/y.kernel.o", 0.0))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"y\.wrapper\.o: error"), _wrapper_beside_the_kernels():
+        cpp_builder.CppBuilder.build(failing)  # type: ignore[arg-type]
 
 
 def test_a_package_runs_on_its_capability_and_later_ones_only() -> None:

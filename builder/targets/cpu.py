@@ -264,7 +264,7 @@ def _probe_only_the_chosen_isa() -> Iterator[None]:
     """Keep Inductor from test-compiling vector ISAs that the package does not use.
 
     Inductor lists the vector ISAs this machine can build by compiling and loading a probe for each
-    AVX-512 extension (VNNI, BF16, AMX, AMX-FP16): six g++ runs, ~3-4 s of a cold build on 2 cores,
+    AVX-512 extension (VNNI, BF16, AMX, AMX-FP16): six g++ runs, ~3 s of a cold build on 2 cores,
     before it picks the one ISA of `cpp.simdlen`. Where `cpp.simdlen` names the width (a package for
     another capability than this machine's, e.g. the default AVX2 one), only the ISAs of that width
     are tested. A package for this machine's own ISA (no simdlen) keeps every probe: its AVX-512

@@ -8,6 +8,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from llmc.artifacts.manifest import CompiledStep, Manifest, ModelSpec, capability_rank
 from llmc.artifacts.reader import Artifact
-from llmc.kernels.cpu import autotune, cpu_kernels
+from llmc.kernels.cpu import autotune, cpu_kernels, qmatmul_vnni
 from llmc.kernels.cpu.half_matmul import CpuHalfMatmul
 from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, DENSE_MIN_ROWS, SMALL_FORMS, CpuQMatmul, DensePlan
 from llmc.kernels.paged_attention import PagedAttention
@@ -88,7 +89,8 @@ def choose_plan(options: BackendOptions, artifact: Artifact, kernels_loaded: boo
     """Which dense copies to keep and from how many rows to use them: measured on this host
     (or cached, kernels/cpu/autotune.py) unless `--no-autotune`, then cut to the batches the
     server runs and the memory (`fit`); `--dense-weights` keeps copies of every form whatever
-    the memory, `--no-dense-weights` none."""
+    the memory, `--no-dense-weights` none; where the kernel's AMX bf16 path runs, the kernel's
+    weights keep none unless asked."""
     flags = cpu_kernels.effective_cpu_flags()
     if options.dense_weights is False:
         return autotune.Tuning(autotune.NO_DENSE, "off")
@@ -105,6 +107,12 @@ def choose_plan(options: BackendOptions, artifact: Artifact, kernels_loaded: boo
     else:
         tuning = autotune.Tuning(autotune.default_plan(flags), "defaults")
     plan = tuning.plan
+    if options.dense_weights is None and kernels_loaded and qmatmul_vnni.bf16_path_available():
+        # Where the kernel's AMX bf16 path runs, it takes the many-row matmuls of the kernel's
+        # weights without a copy: SmolLM2's prefill measured the same with and without its copies
+        # (within this machine's noise), with 260 MB less resident and ~1 s sooner ready
+        # (docs/BENCHMARKS.md). `--dense-weights` keeps them.
+        plan = replace(plan, kernel=None)
     if options.dense_weights:
         # Asked for: every form keeps a copy, from the measured threshold or the default one.
         thresholds = {f: plan.from_rows(f) or DEFAULT_PLAN.from_rows(f) for f in SMALL_FORMS}

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from llmc.builder.build import BuildOptions, build
-from llmc.kernels.cpu import autotune
+from llmc.kernels.cpu import autotune, qmatmul_vnni
 from llmc.kernels.cpu.qmatmul_cpu import SMALL_FORMS, CpuQMatmul
 from llmc.runtime.sampling_params import SamplingParams
 from tests.helpers import generate, open_engine
@@ -49,10 +49,12 @@ def test_greedy_output_is_the_same_with_autotune_on_off_and_dense_everywhere(
     assert measured.backend.tuning.source in ("measured", "defaults")  # defaults: a host too busy to measure
     assert generate(measured, PROMPTS, GREEDY) == expected
     assert open_engine(q4_artifact).backend.tuning.source == "cached"
-    # Mocked timings where f32 dense copies win from one row: every weight keeps one and uses it.
+    # Mocked timings where f32 dense copies win from one row: every weight keeps one and uses it
+    # (on a host without the kernel's AMX bf16 path, which would take their place).
     faster = {form: {"small": [10.0] * 6, "f32": [1.0] * 6} for form in SMALL_FORMS}
     monkeypatch.setattr(autotune, "measure", lambda *args, **kwargs: faster)
     monkeypatch.setattr(autotune, "native_bf16", lambda flags: False)
+    monkeypatch.setattr(qmatmul_vnni, "bf16_path_available", lambda: False)
     for path in cache.iterdir():
         path.unlink()
     dense = open_engine(q4_artifact)
@@ -61,6 +63,28 @@ def test_greedy_output_is_the_same_with_autotune_on_off_and_dense_everywhere(
     modules = [m for m in dense.runner.model.modules() if isinstance(m, CpuQMatmul)]
     assert modules and all(m.dense is not None and m.dense.dtype == torch.float32 for m in modules if m.form != "dense")
     assert generate(dense, PROMPTS, GREEDY) == expected
+
+
+def test_where_the_amx_bf16_path_runs_the_kernels_weights_keep_no_copies(
+    q4_artifact: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bf16 path takes the many-row matmuls of the kernel's weights without a copy (measured as
+    fast as SmolLM2's copies in prefill, with 260 MB less resident: docs/BENCHMARKS.md); asked for,
+    the copies are kept. The prompts stay under the path's rows, so no host needs AMX here."""
+    faster = {form: {"small": [10.0] * 6, "bf16": [1.0] * 6} for form in SMALL_FORMS}
+    monkeypatch.setattr(autotune, "measure", lambda *args, **kwargs: faster)
+    monkeypatch.setattr(autotune, "native_bf16", lambda flags: True)
+    monkeypatch.setattr(qmatmul_vnni, "bf16_path_available", lambda: True)
+    expected = generate(open_engine(q4_artifact, autotune=False, dense_weights=False), PROMPTS, GREEDY)
+    engine = open_engine(q4_artifact)
+    if not engine.backend.describe()["cpu_kernels"]:  # type: ignore[attr-defined]
+        pytest.skip("llmc's CPU kernels do not run here (the bf16 path is one of their paths)")
+    assert engine.backend.tuning.plan.kernel is None  # type: ignore[attr-defined]
+    kernel = [m for m in engine.runner.model.modules() if isinstance(m, CpuQMatmul) and m.form == "kernel"]
+    assert kernel and all(m.dense is None and m.bf16_path for m in kernel)
+    assert generate(engine, PROMPTS, GREEDY) == expected
+    kept = open_engine(q4_artifact, dense_weights=True).runner.model.modules()
+    assert all(m.dense is not None for m in kept if isinstance(m, CpuQMatmul) and m.form == "kernel")
 
 
 def test_dense_copies_that_never_win_are_not_kept(

@@ -292,6 +292,75 @@ def _probe_only_the_chosen_isa() -> Iterator[None]:
         cpu_vec_isa.valid_vec_isa_list = original
 
 
+def _machine_folders() -> list[tuple[str, str]]:
+    """The folders of this machine whose paths a package would embed, each with the placeholder
+    that stands for it, longest first (a folder inside another is replaced first): Inductor's
+    cache, where the generated sources are; torch's install, whose headers they include; Python's."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folders = {
+        cache_dir(): "inductor",
+        str(Path(torch.__file__).parent): "torch",
+        sys.prefix: "python",
+        sys.base_prefix: "python-base",
+    }
+    return sorted(((path, name) for path, name in folders.items() if path), key=lambda f: -len(f[0]))
+
+
+def _without_folders(text: str, folders: list[tuple[str, str]]) -> str:
+    for path, name in folders:
+        text = text.replace(path, name)
+    return text
+
+
+@contextlib.contextmanager
+def _no_machine_paths() -> Iterator[None]:
+    """Keep this machine's paths out of a package's bytes, so that the same code compiled by another
+    user, in another Inductor cache folder or against a torch installed elsewhere gives the same
+    bytes (reproducible builds: a CI runner can check an artifact against another's).
+
+    Two things carried them in. Inductor names the generated sources by a hash of their text and
+    of the compile command, and the kernels' text names the wrapper's path: the names, which the
+    package's files and the shared object carry, changed with the cache folder and the install.
+    And the shared object holds the sources' and torch's headers' paths (`__FILE__` in their
+    checks' messages). Here the names hash the text with those folders replaced by placeholders,
+    and the compiler maps the folders to the same placeholders (`-ffile-prefix-map`, GCC 8 and
+    Clang 10 on; llmc's C++20 kernels need newer ones anyway).
+    """
+    from torch._inductor import codecache, cpp_builder
+
+    folders = _machine_folders()
+    original_write = codecache.write
+    original_command = cpp_builder.CppBuilder.get_command_line
+
+    def write(
+        content: str | bytes,
+        extension: str,
+        extra: str = "",
+        hash_type: str = "code",
+        specified_dir: str = "",
+        key: str | None = None,
+    ) -> tuple[str, str]:
+        if key is None and isinstance(content, str) and extension in ("wrapper.cpp", "kernel.cpp"):
+            key = codecache.get_hash(_without_folders(content, folders).strip(), _without_folders(extra, folders))
+        return original_write(content, extension, extra, hash_type, specified_dir, key)
+
+    def command(self: cpp_builder.CppBuilder) -> str:
+        line = original_command(self)
+        if sys.platform == "win32":  # MSVC has no prefix maps; its packages keep the paths
+            return line
+        # The last map that matches wins: the longest folder last.
+        return line + "".join(f" -ffile-prefix-map={path}={name}" for path, name in reversed(folders))
+
+    codecache.write = write
+    cpp_builder.CppBuilder.get_command_line = command  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        codecache.write = original_write
+        cpp_builder.CppBuilder.get_command_line = original_command  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def _wrapper_beside_the_kernels() -> Iterator[None]:
     """Compile a package's wrapper and its kernels at once, in two g++ processes.
@@ -574,6 +643,7 @@ def lower_decode_step(
         _no_input_check_code(),
         _probe_only_the_chosen_isa(),
         _wrapper_beside_the_kernels(),
+        _no_machine_paths(),
     ):
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     _make_reproducible(package)

@@ -229,7 +229,16 @@ def _compile_command(source: Path, output: Path, isa: str) -> list[str]:
     flags = _BY_NAME[isa].compiler_flags if source == KERNELS_SOURCE else ()
     command = [*_compiler(), "-O3", "-std=c++20", "-fPIC", "-fopenmp", *flags]
     command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-c", str(source), "-o", str(output)]
+    # The library embeds the sources' and torch's headers' paths (`__FILE__` in their checks'
+    # messages): mapped to fixed names, so that the same sources and torch installed elsewhere give
+    # the same bytes (reproducible artifacts).
+    command += [f"-ffile-prefix-map={path}={name}" for path, name in _source_folders()]
     return command + [f"-I{path}" for path in include_paths()]
+
+
+def _source_folders() -> list[tuple[str, str]]:
+    """The folders whose paths the library would embed, with the names that replace them."""
+    return [(str(Path(torch.__file__).parent), "torch"), (str(OPS_SOURCE.parent), "llmc/kernels/cpu")]
 
 
 def _link_command(objects: list[Path], output: Path) -> list[str]:

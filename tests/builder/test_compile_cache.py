@@ -278,3 +278,31 @@ def test_the_baseline_package_runs_where_torch_is_limited_to_avx2(
     result = msgspec.json.decode(child.stdout.strip().splitlines()[-1])
     assert result["host"] == "AVX2" and result["chosen"] == ["AVX2"]
     assert result["same"] and result["compiled_steps"] >= GREEDY.max_tokens - 1
+
+
+def test_an_artifact_holds_no_path_of_the_machine_that_built_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reproducible builds: the same source compiled in another Inductor cache folder (another user,
+    another CI runner) gives the same bytes, and no file of the artifact names the folders of the
+    build machine (Inductor's cache, torch's install, llmc's sources), which the generated sources'
+    names and the shared objects' `__FILE__` strings used to carry (builder/targets/cpu.py
+    `_no_machine_paths`)."""
+    from llmc.kernels.cpu import cpu_kernels
+
+    source = make_tiny_llama(tmp_path / "src", seed=3)
+    artifacts = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"inductor-{name}"))
+        monkeypatch.setattr(compile_cache, "cache_dir", lambda name=name: tmp_path / f"cache-{name}")
+        build_compiled(source, tmp_path / name, "tiny", CompileOptions(buckets=BUCKETS))
+        artifacts.append(tmp_path / name)
+    a, b = artifacts
+    files = json.loads((a / "manifest.json").read_text())["files"]
+    assert any(info["path"].endswith(".pt2") for info in files)
+    folders = [tmp_path / "inductor-a", Path(torch.__file__).parent, Path(cpu_kernels.__file__).parent]
+    for info in files:
+        data = (a / info["path"]).read_bytes()
+        assert data == (b / info["path"]).read_bytes(), info["path"]
+        for folder in folders:
+            assert str(folder).encode() not in data, (info["path"], str(folder))

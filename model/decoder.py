@@ -7,6 +7,7 @@ field of ModelSpec that switches on a small piece here, never a copied model fil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,12 +49,14 @@ class DeviceKernels:
     """How a device computes the model, chosen by its backend (runtime/backends/) or the builder's
     target: its quantized matmul (also where dense copies or kernel layouts are made), whether
     q/k/v and gate/up run as one matmul over stacked rows, its attention, and its matmul over an
-    lm_head stored in 16 bits under a float32 compute dtype (model/half_linear.py)."""
+    lm_head stored in 16 bits under a float32 compute dtype (model/half_linear.py), and what it
+    does to the model's norms (e.g. compute them with one op of its own: kernels/cpu/rms_norm.py)."""
 
     matmul: MatmulFactory
     fuse_projections: bool = True
     half_matmul: HalfMatmulFactory = WidenedLinear
     attention: PagedAttention = field(default_factory=PagedAttention)
+    prepare_norms: Callable[[nn.Module], object] | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -212,6 +215,8 @@ def build_model(
             if isinstance(module, QuantLinear) and module not in fused:
                 module.prepare(kernels.matmul)
         _prepare_float_head(model, kernels.half_matmul)
+        if kernels.prepare_norms is not None:
+            kernels.prepare_norms(model)
     return model.eval()
 
 

@@ -51,6 +51,7 @@ from llmc.errors import BadInputError, InternalError, LlmcError
 from llmc.kernels.cpu import autotune, cpu_kernels
 from llmc.kernels.cpu.half_matmul import CpuHalfMatmul
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice, weight_form
+from llmc.kernels.cpu.rms_norm import use_cpu_rms_norm
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
 from llmc.model.decode_step import DecodeStep
@@ -433,6 +434,7 @@ def model_from_stage(
         matmul=partial(CpuQMatmul, dense_copy=True, cpu_kernels=loaded),
         attention=PagedAttention(cpu_kernel=loaded),
         half_matmul=CpuHalfMatmul if loaded else WidenedLinear,
+        prepare_norms=use_cpu_rms_norm if loaded else None,
     )
     return build_model(spec, weights, max_seq_len, formats, dtype, kernels)
 

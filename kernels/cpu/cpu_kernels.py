@@ -113,6 +113,7 @@ OPS = {
     "paged_decode_attention": "llmc::paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
     "Tensor block_tables, Tensor context_lens, int block_size, float scale, int window) -> Tensor",
     "half_matmul": "llmc::half_matmul(Tensor x, Tensor weight) -> Tensor",
+    "rms_norm": "llmc::rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
 }
 _COMPILER_ADVICE = "install a C++20 compiler (g++ or clang++) or name one in $CXX, or build with --no-cpu-kernels"
 _DETAIL_CHARS = 2000  # of the compiler's messages kept in the error: the last ones say what failed
@@ -471,3 +472,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llmc::half_matmul")
     def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("llmc::rms_norm")
+    def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

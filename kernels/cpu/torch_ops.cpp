@@ -6,3 +6,4 @@
 #include "kernel_form.cpp"
 #include "paged_attention_cpu.cpp"
 #include "qmatmul.cpp"
+#include "rms_norm.cpp"

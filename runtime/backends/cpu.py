@@ -19,6 +19,7 @@ from llmc.artifacts.reader import Artifact
 from llmc.kernels.cpu import autotune, cpu_kernels, qmatmul_vnni
 from llmc.kernels.cpu.half_matmul import CpuHalfMatmul
 from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, DENSE_MIN_ROWS, SMALL_FORMS, CpuQMatmul, DensePlan
+from llmc.kernels.cpu.rms_norm import use_cpu_rms_norm
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
 from llmc.model.decode_step import DecodeStep
@@ -216,6 +217,7 @@ class CpuBackend(TorchBackend):
             matmul=partial(CpuQMatmul, dense_copy=self.dense_copies, cpu_kernels=loaded, plan=plan),
             attention=PagedAttention(cpu_kernel=loaded),
             half_matmul=CpuHalfMatmul if loaded else WidenedLinear,
+            prepare_norms=use_cpu_rms_norm if loaded else None,
         )
         weights = dict(artifact.weights())  # memory-mapped from the artifact, not copied
         model = build_model(manifest.model, weights, max_positions, quant, dtype, kernels)

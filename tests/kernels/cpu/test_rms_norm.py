@@ -30,7 +30,7 @@ def _norm(dim: int, eps: float, seed: int) -> RMSNorm:
 )
 def test_op_matches_the_models_rms_norm_exactly(cpu_kernels_loaded: None, shape: tuple[int, ...], eps: float) -> None:
     gen = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, generator=gen) * torch.rand(shape[:-1] + (1,), generator=gen) * 40
+    x = torch.randn(shape, generator=gen) * torch.rand((*shape[:-1], 1), generator=gen) * 40
     reference = _norm(shape[-1], eps, seed=len(shape))
     got = torch.ops.llmc.rms_norm(x, reference.weight, eps)
     assert got.shape == x.shape and got.dtype == torch.float32

@@ -128,6 +128,32 @@ def test_the_traced_step_has_no_no_op_conversion_and_no_aliased_caches(tmp_path:
     assert count > 2 and len({cache.untyped_storage()._cdata for cache in caches}) == count
 
 
+def test_with_the_kernel_library_each_norm_is_one_op_in_the_traced_step(
+    tmp_path: Path, cpu_kernels_loaded: None
+) -> None:
+    """A norm written in torch ops is a float64 reduction and five element-wise ops that Inductor
+    generates code for: a sixth of SmolLM2's compile (docs/BENCHMARKS.md). With the library loaded
+    the step calls `llmc::rms_norm` once per norm and holds no reduction of its own."""
+    from llmc.builder.targets.cpu import _library
+    from llmc.kernels.cpu import cpu_kernels
+
+    artifact = _eager_artifact(tmp_path, "q4_1")
+    manifest = artifact.manifest
+    isa = cpu_kernels.loaded_isa()
+    assert isa is not None
+    library = _library(isa)
+    cpu_kernels.compile_library(artifact.root / library.file, isa)  # the bytes this process loaded
+    files = sorted({t.file for t in manifest.tensors})
+    formats = {t.name: t.quant for t in manifest.tensors if t.quant is not None}
+    options = CompileOptions(buckets=(1, 8), max_seq_len=64)
+    dtype = COMPUTE_DTYPES[manifest.dtype]
+    model = model_from_stage(artifact.root, files, manifest.model, formats, dtype, options, library)
+    exported, _, _ = export_decode_step(model, options, "packed")
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.llmc.rms_norm.default) == 2 * manifest.model.num_layers + 1
+    assert torch.ops.aten.mean.dim not in targets
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
 def test_compiling_holds_no_copy_of_the_prepared_weights(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from llmc.builder.targets.base import CompileOptions
 from llmc.errors import BadArtifactError, InternalError
 from llmc.kernels.cpu import autotune, cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
+from llmc.kernels.cpu.rms_norm import CpuRMSNorm
+from llmc.model.layers import RMSNorm
 from llmc.runtime.backends import aoti_step
 from llmc.runtime.backends.cpu import incompatibility, load_cpu_kernels
 from llmc.runtime.engine import Engine, EngineConfig
@@ -100,6 +102,8 @@ def test_vnni_build_has_one_package_calling_the_kernels_and_matches_eager(tiny_q
     assert (step["weights"], step["cpu_kernels"], step["buckets"]) == ("packed", True, list(BUCKETS))
     engine = open_engine(tiny_q8_vnni, kv_blocks=256)
     assert any(isinstance(m, CpuQMatmul) and m.kernel_weight is not None for m in engine.runner.model.modules())
+    norms = [m for m in engine.runner.model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(isinstance(m, CpuRMSNorm) for m in norms)  # the library's op, as in the trace
     _compare(tiny_q8_vnni, manifest["model"]["vocab_size"], (1, 3, 16))
 
 

@@ -18,6 +18,7 @@ import hashlib
 import multiprocessing
 import os
 import platform
+import shlex
 import signal
 import sys
 import threading
@@ -350,8 +351,9 @@ def _no_machine_paths() -> Iterator[None]:
         line = original_command(self)
         if sys.platform == "win32":  # MSVC has no prefix maps; its packages keep the paths
             return line
-        # The last map that matches wins: the longest folder last.
-        return line + "".join(f" -ffile-prefix-map={path}={name}" for path, name in reversed(folders))
+        # The last map that matches wins: the longest folder last. Quoted: Inductor splits the
+        # line as a shell would.
+        return line + "".join(" " + shlex.quote(f"-ffile-prefix-map={path}={name}") for path, name in reversed(folders))
 
     codecache.write = write
     cpp_builder.CppBuilder.get_command_line = command  # type: ignore[method-assign]

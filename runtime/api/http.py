@@ -98,16 +98,35 @@ async def send_error(send: Send, error: LlmcError) -> None:
         return
 
 
+# Characters that JSON leaves as they are but that many clients take for line breaks: Python's
+# str.splitlines() and httpx's aiter_lines() split on them (SSE itself splits on CR and LF only), so a
+# generated token holding one cut its event in two. Their UTF-8 bytes occur only inside a JSON
+# string (UTF-8 never reuses a character's bytes inside another's), where the escape means the same.
+_LINE_BREAKS_JSON_KEEPS = {
+    "\u0085".encode(): b"\\u0085",
+    "\u2028".encode(): b"\\u2028",
+    "\u2029".encode(): b"\\u2029",
+}
+
+
+def sse_data(event: bytes) -> bytes:
+    """One JSON event as an SSE `data:` line that every line splitter reads as one line."""
+    for raw, escaped in _LINE_BREAKS_JSON_KEEPS.items():
+        if raw in event:
+            event = event.replace(raw, escaped)
+    return b"data: " + event + b"\n\n"
+
+
 async def stream(send: Send, request_id: str, events: AsyncIterator[bytes]) -> None:
     """Send `events` as Server-Sent Events, then `[DONE]`; an error mid-stream becomes a last event."""
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
     try:
         async for event in events:
-            await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": sse_data(event), "more_body": True})
     except LlmcError as exc:
         # Headers are gone: report the error as a final event, as OpenAI does.
         _, body = error_response(exc)
-        await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": sse_data(body), "more_body": True})
     except ClientGoneError:
         return
     except Exception:

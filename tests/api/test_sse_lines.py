@@ -1,0 +1,34 @@
+"""Server-Sent Events that every line splitter reads back as one event per line
+(runtime/api/http.py `sse_data`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from llmc.runtime.api.http import stream
+
+# A token's text may hold characters that JSON keeps raw but str.splitlines() (and httpx's
+# aiter_lines(), which the tests and many clients use) breaks lines on.
+TEXTS = ["a\u0085b", "\u2028", "x\u2029y", "plain", "é\u2028\u0085ü", "\x0b\x1c"]
+
+
+def test_every_event_is_one_line_whatever_its_text_holds() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def events() -> AsyncIterator[bytes]:
+        for text in TEXTS:
+            yield msgspec.json.encode({"choices": [{"text": text}]})
+
+    asyncio.run(stream(send, "r1", events()))
+    body = b"".join(m.get("body", b"") for m in sent).decode()
+    lines = [line for line in body.splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert [json.loads(line.removeprefix("data: "))["choices"][0]["text"] for line in lines[:-1]] == TEXTS

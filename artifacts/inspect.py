@@ -130,7 +130,14 @@ def target_status(name: str, code: TargetCode) -> dict[str, Any]:
     compiled = []
     for step in code.compiled:
         why_not = _step_why_not(step, host, version, kernels_why_not)
-        entry = {"kind": step.kind, "weights": step.weights, "buckets": step.buckets, "max_seq_len": step.max_seq_len}
+        entry = {
+            "kind": step.kind,
+            "weights": step.weights,
+            "buckets": step.buckets,
+            "max_seq_len": step.max_seq_len,
+            "programs": [program.layers for program in step.programs],
+            "calls": len(step.order),
+        }
         compiled.append({**entry, "runs_here": why_not is None, "why_not": why_not})
     return {"capability": code.capability, "this_host": host, "kernels": kernels, "compiled": compiled}
 

@@ -19,8 +19,10 @@ from llmc.errors import BadArtifactError
 # kernel library per instruction set (TargetCode.kernels is a list), a pre-quantized source
 # (SourceInfo.quantization) and layers' `input_perm` tensors (act-order); 8: the ONNX target's
 # graph (TargetCode.graph); 9: a float32 artifact may store its embedding and lm_head in float16 or
-# bfloat16 (`dtype` is no longer the dtype of every unquantized tensor: each tensor's own says)
-FORMAT_VERSION = 9
+# bfloat16 (`dtype` is no longer the dtype of every unquantized tensor: each tensor's own says);
+# 10: a compiled step is programs of consecutive decoder layers (CompiledStep.programs, .order),
+# chained by the runtime between the embedding and the logits
+FORMAT_VERSION = 10
 MANIFEST_NAME = "manifest.json"
 
 
@@ -150,18 +152,42 @@ class BuildInfo(msgspec.Struct, forbid_unknown_fields=True):
     report_file: str | None = None  # per-tensor quantization report (build_report.json)
 
 
+class Program(msgspec.Struct, forbid_unknown_fields=True):
+    """One compiled program, an AOTInductor package of part of a step. The package holds code
+    only: the runtime hands it the tensors of the part it computes, prepared as for eager
+    execution, by the names of model/decode_step.py's modules, plus the few constants the compiler
+    made itself (`constants`)."""
+
+    package: str  # the .pt2 package, relative to the artifact root
+    constants: str  # safetensors: the compiler-made constants, by the name the package asks for
+
+
+class LayerProgram(Program, forbid_unknown_fields=True):
+    """A program of `layers` consecutive decoder layers (DecodeLayers). Each run of layers it
+    computes gets that run's own tensors, under the names of the run's first layer (`layers.0...`)."""
+
+    layers: int  # how many consecutive decoder layers one call computes
+    logits: bool = False  # it ends with the final norm and the logits (the last run's program only)
+    embed: bool = False  # it starts from the token ids (the first run's program only)
+
+
 class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     """A model step compiled ahead of time (torch.export + AOTInductor), see docs/artifact-format.md.
 
-    The package holds code only; its weights are the artifact's tensors, prepared by the runtime
-    as for eager execution and handed to the package at load, plus the few constants the compiler
-    made itself (`constants`). It runs only with the same torch version, on a CPU of its
-    capability or a later one (capability_rank); elsewhere the runtime runs the model eagerly.
+    The decoder layers run as compiled programs, each program serving every run of layers of its
+    form (a model of 30 identical layers: one program of 5 layers called 6 times), and the final
+    norm and the logits at the end of the last run's program, or as one more program (`logits`)
+    where that program serves other runs too; the embedding before them runs eagerly (a lookup).
+    It runs only with the same
+    torch version, on a CPU of its capability or a later one (capability_rank); elsewhere the
+    runtime runs the model eagerly.
     """
 
     kind: str  # "decode": one new token per sequence over the paged KV cache
-    package: str  # the .pt2 package, relative to the artifact root
-    constants: str  # safetensors: the compiler-made constants, by the name the package asks for
+    programs: list[LayerProgram]
+    # The program (an index into `programs`) computing each run of layers, from the first layer
+    # on; their layers add up to the model's.
+    order: list[int]
     buckets: list[int]  # batch sizes a batch is padded up to; the largest is the most it takes
     max_seq_len: int  # longest context (block table width * block_size) the step was traced for
     block_size: int  # KV cache block size the step was traced for
@@ -175,6 +201,23 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     # Whether the package calls the target's kernel library (the CPU's VNNI matmul): it then runs
     # only where that library loads.
     cpu_kernels: bool = False
+    # The final norm and the float32 logits (DecodeLogits), or None where the last run's program
+    # ends with them (when no other run shares it).
+    logits: Program | None = None
+
+    def files(self) -> list[str]:
+        """The artifact files of its programs: each package and its constants."""
+        programs: list[Program] = [*self.programs, *([self.logits] if self.logits else [])]
+        return [name for program in programs for name in (program.package, program.constants)]
+
+    def runs(self) -> list[tuple[int, int, LayerProgram]]:
+        """(first layer, layers, program) of each run of layers, in order."""
+        runs, first = [], 0
+        for index in self.order:
+            program = self.programs[index]
+            runs.append((first, program.layers, program))
+            first += program.layers
+        return runs
 
 
 # torch's x86 CPU capabilities, least first: code for one runs on a CPU of any later one.
@@ -322,8 +365,12 @@ def opened_paths(manifest: Manifest) -> list[tuple[str, str]]:
     for target, code in manifest.targets.items():
         field = f"targets.{target}"
         for i, step in enumerate(code.compiled):
-            named += [(f"{field}.compiled[{i}].package", step.package)]
-            named += [(f"{field}.compiled[{i}].constants", step.constants)]
+            for j, program in enumerate(step.programs):
+                named += [(f"{field}.compiled[{i}].programs[{j}].package", program.package)]
+                named += [(f"{field}.compiled[{i}].programs[{j}].constants", program.constants)]
+            if step.logits is not None:
+                named += [(f"{field}.compiled[{i}].logits.package", step.logits.package)]
+                named += [(f"{field}.compiled[{i}].logits.constants", step.logits.constants)]
         named += [(f"{field}.kernels[{i}].file", library.file) for i, library in enumerate(code.kernels)]
         if code.graph is not None:
             named += [(f"{field}.graph.{part}", getattr(code.graph, part)) for part in ("model", "weights", "mapping")]
@@ -424,12 +471,35 @@ def _check_targets(manifest: Manifest) -> None:
                 raise _bad(f"{field}.buckets", f"is {step.buckets}; it must be increasing positive batch sizes")
             _positive(f"{field}.block_size", step.block_size, MAX_POSITION_EMBEDDINGS)
             _positive(f"{field}.max_seq_len", step.max_seq_len, MAX_POSITION_EMBEDDINGS)
+            _check_order(field, step, manifest.model.num_layers)
         graph = code.graph
         if graph is not None and PurePosixPath(graph.weights).parent != PurePosixPath(graph.model).parent:
             raise _bad(f"targets.{target}.graph.weights", "must lie in the graph's folder, where the graph names it")
         isas = [library.isa for library in code.kernels]
         if len(set(isas)) != len(isas):
             raise _bad(f"targets.{target}.kernels", "lists an instruction set twice; each ISA has one library")
+
+
+def _check_order(field: str, step: CompiledStep, num_layers: int) -> None:
+    """The runs of a compiled step cover the model's layers exactly, with programs that exist."""
+    if not step.programs or len(step.programs) > num_layers:
+        raise _bad(
+            f"{field}.programs",
+            f"lists {len(step.programs)} programs; a model of {num_layers} layers has 1..{num_layers}",
+        )
+    for j, program in enumerate(step.programs):
+        _positive(f"{field}.programs[{j}].layers", program.layers, num_layers)
+    if len(step.order) > num_layers or any(not 0 <= index < len(step.programs) for index in step.order):
+        raise _bad(f"{field}.order", f"must name at most {num_layers} programs, each by its index in `programs`")
+    covered = sum(step.programs[index].layers for index in step.order)
+    if covered != num_layers:
+        raise _bad(f"{field}.order", f"runs {covered} layers; the model has {num_layers}")
+    starting = [j for j, program in enumerate(step.programs) if program.embed]
+    if starting and (starting != [step.order[0]] or step.order.count(step.order[0]) != 1):
+        raise _bad(f"{field}.programs", "only the first run's program, used once, may start from the token ids")
+    ending = [j for j, program in enumerate(step.programs) if program.logits]
+    if (step.logits is None) != (ending == [step.order[-1]] and step.order.count(step.order[-1]) == 1):
+        raise _bad(f"{field}.logits", "the logits come either from `logits` or from the last run's own program")
 
 
 def validate(manifest: Manifest) -> None:

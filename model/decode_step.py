@@ -1,9 +1,14 @@
-"""The decode step as one tensor-only module: what `llmc build` compiles ahead of time.
+"""The decode step as tensor-only modules: what `llmc build` compiles ahead of time.
 
 Every sequence of the batch brings one new token. Inputs are fixed-form tensors (no Python lists),
-so torch.export can trace the step once for every batch size and context length: the batch and
+so torch.export can trace a step once for every batch size and context length: the batch and
 the block-table width are the only dynamic dimensions. The KV caches are inputs, one flat
 [slots, kv_heads, head_dim] tensor per layer and per K/V, updated in place.
+
+DecodeStep is the whole step. A compiled step is programs of its parts: DecodeLayers, a run of
+consecutive decoder layers (runs of the same form share one program, builder/layer_programs.py),
+and DecodeLogits, the final norm and the logits; the runtime chains them after the embedding
+(runtime/backends/aoti_step.py).
 """
 
 from __future__ import annotations
@@ -12,7 +17,24 @@ import torch
 from torch import nn
 
 from llmc.model.attention import StepContext
-from llmc.model.decoder import CausalLM
+from llmc.model.decoder import CausalLM, head_logits
+
+
+def _context(
+    model: CausalLM,
+    block_size: int,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> StepContext:
+    return StepContext(
+        slot_mapping=slot_mapping,
+        block_size=block_size,
+        seqs=[],
+        block_tables=block_tables,
+        context_lens=context_lens,
+        attention=model.attention,
+    )
 
 
 class DecodeStep(nn.Module):
@@ -31,14 +53,56 @@ class DecodeStep(nn.Module):
         kv_caches: list[torch.Tensor],  # k0, v0, k1, v1, ...
     ) -> torch.Tensor:
         """Float32 logits [B, vocab] of each sequence's next token."""
-        ctx = StepContext(
-            slot_mapping=slot_mapping,
-            block_size=self.block_size,
-            seqs=[],
-            block_tables=block_tables,
-            context_lens=context_lens,
-            attention=self.model.attention,
-        )
+        ctx = _context(self.model, self.block_size, slot_mapping, block_tables, context_lens)
         pairs = list(zip(kv_caches[0::2], kv_caches[1::2], strict=True))
         hidden = self.model(input_ids, positions, pairs, ctx)
         return self.model.compute_logits(hidden)
+
+
+class DecodeLayers(nn.Module):
+    """Decoder layers [first, first + count) of the decode step. Its parameters are named from the
+    run's first layer (`layers.0...`), so that runs of the same form have the same names and one
+    compiled program serves them all, each with its own layers' tensors."""
+
+    def __init__(
+        self, model: CausalLM, first: int, count: int, block_size: int, logits: bool = False, embed: bool = False
+    ) -> None:
+        super().__init__()
+        # The step's first run may start from the token ids (the embedding lookup in the program).
+        self.embed_tokens = model.model.embed_tokens if embed else None
+        self.layers = nn.ModuleList(model.model.layers[first : first + count])
+        self.block_size = block_size
+        self._model = [model]  # not a submodule: its other weights are not this program's
+        # The step's last run may end with the final norm and the logits (one call fewer).
+        self.logits = DecodeLogits(model) if logits else None
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [B, hidden] the run's input in the compute dtype; with embed, [B] token ids
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        kv_caches: list[torch.Tensor],  # k, v of each of the run's layers
+    ) -> torch.Tensor:
+        """The run's output [B, hidden], the next layer's input; or with `logits`, the float32
+        logits [B, vocab]."""
+        ctx = _context(self._model[0], self.block_size, slot_mapping, block_tables, context_lens)
+        if self.embed_tokens is not None:
+            hidden = self._model[0].embed(hidden)
+        for layer, k, v in zip(self.layers, kv_caches[0::2], kv_caches[1::2], strict=True):
+            hidden = layer(hidden, positions, (k, v), ctx)
+        return hidden if self.logits is None else self.logits(hidden)
+
+
+class DecodeLogits(nn.Module):
+    """The step's end: the final norm and the float32 logits of the last layer's output."""
+
+    def __init__(self, model: CausalLM) -> None:
+        super().__init__()
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.softcap = model.spec.final_softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return head_logits(self.lm_head, self.norm(hidden), self.softcap)

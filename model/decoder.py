@@ -151,19 +151,28 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         ctx: StepContext,
     ) -> torch.Tensor:
-        x = cast(self.model.embed_tokens(input_ids), self.dtype)  # a 16-bit table under float32 (half_linear.py)
-        if self.spec.embed_scale != 1.0:
-            x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
+        x = self.embed(input_ids)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, positions, kv, ctx)
         return self.model.norm(x)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first layer's input: the tokens' embeddings in the compute dtype."""
+        x = cast(self.model.embed_tokens(input_ids), self.dtype)  # a 16-bit table under float32 (half_linear.py)
+        if self.spec.embed_scale != 1.0:
+            x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
+        return x
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = cast(self.lm_head(hidden), torch.float32)
-        if self.spec.final_softcap is not None:
-            cap = self.spec.final_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return head_logits(self.lm_head, hidden, self.spec.final_softcap)
+
+
+def head_logits(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Float32 logits of the final hidden states, soft-capped where the family does (Gemma-2)."""
+    logits = cast(lm_head(hidden), torch.float32)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def build_model(

@@ -40,7 +40,7 @@ def test_build_json_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert summary["ok"] is True and summary["model_name"] == "tiny" and summary["dtype"] == "f32"
     # The default --compile and --cpu-isa baseline: one package, for AVX2 (named so on an AVX-512 host).
     stem = "compiled/decode_cpu_avx2" if torch_capability() == "AVX512" else "compiled/decode_cpu"
-    compiled = {stem + ".pt2", stem + ".constants.safetensors"}
+    compiled = {stem + ".p0.pt2", stem + ".p0.constants.safetensors"}  # one program of every layer
     kernels = {"kernels/" + cpu_kernels.library_name(isa) for isa in cpu_kernels.buildable()}
     assert set(summary["files"]) == {"model.safetensors", "tokenizer.json", "chat_template.jinja", *compiled, *kernels}
     assert summary["compiled"][0]["kind"] == "decode" and summary["compile_seconds"] > 0

@@ -37,6 +37,9 @@ class CompileOptions:
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     max_seq_len: int | None = None  # None: the model's context length
     block_size: int = DEFAULT_BLOCK_SIZE
+    # Layers per compiled program (`--layers-per-program`); None: chosen from the model's layers
+    # and size (builder/layer_programs.py).
+    layers_per_program: int | None = None
 
 
 def not_compilable(spec: ModelSpec) -> str | None:

@@ -37,9 +37,10 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from llmc.artifacts.manifest import CompiledStep, KernelLibrary, ModelSpec, TargetCode
+from llmc.artifacts.manifest import CompiledStep, KernelLibrary, LayerProgram, ModelSpec, Program, TargetCode
 from llmc.artifacts.writer import ArtifactWriter
 from llmc.builder import CPU_ISAS, DEFAULT_CPU_ISA, compile_cache
+from llmc.builder.layer_programs import ProgramPlan, layer_signature, max_calls, plan_programs
 from llmc.builder.targets.base import (
     CompileOptions,
     Progress,
@@ -55,7 +56,7 @@ from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_c
 from llmc.kernels.cpu.rms_norm import use_cpu_rms_norm
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import get_logger
-from llmc.model.decode_step import DecodeStep
+from llmc.model.decode_step import DecodeLayers, DecodeLogits
 from llmc.model.decoder import CausalLM, DeviceKernels, build_model
 from llmc.model.half_linear import WidenedLinear
 from llmc.model.kv_layout import allocate_kv_caches
@@ -460,31 +461,34 @@ def compile_from_stage(
     library: KernelLibrary | None,
     capabilities: list[str],
     threads: int,
+    weight_bytes: int,
 ) -> list[tuple[CompiledStep, list[str]]]:
     """compile_decode_step in a second process, for another weight form's packages at the same
     time as the parent's (_compile below)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
     model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, library)
-    return compile_decode_step(model, options, stage, weights, capabilities, threads)
+    return compile_decode_step(model, options, stage, weights, capabilities, threads, weight_bytes)
 
 
-def example_inputs(step: DecodeStep, batch: int, num_blocks: int) -> tuple[object, ...]:
-    """Valid inputs of the traced shapes: `batch` sequences over a cache of `num_blocks` blocks.
+def example_inputs(
+    model: CausalLM, block_size: int, batch: int, num_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Valid decode-step inputs of the traced shapes: `batch` sequences over a cache of
+    `num_blocks` blocks, with the caches of every layer.
 
     Each cache gets its own storage. The runtime's caches are views of one allocation
     (model/kv_layout.py), and traced as such they alias in the compiler's eyes: AOTAutograd and
     Inductor's re-inplacing pass then check every pair of them for overlap under symbolic shapes,
     ~25 s of SmolLM2's 70 s compile (docs/BENCHMARKS.md). The views never overlap, so a program
     traced on separate tensors runs on them unchanged."""
-    spec, bs = step.model.spec, step.block_size
-    shared = allocate_kv_caches(spec, step.model.dtype, num_blocks * bs)
+    shared = allocate_kv_caches(model.spec, model.dtype, num_blocks * block_size)
     kv = [cache.clone() for pair in shared for cache in pair]
     width = 2
     tables = torch.arange(batch * width, dtype=torch.int64).remainder(num_blocks).view(batch, width)
-    lens = torch.full((batch,), bs + 1, dtype=torch.int64)
+    lens = torch.full((batch,), block_size + 1, dtype=torch.int64)
     positions = lens - 1
-    slots = tables[:, 1] * bs
+    slots = tables[:, 1] * block_size
     ids = torch.zeros(batch, dtype=torch.int64)
     return ids, positions, slots, tables, lens, kv
 
@@ -561,46 +565,73 @@ def package_stem(weights: str, capability: str, host: str) -> str:
     return stem if capability == host else f"{stem}_{capability.lower()}"
 
 
-def export_decode_step(
-    model: CausalLM, options: CompileOptions, weights: str
-) -> tuple[torch.export.ExportedProgram, DecodeStep, list[int]]:
-    """Trace the model's decode step, computing with the `weights` form of its quantized layers,
-    with a dynamic batch and block-table width: the program, the step and its buckets."""
+def export_layers(
+    model: CausalLM,
+    options: CompileOptions,
+    weights: str,
+    first: int = 0,
+    count: int | None = None,
+    logits: bool = False,
+    embed: bool = False,
+) -> tuple[torch.export.ExportedProgram, DecodeLayers, list[int]]:
+    """Trace decoder layers [first, first + count) of the decode step (default: all of them), with
+    `logits` the final norm and logits after them, with `embed` from the token ids, computing with
+    the `weights` form of the quantized layers, with a dynamic batch and block-table width: the
+    program, the traced module and its buckets."""
     spec = model.spec
+    count = spec.num_layers - first if count is None else count
     buckets = weight_forms(model, options)[weights]
     _, max_seq_len = check_options(options, spec)
-    step = DecodeStep(model, options.block_size).eval()
+    module = DecodeLayers(model, first, count, options.block_size, logits, embed).eval()
     batch = Dim("batch", min=1, max=buckets[-1])
     width = Dim("block_table_width", min=1, max=max_seq_len // options.block_size)
     kv_slots = Dim("kv_slots", min=2 * options.block_size, max=_MAX_KV_SLOTS)
-    args = example_inputs(step, batch=min(3, buckets[-1]), num_blocks=8)
-    kv_count = 2 * spec.num_layers
-    dynamic = (
-        {0: batch},
-        {0: batch},
-        {0: batch},
-        {0: batch, 1: width},
-        {0: batch},
-        [{0: kv_slots}] * kv_count,
-    )
+    ids, positions, slots, tables, lens, kv = example_inputs(model, options.block_size, min(3, buckets[-1]), 8)
+    hidden = ids if embed else torch.zeros(len(ids), spec.hidden_size, dtype=model.dtype)
+    args = (hidden, positions, slots, tables, lens, kv[2 * first : 2 * (first + count)])
+    dynamic = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: width}, {0: batch}, [{0: kv_slots}] * (2 * count))
     started = time.perf_counter()
-    # A model with fake weights is traced in their fake mode (export adopts the active one).
-    fake = fake_mode_of(model)
-    traced_in = fake if fake is not None else contextlib.nullcontext()
-    with torch.no_grad(), weight_form(model, weights), _compiler_errors("tracing"), traced_in:
-        exported = torch.export.export(step, args, dynamic_shapes=dynamic)
-    if fake is not None:
-        _unbacked_weights(exported)
+    exported = _export(model, weights, module, args, dynamic)
     log.info(
         "build.stage",
         stage="export",
         weights=weights,
         seconds=round(time.perf_counter() - started, 3),
-        layers=spec.num_layers,
+        first_layer=first,
+        layers=count,
         max_batch=buckets[-1],
         max_seq_len=max_seq_len,
     )
-    return exported, step, buckets
+    return exported, module, buckets
+
+
+def export_logits(
+    model: CausalLM, options: CompileOptions, weights: str
+) -> tuple[torch.export.ExportedProgram, DecodeLogits]:
+    """Trace the step's end (the final norm and the logits) with a dynamic batch."""
+    buckets = weight_forms(model, options)[weights]
+    module = DecodeLogits(model).eval()
+    hidden = torch.zeros(min(3, buckets[-1]), model.spec.hidden_size, dtype=model.dtype)
+    started = time.perf_counter()
+    exported = _export(model, weights, module, (hidden,), ({0: Dim("batch", min=1, max=buckets[-1])},))
+    log.info(
+        "build.stage", stage="export", weights=weights, seconds=round(time.perf_counter() - started, 3), logits=True
+    )
+    return exported, module
+
+
+def _export(
+    model: CausalLM, weights: str, module: torch.nn.Module, args: tuple[object, ...], dynamic: tuple[object, ...]
+) -> torch.export.ExportedProgram:
+    """torch.export of a part of `model`'s step, computing with the `weights` form."""
+    # A model with fake weights is traced in their fake mode (export adopts the active one).
+    fake = fake_mode_of(model)
+    traced_in = fake if fake is not None else contextlib.nullcontext()
+    with torch.no_grad(), weight_form(model, weights), _compiler_errors("tracing"), traced_in:
+        exported = torch.export.export(module, args, dynamic_shapes=dynamic)
+    if fake is not None:
+        _unbacked_weights(exported)
+    return exported
 
 
 def _unbacked_weights(exported: torch.export.ExportedProgram) -> None:
@@ -616,27 +647,23 @@ def _unbacked_weights(exported: torch.export.ExportedProgram) -> None:
                 table[name] = torch.nn.Parameter(empty, requires_grad=False) if parameter else empty
 
 
-def lower_decode_step(
+def lower_program(
     exported: torch.export.ExportedProgram,
-    step: DecodeStep,
-    buckets: list[int],
-    options: CompileOptions,
+    module: torch.nn.Module,
     stage: Path,
-    weights: str,
+    stem: str,
     capability: str,
     threads: int,
-) -> tuple[CompiledStep, list[str]]:
-    """Compile an exported decode step into an AOTInductor package for `capability` CPUs, in
-    `stage`; its manifest entry and the files written (relative to `stage`)."""
+) -> Program:
+    """Compile an exported part of the step (DecodeLayers, DecodeLogits) into an AOTInductor
+    package for `capability` CPUs, as `stem`.pt2 in `stage`: its files (relative to `stage`)."""
     started = time.perf_counter()
     host = torch.backends.cpu.get_cpu_capability()
-    _, max_seq_len = check_options(options, step.model.spec)
-    stem = package_stem(weights, capability, host)
     package_file, constants_file = stem + ".pt2", stem + ".constants.safetensors"
     package = stage / package_file
     package.parent.mkdir(parents=True, exist_ok=True)
-    fqns = {name for name, _ in step.named_parameters(remove_duplicate=False)}
-    fqns |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
+    fqns = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    fqns |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
     configs = inductor_configs(capability, host, threads)
     with (
@@ -657,21 +684,16 @@ def lower_decode_step(
         if name not in fqns and name not in mangled
     }
     save_file(made, str(stage / constants_file), metadata={"format": "pt"})
-    info = CompiledStep(
-        kind="decode",
-        package=package_file,
-        constants=constants_file,
-        buckets=buckets,
-        max_seq_len=max_seq_len,
-        block_size=options.block_size,
-        torch_version=torch.__version__.split("+")[0],
-        cpu_capability=capability,
-        weights=weights,
-        cpu_kernels=calls_cpu_kernels(exported),
-    )
     seconds = round(time.perf_counter() - started, 3)
-    log.info("build.stage", stage="compile", weights=weights, capability=capability, seconds=seconds)
-    return info, [package_file, constants_file]
+    log.info("build.stage", stage="compile", package=package_file, capability=capability, seconds=seconds)
+    return Program(package=package_file, constants=constants_file)
+
+
+def plan_for(model: CausalLM, options: CompileOptions, weight_bytes: int) -> ProgramPlan:
+    """Which runs of `model`'s layers share a program (builder/layer_programs.py), for a model
+    whose step reads `weight_bytes` of weights."""
+    signatures = [layer_signature(layer) for layer in model.model.layers]
+    return plan_programs(signatures, max_calls(weight_bytes), options.layers_per_program)
 
 
 def compile_decode_step(
@@ -681,15 +703,68 @@ def compile_decode_step(
     weights: str = "packed",
     capabilities: list[str] | None = None,
     threads: int | None = None,
+    weight_bytes: int = 0,
 ) -> list[tuple[CompiledStep, list[str]]]:
-    """Export the model's decode step once (computing with the `weights` form of its quantized
-    layers) and compile a package of it for each CPU capability (default: the host's), its loops
-    laid out for `threads` threads (default: this process's), into `stage`; their manifest entries
-    and the files written (relative to `stage`)."""
-    exported, step, buckets = export_decode_step(model, options, weights)
-    wanted = capabilities or [torch.backends.cpu.get_cpu_capability()]
+    """Export the decode step's layer programs once (computing with the `weights` form of the
+    quantized layers) and compile them for each CPU capability (default: the host's), their loops
+    laid out for `threads` threads (default: this process's), into `stage`; their manifest
+    entries and the files written (relative to `stage`). `weight_bytes`: the size of the weights
+    a step reads, which bounds how many programs a step may call (layer_programs.max_calls)."""
+    plan = plan_for(model, options, weight_bytes)
+    log.info("build.layer_programs", weights=weights, runs=plan.runs, order=plan.order, programs=len(plan.programs))
+    # The last run's program ends with the logits where no other run shares it: one call fewer
+    # and no program of their own to compile.
+    # Likewise the first run's program starts from the token ids (the embedding lookup).
+    last, head = plan.order[-1], plan.order[0]
+    folded = plan.order.count(last) == 1
+    embedded = plan.order.count(head) == 1
+    exports = [
+        export_layers(
+            model, options, weights, *plan.runs[run], logits=folded and index == last, embed=embedded and index == head
+        )
+        for index, run in enumerate(plan.programs)
+    ]
+    ends = [] if folded else [export_logits(model, options, weights)]
+    buckets = exports[0][2]
+    _, max_seq_len = check_options(options, model.spec)
+    host = torch.backends.cpu.get_cpu_capability()
+    wanted = capabilities or [host]
     threads = threads or torch.get_num_threads()
-    return [lower_decode_step(exported, step, buckets, options, stage, weights, cap, threads) for cap in wanted]
+    results = []
+    for capability in wanted:
+        stem = package_stem(weights, capability, host)
+        programs = []
+        for index, (exported, module, _) in enumerate(exports):
+            files = lower_program(exported, module, stage, f"{stem}.p{index}", capability, threads)
+            programs.append(
+                LayerProgram(
+                    package=files.package,
+                    constants=files.constants,
+                    layers=len(module.layers),
+                    logits=module.logits is not None,
+                    embed=module.embed_tokens is not None,
+                )
+            )
+        logits = None
+        for exported, end in ends:
+            logits = lower_program(exported, end, stage, f"{stem}.logits", capability, threads)
+        info = CompiledStep(
+            kind="decode",
+            programs=programs,
+            order=plan.order,
+            logits=logits,
+            buckets=buckets,
+            max_seq_len=max_seq_len,
+            block_size=options.block_size,
+            torch_version=torch.__version__.split("+")[0],
+            cpu_capability=capability,
+            weights=weights,
+            cpu_kernels=any(
+                calls_cpu_kernels(exported) for exported in [*(e for e, _, _ in exports), *(e for e, _ in ends)]
+            ),
+        )
+        results.append((info, info.files()))
+    return results
 
 
 class CpuTarget(Target):
@@ -875,7 +950,12 @@ def _compile(
     threads = torch.get_num_threads()
     kernels_sha256 = None if library is None else hashlib.sha256((writer.stage / library.file).read_bytes()).hexdigest()
     buckets, max_seq_len = check_options(options, spec)
-    option_key = {"buckets": buckets, "max_seq_len": max_seq_len, "block_size": options.block_size}
+    option_key = {
+        "buckets": buckets,
+        "max_seq_len": max_seq_len,
+        "block_size": options.block_size,
+        "layers_per_program": options.layers_per_program,
+    }
     keys = {
         cap: compile_cache.cache_key(
             spec, writer.tensors, dtype, option_key, cap, inductor_configs(cap, host, threads), kernels_sha256
@@ -897,7 +977,7 @@ def _compile(
             _to_cache(keys[cap], writer.stage, [r for r in fresh if r[0].cpu_capability == cap])
         results += fresh
     infos = []
-    for info, names in sorted(results, key=lambda r: r[0].package):
+    for info, names in sorted(results, key=lambda r: r[0].programs[0].package):
         for name in names:
             writer.add(name)
         infos.append(info)
@@ -915,7 +995,7 @@ def _from_cache(key: str, stage: Path) -> list[tuple[CompiledStep, list[str]]] |
     meta, files = entry
     try:
         steps = msgspec.convert(meta["steps"], list[CompiledStep])
-        named = [(step, [step.package, step.constants]) for step in steps]
+        named = [(step, step.files()) for step in steps]
         wanted = {name for _, names in named for name in names}
         if {Path(name).name for name in wanted} != set(files) or len(wanted) != len(files):
             raise ValueError("the entry's files are not its steps' files")
@@ -999,6 +1079,7 @@ def _compile_packages(
     once and compiled for each capability."""
     started = time.perf_counter()
     files = writer.staged_tensor_files()
+    weight_bytes = sum((writer.stage / file).stat().st_size for file in files)
     model = model_from_stage(writer.stage, files, spec, formats, dtype, options, library)
     log.info("build.stage", stage="compile_model", seconds=round(time.perf_counter() - started, 3))
     first, *others = weight_forms(model, options)
@@ -1026,15 +1107,24 @@ def _compile_packages(
             pool = stack.enter_context(_worker_pool(workers))
             futures = [
                 pool.submit(
-                    compile_from_stage, writer.stage, files, spec, formats, dtype, options, form, library, caps, threads
+                    compile_from_stage,
+                    writer.stage,
+                    files,
+                    spec,
+                    formats,
+                    dtype,
+                    options,
+                    form,
+                    library,
+                    caps,
+                    threads,
+                    weight_bytes,
                 )
                 for form, caps in jobs
             ]
-        exported, step, buckets = export_decode_step(model, options, first)
-        for cap in here:
-            results.append(lower_decode_step(exported, step, buckets, options, writer.stage, first, cap, threads))
-            report(len(results))
-        del exported, step, model  # the weights read back: not held while the others finish
+        results += compile_decode_step(model, options, writer.stage, first, here, threads, weight_bytes)
+        report(len(results))
+        del model  # the weights read back: not held while the others finish
         for future in futures:
             results += future.result()
             report(len(results))

@@ -1,5 +1,6 @@
-"""The artifact's ahead-of-time compiled decode step, an AOTInductor package: the CPU's
-executor of a bucketed step (runtime/bucketed_step.py pads and validates its inputs).
+"""The artifact's ahead-of-time compiled decode step, AOTInductor packages of runs of decoder
+layers: the CPU's executor of a bucketed step (runtime/bucketed_step.py pads and validates its
+inputs).
 
 Loading never compiles anything: the package's code is mapped with torch's C++ loader (Python's
 `aoti_load_package` spends seconds importing and probing), and its weights are the eager model's
@@ -27,7 +28,8 @@ from llmc.artifacts.manifest import CompiledStep
 from llmc.artifacts.reader import Artifact
 from llmc.errors import BadArtifactError
 from llmc.logs import get_logger
-from llmc.model.decode_step import DecodeStep
+from llmc.model.decode_step import DecodeLayers, DecodeLogits, DecodeStep
+from llmc.model.decoder import CausalLM
 from llmc.runtime.bucketed_step import BucketedStep
 
 log = get_logger("llmc.compiled")
@@ -37,7 +39,7 @@ _RUN_SINGLE_THREADED = False  # the engine calls from one thread at a time eithe
 _NUM_RUNNERS = 1
 _CPU_DEVICE_INDEX = -1
 _PACKAGE_FILE = "decode.pt2"  # the file a loader that takes no folder gets: it wants a .pt2 name
-# The most a package may unpack to. A package holds code only (SmolLM2's unpacks to 0.7 MB, and
+# The most a package may unpack to. A package holds code only (SmolLM2's unpack to under 1 MB, and
 # the code does not grow with the weights); the bound keeps a hostile archive from filling the disk.
 _MAX_UNPACKED_BYTES = 1 << 30
 
@@ -78,22 +80,25 @@ def _unpack(package: bytes, root: Path) -> None:
         raise BadArtifactError(f"a compiled package cannot be unpacked ({exc}): rebuild the artifact") from exc
 
 
-def _load_package(package: bytes) -> torch._C._aoti.AOTIModelPackageLoader:
-    """Load a .pt2 package from these (verified) bytes: unpacked into a fresh 0700 directory of our
-    own, loaded from there (torch's loader takes a folder as well as a file), and removed at once:
-    the loaded code stays mapped. Given the file, torch's loader unpacks it into a
-    /tmp/aotinductor_* folder of its own that lives as long as the loader, and that a killed process
-    leaves behind: that remains the way only where torch's loader takes no folder."""
+def _load_package(package: bytes, count: int = 1) -> list[torch._C._aoti.AOTIModelPackageLoader]:
+    """`count` loaders of a .pt2 package from these (verified) bytes: unpacked into a fresh 0700
+    directory of our own, loaded from there (torch's loader takes a folder as well as a file), and
+    removed at once: the loaded code stays mapped. Loaded from one path, the loaders share one copy
+    of the code (the dynamic linker maps a library once per path), each with its own constants: a
+    program serving several runs of layers is in the CPU's caches once. Given the file, torch's
+    loader unpacks it into a /tmp/aotinductor_* folder of its own that lives as long as the loader,
+    and that a killed process leaves behind: that remains the way only where torch's loader takes
+    no folder."""
     with tempfile.TemporaryDirectory(prefix="llmc-package-") as private:
         unpacked = Path(private) / "package"
         _unpack(package, unpacked)
         try:
-            return _loader(str(unpacked))
+            return [_loader(str(unpacked)) for _ in range(count)]
         except RuntimeError as exc:  # a torch whose loader takes only a file
             log.debug("compiled.load_from_file", reason=str(exc).splitlines()[0] if str(exc) else "")
         path = Path(private) / _PACKAGE_FILE
         _write_new(path, package)
-        return _loader(str(path))
+        return [_loader(str(path)) for _ in range(count)]
 
 
 def _loader(path: str) -> torch._C._aoti.AOTIModelPackageLoader:
@@ -102,30 +107,89 @@ def _loader(path: str) -> torch._C._aoti.AOTIModelPackageLoader:
     )
 
 
-class AOTInductorStep(BucketedStep):
-    """A loaded package; see BucketedStep for how to call it."""
+def _with_constants(
+    loader: torch._C._aoti.AOTIModelPackageLoader,
+    module: torch.nn.Module,
+    made: dict[str, torch.Tensor],
+    info: CompiledStep,
+) -> bool:
+    """Hand `loader` `module`'s tensors (by their names in it) and the compiler-made constants
+    `made`; False (with a warning) when the package asks for others."""
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    tensors |= dict(module.named_buffers(remove_duplicate=False))
+    tensors |= made
+    wanted = loader.get_constant_fqns()
+    missing = [name for name in wanted if name not in tensors]
+    if missing:
+        log.warning("compiled.not_used", kind=info.kind, reason="constants missing", missing=missing[:5])
+        return False
+    # user_managed: the package uses our tensors in place (memory-mapped weights are not copied).
+    loader.load_constants({name: tensors[name] for name in wanted}, False, True, True)
+    return True
 
-    def __init__(self, info: CompiledStep, loader: torch._C._aoti.AOTIModelPackageLoader, num_slots: int) -> None:
+
+class AOTInductorStep(BucketedStep):
+    """A loaded compiled step; see BucketedStep for how to call it. Its decoder layers run as its
+    programs' packages, one loader per run of layers holding that run's own tensors, the last
+    run's program or a program of their own computing the logits; the embedding before them runs
+    eagerly (a lookup of B rows)."""
+
+    def __init__(
+        self,
+        info: CompiledStep,
+        model: CausalLM,
+        runs: list[tuple[int, int, torch._C._aoti.AOTIModelPackageLoader]],
+        logits: torch._C._aoti.AOTIModelPackageLoader | None,
+        num_slots: int,
+    ) -> None:
         super().__init__(info, num_slots)
-        self._loader = loader
+        self._model = model
+        self._runs = runs  # (first layer, layers, loader)
+        self._logits = logits  # None: the last run's program ends with the logits
+        self._embedded = info.programs[info.order[0]].embed  # the first run's program embeds the ids
 
     @classmethod
     def load(cls, artifact: Artifact, info: CompiledStep, step: DecodeStep, num_slots: int) -> AOTInductorStep | None:
-        """The loaded step, or None (with a warning) when the package lacks constants it needs."""
-        loader = _load_package(artifact.read_verified(info.package))
-        tensors: dict[str, torch.Tensor] = dict(step.named_parameters(remove_duplicate=False))
-        tensors |= dict(step.named_buffers(remove_duplicate=False))
-        tensors |= load(artifact.read_verified(info.constants))
-        wanted = loader.get_constant_fqns()
-        missing = [name for name in wanted if name not in tensors]
-        if missing:
-            log.warning("compiled.not_used", kind=info.kind, reason="constants missing", missing=missing[:5])
-            return None
-        # user_managed: the package uses our tensors in place (memory-mapped weights are not copied).
-        loader.load_constants({name: tensors[name] for name in wanted}, False, True, True)
-        log.info("compiled.loaded", kind=info.kind, buckets=info.buckets, max_seq_len=info.max_seq_len)
-        return cls(info, loader, num_slots)
+        """The loaded step, or None (with a warning) when a package lacks constants it needs."""
+        model = step.model
+        if sum(layers for _, layers, _ in info.runs()) != len(model.model.layers):
+            raise BadArtifactError("a compiled step's programs do not cover the model's layers: rebuild the artifact")
+        runs = []
+        loaders = {}
+        for index, program in enumerate(info.programs):  # one unpacked copy of each program's code
+            loaders[index] = _load_package(artifact.read_verified(program.package), info.order.count(index))
+        for (first, layers, program), index in zip(info.runs(), info.order, strict=True):
+            made = load(artifact.read_verified(program.constants))
+            module = DecodeLayers(model, first, layers, step.block_size, program.logits, program.embed)
+            loader = loaders[index].pop()
+            if not _with_constants(loader, module, made, info):
+                return None
+            runs.append((first, layers, loader))
+        logits = None
+        if info.logits is not None:
+            made = load(artifact.read_verified(info.logits.constants))
+            (logits,) = _load_package(artifact.read_verified(info.logits.package))
+            if not _with_constants(logits, DecodeLogits(model), made, info):
+                return None
+        log.info(
+            "compiled.loaded",
+            kind=info.kind,
+            buckets=info.buckets,
+            max_seq_len=info.max_seq_len,
+            programs=len(info.programs),
+            calls=len(runs),
+        )
+        return cls(info, model, runs, logits, num_slots)
 
     def _run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        out: list[torch.Tensor] = self._loader.run(inputs)
-        return out[0]
+        input_ids, positions, slot_mapping, block_tables, context_lens, *kv_caches = inputs
+        model = self._model
+        hidden = input_ids if self._embedded else model.embed(input_ids)
+        for first, layers, loader in self._runs:
+            kv = kv_caches[2 * first : 2 * (first + layers)]
+            out: list[torch.Tensor] = loader.run([hidden, positions, slot_mapping, block_tables, context_lens, *kv])
+            hidden = out[0]
+        if self._logits is None:
+            return hidden
+        logits: list[torch.Tensor] = self._logits.run([hidden])
+        return logits[0]

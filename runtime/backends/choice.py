@@ -47,6 +47,6 @@ def files_unread(manifest: Manifest, backend: str) -> set[str]:
         if code.graph is not None:
             graph_files |= {code.graph.model, code.graph.weights, code.graph.mapping}
         if name != "onnx":
-            torch_files |= {step.package for step in code.compiled} | {step.constants for step in code.compiled}
+            torch_files |= {file for step in code.compiled for file in step.files()}
             torch_files |= {library.file for library in code.kernels}
     return torch_files if backend == "onnx" else graph_files

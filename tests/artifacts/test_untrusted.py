@@ -77,8 +77,10 @@ def _compiled_step(package: str, constants: str = "model.safetensors") -> Edit:
         m["targets"]["cpu"]["compiled"] = [
             {
                 "kind": "decode",
-                "package": package,
-                "constants": constants,
+                "programs": [
+                    {"package": package, "constants": constants, "layers": m["model"]["num_layers"], "logits": True}
+                ],
+                "order": [0],
                 "buckets": [1],
                 "max_seq_len": 256,
                 "block_size": 16,
@@ -111,8 +113,11 @@ ESCAPES: dict[str, tuple[Edit, str]] = {
     "files entry dot": (_add_listed("./model.safetensors"), r"files\[\d+\]\.path"),
     "files entry backslash": (_add_listed("..\\..\\etc\\passwd"), r"files\[\d+\]\.path"),
     "chat template ..": (_set("tokenizer", "chat_template_file", value="a/../../x"), r"chat_template_file"),
-    "package outside": (_compiled_step("/tmp/evil/decode_cpu.pt2"), r"compiled\[0\]\.package"),
-    "constants outside": (_compiled_step("model.safetensors", "../c.safetensors"), r"compiled\[0\]\.constants"),
+    "package outside": (_compiled_step("/tmp/evil/decode_cpu.pt2"), r"compiled\[0\]\.programs\[0\]\.package"),
+    "constants outside": (
+        _compiled_step("model.safetensors", "../c.safetensors"),
+        r"compiled\[0\]\.programs\[0\]\.constants",
+    ),
     "kernels outside": (_kernels("../../evil.so"), r"cpu\.kernels\[0\]\.file"),
     "report outside": (_set("build", "report_file", value="/etc/shadow"), r"build\.report_file"),
 }
@@ -121,12 +126,34 @@ UNLISTED: dict[str, tuple[Edit, str]] = {
     "tokenizer": (_unlist("tokenizer.json"), r"tokenizer\.file"),
     "chat template": (_unlist("chat_template.jinja"), r"tokenizer\.chat_template_file"),
     "tensors": (_unlist("model.safetensors"), r"tensors\[0\]\.file"),
-    "compiled package": (_compiled_step("compiled/decode_cpu.pt2"), r"compiled\[0\]\.package"),
+    "compiled package": (_compiled_step("compiled/decode_cpu.pt2"), r"compiled\[0\]\.programs\[0\]\.package"),
     "kernel library": (_kernels("kernels/other.so"), r"cpu\.kernels\[0\]\.file"),
     "report": (_set("build", "report_file", value="build_report.json"), r"build\.report_file"),
 }
 
+def _programs(**change: Any) -> Edit:
+    """A compiled step (its package listed, model.safetensors) whose programs and order are changed."""
+
+    def edit(m: dict[str, Any]) -> None:
+        _compiled_step("model.safetensors")(m)
+        step = m["targets"]["cpu"]["compiled"][0]
+        for key, value in change.items():
+            if key in step:
+                step[key] = value
+            else:
+                step["programs"][0][key] = value
+
+    return edit
+
+
 INCONSISTENT: dict[str, tuple[Edit, str]] = {
+    "order naming no program": (_programs(order=[1]), r"compiled\[0\]\.order"),
+    "runs short of the layers": (_programs(layers=1), r"compiled\[0\]\.order runs 1 layers; the model has 2"),
+    "no logits": (_programs(logits=False), r"compiled\[0\]\.logits"),
+    "a shared program embedding": (
+        _programs(layers=1, embed=True, order=[0, 0]),
+        r"compiled\[0\]\.programs",
+    ),
     "num_layers -1": (_set("model", "num_layers", value=-1), r"model\.num_layers is -1"),
     "num_layers 0": (_set("model", "num_layers", value=0), r"model\.num_layers"),
     "num_layers 3 for 2 layers": (_set("model", "num_layers", value=3), r"model\.num_layers is 3; the tensors hold 2"),
@@ -253,7 +280,7 @@ def test_cli_run_refuses_a_package_outside_the_artifact(copy: Path, tmp_path: Pa
     _edit(copy, _compiled_step(str(tmp_path / "evil.pt2")))
     result = _llmc("run", str(copy), "--p", _free_port())
     assert result.returncode == 4, result.stderr
-    assert "compiled[0].package" in result.stderr and "Traceback" not in result.stderr
+    assert "compiled[0].programs[0].package" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_run_pins_the_manifest_digest(copy: Path) -> None:

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import torch
 
-from llmc.artifacts.manifest import CompiledStep, capability_rank
+from llmc.artifacts.manifest import CompiledStep, LayerProgram, capability_rank
 from llmc.builder import compile_cache
 from llmc.builder.targets.base import CompileOptions
 from llmc.builder.targets.cpu import (
@@ -159,8 +159,8 @@ def test_a_package_runs_on_its_capability_and_later_ones_only() -> None:
     assert capability_rank("AVX2", "SVE256") is None and capability_rank("SVE256", "SVE256") is not None
     step = CompiledStep(
         kind="decode",
-        package="p.pt2",
-        constants="c.safetensors",
+        programs=[LayerProgram(package="p.pt2", constants="c.safetensors", layers=1)],
+        order=[0],
         buckets=[1],
         max_seq_len=64,
         block_size=16,
@@ -225,7 +225,7 @@ def test_the_second_checkpoint_compiles_nothing_and_gets_the_same_bytes(
     steps = json.loads((b / "manifest.json").read_text())["targets"]["cpu"]["compiled"]
     assert [s["cpu_capability"] for s in steps] == capabilities("all", HOST)
     for step in steps:
-        for name in (step["package"], step["constants"]):
+        for name in [file for program in step["programs"] for file in (program["package"], program["constants"])]:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
 

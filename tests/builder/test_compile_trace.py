@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from llmc.artifacts.reader import Artifact
 from llmc.benchmarks.synthetic_models import llama_config, make_model
 from llmc.builder.targets.base import CompileOptions
-from llmc.builder.targets.cpu import export_decode_step, lower_decode_step, model_from_stage
+from llmc.builder.targets.cpu import export_layers, lower_program, model_from_stage
 from llmc.model.decoder import COMPUTE_DTYPES
 from tests.conftest import make_tiny_llama
 
@@ -93,7 +93,7 @@ def test_the_traced_model_holds_no_weight_and_its_computed_constants_are_real(tm
     rope = model.model.layers[0].self_attn.rope
     assert not isinstance(rope.cos, FakeTensor) and torch.isfinite(rope.cos).all() and rope.cos[0].eq(1).all()
 
-    exported, _, buckets = export_decode_step(model, options, "dense")
+    exported, _, buckets = export_layers(model, options, "dense")
     assert buckets == [8]
     # What Inductor compiles from: real tensors of the fake weights' shapes, dtypes and strides.
     for name, tensor in exported.state_dict.items():
@@ -116,7 +116,7 @@ def test_the_traced_step_has_no_no_op_conversion_and_no_aliased_caches(tmp_path:
     model = model_from_stage(
         artifact.root, files, manifest.model, formats, COMPUTE_DTYPES[manifest.dtype], options, None
     )
-    exported, _, _ = export_decode_step(model, options, "packed")
+    exported, _, _ = export_layers(model, options, "packed")
     conversions = [node for node in exported.graph.nodes if node.target is torch.ops.aten.to.dtype]
     assert conversions  # the norms' float64 mean square: real conversions stay
     no_ops = [node.name for node in conversions if node.args[0].meta["val"].dtype == node.args[1]]
@@ -148,7 +148,7 @@ def test_with_the_kernel_library_each_norm_is_one_op_in_the_traced_step(
     options = CompileOptions(buckets=(1, 8), max_seq_len=64)
     dtype = COMPUTE_DTYPES[manifest.dtype]
     model = model_from_stage(artifact.root, files, manifest.model, formats, dtype, options, library)
-    exported, _, _ = export_decode_step(model, options, "packed")
+    exported, _, _ = export_layers(model, options, "packed", logits=True)
     targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
     assert targets.count(torch.ops.llmc.rms_norm.default) == 2 * manifest.model.num_layers + 1
     assert torch.ops.aten.mean.dim not in targets
@@ -166,10 +166,10 @@ def test_compiling_holds_no_copy_of_the_prepared_weights(tmp_path: Path) -> None
     model = model_from_stage(artifact.root, files, manifest.model, formats, torch.float32, options, None)
     prepared = sum(tensor.nbytes for tensor in model.buffers())
     assert prepared > 150 << 20  # the premise: the forms dwarf the compile's own variation
-    exported, step, buckets = export_decode_step(model, options, "dense")
+    exported, module, _ = export_layers(model, options, "dense", logits=True, embed=True)
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from now
     before = _rss_kb("VmRSS")
-    lower_decode_step(exported, step, buckets, options, tmp_path, "dense", torch.backends.cpu.get_cpu_capability(), 1)
+    lower_program(exported, module, tmp_path, "compiled/decode", torch.backends.cpu.get_cpu_capability(), 1)
     growth = (_rss_kb("VmHWM") - before) * 1024
     assert growth < _MAX_COMPILE_GROWTH_FRACTION * prepared, (growth, prepared)
 

@@ -57,8 +57,8 @@ def _with_targets(art: Path, targets: dict[str, object]) -> None:
 def test_inspect_says_what_cannot_run_here() -> None:
     step = {
         "kind": "decode",
-        "package": "model.safetensors",
-        "constants": "model.safetensors",
+        "programs": [{"package": "model.safetensors", "constants": "model.safetensors", "layers": 1}],
+        "order": [0],
         "buckets": [1, 2],
         "max_seq_len": 64,
         "block_size": 16,

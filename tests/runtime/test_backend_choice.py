@@ -58,7 +58,7 @@ def test_each_backend_skips_only_what_it_never_opens(artifacts: dict[str, Path])
     graph = {"onnx/model.onnx", "onnx/model.onnx.data", "onnx/mapping.json"}
     torch_side = {t.file for t in manifest.tensors}
     torch_side |= {lib.file for lib in manifest.targets["cpu"].kernels}
-    torch_side |= {f for step in manifest.targets["cpu"].compiled for f in (step.package, step.constants)}
+    torch_side |= {f for step in manifest.targets["cpu"].compiled for f in step.files()}
     assert files_unread(manifest, "cpu") == graph
     assert files_unread(manifest, "onnx") == torch_side
     assert "tokenizer.json" not in files_unread(manifest, "onnx") | files_unread(manifest, "cpu")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmc.artifacts.manifest import CompiledStep
+from llmc.artifacts.manifest import CompiledStep, LayerProgram
 from llmc.errors import InternalError
 from llmc.runtime.bucketed_step import BucketedStep
 
@@ -18,8 +18,8 @@ PAD_SLOT = 9 * BLOCK
 def _info(buckets: list[int]) -> CompiledStep:
     return CompiledStep(
         kind="decode",
-        package="compiled/none.pt2",
-        constants="compiled/none.constants.safetensors",
+        programs=[LayerProgram(package="compiled/none.pt2", constants="compiled/none.constants.safetensors", layers=1)],
+        order=[0],
         buckets=buckets,
         max_seq_len=4 * BLOCK,
         block_size=BLOCK,

@@ -75,6 +75,21 @@ def test_tiny_compiled_matches_eager(tiny_compiled: Path) -> None:
     _compare(tiny_compiled, vocab, (1, 3, 16))
 
 
+def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> None:
+    """`--layers-per-program 1` on a model of identical layers: one program serves every layer, each
+    call with its own layer's weights, and the logits get a program of their own; the tokens are
+    eager execution's at every batch size."""
+    source = make_tiny_llama(tmp_path / "src")
+    out = tmp_path / "tiny"
+    result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS, layers_per_program=1))
+    (step,) = result.manifest.compiled_for("cpu")
+    layers = result.manifest.model.num_layers
+    assert layers > 1 and [p.layers for p in step.programs] == [1] and step.order == [0] * layers
+    assert step.logits is not None and not step.programs[0].logits and not step.programs[0].embed
+    vocab = result.manifest.model.vocab_size
+    _compare(out, vocab, (1, 3))
+
+
 @pytest.fixture(scope="module")
 def tiny_q8_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Quantized to q8_0 without llmc's CPU kernels: its layers run as int4 pairs, which switch to
@@ -176,7 +191,9 @@ def test_artifact_lists_and_hashes_the_package(tiny_compiled: Path) -> None:
     manifest = json.loads((tiny_compiled / "manifest.json").read_text())
     step = manifest["targets"]["cpu"]["compiled"][0]
     files = {f["path"] for f in manifest["files"]}
-    assert {step["package"], step["constants"]} <= files
+    [program] = step["programs"]  # a tiny model: one program of every layer, embedding and logits inside
+    assert program["embed"] and program["logits"] and step["order"] == [0] and step["logits"] is None
+    assert {program["package"], program["constants"]} <= files
     assert step["buckets"] == list(BUCKETS)
     assert step["torch_version"] == torch.__version__.split("+")[0]
     assert manifest["build"]["flags"]["compile"]["buckets"] == list(BUCKETS)
@@ -188,7 +205,7 @@ def test_the_package_carries_no_input_check_code(tiny_compiled: Path) -> None:
     inputs itself (test_compiled_step_refuses_out_of_range_inputs). Their messages are their trace."""
     manifest = json.loads((tiny_compiled / "manifest.json").read_text())
     [step] = manifest["targets"]["cpu"]["compiled"]
-    with zipfile.ZipFile(tiny_compiled / step["package"]) as package:
+    with zipfile.ZipFile(tiny_compiled / step["programs"][0]["package"]) as package:
         libraries = [package.read(name) for name in package.namelist() if name.endswith(".so")]
     assert libraries
     for library in libraries:
@@ -284,11 +301,11 @@ def test_package_changed_after_the_check_is_not_loaded(tiny_compiled: Path, tmp_
     """The package runs from the bytes whose sha256 was checked, not from a file reopened later."""
     copy = Path(shutil.copytree(tiny_compiled, tmp_path / "copy"))
     artifact = Artifact.open(copy)  # verified
-    package = copy / artifact.manifest.compiled_for("cpu")[0].package
+    package = copy / artifact.manifest.compiled_for("cpu")[0].programs[0].package
     data = bytearray(package.read_bytes())
     data[len(data) // 2] ^= 0x01
     package.write_bytes(bytes(data))  # swapped between the check and the load
-    with pytest.raises(BadArtifactError, match=r"decode_cpu\.pt2 fails its sha256 check"):
+    with pytest.raises(BadArtifactError, match=r"decode_cpu\.p0\.pt2 fails its sha256 check"):
         Engine(artifact, EngineConfig(kv_blocks=64))
     assert Engine(artifact, EngineConfig(kv_blocks=64, compiled=False)).runner.compiled == []  # --eager never reads it
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmc.artifacts.manifest import CompiledStep, ModelSpec
+from llmc.artifacts.manifest import CompiledStep, LayerProgram, ModelSpec
 from llmc.errors import BadInputError
 from llmc.kernels.cpu import autotune
 from llmc.kernels.cpu.qmatmul_cpu import DEFAULT_PLAN, DENSE_MIN_ROWS, DensePlan
@@ -79,8 +79,8 @@ class _Step(BucketedStep):
     def __init__(self, weights: str, buckets: list[int]) -> None:
         info = CompiledStep(
             kind="decode",
-            package="p",
-            constants="c",
+            programs=[LayerProgram(package="p", constants="c", layers=1)],
+            order=[0],
             buckets=buckets,
             max_seq_len=32,
             block_size=16,

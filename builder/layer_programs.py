@@ -51,8 +51,19 @@ class ProgramPlan:
     programs: list[int]  # the index of each program's first run (the one that is traced)
 
     @property
+    def logits_apart(self) -> bool:
+        """Whether the logits need a program of their own: the last run's program serves others."""
+        return self.order.count(self.order[-1]) > 1
+
+    @property
+    def embed_apart(self) -> bool:
+        """Whether the embedding runs eagerly: the first run's program serves others."""
+        return self.order.count(self.order[0]) > 1
+
+    @property
     def calls(self) -> int:
-        return len(self.runs)
+        """Calls per step, counting the eager embedding as one (it costs the step as one does)."""
+        return len(self.runs) + self.logits_apart + self.embed_apart
 
 
 def max_calls(weight_bytes: int) -> int:
@@ -64,8 +75,8 @@ def max_calls(weight_bytes: int) -> int:
 
 def plan_programs(signatures: list[Hashable], most_calls: int, layers_per_program: int | None = None) -> ProgramPlan:
     """Partition layers of these forms (layer_signature) into runs of equal length (the last one
-    may be shorter) of least estimated compile cost, in at most `most_calls` runs; or into runs of
-    `layers_per_program` layers where the user chose (`llmc build --layers-per-program`)."""
+    may be shorter) of least estimated compile cost, with at most `most_calls` calls per step; or
+    into runs of `layers_per_program` layers where the user chose (`--layers-per-program`)."""
     count = len(signatures)
     if count == 0:
         raise ValueError("a model without layers has no programs")
@@ -73,8 +84,6 @@ def plan_programs(signatures: list[Hashable], most_calls: int, layers_per_progra
     best: tuple[tuple[int, int], ProgramPlan] | None = None
     for length in lengths:
         runs = [(first, min(length, count - first)) for first in range(0, count, length)]
-        if len(runs) > most_calls and not layers_per_program and length != count:
-            continue
         keys: dict[tuple[Hashable, ...], int] = {}
         order: list[int] = []
         programs: list[int] = []
@@ -84,10 +93,13 @@ def plan_programs(signatures: list[Hashable], most_calls: int, layers_per_progra
                 keys[key] = len(programs)
                 programs.append(i)
             order.append(keys[key])
-        cost = PROGRAM_COST_IN_LAYERS * len(keys) + sum(len(key) for key in keys)
         plan = ProgramPlan(runs, order, programs)
-        if best is None or (cost, len(runs)) < best[0]:
-            best = ((cost, len(runs)), plan)
+        if plan.calls > most_calls and not layers_per_program and length != count:
+            continue
+        compiled = len(keys) + plan.logits_apart  # the logits program: a program's fixed cost
+        cost = PROGRAM_COST_IN_LAYERS * compiled + sum(len(key) for key in keys)
+        if best is None or (cost, plan.calls) < best[0]:
+            best = ((cost, plan.calls), plan)
     assert best is not None  # the whole stack as one run always qualifies
     return best[1]
 

@@ -711,7 +711,14 @@ def compile_decode_step(
     entries and the files written (relative to `stage`). `weight_bytes`: the size of the weights
     a step reads, which bounds how many programs a step may call (layer_programs.max_calls)."""
     plan = plan_for(model, options, weight_bytes)
-    log.info("build.layer_programs", weights=weights, runs=plan.runs, order=plan.order, programs=len(plan.programs))
+    log.info(
+        "build.layer_programs",
+        weights=weights,
+        runs=plan.runs,
+        order=plan.order,
+        programs=len(plan.programs),
+        calls=plan.calls,
+    )
     # The last run's program ends with the logits where no other run shares it: one call fewer
     # and no program of their own to compile.
     # Likewise the first run's program starts from the token ids (the embedding lookup).

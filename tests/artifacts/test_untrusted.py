@@ -131,6 +131,7 @@ UNLISTED: dict[str, tuple[Edit, str]] = {
     "report": (_set("build", "report_file", value="build_report.json"), r"build\.report_file"),
 }
 
+
 def _programs(**change: Any) -> Edit:
     """A compiled step (its package listed, model.safetensors) whose programs and order are changed."""
 

@@ -11,7 +11,10 @@ from llmc.builder.layer_programs import layer_signature, max_calls, plan_program
 def test_identical_layers_take_one_program_within_the_call_bound() -> None:
     plan = plan_programs(["a"] * 30, most_calls=7)
     assert len(plan.programs) == 1 and plan.calls <= 7
-    assert sum(size for _, size in plan.runs) == 30 and plan.order == [0] * plan.calls
+    assert sum(size for _, size in plan.runs) == 30 and plan.order == [0] * len(plan.runs)
+    # The one program serves every run: the embedding runs eagerly and the logits get a program,
+    # each counted as a call.
+    assert plan.embed_apart and plan.logits_apart and plan.calls == len(plan.runs) + 2
 
 
 def test_a_small_model_keeps_one_program_and_a_large_one_gets_more_calls() -> None:
@@ -20,14 +23,16 @@ def test_a_small_model_keeps_one_program_and_a_large_one_gets_more_calls() -> No
     assert plan_programs(["a"] * 30, max_calls(96 << 20)).runs == [(0, 30)]
 
 
-def test_alternating_forms_take_one_program_per_form() -> None:
-    """A Q4_K_M mix: some layers keep v_proj and down_proj in q6k, with a period in the middle."""
-    pattern = "1110010010010010010010011111"
-    plan = plan_programs(list(pattern), most_calls=28)
-    assert plan.runs == [(i, 1) for i in range(28)] and len(plan.programs) == 2
-    assert [pattern[plan.runs[plan.programs[p]][0]] for p in plan.order] == list(pattern)
-    # Too few calls allowed: the whole stack as one program.
-    assert plan_programs(list(pattern), most_calls=3).runs == [(0, 28)]
+def test_alternating_forms_share_a_program_of_their_period() -> None:
+    """Sliding and full attention in turn: runs of one period are all alike."""
+    pattern = list("01" * 30)
+    plan = plan_programs(pattern, most_calls=64)
+    assert plan.runs == [(i, 2) for i in range(0, 60, 2)] and len(plan.programs) == 1
+    # A Q4_K_M mix at 3B (some layers keep v_proj and down_proj in q6k): sharing does not pay
+    # for the extra programs, nor where too few calls are allowed.
+    mix = list("1110010010010010010010011111")
+    assert plan_programs(mix, most_calls=30).runs == [(0, 28)]
+    assert plan_programs(pattern, most_calls=3).runs == [(0, 60)]
 
 
 def test_the_users_run_length_wins() -> None:

@@ -339,11 +339,23 @@ def test_compiled_step_refuses_out_of_range_inputs(tiny_compiled: Path) -> None:
 # q4k's quantized matmuls take bf16 activations, which turn a last-bit difference before them into
 # a different bf16 and, a dozen tokens later, a different greedy token. RMSNorm accumulating in
 # float64 is what keeps the compiled step's fused reductions bit-equal to eager's.
-@pytest.mark.parametrize(("isq", "batches"), [("none", (1, 3, 16)), ("q4k", (1, 3, 16))])
+@pytest.mark.parametrize(
+    ("isq", "batches", "layers_per_program"),
+    [("none", (1, 3, 16), None), ("q4k", (1, 3, 16), None), ("none", (1, 3), 5)],
+)
 def test_smollm2_compiled_matches_eager(
-    isq: str, batches: tuple[int, ...], smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+    isq: str,
+    batches: tuple[int, ...],
+    layers_per_program: int | None,
+    smollm2_gguf: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Acceptance 1: identical greedy continuations, f32 and q4k, batches 1, 3 (padded to 4) and 16."""
+    """Acceptance 1: identical greedy continuations, f32 and q4k, batches 1, 3 (padded to 4) and 16;
+    also with runs of 5 layers sharing one program (the tied embedding looked up eagerly, the
+    logits in a program of their own)."""
     out = tmp_path_factory.mktemp(f"aot-smollm2-{isq}") / "artifact"
-    build_compiled(smollm2_gguf, out, "smollm2", CompileOptions(buckets=BUCKETS, max_seq_len=512), isq=isq)
+    options = CompileOptions(buckets=BUCKETS, max_seq_len=512, layers_per_program=layers_per_program)
+    result = build_compiled(smollm2_gguf, out, "smollm2", options, isq=isq)
+    runs = [len(step.order) for step in result.manifest.compiled_for("cpu")]
+    assert runs == [1] if layers_per_program is None else set(runs) == {6}
     _compare(out, vocab=49152, batches=batches, max_model_len=512)

@@ -302,6 +302,11 @@ def build_summary(result: BuildResult, summary: dict[str, Any]) -> list[str]:
     if compiled:
         packages = ", ".join(f"{c.weights} weights for {c.cpu_capability} batches {c.buckets}" for c in compiled)
         lines.append(f"compiled the decode step ({packages}) in {summary['compile_seconds']} s")
+        first = compiled[0]
+        if len(first.order) > 1:
+            sizes = "+".join(str(p.layers) for p in first.programs)
+            logits = ", then a logits program" if first.logits is not None else ""
+            lines.append(f"  as programs of {sizes} layers: {len(first.order)} runs of layers per step{logits}")
     elif result.compile_skipped is not None:
         lines.append(f"not compiled (the artifact runs eagerly): {result.compile_skipped}")
     lines.append(f"manifest sha256: {summary['manifest_sha256']} (pin it: llmc run --expect-manifest-sha256)")

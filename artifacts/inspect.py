@@ -136,7 +136,8 @@ def target_status(name: str, code: TargetCode) -> dict[str, Any]:
             "buckets": step.buckets,
             "max_seq_len": step.max_seq_len,
             "programs": [program.layers for program in step.programs],
-            "calls": len(step.order),
+            "runs": len(step.order),
+            "logits_program": step.logits is not None,
         }
         compiled.append({**entry, "runs_here": why_not is None, "why_not": why_not})
     return {"capability": code.capability, "this_host": host, "kernels": kernels, "compiled": compiled}

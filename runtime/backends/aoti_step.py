@@ -155,21 +155,22 @@ class AOTInductorStep(BucketedStep):
         if sum(layers for _, layers, _ in info.runs()) != len(model.model.layers):
             raise BadArtifactError("a compiled step's programs do not cover the model's layers: rebuild the artifact")
         runs = []
-        loaders = {}
+        loaders: dict[int, list[torch._C._aoti.AOTIModelPackageLoader]] = {}
+        made: dict[int, dict[str, torch.Tensor]] = {}
         for index, program in enumerate(info.programs):  # one unpacked copy of each program's code
             loaders[index] = _load_package(artifact.read_verified(program.package), info.order.count(index))
+            made[index] = load(artifact.read_verified(program.constants))
         for (first, layers, program), index in zip(info.runs(), info.order, strict=True):
-            made = load(artifact.read_verified(program.constants))
             module = DecodeLayers(model, first, layers, step.block_size, program.logits, program.embed)
             loader = loaders[index].pop()
-            if not _with_constants(loader, module, made, info):
+            if not _with_constants(loader, module, made[index], info):
                 return None
             runs.append((first, layers, loader))
         logits = None
         if info.logits is not None:
-            made = load(artifact.read_verified(info.logits.constants))
+            logits_made = load(artifact.read_verified(info.logits.constants))
             (logits,) = _load_package(artifact.read_verified(info.logits.package))
-            if not _with_constants(logits, DecodeLogits(model), made, info):
+            if not _with_constants(logits, DecodeLogits(model), logits_made, info):
                 return None
         log.info(
             "compiled.loaded",

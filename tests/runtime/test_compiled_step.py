@@ -24,6 +24,7 @@ from llmc.errors import BadArtifactError, InternalError
 from llmc.kernels.cpu import autotune, cpu_kernels
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul
 from llmc.kernels.cpu.rms_norm import CpuRMSNorm
+from llmc.model.decode_step import DecodeStep
 from llmc.model.layers import RMSNorm
 from llmc.runtime.backends import aoti_step
 from llmc.runtime.backends.cpu import incompatibility, load_cpu_kernels
@@ -308,6 +309,32 @@ def test_package_changed_after_the_check_is_not_loaded(tiny_compiled: Path, tmp_
     with pytest.raises(BadArtifactError, match=r"decode_cpu\.p0\.pt2 fails its sha256 check"):
         Engine(artifact, EngineConfig(kv_blocks=64))
     assert Engine(artifact, EngineConfig(kv_blocks=64, compiled=False)).runner.compiled == []  # --eager never reads it
+
+
+@pytest.mark.parametrize("layers_per_program", [None, 1])
+def test_the_programs_compute_the_whole_steps_logits(layers_per_program: int | None, tmp_path: Path) -> None:
+    """The compiled programs, chained (one of every layer, or one shared by every run with the
+    embedding eager and a logits program), give the logits of the whole decode step (DecodeStep,
+    the reference they are cut from) bit for bit, a padded batch included."""
+    source = make_tiny_llama(tmp_path / "src")
+    out = tmp_path / "tiny"
+    build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS, layers_per_program=layers_per_program))
+    engine = open_engine(out, kv_blocks=16, autotune=False)
+    [step] = engine.runner.compiled
+    kv = engine.runner._kv_flat
+    torch.manual_seed(0)
+    for cache in kv:
+        cache.copy_(torch.randn_like(cache))
+    ids, pos = torch.tensor([5, 7, 11]), torch.tensor([3, 20, 40])
+    table, lens = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]]), torch.tensor([4, 21, 41])
+    block = engine.runner.block_size
+    assert block == 16  # the tables above: 9 blocks of 16 tokens, block 15 free for the padding row
+    slots = torch.tensor([3, 4 * block + 4, 8 * block + 8])  # where positions 3, 20, 40 go
+    whole = DecodeStep(engine.runner.model, block)
+    with torch.inference_mode():
+        got = step(ids, pos, slots, table, lens, kv, pad_slot=15 * block)
+        expected = whole(ids, pos, slots, table, lens, kv)  # writes the same keys and values again
+    assert torch.equal(got, expected)
 
 
 def test_compiled_step_refuses_out_of_range_inputs(tiny_compiled: Path) -> None:

@@ -1,4 +1,4 @@
-"""Which decoder layers share a compiled program.
+"""Which decoder layers share a compiled program, and which process compiles each program.
 
 Compiling a program has a large fixed cost besides its layers' own: AOTInductor's C++ wrapper
 alone takes ~8 s of g++ however few layers it runs, and each layer adds ~0.6 s of lowering and
@@ -6,22 +6,23 @@ kernel code (SmolLM2 on a 2-core Xeon, docs/BENCHMARKS.md). Most models repeat o
 one program of a few layers, called once per run of layers with that run's own tensors, computes
 the whole stack for a fraction of the compile; a model whose layers alternate forms (a Q4_K_M mix
 keeping some layers' v_proj and down_proj in q6k, sliding and full attention) gets one program
-per distinct run.
+per distinct run. Programs compile at the same time in separate processes where there are cores
+for them (`schedule`), so the plan of least compile is the one of least *makespan*.
 
-Calls are not free either. AOTInductor's run alone takes ~4 µs, but in a step each boundary
-between programs measured ~50 µs (SmolLM2, batch 1: six runs of 5 layers and a logits program
-made the step 8 % slower than one program, 0.35 ms of 4.1, docs/BENCHMARKS.md). So the number of
-calls per step is bounded to keep their cost under 1 % of the step's time, estimated from the
-bytes of weights a step reads: a small model (SmolLM2's 96 MB) keeps one program, and the saving
-is for large models, whose steps are long (a 3B model's allows ~15 calls). Among the partitions
-into runs of equal length (the last one shorter) within that bound, the one of least estimated
-compile wins; `llmc build --layers-per-program` chooses the runs' length instead.
+Calls are not free either: each call of a program beyond the first costs a step ~13 µs at batch
+1, and an embedding that runs eagerly between programs (where the first run's program serves
+other runs too) ~200 µs, as caches are cold after a program (SmolLM2 on a 2-core Xeon,
+docs/BENCHMARKS.md). So that cost is bounded to 1 % of the step's time, estimated from the bytes
+of weights a step reads: a small model (SmolLM2's 96 MB, a ~4 ms step) keeps one program, and the
+saving is for large models, whose steps are long (a 3B model's allows a program per layer).
+Among the partitions into runs of equal length (the last one shorter) within that bound, the one
+of least estimated compile wins; `llmc build --layers-per-program` chooses the runs' length
+instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -32,9 +33,16 @@ from torch import nn
 # A program's fixed compile cost (its C++ wrapper, g++ and Inductor's setup: ~10 s) in units of
 # one layer's (~0.6 s), measured on SmolLM2's layers on 2 cores (docs/BENCHMARKS.md).
 PROGRAM_COST_IN_LAYERS = 16
-# What one more call of a compiled program costs a step: measured ~50 µs per boundary on a 2-core
-# Xeon (module doc); the run itself is ~4 µs, the rest is the step's work around it.
-CALL_SECONDS = 50e-6
+# What a compile worker process costs before it compiles (spawning Python, importing torch,
+# rebuilding the fake model and tracing its programs again: ~6 s on 2 cores), in layer units.
+WORKER_COST_IN_LAYERS = 10
+# What one more call of a compiled program costs a step at batch 1: ~13 µs per extra call,
+# the slope of the step's time over 3 to 31 calls (SmolLM2, 2-core Xeon, docs/BENCHMARKS.md),
+# rounded up.
+CALL_SECONDS = 15e-6
+# What an eager embedding between programs costs a step: 180-250 µs measured in the step's
+# sequence (43 µs alone; the caches are cold after a program).
+EAGER_EMBED_SECONDS = 250e-6
 # The share of a step's time the calls may take.
 CALL_OVERHEAD_SHARE = 0.01
 # A high estimate of how fast a CPU streams weights during a step (a many-channel server's
@@ -62,26 +70,58 @@ class ProgramPlan:
 
     @property
     def calls(self) -> int:
-        """Calls per step, counting the eager embedding as one (it costs the step as one does)."""
+        """Calls per step, counting the eager embedding as one."""
         return len(self.runs) + self.logits_apart + self.embed_apart
 
+    @property
+    def call_seconds(self) -> float:
+        """What the plan's calls cost a step beyond one program's (CALL_SECONDS, EAGER_EMBED_SECONDS)."""
+        extra = len(self.runs) + self.logits_apart - 1
+        return extra * CALL_SECONDS + self.embed_apart * EAGER_EMBED_SECONDS
 
-def max_calls(weight_bytes: int) -> int:
-    """The most program calls per step whose cost stays within CALL_OVERHEAD_SHARE of a step
-    that reads `weight_bytes` of weights."""
-    step_seconds = weight_bytes / WEIGHT_BYTES_PER_SECOND
-    return max(1, math.floor(CALL_OVERHEAD_SHARE * step_seconds / CALL_SECONDS))
+    def program_costs(self) -> list[int]:
+        """Each program's estimated compile cost in layer units, the logits program last if any."""
+        costs = [PROGRAM_COST_IN_LAYERS + self.runs[run][1] for run in self.programs]
+        return costs + [PROGRAM_COST_IN_LAYERS] * self.logits_apart
 
 
-def plan_programs(signatures: list[Hashable], most_calls: int, layers_per_program: int | None = None) -> ProgramPlan:
+def call_budget(weight_bytes: int) -> float:
+    """The seconds of calls per step that stay within CALL_OVERHEAD_SHARE of a step reading
+    `weight_bytes` of weights."""
+    return CALL_OVERHEAD_SHARE * weight_bytes / WEIGHT_BYTES_PER_SECOND
+
+
+def schedule(costs: list[int], processes: int) -> list[list[int]]:
+    """Jobs of these costs spread over `processes` (the first is this one, the others workers that
+    each cost WORKER_COST_IN_LAYERS to start), the longest first onto the process that would end it
+    soonest: the job indices of each process, the first list this process's."""
+    bins: list[list[int]] = [[] for _ in range(max(1, processes))]
+    loads = [0] + [WORKER_COST_IN_LAYERS] * (len(bins) - 1)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        target = min(range(len(bins)), key=lambda b: (loads[b] + costs[job], b))
+        bins[target].append(job)
+        loads[target] += costs[job]
+    return bins
+
+
+def makespan(costs: list[int], bins: list[list[int]]) -> int:
+    """When the last process of `schedule`'s `bins` ends, in layer units."""
+    ends = [sum(costs[j] for j in jobs) + (WORKER_COST_IN_LAYERS if i else 0) for i, jobs in enumerate(bins) if jobs]
+    return max(ends, default=0)
+
+
+def plan_programs(
+    signatures: list[Hashable], budget_seconds: float, layers_per_program: int | None = None, processes: int = 1
+) -> ProgramPlan:
     """Partition layers of these forms (layer_signature) into runs of equal length (the last one
-    may be shorter) of least estimated compile cost, with at most `most_calls` calls per step; or
-    into runs of `layers_per_program` layers where the user chose (`--layers-per-program`)."""
+    may be shorter) whose calls cost a step at most `budget_seconds` (call_budget), of least
+    estimated compile on `processes` processes; or into runs of `layers_per_program` layers where
+    the user chose (`--layers-per-program`)."""
     count = len(signatures)
     if count == 0:
         raise ValueError("a model without layers has no programs")
     lengths = [min(layers_per_program, count)] if layers_per_program else range(1, count + 1)
-    best: tuple[tuple[int, int], ProgramPlan] | None = None
+    best: tuple[tuple[int, float], ProgramPlan] | None = None
     for length in lengths:
         runs = [(first, min(length, count - first)) for first in range(0, count, length)]
         keys: dict[tuple[Hashable, ...], int] = {}
@@ -94,12 +134,12 @@ def plan_programs(signatures: list[Hashable], most_calls: int, layers_per_progra
                 programs.append(i)
             order.append(keys[key])
         plan = ProgramPlan(runs, order, programs)
-        if plan.calls > most_calls and not layers_per_program and length != count:
+        if plan.call_seconds > budget_seconds and not layers_per_program and length != count:
             continue
-        compiled = len(keys) + plan.logits_apart  # the logits program: a program's fixed cost
-        cost = PROGRAM_COST_IN_LAYERS * compiled + sum(len(key) for key in keys)
-        if best is None or (cost, plan.calls) < best[0]:
-            best = ((cost, plan.calls), plan)
+        costs = plan.program_costs()
+        cost = makespan(costs, schedule(costs, processes))
+        if best is None or (cost, plan.call_seconds) < best[0]:
+            best = ((cost, plan.call_seconds), plan)
     assert best is not None  # the whole stack as one run always qualifies
     return best[1]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import multiprocessing
 import os
 import platform
@@ -27,6 +28,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +42,14 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from llmc.artifacts.manifest import CompiledStep, KernelLibrary, LayerProgram, ModelSpec, Program, TargetCode
 from llmc.artifacts.writer import ArtifactWriter
 from llmc.builder import CPU_ISAS, DEFAULT_CPU_ISA, compile_cache
-from llmc.builder.layer_programs import ProgramPlan, layer_signature, max_calls, plan_programs
+from llmc.builder.layer_programs import (
+    CALL_SECONDS,
+    ProgramPlan,
+    call_budget,
+    layer_signature,
+    plan_programs,
+    schedule,
+)
 from llmc.builder.targets.base import (
     CompileOptions,
     Progress,
@@ -55,7 +64,7 @@ from llmc.kernels.cpu.half_matmul import CpuHalfMatmul
 from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_choice, weight_form
 from llmc.kernels.cpu.rms_norm import use_cpu_rms_norm
 from llmc.kernels.paged_attention import PagedAttention
-from llmc.logs import get_logger
+from llmc.logs import configure, get_logger
 from llmc.model.decode_step import DecodeLayers, DecodeLogits
 from llmc.model.decoder import CausalLM, DeviceKernels, build_model
 from llmc.model.half_linear import WidenedLinear
@@ -67,6 +76,35 @@ log = get_logger("llmc.builder.compile")
 # "dense" the buckets of DENSE_MIN_ROWS rows and more, where bf16 GEMMs beat the int4 kernels.
 _COMPILED_DIR = "compiled/"
 PACKAGE_STEMS = {"packed": _COMPILED_DIR + "decode_cpu", "dense": _COMPILED_DIR + "decode_cpu_dense"}
+# The compiling processes a plan assumes (a CI runner's two cores), whatever the host has: the plan
+# decides the artifact's programs, which must not depend on the machine that builds it.
+PLANNED_PROCESSES = 2
+# A compile job: a weight form, a CPU capability, and one of a step's programs (an index into its
+# plan's programs, or None for the logits program).
+Job = tuple[str, str, int | None]
+
+
+@dataclass(frozen=True)
+class PartMeta:
+    """What a traced program computes."""
+
+    fqns: frozenset[str]  # module_fqns of the traced module
+    layers: int | None  # decoder layers (None: the logits program)
+    logits: bool
+    embed: bool
+
+
+@dataclass(frozen=True)
+class CompiledPart:
+    """One compiled program of a step (a Job done), as a process hands it back."""
+
+    weights: str
+    capability: str
+    part: int | None
+    program: Program  # a LayerProgram, or the logits' Program
+    cpu_kernels: bool  # whether it calls the CPU kernel library
+
+
 # Upper bound of the traced KV cache length in slots: 2^28 tokens is far beyond any cache a host
 # holds; the bound only has to exist for export's range analysis.
 _MAX_KV_SLOTS = 1 << 28
@@ -450,25 +488,26 @@ def fake_mode_of(model: torch.nn.Module) -> FakeTensorMode | None:
     return None
 
 
-def compile_from_stage(
+def compile_in_worker(
     stage: Path,
     tensor_files: list[str],
     spec: ModelSpec,
     formats: dict[str, str],
     dtype: torch.dtype,
     options: CompileOptions,
-    weights: str,
     library: KernelLibrary | None,
-    capabilities: list[str],
+    plan: ProgramPlan,
+    jobs: list[Job],
     threads: int,
-    weight_bytes: int,
-) -> list[tuple[CompiledStep, list[str]]]:
-    """compile_decode_step in a second process, for another weight form's packages at the same
-    time as the parent's (_compile below)."""
+) -> list[CompiledPart]:
+    """compile_parts in a second process, at the same time as the parent's (_compile_packages).
+    It rebuilds the model and traces its programs itself: that takes less of the parent's time
+    than tracing them there and handing them over (torch.export.save and load: ~2 s each for one
+    3B layer, against ~4 s here while the parent compiles)."""
     # One core for this process's own tensor work; the parent compiles beside it.
     torch.set_num_threads(1)
     model = model_from_stage(stage, tensor_files, spec, formats, dtype, options, library)
-    return compile_decode_step(model, options, stage, weights, capabilities, threads, weight_bytes)
+    return compile_parts(model, options, stage, plan, jobs, threads)
 
 
 def example_inputs(
@@ -647,23 +686,28 @@ def _unbacked_weights(exported: torch.export.ExportedProgram) -> None:
                 table[name] = torch.nn.Parameter(empty, requires_grad=False) if parameter else empty
 
 
+def module_fqns(module: torch.nn.Module) -> frozenset[str]:
+    """The names of `module`'s parameters and buffers: the tensors the runtime hands its program."""
+    names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    return frozenset(names | {name for name, _ in module.named_buffers(remove_duplicate=False)})
+
+
 def lower_program(
     exported: torch.export.ExportedProgram,
-    module: torch.nn.Module,
+    fqns: frozenset[str],
     stage: Path,
     stem: str,
     capability: str,
     threads: int,
 ) -> Program:
     """Compile an exported part of the step (DecodeLayers, DecodeLogits) into an AOTInductor
-    package for `capability` CPUs, as `stem`.pt2 in `stage`: its files (relative to `stage`)."""
+    package for `capability` CPUs, as `stem`.pt2 in `stage`: its files (relative to `stage`).
+    `fqns` (module_fqns) are the tensors the runtime hands it; the others it records are its own."""
     started = time.perf_counter()
     host = torch.backends.cpu.get_cpu_capability()
     package_file, constants_file = stem + ".pt2", stem + ".constants.safetensors"
     package = stage / package_file
     package.parent.mkdir(parents=True, exist_ok=True)
-    fqns = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    fqns |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
     mangled = {name.replace(".", "_") for name in fqns}
     configs = inductor_configs(capability, host, threads)
     with (
@@ -691,85 +735,111 @@ def lower_program(
 
 def plan_for(model: CausalLM, options: CompileOptions, weight_bytes: int) -> ProgramPlan:
     """Which runs of `model`'s layers share a program (builder/layer_programs.py), for a model
-    whose step reads `weight_bytes` of weights."""
+    whose step reads `weight_bytes` of weights, planned for PLANNED_PROCESSES compiling processes."""
     signatures = [layer_signature(layer) for layer in model.model.layers]
-    return plan_programs(signatures, max_calls(weight_bytes), options.layers_per_program)
+    return plan_programs(signatures, call_budget(weight_bytes), options.layers_per_program, PLANNED_PROCESSES)
 
 
-def compile_decode_step(
-    model: CausalLM,
-    options: CompileOptions,
-    stage: Path,
-    weights: str = "packed",
-    capabilities: list[str] | None = None,
-    threads: int | None = None,
-    weight_bytes: int = 0,
-) -> list[tuple[CompiledStep, list[str]]]:
-    """Export the decode step's layer programs once (computing with the `weights` form of the
-    quantized layers) and compile them for each CPU capability (default: the host's), their loops
-    laid out for `threads` threads (default: this process's), into `stage`; their manifest
-    entries and the files written (relative to `stage`). `weight_bytes`: the size of the weights
-    a step reads, which bounds how many programs a step may call (layer_programs.max_calls)."""
-    plan = plan_for(model, options, weight_bytes)
-    log.info(
-        "build.layer_programs",
-        weights=weights,
-        runs=plan.runs,
-        order=plan.order,
-        programs=len(plan.programs),
-        calls=plan.calls,
-    )
+def step_jobs(plan: ProgramPlan, forms: list[str], capabilities: list[str]) -> list[Job]:
+    """Every program to compile: each of the plan's programs (and its logits program, if apart)
+    for each weight form and each capability."""
+    parts: list[int | None] = [*range(len(plan.programs)), *([None] if plan.logits_apart else [])]
+    return [(form, capability, part) for form in forms for capability in capabilities for part in parts]
+
+
+def _export_part(
+    model: CausalLM, options: CompileOptions, plan: ProgramPlan, weights: str, part: int | None
+) -> tuple[torch.export.ExportedProgram, PartMeta]:
+    """Trace one of the plan's programs (None: the logits program) computing with `weights`."""
+    if part is None:
+        exported, end = export_logits(model, options, weights)
+        return exported, PartMeta(module_fqns(end), None, True, False)
     # The last run's program ends with the logits where no other run shares it: one call fewer
-    # and no program of their own to compile.
-    # Likewise the first run's program starts from the token ids (the embedding lookup).
-    last, head = plan.order[-1], plan.order[0]
-    folded = plan.order.count(last) == 1
-    embedded = plan.order.count(head) == 1
-    exports = [
-        export_layers(
-            model, options, weights, *plan.runs[run], logits=folded and index == last, embed=embedded and index == head
+    # and no program of their own to compile. Likewise the first run's program starts from the
+    # token ids (the embedding lookup).
+    layers, module, _ = export_layers(
+        model,
+        options,
+        weights,
+        *plan.runs[plan.programs[part]],
+        logits=not plan.logits_apart and part == plan.order[-1],
+        embed=not plan.embed_apart and part == plan.order[0],
+    )
+    logits, embed = module.logits is not None, module.embed_tokens is not None
+    return layers, PartMeta(module_fqns(module), len(module.layers), logits, embed)
+
+
+def _lowered(
+    exported: torch.export.ExportedProgram,
+    meta: PartMeta,
+    stage: Path,
+    weights: str,
+    capability: str,
+    part: int | None,
+    threads: int,
+) -> CompiledPart:
+    stem = package_stem(weights, capability, torch.backends.cpu.get_cpu_capability())
+    files = lower_program(
+        exported, meta.fqns, stage, f"{stem}.logits" if part is None else f"{stem}.p{part}", capability, threads
+    )
+    program: Program = files
+    if meta.layers is not None:
+        program = LayerProgram(
+            package=files.package, constants=files.constants, layers=meta.layers, logits=meta.logits, embed=meta.embed
         )
-        for index, run in enumerate(plan.programs)
-    ]
-    ends = [] if folded else [export_logits(model, options, weights)]
-    buckets = exports[0][2]
-    _, max_seq_len = check_options(options, model.spec)
-    host = torch.backends.cpu.get_cpu_capability()
-    wanted = capabilities or [host]
-    threads = threads or torch.get_num_threads()
+    return CompiledPart(weights, capability, part, program, calls_cpu_kernels(exported))
+
+
+def _job_order(job: Job) -> tuple[str, bool, int, str]:
+    """Jobs of one traced program together (it is traced once), the logits program last."""
+    weights, capability, part = job
+    return (weights, part is None, part or 0, capability)
+
+
+def compile_parts(
+    model: CausalLM, options: CompileOptions, stage: Path, plan: ProgramPlan, jobs: list[Job], threads: int
+) -> list[CompiledPart]:
+    """Export the programs `jobs` name (each weight form's once) and compile each for its CPU
+    capability, its loops laid out for `threads` threads, into `stage`."""
+    exports: dict[tuple[str, int | None], tuple[torch.export.ExportedProgram, PartMeta]] = {}
+    done = []
+    for weights, capability, part in sorted(jobs, key=_job_order):
+        if (weights, part) not in exports:
+            exports[weights, part] = _export_part(model, options, plan, weights, part)
+        exported, meta = exports[weights, part]
+        done.append(_lowered(exported, meta, stage, weights, capability, part, threads))
+    return done
+
+
+def assemble_steps(
+    plan: ProgramPlan,
+    parts: list[CompiledPart],
+    buckets: dict[str, list[int]],
+    options: CompileOptions,
+    spec: ModelSpec,
+) -> list[tuple[CompiledStep, list[str]]]:
+    """The compiled steps (one per weight form and capability) that `parts` make up, with the
+    files each names (relative to the stage)."""
+    _, max_seq_len = check_options(options, spec)
     results = []
-    for capability in wanted:
-        stem = package_stem(weights, capability, host)
-        programs = []
-        for index, (exported, module, _) in enumerate(exports):
-            files = lower_program(exported, module, stage, f"{stem}.p{index}", capability, threads)
-            programs.append(
-                LayerProgram(
-                    package=files.package,
-                    constants=files.constants,
-                    layers=len(module.layers),
-                    logits=module.logits is not None,
-                    embed=module.embed_tokens is not None,
-                )
-            )
-        logits = None
-        for exported, end in ends:
-            logits = lower_program(exported, end, stage, f"{stem}.logits", capability, threads)
+    for weights, capability in dict.fromkeys((part.weights, part.capability) for part in parts):
+        mine = {part.part: part for part in parts if (part.weights, part.capability) == (weights, capability)}
+        programs = [mine[index].program for index in range(len(plan.programs))]
         info = CompiledStep(
             kind="decode",
-            programs=programs,
+            programs=[program for program in programs if isinstance(program, LayerProgram)],
             order=plan.order,
-            logits=logits,
-            buckets=buckets,
+            logits=mine[None].program if plan.logits_apart else None,
+            buckets=buckets[weights],
             max_seq_len=max_seq_len,
             block_size=options.block_size,
             torch_version=torch.__version__.split("+")[0],
             cpu_capability=capability,
             weights=weights,
-            cpu_kernels=any(
-                calls_cpu_kernels(exported) for exported in [*(e for e, _, _ in exports), *(e for e, _ in ends)]
-            ),
+            cpu_kernels=any(part.cpu_kernels for part in mine.values()),
         )
+        if len(info.programs) != len(plan.programs):
+            raise InternalError("a layer program was compiled as a logits program")
         results.append((info, info.files()))
     return results
 
@@ -1031,6 +1101,14 @@ _PR_SET_PDEATHSIG = 1
 _WORKER_REAP_SECONDS = 5.0
 
 
+def _start_worker(parent: int, log_level: int) -> None:
+    """A compile worker's first act (ProcessPoolExecutor's initializer): die with the build
+    (_die_with_parent) and log as it does (its `-v` shows the worker's stages too)."""
+    _die_with_parent(parent)
+    if log_level:
+        configure(logging.getLevelName(log_level))
+
+
 def _die_with_parent(parent: int) -> None:
     """A compile worker's first act (ProcessPoolExecutor's initializer): have Linux SIGKILL it
     when the build process dies, however it dies (a SIGKILL, the OOM killer), so that no worker
@@ -1053,22 +1131,41 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_die_with_parent,
-        initargs=(os.getpid(),),
+        initializer=_start_worker,
+        initargs=(os.getpid(), logging.getLogger("llmc").level),
     )
     try:
         yield pool
     except BaseException:
-        # The pool's own map of its live worker processes; the executor has no public kill.
-        processes = list((pool._processes or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.kill()
-        for process in processes:
-            process.join(_WORKER_REAP_SECONDS)
-        log.info("build.compile_workers_stopped", workers=len(processes))
+        _kill_workers(pool)
         raise
     pool.shutdown()
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop `pool`'s workers now, whatever they are doing."""
+    # The pool's own map of its live worker processes; the executor has no public kill.
+    processes = list((pool._processes or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(_WORKER_REAP_SECONDS)
+    log.info("build.compile_workers_stopped", workers=len(processes))
+
+
+def _warm_worker(stage: Path, library: KernelLibrary | None) -> None:
+    """A compile worker's start, done while the parent rebuilds the model: importing torch and
+    this module (unpickling this function's reference does that) and loading the kernel library."""
+    if library is not None:
+        cpu_kernels.load(stage / library.file, library.isa)
+
+
+def _may_split(options: CompileOptions, weight_bytes: int, capabilities: list[str]) -> bool:
+    """Whether a build may compile in more than one process: where its step may be more than one
+    program (the user's runs, or a step long enough for another call), or more than one
+    capability is wanted. A dense weight form, found later, may still start a worker then."""
+    return bool(options.layers_per_program) or call_budget(weight_bytes) >= CALL_SECONDS or len(capabilities) > 1
 
 
 def _compile_packages(
@@ -1082,57 +1179,64 @@ def _compile_packages(
     wanted: list[str],
     threads: int,
 ) -> list[tuple[CompiledStep, list[str]]]:
-    """Compile every weight form's packages for the `wanted` capabilities: each form is traced
-    once and compiled for each capability."""
+    """Compile every weight form's programs for the `wanted` capabilities, spread over this
+    process and spawned workers (layer_programs.schedule): each process traces a form's programs
+    once and compiles them for each capability it was given."""
     started = time.perf_counter()
     files = writer.staged_tensor_files()
     weight_bytes = sum((writer.stage / file).stat().st_size for file in files)
-    model = model_from_stage(writer.stage, files, spec, formats, dtype, options, library)
-    log.info("build.stage", stage="compile_model", seconds=round(time.perf_counter() - started, 3))
-    first, *others = weight_forms(model, options)
-    results: list[tuple[CompiledStep, list[str]]] = []
-    total = (1 + len(others)) * len(wanted)
-
-    def report(done: int) -> None:
-        if on_progress is not None:
-            on_progress("compiling the decode step", done, total)
-
-    report(0)
-    # Compiling is mostly single-threaded Python (tracing, lowering), so the other weight forms and
-    # the other capabilities compile in spawned processes at the same time (spawned: a forked
-    # torch may deadlock). A process traces again (~15 s for SmolLM2), which pays only with a
-    # second core: on one, the other capabilities compile here from this process's trace.
     cores = os.cpu_count() or 1
-    here = wanted if cores < 2 else wanted[:1]
-    jobs = [(form, wanted) for form in others]
-    if len(here) < len(wanted):
-        jobs.append((first, wanted[len(here) :]))
-    workers = min(len(jobs), max(1, cores - 1))
+    parts: list[CompiledPart] = []
     with contextlib.ExitStack() as stack:
+        # Compiling is mostly single-threaded Python (tracing, lowering), so programs compile in
+        # spawned processes at the same time (spawned: a forked torch may deadlock); each process
+        # traces its programs again, which pays only with a second core. A worker that may be
+        # needed starts now: its imports (~4 s) overlap this process's model rebuild.
+        pool = None
+        if cores >= 2 and _may_split(options, weight_bytes, wanted):
+            pool = stack.enter_context(_worker_pool(cores - 1))
+            pool.submit(_warm_worker, writer.stage, library)
+        model = model_from_stage(writer.stage, files, spec, formats, dtype, options, library)
+        log.info("build.stage", stage="compile_model", seconds=round(time.perf_counter() - started, 3))
+        buckets = weight_forms(model, options)
+        plan = plan_for(model, options, weight_bytes)
+        jobs = step_jobs(plan, list(buckets), wanted)
+        program_costs = plan.program_costs()
+        bins = schedule([program_costs[-1 if part is None else part] for _, _, part in jobs], cores)
+        workers = [[jobs[j] for j in jobs_of] for jobs_of in bins[1:] if jobs_of]
+        log.info(
+            "build.layer_programs",
+            runs=plan.runs,
+            order=plan.order,
+            programs=len(plan.programs),
+            logits_apart=plan.logits_apart,
+            calls=plan.calls,
+            processes=1 + len(workers),
+        )
+
+        def report(done: int) -> None:
+            if on_progress is not None:
+                on_progress("compiling the decode step", done, len(jobs))
+
+        report(0)
+        if pool is not None and not workers:
+            _kill_workers(pool)  # started for nothing: not left to finish its imports
+        elif pool is None and workers:
+            pool = stack.enter_context(_worker_pool(len(workers)))
         futures = []
-        if jobs:
-            pool = stack.enter_context(_worker_pool(workers))
+        if pool is not None and workers:
             futures = [
                 pool.submit(
-                    compile_from_stage,
-                    writer.stage,
-                    files,
-                    spec,
-                    formats,
-                    dtype,
-                    options,
-                    form,
-                    library,
-                    caps,
-                    threads,
-                    weight_bytes,
+                    compile_in_worker, writer.stage, files, spec, formats, dtype, options, library, plan, mine, threads
                 )
-                for form, caps in jobs
+                for mine in workers
             ]
-        results += compile_decode_step(model, options, writer.stage, first, here, threads, weight_bytes)
-        report(len(results))
+        parts += compile_parts(model, options, writer.stage, plan, [jobs[j] for j in bins[0]], threads)
+        report(len(parts))
         del model  # the weights read back: not held while the others finish
         for future in futures:
-            results += future.result()
-            report(len(results))
-    return results
+            parts += future.result()
+            report(len(parts))
+        if pool is not None:
+            _kill_workers(pool)  # done: not waited for while torch tears down (~2 s)
+    return assemble_steps(plan, parts, buckets, options, spec)

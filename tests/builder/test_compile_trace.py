@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from llmc.artifacts.reader import Artifact
 from llmc.benchmarks.synthetic_models import llama_config, make_model
 from llmc.builder.targets.base import CompileOptions
-from llmc.builder.targets.cpu import export_layers, lower_program, model_from_stage
+from llmc.builder.targets.cpu import export_layers, lower_program, model_from_stage, module_fqns
 from llmc.model.decoder import COMPUTE_DTYPES
 from tests.conftest import make_tiny_llama
 
@@ -169,7 +169,9 @@ def test_compiling_holds_no_copy_of_the_prepared_weights(tmp_path: Path) -> None
     exported, module, _ = export_layers(model, options, "dense", logits=True, embed=True)
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from now
     before = _rss_kb("VmRSS")
-    lower_program(exported, module, tmp_path, "compiled/decode", torch.backends.cpu.get_cpu_capability(), 1)
+    lower_program(
+        exported, module_fqns(module), tmp_path, "compiled/decode", torch.backends.cpu.get_cpu_capability(), 1
+    )
     growth = (_rss_kb("VmHWM") - before) * 1024
     assert growth < _MAX_COMPILE_GROWTH_FRACTION * prepared, (growth, prepared)
 

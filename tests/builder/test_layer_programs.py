@@ -5,12 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmc.builder.layer_programs import layer_signature, max_calls, plan_programs
+from llmc.builder.layer_programs import (
+    CALL_SECONDS,
+    PROGRAM_COST_IN_LAYERS,
+    WORKER_COST_IN_LAYERS,
+    call_budget,
+    layer_signature,
+    makespan,
+    plan_programs,
+    schedule,
+)
+
+# Enough call time for any plan of these tests' layers.
+GENEROUS = 1.0
 
 
 def test_identical_layers_take_one_program_within_the_call_bound() -> None:
-    plan = plan_programs(["a"] * 30, most_calls=7)
-    assert len(plan.programs) == 1 and plan.calls <= 7
+    plan = plan_programs(["a"] * 30, budget_seconds=GENEROUS)
+    assert len(plan.programs) == 1 and plan.calls > 1
     assert sum(size for _, size in plan.runs) == 30 and plan.order == [0] * len(plan.runs)
     # The one program serves every run: the embedding runs eagerly and the logits get a program,
     # each counted as a call.
@@ -18,26 +30,56 @@ def test_identical_layers_take_one_program_within_the_call_bound() -> None:
 
 
 def test_a_small_model_keeps_one_program_and_a_large_one_gets_more_calls() -> None:
-    assert max_calls(96 << 20) == 1  # SmolLM2's 96 MB: one program, as one step is ~4 ms
-    assert max_calls(2 << 30) > 10
-    assert plan_programs(["a"] * 30, max_calls(96 << 20)).runs == [(0, 30)]
+    # SmolLM2's 96 MB, a step of ~4 ms: no eager embedding (~250 µs) fits in its 1 %.
+    small = call_budget(96 << 20)
+    assert CALL_SECONDS < small < 4 * CALL_SECONDS
+    assert plan_programs(["a"] * 30, small).runs == [(0, 30)]
+    assert call_budget(2 << 30) > 40 * CALL_SECONDS
+    # Two processes: two programs of their own (the first embedding, the second ending with the
+    # logits) compile at once for one call more.
+    split = plan_programs(["a"] * 30, small, processes=2)
+    assert len(split.runs) == 2 and split.order == [0, 1] and not split.embed_apart and not split.logits_apart
+    assert split.call_seconds <= small
 
 
 def test_alternating_forms_share_a_program_of_their_period() -> None:
     """Sliding and full attention in turn: runs of one period are all alike."""
     pattern = list("01" * 30)
-    plan = plan_programs(pattern, most_calls=64)
+    plan = plan_programs(pattern, GENEROUS)
     assert plan.runs == [(i, 2) for i in range(0, 60, 2)] and len(plan.programs) == 1
-    # A Q4_K_M mix at 3B (some layers keep v_proj and down_proj in q6k): sharing does not pay
-    # for the extra programs, nor where too few calls are allowed.
+    # A Q4_K_M mix at 3B (some layers keep v_proj and down_proj in q6k): on one process, sharing
+    # does not pay for the extra programs; on two, a program per form (and the logits') compile
+    # at once, within the call time a 3B step allows.
     mix = list("1110010010010010010010011111")
-    assert plan_programs(mix, most_calls=30).runs == [(0, 28)]
-    assert plan_programs(pattern, most_calls=3).runs == [(0, 60)]
+    assert plan_programs(mix, GENEROUS).runs == [(0, 28)]
+    three_b = call_budget(1918 << 20)
+    plan = plan_programs(mix, three_b, processes=2)
+    assert plan.runs == [(i, 1) for i in range(28)] and len(plan.programs) == 2 and plan.logits_apart
+    assert plan.call_seconds <= three_b
+    # Too little call time: one program.
+    assert plan_programs(pattern, 3 * CALL_SECONDS).runs == [(0, 60)]
 
 
 def test_the_users_run_length_wins() -> None:
-    plan = plan_programs(["a"] * 10, most_calls=1, layers_per_program=4)
+    plan = plan_programs(["a"] * 10, 0.0, layers_per_program=4)
     assert plan.runs == [(0, 4), (4, 4), (8, 2)] and plan.order == [0, 0, 1]
+
+
+def test_schedule_spreads_the_longest_jobs_first_and_pays_for_workers() -> None:
+    # One process: everything here.
+    assert schedule([5, 9, 3], 1) == [[1, 0, 2]]
+    # Two: a worker pays its start, so a short job stays here.
+    assert schedule([5, 4], 2) == [[0, 1], []]
+    bins = schedule([30, 30, 16], 2)
+    assert sorted(j for b in bins for j in b) == [0, 1, 2] and all(bins)
+    costs = [30, 30, 16]
+    assert makespan(costs, bins) == max(
+        sum(costs[j] for j in bins[0]), WORKER_COST_IN_LAYERS + sum(costs[j] for j in bins[1])
+    )
+    assert makespan(costs, bins) < sum(costs)
+    # A plan's programs cost their fixed part and their layers; the logits program last.
+    plan = plan_programs(["a"] * 4, GENEROUS, layers_per_program=2)
+    assert plan.program_costs() == [PROGRAM_COST_IN_LAYERS + 2, PROGRAM_COST_IN_LAYERS]
 
 
 class _Layer(nn.Module):

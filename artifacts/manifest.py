@@ -21,8 +21,9 @@ from llmc.errors import BadArtifactError
 # graph (TargetCode.graph); 9: a float32 artifact may store its embedding and lm_head in float16 or
 # bfloat16 (`dtype` is no longer the dtype of every unquantized tensor: each tensor's own says);
 # 10: a compiled step is programs of consecutive decoder layers (CompiledStep.programs, .order),
-# chained by the runtime between the embedding and the logits
-FORMAT_VERSION = 10
+# chained by the runtime between the embedding and the logits; 11: a compiled step may leave the
+# logits to the runtime (neither `logits` nor a program computes them)
+FORMAT_VERSION = 11
 MANIFEST_NAME = "manifest.json"
 
 
@@ -176,8 +177,9 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
 
     The decoder layers run as compiled programs, each program serving every run of layers of its
     form (a model of 30 identical layers: one program of 5 layers called 6 times), and the final
-    norm and the logits at the end of the last run's program, or as one more program (`logits`)
-    where that program serves other runs too; the embedding before them runs eagerly (a lookup).
+    norm and the logits at the end of the last run's program where it serves no other run, else
+    as one more program (`logits`) or eagerly (neither); the embedding before them runs eagerly
+    (a lookup) where the first run's program does not start from the token ids.
     It runs only with the same
     torch version, on a CPU of its capability or a later one (capability_rank); elsewhere the
     runtime runs the model eagerly.
@@ -202,7 +204,7 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     # only where that library loads.
     cpu_kernels: bool = False
     # The final norm and the float32 logits (DecodeLogits), or None where the last run's program
-    # ends with them (when no other run shares it).
+    # ends with them (when no other run shares it) or the runtime computes them eagerly.
     logits: Program | None = None
 
     def files(self) -> list[str]:
@@ -498,7 +500,9 @@ def _check_order(field: str, step: CompiledStep, num_layers: int) -> None:
     if starting and (starting != [step.order[0]] or step.order.count(step.order[0]) != 1):
         raise _bad(f"{field}.programs", "only the first run's program, used once, may start from the token ids")
     ending = [j for j, program in enumerate(step.programs) if program.logits]
-    if (step.logits is None) != (ending == [step.order[-1]] and step.order.count(step.order[-1]) == 1):
+    if ending and (ending != [step.order[-1]] or step.order.count(step.order[-1]) != 1):
+        raise _bad(f"{field}.programs", "only the last run's program, used once, may end with the logits")
+    if ending and step.logits is not None:
         raise _bad(f"{field}.logits", "the logits come either from `logits` or from the last run's own program")
 
 

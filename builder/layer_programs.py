@@ -10,14 +10,15 @@ per distinct run. Programs compile at the same time in separate processes where 
 for them (`schedule`), so the plan of least compile is the one of least *makespan*.
 
 Calls are not free either: each call of a program beyond the first costs a step ~13 µs at batch
-1, and an embedding that runs eagerly between programs (where the first run's program serves
+1, and an embedding that runs eagerly before the programs (where the first run's program serves
 other runs too) ~200 µs, as caches are cold after a program (SmolLM2 on a 2-core Xeon,
-docs/BENCHMARKS.md). So that cost is bounded to 1 % of the step's time, estimated from the bytes
-of weights a step reads: a small model (SmolLM2's 96 MB, a ~4 ms step) keeps one program, and the
-saving is for large models, whose steps are long (a 3B model's allows a program per layer).
-Among the partitions into runs of equal length (the last one shorter) within that bound, the one
-of least estimated compile wins; `llmc build --layers-per-program` chooses the runs' length
-instead.
+docs/BENCHMARKS.md); likewise the logits run eagerly where the last run's program serves others.
+So that cost is bounded to 1 % of the step's time, estimated from the bytes of weights a step
+reads: a small model (SmolLM2's 96 MB, a ~4 ms step) may add one call, two programs of its own
+that compile at once, and a large model, whose steps are long, a program per layer form (a 3B
+Q4_K_M mix: two 1-layer programs called 28 times). Among the partitions into runs of equal length
+(the last one shorter) within that bound, the one of least estimated compile wins; `llmc build
+--layers-per-program` chooses the runs' length instead.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ CALL_SECONDS = 15e-6
 # What an eager embedding between programs costs a step: 180-250 µs measured in the step's
 # sequence (43 µs alone; the caches are cold after a program).
 EAGER_EMBED_SECONDS = 250e-6
+# What the final norm and logits cost a step run eagerly after the last program (where that
+# program serves other runs too) rather than inside it: an estimate, Python's dispatch of two ops
+# (the norm and the head's matmul); a 3B step with them eager could not be told from one program's
+# within the noise (docs/BENCHMARKS.md).
+EAGER_LOGITS_SECONDS = 100e-6
 # The share of a step's time the calls may take.
 CALL_OVERHEAD_SHARE = 0.01
 # A high estimate of how fast a CPU streams weights during a step (a many-channel server's
@@ -60,7 +66,7 @@ class ProgramPlan:
 
     @property
     def logits_apart(self) -> bool:
-        """Whether the logits need a program of their own: the last run's program serves others."""
+        """Whether the logits run eagerly after the last run: its program serves others."""
         return self.order.count(self.order[-1]) > 1
 
     @property
@@ -70,19 +76,18 @@ class ProgramPlan:
 
     @property
     def calls(self) -> int:
-        """Calls per step, counting the eager embedding as one."""
+        """Calls per step, counting the eager embedding and the eager logits as one each."""
         return len(self.runs) + self.logits_apart + self.embed_apart
 
     @property
     def call_seconds(self) -> float:
-        """What the plan's calls cost a step beyond one program's (CALL_SECONDS, EAGER_EMBED_SECONDS)."""
-        extra = len(self.runs) + self.logits_apart - 1
-        return extra * CALL_SECONDS + self.embed_apart * EAGER_EMBED_SECONDS
+        """What the plan's calls and eager ends cost a step beyond one program's."""
+        eager = self.embed_apart * EAGER_EMBED_SECONDS + self.logits_apart * EAGER_LOGITS_SECONDS
+        return (len(self.runs) - 1) * CALL_SECONDS + eager
 
     def program_costs(self) -> list[int]:
-        """Each program's estimated compile cost in layer units, the logits program last if any."""
-        costs = [PROGRAM_COST_IN_LAYERS + self.runs[run][1] for run in self.programs]
-        return costs + [PROGRAM_COST_IN_LAYERS] * self.logits_apart
+        """Each program's estimated compile cost in layer units."""
+        return [PROGRAM_COST_IN_LAYERS + self.runs[run][1] for run in self.programs]
 
 
 def call_budget(weight_bytes: int) -> float:

@@ -65,7 +65,7 @@ from llmc.kernels.cpu.qmatmul_cpu import DENSE_MIN_ROWS, CpuQMatmul, has_dense_c
 from llmc.kernels.cpu.rms_norm import use_cpu_rms_norm
 from llmc.kernels.paged_attention import PagedAttention
 from llmc.logs import configure, get_logger
-from llmc.model.decode_step import DecodeLayers, DecodeLogits
+from llmc.model.decode_step import DecodeLayers
 from llmc.model.decoder import CausalLM, DeviceKernels, build_model
 from llmc.model.half_linear import WidenedLinear
 from llmc.model.kv_layout import allocate_kv_caches
@@ -80,8 +80,8 @@ PACKAGE_STEMS = {"packed": _COMPILED_DIR + "decode_cpu", "dense": _COMPILED_DIR 
 # decides the artifact's programs, which must not depend on the machine that builds it.
 PLANNED_PROCESSES = 2
 # A compile job: a weight form, a CPU capability, and one of a step's programs (an index into its
-# plan's programs, or None for the logits program).
-Job = tuple[str, str, int | None]
+# plan's programs).
+Job = tuple[str, str, int]
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ class PartMeta:
     """What a traced program computes."""
 
     fqns: frozenset[str]  # module_fqns of the traced module
-    layers: int | None  # decoder layers (None: the logits program)
-    logits: bool
-    embed: bool
+    layers: int  # consecutive decoder layers
+    logits: bool  # it ends with the final norm and the logits
+    embed: bool  # it starts from the token ids
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ class CompiledPart:
 
     weights: str
     capability: str
-    part: int | None
-    program: Program  # a LayerProgram, or the logits' Program
+    part: int
+    program: LayerProgram
     cpu_kernels: bool  # whether it calls the CPU kernel library
 
 
@@ -644,21 +644,6 @@ def export_layers(
     return exported, module, buckets
 
 
-def export_logits(
-    model: CausalLM, options: CompileOptions, weights: str
-) -> tuple[torch.export.ExportedProgram, DecodeLogits]:
-    """Trace the step's end (the final norm and the logits) with a dynamic batch."""
-    buckets = weight_forms(model, options)[weights]
-    module = DecodeLogits(model).eval()
-    hidden = torch.zeros(min(3, buckets[-1]), model.spec.hidden_size, dtype=model.dtype)
-    started = time.perf_counter()
-    exported = _export(model, weights, module, (hidden,), ({0: Dim("batch", min=1, max=buckets[-1])},))
-    log.info(
-        "build.stage", stage="export", weights=weights, seconds=round(time.perf_counter() - started, 3), logits=True
-    )
-    return exported, module
-
-
 def _export(
     model: CausalLM, weights: str, module: torch.nn.Module, args: tuple[object, ...], dynamic: tuple[object, ...]
 ) -> torch.export.ExportedProgram:
@@ -741,22 +726,19 @@ def plan_for(model: CausalLM, options: CompileOptions, weight_bytes: int) -> Pro
 
 
 def step_jobs(plan: ProgramPlan, forms: list[str], capabilities: list[str]) -> list[Job]:
-    """Every program to compile: each of the plan's programs (and its logits program, if apart)
-    for each weight form and each capability."""
-    parts: list[int | None] = [*range(len(plan.programs)), *([None] if plan.logits_apart else [])]
+    """Every program to compile: each of the plan's programs for each weight form and each
+    capability."""
+    parts = range(len(plan.programs))
     return [(form, capability, part) for form in forms for capability in capabilities for part in parts]
 
 
 def _export_part(
-    model: CausalLM, options: CompileOptions, plan: ProgramPlan, weights: str, part: int | None
+    model: CausalLM, options: CompileOptions, plan: ProgramPlan, weights: str, part: int
 ) -> tuple[torch.export.ExportedProgram, PartMeta]:
-    """Trace one of the plan's programs (None: the logits program) computing with `weights`."""
-    if part is None:
-        exported, end = export_logits(model, options, weights)
-        return exported, PartMeta(module_fqns(end), None, True, False)
-    # The last run's program ends with the logits where no other run shares it: one call fewer
-    # and no program of their own to compile. Likewise the first run's program starts from the
-    # token ids (the embedding lookup).
+    """Trace one of the plan's programs computing with `weights`."""
+    # The last run's program ends with the logits where no other run shares it (elsewhere the
+    # runtime computes them eagerly: a program of their own cost a compile of ~8 s for ~15 µs a
+    # step saved). Likewise the first run's program starts from the token ids (the lookup).
     layers, module, _ = export_layers(
         model,
         options,
@@ -775,25 +757,21 @@ def _lowered(
     stage: Path,
     weights: str,
     capability: str,
-    part: int | None,
+    part: int,
     threads: int,
 ) -> CompiledPart:
     stem = package_stem(weights, capability, torch.backends.cpu.get_cpu_capability())
-    files = lower_program(
-        exported, meta.fqns, stage, f"{stem}.logits" if part is None else f"{stem}.p{part}", capability, threads
+    files = lower_program(exported, meta.fqns, stage, f"{stem}.p{part}", capability, threads)
+    program = LayerProgram(
+        package=files.package, constants=files.constants, layers=meta.layers, logits=meta.logits, embed=meta.embed
     )
-    program: Program = files
-    if meta.layers is not None:
-        program = LayerProgram(
-            package=files.package, constants=files.constants, layers=meta.layers, logits=meta.logits, embed=meta.embed
-        )
     return CompiledPart(weights, capability, part, program, calls_cpu_kernels(exported))
 
 
-def _job_order(job: Job) -> tuple[str, bool, int, str]:
-    """Jobs of one traced program together (it is traced once), the logits program last."""
+def _job_order(job: Job) -> tuple[str, int, str]:
+    """Jobs of one traced program together: it is traced once."""
     weights, capability, part = job
-    return (weights, part is None, part or 0, capability)
+    return (weights, part, capability)
 
 
 def compile_parts(
@@ -801,7 +779,7 @@ def compile_parts(
 ) -> list[CompiledPart]:
     """Export the programs `jobs` name (each weight form's once) and compile each for its CPU
     capability, its loops laid out for `threads` threads, into `stage`."""
-    exports: dict[tuple[str, int | None], tuple[torch.export.ExportedProgram, PartMeta]] = {}
+    exports: dict[tuple[str, int], tuple[torch.export.ExportedProgram, PartMeta]] = {}
     done = []
     for weights, capability, part in sorted(jobs, key=_job_order):
         if (weights, part) not in exports:
@@ -824,12 +802,10 @@ def assemble_steps(
     results = []
     for weights, capability in dict.fromkeys((part.weights, part.capability) for part in parts):
         mine = {part.part: part for part in parts if (part.weights, part.capability) == (weights, capability)}
-        programs = [mine[index].program for index in range(len(plan.programs))]
         info = CompiledStep(
             kind="decode",
-            programs=[program for program in programs if isinstance(program, LayerProgram)],
+            programs=[mine[index].program for index in range(len(plan.programs))],
             order=plan.order,
-            logits=mine[None].program if plan.logits_apart else None,
             buckets=buckets[weights],
             max_seq_len=max_seq_len,
             block_size=options.block_size,
@@ -838,8 +814,6 @@ def assemble_steps(
             weights=weights,
             cpu_kernels=any(part.cpu_kernels for part in mine.values()),
         )
-        if len(info.programs) != len(plan.programs):
-            raise InternalError("a layer program was compiled as a logits program")
         results.append((info, info.files()))
     return results
 
@@ -1202,14 +1176,15 @@ def _compile_packages(
         plan = plan_for(model, options, weight_bytes)
         jobs = step_jobs(plan, list(buckets), wanted)
         program_costs = plan.program_costs()
-        bins = schedule([program_costs[-1 if part is None else part] for _, _, part in jobs], cores)
+        bins = schedule([program_costs[part] for _, _, part in jobs], cores)
         workers = [[jobs[j] for j in jobs_of] for jobs_of in bins[1:] if jobs_of]
         log.info(
             "build.layer_programs",
             runs=plan.runs,
             order=plan.order,
             programs=len(plan.programs),
-            logits_apart=plan.logits_apart,
+            eager_embed=plan.embed_apart,
+            eager_logits=plan.logits_apart,
             calls=plan.calls,
             processes=1 + len(workers),
         )

@@ -131,8 +131,8 @@ def _with_constants(
 class AOTInductorStep(BucketedStep):
     """A loaded compiled step; see BucketedStep for how to call it. Its decoder layers run as its
     programs' packages, one loader per run of layers holding that run's own tensors, the last
-    run's program or a program of their own computing the logits; the embedding before them runs
-    eagerly (a lookup of B rows)."""
+    run's program, a program of their own or eager torch computing the logits; the embedding
+    before them runs eagerly (a lookup of B rows) unless the first run's program starts from it."""
 
     def __init__(
         self,
@@ -145,7 +145,9 @@ class AOTInductorStep(BucketedStep):
         super().__init__(info, num_slots)
         self._model = model
         self._runs = runs  # (first layer, layers, loader)
-        self._logits = logits  # None: the last run's program ends with the logits
+        self._logits = logits  # None: the last run's program ends with the logits, or they run eagerly
+        ends = info.programs[info.order[-1]].logits
+        self._eager_logits = DecodeLogits(model) if logits is None and not ends else None
         self._embedded = info.programs[info.order[0]].embed  # the first run's program embeds the ids
 
     @classmethod
@@ -190,6 +192,8 @@ class AOTInductorStep(BucketedStep):
             kv = kv_caches[2 * first : 2 * (first + layers)]
             out: list[torch.Tensor] = loader.run([hidden, positions, slot_mapping, block_tables, context_lens, *kv])
             hidden = out[0]
+        if self._eager_logits is not None:
+            return self._eager_logits(hidden)
         if self._logits is None:
             return hidden
         logits: list[torch.Tensor] = self._logits.run([hidden])

@@ -147,10 +147,17 @@ def _programs(**change: Any) -> Edit:
     return edit
 
 
+def _logits_twice(m: dict[str, Any]) -> None:
+    """A step whose program ends with the logits and that names a logits program too."""
+    _compiled_step("model.safetensors")(m)
+    m["targets"]["cpu"]["compiled"][0]["logits"] = {"package": "model.safetensors", "constants": "model.safetensors"}
+
+
 INCONSISTENT: dict[str, tuple[Edit, str]] = {
     "order naming no program": (_programs(order=[1]), r"compiled\[0\]\.order"),
     "runs short of the layers": (_programs(layers=1), r"compiled\[0\]\.order runs 1 layers; the model has 2"),
-    "no logits": (_programs(logits=False), r"compiled\[0\]\.logits"),
+    "logits twice": (_logits_twice, r"compiled\[0\]\.logits"),
+    "a shared program ending with the logits": (_programs(layers=1, order=[0, 0]), r"compiled\[0\]\.programs"),
     "a shared program embedding": (
         _programs(layers=1, embed=True, order=[0, 0]),
         r"compiled\[0\]\.programs",

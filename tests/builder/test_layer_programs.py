@@ -24,8 +24,8 @@ def test_identical_layers_take_one_program_within_the_call_bound() -> None:
     plan = plan_programs(["a"] * 30, budget_seconds=GENEROUS)
     assert len(plan.programs) == 1 and plan.calls > 1
     assert sum(size for _, size in plan.runs) == 30 and plan.order == [0] * len(plan.runs)
-    # The one program serves every run: the embedding runs eagerly and the logits get a program,
-    # each counted as a call.
+    # The one program serves every run: the embedding and the logits run eagerly, each counted
+    # as a call.
     assert plan.embed_apart and plan.logits_apart and plan.calls == len(plan.runs) + 2
 
 
@@ -47,15 +47,17 @@ def test_alternating_forms_share_a_program_of_their_period() -> None:
     pattern = list("01" * 30)
     plan = plan_programs(pattern, GENEROUS)
     assert plan.runs == [(i, 2) for i in range(0, 60, 2)] and len(plan.programs) == 1
-    # A Q4_K_M mix at 3B (some layers keep v_proj and down_proj in q6k): on one process, sharing
-    # does not pay for the extra programs; on two, a program per form (and the logits') compile
-    # at once, within the call time a 3B step allows.
+    # A Q4_K_M mix at 3B (some layers keep v_proj and down_proj in q6k): a program per form, one
+    # layer each, compiles for less than one of the 28 layers, within the call time a 3B step
+    # allows; on two processes the two programs compile at once.
     mix = list("1110010010010010010010011111")
-    assert plan_programs(mix, GENEROUS).runs == [(0, 28)]
     three_b = call_budget(1918 << 20)
-    plan = plan_programs(mix, three_b, processes=2)
-    assert plan.runs == [(i, 1) for i in range(28)] and len(plan.programs) == 2 and plan.logits_apart
-    assert plan.call_seconds <= three_b
+    for processes in (1, 2):
+        plan = plan_programs(mix, three_b, processes=processes)
+        assert plan.runs == [(i, 1) for i in range(28)] and len(plan.programs) == 2, processes
+        assert plan.logits_apart and plan.embed_apart and plan.call_seconds <= three_b
+    costs = plan.program_costs()
+    assert makespan(costs, schedule(costs, 2)) < makespan(costs, schedule(costs, 1))
     # Too little call time: one program.
     assert plan_programs(pattern, 3 * CALL_SECONDS).runs == [(0, 60)]
 
@@ -77,9 +79,9 @@ def test_schedule_spreads_the_longest_jobs_first_and_pays_for_workers() -> None:
         sum(costs[j] for j in bins[0]), WORKER_COST_IN_LAYERS + sum(costs[j] for j in bins[1])
     )
     assert makespan(costs, bins) < sum(costs)
-    # A plan's programs cost their fixed part and their layers; the logits program last.
+    # A plan's programs cost their fixed part and their layers.
     plan = plan_programs(["a"] * 4, GENEROUS, layers_per_program=2)
-    assert plan.program_costs() == [PROGRAM_COST_IN_LAYERS + 2, PROGRAM_COST_IN_LAYERS]
+    assert plan.program_costs() == [PROGRAM_COST_IN_LAYERS + 2]
 
 
 class _Layer(nn.Module):

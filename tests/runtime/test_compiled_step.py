@@ -82,15 +82,15 @@ def test_tiny_compiled_matches_eager(tiny_compiled: Path) -> None:
 
 def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> None:
     """`--layers-per-program 1` on a model of identical layers: one program serves every layer, each
-    call with its own layer's weights, and the logits get a program of their own; the tokens are
-    eager execution's at every batch size."""
+    call with its own layer's weights, the embedding and the logits run eagerly around them; the
+    tokens are eager execution's at every batch size."""
     source = make_tiny_llama(tmp_path / "src")
     out = tmp_path / "tiny"
     result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS, layers_per_program=1))
     (step,) = result.manifest.compiled_for("cpu")
     layers = result.manifest.model.num_layers
     assert layers > 1 and [p.layers for p in step.programs] == [1] and step.order == [0] * layers
-    assert step.logits is not None and not step.programs[0].logits and not step.programs[0].embed
+    assert step.logits is None and not step.programs[0].logits and not step.programs[0].embed
     vocab = result.manifest.model.vocab_size
     _compare(out, vocab, (1, 3))
 
@@ -318,7 +318,7 @@ def test_package_changed_after_the_check_is_not_loaded(tiny_compiled: Path, tmp_
 @pytest.mark.parametrize("layers_per_program", [None, 1])
 def test_the_programs_compute_the_whole_steps_logits(layers_per_program: int | None, tmp_path: Path) -> None:
     """The compiled programs, chained (one of every layer, or one shared by every run with the
-    embedding eager and a logits program), give the logits of the whole decode step (DecodeStep,
+    embedding and the logits eager), give the logits of the whole decode step (DecodeStep,
     the reference they are cut from) bit for bit, a padded batch included."""
     source = make_tiny_llama(tmp_path / "src")
     out = tmp_path / "tiny"
@@ -386,7 +386,7 @@ def test_smollm2_compiled_matches_eager(
 ) -> None:
     """Acceptance 1: identical greedy continuations, f32 and q4k, batches 1, 3 (padded to 4) and 16,
     the default programs chained; also with runs of 5 layers sharing one program (the tied
-    embedding looked up eagerly, the logits in a program of their own)."""
+    embedding looked up and the logits computed eagerly)."""
     out = tmp_path_factory.mktemp(f"aot-smollm2-{isq}") / "artifact"
     options = CompileOptions(buckets=BUCKETS, max_seq_len=512, layers_per_program=layers_per_program)
     result = build_compiled(smollm2_gguf, out, "smollm2", options, isq=isq)

@@ -306,7 +306,7 @@ def build_summary(result: BuildResult, summary: dict[str, Any]) -> list[str]:
         if len(first.order) > 1:
             sizes = "+".join(str(p.layers) for p in first.programs)
             logits = ", then a logits program" if first.logits is not None else ""
-            if first.logits is None and not first.programs[first.order[-1]].logits:
+            if first.eager_logits:
                 logits = ", then the logits eagerly"
             lines.append(f"  as programs of {sizes} layers: {len(first.order)} runs of layers per step{logits}")
     elif result.compile_skipped is not None:

@@ -207,6 +207,12 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     # ends with them (when no other run shares it) or the runtime computes them eagerly.
     logits: Program | None = None
 
+    @property
+    def eager_logits(self) -> bool:
+        """Whether the runtime computes the final norm and the logits itself: neither `logits` nor
+        the last run's program does."""
+        return self.logits is None and not self.programs[self.order[-1]].logits
+
     def files(self) -> list[str]:
         """The artifact files of its programs: each package and its constants."""
         programs: list[Program] = [*self.programs, *([self.logits] if self.logits else [])]

@@ -146,8 +146,7 @@ class AOTInductorStep(BucketedStep):
         self._model = model
         self._runs = runs  # (first layer, layers, loader)
         self._logits = logits  # None: the last run's program ends with the logits, or they run eagerly
-        ends = info.programs[info.order[-1]].logits
-        self._eager_logits = DecodeLogits(model) if logits is None and not ends else None
+        self._eager_logits = DecodeLogits(model) if info.eager_logits else None
         self._embedded = info.programs[info.order[0]].embed  # the first run's program embeds the ids
 
     @classmethod

@@ -23,12 +23,30 @@ struct Activations {
 // prefetcher alone kept a 2-core Intel Xeon VM's kernel at 19-24 GB/s, and the q6k form, which
 // walks three regions of each super-block at once, at 12; measured in docs/BENCHMARKS.md. About
 // two q6k super-blocks (6.5 KB): far enough to cover a DRAM latency at these rates, near enough to
-// stay in L1 until used.
+// stay in L1 (or L2, kPrefetchToL2) until used; on the EPYC below 3.3 and 13 KB were no faster.
 constexpr int64_t kPrefetchBytes = 6656;
+
+// Which cache the prefetches fill. Into L1 (`prefetcht0`) on Intel, as measured on the Xeon above;
+// into L2 (`prefetcht1`) on AMD: a 2-core EPYC (Zen 4) VM's kernel streamed the q6k form at 8-9
+// GB/s on one thread with L1 prefetches, no faster than with none, and at 15-18 with L2 ones (the
+// q4k form 10-15 → 17-21, 4 bits 13-17 → 18-22; docs/BENCHMARKS.md): a Zen core has far fewer
+// L1 miss buffers than the ~100 lines kPrefetchBytes keeps in flight, so L1 prefetches stall the
+// loop while L2 ones do not. Read once per process (the CPU does not change under it).
+#if defined(__x86_64__) || defined(__i386__)
+inline const bool kPrefetchToL2 = __builtin_cpu_is("amd");
+#else
+inline const bool kPrefetchToL2 = false;
+#endif
 
 // always_inline: GCC 12 otherwise finds these calls free of side effects and drops them (measured:
 // no prefetch left in the q6k loop).
-[[gnu::always_inline]] inline void prefetch_line(const uint8_t* p) { __builtin_prefetch(p + kPrefetchBytes, 0, 3); }
+[[gnu::always_inline]] inline void prefetch_line(const uint8_t* p) {
+  if (kPrefetchToL2) {
+    __builtin_prefetch(p + kPrefetchBytes, 0, 2);
+  } else {
+    __builtin_prefetch(p + kPrefetchBytes, 0, 3);
+  }
+}
 
 // The q6k form (bits == kQ6KBits): GGML's q6k blocks regrouped for the kernel at the blocks' own
 // 6.5625 bits per weight, w = d * sc * (u - 32) with u = 0..63, an int8 scale sc per 16 weights

@@ -391,6 +391,15 @@ def uses_amx() -> bool:
     return loaded_isa() is not None and hasattr(torch.ops.llmc, "qmatmul_amx") and bool(torch.ops.llmc.qmatmul_amx())
 
 
+def prefetch_cache() -> str | None:
+    """Which cache the loaded library's quantized matmul prefetches its weights into on this CPU:
+    "L2" on AMD, "L1" elsewhere (kernels/cpu/qmatmul_common.h, kPrefetchToL2); None without a
+    library, or with one built before the choice existed."""
+    if loaded_isa() is None or not hasattr(torch.ops.llmc, "qmatmul_prefetch_l2"):
+        return None
+    return "L2" if torch.ops.llmc.qmatmul_prefetch_l2() else "L1"
+
+
 def loaded_variant() -> str | None:
     """What the loaded kernels run as, for logs and for the keys of measurements made with them:
     the library's ISA, with "+amx" where its matmul uses AMX; None without a library."""
@@ -445,7 +454,7 @@ def load_bytes(data: bytes, isa: str) -> str | None:
             return f"the library is not this llmc's: its op {name} is {found or 'missing'}"
     _register_fakes()
     _loaded[digest] = (isa, path)
-    log.info("cpu_kernels.loaded", sha256=digest, isa=isa, amx=uses_amx())
+    log.info("cpu_kernels.loaded", sha256=digest, isa=isa, amx=uses_amx(), prefetch=prefetch_cache())
     return None
 
 

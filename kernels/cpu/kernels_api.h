@@ -27,6 +27,7 @@ struct Problem {
 void quantize_activations_isa(const float* x, int64_t count, int64_t group, int8_t* q, float* scale, float* sum);
 void run_blocks_isa(const Problem& p, int64_t first, int64_t last);
 bool uses_amx_isa();  // whether run_blocks_isa takes its biggest problems to AMX in this process
+bool prefetches_to_l2_isa();  // where run_blocks_isa's weight prefetches go (qmatmul_common.h)
 // The bf16 path (qmatmul_amx.h): whether it runs here, and blocks first..last-1 of it over the
 // activations `xb`, bf16 in tiles [rows / 16][K / 32][16][32] (rows a multiple of 16).
 bool has_bf16_path_isa();

@@ -17,6 +17,8 @@ void run_blocks_isa(const Problem& p, int64_t first, int64_t last) { run_blocks(
 
 bool uses_amx_isa() { return uses_amx(); }
 
+bool prefetches_to_l2_isa() { return kPrefetchToL2; }
+
 bool has_bf16_path_isa() { return has_bf16_path(); }
 
 void run_bf16_isa(const Problem& p, const uint16_t* xb, int64_t rows, int64_t first, int64_t last) {

@@ -154,12 +154,16 @@ std::vector<int64_t> qmatmul_bits() { return {4, 8, llmc_qmatmul::kQ6KBits, llmc
 // kernel's grant and $LLMC_CPU_AMX decide. A library without this op never does.
 bool qmatmul_amx() { return llmc_qmatmul::uses_amx_isa(); }
 
+// Whether the weights' prefetches fill L2 rather than L1 on this CPU (qmatmul_common.h).
+bool qmatmul_prefetch_l2() { return llmc_qmatmul::prefetches_to_l2_isa(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmc, m) {
   m.def("qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
   m.def("qmatmul_bits() -> int[]", &qmatmul_bits);  // no tensors to dispatch on: one kernel for all
   m.def("qmatmul_amx() -> bool", &qmatmul_amx);
+  m.def("qmatmul_prefetch_l2() -> bool", &qmatmul_prefetch_l2);
   m.def("qmatmul_bf16(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
   m.def("qmatmul_bf16_available() -> bool", &qmatmul_bf16_available);
 }

@@ -283,4 +283,5 @@ class CpuBackend(TorchBackend):
             "cpu_kernels": self.kernels_loaded,
             "cpu_isa": isa,
             "cpu_amx": self.kernels_loaded and cpu_kernels.uses_amx(),
+            "cpu_prefetch": cpu_kernels.prefetch_cache() if self.kernels_loaded else None,
         }

@@ -92,6 +92,21 @@ def test_the_library_is_loaded_from_the_bytes_given(cpu_kernels_loaded: None) ->
             os.close(fd)
 
 
+def _cpu_vendor() -> str | None:
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def test_the_weights_are_prefetched_into_l2_on_amd_and_l1_elsewhere(cpu_kernels_loaded: None) -> None:
+    """The library's own reading of the CPU (cpuid) agrees with the kernel's vendor in
+    /proc/cpuinfo, and says so where logs and the engine's description can show it."""
+    expected = "L2" if _cpu_vendor() == "AuthenticAMD" else "L1"
+    assert cpu_kernels.prefetch_cache() == expected
+
+
 # /proc/cpuinfo flags of three kinds of x86 host
 AVX2_HOST = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 AVX_VNNI_HOST = AVX2_HOST | {"avx_vnni"}

@@ -22,8 +22,9 @@ from llmc.errors import BadArtifactError
 # bfloat16 (`dtype` is no longer the dtype of every unquantized tensor: each tensor's own says);
 # 10: a compiled step is programs of consecutive decoder layers (CompiledStep.programs, .order),
 # chained by the runtime between the embedding and the logits; 11: a compiled step may leave the
-# logits to the runtime (neither `logits` nor a program computes them)
-FORMAT_VERSION = 11
+# logits to the runtime (neither `logits` nor a program computes them); 12: a shared first
+# program may embed the token ids by a select (LayerProgram.embed_select)
+FORMAT_VERSION = 12
 MANIFEST_NAME = "manifest.json"
 
 
@@ -170,6 +171,9 @@ class LayerProgram(Program, forbid_unknown_fields=True):
     layers: int  # how many consecutive decoder layers one call computes
     logits: bool = False  # it ends with the final norm and the logits (the last run's program only)
     embed: bool = False  # it starts from the token ids (the first run's program only)
+    # It takes the token ids and a flag beside its input and starts from their embedding where the
+    # flag is set: the first run's program where other runs share it (they pass the flag unset).
+    embed_select: bool = False
 
 
 class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
@@ -178,8 +182,8 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     The decoder layers run as compiled programs, each program serving every run of layers of its
     form (a model of 30 identical layers: one program of 5 layers called 6 times), and the final
     norm and the logits at the end of the last run's program where it serves no other run, else
-    as one more program (`logits`) or eagerly (neither); the embedding before them runs eagerly
-    (a lookup) where the first run's program does not start from the token ids.
+    as one more program (`logits`) or eagerly (neither); the embedding at the start of the first
+    run's program (from the ids alone, or by a select where other runs share it), else eagerly.
     It runs only with the same
     torch version, on a CPU of its capability or a later one (capability_rank); elsewhere the
     runtime runs the model eagerly.
@@ -505,6 +509,9 @@ def _check_order(field: str, step: CompiledStep, num_layers: int) -> None:
     starting = [j for j, program in enumerate(step.programs) if program.embed]
     if starting and (starting != [step.order[0]] or step.order.count(step.order[0]) != 1):
         raise _bad(f"{field}.programs", "only the first run's program, used once, may start from the token ids")
+    selecting = [j for j, program in enumerate(step.programs) if program.embed_select]
+    if selecting and (selecting != [step.order[0]] or step.programs[selecting[0]].embed):
+        raise _bad(f"{field}.programs", "only the first run's program may embed by a select, and not also from the ids")
     ending = [j for j, program in enumerate(step.programs) if program.logits]
     if ending and (ending != [step.order[-1]] or step.order.count(step.order[-1]) != 1):
         raise _bad(f"{field}.programs", "only the last run's program, used once, may end with the logits")

@@ -10,15 +10,19 @@ per distinct run. Programs compile at the same time in separate processes where 
 for them (`schedule`), so the plan of least compile is the one of least *makespan*.
 
 Calls are not free either: each call of a program beyond the first costs a step ~13 µs at batch
-1, and an embedding that runs eagerly before the programs (where the first run's program serves
-other runs too) ~200 µs, as caches are cold after a program (SmolLM2 on a 2-core Xeon,
-docs/BENCHMARKS.md); likewise the logits run eagerly where the last run's program serves others.
-So that cost is bounded to 1 % of the step's time, estimated from the bytes of weights a step
-reads: a small model (SmolLM2's 96 MB, a ~4 ms step) may add one call, two programs of its own
-that compile at once, and a large model, whose steps are long, a program per layer form (a 3B
-Q4_K_M mix: two 1-layer programs called 28 times). Among the partitions into runs of equal length
-(the last one shorter) within that bound, the one of least estimated compile wins; `llmc build
---layers-per-program` chooses the runs' length instead.
+1 (SmolLM2 on a 2-core Xeon, docs/BENCHMARKS.md). The first run's program embeds the token ids
+itself: where it serves other runs too, it takes the ids and a flag beside its input and selects
+the embedding where the flag is set, a gather of B rows each of its calls pays (an eager embedding
+cost ~140-250 µs instead: its dozen eager ops find the caches cold after a program), unless its
+format's lookup is slow to compile (a K-quant's: `select_embed`), when the embedding runs eagerly. The logits
+end the last run's program where no other run shares it, else they run eagerly; a plan may give
+the last run a program of its own for that. So that cost is bounded to 1 % of the step's time,
+estimated from the bytes of weights a step reads: a small model (SmolLM2's 96 MB, a ~4 ms step)
+may add two calls, one program serving two runs and the last run's own, which compile at once,
+and a large model, whose steps are long, a program per layer form (a 3B Q4_K_M mix: two 1-layer
+programs called 28 times). Among the partitions into runs of equal length (the last one shorter),
+with or without the last run apart, within that bound, the one of least estimated compile wins;
+`llmc build --layers-per-program` chooses the runs' length instead.
 """
 
 from __future__ import annotations
@@ -34,15 +38,20 @@ from torch import nn
 # A program's fixed compile cost (its C++ wrapper, g++ and Inductor's setup: ~10 s) in units of
 # one layer's (~0.6 s), measured on SmolLM2's layers on 2 cores (docs/BENCHMARKS.md).
 PROGRAM_COST_IN_LAYERS = 16
-# What a compile worker process costs before it compiles (spawning Python, importing torch,
-# rebuilding the fake model and tracing its programs again: ~6 s on 2 cores), in layer units.
-WORKER_COST_IN_LAYERS = 10
+# How much later than this process a compile worker starts compiling, in layer units: it is
+# spawned before this process rebuilds the model, so its imports overlap that, and it began
+# compiling ~1.5 s after this process did (SmolLM2's default build on a 2-core EPYC, ~0.9 s a
+# layer there; docs/BENCHMARKS.md).
+WORKER_COST_IN_LAYERS = 2
 # What one more call of a compiled program costs a step at batch 1: ~13 µs per extra call,
 # the slope of the step's time over 3 to 31 calls (SmolLM2, 2-core Xeon, docs/BENCHMARKS.md),
 # rounded up.
 CALL_SECONDS = 15e-6
-# What an eager embedding between programs costs a step: 180-250 µs measured in the step's
-# sequence (43 µs alone; the caches are cold after a program).
+# What a shared first program's embedding by select costs each call of it beyond the first run's
+# (a compiled gather of B rows and a select, whose result the other runs discard): an estimate.
+SELECT_EMBED_SECONDS = 3e-6
+# What an eager embedding between programs costs a step: 180-250 µs measured in the step's sequence
+# on the Xeon, ~140 µs on the EPYC (24-43 µs alone; the caches are cold after a program).
 EAGER_EMBED_SECONDS = 250e-6
 # What the final norm and logits cost a step run eagerly after the last program (where that
 # program serves other runs too) rather than inside it: an estimate, Python's dispatch of two ops
@@ -63,6 +72,8 @@ class ProgramPlan:
     runs: list[tuple[int, int]]  # (first layer, layers)
     order: list[int]  # the program of each run, an index into `programs`
     programs: list[int]  # the index of each program's first run (the one that is traced)
+    # Where the first run's program serves others: it embeds by a select (else eagerly, before it).
+    select_embed: bool = True
 
     @property
     def logits_apart(self) -> bool:
@@ -70,9 +81,19 @@ class ProgramPlan:
         return self.order.count(self.order[-1]) > 1
 
     @property
-    def embed_apart(self) -> bool:
-        """Whether the embedding runs eagerly: the first run's program serves others."""
+    def first_shared(self) -> bool:
+        """Whether the first run's program serves other runs too."""
         return self.order.count(self.order[0]) > 1
+
+    @property
+    def embed_select(self) -> bool:
+        """Whether the first run's program embeds the ids by a select beside its input."""
+        return self.first_shared and self.select_embed
+
+    @property
+    def embed_apart(self) -> bool:
+        """Whether the embedding runs eagerly before the first run's program."""
+        return self.first_shared and not self.select_embed
 
     @property
     def calls(self) -> int:
@@ -81,9 +102,10 @@ class ProgramPlan:
 
     @property
     def call_seconds(self) -> float:
-        """What the plan's calls and eager ends cost a step beyond one program's."""
+        """What the plan's calls, selects and eager ends cost a step beyond one program's."""
+        selects = (self.order.count(self.order[0]) - 1) * SELECT_EMBED_SECONDS if self.embed_select else 0.0
         eager = self.embed_apart * EAGER_EMBED_SECONDS + self.logits_apart * EAGER_LOGITS_SECONDS
-        return (len(self.runs) - 1) * CALL_SECONDS + eager
+        return (len(self.runs) - 1) * CALL_SECONDS + selects + eager
 
     def program_costs(self) -> list[int]:
         """Each program's estimated compile cost in layer units."""
@@ -116,12 +138,17 @@ def makespan(costs: list[int], bins: list[list[int]]) -> int:
 
 
 def plan_programs(
-    signatures: list[Hashable], budget_seconds: float, layers_per_program: int | None = None, processes: int = 1
+    signatures: list[Hashable],
+    budget_seconds: float,
+    layers_per_program: int | None = None,
+    processes: int = 1,
+    select_embed: bool = True,
 ) -> ProgramPlan:
     """Partition layers of these forms (layer_signature) into runs of equal length (the last one
-    may be shorter) whose calls cost a step at most `budget_seconds` (call_budget), of least
-    estimated compile on `processes` processes; or into runs of `layers_per_program` layers where
-    the user chose (`--layers-per-program`)."""
+    may be shorter), the last run with a program of its own or not, whose calls cost a step at
+    most `budget_seconds` (call_budget), of least estimated compile on `processes` processes; or
+    into runs of `layers_per_program` layers where the user chose (`--layers-per-program`).
+    `select_embed`: whether a shared first program may embed by a select (ProgramPlan)."""
     count = len(signatures)
     if count == 0:
         raise ValueError("a model without layers has no programs")
@@ -129,24 +156,35 @@ def plan_programs(
     best: tuple[tuple[int, float], ProgramPlan] | None = None
     for length in lengths:
         runs = [(first, min(length, count - first)) for first in range(0, count, length)]
-        keys: dict[tuple[Hashable, ...], int] = {}
-        order: list[int] = []
-        programs: list[int] = []
-        for i, (first, size) in enumerate(runs):
-            key = tuple(signatures[first : first + size])
-            if key not in keys:
-                keys[key] = len(programs)
-                programs.append(i)
-            order.append(keys[key])
-        plan = ProgramPlan(runs, order, programs)
-        if plan.call_seconds > budget_seconds and not layers_per_program and length != count:
-            continue
-        costs = plan.program_costs()
-        cost = makespan(costs, schedule(costs, processes))
-        if best is None or (cost, plan.call_seconds) < best[0]:
-            best = ((cost, plan.call_seconds), plan)
+        for last_apart in (False, True):
+            plan = _plan(signatures, runs, last_apart, select_embed)
+            if last_apart and not plan.logits_apart and _plan(signatures, runs, False, select_embed) == plan:
+                continue  # the last run has its own program anyway
+            if plan.call_seconds > budget_seconds and not layers_per_program and length != count:
+                continue
+            costs = plan.program_costs()
+            cost = makespan(costs, schedule(costs, processes))
+            if best is None or (cost, plan.call_seconds) < best[0]:
+                best = ((cost, plan.call_seconds), plan)
     assert best is not None  # the whole stack as one run always qualifies
     return best[1]
+
+
+def _plan(signatures: list[Hashable], runs: list[tuple[int, int]], last_apart: bool, select_embed: bool) -> ProgramPlan:
+    """The plan of these runs: runs of equal forms share a program, except (with `last_apart`)
+    the last run, whose program then ends with the logits."""
+    keys: dict[tuple[Hashable, ...], int] = {}
+    order: list[int] = []
+    programs: list[int] = []
+    for i, (first, size) in enumerate(runs):
+        key = tuple(signatures[first : first + size])
+        if last_apart and i == len(runs) - 1:
+            key = (*key, "the last run's own program")
+        if key not in keys:
+            keys[key] = len(programs)
+            programs.append(i)
+        order.append(keys[key])
+    return ProgramPlan(runs, order, programs, select_embed)
 
 
 def layer_signature(layer: nn.Module) -> Hashable:

@@ -65,11 +65,22 @@ class DecodeLayers(nn.Module):
     compiled program serves them all, each with its own layers' tensors."""
 
     def __init__(
-        self, model: CausalLM, first: int, count: int, block_size: int, logits: bool = False, embed: bool = False
+        self,
+        model: CausalLM,
+        first: int,
+        count: int,
+        block_size: int,
+        logits: bool = False,
+        embed: bool = False,
+        embed_select: bool = False,
     ) -> None:
         super().__init__()
-        # The step's first run may start from the token ids (the embedding lookup in the program).
-        self.embed_tokens = model.model.embed_tokens if embed else None
+        # The step's first run starts from the token ids, by the embedding lookup in its program:
+        # with `embed` the ids come in place of the hidden state (a program of that run alone);
+        # with `embed_select` beside it, with a flag (a program other runs share, whose calls for
+        # them pass the flag unset and keep their input).
+        self.embed_tokens = model.model.embed_tokens if embed or embed_select else None
+        self.embed_select = embed_select
         self.layers = nn.ModuleList(model.model.layers[first : first + count])
         self.block_size = block_size
         self._model = [model]  # not a submodule: its other weights are not this program's
@@ -84,11 +95,16 @@ class DecodeLayers(nn.Module):
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         kv_caches: list[torch.Tensor],  # k, v of each of the run's layers
+        input_ids: torch.Tensor | None = None,  # with embed_select: [B] token ids
+        take_ids: torch.Tensor | None = None,  # with embed_select: [1] bool, whether to embed them
     ) -> torch.Tensor:
         """The run's output [B, hidden], the next layer's input; or with `logits`, the float32
         logits [B, vocab]."""
         ctx = _context(self._model[0], self.block_size, slot_mapping, block_tables, context_lens)
-        if self.embed_tokens is not None:
+        if self.embed_select:
+            assert input_ids is not None and take_ids is not None
+            hidden = torch.where(take_ids, self._model[0].embed(input_ids), hidden)
+        elif self.embed_tokens is not None:
             hidden = self._model[0].embed(hidden)
         for layer, k, v in zip(self.layers, kv_caches[0::2], kv_caches[1::2], strict=True):
             hidden = layer(hidden, positions, (k, v), ctx)

@@ -69,6 +69,8 @@ from llmc.model.decode_step import DecodeLayers
 from llmc.model.decoder import CausalLM, DeviceKernels, build_model
 from llmc.model.half_linear import WidenedLinear
 from llmc.model.kv_layout import allocate_kv_caches
+from llmc.model.quant_linear import QuantEmbedding
+from llmc.quant.formats import FORMATS
 
 log = get_logger("llmc.builder.compile")
 
@@ -92,6 +94,7 @@ class PartMeta:
     layers: int  # consecutive decoder layers
     logits: bool  # it ends with the final norm and the logits
     embed: bool  # it starts from the token ids
+    embed_select: bool  # it takes the token ids and a flag beside its input
 
 
 @dataclass(frozen=True)
@@ -612,23 +615,35 @@ def export_layers(
     count: int | None = None,
     logits: bool = False,
     embed: bool = False,
+    embed_select: bool = False,
 ) -> tuple[torch.export.ExportedProgram, DecodeLayers, list[int]]:
     """Trace decoder layers [first, first + count) of the decode step (default: all of them), with
-    `logits` the final norm and logits after them, with `embed` from the token ids, computing with
+    `logits` the final norm and logits after them, with `embed` from the token ids, with
+    `embed_select` from the ids beside its input where a flag says (DecodeLayers), computing with
     the `weights` form of the quantized layers, with a dynamic batch and block-table width: the
     program, the traced module and its buckets."""
     spec = model.spec
     count = spec.num_layers - first if count is None else count
     buckets = weight_forms(model, options)[weights]
     _, max_seq_len = check_options(options, spec)
-    module = DecodeLayers(model, first, count, options.block_size, logits, embed).eval()
+    module = DecodeLayers(model, first, count, options.block_size, logits, embed, embed_select).eval()
     batch = Dim("batch", min=1, max=buckets[-1])
     width = Dim("block_table_width", min=1, max=max_seq_len // options.block_size)
     kv_slots = Dim("kv_slots", min=2 * options.block_size, max=_MAX_KV_SLOTS)
     ids, positions, slots, tables, lens, kv = example_inputs(model, options.block_size, min(3, buckets[-1]), 8)
     hidden = ids if embed else torch.zeros(len(ids), spec.hidden_size, dtype=model.dtype)
-    args = (hidden, positions, slots, tables, lens, kv[2 * first : 2 * (first + count)])
-    dynamic = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: width}, {0: batch}, [{0: kv_slots}] * (2 * count))
+    args: tuple[object, ...] = (hidden, positions, slots, tables, lens, kv[2 * first : 2 * (first + count)])
+    dynamic: tuple[object, ...] = (
+        {0: batch},
+        {0: batch},
+        {0: batch},
+        {0: batch, 1: width},
+        {0: batch},
+        [{0: kv_slots}] * (2 * count),
+    )
+    if embed_select:
+        args += (ids, torch.tensor([True]))
+        dynamic += ({0: batch}, None)
     started = time.perf_counter()
     exported = _export(model, weights, module, args, dynamic)
     log.info(
@@ -722,7 +737,18 @@ def plan_for(model: CausalLM, options: CompileOptions, weight_bytes: int) -> Pro
     """Which runs of `model`'s layers share a program (builder/layer_programs.py), for a model
     whose step reads `weight_bytes` of weights, planned for PLANNED_PROCESSES compiling processes."""
     signatures = [layer_signature(layer) for layer in model.model.layers]
-    return plan_programs(signatures, call_budget(weight_bytes), options.layers_per_program, PLANNED_PROCESSES)
+    budget = call_budget(weight_bytes)
+    select = _lookup_compiles_quickly(model)
+    return plan_programs(signatures, budget, options.layers_per_program, PLANNED_PROCESSES, select)
+
+
+def _lookup_compiles_quickly(model: CausalLM) -> bool:
+    """Whether a program embedding the token ids compiles for little more than its layers: a
+    float table's lookup or a legacy block format's dequantization (a SmolLM2 program with its q8_0
+    table took ~2 s more), not a K-quant's (a 3B program with its q6k table: ~15 s more, for a
+    lookup that eagerly costs a step ~250 µs of its ~80 ms; docs/BENCHMARKS.md)."""
+    table = model.model.embed_tokens
+    return not isinstance(table, QuantEmbedding) or FORMATS[table.fmt].module != "kquants"
 
 
 def step_jobs(plan: ProgramPlan, forms: list[str], capabilities: list[str]) -> list[Job]:
@@ -738,17 +764,19 @@ def _export_part(
     """Trace one of the plan's programs computing with `weights`."""
     # The last run's program ends with the logits where no other run shares it (elsewhere the
     # runtime computes them eagerly: a program of their own cost a compile of ~8 s for ~15 µs a
-    # step saved). Likewise the first run's program starts from the token ids (the lookup).
+    # step saved). Likewise the first run's program starts from the token ids (the lookup), by a
+    # select beside its input where other runs share it.
     layers, module, _ = export_layers(
         model,
         options,
         weights,
         *plan.runs[plan.programs[part]],
         logits=not plan.logits_apart and part == plan.order[-1],
-        embed=not plan.embed_apart and part == plan.order[0],
+        embed=not plan.first_shared and part == plan.order[0],
+        embed_select=plan.embed_select and part == plan.order[0],
     )
-    logits, embed = module.logits is not None, module.embed_tokens is not None
-    return layers, PartMeta(module_fqns(module), len(module.layers), logits, embed)
+    logits, embed = module.logits is not None, module.embed_tokens is not None and not module.embed_select
+    return layers, PartMeta(module_fqns(module), len(module.layers), logits, embed, module.embed_select)
 
 
 def _lowered(
@@ -763,7 +791,12 @@ def _lowered(
     stem = package_stem(weights, capability, torch.backends.cpu.get_cpu_capability())
     files = lower_program(exported, meta.fqns, stage, f"{stem}.p{part}", capability, threads)
     program = LayerProgram(
-        package=files.package, constants=files.constants, layers=meta.layers, logits=meta.logits, embed=meta.embed
+        package=files.package,
+        constants=files.constants,
+        layers=meta.layers,
+        logits=meta.logits,
+        embed=meta.embed,
+        embed_select=meta.embed_select,
     )
     return CompiledPart(weights, capability, part, program, calls_cpu_kernels(exported))
 
@@ -1183,6 +1216,7 @@ def _compile_packages(
             runs=plan.runs,
             order=plan.order,
             programs=len(plan.programs),
+            embed_select=plan.embed_select,
             eager_embed=plan.embed_apart,
             eager_logits=plan.logits_apart,
             calls=plan.calls,

@@ -131,23 +131,28 @@ def _with_constants(
 class AOTInductorStep(BucketedStep):
     """A loaded compiled step; see BucketedStep for how to call it. Its decoder layers run as its
     programs' packages, one loader per run of layers holding that run's own tensors, the last
-    run's program, a program of their own or eager torch computing the logits; the embedding
-    before them runs eagerly (a lookup of B rows) unless the first run's program starts from it."""
+    run's program, a program of their own or eager torch computing the logits; the first run's
+    program embeds the token ids (from them alone, or by a select beside its input where it serves
+    other runs too), else the embedding runs eagerly before it (a lookup of B rows)."""
 
     def __init__(
         self,
         info: CompiledStep,
         model: CausalLM,
-        runs: list[tuple[int, int, torch._C._aoti.AOTIModelPackageLoader]],
+        runs: list[tuple[int, int, torch._C._aoti.AOTIModelPackageLoader, bool]],
         logits: torch._C._aoti.AOTIModelPackageLoader | None,
         num_slots: int,
     ) -> None:
         super().__init__(info, num_slots)
         self._model = model
-        self._runs = runs  # (first layer, layers, loader)
+        self._runs = runs  # (first layer, layers, loader, whether its program embeds by a select)
         self._logits = logits  # None: the last run's program ends with the logits, or they run eagerly
         self._eager_logits = DecodeLogits(model) if info.eager_logits else None
-        self._embedded = info.programs[info.order[0]].embed  # the first run's program embeds the ids
+        first = info.programs[info.order[0]]
+        self._embedded = first.embed  # the first run's program starts from the ids
+        self._selected = first.embed_select  # ... or embeds them by a select beside its input
+        # The select's flag: set for the first run, unset for the others sharing its program.
+        self._take, self._keep = torch.tensor([True]), torch.tensor([False])
 
     @classmethod
     def load(cls, artifact: Artifact, info: CompiledStep, step: DecodeStep, num_slots: int) -> AOTInductorStep | None:
@@ -162,11 +167,13 @@ class AOTInductorStep(BucketedStep):
             loaders[index] = _load_package(artifact.read_verified(program.package), info.order.count(index))
             made[index] = load(artifact.read_verified(program.constants))
         for (first, layers, program), index in zip(info.runs(), info.order, strict=True):
-            module = DecodeLayers(model, first, layers, step.block_size, program.logits, program.embed)
+            module = DecodeLayers(
+                model, first, layers, step.block_size, program.logits, program.embed, program.embed_select
+            )
             loader = loaders[index].pop()
             if not _with_constants(loader, module, made[index], info):
                 return None
-            runs.append((first, layers, loader))
+            runs.append((first, layers, loader, program.embed_select))
         logits = None
         if info.logits is not None:
             logits_made = load(artifact.read_verified(info.logits.constants))
@@ -186,10 +193,18 @@ class AOTInductorStep(BucketedStep):
     def _run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         input_ids, positions, slot_mapping, block_tables, context_lens, *kv_caches = inputs
         model = self._model
-        hidden = input_ids if self._embedded else model.embed(input_ids)
-        for first, layers, loader in self._runs:
+        if self._embedded:
+            hidden = input_ids
+        elif self._selected:  # the first run's program embeds them in place of this
+            hidden = torch.zeros(len(input_ids), model.spec.hidden_size, dtype=model.dtype)
+        else:
+            hidden = model.embed(input_ids)
+        for i, (first, layers, loader, selects) in enumerate(self._runs):
             kv = kv_caches[2 * first : 2 * (first + layers)]
-            out: list[torch.Tensor] = loader.run([hidden, positions, slot_mapping, block_tables, context_lens, *kv])
+            inputs = [hidden, positions, slot_mapping, block_tables, context_lens, *kv]
+            if selects:
+                inputs += [input_ids, self._take if i == 0 else self._keep]
+            out: list[torch.Tensor] = loader.run(inputs)
             hidden = out[0]
         if self._eager_logits is not None:
             return self._eager_logits(hidden)

@@ -162,6 +162,10 @@ INCONSISTENT: dict[str, tuple[Edit, str]] = {
         _programs(layers=1, embed=True, order=[0, 0]),
         r"compiled\[0\]\.programs",
     ),
+    "a program embedding both from the ids and by a select": (
+        _programs(embed=True, embed_select=True),
+        r"compiled\[0\]\.programs",
+    ),
     "num_layers -1": (_set("model", "num_layers", value=-1), r"model\.num_layers is -1"),
     "num_layers 0": (_set("model", "num_layers", value=0), r"model\.num_layers"),
     "num_layers 3 for 2 layers": (_set("model", "num_layers", value=3), r"model\.num_layers is 3; the tensors hold 2"),

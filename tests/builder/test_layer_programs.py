@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,21 +26,22 @@ def test_identical_layers_take_one_program_within_the_call_bound() -> None:
     plan = plan_programs(["a"] * 30, budget_seconds=GENEROUS)
     assert len(plan.programs) == 1 and plan.calls > 1
     assert sum(size for _, size in plan.runs) == 30 and plan.order == [0] * len(plan.runs)
-    # The one program serves every run: the embedding and the logits run eagerly, each counted
-    # as a call.
-    assert plan.embed_apart and plan.logits_apart and plan.calls == len(plan.runs) + 2
+    # The one program serves every run: it embeds the ids by a select, and the logits run
+    # eagerly, counted as a call.
+    assert plan.embed_select and plan.logits_apart and plan.calls == len(plan.runs) + 1
 
 
 def test_a_small_model_keeps_one_program_and_a_large_one_gets_more_calls() -> None:
-    # SmolLM2's 96 MB, a step of ~4 ms: no eager embedding (~250 µs) fits in its 1 %.
+    # SmolLM2's 96 MB, a step of ~4 ms: no eager logits (~100 µs) fit in its 1 %.
     small = call_budget(96 << 20)
     assert CALL_SECONDS < small < 4 * CALL_SECONDS
     assert plan_programs(["a"] * 30, small).runs == [(0, 30)]
     assert call_budget(2 << 30) > 40 * CALL_SECONDS
-    # Two processes: two programs of their own (the first embedding, the second ending with the
-    # logits) compile at once for one call more.
+    # Two processes: two programs compile at once, one serving the first two runs (it embeds by a
+    # select) and the last run's own ending with the logits, for two calls more.
     split = plan_programs(["a"] * 30, small, processes=2)
-    assert len(split.runs) == 2 and split.order == [0, 1] and not split.embed_apart and not split.logits_apart
+    assert len(split.runs) == 3 and split.order == [0, 0, 1] and split.embed_select and not split.logits_apart
+    assert split.runs[0][1] == split.runs[1][1] > split.runs[2][1]
     assert split.call_seconds <= small
 
 
@@ -55,11 +58,17 @@ def test_alternating_forms_share_a_program_of_their_period() -> None:
     for processes in (1, 2):
         plan = plan_programs(mix, three_b, processes=processes)
         assert plan.runs == [(i, 1) for i in range(28)] and len(plan.programs) == 2, processes
-        assert plan.logits_apart and plan.embed_apart and plan.call_seconds <= three_b
+        assert plan.logits_apart and plan.embed_select and plan.call_seconds <= three_b
+        # Its q6k embedding is slow to compile into a program: looked up eagerly instead.
+        eager = plan_programs(mix, three_b, processes=processes, select_embed=False)
+        assert eager.runs == plan.runs and eager.embed_apart and not eager.embed_select
+        assert eager.calls == plan.calls + 1 and eager.call_seconds <= three_b
     costs = plan.program_costs()
     assert makespan(costs, schedule(costs, 2)) < makespan(costs, schedule(costs, 1))
+    # Time for two more calls: one program serves two long runs, the short last run has its own.
+    assert plan_programs(pattern, 3 * CALL_SECONDS).runs == [(0, 28), (28, 28), (56, 4)]
     # Too little call time: one program.
-    assert plan_programs(pattern, 3 * CALL_SECONDS).runs == [(0, 60)]
+    assert plan_programs(pattern, CALL_SECONDS).runs == [(0, 60)]
 
 
 def test_the_users_run_length_wins() -> None:
@@ -71,7 +80,7 @@ def test_schedule_spreads_the_longest_jobs_first_and_pays_for_workers() -> None:
     # One process: everything here.
     assert schedule([5, 9, 3], 1) == [[1, 0, 2]]
     # Two: a worker pays its start, so a short job stays here.
-    assert schedule([5, 4], 2) == [[0, 1], []]
+    assert schedule([1, 1], 2) == [[0, 1], []]
     bins = schedule([30, 30, 16], 2)
     assert sorted(j for b in bins for j in b) == [0, 1, 2] and all(bins)
     costs = [30, 30, 16]
@@ -105,3 +114,19 @@ def test_signatures_compare_forms_not_values() -> None:
     c = _Layer(8, None, shared)
     c.proj.weight.data = c.proj.weight.data.to(torch.bfloat16)
     assert layer_signature(a) != layer_signature(c)  # a dtype differs
+
+
+def test_a_k_quant_lookup_stays_out_of_shared_programs() -> None:
+    """A shared first program embeds by a select only where the table's lookup compiles quickly:
+    floats and the legacy block formats, not the K-quants (builder/targets/cpu.py)."""
+    from types import SimpleNamespace
+
+    from llmc.builder.targets.cpu import _lookup_compiles_quickly
+    from llmc.model.quant_linear import QuantEmbedding
+
+    def model(table: nn.Module) -> Any:
+        return SimpleNamespace(model=SimpleNamespace(embed_tokens=table))
+
+    for fmt, quick in (("q8_0", True), ("q4_1", True), ("q4k", False), ("q6k", False)):
+        assert _lookup_compiles_quickly(model(QuantEmbedding(fmt, 4, 256, torch.float32))) is quick, fmt
+    assert _lookup_compiles_quickly(model(nn.Embedding(4, 8)))

@@ -82,8 +82,8 @@ def test_tiny_compiled_matches_eager(tiny_compiled: Path) -> None:
 
 def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> None:
     """`--layers-per-program 1` on a model of identical layers: one program serves every layer, each
-    call with its own layer's weights, the embedding and the logits run eagerly around them; the
-    tokens are eager execution's at every batch size."""
+    call with its own layer's weights (the first call embedding the tokens by a select, the logits
+    eager after the last); the tokens are eager execution's at every batch size."""
     source = make_tiny_llama(tmp_path / "src")
     out = tmp_path / "tiny"
     result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS, layers_per_program=1))
@@ -91,6 +91,7 @@ def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> Non
     layers = result.manifest.model.num_layers
     assert layers > 1 and [p.layers for p in step.programs] == [1] and step.order == [0] * layers
     assert step.logits is None and not step.programs[0].logits and not step.programs[0].embed
+    assert step.programs[0].embed_select and step.eager_logits
     vocab = result.manifest.model.vocab_size
     _compare(out, vocab, (1, 3))
 
@@ -391,11 +392,13 @@ def test_smollm2_compiled_matches_eager(
     options = CompileOptions(buckets=BUCKETS, max_seq_len=512, layers_per_program=layers_per_program)
     result = build_compiled(smollm2_gguf, out, "smollm2", options, isq=isq)
     steps = result.manifest.compiled_for("cpu")
-    if layers_per_program is None:
-        # By default each run has a program of its own (one per compiling process: two, the
-        # first embedding the tokens, the last ending with the logits), shared by no other run.
-        assert all(len(step.programs) == len(step.order) and step.logits is None for step in steps)
-        assert all(step.programs[0].embed and step.programs[-1].logits for step in steps)
-    else:
+    for step in steps:
+        # The first run's program embeds the tokens: from them alone where it serves no other run,
+        # else by a select; the last run's ends with the logits unless others share it.
+        first, last = step.programs[step.order[0]], step.programs[step.order[-1]]
+        shared = step.order.count(step.order[0]) > 1
+        assert (first.embed_select, first.embed) == (shared, not shared)
+        assert step.logits is None and last.logits != step.eager_logits
+    if layers_per_program is not None:
         assert {len(step.order) for step in steps} == {6}
     _compare(out, vocab=49152, batches=batches, max_model_len=512)

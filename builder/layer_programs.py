@@ -156,10 +156,9 @@ def plan_programs(
     best: tuple[tuple[int, float], ProgramPlan] | None = None
     for length in lengths:
         runs = [(first, min(length, count - first)) for first in range(0, count, length)]
-        for last_apart in (False, True):
-            plan = _plan(signatures, runs, last_apart, select_embed)
-            if last_apart and not plan.logits_apart and _plan(signatures, runs, False, select_embed) == plan:
-                continue  # the last run has its own program anyway
+        shared = _plan(signatures, runs, False, select_embed)
+        apart = _plan(signatures, runs, True, select_embed)
+        for plan in (shared,) if apart == shared else (shared, apart):  # equal: the last run's is its own anyway
             if plan.call_seconds > budget_seconds and not layers_per_program and length != count:
                 continue
             costs = plan.program_costs()

@@ -148,9 +148,7 @@ class AOTInductorStep(BucketedStep):
         self._runs = runs  # (first layer, layers, loader, whether its program embeds by a select)
         self._logits = logits  # None: the last run's program ends with the logits, or they run eagerly
         self._eager_logits = DecodeLogits(model) if info.eager_logits else None
-        first = info.programs[info.order[0]]
-        self._embedded = first.embed  # the first run's program starts from the ids
-        self._selected = first.embed_select  # ... or embeds them by a select beside its input
+        self._embedded = info.programs[info.order[0]].embed  # the first run's program starts from the ids
         # The select's flag: set for the first run, unset for the others sharing its program.
         self._take, self._keep = torch.tensor([True]), torch.tensor([False])
 
@@ -195,7 +193,7 @@ class AOTInductorStep(BucketedStep):
         model = self._model
         if self._embedded:
             hidden = input_ids
-        elif self._selected:  # the first run's program embeds them in place of this
+        elif self._runs[0][3]:  # the first run's program embeds them by a select, in place of this
             hidden = torch.zeros(len(input_ids), model.spec.hidden_size, dtype=model.dtype)
         else:
             hidden = model.embed(input_ids)

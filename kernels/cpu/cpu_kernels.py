@@ -12,8 +12,9 @@ them: a second, different library is refused, and the caller runs without it.
 
 The kernels are compiled once per instruction set (ISAS: AVX-512 VNNI, AVX-VNNI, AVX2 on x86-64;
 NEON with dot products on aarch64) and linked with the torch ops around them, which have no
-ISA-specific code and are compiled once (kernels_api.h): parsing torch's headers is most of a
-compile, so three libraries cost one parse instead of six. Each library registers the same op
+ISA-specific code and are compiled once (kernels_api.h), against torch's stable ABI
+(torch_stable.h, torch 2.10 and later): ATen's C++ headers took ~5 s to parse, the stable ones ~1 s,
+and the first library stands before anything a build traces. Each library registers the same op
 names, so that a compiled package calls whichever was loaded. An artifact carries all of those of its build host's
 architecture; `choose` picks the best one the host runs (`host_isas`, from the CPU's flags), or
 the one $LLMC_CPU_ISA names. The aarch64 kernels are correctness-tested under qemu-user

@@ -2,15 +2,11 @@
 // dtype (computed in float32) times a float16 or bfloat16 weight [N, K], transposed → float32
 // [M, N]. The plain-torch reference is kernels/cpu/half_matmul.py `reference_half_matmul`.
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "kernels_api.h"
+#include "torch_stable.h"
 
 namespace {
 
@@ -18,28 +14,29 @@ namespace {
 // the memory bandwidth): a small matrix is not worth waking the other threads for.
 constexpr int64_t kHalfGrainWeights = int64_t{1} << 18;
 
-at::Tensor half_matmul(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "half_matmul: x [M, K] and weight [N, K]");
-  TORCH_CHECK(weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16,
-              "half_matmul: the weight must be float16 or bfloat16");
-  TORCH_CHECK(weight.is_contiguous(), "half_matmul: the weight must be contiguous");
+llmc_torch::Tensor half_matmul(llmc_torch::Tensor x, llmc_torch::Tensor weight) {
+  using llmc_torch::ScalarType;
+  STD_TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "half_matmul: x [M, K] and weight [N, K]");
+  STD_TORCH_CHECK(weight.scalar_type() == ScalarType::Half || weight.scalar_type() == ScalarType::BFloat16,
+                  "half_matmul: the weight must be float16 or bfloat16");
+  STD_TORCH_CHECK(weight.is_contiguous(), "half_matmul: the weight must be contiguous");
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(weight.size(1) == k, "half_matmul: x has ", k, " columns, the weight ", weight.size(1));
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  STD_TORCH_CHECK(weight.size(1) == k, "half_matmul: x has ", k, " columns, the weight ", weight.size(1));
+  const llmc_torch::Tensor xf = llmc_torch::float_contiguous(x);
+  llmc_torch::Tensor y = llmc_torch::empty_float({m, n});
   if (m == 0 || n == 0) return y;
-  const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  static_assert(sizeof(at::Half) == 2 && sizeof(at::BFloat16) == 2, "16-bit weights");
-  const auto* bits = static_cast<const uint16_t*>(weight.data_ptr());
-  const llmc_half::Problem p{xf.data_ptr<float>(), bits, y.data_ptr<float>(), m, k, n, bf16};
+  const bool bf16 = weight.scalar_type() == ScalarType::BFloat16;
+  const auto* bits = static_cast<const uint16_t*>(weight.const_data_ptr());
+  const llmc_half::Problem p{xf.const_data_ptr<float>(), bits, y.mutable_data_ptr<float>(), m, k, n, bf16};
   const int64_t tiles = (n + llmc_half::kHalfTileRows - 1) / llmc_half::kHalfTileRows;
   const int64_t grain = std::max<int64_t>(1, kHalfGrainWeights / std::max<int64_t>(1, k * llmc_half::kHalfTileRows));
-  at::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) { llmc_half::run_tiles_isa(p, first, last); });
+  torch::stable::parallel_for(0, tiles, grain,
+                              [&](int64_t first, int64_t last) { llmc_half::run_tiles_isa(p, first, last); });
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("half_matmul(Tensor x, Tensor weight) -> Tensor"); }
+STABLE_TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("half_matmul(Tensor x, Tensor weight) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("half_matmul", &half_matmul); }
+STABLE_TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("half_matmul", TORCH_BOX(&half_matmul)); }

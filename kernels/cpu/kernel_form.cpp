@@ -10,20 +10,18 @@
 // Returns [weight, scales, fits]: `fits` is false when a scale or offset does not fit float16
 // (qmatmul_vnni.scales_fit), and the caller then does not use the kernel for that weight.
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/scalar_tensor.h>
-#include <ATen/Parallel.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "torch_stable.h"
+
 namespace {
+
+using llmc_torch::ScalarType;
+using llmc_torch::Tensor;
 
 constexpr int64_t kFormRows = 16;            // output rows per weight block (qmatmul_common.h kRows)
 constexpr int64_t kLane = 4;                 // inputs per 32-bit lane of the packed layout
@@ -160,18 +158,18 @@ void decode_block(int64_t code, const uint8_t* b, uint8_t* u, float* scale, floa
 }
 
 // q6k blocks into the q6k form (qmatmul_common.h): the same bytes per weight, regrouped; d is copied.
-std::vector<at::Tensor> q6k_form(const at::Tensor& blocks, int64_t rows) {
+std::vector<Tensor> q6k_form(const Tensor& blocks, int64_t rows) {
   constexpr int64_t kBlockBytes = 210, kWeights = 256, kGroup = 16, kGroups = 16;
   constexpr int64_t kLowBytes = kGroups * 2 * 64, kHighBytes = kGroups * 64, kSuperBytes = kLowBytes + kHighBytes + kGroups * kFormRows;
   const int64_t row_bytes = blocks.numel() / rows;
-  TORCH_CHECK(row_bytes % kBlockBytes == 0, "kernel_form: a row is not whole blocks");
+  STD_TORCH_CHECK(row_bytes % kBlockBytes == 0, "kernel_form: a row is not whole blocks");
   const int64_t supers = row_bytes / kBlockBytes, out_blocks = rows / kFormRows;
-  at::Tensor weight = at::empty({out_blocks, supers * kSuperBytes}, blocks.options());
-  at::Tensor scales = at::empty({out_blocks, supers, 1, kFormRows}, blocks.options().dtype(at::kHalf));
-  const uint8_t* src = blocks.data_ptr<uint8_t>();
-  uint8_t* dst = weight.data_ptr<uint8_t>();
-  auto* ddst = reinterpret_cast<uint8_t*>(scales.data_ptr<at::Half>());
-  at::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
+  Tensor weight = llmc_torch::empty({out_blocks, supers * kSuperBytes}, aoti_torch_dtype_uint8());
+  Tensor scales = llmc_torch::empty({out_blocks, supers, 1, kFormRows}, aoti_torch_dtype_float16());
+  const uint8_t* src = blocks.const_data_ptr<uint8_t>();
+  uint8_t* dst = weight.mutable_data_ptr<uint8_t>();
+  auto* ddst = static_cast<uint8_t*>(scales.mutable_data_ptr());
+  torch::stable::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
     uint8_t u[kWeights];
     float unused_scale[kGroups], unused_offset[kGroups];
     for (int64_t ob = first; ob < last; ++ob)
@@ -196,23 +194,23 @@ std::vector<at::Tensor> q6k_form(const at::Tensor& blocks, int64_t rows) {
         }
       }
   });
-  return {weight, scales, at::scalar_tensor(true, blocks.options().dtype(at::kBool))};
+  return {weight, scales, llmc_torch::bool_scalar(true)};
 }
 
 // q4k blocks into the q4k form (qmatmul_common.h): the values in the bits-4 layout, the 6-bit scales
 // and mins as bytes, d and dmin copied.
-std::vector<at::Tensor> q4k_form(const at::Tensor& blocks, int64_t rows) {
+std::vector<Tensor> q4k_form(const Tensor& blocks, int64_t rows) {
   constexpr int64_t kBlockBytes = 144, kWeights = 256, kGroup = 32, kGroups = 8;
   constexpr int64_t kValueBytes = kGroups * kFormRows * kGroup / 2, kSuperBytes = kValueBytes + 2 * kGroups * kFormRows;
   const int64_t row_bytes = blocks.numel() / rows;
-  TORCH_CHECK(row_bytes % kBlockBytes == 0, "kernel_form: a row is not whole blocks");
+  STD_TORCH_CHECK(row_bytes % kBlockBytes == 0, "kernel_form: a row is not whole blocks");
   const int64_t supers = row_bytes / kBlockBytes, out_blocks = rows / kFormRows;
-  at::Tensor weight = at::empty({out_blocks, supers * kSuperBytes}, blocks.options());
-  at::Tensor scales = at::empty({out_blocks, supers, 2, kFormRows}, blocks.options().dtype(at::kHalf));
-  const uint8_t* src = blocks.data_ptr<uint8_t>();
-  uint8_t* dst = weight.data_ptr<uint8_t>();
-  auto* ddst = reinterpret_cast<uint8_t*>(scales.data_ptr<at::Half>());
-  at::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
+  Tensor weight = llmc_torch::empty({out_blocks, supers * kSuperBytes}, aoti_torch_dtype_uint8());
+  Tensor scales = llmc_torch::empty({out_blocks, supers, 2, kFormRows}, aoti_torch_dtype_float16());
+  const uint8_t* src = blocks.const_data_ptr<uint8_t>();
+  uint8_t* dst = weight.mutable_data_ptr<uint8_t>();
+  auto* ddst = static_cast<uint8_t*>(scales.mutable_data_ptr());
+  torch::stable::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
     uint8_t u[kWeights];
     for (int64_t ob = first; ob < last; ++ob)
       for (int64_t s = 0; s < supers; ++s) {
@@ -238,30 +236,30 @@ std::vector<at::Tensor> q4k_form(const at::Tensor& blocks, int64_t rows) {
         }
       }
   });
-  return {weight, scales, at::scalar_tensor(true, blocks.options().dtype(at::kBool))};
+  return {weight, scales, llmc_torch::bool_scalar(true)};
 }
 
-std::vector<at::Tensor> kernel_form(const at::Tensor& blocks, int64_t code, int64_t rows) {
+std::vector<Tensor> kernel_form(Tensor blocks, int64_t code, int64_t rows) {
   if (code == kQ6KForm || code == kQ4KForm) {
-    TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");
-    TORCH_CHECK(rows > 0 && rows % kFormRows == 0 && blocks.numel() % rows == 0, "kernel_form: rows must be 16 * n");
+    STD_TORCH_CHECK(blocks.scalar_type() == ScalarType::Byte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");
+    STD_TORCH_CHECK(rows > 0 && rows % kFormRows == 0 && blocks.numel() % rows == 0, "kernel_form: rows must be 16 * n");
     return code == kQ6KForm ? q6k_form(blocks, rows) : q4k_form(blocks, rows);
   }
   const FormatInfo f = format_info(code);
-  TORCH_CHECK(f.block_bytes > 0, "kernel_form: unknown format code ", code);
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");
-  TORCH_CHECK(rows > 0 && rows % kFormRows == 0 && blocks.numel() % rows == 0, "kernel_form: rows must be 16 * n");
+  STD_TORCH_CHECK(f.block_bytes > 0, "kernel_form: unknown format code ", code);
+  STD_TORCH_CHECK(blocks.scalar_type() == ScalarType::Byte && blocks.is_contiguous(), "kernel_form: contiguous uint8 blocks");
+  STD_TORCH_CHECK(rows > 0 && rows % kFormRows == 0 && blocks.numel() % rows == 0, "kernel_form: rows must be 16 * n");
   const int64_t row_bytes = blocks.numel() / rows;
-  TORCH_CHECK(row_bytes % f.block_bytes == 0, "kernel_form: a row is not whole blocks");
+  STD_TORCH_CHECK(row_bytes % f.block_bytes == 0, "kernel_form: a row is not whole blocks");
   const int64_t per_row = row_bytes / f.block_bytes, k = per_row * f.block_weights, groups = k / f.group;
   const int64_t out_blocks = rows / kFormRows, group_bytes = kFormRows * f.group * f.bits / 8;
-  at::Tensor weight = at::empty({out_blocks, groups * group_bytes}, blocks.options());
-  at::Tensor scales = at::empty({out_blocks, groups, 2, kFormRows}, blocks.options().dtype(at::kHalf));
-  const uint8_t* src = blocks.data_ptr<uint8_t>();
-  uint8_t* dst = weight.data_ptr<uint8_t>();
-  auto* sdst = reinterpret_cast<c10::Half*>(scales.data_ptr<at::Half>());
+  Tensor weight = llmc_torch::empty({out_blocks, groups * group_bytes}, aoti_torch_dtype_uint8());
+  Tensor scales = llmc_torch::empty({out_blocks, groups, 2, kFormRows}, aoti_torch_dtype_float16());
+  const uint8_t* src = blocks.const_data_ptr<uint8_t>();
+  uint8_t* dst = weight.mutable_data_ptr<uint8_t>();
+  auto* sdst = static_cast<c10::Half*>(scales.mutable_data_ptr());
   std::atomic<bool> fits{true};
-  at::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
+  torch::stable::parallel_for(0, out_blocks, 1, [&](int64_t first, int64_t last) {
     std::vector<uint8_t> u(kFormRows * k);
     std::vector<float> sc(kFormRows * groups), off(kFormRows * groups);
     const int64_t groups_per_block = f.block_weights / f.group;
@@ -294,11 +292,11 @@ std::vector<at::Tensor> kernel_form(const at::Tensor& blocks, int64_t code, int6
       }
     }
   });
-  return {weight, scales, at::scalar_tensor(fits.load(), blocks.options().dtype(at::kBool))};
+  return {weight, scales, llmc_torch::bool_scalar(fits.load())};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("kernel_form(Tensor blocks, int code, int rows) -> Tensor[]"); }
+STABLE_TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("kernel_form(Tensor blocks, int code, int rows) -> Tensor[]"); }
 
-TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("kernel_form", &kernel_form); }
+STABLE_TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("kernel_form", TORCH_BOX(&kernel_form)); }

@@ -19,21 +19,19 @@
 // bits 6: the q6k form, GGML's q6k blocks at their own size; bits 5: the q4k form, q4k's blocks at
 // 4.625 bits per weight (layouts in qmatmul_common.h).
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kernels_api.h"
+#include "torch_stable.h"
 
 namespace {
 
 using llmc_qmatmul::Half16;
 using llmc_qmatmul::kRows;
+using llmc_torch::ScalarType;
+using llmc_torch::Tensor;
 
 // Groups of activations one thread quantizes before a second one joins: ~10 us of work (a
 // prefill's rows), above the cost of waking the other threads; a decode step's few rows stay on
@@ -46,69 +44,69 @@ struct Geometry {
   int64_t k, group, groups;
 };
 
-Geometry geometry(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
+Geometry geometry(const Tensor& x, const Tensor& weight, const Tensor& scales, int64_t bits) {
   const int64_t k = x.size(1), blocks = weight.size(0);
   if (bits == llmc_qmatmul::kQ6KBits) {
     const int64_t supers = scales.size(1), sub = llmc_qmatmul::kQ6KGroup * llmc_qmatmul::kQ6KGroups;
-    TORCH_CHECK(supers > 0 && k == supers * sub, "qmatmul: the q6k form needs K = 256 per d, got K = ", k, " for ",
+    STD_TORCH_CHECK(supers > 0 && k == supers * sub, "qmatmul: the q6k form needs K = 256 per d, got K = ", k, " for ",
                 supers);
-    TORCH_CHECK(weight.size(1) == supers * llmc_qmatmul::kQ6KSuperBytes, "qmatmul: weight does not match K");
-    TORCH_CHECK(scales.size(0) == blocks && scales.size(2) == 1 && scales.size(3) == kRows,
+    STD_TORCH_CHECK(weight.size(1) == supers * llmc_qmatmul::kQ6KSuperBytes, "qmatmul: weight does not match K");
+    STD_TORCH_CHECK(scales.size(0) == blocks && scales.size(2) == 1 && scales.size(3) == kRows,
                 "qmatmul: scales do not match the weight");
     return {k, llmc_qmatmul::kQ6KGroup, k / llmc_qmatmul::kQ6KGroup};
   }
   if (bits == llmc_qmatmul::kQ4KBits) {
     const int64_t supers = scales.size(1), sub = llmc_qmatmul::kQ4KGroup * llmc_qmatmul::kQ4KGroups;
-    TORCH_CHECK(supers > 0 && k == supers * sub, "qmatmul: the q4k form needs K = 256 per d, got K = ", k, " for ",
+    STD_TORCH_CHECK(supers > 0 && k == supers * sub, "qmatmul: the q4k form needs K = 256 per d, got K = ", k, " for ",
                 supers);
-    TORCH_CHECK(weight.size(1) == supers * llmc_qmatmul::kQ4KSuperBytes, "qmatmul: weight does not match K");
-    TORCH_CHECK(scales.size(0) == blocks && scales.size(2) == 2 && scales.size(3) == kRows,
+    STD_TORCH_CHECK(weight.size(1) == supers * llmc_qmatmul::kQ4KSuperBytes, "qmatmul: weight does not match K");
+    STD_TORCH_CHECK(scales.size(0) == blocks && scales.size(2) == 2 && scales.size(3) == kRows,
                 "qmatmul: scales do not match the weight");
     return {k, llmc_qmatmul::kQ4KGroup, k / llmc_qmatmul::kQ4KGroup};
   }
   const int64_t groups = scales.size(1);
-  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups == 16 || k / groups == 32),
+  STD_TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups == 16 || k / groups == 32),
               "qmatmul: K must be 16 or 32 inputs per scale group, got K = ", k, " for ", groups, " groups");
   const int64_t group = k / groups;
-  TORCH_CHECK(weight.size(1) == groups * kRows * group * bits / 8, "qmatmul: weight does not match K");
-  TORCH_CHECK(scales.size(0) == blocks && scales.size(1) == groups && scales.size(2) == 2 && scales.size(3) == kRows,
+  STD_TORCH_CHECK(weight.size(1) == groups * kRows * group * bits / 8, "qmatmul: weight does not match K");
+  STD_TORCH_CHECK(scales.size(0) == blocks && scales.size(1) == groups && scales.size(2) == 2 && scales.size(3) == kRows,
               "qmatmul: scales do not match the weight");
   return {k, group, groups};
 }
 
-void check_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8 || bits == llmc_qmatmul::kQ6KBits || bits == llmc_qmatmul::kQ4KBits,
+void check_operands(const Tensor& x, const Tensor& weight, const Tensor& scales, int64_t bits) {
+  STD_TORCH_CHECK(bits == 4 || bits == 8 || bits == llmc_qmatmul::kQ6KBits || bits == llmc_qmatmul::kQ4KBits,
               "qmatmul: bits must be 4, 5, 6 or 8, got ", bits);
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
-  TORCH_CHECK(weight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf, "qmatmul: bad dtypes");
-  TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");
+  STD_TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
+  STD_TORCH_CHECK(weight.scalar_type() == ScalarType::Byte && scales.scalar_type() == ScalarType::Half, "qmatmul: bad dtypes");
+  STD_TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");
 }
 
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
+Tensor qmatmul(Tensor x, Tensor weight, Tensor scales, int64_t bits) {
   check_operands(x, weight, scales, bits);
   const int64_t m = x.size(0), blocks = weight.size(0), n = blocks * kRows;
   const auto [k, group, groups] = geometry(x, weight, scales, bits);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({m, groups}, x.options().dtype(at::kFloat));
-  at::Tensor xsum = at::empty({m, groups}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  int8_t* qp = xq.data_ptr<int8_t>();
-  float *dxp = dx.data_ptr<float>(), *sump = xsum.data_ptr<float>();
-  at::parallel_for(0, m * groups, kQuantizeGrain, [&](int64_t first, int64_t last) {
+  const Tensor xf = llmc_torch::float_contiguous(x);
+  Tensor xq = llmc_torch::empty({m, k}, aoti_torch_dtype_int8());
+  Tensor dx = llmc_torch::empty_float({m, groups});
+  Tensor xsum = llmc_torch::empty_float({m, groups});
+  const float* xp = xf.const_data_ptr<float>();
+  int8_t* qp = xq.mutable_data_ptr<int8_t>();
+  float *dxp = dx.mutable_data_ptr<float>(), *sump = xsum.mutable_data_ptr<float>();
+  torch::stable::parallel_for(0, m * groups, kQuantizeGrain, [&](int64_t first, int64_t last) {
     llmc_qmatmul::quantize_activations_isa(xp + first * group, last - first, group, qp + first * group, dxp + first,
                                            sump + first);
   });
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  static_assert(sizeof(at::Half) == sizeof(Half16), "at::Half stores float16 bits");
-  const llmc_qmatmul::Problem p{weight.data_ptr<uint8_t>(),
-                                reinterpret_cast<const Half16*>(scales.data_ptr<at::Half>()),
-                                xq.data_ptr<int8_t>(),
-                                dx.data_ptr<float>(),
-                                xsum.data_ptr<float>(),
-                                y.data_ptr<float>(),
+  Tensor y = llmc_torch::empty_float({m, n});
+  const llmc_qmatmul::Problem p{weight.const_data_ptr<uint8_t>(),
+                                static_cast<const Half16*>(scales.const_data_ptr()),
+                                qp,
+                                dxp,
+                                sump,
+                                y.mutable_data_ptr<float>(),
                                 m, k, n, groups, group, bits, weight.size(1)};
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) { llmc_qmatmul::run_blocks_isa(p, first, last); });
+  torch::stable::parallel_for(0, blocks, 1,
+                              [&](int64_t first, int64_t last) { llmc_qmatmul::run_blocks_isa(p, first, last); });
   return y;
 }
 
@@ -119,30 +117,42 @@ constexpr int64_t kTileRows = 16;
 // The same weights in the dense copies' arithmetic, bf16(x) @ bf16(w)^T summed in float32, on AMX's
 // bf16 tiles where qmatmul_bf16_available(): for many rows, where it is faster than qmatmul and the
 // dense copies' memory is not kept (kernels/cpu/qmatmul_cpu.py decides).
-at::Tensor qmatmul_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t bits) {
-  TORCH_CHECK(llmc_qmatmul::has_bf16_path_isa(), "qmatmul_bf16: this CPU or library has no AMX bf16 path");
+Tensor qmatmul_bf16(Tensor x, Tensor weight, Tensor scales, int64_t bits) {
+  STD_TORCH_CHECK(llmc_qmatmul::has_bf16_path_isa(), "qmatmul_bf16: this CPU or library has no AMX bf16 path");
   check_operands(x, weight, scales, bits);
   const int64_t m = x.size(0), blocks = weight.size(0), n = blocks * kRows;
   const auto [k, group, groups] = geometry(x, weight, scales, bits);
-  TORCH_CHECK(k % kBf16Inputs == 0, "qmatmul_bf16: K must be a multiple of 32, got ", k);
-  // The activations in tiles [rows / 16][K / 32][16][32], zero rows past m.
+  STD_TORCH_CHECK(k % kBf16Inputs == 0, "qmatmul_bf16: K must be a multiple of 32, got ", k);
+  // The activations in tiles [rows / 16][K / 32][16][32] of bfloat16 (rounded as torch's
+  // conversion rounds), zero rows past m.
   const int64_t rows = (m + kTileRows - 1) / kTileRows * kTileRows;
-  at::Tensor padded = at::zeros({rows, k}, x.options().dtype(at::kBFloat16));
-  padded.narrow(0, 0, m).copy_(x);
-  const at::Tensor tiles =
-      padded.view({rows / kTileRows, kTileRows, k / kBf16Inputs, kBf16Inputs}).permute({0, 2, 1, 3}).contiguous();
-  at::Tensor y = at::empty({rows, n}, x.options().dtype(at::kFloat));
-  const llmc_qmatmul::Problem p{weight.data_ptr<uint8_t>(),
-                                reinterpret_cast<const Half16*>(scales.data_ptr<at::Half>()),
+  const Tensor xb16 = llmc_torch::contiguous(
+      x.scalar_type() == ScalarType::BFloat16 ? x : torch::stable::to(x, ScalarType::BFloat16));
+  const auto* xs = static_cast<const uint16_t*>(xb16.const_data_ptr());
+  Tensor tiles = llmc_torch::empty({rows, k}, aoti_torch_dtype_bfloat16());
+  auto* xb = static_cast<uint16_t*>(tiles.mutable_data_ptr());
+  const int64_t chunks = k / kBf16Inputs;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint16_t* dst = xb + ((r / kTileRows * chunks + c) * kTileRows + r % kTileRows) * kBf16Inputs;
+      if (r < m) {
+        std::memcpy(dst, xs + r * k + c * kBf16Inputs, kBf16Inputs * sizeof(uint16_t));
+      } else {
+        std::memset(dst, 0, kBf16Inputs * sizeof(uint16_t));
+      }
+    }
+  }
+  Tensor y = llmc_torch::empty_float({rows, n});
+  const llmc_qmatmul::Problem p{weight.const_data_ptr<uint8_t>(),
+                                static_cast<const Half16*>(scales.const_data_ptr()),
                                 nullptr,
                                 nullptr,
                                 nullptr,
-                                y.data_ptr<float>(),
+                                y.mutable_data_ptr<float>(),
                                 rows, k, n, groups, group, bits, weight.size(1)};
-  const auto* xb = reinterpret_cast<const uint16_t*>(tiles.data_ptr<at::BFloat16>());
-  at::parallel_for(0, blocks, 1,
-                   [&](int64_t first, int64_t last) { llmc_qmatmul::run_bf16_isa(p, xb, rows, first, last); });
-  return y.narrow(0, 0, m);
+  torch::stable::parallel_for(0, blocks, 1,
+                              [&](int64_t first, int64_t last) { llmc_qmatmul::run_bf16_isa(p, xb, rows, first, last); });
+  return torch::stable::narrow(y, 0, 0, m);
 }
 
 bool qmatmul_bf16_available() { return llmc_qmatmul::has_bf16_path_isa(); }
@@ -159,16 +169,24 @@ bool qmatmul_prefetch_l2() { return llmc_qmatmul::prefetches_to_l2_isa(); }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llmc, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(llmc, m) {
   m.def("qmatmul(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
-  m.def("qmatmul_bits() -> int[]", &qmatmul_bits);  // no tensors to dispatch on: one kernel for all
-  m.def("qmatmul_amx() -> bool", &qmatmul_amx);
-  m.def("qmatmul_prefetch_l2() -> bool", &qmatmul_prefetch_l2);
+  m.def("qmatmul_bits() -> int[]");
+  m.def("qmatmul_amx() -> bool");
+  m.def("qmatmul_prefetch_l2() -> bool");
   m.def("qmatmul_bf16(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
-  m.def("qmatmul_bf16_available() -> bool", &qmatmul_bf16_available);
+  m.def("qmatmul_bf16_available() -> bool");
 }
 
-TORCH_LIBRARY_IMPL(llmc, CPU, m) {
-  m.impl("qmatmul", &qmatmul);
-  m.impl("qmatmul_bf16", &qmatmul_bf16);
+STABLE_TORCH_LIBRARY_IMPL(llmc, CPU, m) {
+  m.impl("qmatmul", TORCH_BOX(&qmatmul));
+  m.impl("qmatmul_bf16", TORCH_BOX(&qmatmul_bf16));
+}
+
+// The ops without tensors to dispatch on: one kernel for every device.
+STABLE_TORCH_LIBRARY_IMPL(llmc, CompositeExplicitAutograd, m) {
+  m.impl("qmatmul_bits", TORCH_BOX(&qmatmul_bits));
+  m.impl("qmatmul_amx", TORCH_BOX(&qmatmul_amx));
+  m.impl("qmatmul_prefetch_l2", TORCH_BOX(&qmatmul_prefetch_l2));
+  m.impl("qmatmul_bf16_available", TORCH_BOX(&qmatmul_bf16_available));
 }

@@ -7,14 +7,11 @@
 // for, per norm and per layer: about a third of the cold compile (docs/BENCHMARKS.md). As one
 // op it is one call in the generated wrapper.
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "torch_stable.h"
 
 namespace {
 
@@ -43,21 +40,23 @@ void normalize_row(const float* x, const float* w, float* y, int64_t dim, double
   for (int64_t k = 0; k < dim; ++k) y[k] = w[k] * (x[k] * scale);
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "rms_norm: x and the weight must be float32");
-  TORCH_CHECK(weight.dim() == 1 && x.dim() >= 1 && x.size(-1) == weight.size(0),
-              "rms_norm: the weight must be 1-D, the size of x's last dimension");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm: x and the weight must be contiguous");
-  at::Tensor y = at::empty(x.sizes(), x.options());
+llmc_torch::Tensor rms_norm(llmc_torch::Tensor x, llmc_torch::Tensor weight, double eps) {
+  using llmc_torch::ScalarType;
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float,
+                  "rms_norm: x and the weight must be float32");
+  STD_TORCH_CHECK(weight.dim() == 1 && x.dim() >= 1 && x.size(x.dim() - 1) == weight.size(0),
+                  "rms_norm: the weight must be 1-D, the size of x's last dimension");
+  STD_TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm: x and the weight must be contiguous");
+  const auto shape = x.sizes();
+  llmc_torch::Tensor y = llmc_torch::empty(shape.data(), static_cast<int64_t>(shape.size()), aoti_torch_dtype_float32());
   const int64_t dim = weight.size(0);
   if (dim == 0 || x.numel() == 0) return y;
   const int64_t rows = x.numel() / dim;
-  const float* xs = x.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  float* ys = y.data_ptr<float>();
+  const float* xs = x.const_data_ptr<float>();
+  const float* w = weight.const_data_ptr<float>();
+  float* ys = y.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kNormGrainValues / dim);
-  at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) normalize_row(xs + r * dim, w, ys + r * dim, dim, eps);
   });
   return y;
@@ -65,6 +64,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"); }
+STABLE_TORCH_LIBRARY_FRAGMENT(llmc, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("rms_norm", &rms_norm); }
+STABLE_TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("rms_norm", TORCH_BOX(&rms_norm)); }

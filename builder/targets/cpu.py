@@ -1114,6 +1114,19 @@ def _start_worker(parent: int, log_level: int) -> None:
     _die_with_parent(parent)
     if log_level:
         configure(logging.getLevelName(log_level))
+    _thread_lock_for_tqdm()
+
+
+def _thread_lock_for_tqdm() -> None:
+    """Give tqdm a thread lock before torch's FX interpreter makes a progress bar while tracing:
+    tqdm's default lock is a multiprocessing semaphore, and a worker is killed once its results are
+    in (_kill_workers), which left that semaphore for Python's resource tracker to report at the
+    build's end ("There appear to be 1 leaked semaphore objects"). A worker's bars never leave it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # nothing makes the lock then
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _die_with_parent(parent: int) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -78,3 +80,28 @@ def test_a_target_name_that_is_not_one_is_refused(eager: Path, tmp_path: Path, n
     _with_targets(art, {name: {"capability": "AVX2"}})
     with pytest.raises(BadArtifactError, match="is not a target name"):
         Artifact.open(art)
+
+
+def test_a_compile_worker_gives_tqdm_a_thread_lock_not_a_semaphore() -> None:
+    """A compile worker is killed once its results are in; a multiprocessing semaphore it made
+    (tqdm's default lock, made when torch's FX interpreter draws a progress bar) was then reported
+    as leaked by Python's resource tracker at the end of every cold build. The worker's start gives
+    tqdm a thread lock first, so a bar registers no semaphore."""
+    # A spawned worker's semaphores are named and registered (a forked process's are not).
+    script = """
+import multiprocessing, os
+from multiprocessing import resource_tracker
+multiprocessing.set_start_method("spawn", force=True)
+registered = []
+resource_tracker.register = lambda name, rtype: registered.append((name, rtype))
+from llmc.builder.targets.cpu import _start_worker
+_start_worker(os.getppid(), 0)
+from tqdm import tqdm
+bar = tqdm(total=1, disable=False, file=open(os.devnull, "w"))
+bar.update(1)
+bar.close()
+print(registered)
+"""
+    result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -66,17 +66,17 @@ Geometry geometry(const Tensor& x, const Tensor& weight, const Tensor& scales, i
   }
   const int64_t groups = scales.size(1);
   STD_TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups == 16 || k / groups == 32),
-              "qmatmul: K must be 16 or 32 inputs per scale group, got K = ", k, " for ", groups, " groups");
+                  "qmatmul: K must be 16 or 32 inputs per scale group, got K = ", k, " for ", groups, " groups");
   const int64_t group = k / groups;
   STD_TORCH_CHECK(weight.size(1) == groups * kRows * group * bits / 8, "qmatmul: weight does not match K");
   STD_TORCH_CHECK(scales.size(0) == blocks && scales.size(1) == groups && scales.size(2) == 2 && scales.size(3) == kRows,
-              "qmatmul: scales do not match the weight");
+                  "qmatmul: scales do not match the weight");
   return {k, group, groups};
 }
 
 void check_operands(const Tensor& x, const Tensor& weight, const Tensor& scales, int64_t bits) {
   STD_TORCH_CHECK(bits == 4 || bits == 8 || bits == llmc_qmatmul::kQ6KBits || bits == llmc_qmatmul::kQ4KBits,
-              "qmatmul: bits must be 4, 5, 6 or 8, got ", bits);
+                  "qmatmul: bits must be 4, 5, 6 or 8, got ", bits);
   STD_TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && scales.dim() == 4, "qmatmul: bad ranks");
   STD_TORCH_CHECK(weight.scalar_type() == ScalarType::Byte && scales.scalar_type() == ScalarType::Half, "qmatmul: bad dtypes");
   STD_TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");

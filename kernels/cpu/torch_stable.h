@@ -28,9 +28,9 @@ inline Tensor empty(const int64_t* sizes, int64_t ndim, int32_t dtype) {
   STD_TORCH_CHECK(ndim <= kMaxDims, "llmc: a tensor of more than 8 dimensions");
   int64_t strides[kMaxDims];
   int64_t stride = 1;
-  for (int64_t d = ndim - 1; d >= 0; --d) {
+  for (int64_t d = ndim - 1; d >= 0; --d) {  // torch's contiguous strides: a 0 counts as 1
     strides[d] = stride;
-    stride *= sizes[d];
+    stride *= sizes[d] > 1 ? sizes[d] : 1;
   }
   AtenTensorHandle handle = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(

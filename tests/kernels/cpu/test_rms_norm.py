@@ -44,6 +44,14 @@ def test_empty_and_zero_rows(cpu_kernels_loaded: None) -> None:
     assert torch.equal(torch.ops.llmc.rms_norm(zeros, norm.weight, 1e-5), norm(zeros))  # eps keeps it finite
 
 
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0), (2, 0, 5), (4, 3, 8)])
+def test_outputs_have_torchs_contiguous_strides(cpu_kernels_loaded: None, shape: tuple[int, ...]) -> None:
+    """The ops allocate through the C shim (kernels/cpu/torch_stable.h), which takes the strides it
+    is given: they must be the ones torch gives a contiguous tensor, zero-sized dimensions included."""
+    got = torch.ops.llmc.rms_norm(torch.zeros(shape), torch.ones(shape[-1]), 1e-5)
+    assert got.shape == shape and got.stride() == torch.empty(shape).stride() and got.is_contiguous()
+
+
 def test_bad_inputs_are_refused(cpu_kernels_loaded: None) -> None:
     weight = torch.ones(8)
     with pytest.raises(RuntimeError, match="float32"):

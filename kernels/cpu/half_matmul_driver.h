@@ -109,7 +109,10 @@ constexpr int kBatchRows = 4, kBatchCols = 2;
 // The R rows of a pass are R streams 2K bytes apart, which the hardware prefetchers follow
 // poorly: prefetching each row 256 bytes ahead read SmolLM2's 49152 x 576 float16 lm_head from
 // DRAM at 18-20 GB/s instead of 13-14 (2 threads, a 2-core Xeon whose memory streams at ~23 GB/s;
-// 64-192 halves ahead all did about as well, 512 and more less).
+// 64-192 halves ahead all did about as well, 512 and more less). Into L2 on AMD, as the quantized
+// matmul's (qmatmul_common.h kPrefetchToL2): on a 2-core Zen 4 EPYC the same read took a median
+// 2.6-3.5 ms with L2 prefetches against 3.3-4.0 with L1 ones, five alternated runs
+// (docs/BENCHMARKS.md); 256 halves ahead into L2 did about as well, 512 worse.
 constexpr int64_t kPrefetchHalves = 128;
 constexpr int64_t kLineHalves = 32;  // 16-bit values per 64-byte cache line
 
@@ -124,7 +127,7 @@ inline void block(const Problem& p, int64_t n0, int64_t m0) {
   const float* x = p.x + m0 * p.k;
   for (int64_t j = 0; j < body; j += kLanes) {
     if (j % kLineHalves == 0)  // each cache line of every row once, kPrefetchHalves ahead
-      for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * p.k + j + kPrefetchHalves);
+      for (int r = 0; r < R; ++r) llmc_qmatmul::prefetch_ahead(w + r * p.k + j + kPrefetchHalves);
     Vec xv[C];
     for (int c = 0; c < C; ++c) xv[c] = vload(x + c * p.k + j);
     for (int r = 0; r < R; ++r) {

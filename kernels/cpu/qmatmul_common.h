@@ -38,15 +38,18 @@ inline const bool kPrefetchToL2 = __builtin_cpu_is("amd");
 inline const bool kPrefetchToL2 = false;
 #endif
 
-// always_inline: GCC 12 otherwise finds these calls free of side effects and drops them (measured:
-// no prefetch left in the q6k loop).
-[[gnu::always_inline]] inline void prefetch_line(const uint8_t* p) {
+// A prefetch of the line holding p into the cache kPrefetchToL2 names. always_inline: GCC 12
+// otherwise finds these calls free of side effects and drops them (measured: no prefetch left in
+// the q6k loop).
+[[gnu::always_inline]] inline void prefetch_ahead(const void* p) {
   if (kPrefetchToL2) {
-    __builtin_prefetch(p + kPrefetchBytes, 0, 2);
+    __builtin_prefetch(p, 0, 2);
   } else {
-    __builtin_prefetch(p + kPrefetchBytes, 0, 3);
+    __builtin_prefetch(p, 0, 3);
   }
 }
+
+[[gnu::always_inline]] inline void prefetch_line(const uint8_t* p) { prefetch_ahead(p + kPrefetchBytes); }
 
 // The q6k form (bits == kQ6KBits): GGML's q6k blocks regrouped for the kernel at the blocks' own
 // 6.5625 bits per weight, w = d * sc * (u - 32) with u = 0..63, an int8 scale sc per 16 weights

@@ -393,8 +393,9 @@ def uses_amx() -> bool:
 
 
 def prefetch_cache() -> str | None:
-    """Which cache the loaded library's quantized matmul prefetches its weights into on this CPU:
-    "L2" on AMD, "L1" elsewhere (kernels/cpu/qmatmul_common.h, kPrefetchToL2); None without a
+    """Which cache the loaded library's kernels (the quantized and float16 matmuls, the decode
+    attention) prefetch into on this CPU: "L2" on AMD, "L1" elsewhere (kernels/cpu/qmatmul_common.h,
+    kPrefetchToL2); None without a
     library, or with one built before the choice existed."""
     if loaded_isa() is None or not hasattr(torch.ops.llmc, "qmatmul_prefetch_l2"):
         return None

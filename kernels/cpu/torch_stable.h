@@ -5,6 +5,12 @@
 // (docs/BENCHMARKS.md). The ops keep their schemas, results and messages.
 #pragma once
 
+// The oldest torch whose stable ABI has everything used here (pyproject's floor): compiling against
+// its feature set turns a newer function into a compile error here, not a failure on torch 2.10.
+#ifndef TORCH_TARGET_VERSION
+#define TORCH_TARGET_VERSION (((0ULL + 2) << 56) | ((0ULL + 10) << 48))
+#endif
+
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>

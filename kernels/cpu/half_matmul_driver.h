@@ -109,10 +109,13 @@ constexpr int kBatchRows = 4, kBatchCols = 2;
 // The R rows of a pass are R streams 2K bytes apart, which the hardware prefetchers follow
 // poorly: prefetching each row 256 bytes ahead read SmolLM2's 49152 x 576 float16 lm_head from
 // DRAM at 18-20 GB/s instead of 13-14 (2 threads, a 2-core Xeon whose memory streams at ~23 GB/s;
-// 64-192 halves ahead all did about as well, 512 and more less). Into L2 on AMD, as the quantized
-// matmul's (qmatmul_common.h kPrefetchToL2): on a 2-core Zen 4 EPYC the same read took a median
-// 2.6-3.5 ms with L2 prefetches against 3.3-4.0 with L1 ones, five alternated runs
-// (docs/BENCHMARKS.md); 256 halves ahead into L2 did about as well, 512 worse.
+// 64-192 halves ahead all did about as well, 512 and more less). On AMD the prefetches fill L2, as
+// the quantized matmul's (qmatmul_common.h kPrefetchToL2), and run one pass ahead: the R rows of a
+// pass lie one after another, so the next pass is the next R * K values, and its first lines too
+// are fetched ahead (in-row prefetches leave them to demand misses, a quarter of a 576-wide row).
+// On a 2-core Zen 4 EPYC the 49152 x 576 read took a median 3.3-4.0 ms with in-row L1 prefetches,
+// 2.6-3.5 ms with in-row L2 ones and 2.06-2.13 ms one pass ahead into L2 (2.5-3.3 in-row in the
+// same alternated runs); 16384 x 2048 about alike both ways (docs/BENCHMARKS.md).
 constexpr int64_t kPrefetchHalves = 128;
 constexpr int64_t kLineHalves = 32;  // 16-bit values per 64-byte cache line
 
@@ -125,9 +128,10 @@ inline void block(const Problem& p, int64_t n0, int64_t m0) {
   const int64_t body = p.k / kLanes * kLanes;
   const uint16_t* w = p.weight + n0 * p.k;
   const float* x = p.x + m0 * p.k;
+  const int64_t ahead = llmc_qmatmul::kPrefetchToL2 ? R * p.k : kPrefetchHalves;  // see kPrefetchHalves
   for (int64_t j = 0; j < body; j += kLanes) {
-    if (j % kLineHalves == 0)  // each cache line of every row once, kPrefetchHalves ahead
-      for (int r = 0; r < R; ++r) llmc_qmatmul::prefetch_ahead(w + r * p.k + j + kPrefetchHalves);
+    if (j % kLineHalves == 0)  // each cache line of every row once, `ahead` values ahead
+      for (int r = 0; r < R; ++r) llmc_qmatmul::prefetch_ahead(w + r * p.k + j + ahead);
     Vec xv[C];
     for (int c = 0; c < C; ++c) xv[c] = vload(x + c * p.k + j);
     for (int r = 0; r < R; ++r) {

@@ -61,10 +61,7 @@ inline Tensor contiguous(const Tensor& x) { return x.is_contiguous() ? x : torch
 
 // A 0-dimensional bool tensor holding `value`.
 inline Tensor bool_scalar(bool value) {
-  AtenTensorHandle handle = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      aoti_torch_empty_strided(0, nullptr, nullptr, aoti_torch_dtype_bool(), aoti_torch_device_type_cpu(), 0, &handle));
-  Tensor t(handle);
+  Tensor t = empty(nullptr, 0, aoti_torch_dtype_bool());
   *static_cast<bool*>(t.mutable_data_ptr()) = value;
   return t;
 }

@@ -23,8 +23,9 @@ from llmc.errors import BadArtifactError
 # 10: a compiled step is programs of consecutive decoder layers (CompiledStep.programs, .order),
 # chained by the runtime between the embedding and the logits; 11: a compiled step may leave the
 # logits to the runtime (neither `logits` nor a program computes them); 12: a shared first
-# program may embed the token ids by a select (LayerProgram.embed_select)
-FORMAT_VERSION = 12
+# program may embed the token ids by a select (LayerProgram.embed_select); 13: a shared last
+# program may compute the logits where a flag says (LayerProgram.logits_select)
+FORMAT_VERSION = 13
 MANIFEST_NAME = "manifest.json"
 
 
@@ -174,6 +175,10 @@ class LayerProgram(Program, forbid_unknown_fields=True):
     # It takes the token ids and a flag beside its input and starts from their embedding where the
     # flag is set: the first run's program where other runs share it (they pass the flag unset).
     embed_select: bool = False
+    # It takes a flag after its input (and after the ids and flag of embed_select, where it has
+    # those) and returns the float32 logits beside its output, computed where the flag is set: the
+    # last run's program where other runs share it (they pass the flag unset and ignore that tensor).
+    logits_select: bool = False
 
 
 class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
@@ -182,7 +187,8 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     The decoder layers run as compiled programs, each program serving every run of layers of its
     form (a model of 30 identical layers: one program of 5 layers called 6 times), and the final
     norm and the logits at the end of the last run's program where it serves no other run, else
-    as one more program (`logits`) or eagerly (neither); the embedding at the start of the first
+    by its flag in the last run's call (`logits_select`), as one more program (`logits`) or
+    eagerly (none of these); the embedding at the start of the first
     run's program (from the ids alone, or by a select where other runs share it), else eagerly.
     It runs only with the same
     torch version, on a CPU of its capability or a later one (capability_rank); elsewhere the
@@ -215,7 +221,8 @@ class CompiledStep(msgspec.Struct, forbid_unknown_fields=True):
     def eager_logits(self) -> bool:
         """Whether the runtime computes the final norm and the logits itself: neither `logits` nor
         the last run's program does."""
-        return self.logits is None and not self.programs[self.order[-1]].logits
+        last = self.programs[self.order[-1]]
+        return self.logits is None and not last.logits and not last.logits_select
 
     def files(self) -> list[str]:
         """The artifact files of its programs: each package and its constants."""
@@ -517,6 +524,13 @@ def _check_order(field: str, step: CompiledStep, num_layers: int) -> None:
         raise _bad(f"{field}.programs", "only the last run's program, used once, may end with the logits")
     if ending and step.logits is not None:
         raise _bad(f"{field}.logits", "the logits come either from `logits` or from the last run's own program")
+    computing = [j for j, program in enumerate(step.programs) if program.logits_select]
+    if computing and (computing != [step.order[-1]] or step.programs[computing[0]].logits or step.logits is not None):
+        raise _bad(
+            f"{field}.programs",
+            "only the last run's program may compute the logits by a flag, "
+            "and not also end with them or beside `logits`",
+        )
 
 
 def validate(manifest: Manifest) -> None:

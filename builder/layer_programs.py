@@ -15,12 +15,14 @@ itself: where it serves other runs too, it takes the ids and a flag beside its i
 the embedding where the flag is set, a gather of B rows each of its calls pays (an eager embedding
 cost ~140-250 µs instead: its dozen eager ops find the caches cold after a program), unless its
 format's lookup is slow to compile (a K-quant's: `select_embed`), when the embedding runs eagerly. The logits
-end the last run's program where no other run shares it, else they run eagerly; a plan may give
-the last run a program of its own for that. So that cost is bounded to 1 % of the step's time,
-estimated from the bytes of weights a step reads: a small model (SmolLM2's 96 MB, a ~4 ms step)
-may add two calls, one program serving two runs and the last run's own, which compile at once,
-and a large model, whose steps are long, a program per layer form (a 3B Q4_K_M mix: two 1-layer
-programs called 28 times). Among the partitions into runs of equal length (the last one shorter),
+end the last run's program where no other run shares it; where others do, it takes a flag and
+computes them by a conditional in the last run's call (the others allocate their shape and write
+nothing; eager logits cost ~200 µs instead, for the same reason as the eager embedding); a plan
+may also give the last run a program of its own. So that cost is bounded to 1 % of the step's
+time, estimated from the bytes of weights a step reads: a small model (SmolLM2's 96 MB, a ~4 ms
+step) may add two calls, one program of 10 layers serving all three runs, and a large model,
+whose steps are long, a program per layer form (a 3B Q4_K_M mix: two 1-layer programs called 28
+times). Among the partitions into runs of equal length (the last one shorter),
 with or without the last run apart, within that bound, the one of least estimated compile wins;
 `llmc build --layers-per-program` chooses the runs' length instead.
 """
@@ -50,14 +52,19 @@ CALL_SECONDS = 15e-6
 # What a shared first program's embedding by select costs each call of it beyond the first run's
 # (a compiled gather of B rows and a select, whose result the other runs discard): an estimate.
 SELECT_EMBED_SECONDS = 3e-6
+# What a shared last program's logits by a conditional cost each call of it beyond the last run's
+# (the unset branch allocates the logits' shape and writes nothing): 0.7-0.8 µs measured per call
+# of a small program with and without it, batch 1 to 64 (docs/BENCHMARKS.md), rounded up.
+SELECT_LOGITS_SECONDS = 1e-6
 # What an eager embedding between programs costs a step: 180-250 µs measured in the step's sequence
 # on the Xeon, ~140 µs on the EPYC (24-43 µs alone; the caches are cold after a program).
 EAGER_EMBED_SECONDS = 250e-6
 # What the final norm and logits cost a step run eagerly after the last program (where that
-# program serves other runs too) rather than inside it: an estimate, Python's dispatch of two ops
-# (the norm and the head's matmul); a 3B step with them eager could not be told from one program's
-# within the noise (docs/BENCHMARKS.md).
-EAGER_LOGITS_SECONDS = 100e-6
+# program serves other runs too and does not compute them by a flag) rather than inside it:
+# 190-220 µs measured on SmolLM2 on the 2-core EPYC against the same program computing them by its
+# flag (the eager dispatch finds its code and data evicted by the weights the step streamed;
+# docs/BENCHMARKS.md).
+EAGER_LOGITS_SECONDS = 200e-6
 # The share of a step's time the calls may take.
 CALL_OVERHEAD_SHARE = 0.01
 # A high estimate of how fast a CPU streams weights during a step (a many-channel server's
@@ -74,11 +81,25 @@ class ProgramPlan:
     programs: list[int]  # the index of each program's first run (the one that is traced)
     # Where the first run's program serves others: it embeds by a select (else eagerly, before it).
     select_embed: bool = True
+    # Where the last run's program serves others: it computes the logits where a flag beside its
+    # input says (a conditional; else they run eagerly, after it).
+    select_logits: bool = True
 
     @property
     def logits_apart(self) -> bool:
-        """Whether the logits run eagerly after the last run: its program serves others."""
+        """Whether the last run's program serves other runs too, so that it cannot simply end
+        with the logits: it computes them by a conditional (`logits_select`), or they run eagerly."""
         return self.order.count(self.order[-1]) > 1
+
+    @property
+    def logits_select(self) -> bool:
+        """Whether the last run's program, serving others too, computes the logits where a flag says."""
+        return self.logits_apart and self.select_logits
+
+    @property
+    def eager_logits(self) -> bool:
+        """Whether the final norm and the logits run eagerly, after the last run's program."""
+        return self.logits_apart and not self.select_logits
 
     @property
     def first_shared(self) -> bool:
@@ -98,13 +119,15 @@ class ProgramPlan:
     @property
     def calls(self) -> int:
         """Calls per step, counting the eager embedding and the eager logits as one each."""
-        return len(self.runs) + self.logits_apart + self.embed_apart
+        return len(self.runs) + self.eager_logits + self.embed_apart
 
     @property
     def call_seconds(self) -> float:
         """What the plan's calls, selects and eager ends cost a step beyond one program's."""
         selects = (self.order.count(self.order[0]) - 1) * SELECT_EMBED_SECONDS if self.embed_select else 0.0
-        eager = self.embed_apart * EAGER_EMBED_SECONDS + self.logits_apart * EAGER_LOGITS_SECONDS
+        if self.logits_select:
+            selects += (self.order.count(self.order[-1]) - 1) * SELECT_LOGITS_SECONDS
+        eager = self.embed_apart * EAGER_EMBED_SECONDS + self.eager_logits * EAGER_LOGITS_SECONDS
         return (len(self.runs) - 1) * CALL_SECONDS + selects + eager
 
     def program_costs(self) -> list[int]:
@@ -143,12 +166,14 @@ def plan_programs(
     layers_per_program: int | None = None,
     processes: int = 1,
     select_embed: bool = True,
+    select_logits: bool = True,
 ) -> ProgramPlan:
     """Partition layers of these forms (layer_signature) into runs of equal length (the last one
     may be shorter), the last run with a program of its own or not, whose calls cost a step at
     most `budget_seconds` (call_budget), of least estimated compile on `processes` processes; or
     into runs of `layers_per_program` layers where the user chose (`--layers-per-program`).
-    `select_embed`: whether a shared first program may embed by a select (ProgramPlan)."""
+    `select_embed`, `select_logits`: whether a shared first program may embed by a select, a shared
+    last one compute the logits by a conditional (ProgramPlan)."""
     count = len(signatures)
     if count == 0:
         raise ValueError("a model without layers has no programs")
@@ -156,8 +181,8 @@ def plan_programs(
     best: tuple[tuple[int, float], ProgramPlan] | None = None
     for length in lengths:
         runs = [(first, min(length, count - first)) for first in range(0, count, length)]
-        shared = _plan(signatures, runs, False, select_embed)
-        apart = _plan(signatures, runs, True, select_embed)
+        shared = _plan(signatures, runs, False, select_embed, select_logits)
+        apart = _plan(signatures, runs, True, select_embed, select_logits)
         for plan in (shared,) if apart == shared else (shared, apart):  # equal: the last run's is its own anyway
             if plan.call_seconds > budget_seconds and not layers_per_program and length != count:
                 continue
@@ -169,7 +194,9 @@ def plan_programs(
     return best[1]
 
 
-def _plan(signatures: list[Hashable], runs: list[tuple[int, int]], last_apart: bool, select_embed: bool) -> ProgramPlan:
+def _plan(
+    signatures: list[Hashable], runs: list[tuple[int, int]], last_apart: bool, select_embed: bool, select_logits: bool
+) -> ProgramPlan:
     """The plan of these runs: runs of equal forms share a program, except (with `last_apart`)
     the last run, whose program then ends with the logits."""
     keys: dict[tuple[Hashable, ...], int] = {}
@@ -183,7 +210,7 @@ def _plan(signatures: list[Hashable], runs: list[tuple[int, int]], last_apart: b
             keys[key] = len(programs)
             programs.append(i)
         order.append(keys[key])
-    return ProgramPlan(runs, order, programs, select_embed)
+    return ProgramPlan(runs, order, programs, select_embed, select_logits)
 
 
 def layer_signature(layer: nn.Module) -> Hashable:

@@ -73,6 +73,7 @@ class DecodeLayers(nn.Module):
         logits: bool = False,
         embed: bool = False,
         embed_select: bool = False,
+        logits_select: bool = False,
     ) -> None:
         super().__init__()
         # The step's first run starts from the token ids, by the embedding lookup in its program:
@@ -84,8 +85,12 @@ class DecodeLayers(nn.Module):
         self.layers = nn.ModuleList(model.model.layers[first : first + count])
         self.block_size = block_size
         self._model = [model]  # not a submodule: its other weights are not this program's
-        # The step's last run may end with the final norm and the logits (one call fewer).
-        self.logits = DecodeLogits(model) if logits else None
+        # The step's last run may end with the final norm and the logits (one call fewer): with
+        # `logits` alone (a program of that run alone), or with `logits_select` where a flag beside
+        # its input says (a program other runs share, whose calls for them pass the flag unset and
+        # get an unwritten tensor of the logits' shape beside their output).
+        self.logits = DecodeLogits(model) if logits or logits_select else None
+        self.logits_select = logits_select
 
     def forward(
         self,
@@ -97,9 +102,11 @@ class DecodeLayers(nn.Module):
         kv_caches: list[torch.Tensor],  # k, v of each of the run's layers
         input_ids: torch.Tensor | None = None,  # with embed_select: [B] token ids
         take_ids: torch.Tensor | None = None,  # with embed_select: [1] bool, whether to embed them
-    ) -> torch.Tensor:
+        take_logits: torch.Tensor | None = None,  # with logits_select: [1] bool, whether to compute them
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The run's output [B, hidden], the next layer's input; or with `logits`, the float32
-        logits [B, vocab]."""
+        logits [B, vocab]; or with `logits_select`, both (the logits unwritten where the flag is
+        unset)."""
         ctx = _context(self._model[0], self.block_size, slot_mapping, block_tables, context_lens)
         if self.embed_select:
             assert input_ids is not None and take_ids is not None
@@ -108,7 +115,18 @@ class DecodeLayers(nn.Module):
             hidden = self._model[0].embed(hidden)
         for layer, k, v in zip(self.layers, kv_caches[0::2], kv_caches[1::2], strict=True):
             hidden = layer(hidden, positions, (k, v), ctx)
-        return hidden if self.logits is None else self.logits(hidden)
+        if self.logits is None:
+            return hidden
+        if not self.logits_select:
+            return self.logits(hidden)
+        assert take_logits is not None
+        # A conditional, not a select: the logits (the lm_head's whole matrix) are computed only in
+        # the call that wants them; the others allocate their shape and write nothing.
+        logits = torch.cond(take_logits, self.logits, self._no_logits, (hidden,))
+        return hidden, logits
+
+    def _no_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_empty((hidden.shape[0], self._model[0].spec.vocab_size), dtype=torch.float32)
 
 
 class DecodeLogits(nn.Module):

@@ -95,6 +95,7 @@ class PartMeta:
     logits: bool  # it ends with the final norm and the logits
     embed: bool  # it starts from the token ids
     embed_select: bool  # it takes the token ids and a flag beside its input
+    logits_select: bool  # it takes a flag after its input, and returns the logits beside its output
 
 
 @dataclass(frozen=True)
@@ -616,17 +617,19 @@ def export_layers(
     logits: bool = False,
     embed: bool = False,
     embed_select: bool = False,
+    logits_select: bool = False,
 ) -> tuple[torch.export.ExportedProgram, DecodeLayers, list[int]]:
     """Trace decoder layers [first, first + count) of the decode step (default: all of them), with
     `logits` the final norm and logits after them, with `embed` from the token ids, with
-    `embed_select` from the ids beside its input where a flag says (DecodeLayers), computing with
+    `embed_select` from the ids beside its input where a flag says, with `logits_select` the logits
+    beside its output where a flag says (DecodeLayers), computing with
     the `weights` form of the quantized layers, with a dynamic batch and block-table width: the
     program, the traced module and its buckets."""
     spec = model.spec
     count = spec.num_layers - first if count is None else count
     buckets = weight_forms(model, options)[weights]
     _, max_seq_len = check_options(options, spec)
-    module = DecodeLayers(model, first, count, options.block_size, logits, embed, embed_select).eval()
+    module = DecodeLayers(model, first, count, options.block_size, logits, embed, embed_select, logits_select).eval()
     batch = Dim("batch", min=1, max=buckets[-1])
     width = Dim("block_table_width", min=1, max=max_seq_len // options.block_size)
     kv_slots = Dim("kv_slots", min=2 * options.block_size, max=_MAX_KV_SLOTS)
@@ -644,6 +647,10 @@ def export_layers(
     if embed_select:
         args += (ids, torch.tensor([True]))
         dynamic += ({0: batch}, None)
+    if logits_select:
+        args += (None, None) if not embed_select else ()
+        args += (torch.tensor([True]),)
+        dynamic += ((None, None) if not embed_select else ()) + (None,)
     started = time.perf_counter()
     exported = _export(model, weights, module, args, dynamic)
     log.info(
@@ -774,9 +781,12 @@ def _export_part(
         logits=not plan.logits_apart and part == plan.order[-1],
         embed=not plan.first_shared and part == plan.order[0],
         embed_select=plan.embed_select and part == plan.order[0],
+        logits_select=plan.logits_select and part == plan.order[-1],
     )
-    logits, embed = module.logits is not None, module.embed_tokens is not None and not module.embed_select
-    return layers, PartMeta(module_fqns(module), len(module.layers), logits, embed, module.embed_select)
+    logits = module.logits is not None and not module.logits_select
+    embed = module.embed_tokens is not None and not module.embed_select
+    meta = PartMeta(module_fqns(module), len(module.layers), logits, embed, module.embed_select, module.logits_select)
+    return layers, meta
 
 
 def _lowered(
@@ -797,6 +807,7 @@ def _lowered(
         logits=meta.logits,
         embed=meta.embed,
         embed_select=meta.embed_select,
+        logits_select=meta.logits_select,
     )
     return CompiledPart(weights, capability, part, program, calls_cpu_kernels(exported))
 
@@ -1231,7 +1242,8 @@ def _compile_packages(
             programs=len(plan.programs),
             embed_select=plan.embed_select,
             eager_embed=plan.embed_apart,
-            eager_logits=plan.logits_apart,
+            eager_logits=plan.eager_logits,
+            logits_select=plan.logits_select,
             calls=plan.calls,
             processes=1 + len(workers),
         )

@@ -139,13 +139,15 @@ class AOTInductorStep(BucketedStep):
         self,
         info: CompiledStep,
         model: CausalLM,
-        runs: list[tuple[int, int, torch._C._aoti.AOTIModelPackageLoader, bool]],
+        runs: list[tuple[int, int, torch._C._aoti.AOTIModelPackageLoader, bool, bool]],
         logits: torch._C._aoti.AOTIModelPackageLoader | None,
         num_slots: int,
     ) -> None:
         super().__init__(info, num_slots)
         self._model = model
-        self._runs = runs  # (first layer, layers, loader, whether its program embeds by a select)
+        # (first layer, layers, loader, whether its program embeds by a select, whether it computes
+        # the logits by a flag)
+        self._runs = runs
         self._logits = logits  # None: the last run's program ends with the logits, or they run eagerly
         self._eager_logits = DecodeLogits(model) if info.eager_logits else None
         self._embedded = info.programs[info.order[0]].embed  # the first run's program starts from the ids
@@ -166,12 +168,19 @@ class AOTInductorStep(BucketedStep):
             made[index] = load(artifact.read_verified(program.constants))
         for (first, layers, program), index in zip(info.runs(), info.order, strict=True):
             module = DecodeLayers(
-                model, first, layers, step.block_size, program.logits, program.embed, program.embed_select
+                model,
+                first,
+                layers,
+                step.block_size,
+                program.logits,
+                program.embed,
+                program.embed_select,
+                program.logits_select,
             )
             loader = loaders[index].pop()
             if not _with_constants(loader, module, made[index], info):
                 return None
-            runs.append((first, layers, loader, program.embed_select))
+            runs.append((first, layers, loader, program.embed_select, program.logits_select))
         logits = None
         if info.logits is not None:
             logits_made = load(artifact.read_verified(info.logits.constants))
@@ -197,12 +206,17 @@ class AOTInductorStep(BucketedStep):
             hidden = torch.zeros(len(input_ids), model.spec.hidden_size, dtype=model.dtype)
         else:
             hidden = model.embed(input_ids)
-        for i, (first, layers, loader, selects) in enumerate(self._runs):
+        last = len(self._runs) - 1
+        for i, (first, layers, loader, selects, computes_logits) in enumerate(self._runs):
             kv = kv_caches[2 * first : 2 * (first + layers)]
             inputs = [hidden, positions, slot_mapping, block_tables, context_lens, *kv]
             if selects:
                 inputs += [input_ids, self._take if i == 0 else self._keep]
+            if computes_logits:
+                inputs.append(self._take if i == last else self._keep)
             out: list[torch.Tensor] = loader.run(inputs)
+            if computes_logits and i == last:
+                return out[1]
             hidden = out[0]
         if self._eager_logits is not None:
             return self._eager_logits(hidden)

@@ -153,6 +153,24 @@ def _logits_twice(m: dict[str, Any]) -> None:
     m["targets"]["cpu"]["compiled"][0]["logits"] = {"package": "model.safetensors", "constants": "model.safetensors"}
 
 
+def _logits_by_flag_beside_a_logits_program(m: dict[str, Any]) -> None:
+    """A shared last program computing the logits by a flag, in a step naming a logits program too."""
+    _compiled_step("model.safetensors")(m)
+    step = m["targets"]["cpu"]["compiled"][0]
+    step["programs"][0] |= {"logits": False, "logits_select": True}
+    step["logits"] = {"package": "model.safetensors", "constants": "model.safetensors"}
+
+
+def _logits_by_flag_not_last(m: dict[str, Any]) -> None:
+    """Two one-layer programs, the first run's computing the logits by a flag."""
+    _compiled_step("model.safetensors")(m)
+    step = m["targets"]["cpu"]["compiled"][0]
+    one = {"package": "model.safetensors", "constants": "model.safetensors", "layers": 1}
+    step["programs"] = [one | {"logits_select": True}, one | {"logits": True}]
+    step["order"] = [0, 1]
+
+
+BY_A_FLAG = r"compiled\[0\]\.programs.*compute the logits by a flag"
 INCONSISTENT: dict[str, tuple[Edit, str]] = {
     "order naming no program": (_programs(order=[1]), r"compiled\[0\]\.order"),
     "runs short of the layers": (_programs(layers=1), r"compiled\[0\]\.order runs 1 layers; the model has 2"),
@@ -166,6 +184,12 @@ INCONSISTENT: dict[str, tuple[Edit, str]] = {
         _programs(embed=True, embed_select=True),
         r"compiled\[0\]\.programs",
     ),
+    "a program ending with the logits and computing them by a flag": (
+        _programs(logits_select=True),
+        BY_A_FLAG,
+    ),
+    "logits by a flag beside a logits program": (_logits_by_flag_beside_a_logits_program, BY_A_FLAG),
+    "logits by a flag in the first run's program": (_logits_by_flag_not_last, BY_A_FLAG),
     "num_layers -1": (_set("model", "num_layers", value=-1), r"model\.num_layers is -1"),
     "num_layers 0": (_set("model", "num_layers", value=0), r"model\.num_layers"),
     "num_layers 3 for 2 layers": (_set("model", "num_layers", value=3), r"model\.num_layers is 3; the tensors hold 2"),

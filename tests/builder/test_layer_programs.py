@@ -26,20 +26,30 @@ def test_identical_layers_take_one_program_within_the_call_bound() -> None:
     plan = plan_programs(["a"] * 30, budget_seconds=GENEROUS)
     assert len(plan.programs) == 1 and plan.calls > 1
     assert sum(size for _, size in plan.runs) == 30 and plan.order == [0] * len(plan.runs)
-    # The one program serves every run: it embeds the ids by a select, and the logits run
-    # eagerly, counted as a call.
-    assert plan.embed_select and plan.logits_apart and plan.calls == len(plan.runs) + 1
+    # The one program serves every run: it embeds the ids by a select and computes the logits by a
+    # conditional, so that a step is its calls alone.
+    assert plan.embed_select and plan.logits_select and not plan.eager_logits and plan.calls == len(plan.runs)
+    # Without the conditional the logits run eagerly, counted as a call.
+    eager = plan_programs(["a"] * 30, budget_seconds=GENEROUS, select_logits=False)
+    assert eager.eager_logits and not eager.logits_select and eager.calls == len(eager.runs) + 1
 
 
 def test_a_small_model_keeps_one_program_and_a_large_one_gets_more_calls() -> None:
-    # SmolLM2's 96 MB, a step of ~4 ms: no eager logits (~100 µs) fit in its 1 %.
+    # SmolLM2's 96 MB, a step of ~4 ms: two more calls fit in its 1 %, so one program of a third
+    # of the layers serves all three runs, embedding by a select and computing the logits by a
+    # conditional: one program to compile, on one process or two.
     small = call_budget(96 << 20)
     assert CALL_SECONDS < small < 4 * CALL_SECONDS
-    assert plan_programs(["a"] * 30, small).runs == [(0, 30)]
     assert call_budget(2 << 30) > 40 * CALL_SECONDS
-    # Two processes: two programs compile at once, one serving the first two runs (it embeds by a
-    # select) and the last run's own ending with the logits, for two calls more.
-    split = plan_programs(["a"] * 30, small, processes=2)
+    for processes in (1, 2):
+        plan = plan_programs(["a"] * 30, small, processes=processes)
+        assert plan.runs == [(0, 10), (10, 10), (20, 10)] and plan.order == [0, 0, 0], processes
+        assert plan.embed_select and plan.logits_select and plan.calls == 3 and plan.call_seconds <= small
+    # Without the conditional, eager logits (~100 µs) do not fit: one process compiles the whole
+    # stack; two compile two programs at once, one serving the first two runs (it embeds by a
+    # select) and the last run's own ending with the logits.
+    assert plan_programs(["a"] * 30, small, select_logits=False).runs == [(0, 30)]
+    split = plan_programs(["a"] * 30, small, processes=2, select_logits=False)
     assert len(split.runs) == 3 and split.order == [0, 0, 1] and split.embed_select and not split.logits_apart
     assert split.runs[0][1] == split.runs[1][1] > split.runs[2][1]
     assert split.call_seconds <= small
@@ -58,15 +68,17 @@ def test_alternating_forms_share_a_program_of_their_period() -> None:
     for processes in (1, 2):
         plan = plan_programs(mix, three_b, processes=processes)
         assert plan.runs == [(i, 1) for i in range(28)] and len(plan.programs) == 2, processes
-        assert plan.logits_apart and plan.embed_select and plan.call_seconds <= three_b
+        assert plan.logits_select and plan.embed_select and plan.call_seconds <= three_b
         # Its q6k embedding is slow to compile into a program: looked up eagerly instead.
         eager = plan_programs(mix, three_b, processes=processes, select_embed=False)
         assert eager.runs == plan.runs and eager.embed_apart and not eager.embed_select
         assert eager.calls == plan.calls + 1 and eager.call_seconds <= three_b
     costs = plan.program_costs()
     assert makespan(costs, schedule(costs, 2)) < makespan(costs, schedule(costs, 1))
-    # Time for two more calls: one program serves two long runs, the short last run has its own.
-    assert plan_programs(pattern, 3 * CALL_SECONDS).runs == [(0, 28), (28, 28), (56, 4)]
+    # Time for two more calls: one program serves three runs of a third of the layers.
+    assert plan_programs(pattern, 3 * CALL_SECONDS).runs == [(0, 20), (20, 20), (40, 20)]
+    # Without the conditional: one program serves two long runs, the short last run has its own.
+    assert plan_programs(pattern, 3 * CALL_SECONDS, select_logits=False).runs == [(0, 28), (28, 28), (56, 4)]
     # Too little call time: one program.
     assert plan_programs(pattern, CALL_SECONDS).runs == [(0, 60)]
 

@@ -82,8 +82,8 @@ def test_tiny_compiled_matches_eager(tiny_compiled: Path) -> None:
 
 def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> None:
     """`--layers-per-program 1` on a model of identical layers: one program serves every layer, each
-    call with its own layer's weights (the first call embedding the tokens by a select, the logits
-    eager after the last); the tokens are eager execution's at every batch size."""
+    call with its own layer's weights (the first call embedding the tokens by a select, the last
+    computing the logits by a flag); the tokens are eager execution's at every batch size."""
     source = make_tiny_llama(tmp_path / "src")
     out = tmp_path / "tiny"
     result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS, layers_per_program=1))
@@ -91,7 +91,7 @@ def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> Non
     layers = result.manifest.model.num_layers
     assert layers > 1 and [p.layers for p in step.programs] == [1] and step.order == [0] * layers
     assert step.logits is None and not step.programs[0].logits and not step.programs[0].embed
-    assert step.programs[0].embed_select and step.eager_logits
+    assert step.programs[0].embed_select and step.programs[0].logits_select and not step.eager_logits
     vocab = result.manifest.model.vocab_size
     _compare(out, vocab, (1, 3))
 
@@ -387,18 +387,21 @@ def test_smollm2_compiled_matches_eager(
 ) -> None:
     """Acceptance 1: identical greedy continuations, f32 and q4k, batches 1, 3 (padded to 4) and 16,
     the default programs chained; also with runs of 5 layers sharing one program (the tied
-    embedding looked up and the logits computed eagerly)."""
+    embedding looked up by a select and the logits computed by a flag)."""
     out = tmp_path_factory.mktemp(f"aot-smollm2-{isq}") / "artifact"
     options = CompileOptions(buckets=BUCKETS, max_seq_len=512, layers_per_program=layers_per_program)
     result = build_compiled(smollm2_gguf, out, "smollm2", options, isq=isq)
     steps = result.manifest.compiled_for("cpu")
     for step in steps:
         # The first run's program embeds the tokens: from them alone where it serves no other run,
-        # else by a select; the last run's ends with the logits unless others share it.
+        # else by a select; the last run's ends with the logits where it serves no other run, else
+        # computes them by a flag.
         first, last = step.programs[step.order[0]], step.programs[step.order[-1]]
-        shared = step.order.count(step.order[0]) > 1
-        assert (first.embed_select, first.embed) == (shared, not shared)
-        assert step.logits is None and last.logits != step.eager_logits
+        shared_first = step.order.count(step.order[0]) > 1
+        shared_last = step.order.count(step.order[-1]) > 1
+        assert (first.embed_select, first.embed) == (shared_first, not shared_first)
+        assert (last.logits_select, last.logits) == (shared_last, not shared_last)
+        assert step.logits is None and not step.eager_logits
     if layers_per_program is not None:
         assert {len(step.order) for step in steps} == {6}
     _compare(out, vocab=49152, batches=batches, max_model_len=512)

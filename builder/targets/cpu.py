@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -1192,11 +1193,49 @@ def _warm_worker(stage: Path, library: KernelLibrary | None) -> None:
         cpu_kernels.load(stage / library.file, library.isa)
 
 
-def _may_split(options: CompileOptions, weight_bytes: int, capabilities: list[str]) -> bool:
-    """Whether a build may compile in more than one process: where its step may be more than one
-    program (the user's runs, or a step long enough for another call), or more than one
-    capability is wanted. A dense weight form, found later, may still start a worker then."""
-    return bool(options.layers_per_program) or call_budget(weight_bytes) >= CALL_SECONDS or len(capabilities) > 1
+def _may_split(
+    options: CompileOptions, spec: ModelSpec, formats: dict[str, str], weight_bytes: int, capabilities: list[str]
+) -> bool:
+    """Whether a build may compile in more than one process: where more than one capability is
+    wanted, or its step may be more than one program (the user's runs; layers of more than one
+    form; or alike layers that the plan, computed here as plan_for will, splits over two
+    programs). A worker started for nothing costs a build on two cores its imports' ~2.5 CPU
+    seconds beside the kernel libraries' compiles; one not started costs those seconds later, and
+    a dense weight form, found later, may still start one."""
+    if options.layers_per_program or len(capabilities) > 1:
+        return True
+    budget = call_budget(weight_bytes)
+    if budget < CALL_SECONDS:
+        return False
+    if not _layers_alike(spec, formats):
+        return True
+    embedding = formats.get("model.embed_tokens.weight", "")
+    select = embedding not in FORMATS or FORMATS[embedding].module != "kquants"  # as _lookup_compiles_quickly
+    plan = plan_programs([None] * spec.num_layers, budget, None, PLANNED_PROCESSES, select)
+    return len(plan.programs) > 1
+
+
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _layers_alike(spec: ModelSpec, formats: dict[str, str]) -> bool:
+    """Whether every decoder layer has the same tensors in the same formats and the same kind of
+    attention and MLP: then they trace to programs of one form (layer_signature), which is known
+    here before the model is built."""
+    tensors: list[set[tuple[str, str]]] = [set() for _ in range(spec.num_layers)]
+    for name, fmt in formats.items():
+        match = _LAYER_TENSOR.fullmatch(name)
+        if match is not None and int(match.group(1)) < spec.num_layers:
+            tensors[int(match.group(1))].add((match.group(2), fmt))
+    kinds = {
+        (
+            frozenset(layer),
+            spec.layer_types[i] if spec.layer_types else None,
+            i in spec.moe_layers if spec.moe_layers is not None else None,
+        )
+        for i, layer in enumerate(tensors)
+    }
+    return len(kinds) == 1
 
 
 def _compile_packages(
@@ -1224,7 +1263,7 @@ def _compile_packages(
         # traces its programs again, which pays only with a second core. A worker that may be
         # needed starts now: its imports (~4 s) overlap this process's model rebuild.
         pool = None
-        if cores >= 2 and _may_split(options, weight_bytes, wanted):
+        if cores >= 2 and _may_split(options, spec, formats, weight_bytes, wanted):
             pool = stack.enter_context(_worker_pool(cores - 1))
             pool.submit(_warm_worker, writer.stage, library)
         model = model_from_stage(writer.stage, files, spec, formats, dtype, options, library)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from llmc.artifacts.manifest import ModelSpec
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, BuildResult, build
 from llmc.builder.targets.base import CompileOptions
@@ -104,3 +105,38 @@ def grammar_accepts(compiler: tuple[Any, Any], grammar: str, text: str) -> bool:
             return False
         constraint.accept(token)
     return True
+
+
+# SmolLM2-135M's shapes, for tests that plan without building.
+SMOLLM2_SPEC = ModelSpec(
+    architecture="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
+
+
+def smollm2_tensor_shapes() -> dict[str, list[int]]:
+    """SmolLM2-135M's tensors by name, their shapes (no weights)."""
+    shapes = {"model.embed_tokens.weight": [49152, 576], "model.norm.weight": [576]}
+    for i in range(30):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": [576, 576],
+            p + "self_attn.k_proj.weight": [192, 576],
+            p + "self_attn.v_proj.weight": [192, 576],
+            p + "self_attn.o_proj.weight": [576, 576],
+            p + "mlp.gate_proj.weight": [1536, 576],
+            p + "mlp.up_proj.weight": [1536, 576],
+            p + "mlp.down_proj.weight": [576, 1536],
+            p + "input_layernorm.weight": [576],
+        }
+    return shapes

@@ -645,13 +645,12 @@ def export_layers(
         {0: batch},
         [{0: kv_slots}] * (2 * count),
     )
-    if embed_select:
-        args += (ids, torch.tensor([True]))
-        dynamic += ({0: batch}, None)
+    if embed_select or logits_select:  # the ids and their flag, or None for both (not inputs then)
+        args += (ids, torch.tensor([True])) if embed_select else (None, None)
+        dynamic += ({0: batch}, None) if embed_select else (None, None)
     if logits_select:
-        args += (None, None) if not embed_select else ()
         args += (torch.tensor([True]),)
-        dynamic += ((None, None) if not embed_select else ()) + (None,)
+        dynamic += (None,)
     started = time.perf_counter()
     exported = _export(model, weights, module, args, dynamic)
     log.info(

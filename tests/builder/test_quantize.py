@@ -14,7 +14,6 @@ import pytest
 import torch
 from openai import OpenAI
 
-from llmc.artifacts.manifest import ModelSpec
 from llmc.artifacts.reader import Artifact
 from llmc.builder.build import BuildOptions, build
 from llmc.builder.quant_plan import plan_quantization
@@ -22,45 +21,14 @@ from llmc.errors import BadInputError
 from llmc.quant.formats import FORMATS
 from llmc.runtime.sampling_params import SamplingParams
 from tests.conftest import make_tiny_llama
-from tests.helpers import generate, open_engine, prompt_logits
+from tests.helpers import SMOLLM2_SPEC, generate, open_engine, prompt_logits, smollm2_tensor_shapes
 from tests.server import running_server
 
 GREEDY_TOKENS = 16  # issue 3: llama.cpp's greedy text equals ours for at least the first 16 tokens
-SMOLLM2_SHAPES = ModelSpec(
-    architecture="llama",
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
-
-
-def _smollm2_shapes() -> dict[str, list[int]]:
-    shapes = {"model.embed_tokens.weight": [49152, 576], "model.norm.weight": [576]}
-    for i in range(30):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": [576, 576],
-            p + "self_attn.k_proj.weight": [192, 576],
-            p + "self_attn.v_proj.weight": [192, 576],
-            p + "self_attn.o_proj.weight": [576, 576],
-            p + "mlp.gate_proj.weight": [1536, 576],
-            p + "mlp.up_proj.weight": [1536, 576],
-            p + "mlp.down_proj.weight": [576, 1536],
-            p + "input_layernorm.weight": [576],
-        }
-    return shapes
 
 
 def test_plan_follows_llamacpp_mixes_and_fallbacks() -> None:
-    plan = plan_quantization(SMOLLM2_SHAPES, _smollm2_shapes(), "q4k")
+    plan = plan_quantization(SMOLLM2_SPEC, smollm2_tensor_shapes(), "q4k")
     # 576 is not a multiple of 256: q4k falls back to q5_0, as llama.cpp does.
     assert plan["model.layers.4.self_attn.q_proj.weight"].format == "q5_0"
     assert "576" in plan["model.layers.4.self_attn.q_proj.weight"].reason
@@ -72,11 +40,11 @@ def test_plan_follows_llamacpp_mixes_and_fallbacks() -> None:
     # The tied embedding is the output projection: q6k, falling back to q8_0 at width 576.
     assert plan["model.embed_tokens.weight"].format == "q8_0"
     assert plan["model.norm.weight"].format is None
-    legacy = plan_quantization(SMOLLM2_SHAPES, _smollm2_shapes(), "q4_0")
+    legacy = plan_quantization(SMOLLM2_SPEC, smollm2_tensor_shapes(), "q4_0")
     assert legacy["model.layers.0.mlp.down_proj.weight"].format == "q4_0"
     assert legacy["model.embed_tokens.weight"].format == "q8_0"
     with pytest.raises(BadInputError, match="q4k"):
-        plan_quantization(SMOLLM2_SHAPES, _smollm2_shapes(), "q4_k_m")
+        plan_quantization(SMOLLM2_SPEC, smollm2_tensor_shapes(), "q4_k_m")
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,13 @@ from llmc.artifacts.manifest import MANIFEST_NAME, TargetCode
 from llmc.artifacts.reader import Artifact
 from llmc.builder import BUILD_DTYPES, ISQ_FORMATS
 from llmc.builder.build import DTYPES, BuildOptions, build
+from llmc.builder.quant_plan import plan_quantization
 from llmc.builder.targets import TARGET_NAMES
+from llmc.builder.targets.base import CompileOptions
+from llmc.builder.targets.cpu import _may_split
 from llmc.errors import BadArtifactError, BadInputError
 from llmc.quant.formats import FORMATS
+from tests.helpers import SMOLLM2_SPEC, smollm2_tensor_shapes
 
 
 def test_command_line_choices_match_what_the_builder_takes(tmp_path: Path) -> None:
@@ -107,48 +111,25 @@ print(registered)
     assert result.stdout.strip() == "[]"
 
 
-def _smollm2_like_formats(layers: int, down_proj: dict[int, str] | None = None) -> dict[str, str]:
-    formats = {"model.embed_tokens.weight": "q8_0", "model.norm.weight": "f32"}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        formats |= {p + f"self_attn.{x}_proj.weight": "q4_1" for x in "qkvo"}
-        formats |= {p + f"mlp.{x}_proj.weight": "q4_1" for x in ("gate", "up")}
-        formats |= {p + "mlp.down_proj.weight": (down_proj or {}).get(i, "q4_1")}
-        formats |= {p + "input_layernorm.weight": "f32", p + "post_attention_layernorm.weight": "f32"}
-    return formats
+def _planned_formats(isq: str) -> dict[str, str]:
+    """SmolLM2's tensors' formats as the build plans them for `isq` (unquantized ones "f32")."""
+    plan = plan_quantization(SMOLLM2_SPEC, smollm2_tensor_shapes(), isq)
+    return {name: entry.format or "f32" for name, entry in plan.items()}
 
 
 def test_a_compile_worker_is_started_early_only_where_the_plan_may_want_one() -> None:
     """SmolLM2's alike layers plan to one program (runs of 10 sharing it): no worker is started for
     nothing beside the build; a mix of layer forms, the user's runs or two capabilities may want one."""
-    from llmc.artifacts.manifest import ModelSpec
-    from llmc.builder.targets.base import CompileOptions
-    from llmc.builder.targets.cpu import _may_split
-
-    spec = ModelSpec(
-        architecture="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
     smollm2, options = 96 << 20, CompileOptions()
-    alike = _smollm2_like_formats(30)
-    assert not _may_split(options, spec, alike, smollm2, ["AVX2"])
-    assert _may_split(CompileOptions(layers_per_program=5), spec, alike, smollm2, ["AVX2"])
-    assert _may_split(options, spec, alike, smollm2, ["AVX512", "AVX2"])
-    # Some layers' down_proj in q6k (a Q4_K_M mix): a program per form, compiled at once.
-    mixed = _smollm2_like_formats(30, {i: "q6k" for i in range(0, 30, 3)})
-    assert _may_split(options, spec, mixed, smollm2, ["AVX2"])
+    alike = _planned_formats("q4_0")
+    assert not _may_split(options, SMOLLM2_SPEC, alike, smollm2, ["AVX2"])
+    assert _may_split(CompileOptions(layers_per_program=5), SMOLLM2_SPEC, alike, smollm2, ["AVX2"])
+    assert _may_split(options, SMOLLM2_SPEC, alike, smollm2, ["AVX512", "AVX2"])
+    # q4k's mix keeps some layers' down_proj in q6k: a program per form, compiled at once.
+    mixed = _planned_formats("q4k")
+    assert _may_split(options, SMOLLM2_SPEC, mixed, smollm2, ["AVX2"])
     # Sliding and full attention in turn: two forms as well.
-    sliding = msgspec.structs.replace(spec, layer_types=["sliding_attention", "full_attention"] * 15)
+    sliding = msgspec.structs.replace(SMOLLM2_SPEC, layer_types=["sliding_attention", "full_attention"] * 15)
     assert _may_split(options, sliding, alike, smollm2, ["AVX2"])
     # A step too short for a second call: one program, whatever the layers.
-    assert not _may_split(options, spec, mixed, 1 << 20, ["AVX2"])
+    assert not _may_split(options, SMOLLM2_SPEC, mixed, 1 << 20, ["AVX2"])

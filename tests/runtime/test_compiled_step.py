@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -94,6 +95,28 @@ def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> Non
     assert step.programs[0].embed_select and step.programs[0].logits_select and not step.eager_logits
     vocab = result.manifest.model.vocab_size
     _compare(out, vocab, (1, 3))
+
+
+def test_a_shared_last_program_computes_the_logits_beside_an_eager_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the embedding is looked up eagerly (a K-quant table's lookup is slow to compile into a
+    program; forced here), the shared program takes only the logits' flag, without the ids and
+    theirs; the tokens are eager execution's."""
+
+    monkeypatch.setattr(sys.modules["llmc.builder.targets.cpu"], "_lookup_compiles_quickly", lambda model: False)
+    # Neither the compile cache's step of the same model (which embeds by a select) nor one left
+    # there for the other tests: compiled afresh, kept out of the cache.
+    cache = sys.modules["llmc.builder.compile_cache"]
+    monkeypatch.setattr(cache, "load", lambda key: None)
+    monkeypatch.setattr(cache, "store", lambda key, meta, files: None)
+    source = make_tiny_llama(tmp_path / "src")
+    out = tmp_path / "tiny"
+    result = build_compiled(source, out, "tiny", CompileOptions(buckets=BUCKETS, layers_per_program=1))
+    (step,) = result.manifest.compiled_for("cpu")
+    (program,) = step.programs
+    assert program.logits_select and not program.embed_select and not program.embed and not step.eager_logits
+    _compare(out, result.manifest.model.vocab_size, (1, 3))
 
 
 @pytest.fixture(scope="module")

@@ -340,3 +340,40 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_ENTRY_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+from llmc import cli
+
+out = Path(sys.argv[1])
+
+def work():
+    time.sleep(0.3)
+    out.joinpath("thread").write_text("done")
+
+def fake_main():
+    threading.Thread(target=work).start()  # a non-daemon thread still at work when main returns
+    atexit.register(lambda: out.joinpath("atexit").write_text("ran"))
+    print("buffered", end="")  # stdout is a pipe: block-buffered until the exit flushes it
+    if sys.argv[2] != "return":
+        sys.exit(None if sys.argv[2] == "none" else int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2])
+
+cli.main = fake_main
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("none", 0), ("3", 3), ("a message", 1)])
+def test_the_command_skips_finalizing_but_ends_as_a_normal_exit(tmp_path: Path, how: str, code: int) -> None:
+    """`entry` exits without the interpreter's slow teardown (~1 s after a build), yet the process
+    ends as a normal exit would: threads joined, exit handlers run, stdout flushed, the status and
+    a message passed to sys.exit kept."""
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", _ENTRY_SCRIPT, str(tmp_path), how], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stdout == "buffered"
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
+    assert result.stderr == ("a message\n" if how == "a message" else "")

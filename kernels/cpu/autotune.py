@@ -126,7 +126,8 @@ def cache_key(
     signature: list[tuple[str, int, int, int]], threads: int, kernel_isa: str | None, act_dtype: torch.dtype
 ) -> str:
     """The key of a measurement: the weight shapes, the CPU's model and flags, the thread count,
-    torch, the kernel library loaded (its ISA) and the activations' dtype."""
+    torch, the kernel library loaded (its ISA and how it quantizes the K-quant forms'
+    activations) and the activations' dtype."""
     parts = {
         "schema": _SCHEMA,
         "shapes": signature,
@@ -135,6 +136,7 @@ def cache_key(
         "threads": threads,
         "torch": torch.__version__,
         "kernel_isa": kernel_isa,
+        "kquant_activations": cpu_kernels.kquant_activations() if kernel_isa is not None else None,
         "activations": str(act_dtype),
         "rows": ROWS,
     }

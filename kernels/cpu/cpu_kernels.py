@@ -402,6 +402,18 @@ def prefetch_cache() -> str | None:
     return "L2" if torch.ops.llmc.qmatmul_prefetch_l2() else "L1"
 
 
+def kquant_activations() -> str | None:
+    """How the loaded library quantizes the q4k and q6k forms' activations in this process:
+    "per 256" (one scale per super-block, the sub-block scales folded in integers: the AVX-512
+    library where AMX does not run, and the AVX2 one) or "per group" (16 or 32 inputs: AMX,
+    AVX-VNNI, ARM, `$LLMC_CPU_KQUANT_PER_GROUP=1`); None without a library."""
+    if loaded_isa() is None:
+        return None
+    if not hasattr(torch.ops.llmc, "qmatmul_kquant_activation_inputs"):
+        return "per group"
+    return "per 256" if torch.ops.llmc.qmatmul_kquant_activation_inputs() else "per group"
+
+
 def loaded_variant() -> str | None:
     """What the loaded kernels run as, for logs and for the keys of measurements made with them:
     the library's ISA, with "+amx" where its matmul uses AMX; None without a library."""
@@ -456,7 +468,14 @@ def load_bytes(data: bytes, isa: str) -> str | None:
             return f"the library is not this llmc's: its op {name} is {found or 'missing'}"
     _register_fakes()
     _loaded[digest] = (isa, path)
-    log.info("cpu_kernels.loaded", sha256=digest, isa=isa, amx=uses_amx(), prefetch=prefetch_cache())
+    log.info(
+        "cpu_kernels.loaded",
+        sha256=digest,
+        isa=isa,
+        amx=uses_amx(),
+        prefetch=prefetch_cache(),
+        kquant_activations=kquant_activations(),
+    )
     return None
 
 

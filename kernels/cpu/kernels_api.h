@@ -21,11 +21,19 @@ struct Problem {
   const float* sum;
   float* y;
   int64_t m, k, n, groups, group, bits, block_bytes;
+  // A K-quant form's activations quantized per super-block (superblock_activations_isa): then
+  // `scale` holds one dx per 256 inputs and `sums` the int sums per `group` inputs; `sum` is unused.
+  const int16_t* sums = nullptr;
+  bool per_super = false;
 };
 
 // qmatmul_driver.h's quantize_activations and run_blocks, as compiled for the library's ISA.
 void quantize_activations_isa(const float* x, int64_t count, int64_t group, int8_t* q, float* scale, float* sum);
 void run_blocks_isa(const Problem& p, int64_t first, int64_t last);
+// Whether this library, in this process, takes the K-quant forms' activations quantized per
+// super-block of 256 inputs (qmatmul_driver.h quantize_superblocks), and that quantization.
+bool superblock_activations_isa();
+void quantize_superblocks_isa(const float* x, int64_t count, int64_t sub, int8_t* q, float* scale, int16_t* sums);
 bool uses_amx_isa();  // whether run_blocks_isa takes its biggest problems to AMX in this process
 bool prefetches_to_l2_isa();  // where run_blocks_isa's weight prefetches go (qmatmul_common.h)
 // The bf16 path (qmatmul_amx.h): whether it runs here, and blocks first..last-1 of it over the

@@ -15,6 +15,12 @@ void quantize_activations_isa(const float* x, int64_t count, int64_t group, int8
 
 void run_blocks_isa(const Problem& p, int64_t first, int64_t last) { run_blocks(p, first, last); }
 
+bool superblock_activations_isa() { return superblock_activations(); }
+
+void quantize_superblocks_isa(const float* x, int64_t count, int64_t sub, int8_t* q, float* scale, int16_t* sums) {
+  quantize_superblocks(x, count, sub, q, scale, sums);
+}
+
 bool uses_amx_isa() { return uses_amx(); }
 
 bool prefetches_to_l2_isa() { return kPrefetchToL2; }

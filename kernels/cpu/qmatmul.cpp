@@ -82,11 +82,48 @@ void check_operands(const Tensor& x, const Tensor& weight, const Tensor& scales,
   STD_TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "qmatmul: weights must be contiguous");
 }
 
+// The K-quant forms' matmul where the library takes their activations per super-block
+// (kernels_api.h superblock_activations_isa): x → int8 with one scale per 256 inputs and int16
+// sums per group, then the blocks.
+Tensor qmatmul_per_super(const Tensor& xf, const Tensor& weight, const Tensor& scales, int64_t bits, int64_t k,
+                         int64_t group, int64_t groups) {
+  const int64_t m = xf.size(0), n = weight.size(0) * kRows, supers = k / llmc_qmatmul::kSuperInputs;
+  Tensor xq = llmc_torch::empty({m, k}, aoti_torch_dtype_int8());
+  Tensor dx = llmc_torch::empty_float({m, supers});
+  Tensor sums = llmc_torch::empty({m, groups}, aoti_torch_dtype_int16());
+  const float* xp = xf.const_data_ptr<float>();
+  int8_t* qp = xq.mutable_data_ptr<int8_t>();
+  float* dxp = dx.mutable_data_ptr<float>();
+  auto* sp = static_cast<int16_t*>(sums.mutable_data_ptr());
+  const int64_t per = llmc_qmatmul::kSuperInputs / group;
+  torch::stable::parallel_for(0, m * supers, kQuantizeGrain / per, [&](int64_t first, int64_t last) {
+    llmc_qmatmul::quantize_superblocks_isa(xp + first * llmc_qmatmul::kSuperInputs, last - first, group,
+                                           qp + first * llmc_qmatmul::kSuperInputs, dxp + first, sp + first * per);
+  });
+  Tensor y = llmc_torch::empty_float({m, n});
+  llmc_qmatmul::Problem p{weight.const_data_ptr<uint8_t>(),
+                          static_cast<const Half16*>(scales.const_data_ptr()),
+                          qp,
+                          dxp,
+                          nullptr,
+                          y.mutable_data_ptr<float>(),
+                          m, k, n, groups, group, bits, weight.size(1)};
+  p.sums = sp;
+  p.per_super = true;
+  torch::stable::parallel_for(0, weight.size(0), 1,
+                              [&](int64_t first, int64_t last) { llmc_qmatmul::run_blocks_isa(p, first, last); });
+  return y;
+}
+
+bool is_kquant_form(int64_t bits) { return bits == llmc_qmatmul::kQ6KBits || bits == llmc_qmatmul::kQ4KBits; }
+
 Tensor qmatmul(Tensor x, Tensor weight, Tensor scales, int64_t bits) {
   check_operands(x, weight, scales, bits);
   const int64_t m = x.size(0), blocks = weight.size(0), n = blocks * kRows;
   const auto [k, group, groups] = geometry(x, weight, scales, bits);
   const Tensor xf = llmc_torch::float_contiguous(x);
+  if (is_kquant_form(bits) && llmc_qmatmul::superblock_activations_isa())
+    return qmatmul_per_super(xf, weight, scales, bits, k, group, groups);
   Tensor xq = llmc_torch::empty({m, k}, aoti_torch_dtype_int8());
   Tensor dx = llmc_torch::empty_float({m, groups});
   Tensor xsum = llmc_torch::empty_float({m, groups});
@@ -164,6 +201,13 @@ std::vector<int64_t> qmatmul_bits() { return {4, 8, llmc_qmatmul::kQ6KBits, llmc
 // kernel's grant and $LLMC_CPU_AMX decide. A library without this op never does.
 bool qmatmul_amx() { return llmc_qmatmul::uses_amx_isa(); }
 
+// The inputs per activation scale of the K-quant forms' matmul here: 256 where the library takes
+// them per super-block (kernels_api.h), else the forms' groups (16 for q6k, 32 for q4k, returned
+// as 0: "per group"). A library without this op quantizes per group.
+int64_t qmatmul_kquant_activation_inputs() {
+  return llmc_qmatmul::superblock_activations_isa() ? llmc_qmatmul::kSuperInputs : 0;
+}
+
 // Whether the weights' prefetches fill L2 rather than L1 on this CPU (qmatmul_common.h).
 bool qmatmul_prefetch_l2() { return llmc_qmatmul::prefetches_to_l2_isa(); }
 
@@ -174,6 +218,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(llmc, m) {
   m.def("qmatmul_bits() -> int[]");
   m.def("qmatmul_amx() -> bool");
   m.def("qmatmul_prefetch_l2() -> bool");
+  m.def("qmatmul_kquant_activation_inputs() -> int");
   m.def("qmatmul_bf16(Tensor x, Tensor weight, Tensor scales, int bits) -> Tensor");
   m.def("qmatmul_bf16_available() -> bool");
 }
@@ -188,5 +233,6 @@ STABLE_TORCH_LIBRARY_IMPL(llmc, CompositeExplicitAutograd, m) {
   m.impl("qmatmul_bits", TORCH_BOX(&qmatmul_bits));
   m.impl("qmatmul_amx", TORCH_BOX(&qmatmul_amx));
   m.impl("qmatmul_prefetch_l2", TORCH_BOX(&qmatmul_prefetch_l2));
+  m.impl("qmatmul_kquant_activation_inputs", TORCH_BOX(&qmatmul_kquant_activation_inputs));
   m.impl("qmatmul_bf16_available", TORCH_BOX(&qmatmul_bf16_available));
 }

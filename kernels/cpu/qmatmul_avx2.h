@@ -215,6 +215,159 @@ void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
   q4k_half_rows<kBatch>(w, sc, a, groups, k, y, ldy, 1);
 }
 
+// The K-quant forms over activations quantized per super-block (qmatmul_common.h
+// SuperActivations; used where superblock_activations() in qmatmul_driver.h), 8 rows per half as
+// above. Plain AVX2 folds a sub-block's integer scale into the `vpmaddwd` that widens the int16
+// sums (its operand the scale twice per row instead of ones), so a super-block's groups add up in
+// int32; the offsets' part comes from the activations' group sums, `vpmaddwd` on pairs of groups.
+// Per super-block and row two converts and two FMAs remain of the float epilogue the per-group
+// loops pay per group. Every int32 sum fits (bounds in qmatmul_avx512.h; the int16 ones are those
+// of the per-group loops above). Not in the AVX-VNNI build: no CPU at hand runs it, so its loops
+// stay the per-group ones above.
+#ifndef __AVXVNNI__
+#define LLMC_QMATMUL_SUPER 1
+
+// Rows sharing a pass: 4 keeps each row's float and int32 accumulators and its products in
+// registers; at 8 they spill.
+constexpr int64_t kSuperBatch = 4;
+
+// 8 rows' sub-block factors of groups 2j and 2j + 1 as int16 pairs per int32 lane (the `vpmaddwd`
+// operand): bytes unsigned (q4k's mins) or signed (q6k's scales).
+template <bool kSigned>
+[[gnu::always_inline]] inline __m256i factor_pairs8(const uint8_t* first, const uint8_t* second) {
+  const __m128i pairs = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(first)),
+                                          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(second)));
+  return kSigned ? _mm256_cvtepi8_epi16(pairs) : _mm256_cvtepu8_epi16(pairs);
+}
+
+// The activations' sums of groups 2j and 2j + 1 of a row, as one int16 pair broadcast.
+[[gnu::always_inline]] inline __m256i sum_pair8(const int16_t* sums) {
+  int32_t pair;
+  std::memcpy(&pair, sums, 4);
+  return _mm256_set1_epi32(pair);
+}
+
+// 8 rows' factor of one group, each twice (a row's two int16 lanes of `vpmaddubsw` sums):
+// unsigned for q4k's scales, signed for q6k's.
+template <bool kSigned>
+[[gnu::always_inline]] inline __m256i factor_twice(const uint8_t* bytes) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i twice = _mm_unpacklo_epi8(b, b);
+  return kSigned ? _mm256_cvtepi8_epi16(twice) : _mm256_cvtepu8_epi16(twice);
+}
+
+template <int kBatch>
+void q4k_super_half(const uint8_t* w, const Half16* sc, const SuperActivations& a, int64_t supers, int64_t k, float* y,
+                    int64_t ldy, int half) {
+  __m256 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const int64_t groups = supers * kQ4KGroups;
+  for (int64_t s = 0; s < supers; ++s) {
+    const uint8_t* ws = w + s * kQ4KSuperBytes;
+    const Half16* dd = sc + s * 2 * kRows + half * kHalfRows;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dd)));
+    const __m256 neg_dmin =
+        _mm256_sub_ps(_mm256_setzero_ps(), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dd + kRows))));
+    // the offsets' part first, so that its sums need no registers during the groups
+    const uint8_t* mn = ws + kQ4KValueBytes + kQ4KGroups * kRows + half * kHalfRows;
+    for (int m = 0; m < kBatch; ++m) {
+      __m256i mins = _mm256_setzero_si256();
+      for (int j = 0; j < kQ4KGroups / 2; ++j)
+        mins = _mm256_add_epi32(mins, _mm256_madd_epi16(factor_pairs8<false>(mn + 2 * j * kRows, mn + (2 * j + 1) * kRows),
+                                                        sum_pair8(a.sums + m * groups + s * kQ4KGroups + 2 * j)));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_mul_ps(neg_dmin, _mm256_set1_ps(a.scale[m * supers + s])),
+                               acc[m]);
+    }
+    __m256i scaled[kBatch];
+    for (int m = 0; m < kBatch; ++m) scaled[m] = _mm256_setzero_si256();
+    for (int g = 0; g < kQ4KGroups; ++g) {
+      prefetch_q4k_group(ws, g);
+      const int64_t gi = s * kQ4KGroups + g;
+      __m256i dot[kBatch];
+      for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 256 + c * 64 + half * 32));
+        const __m256i lo = _mm256_and_si256(v, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < kBatch; ++m) {
+          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
+          dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x)),
+                                                             _mm256_maddubs_epi16(hi, broadcast4(x + 4))));
+        }
+      }
+      const __m256i factor = factor_twice<false>(ws + kQ4KValueBytes + g * kRows + half * kHalfRows);
+      for (int m = 0; m < kBatch; ++m) scaled[m] = _mm256_add_epi32(scaled[m], _mm256_madd_epi16(dot[m], factor));
+    }
+    for (int m = 0; m < kBatch; ++m)
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled[m]), _mm256_mul_ps(d, _mm256_set1_ps(a.scale[m * supers + s])),
+                               acc[m]);
+  }
+  for (int m = 0; m < kBatch; ++m) _mm256_storeu_ps(y + m * ldy + half * kHalfRows, acc[m]);
+}
+
+template <int kBatch>
+void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& a, int64_t supers, int64_t k, float* y,
+                    int64_t ldy) {
+  q4k_super_half<kBatch>(w, sc, a, supers, k, y, ldy, 0);
+  q4k_super_half<kBatch>(w, sc, a, supers, k, y, ldy, 1);
+}
+
+template <int kBatch>
+void q6k_super_half(const uint8_t* w, const Half16* sc, const SuperActivations& a, int64_t supers, int64_t k, float* y,
+                    int64_t ldy, int half) {
+  __m256 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  const int64_t groups = supers * kQ6KGroups;
+  for (int64_t s = 0; s < supers; ++s) {
+    const uint8_t* ws = w + s * kQ6KSuperBytes + half * 32;
+    const uint8_t* subs = w + s * kQ6KSuperBytes + kQ6KLowBytes + kQ6KHighBytes + half * kHalfRows;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + s * kRows + half * kHalfRows)));
+    // the bias's part first (-32 * sum_g sc_g * xsum_g), so that its sums need no registers during the groups
+    __m256i scaled[kBatch];
+    for (int m = 0; m < kBatch; ++m) {
+      __m256i bias = _mm256_setzero_si256();
+      for (int j = 0; j < kQ6KGroups / 2; ++j)
+        bias = _mm256_add_epi32(bias, _mm256_madd_epi16(factor_pairs8<true>(subs + 2 * j * kRows, subs + (2 * j + 1) * kRows),
+                                                        sum_pair8(a.sums + m * groups + s * kQ6KGroups + 2 * j)));
+      scaled[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(bias, 5));  // 32 = kQ6KBias
+    }
+    for (int g = 0; g < kQ6KGroups; ++g) {
+      prefetch_q6k_group(ws - half * 32, g);
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128 + 64));
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + kQ6KLowBytes + g * 64));
+      const __m256i u[4] = {
+          _mm256_or_si256(_mm256_and_si256(v0, nibble), _mm256_and_si256(_mm256_slli_epi16(h, 4), top)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble), _mm256_and_si256(_mm256_slli_epi16(h, 2), top)),
+          _mm256_or_si256(_mm256_and_si256(v1, nibble), _mm256_and_si256(h, top)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(h, 2), top)),
+      };
+      const __m256i factor = factor_twice<true>(subs + g * kRows);
+      const int64_t gi = s * kQ6KGroups + g;
+      for (int m = 0; m < kBatch; ++m) {
+        const int8_t* x = a.q + m * k + gi * kQ6KGroup;
+        const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(u[0], broadcast4(x)), _mm256_maddubs_epi16(u[1], broadcast4(x + 4)));
+        const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(u[2], broadcast4(x + 8)), _mm256_maddubs_epi16(u[3], broadcast4(x + 12)));
+        scaled[m] = _mm256_add_epi32(scaled[m], _mm256_add_epi32(_mm256_madd_epi16(p01, factor), _mm256_madd_epi16(p23, factor)));
+      }
+    }
+    for (int m = 0; m < kBatch; ++m)
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled[m]), _mm256_mul_ps(d, _mm256_set1_ps(a.scale[m * supers + s])),
+                               acc[m]);
+  }
+  for (int m = 0; m < kBatch; ++m) _mm256_storeu_ps(y + m * ldy + half * kHalfRows, acc[m]);
+}
+
+template <int kBatch>
+void q6k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& a, int64_t supers, int64_t k, float* y,
+                    int64_t ldy) {
+  q6k_super_half<kBatch>(w, sc, a, supers, k, y, ldy, 0);
+  q6k_super_half<kBatch>(w, sc, a, supers, k, y, ldy, 1);
+}
+#endif  // __AVXVNNI__
+
 template <int kGroup, int kBits, int kBatch>
 void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                 int64_t ldy) {

@@ -162,4 +162,136 @@ void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
+// The K-quant forms over activations quantized per super-block (qmatmul_common.h
+// SuperActivations; used where superblock_activations() in qmatmul_driver.h). A sub-block's
+// integer scale multiplies its int32 sums (`vpmulld`), so a super-block's 8 or 16 groups add up in
+// integers, and the offsets' part comes from the activations' group sums by `vpdpwssd` on pairs of
+// groups: per super-block and row, two converts and two FMAs remain of the float epilogue the
+// per-group loops above pay per group. All integer sums fit int32 (q4k: 8 * 63 * 32 * 15 * 127;
+// q6k: 16 * 128 * 16 * 63 * 127), each within 2^31 / 8.
+#define LLMC_QMATMUL_SUPER 1
+
+constexpr int64_t kSuperBatch = kMaxBatch;  // rows sharing a pass, as the per-group loops
+
+// Sub-block factors of groups 2j and 2j + 1 for the 16 rows, as int16 pairs per int32 lane (the
+// `vpdpwssd` operand): bytes unsigned (q4k's mins) or signed (q6k's scales).
+template <bool kSigned>
+[[gnu::always_inline]] inline __m512i factor_pairs(const uint8_t* first, const uint8_t* second) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(first));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(second));
+  const __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
+  return kSigned ? _mm512_cvtepi8_epi16(pairs) : _mm512_cvtepu8_epi16(pairs);
+}
+
+// The activations' sums of groups 2j and 2j + 1 of row m, as one int16 pair broadcast.
+[[gnu::always_inline]] inline __m512i sum_pair(const int16_t* sums) {
+  int32_t pair;
+  std::memcpy(&pair, sums, 4);
+  return _mm512_set1_epi32(pair);
+}
+
+// The q4k form: y += dx * (d * sum_g sc_g * dot_g - dmin * sum_g mn_g * xsum_g) per super-block.
+template <int kBatch>
+void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& a, int64_t supers, int64_t k, float* y,
+                    int64_t ldy) {
+  __m512 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const int64_t groups = supers * kQ4KGroups;
+  for (int64_t s = 0; s < supers; ++s) {
+    const uint8_t* ws = w + s * kQ4KSuperBytes;
+    __m512i scaled[kBatch], mins[kBatch];
+    for (int m = 0; m < kBatch; ++m) scaled[m] = mins[m] = _mm512_setzero_si512();
+    for (int g = 0; g < kQ4KGroups; ++g) {
+      prefetch_q4k_group(ws, g);
+      const int64_t gi = s * kQ4KGroups + g;
+      __m512i dot[kBatch];
+      for (int m = 0; m < kBatch; ++m) dot[m] = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(ws + g * 256 + c * 64);
+        const __m512i lo = _mm512_and_si512(v, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < kBatch; ++m) {
+          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
+          int32_t x0, x1;
+          std::memcpy(&x0, x, 4);
+          std::memcpy(&x1, x + 4, 4);
+          dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
+          dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
+        }
+      }
+      const __m512i scg =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows)));
+      for (int m = 0; m < kBatch; ++m) scaled[m] = _mm512_add_epi32(scaled[m], _mm512_mullo_epi32(scg, dot[m]));
+    }
+    const uint8_t* mn = ws + kQ4KValueBytes + kQ4KGroups * kRows;
+    for (int j = 0; j < kQ4KGroups / 2; ++j) {
+      const __m512i pairs = factor_pairs<false>(mn + 2 * j * kRows, mn + (2 * j + 1) * kRows);
+      for (int m = 0; m < kBatch; ++m)
+        mins[m] = _mm512_dpwssd_epi32(mins[m], pairs, sum_pair(a.sums + m * groups + s * kQ4KGroups + 2 * j));
+    }
+    const Q4KSuper f = q4k_super(sc, s);
+    for (int m = 0; m < kBatch; ++m) {
+      const __m512 dx = _mm512_set1_ps(a.scale[m * supers + s]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[m]), _mm512_mul_ps(f.d, dx), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins[m]), _mm512_mul_ps(f.neg_dmin, dx), acc[m]);
+    }
+  }
+  for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
+}
+
+// The q6k form: y += dx * d * (sum_g sc_g * dot_g - 32 * sum_g sc_g * xsum_g) per super-block.
+template <int kBatch>
+void q6k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& a, int64_t supers, int64_t k, float* y,
+                    int64_t ldy) {
+  __m512 acc[kBatch];
+  for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  constexpr int kOrAnd = 0xF8;  // vpternlogd's truth table of a | (b & c)
+  const int64_t groups = supers * kQ6KGroups;
+  for (int64_t s = 0; s < supers; ++s) {
+    const uint8_t* ws = w + s * kQ6KSuperBytes;
+    const uint8_t* subs = ws + kQ6KLowBytes + kQ6KHighBytes;
+    __m512i scaled[kBatch], bias[kBatch];
+    for (int m = 0; m < kBatch; ++m) scaled[m] = bias[m] = _mm512_setzero_si512();
+    for (int g = 0; g < kQ6KGroups; ++g) {
+      const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
+      prefetch_q6k_group(ws, g);
+      const __m512i h = _mm512_loadu_si512(ws + kQ6KLowBytes + g * 64);
+      const __m512i u[4] = {
+          _mm512_ternarylogic_epi32(_mm512_and_si512(v0, nibble), _mm512_slli_epi16(h, 4), top, kOrAnd),
+          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble), _mm512_slli_epi16(h, 2), top,
+                                    kOrAnd),
+          _mm512_ternarylogic_epi32(_mm512_and_si512(v1, nibble), h, top, kOrAnd),
+          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble), _mm512_srli_epi16(h, 2), top,
+                                    kOrAnd),
+      };
+      const __m512i scg = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(subs + g * kRows)));
+      const int64_t gi = s * kQ6KGroups + g;
+      for (int m = 0; m < kBatch; ++m) {
+        const int8_t* x = a.q + m * k + gi * kQ6KGroup;
+        __m512i dot = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          int32_t xt;
+          std::memcpy(&xt, x + 4 * t, 4);
+          dot = _mm512_dpbusd_epi32(dot, u[t], _mm512_set1_epi32(xt));
+        }
+        scaled[m] = _mm512_add_epi32(scaled[m], _mm512_mullo_epi32(scg, dot));
+      }
+    }
+    for (int j = 0; j < kQ6KGroups / 2; ++j) {
+      const __m512i pairs = factor_pairs<true>(subs + 2 * j * kRows, subs + (2 * j + 1) * kRows);
+      for (int m = 0; m < kBatch; ++m)
+        bias[m] = _mm512_dpwssd_epi32(bias[m], pairs, sum_pair(a.sums + m * groups + s * kQ6KGroups + 2 * j));
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + s * kRows)));
+    for (int m = 0; m < kBatch; ++m) {
+      const __m512i total = _mm512_sub_epi32(scaled[m], _mm512_slli_epi32(bias[m], 5));  // 32 = kQ6KBias
+      const __m512 dx = _mm512_set1_ps(a.scale[m * supers + s]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, dx), acc[m]);
+    }
+  }
+  for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
+}
+
 }  // namespace llmc_qmatmul

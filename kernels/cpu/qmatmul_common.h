@@ -19,6 +19,17 @@ struct Activations {
   const float* sum;     // [M, K / G]: sum of q over the group, as float
 };
 
+// The activations of a K-quant form quantized per super-block (qmatmul_driver.h
+// quantize_superblocks): one scale per 256 inputs, as llama.cpp's q8_K, and the int sums per
+// sub-block the form's offsets multiply.
+constexpr int64_t kSuperInputs = 256;
+
+struct SuperActivations {
+  const int8_t* q;      // [M, K]
+  const float* scale;   // [M, K / 256]: dx
+  const int16_t* sums;  // [M, K / G]: sum of q over each group of G = 16 (q6k) or 32 (q4k)
+};
+
 // How far ahead of the inner loop its weights are prefetched (each line once). The hardware
 // prefetcher alone kept a 2-core Intel Xeon VM's kernel at 19-24 GB/s, and the q6k form, which
 // walks three regions of each super-block at once, at 12; measured in docs/BENCHMARKS.md. About
@@ -110,6 +121,10 @@ using Half16 = uint16_t;
 
 // y[m, 0:16] = the block's 16 outputs for activation rows m < kBatch (row stride ldy).
 using BlockFn = void (*)(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k,
+                         float* y, int64_t ldy);
+
+// The same for a K-quant form over activations quantized per super-block (`supers` = K / 256).
+using SuperFn = void (*)(const uint8_t* w, const Half16* sc, const SuperActivations& a, int64_t supers, int64_t k,
                          float* y, int64_t ldy);
 
 }  // namespace llmc_qmatmul

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <utility>
 
@@ -141,8 +143,139 @@ inline void quantize_activations(const float* x, int64_t count, int64_t group, i
   for (int64_t i = 0; i < count; ++i) quantize_group(x + i * group, group, q + i * group, scale + i, sum + i);
 }
 
+// One super-block of x (256 floats) → int8 with one scale (max|x| / 127, rounded as
+// quantize_group rounds) and the int sum of each group of `sub` (16 or 32) values, which fits
+// int16 (32 * 127). A super-block holding NaN or inf gets zeros, a NaN scale and sums 0.
+inline void quantize_superblock_scalar(const float* xs, int64_t sub, int8_t* q, float* scale, int16_t* sums) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t j = 0; j < kSuperInputs; ++j) {
+    amax = std::max(amax, std::fabs(xs[j]));
+    finite = finite && std::isfinite(xs[j]);
+  }
+  if (!finite) {
+    std::fill(q, q + kSuperInputs, int8_t{0});
+    std::fill(sums, sums + kSuperInputs / sub, int16_t{0});
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const float inv = inverse_step(amax);
+  for (int64_t g = 0; g < kSuperInputs / sub; ++g) {
+    int32_t total = 0;
+    for (int64_t j = g * sub; j < (g + 1) * sub; ++j) {
+      const auto v = static_cast<int32_t>(std::nearbyint(xs[j] * inv));
+      q[j] = static_cast<int8_t>(v);
+      total += v;
+    }
+    sums[g] = static_cast<int16_t>(total);
+  }
+  *scale = amax / kInt8Max;
+}
+
+#if defined(__AVX2__)
+// The same float32 operations 8 lanes at a time, the bytes equal to the scalar loop's (as in
+// quantize_group).
+inline void quantize_superblock(const float* xs, int64_t sub, int8_t* q, float* scale, int16_t* sums) {
+  const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
+  __m256 amax = zero, bad = zero;
+  for (int64_t j = 0; j < kSuperInputs; j += 8) {
+    const __m256 v = _mm256_loadu_ps(xs + j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), zero, _CMP_NEQ_UQ));  // v - v: NaN for inf/NaN
+  }
+  if (!_mm256_testz_ps(bad, bad)) return quantize_superblock_scalar(xs, sub, q, scale, sums);
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float top = _mm_cvtss_f32(m4);
+  const __m256 inv = _mm256_set1_ps(inverse_step(top));
+  for (int64_t g = 0; g < kSuperInputs / sub; ++g) {
+    __m256i total = _mm256_setzero_si256();
+    for (int64_t j = g * sub; j < (g + 1) * sub; j += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xs + j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i v = _mm256_cvtps_epi32(r);
+      total = _mm256_add_epi32(total, v);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));  // |v| <= 127
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), _mm_packs_epi16(w, w));
+    }
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+    sums[g] = static_cast<int16_t>(_mm_cvtsi128_si32(t4));
+  }
+  *scale = top / kInt8Max;
+}
+#else
+inline void quantize_superblock(const float* xs, int64_t sub, int8_t* q, float* scale, int16_t* sums) {
+  quantize_superblock_scalar(xs, sub, q, scale, sums);
+}
+#endif
+
+// `count` super-blocks of x → int8, their scales and their groups' sums (the caller splits
+// M * K / 256 super-blocks among threads, qmatmul.cpp).
+inline void quantize_superblocks(const float* x, int64_t count, int64_t sub, int8_t* q, float* scale, int16_t* sums) {
+  const int64_t per = kSuperInputs / sub;
+  for (int64_t i = 0; i < count; ++i)
+    quantize_superblock(x + i * kSuperInputs, sub, q + i * kSuperInputs, scale + i, sums + i * per);
+}
+
+// Whether the K-quant forms take activations quantized per super-block here (the ISA's header
+// says where it has such loops): they fold each sub-block's integer scale into int32 sums, where
+// per-group scales cost a float epilogue per 16 or 32 inputs that competes with `vpdpbusd`
+// (docs/BENCHMARKS.md). Not where AMX runs: its tiles compute the per-group arithmetic, bit for
+// bit the VNNI loops' (qmatmul_amx.h), and a process keeps one arithmetic for every row count.
+// `$LLMC_CPU_KQUANT_PER_GROUP=1` keeps the per-group loops (measurements, or per-group accuracy:
+// a scale per 256 inputs rounds small activations beside a large one more coarsely, as llama.cpp's
+// q8_K does). Decided once per process.
+inline bool superblock_activations() {
+#ifdef LLMC_QMATMUL_SUPER
+  static const bool chosen = [] {
+    const char* env = std::getenv("LLMC_CPU_KQUANT_PER_GROUP");
+    if (env != nullptr && std::strcmp(env, "1") == 0) return false;
+#ifdef LLMC_QMATMUL_AMX
+    return !amx_usable();
+#else
+    return true;
+#endif
+  }();
+  return chosen;
+#else
+  return false;
+#endif
+}
+
+#ifdef LLMC_QMATMUL_SUPER
+template <int64_t... kBatches>
+SuperFn super_batch_fn(int64_t bits, int64_t batch, std::integer_sequence<int64_t, kBatches...>) {
+  SuperFn fn = bits == kQ6KBits ? &q6k_super_rows<kSuperBatch> : &q4k_super_rows<kSuperBatch>;
+  ((batch == kBatches + 1 ? (fn = bits == kQ6KBits ? &q6k_super_rows<kBatches + 1> : &q4k_super_rows<kBatches + 1>), 0
+                          : 0),
+   ...);
+  return fn;
+}
+
+// y for weight blocks first..last-1 of a K-quant form over super-block activations.
+inline void run_super_blocks(const Problem& p, int64_t first, int64_t last) {
+  const auto batches = std::make_integer_sequence<int64_t, kSuperBatch>{};
+  const SuperFn full = super_batch_fn(p.bits, kSuperBatch, batches), tail = super_batch_fn(p.bits, p.m % kSuperBatch, batches);
+  const int64_t supers = p.k / kSuperInputs;
+  for (int64_t b = first; b < last; ++b) {
+    for (int64_t m0 = 0; m0 < p.m; m0 += kSuperBatch) {
+      const SuperActivations a{p.q + m0 * p.k, p.scale + m0 * supers, p.sums + m0 * p.groups};
+      const int64_t rows = std::min(kSuperBatch, p.m - m0);
+      float* out = p.y + m0 * p.n + b * kRows;
+      const Half16* sb = p.scales + b * scale_halves_per_block(p.bits, p.groups);
+      (rows == kSuperBatch ? full : tail)(p.weight + b * p.block_bytes, sb, a, supers, p.k, out, p.n);
+    }
+  }
+}
+#endif
+
 // y for weight blocks first..last-1 (the unit the caller's threads split).
 inline void run_blocks(const Problem& p, int64_t first, int64_t last) {
+#ifdef LLMC_QMATMUL_SUPER
+  if (p.per_super) return run_super_blocks(p, first, last);
+#endif
   int64_t done = 0;  // rows computed on AMX: whole tiles of 16, where the CPU runs it
 #ifdef LLMC_QMATMUL_AMX
   static_assert(kAmxRows % kMaxBatch == 0, "the VNNI loops take over at a multiple of their batch");

@@ -10,7 +10,9 @@ the K-quants' sub-block scales (a relative 2^-11, well below the int8 activation
 
 q6k and q4k, where that form takes 10 and 5 bits per weight against the blocks' 6.5625 and 4.5,
 have forms of their own (`pack_q6k`, `pack_q4k`: 6.5625 and 4.625 bits), exact (no float16 rounding
-of the sub-block scales).
+of the sub-block scales). Where the library says so (`activation_group`: the AVX-512 one where
+AMX does not run, and the AVX2 one), their activations are quantized per 256 inputs, as llama.cpp's q8_K, so
+that the kernel folds the sub-block scales in integers.
 """
 
 from __future__ import annotations
@@ -262,6 +264,15 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     # 0 where amax is 0 or so small that 127 / amax overflows float32: the group quantizes to zeros
     inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
     return (torch.round(groups * inv) * (amax / _INT8_MAX)).reshape(m, k)
+
+
+def activation_group(bits: int, group: int) -> int:
+    """The inputs per activation scale of the loaded library's matmul for a weight of `bits` whose
+    scale groups are `group` wide: 256 for the K-quant forms where the library quantizes their
+    activations per super-block (qmatmul_driver.h superblock_activations), else `group`."""
+    if bits not in (Q6K_BITS, Q4K_BITS) or not hasattr(torch.ops.llmc, "qmatmul_kquant_activation_inputs"):
+        return group
+    return int(torch.ops.llmc.qmatmul_kquant_activation_inputs()) or group
 
 
 def reference_vnni_matmul(x: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ from llmc.kernels.cpu.qmatmul_vnni import (
     FORMATS,
     KQUANT_FORMS,
     PARTS_EXACT,
+    Q4K_BITS,
     Q6K_BITS,
+    activation_group,
     pack,
     pack_kquant_form,
     pack_q6k,
@@ -107,13 +109,57 @@ def test_the_kquant_form_kernels_match_their_reference(cpu_kernels_loaded: None,
     bits, weight, scales = pack_kquant_form(blocks, fmt)
     x = torch.randn(m, 768, generator=gen)
     y = qmatmul(x, weight, scales, bits)
-    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), 16 if fmt == "q6k" else 32)
+    group = activation_group(bits, 16 if fmt == "q6k" else 32)
+    expected = reference_vnni_matmul(x, unpack(weight, scales, bits), group)
     assert y.dtype == torch.float32 and y.shape == (m, n)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    # the same result as the general form of the same blocks, up to its float16 scales' rounding
     general_bits, (u, scale, offset) = parts(blocks, fmt)
     general = qmatmul(x, *pack(u, scale, offset, general_bits), general_bits)
-    torch.testing.assert_close(y, general, rtol=1e-3, atol=1e-3 * float(y.abs().max()))
+    if group == 256:  # activations per super-block here, the general form's per group: both near the float product
+        exact = x @ unpack(weight, scales, bits).T
+        for got in (y, general):
+            assert float((got - exact).norm() / exact.norm()) < 2e-2
+    else:  # the same result as the general form of the same blocks, up to its float16 scales' rounding
+        torch.testing.assert_close(y, general, rtol=1e-3, atol=1e-3 * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("bits", [Q4K_BITS, Q6K_BITS])
+def test_the_kquant_forms_take_the_activations_as_the_library_says(cpu_kernels_loaded: None, bits: int) -> None:
+    """One large input beside small ones: quantized per 256 inputs the small ones round to a few
+    levels, per group of 16 or 32 they keep theirs, so the result tells which the kernel did; and
+    a non-finite input makes its own row NaN, no other."""
+    fmt = "q6k" if bits == Q6K_BITS else "q4k"
+    blocks = random_blocks(fmt, 32, 512, torch.Generator().manual_seed(12))
+    _, weight, scales = pack_kquant_form(blocks, fmt)
+    w = unpack(weight, scales, bits)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(13)) * 0.01
+    x[:, 100] = 50.0
+    y = qmatmul(x, weight, scales, bits)
+    group = activation_group(bits, 16 if bits == Q6K_BITS else 32)
+    other = 16 if group == 256 and bits == Q6K_BITS else 32 if group == 256 else 256
+    expected = reference_vnni_matmul(x, w, group)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(y, reference_vnni_matmul(x, w, other), rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    x[1, 300] = float("inf")
+    y = qmatmul(x, weight, scales, bits)
+    assert bool(y[1].isnan().all()) and bool(y[[0, 2]].isfinite().all())
+
+
+def test_llmc_cpu_kquant_per_group_keeps_the_per_group_activations(cpu_kernels_loaded: None) -> None:
+    """The switch for measurements and for per-group accuracy, in a child process (decided once);
+    a library that quantizes per group anyway says so with or without it."""
+    script = (
+        "import torch\n"
+        "from llmc.benchmarks.cpu_kernels import load_isa\n"
+        f"load_isa({cpu_kernels.loaded_isa()!r})\n"
+        "print(int(torch.ops.llmc.qmatmul_kquant_activation_inputs()))\n"
+    )
+    env = {**os.environ, "LLMC_CPU_KQUANT_PER_GROUP": "1"}
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "0"
 
 
 def _assert_exact_at_extremes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> None:
@@ -139,7 +185,7 @@ def test_the_q4k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -
     blocks[1::2, :, 16:] = 0  # odd rows: every u = 0
     blocks = blocks.reshape(n, -1)
     bits, weight, scales = pack_kquant_form(blocks, "q4k")
-    _assert_exact_at_extremes(weight, scales, bits, 32)
+    _assert_exact_at_extremes(weight, scales, bits, activation_group(bits, 32))
 
 
 def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -> None:
@@ -153,7 +199,7 @@ def test_the_q6k_form_extreme_values_do_not_saturate(cpu_kernels_loaded: None) -
     blocks[:, :, 192:208] = torch.tensor([127, 0x80], dtype=torch.uint8).repeat(8)  # sc = 127, -128
     blocks = blocks.reshape(n, -1)
     weight, scales = pack_q6k(blocks)
-    _assert_exact_at_extremes(weight, scales, Q6K_BITS, 16)
+    _assert_exact_at_extremes(weight, scales, Q6K_BITS, activation_group(Q6K_BITS, 16))
 
 
 @pytest.mark.parametrize("fmt", list(KQUANT_FORMS))
@@ -210,7 +256,8 @@ def test_cpu_qmatmul_takes_the_kernel_below_the_dense_switch(cpu_kernels_loaded:
     y = matmul(x)
     assert y.dtype == x.dtype
     if m < KERNEL_DENSE_MIN_ROWS:
-        bits, group = matmul.kernel_bits, 32
+        bits = matmul.kernel_bits
+        group = activation_group(bits, 32)
         assert matmul.kernel_weight is not None and matmul.kernel_scales is not None
         expected = reference_vnni_matmul(x, unpack(matmul.kernel_weight, matmul.kernel_scales, bits), group)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -171,7 +171,10 @@ void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
 // q6k: 16 * 128 * 16 * 63 * 127), each within 2^31 / 8.
 #define LLMC_QMATMUL_SUPER 1
 
-constexpr int64_t kSuperBatch = kMaxBatch;  // rows sharing a pass, as the per-group loops
+// Rows sharing a pass: 8, each row's int32 products and float sums in registers (the offsets' part
+// is done before the groups); 4 rows were 4-9 % slower on 3B-sized q4k and q6k weights at 16 and
+// 256 rows (a 2-core EPYC, docs/BENCHMARKS.md).
+constexpr int64_t kSuperBatch = 8;
 
 // Sub-block factors of groups 2j and 2j + 1 for the 16 rows, as int16 pairs per int32 lane (the
 // `vpdpwssd` operand): bytes unsigned (q4k's mins) or signed (q6k's scales).
@@ -200,8 +203,19 @@ void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
   const int64_t groups = supers * kQ4KGroups;
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* ws = w + s * kQ4KSuperBytes;
-    __m512i scaled[kBatch], mins[kBatch];
-    for (int m = 0; m < kBatch; ++m) scaled[m] = mins[m] = _mm512_setzero_si512();
+    const Q4KSuper f = q4k_super(sc, s);
+    // the offsets' part first, so that its sums need no registers during the groups
+    const uint8_t* mn = ws + kQ4KValueBytes + kQ4KGroups * kRows;
+    for (int m = 0; m < kBatch; ++m) {
+      __m512i mins = _mm512_setzero_si512();
+      for (int j = 0; j < kQ4KGroups / 2; ++j)
+        mins = _mm512_dpwssd_epi32(mins, factor_pairs<false>(mn + 2 * j * kRows, mn + (2 * j + 1) * kRows),
+                                   sum_pair(a.sums + m * groups + s * kQ4KGroups + 2 * j));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(f.neg_dmin, _mm512_set1_ps(a.scale[m * supers + s])),
+                               acc[m]);
+    }
+    __m512i scaled[kBatch];
+    for (int m = 0; m < kBatch; ++m) scaled[m] = _mm512_setzero_si512();
     for (int g = 0; g < kQ4KGroups; ++g) {
       prefetch_q4k_group(ws, g);
       const int64_t gi = s * kQ4KGroups + g;
@@ -224,18 +238,9 @@ void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
           _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows)));
       for (int m = 0; m < kBatch; ++m) scaled[m] = _mm512_add_epi32(scaled[m], _mm512_mullo_epi32(scg, dot[m]));
     }
-    const uint8_t* mn = ws + kQ4KValueBytes + kQ4KGroups * kRows;
-    for (int j = 0; j < kQ4KGroups / 2; ++j) {
-      const __m512i pairs = factor_pairs<false>(mn + 2 * j * kRows, mn + (2 * j + 1) * kRows);
-      for (int m = 0; m < kBatch; ++m)
-        mins[m] = _mm512_dpwssd_epi32(mins[m], pairs, sum_pair(a.sums + m * groups + s * kQ4KGroups + 2 * j));
-    }
-    const Q4KSuper f = q4k_super(sc, s);
-    for (int m = 0; m < kBatch; ++m) {
-      const __m512 dx = _mm512_set1_ps(a.scale[m * supers + s]);
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[m]), _mm512_mul_ps(f.d, dx), acc[m]);
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins[m]), _mm512_mul_ps(f.neg_dmin, dx), acc[m]);
-    }
+    for (int m = 0; m < kBatch; ++m)
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[m]), _mm512_mul_ps(f.d, _mm512_set1_ps(a.scale[m * supers + s])),
+                               acc[m]);
   }
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
@@ -252,8 +257,15 @@ void q6k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* ws = w + s * kQ6KSuperBytes;
     const uint8_t* subs = ws + kQ6KLowBytes + kQ6KHighBytes;
-    __m512i scaled[kBatch], bias[kBatch];
-    for (int m = 0; m < kBatch; ++m) scaled[m] = bias[m] = _mm512_setzero_si512();
+    // the bias's part first (-32 * sum_g sc_g * xsum_g), so that its sums need no registers during the groups
+    __m512i scaled[kBatch];
+    for (int m = 0; m < kBatch; ++m) {
+      __m512i bias = _mm512_setzero_si512();
+      for (int j = 0; j < kQ6KGroups / 2; ++j)
+        bias = _mm512_dpwssd_epi32(bias, factor_pairs<true>(subs + 2 * j * kRows, subs + (2 * j + 1) * kRows),
+                                   sum_pair(a.sums + m * groups + s * kQ6KGroups + 2 * j));
+      scaled[m] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(bias, 5));  // 32 = kQ6KBias
+    }
     for (int g = 0; g < kQ6KGroups; ++g) {
       const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
       prefetch_q6k_group(ws, g);
@@ -279,17 +291,10 @@ void q6k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
         scaled[m] = _mm512_add_epi32(scaled[m], _mm512_mullo_epi32(scg, dot));
       }
     }
-    for (int j = 0; j < kQ6KGroups / 2; ++j) {
-      const __m512i pairs = factor_pairs<true>(subs + 2 * j * kRows, subs + (2 * j + 1) * kRows);
-      for (int m = 0; m < kBatch; ++m)
-        bias[m] = _mm512_dpwssd_epi32(bias[m], pairs, sum_pair(a.sums + m * groups + s * kQ6KGroups + 2 * j));
-    }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + s * kRows)));
-    for (int m = 0; m < kBatch; ++m) {
-      const __m512i total = _mm512_sub_epi32(scaled[m], _mm512_slli_epi32(bias[m], 5));  // 32 = kQ6KBias
-      const __m512 dx = _mm512_set1_ps(a.scale[m * supers + s]);
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, dx), acc[m]);
-    }
+    for (int m = 0; m < kBatch; ++m)
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[m]), _mm512_mul_ps(d, _mm512_set1_ps(a.scale[m * supers + s])),
+                               acc[m]);
   }
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }

@@ -245,27 +245,32 @@ inline bool superblock_activations() {
 }
 
 #ifdef LLMC_QMATMUL_SUPER
-template <int64_t... kBatches>
-SuperFn super_batch_fn(int64_t bits, int64_t batch, std::integer_sequence<int64_t, kBatches...>) {
-  SuperFn fn = bits == kQ6KBits ? &q6k_super_rows<kSuperBatch> : &q4k_super_rows<kSuperBatch>;
-  ((batch == kBatches + 1 ? (fn = bits == kQ6KBits ? &q6k_super_rows<kBatches + 1> : &q4k_super_rows<kBatches + 1>), 0
-                          : 0),
-   ...);
-  return fn;
+// The loop for `batch` rows: kSuperBatch, or 1 to 4 (a tail of more than 4 rows takes 4, then the
+// rest: fewer instantiations to compile than one per row count).
+inline SuperFn super_fn(int64_t bits, int64_t batch) {
+  const bool q6 = bits == kQ6KBits;
+  switch (batch) {
+    case 1: return q6 ? &q6k_super_rows<1> : &q4k_super_rows<1>;
+    case 2: return q6 ? &q6k_super_rows<2> : &q4k_super_rows<2>;
+    case 3: return q6 ? &q6k_super_rows<3> : &q4k_super_rows<3>;
+    case 4: return q6 ? &q6k_super_rows<4> : &q4k_super_rows<4>;
+    default: return q6 ? &q6k_super_rows<kSuperBatch> : &q4k_super_rows<kSuperBatch>;
+  }
 }
 
 // y for weight blocks first..last-1 of a K-quant form over super-block activations.
 inline void run_super_blocks(const Problem& p, int64_t first, int64_t last) {
-  const auto batches = std::make_integer_sequence<int64_t, kSuperBatch>{};
-  const SuperFn full = super_batch_fn(p.bits, kSuperBatch, batches), tail = super_batch_fn(p.bits, p.m % kSuperBatch, batches);
+  static_assert(kSuperBatch == 4 || kSuperBatch == 8, "super_fn's tails are 1 to 4 rows");
   const int64_t supers = p.k / kSuperInputs;
   for (int64_t b = first; b < last; ++b) {
-    for (int64_t m0 = 0; m0 < p.m; m0 += kSuperBatch) {
+    const uint8_t* w = p.weight + b * p.block_bytes;
+    const Half16* sb = p.scales + b * scale_halves_per_block(p.bits, p.groups);
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int64_t left = p.m - m0;
+      const int64_t rows = left >= kSuperBatch ? kSuperBatch : left > 4 ? 4 : left;
       const SuperActivations a{p.q + m0 * p.k, p.scale + m0 * supers, p.sums + m0 * p.groups};
-      const int64_t rows = std::min(kSuperBatch, p.m - m0);
-      float* out = p.y + m0 * p.n + b * kRows;
-      const Half16* sb = p.scales + b * scale_halves_per_block(p.bits, p.groups);
-      (rows == kSuperBatch ? full : tail)(p.weight + b * p.block_bytes, sb, a, supers, p.k, out, p.n);
+      super_fn(p.bits, rows)(w, sb, a, supers, p.k, p.y + m0 * p.n + b * kRows, p.n);
+      m0 += rows;
     }
   }
 }

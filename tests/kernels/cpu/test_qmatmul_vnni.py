@@ -71,7 +71,20 @@ def test_activations_quantize_per_32_to_int8_levels() -> None:
 
 
 # (activation rows, output rows): every tail of the row tiles, N any multiple of 16
-SHAPES = [(1, 16), (2, 48), (3, 64), (4, 80), (5, 16), (7, 48), (8, 64), (13, 32), (17, 32), (64, 48)]
+SHAPES = [
+    (1, 16),
+    (2, 48),
+    (3, 64),
+    (4, 80),
+    (5, 16),
+    (6, 32),
+    (7, 48),
+    (8, 64),
+    (13, 32),
+    (14, 16),
+    (17, 32),
+    (64, 48),
+]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -103,6 +103,19 @@ void half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t
   for (int m = 0; m < kBatch; ++m) _mm256_storeu_ps(y + m * ldy + half * kHalfRows, acc[m]);
 }
 
+// The q6k form's values u (0..63) of group g for 8 rows (ws at the super-block plus the half's 32
+// bytes): u[t] holds inputs 4t..4t+3 of the group (qmatmul_common.h).
+[[gnu::always_inline]] inline void q6k_group_values(const uint8_t* ws, int g, __m256i (&u)[4]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128));
+  const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128 + 64));
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + kQ6KLowBytes + g * 64));
+  u[0] = _mm256_or_si256(_mm256_and_si256(v0, nibble), _mm256_and_si256(_mm256_slli_epi16(h, 4), top));
+  u[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble), _mm256_and_si256(_mm256_slli_epi16(h, 2), top));
+  u[2] = _mm256_or_si256(_mm256_and_si256(v1, nibble), _mm256_and_si256(h, top));
+  u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(h, 2), top));
+}
+
 // The q6k form (qmatmul_common.h), 8 rows per half as above. Plain AVX2: a `vpmaddubsw` pair is at
 // most 2 * 63 * 127 = 16002, so two pairs add in int16 and each such sum is widened (4 would not fit).
 template <int kBatch>
@@ -110,21 +123,13 @@ void q6k_half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int
                    int64_t ldy, int half) {
   __m256 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
-  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
   for (int64_t s = 0; s < groups / kQ6KGroups; ++s) {
     const uint8_t* ws = w + s * kQ6KSuperBytes + half * 32;
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + s * kRows + half * kHalfRows)));
     for (int g = 0; g < kQ6KGroups; ++g) {
       prefetch_q6k_group(ws - half * 32, g);
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128 + 64));
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + kQ6KLowBytes + g * 64));
-      const __m256i u[4] = {
-          _mm256_or_si256(_mm256_and_si256(v0, nibble), _mm256_and_si256(_mm256_slli_epi16(h, 4), top)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble), _mm256_and_si256(_mm256_slli_epi16(h, 2), top)),
-          _mm256_or_si256(_mm256_and_si256(v1, nibble), _mm256_and_si256(h, top)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(h, 2), top)),
-      };
+      __m256i u[4];
+      q6k_group_values(ws, g, u);
       const auto* sub = reinterpret_cast<const __m128i*>(ws - half * 32 + kQ6KLowBytes + kQ6KHighBytes + g * kRows +
                                                          half * kHalfRows);
       const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(sub))));
@@ -156,6 +161,30 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
   q6k_half_rows<kBatch>(w, sc, a, groups, k, y, ldy, 1);
 }
 
+// The sums of the q4k form's group g of super-block `ws` (the bits-4 layout; ws already at the
+// half's 32 bytes of each chunk) by the activations x (this group's 32 inputs of kBatch rows, row
+// stride k), for 8 rows: int32 with AVX-VNNI, int16 pairs with plain AVX2 (bound above: u <= 15).
+template <int kBatch>
+[[gnu::always_inline]] inline void q4k_group_dots(const uint8_t* ws, int g, const int8_t* x, int64_t k,
+                                                  __m256i (&dot)[kBatch]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_setzero_si256();
+  for (int c = 0; c < 4; ++c) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 256 + c * 64));
+    const __m256i lo = _mm256_and_si256(v, nibble);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    for (int m = 0; m < kBatch; ++m) {
+      const int8_t* xc = x + m * k + c * 8;
+#ifdef __AVXVNNI__
+      dot[m] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[m], lo, broadcast4(xc)), hi, broadcast4(xc + 4));
+#else
+      dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(xc)),
+                                                         _mm256_maddubs_epi16(hi, broadcast4(xc + 4))));
+#endif
+    }
+  }
+}
+
 // The q4k form (qmatmul_common.h), 8 rows per half: the bits-4 inner loop per group of 32 (its int16
 // bound above holds: u <= 15), with the scale d * sc and offset -dmin * mn made from its bytes.
 template <int kBatch>
@@ -163,7 +192,6 @@ void q4k_half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int
                    int64_t ldy, int half) {
   __m256 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
     const uint8_t* ws = w + s * kQ4KSuperBytes;
     const Half16* dd = sc + s * 2 * kRows + half * kHalfRows;
@@ -174,21 +202,7 @@ void q4k_half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int
       prefetch_q4k_group(ws, g);
       const int64_t gi = s * kQ4KGroups + g;
       __m256i dot[kBatch];
-      for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 256 + c * 64 + half * 32));
-        const __m256i lo = _mm256_and_si256(v, nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        for (int m = 0; m < kBatch; ++m) {
-          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
-#ifdef __AVXVNNI__
-          dot[m] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[m], lo, broadcast4(x)), hi, broadcast4(x + 4));
-#else
-          dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x)),
-                                                             _mm256_maddubs_epi16(hi, broadcast4(x + 4))));
-#endif
-        }
-      }
+      q4k_group_dots<kBatch>(ws + half * 32, g, a.q + gi * kQ4KGroup, k, dot);
       const uint8_t* bytes = ws + kQ4KValueBytes + g * kRows + half * kHalfRows;
       const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)))));
       const __m256 offset = _mm256_mul_ps(
@@ -261,7 +275,6 @@ void q4k_super_half(const uint8_t* w, const Half16* sc, const SuperActivations& 
                     int64_t ldy, int half) {
   __m256 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   const int64_t groups = supers * kQ4KGroups;
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* ws = w + s * kQ4KSuperBytes;
@@ -285,17 +298,7 @@ void q4k_super_half(const uint8_t* w, const Half16* sc, const SuperActivations& 
       prefetch_q4k_group(ws, g);
       const int64_t gi = s * kQ4KGroups + g;
       __m256i dot[kBatch];
-      for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 256 + c * 64 + half * 32));
-        const __m256i lo = _mm256_and_si256(v, nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        for (int m = 0; m < kBatch; ++m) {
-          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
-          dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x)),
-                                                             _mm256_maddubs_epi16(hi, broadcast4(x + 4))));
-        }
-      }
+      q4k_group_dots<kBatch>(ws + half * 32, g, a.q + gi * kQ4KGroup, k, dot);
       const __m256i factor = factor_twice<false>(ws + kQ4KValueBytes + g * kRows + half * kHalfRows);
       for (int m = 0; m < kBatch; ++m) scaled[m] = _mm256_add_epi32(scaled[m], _mm256_madd_epi16(dot[m], factor));
     }
@@ -318,7 +321,6 @@ void q6k_super_half(const uint8_t* w, const Half16* sc, const SuperActivations& 
                     int64_t ldy, int half) {
   __m256 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm256_setzero_ps();
-  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
   const int64_t groups = supers * kQ6KGroups;
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* ws = w + s * kQ6KSuperBytes + half * 32;
@@ -335,15 +337,8 @@ void q6k_super_half(const uint8_t* w, const Half16* sc, const SuperActivations& 
     }
     for (int g = 0; g < kQ6KGroups; ++g) {
       prefetch_q6k_group(ws - half * 32, g);
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 128 + 64));
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + kQ6KLowBytes + g * 64));
-      const __m256i u[4] = {
-          _mm256_or_si256(_mm256_and_si256(v0, nibble), _mm256_and_si256(_mm256_slli_epi16(h, 4), top)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble), _mm256_and_si256(_mm256_slli_epi16(h, 2), top)),
-          _mm256_or_si256(_mm256_and_si256(v1, nibble), _mm256_and_si256(h, top)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(h, 2), top)),
-      };
+      __m256i u[4];
+      q6k_group_values(ws, g, u);
       const __m256i factor = factor_twice<true>(subs + g * kRows);
       const int64_t gi = s * kQ6KGroups + g;
       for (int m = 0; m < kBatch; ++m) {

@@ -57,6 +57,22 @@ void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
+// The q6k form's values u (0..63) of super-block `ws`'s group g (qmatmul_common.h): u[t] holds, for
+// the 16 rows, inputs 4t..4t+3 of the group; the group's lines kPrefetchBytes ahead are prefetched.
+[[gnu::always_inline]] inline void q6k_group_values(const uint8_t* ws, int g, __m512i (&u)[4]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  constexpr int kOrAnd = 0xF8;  // vpternlogd's truth table of a | (b & c)
+  const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
+  prefetch_q6k_group(ws, g);
+  const __m512i h = _mm512_loadu_si512(ws + kQ6KLowBytes + g * 64);
+  u[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(v0, nibble), _mm512_slli_epi16(h, 4), top, kOrAnd);
+  u[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble), _mm512_slli_epi16(h, 2), top,
+                                   kOrAnd);
+  u[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(v1, nibble), h, top, kOrAnd);
+  u[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble), _mm512_srli_epi16(h, 2), top,
+                                   kOrAnd);
+}
+
 // The q6k form (qmatmul_common.h): per group of 16 inputs, u's low nibbles come from two chunks in
 // the bits-4 layout and its top two bits from one 64-byte vector (field t of a byte: inputs 4t + j),
 // joined by one `vpternlogd` each; then y += dx * d * sc * (sum(u * xq) - 32 * sum(xq)).
@@ -65,23 +81,12 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
               int64_t ldy) {
   __m512 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
-  constexpr int kOrAnd = 0xF8;  // vpternlogd's truth table of a | (b & c)
   for (int64_t s = 0; s < groups / kQ6KGroups; ++s) {
     const uint8_t* ws = w + s * kQ6KSuperBytes;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + s * kRows)));
     for (int g = 0; g < kQ6KGroups; ++g) {
-      const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
-      prefetch_q6k_group(ws, g);
-      const __m512i h = _mm512_loadu_si512(ws + kQ6KLowBytes + g * 64);
-      const __m512i u[4] = {
-          _mm512_ternarylogic_epi32(_mm512_and_si512(v0, nibble), _mm512_slli_epi16(h, 4), top, kOrAnd),
-          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble), _mm512_slli_epi16(h, 2), top,
-                                    kOrAnd),
-          _mm512_ternarylogic_epi32(_mm512_and_si512(v1, nibble), h, top, kOrAnd),
-          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble), _mm512_srli_epi16(h, 2), top,
-                                    kOrAnd),
-      };
+      __m512i u[4];
+      q6k_group_values(ws, g, u);
       const auto* sub = reinterpret_cast<const __m128i*>(ws + kQ6KLowBytes + kQ6KHighBytes + g * kRows);
       const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sub))));
       const int64_t gi = s * kQ6KGroups + g;
@@ -121,6 +126,27 @@ inline void q4k_group_factors(const uint8_t* super, int g, const Q4KSuper& f, __
   offset = _mm512_mul_ps(f.neg_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + kQ4KGroups))));
 }
 
+// The int32 sums of the q4k form's group g of super-block `ws` (the bits-4 layout) by the activations
+// x (this group's 32 inputs of kBatch rows, row stride k), for the 16 rows.
+template <int kBatch>
+[[gnu::always_inline]] inline void q4k_group_dots(const uint8_t* ws, int g, const int8_t* x, int64_t k,
+                                                  __m512i (&dot)[kBatch]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int m = 0; m < kBatch; ++m) dot[m] = _mm512_setzero_si512();
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v = _mm512_loadu_si512(ws + g * 256 + c * 64);
+    const __m512i lo = _mm512_and_si512(v, nibble);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    for (int m = 0; m < kBatch; ++m) {
+      int32_t x0, x1;
+      std::memcpy(&x0, x + m * k + c * 8, 4);
+      std::memcpy(&x1, x + m * k + c * 8 + 4, 4);
+      dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
+      dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
+    }
+  }
+}
+
 // The q4k form (qmatmul_common.h): the bits-4 inner loop per group of 32, with the group's scale
 // d * sc and offset -dmin * mn made from its bytes for the 16 rows at once.
 template <int kBatch>
@@ -128,7 +154,6 @@ void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
               int64_t ldy) {
   __m512 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int64_t s = 0; s < groups / kQ4KGroups; ++s) {
     const uint8_t* ws = w + s * kQ4KSuperBytes;
     const Q4KSuper factors = q4k_super(sc, s);
@@ -136,20 +161,7 @@ void q4k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
       prefetch_q4k_group(ws, g);
       const int64_t gi = s * kQ4KGroups + g;
       __m512i dot[kBatch];
-      for (int m = 0; m < kBatch; ++m) dot[m] = _mm512_setzero_si512();
-      for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_loadu_si512(ws + g * 256 + c * 64);
-        const __m512i lo = _mm512_and_si512(v, nibble);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        for (int m = 0; m < kBatch; ++m) {
-          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
-          int32_t x0, x1;
-          std::memcpy(&x0, x, 4);
-          std::memcpy(&x1, x + 4, 4);
-          dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
-          dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
-        }
-      }
+      q4k_group_dots<kBatch>(ws, g, a.q + gi * kQ4KGroup, k, dot);
       __m512 scale, offset;
       q4k_group_factors(ws, g, factors, scale, offset);
       for (int m = 0; m < kBatch; ++m) {
@@ -199,7 +211,6 @@ void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
                     int64_t ldy) {
   __m512 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   const int64_t groups = supers * kQ4KGroups;
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* ws = w + s * kQ4KSuperBytes;
@@ -220,20 +231,7 @@ void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
       prefetch_q4k_group(ws, g);
       const int64_t gi = s * kQ4KGroups + g;
       __m512i dot[kBatch];
-      for (int m = 0; m < kBatch; ++m) dot[m] = _mm512_setzero_si512();
-      for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_loadu_si512(ws + g * 256 + c * 64);
-        const __m512i lo = _mm512_and_si512(v, nibble);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        for (int m = 0; m < kBatch; ++m) {
-          const int8_t* x = a.q + m * k + gi * kQ4KGroup + c * 8;
-          int32_t x0, x1;
-          std::memcpy(&x0, x, 4);
-          std::memcpy(&x1, x + 4, 4);
-          dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
-          dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
-        }
-      }
+      q4k_group_dots<kBatch>(ws, g, a.q + gi * kQ4KGroup, k, dot);
       const __m512i scg =
           _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows)));
       for (int m = 0; m < kBatch; ++m) scaled[m] = _mm512_add_epi32(scaled[m], _mm512_mullo_epi32(scg, dot[m]));
@@ -251,8 +249,6 @@ void q6k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
                     int64_t ldy) {
   __m512 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
-  constexpr int kOrAnd = 0xF8;  // vpternlogd's truth table of a | (b & c)
   const int64_t groups = supers * kQ6KGroups;
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* ws = w + s * kQ6KSuperBytes;
@@ -267,17 +263,8 @@ void q6k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
       scaled[m] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(bias, 5));  // 32 = kQ6KBias
     }
     for (int g = 0; g < kQ6KGroups; ++g) {
-      const __m512i v0 = _mm512_loadu_si512(ws + g * 128), v1 = _mm512_loadu_si512(ws + g * 128 + 64);
-      prefetch_q6k_group(ws, g);
-      const __m512i h = _mm512_loadu_si512(ws + kQ6KLowBytes + g * 64);
-      const __m512i u[4] = {
-          _mm512_ternarylogic_epi32(_mm512_and_si512(v0, nibble), _mm512_slli_epi16(h, 4), top, kOrAnd),
-          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble), _mm512_slli_epi16(h, 2), top,
-                                    kOrAnd),
-          _mm512_ternarylogic_epi32(_mm512_and_si512(v1, nibble), h, top, kOrAnd),
-          _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble), _mm512_srli_epi16(h, 2), top,
-                                    kOrAnd),
-      };
+      __m512i u[4];
+      q6k_group_values(ws, g, u);
       const __m512i scg = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(subs + g * kRows)));
       const int64_t gi = s * kQ6KGroups + g;
       for (int m = 0; m < kBatch; ++m) {

@@ -39,6 +39,24 @@ inline __m256i broadcast4(const int8_t* x) {
   return _mm256_set1_epi32(v);
 }
 
+// Half of one 64-byte chunk v of the bits-4 layout (8 rows x 8 inputs, low nibbles inputs 0-3,
+// high 4-7) times the 8 inputs at x of kBatch rows (row stride k), added into their sums: int32
+// with AVX-VNNI, int16 pairs with plain AVX2, widened once per group (bound in the header comment).
+template <int kBatch>
+[[gnu::always_inline]] inline void bits4_chunk(__m256i v, const int8_t* x, int64_t k, __m256i (&dot)[kBatch]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, nibble);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+  for (int m = 0; m < kBatch; ++m) {
+    const __m256i x0 = broadcast4(x + m * k), x1 = broadcast4(x + m * k + 4);
+#ifdef __AVXVNNI__
+    dot[m] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[m], lo, x0), hi, x1);
+#else
+    dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)));
+#endif
+  }
+}
+
 template <int kGroup, int kBits, int kBatch>
 void half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                int64_t ldy, int half) {
@@ -55,18 +73,7 @@ void half_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t
       prefetch_line(wg + c * 64);  // (the second half finds most of these lines cached already)
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 64));
       if constexpr (kBits == 4) {
-        const __m256i nibble = _mm256_set1_epi8(0x0F);
-        const __m256i lo = _mm256_and_si256(v, nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        for (int m = 0; m < kBatch; ++m) {
-          const __m256i x0 = broadcast4(xg + m * k + c * 8), x1 = broadcast4(xg + m * k + c * 8 + 4);
-#ifdef __AVXVNNI__
-          dot[m] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[m], lo, x0), hi, x1);
-#else
-          // int16 sums, widened once per group (bound in the header comment)
-          dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)));
-#endif
-        }
+        bits4_chunk<kBatch>(v, xg + c * 8, k, dot);
       } else {
 #ifdef __AVXVNNI__
         for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_dpbusd_avx_epi32(dot[m], v, broadcast4(xg + m * k + c * 4));
@@ -167,22 +174,9 @@ void q6k_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t 
 template <int kBatch>
 [[gnu::always_inline]] inline void q4k_group_dots(const uint8_t* ws, int g, const int8_t* x, int64_t k,
                                                   __m256i (&dot)[kBatch]) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int m = 0; m < kBatch; ++m) dot[m] = _mm256_setzero_si256();
-  for (int c = 0; c < 4; ++c) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 256 + c * 64));
-    const __m256i lo = _mm256_and_si256(v, nibble);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    for (int m = 0; m < kBatch; ++m) {
-      const int8_t* xc = x + m * k + c * 8;
-#ifdef __AVXVNNI__
-      dot[m] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[m], lo, broadcast4(xc)), hi, broadcast4(xc + 4));
-#else
-      dot[m] = _mm256_add_epi16(dot[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(xc)),
-                                                         _mm256_maddubs_epi16(hi, broadcast4(xc + 4))));
-#endif
-    }
-  }
+  for (int c = 0; c < 4; ++c)
+    bits4_chunk<kBatch>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * 256 + c * 64)), x + c * 8, k, dot);
 }
 
 // The q4k form (qmatmul_common.h), 8 rows per half: the bits-4 inner loop per group of 32 (its int16

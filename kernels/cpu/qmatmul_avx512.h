@@ -12,12 +12,27 @@ namespace llmc_qmatmul {
 
 constexpr int64_t kMaxBatch = 4;  // activation rows sharing one pass over a weight block
 
+// One 64-byte chunk v of the bits-4 layout (16 rows x 8 inputs, low nibbles inputs 0-3, high 4-7)
+// times the 8 inputs at x of kBatch rows (row stride k), added into their int32 sums.
+template <int kBatch>
+[[gnu::always_inline]] inline void bits4_chunk(__m512i v, const int8_t* x, int64_t k, __m512i (&dot)[kBatch]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_and_si512(v, nibble);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  for (int m = 0; m < kBatch; ++m) {
+    int32_t x0, x1;
+    std::memcpy(&x0, x + m * k, 4);
+    std::memcpy(&x1, x + m * k + 4, 4);
+    dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
+    dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
+  }
+}
+
 template <int kGroup, int kBits, int kBatch>
 void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_t groups, int64_t k, float* y,
                 int64_t ldy) {
   __m512 acc[kBatch];
   for (int m = 0; m < kBatch; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   constexpr int64_t kGroupBytes = kRows * kGroup * kBits / 8;
   for (int64_t g = 0; g < groups; ++g) {
     __m512i dot[kBatch];
@@ -28,15 +43,7 @@ void block_rows(const uint8_t* w, const Half16* sc, const Activations& a, int64_
       prefetch_line(wg + c * 64);
       const __m512i v = _mm512_loadu_si512(wg + c * 64);
       if constexpr (kBits == 4) {
-        const __m512i lo = _mm512_and_si512(v, nibble);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        for (int m = 0; m < kBatch; ++m) {
-          int32_t x0, x1;
-          std::memcpy(&x0, xg + m * k + c * 8, 4);
-          std::memcpy(&x1, xg + m * k + c * 8 + 4, 4);
-          dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
-          dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
-        }
+        bits4_chunk<kBatch>(v, xg + c * 8, k, dot);
       } else {
         for (int m = 0; m < kBatch; ++m) {
           int32_t x0;
@@ -131,20 +138,8 @@ inline void q4k_group_factors(const uint8_t* super, int g, const Q4KSuper& f, __
 template <int kBatch>
 [[gnu::always_inline]] inline void q4k_group_dots(const uint8_t* ws, int g, const int8_t* x, int64_t k,
                                                   __m512i (&dot)[kBatch]) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int m = 0; m < kBatch; ++m) dot[m] = _mm512_setzero_si512();
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v = _mm512_loadu_si512(ws + g * 256 + c * 64);
-    const __m512i lo = _mm512_and_si512(v, nibble);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-    for (int m = 0; m < kBatch; ++m) {
-      int32_t x0, x1;
-      std::memcpy(&x0, x + m * k + c * 8, 4);
-      std::memcpy(&x1, x + m * k + c * 8 + 4, 4);
-      dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(x0));
-      dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(x1));
-    }
-  }
+  for (int c = 0; c < 4; ++c) bits4_chunk<kBatch>(_mm512_loadu_si512(ws + g * 256 + c * 64), x + c * 8, k, dot);
 }
 
 // The q4k form (qmatmul_common.h): the bits-4 inner loop per group of 32, with the group's scale

@@ -273,8 +273,8 @@ inline void run_super_blocks(const Problem& p, int64_t first, int64_t last) {
 }
 #endif
 
-// y for weight blocks first..last-1 (the unit the caller's threads split).
-inline void run_blocks(const Problem& p, int64_t first, int64_t last) {
+// y for weight blocks first..last-1 over all of p's rows.
+inline void run_blocks_untiled(const Problem& p, int64_t first, int64_t last) {
 #ifdef LLMC_QMATMUL_SUPER
   if (p.per_super) return run_super_blocks(p, first, last);
 #endif
@@ -296,6 +296,51 @@ inline void run_blocks(const Problem& p, int64_t first, int64_t last) {
       (rows == kMaxBatch ? full : tail)(p.weight + b * p.block_bytes, sb, a, p.groups, p.k, out, p.n);
     }
   }
+}
+
+// Activation bytes (int8, K per row) of one row tile: a tall problem (a prefill chunk) runs its
+// rows in tiles that stay in L2 while a thread's weight blocks pass over them, instead of
+// streaming all M rows from L3 again for every block of 16 outputs. 384 KB (within the 1 MB L2 of
+// Zen 4 beside the weight block and the outputs; Intel's server cores have 1-2 MB) measured best
+// of 256 / 384 / 512 KB on a 2-core EPYC: 3B-shaped q4k and q6k matmuls of 512 rows 1-6 % faster
+// (docs/BENCHMARKS.md).
+constexpr int64_t kActivationTileBytes = 384 * 1024;
+// Tile rows are a multiple of this: whole passes of every inner loop (kMaxBatch, kSuperBatch).
+constexpr int64_t kTileRowMultiple = 16;
+
+// Rows per tile for inputs of length k (at least kTileRowMultiple).
+inline int64_t tile_rows(int64_t k) {
+  return std::max(kTileRowMultiple, kActivationTileBytes / k / kTileRowMultiple * kTileRowMultiple);
+}
+
+// Rows m0..m0+rows-1 of p as a problem of their own.
+inline Problem row_tile(const Problem& p, int64_t m0, int64_t rows) {
+  Problem t = p;
+  t.m = rows;
+  t.q = p.q + m0 * p.k;
+  t.y = p.y + m0 * p.n;
+  if (p.per_super) {
+    t.scale = p.scale + m0 * (p.k / kSuperInputs);
+    t.sums = p.sums + m0 * p.groups;
+  } else {
+    t.scale = p.scale + m0 * p.groups;
+    t.sum = p.sum + m0 * p.groups;
+  }
+  return t;
+}
+
+// y for weight blocks first..last-1 (the unit the caller's threads split), in row tiles where M
+// is tall. Each row's arithmetic is the same in any tile, so tiling changes no output bit. Not
+// where AMX takes the rows: its tiles' blocking was measured untiled, and no AMX CPU was at hand
+// to measure it tiled.
+inline void run_blocks(const Problem& p, int64_t first, int64_t last) {
+  const int64_t tile = tile_rows(p.k);
+  bool amx = false;
+#ifdef LLMC_QMATMUL_AMX
+  amx = !p.per_super && p.m >= kAmxMinRows && amx_usable();
+#endif
+  if (p.m <= tile || amx) return run_blocks_untiled(p, first, last);
+  for (int64_t m0 = 0; m0 < p.m; m0 += tile) run_blocks_untiled(row_tile(p, m0, std::min(tile, p.m - m0)), first, last);
 }
 
 // Whether this library's matmul runs kAmxMinRows rows and more on AMX in this process.

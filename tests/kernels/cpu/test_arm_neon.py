@@ -140,6 +140,25 @@ def test_neon_kquant_forms_match_their_reference(harness: Path, tmp_path: Path, 
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q6k"])
+def test_neon_tall_matmul_in_row_tiles(harness: Path, tmp_path: Path, fmt: str) -> None:
+    """200 rows at K = 4096 run as row tiles of 96, 96 and 8 (qmatmul_driver.h run_blocks): the
+    same bits per row as 8 rows at a time, and the reference's numbers."""
+    gen = torch.Generator().manual_seed(32)
+    blocks = random_blocks(fmt, 32, 4096, gen)
+    if fmt in KQUANT_FORMS:
+        bits, weight, scales = pack_kquant_form(blocks, fmt)
+    else:
+        bits, (u, scale, offset) = parts(blocks, fmt)
+        weight, scales = pack(u, scale, offset, bits)
+    x = torch.randn(200, 4096, generator=gen)
+    chunks = [x[i : i + 8] for i in range(0, 200, 8)]
+    tall, *alone = _neon_matmuls(harness, tmp_path, [(part, weight, scales, bits) for part in [x, *chunks]])
+    assert torch.equal(tall, torch.cat(alone))
+    want = reference_vnni_matmul(x, unpack(weight, scales, bits), 16 if fmt == "q6k" else 32)
+    torch.testing.assert_close(tall, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize(("bits", "group"), [(8, 32), (8, 16), (4, 32), (4, 16)])
 def test_neon_extreme_values_do_not_saturate(harness: Path, tmp_path: Path, bits: int, group: int) -> None:
     """The largest products the formats allow (u = 255 and 0 for 8-bit, whose w = u - 128 spans

@@ -287,6 +287,29 @@ def test_non_finite_activations_reach_the_output(cpu_kernels_loaded: None) -> No
     assert bool(y[0].isnan().all()) and bool(y[1].isfinite().all())
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "q4k", "q6k"])
+def test_a_tall_matmul_gives_each_row_the_bits_it_gets_alone(cpu_kernels_loaded: None, fmt: str) -> None:
+    """A prefill's matmul runs its rows in tiles that stay in L2 (qmatmul_driver.h run_blocks): at
+    K = 4096 a tile is 96 rows, so 200 rows are two tiles and a tail of 8. Each row's numbers do
+    not depend on its tile, nor on the batch it runs in."""
+    gen = torch.Generator().manual_seed(31)
+    k, m = 4096, 200
+    blocks = random_blocks(fmt, 32, k, gen)
+    if fmt in KQUANT_FORMS:
+        bits, weight, scales = pack_kquant_form(blocks, fmt)
+    else:
+        bits, (u, scale, offset) = parts(blocks, fmt)
+        weight, scales = pack(u, scale, offset, bits)
+    x = torch.randn(m, k, generator=gen)
+    tall = qmatmul(x, weight, scales, bits)
+    alone = torch.cat([qmatmul(x[i : i + 8], weight, scales, bits) for i in range(0, m, 8)])
+    assert torch.equal(tall, alone)
+    unpacked = unpack(weight, scales, bits)
+    group = activation_group(bits, 16 if fmt == "q6k" else 32)
+    expected = reference_vnni_matmul(x, unpacked, group)
+    torch.testing.assert_close(tall, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("m", [5, 1100])  # 1100 rows: enough groups for the quantization to run on several threads
 def test_activations_are_quantized_exactly_as_the_reference(cpu_kernels_loaded: None, m: int) -> None:
     """Identity weights (u = 1 on the diagonal, scale 1, offset 0) make y the dequantized int8

@@ -46,6 +46,8 @@ SHUTDOWN_LIMIT_S = 30.0
 # (these prompts are about 60-100 tokens with a real tokenizer; `--prompt-room` for others, such as
 # the synthetic models' byte-level one, which makes them ~270) plus the generated tokens.
 PROMPT_ROOM_TOKENS = 192
+# Tokens per KV block of an artifact whose build flags do not say (the engine's default).
+DEFAULT_BLOCK_SIZE = 16
 # Tokens of the unmeasured round that warms each server up (first-call allocations, batch shapes).
 WARMUP_TOKENS = 8
 # The machine may be shared, and both servers spin their threads at barriers, so anyone else's work
@@ -271,8 +273,19 @@ def bench_server(
         for clients in args.clients:
             print(f"{name}: {clients} clients ...", file=sys.stderr, flush=True)
             repeats = [measured_round(base, extra, clients, args, pgid, r) for r in range(1, args.repeats + 1)]
-            rounds.append({"server": name, **median_round(repeats)})
+            rounds.append({"server": name, **median_round(repeats), "preemptions_so_far": preemptions(base)})
     return rounds
+
+
+def preemptions(base: str) -> int | None:
+    """Requests llmc's engine has preempted (and recomputed) since it started, from its /metrics;
+    None for a server without that counter. A preempted request's prompt is computed again, so a
+    round with preemptions measures a KV cache too small for it, not the engine's speed."""
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        for line in httpx.get(f"{base}/metrics", timeout=5.0).text.splitlines():
+            if line.startswith("llmc_num_preemptions "):
+                return int(float(line.split()[1]))
+    return None
 
 
 def median_round(repeats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -290,21 +303,25 @@ def machine() -> dict[str, Any]:
             "loadavg_at_end": os.getloadavg()}  # fmt: skip
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def table(rounds: list[dict[str, Any]]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:.0f}"
 
     lines = [
         "| server | clients | ok | aggregate tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) "
-        "| other load (cores) | every repeat's tok/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| other load (cores) | every repeat's tok/s | preemptions so far |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rounds:
         repeats = " / ".join(f"{x['tok_per_s']:.0f}" for x in r.get("repeats", [r]))
         lines.append(
             f"| {r['server']} | {r['clients']} | {r['ok']}/{r['clients']} | {r['tok_per_s']:.1f} "
             f"| {ms(r['ttft_p50_s'])} | {ms(r['ttft_p99_s'])} | {ms(r['itl_p50_s'])} | {ms(r['itl_p99_s'])} "
-            f"| {max(0.0, r['other_load_cores']):.2f} | {repeats} |"
+            f"| {max(0.0, r['other_load_cores']):.2f} | {repeats} | {_count(r.get('preemptions_so_far'))} |"
         )
     return "\n".join(lines)
 
@@ -330,19 +347,24 @@ def main() -> None:
 
     if not (args.artifact / "manifest.json").exists():
         subprocess.run(["make", "build-default", f"ARTIFACT={args.artifact}"], check=True)
-    inspect = subprocess.check_output([sys.executable, "-m", "llmc", "inspect", str(args.artifact), "--json"])
-    model_name = json.loads(inspect)["model_name"]
+    inspect = json.loads(
+        subprocess.check_output([sys.executable, "-m", "llmc", "inspect", str(args.artifact), "--json"])
+    )
+    model_name = inspect["model_name"]
+    block_size = int((inspect["build"]["flags"].get("compile") or {}).get("block_size") or DEFAULT_BLOCK_SIZE)
 
     # Other work on the machine skews every number here: the load averages go into the report.
     load_at_start = os.getloadavg()
     started = time.perf_counter()
+    # Both servers hold the same number of tokens in their KV caches: llama-server's context
+    # (room for every slot's prompt and output), so neither preempts a request the other keeps.
+    ctx = args.parallel * (args.prompt_room + args.max_tokens)
     port = free_port()
     llmc_cmd = [sys.executable, "-m", "llmc", "run", str(args.artifact), "--p", str(port)]
-    llmc_cmd += ["--threads", str(args.threads)]
+    llmc_cmd += ["--threads", str(args.threads), "--kv-blocks", str(-(-ctx // block_size))]
     rounds = bench_server("llmc", llmc_cmd, port, {"model": model_name}, args)
 
     port = free_port()
-    ctx = args.parallel * (args.prompt_room + args.max_tokens)
     llama_cmd = [str(args.llama_server), "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
                  "-np", str(args.parallel), "-c", str(ctx), "-t", str(args.threads), "--cont-batching"]  # fmt: skip
     rounds += bench_server("llama-server", llama_cmd, port, {"model": args.gguf.name}, args)

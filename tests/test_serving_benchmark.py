@@ -19,4 +19,6 @@ def test_the_median_round_is_reported_with_every_repeat() -> None:
     assert median_round([_round(2.0), _round(1.0)])["tok_per_s"] == 1.0  # even count: the lower middle
     assert median_round([_round(5.0)])["tok_per_s"] == 5.0
     line = table([{**chosen, "server": "llmc"}]).splitlines()[-1]
-    assert "| 450.0 |" in line and line.endswith("| 430 / 470 / 450 |")
+    assert "| 450.0 |" in line and line.endswith("| 430 / 470 / 450 | - |")
+    line = table([{**chosen, "server": "llmc", "preemptions_so_far": 2}]).splitlines()[-1]
+    assert line.endswith("| 430 / 470 / 450 | 2 |")  # a KV cache too small for the round shows

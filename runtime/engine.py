@@ -72,6 +72,7 @@ class EngineConfig:
     dense_weights: bool | None = None
     autotune: bool = True  # measure the weight forms on this host (kernels/cpu/autotune.py); False: defaults
     kv_huge_pages: bool = False  # 2 MiB pages for the KV cache (BackendOptions.kv_huge_pages says when)
+    kv_prefault: bool = True  # fault the KV cache in at start, in the background (BackendOptions.kv_prefault)
     max_waiting: int | None = DEFAULT_MAX_WAITING  # None: never refuse (embedding, tests)
     # Sampling defaults over the artifact's (`llmc run --temperature ...`), parsed by
     # artifacts/generation.py; requests still override them.
@@ -140,7 +141,13 @@ class Engine:
         spec = manifest.model
         max_rows = max(config.max_batched_tokens, config.max_num_seqs)
         options = BackendOptions(
-            config.threads, config.dense_weights, config.autotune, max_rows, config.max_num_seqs, config.kv_huge_pages
+            config.threads,
+            config.dense_weights,
+            config.autotune,
+            max_rows,
+            config.max_num_seqs,
+            config.kv_huge_pages,
+            config.kv_prefault,
         )
         self.backend = make_backend(config.device, options)
         self.model_name = manifest.model_name

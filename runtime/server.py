@@ -62,6 +62,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     dense_weights: bool | None = None  # dense copies of quantized weights; None: where measured faster
     autotune: bool = True  # measure the weight forms on this host; False (`--no-autotune`): defaults
     kv_huge_pages: bool = False  # 2 MiB pages for the KV cache (`--kv-huge-pages`)
+    kv_prefault: bool = True  # fault the KV cache in at start, in the background (`--no-kv-prefault`)
     log_level: str = "INFO"
     api_key: str | None = None
     tool_parser: str = "auto"
@@ -164,6 +165,7 @@ def _engine(artifact: Artifact, config: ServeConfig, backend: str, overrides: di
             dense_weights=config.dense_weights,
             autotune=config.autotune,
             kv_huge_pages=config.kv_huge_pages,
+            kv_prefault=config.kv_prefault,
             max_waiting=config.max_waiting if config.max_waiting is not None else DEFAULT_MAX_WAITING,
             generation_overrides=overrides,
         ),

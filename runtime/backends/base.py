@@ -45,6 +45,9 @@ class BackendOptions:
     # touch of the cache stalls, measured ~4x the cost of small pages; on a warm cache they make
     # batched decode of long, scattered contexts a few per cent faster (docs/BENCHMARKS.md).
     kv_huge_pages: bool = False
+    # Fault the KV cache's pages in at start, on a thread of its own (`--no-kv-prefault`: as they
+    # are first used, which costs steps that meet fresh blocks; runtime/backends/cpu.py prefault_kv).
+    kv_prefault: bool = True
 
 
 class Runner(ABC):

@@ -46,8 +46,8 @@ def test_the_kv_cache_is_zeroed_anonymous_memory_in_the_model_layout() -> None:
     assert caches[0][0].untyped_storage().nbytes() == 48 * kv_bytes_per_token(SPEC, torch.float32)
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The kernel's VmFlags of the mapping that holds `address` (/proc/self/smaps)."""
+def _smaps_field(address: int, field: str) -> list[str]:
+    """The values of `field` ("VmFlags:", "Rss:") of the mapping that holds `address` (/proc/self/smaps)."""
     inside = False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -55,9 +55,13 @@ def _vm_flags(address: int) -> list[str]:
             if "-" in head and not head.endswith(":"):
                 start, end = (int(part, 16) for part in head.split("-"))
                 inside = start <= address < end
-            elif inside and head == "VmFlags:":
+            elif inside and head == field:
                 return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _vm_flags(address: int) -> list[str]:
+    return _smaps_field(address, "VmFlags:")
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
@@ -68,6 +72,31 @@ def test_the_kv_cache_asks_for_huge_pages_only_when_told(huge: bool) -> None:
     # 4 MiB of cache, so that the kernel could back it with huge pages at all
     caches = backend.allocate_kv(SPEC, torch.float32, 4 * 1024 * 1024 // kv_bytes_per_token(SPEC, torch.float32))
     assert ("hg" in _vm_flags(caches[0][0].data_ptr())) is huge  # "hg": MADV_HUGEPAGE was given
+
+
+def _resident_kib(address: int) -> int:
+    return int(_smaps_field(address, "Rss:")[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.parametrize("prefault", [False, True])
+def test_the_kv_cache_is_faulted_in_at_start_unless_told_not_to(prefault: bool) -> None:
+    """Prefaulted on a thread of its own (steps then never fault fresh blocks in); lazily with
+    --no-kv-prefault, where an untouched cache takes no memory."""
+    backend = make_backend("cpu", BackendOptions(kv_prefault=prefault))
+    assert isinstance(backend, CpuBackend)
+    mib = 8
+    caches = backend.allocate_kv(SPEC, torch.float32, mib * 1024 * 1024 // kv_bytes_per_token(SPEC, torch.float32))
+    thread = backend.prefault_thread
+    assert (thread is not None) is prefault
+    if thread is not None:
+        thread.join(timeout=30)
+    resident = _resident_kib(caches[0][0].data_ptr())
+    if prefault:
+        assert resident >= mib * 1024 * 0.99  # every page (Rss rounds nothing away here)
+    else:
+        assert resident < 64  # no page touched
+    assert all(not k.any() and not v.any() for k, v in caches)  # zeros either way
 
 
 def test_an_unknown_device_is_refused_naming_the_ones_there_are() -> None:

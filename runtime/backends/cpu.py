@@ -227,8 +227,8 @@ def _rank(info: CompiledStep, host: str) -> int:
 
 def _zeroed(numel: int, dtype: torch.dtype, huge_pages: bool = False) -> torch.Tensor:
     """`numel` zeros in fresh anonymous memory, which the OS zeroes page by page when first touched:
-    a 1 GiB cache costs nothing at startup (torch.zeros writes it all, ~0.3 s here). The tensor
-    keeps the mapping alive.
+    a 1 GiB cache costs nothing at startup (torch.zeros writes it all, ~0.3 s here), and
+    prefault_kv then faults it in off the critical path. The tensor keeps the mapping alive.
 
     `huge_pages`: ask for 2 MiB pages (MADV_HUGEPAGE). Attention gathers slots from all over the
     cache and huge pages keep those reads from missing the TLB (16 sequences at 1024 tokens in

@@ -95,9 +95,10 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="llmc run --eager")
     parser.add_argument("--no-dense-weights", action="store_true", help="llmc run --no-dense-weights")
     parser.add_argument("--no-autotune", action="store_true", help="llmc run --no-autotune")
+    parser.add_argument("--no-kv-prefault", action="store_true", help="llmc run --no-kv-prefault")
     args = parser.parse_args()
     extra = ["--eager"] * args.eager + ["--no-dense-weights"] * args.no_dense_weights
-    extra += ["--no-autotune"] * args.no_autotune
+    extra += ["--no-autotune"] * args.no_autotune + ["--no-kv-prefault"] * args.no_kv_prefault
     print(json.dumps(measure(args.artifact, args.threads, args.mem, extra)))
 
 

@@ -200,6 +200,7 @@ class Engine:
             **self.runner.describe(),
             **self.backend.describe(),
         )
+        self.backend.ready()
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> None:

@@ -110,3 +110,7 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """What the engine's ready log reports of the device's choices."""
         return {"device": self.name}
+
+    def ready(self) -> None:  # noqa: B027 - a hook that most devices leave empty
+        """The engine is loaded and about to serve: background work that would slow the loading
+        starts here (the CPU backend faults its KV cache in)."""

@@ -74,26 +74,33 @@ def available_memory() -> int | None:
     return None
 
 
+# Bytes populated per madvise call: the call holds the process's memory-map lock (for reading),
+# which blocks every mmap/munmap of the other threads (the HTTP server's start, torch's large
+# allocations) until it returns; 32 MiB holds it ~10 ms where 1 GiB held it 0.3 s.
+PREFAULT_CHUNK_BYTES = 32 << 20
+
+
 def _populate(address: int, nbytes: int) -> None:
     started = time.perf_counter()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(address, nbytes, MADV_POPULATE_WRITE) != 0:
-        reason = os.strerror(ctypes.get_errno())
-        log.info("engine.kv_prefault_skipped", reason=f"madvise(MADV_POPULATE_WRITE): {reason}")
-        return
+    for offset in range(0, nbytes, PREFAULT_CHUNK_BYTES):
+        if libc.madvise(address + offset, min(PREFAULT_CHUNK_BYTES, nbytes - offset), MADV_POPULATE_WRITE) != 0:
+            reason = os.strerror(ctypes.get_errno())
+            log.info("engine.kv_prefault_skipped", reason=f"madvise(MADV_POPULATE_WRITE): {reason}")
+            return
     log.info("engine.kv_prefaulted", mb=nbytes // 2**20, seconds=round(time.perf_counter() - started, 3))
 
 
-def prefault_kv(memory: torch.Tensor) -> threading.Thread | None:
+def prefault_kv(memory: torch.UntypedStorage) -> threading.Thread | None:
     """Fault the KV cache's pages in on a thread of its own, as llama.cpp clears its cache at
     start: served lazily, each block's first use faulted its pages inside a step, on both compute
     threads at once, which contend in the kernel (1 GiB: 1.3 s touched by two threads against 0.3 s
     populated by one; a 3B prefill of 512 tokens on fresh blocks 4 % slower, docs/BENCHMARKS.md).
-    The server is ready meanwhile: a step that meets a page not yet populated faults it as before.
+    The server serves meanwhile: a step that meets a page not yet populated faults it as before.
     None where nothing is started (not an mmap'd cache, or more than PREFAULT_MEMORY_SHARE of the
     memory available now)."""
-    address, nbytes = memory.data_ptr(), memory.numel() * memory.element_size()
+    address, nbytes = memory.data_ptr(), memory.nbytes()
     if nbytes == 0 or address % mmap.PAGESIZE != 0 or not sys.platform.startswith("linux"):
         return None
     available = available_memory()
@@ -254,20 +261,20 @@ class CpuBackend(TorchBackend):
         self.dense_copies = False  # load_model decides, from measurements and the artifact's size
         self.tuning = autotune.Tuning(autotune.NO_DENSE, "off")
         self.kernels_loaded = False  # the artifact's CPU kernel library runs in this process
-        self.prefault_thread: threading.Thread | None = None  # allocate_kv's, while it faults the cache in
+        self._kv_memory: torch.UntypedStorage | None = None  # allocate_kv's, the whole cache
+        self.prefault_thread: threading.Thread | None = None  # ready()'s, while it faults the cache in
 
     def allocate_kv(self, spec: ModelSpec, dtype: torch.dtype, num_slots: int) -> KVCaches:
         huge = self.options.kv_huge_pages
-        memory: list[torch.Tensor] = []
-
-        def zeroed(numel: int, dt: torch.dtype) -> torch.Tensor:
-            memory.append(_zeroed(numel, dt, huge))
-            return memory[-1]
-
-        caches = allocate_kv_caches(spec, dtype, num_slots, zeroed)
-        if self.options.kv_prefault:
-            self.prefault_thread = prefault_kv(memory[0])
+        caches = allocate_kv_caches(spec, dtype, num_slots, lambda numel, dt: _zeroed(numel, dt, huge))
+        self._kv_memory = caches[0][0].untyped_storage()  # every layer's cache is a view of it
         return caches
+
+    def ready(self) -> None:
+        """Fault the KV cache in now, not while loading: concurrent with the load (which faults in
+        the weights' forms) it made a 3B server ready 1.3 s later (docs/BENCHMARKS.md)."""
+        if self.options.kv_prefault and self._kv_memory is not None:
+            self.prefault_thread = prefault_kv(self._kv_memory)
 
     def load_model(self, artifact: Artifact, max_positions: int, dtype: torch.dtype) -> CausalLM:
         manifest = artifact.manifest

@@ -81,12 +81,14 @@ def _resident_kib(address: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
 @pytest.mark.parametrize("prefault", [False, True])
 def test_the_kv_cache_is_faulted_in_at_start_unless_told_not_to(prefault: bool) -> None:
-    """Prefaulted on a thread of its own (steps then never fault fresh blocks in); lazily with
-    --no-kv-prefault, where an untouched cache takes no memory."""
+    """Prefaulted on a thread of its own once the engine is loaded (steps then never fault fresh
+    blocks in); lazily with --no-kv-prefault, where an untouched cache takes no memory."""
     backend = make_backend("cpu", BackendOptions(kv_prefault=prefault))
     assert isinstance(backend, CpuBackend)
     mib = 8
     caches = backend.allocate_kv(SPEC, torch.float32, mib * 1024 * 1024 // kv_bytes_per_token(SPEC, torch.float32))
+    assert backend.prefault_thread is None  # not while loading
+    backend.ready()  # the engine is loaded
     thread = backend.prefault_thread
     assert (thread is not None) is prefault
     if thread is not None:

@@ -80,8 +80,11 @@ def available_memory() -> int | None:
 PREFAULT_CHUNK_BYTES = 32 << 20
 
 
-def _populate(address: int, nbytes: int) -> None:
+def _populate(memory: torch.UntypedStorage) -> None:
+    """Holds `memory` until done: the cache cannot be unmapped (and its addresses reused by
+    another mapping, which this would then fault in) while it populates."""
     started = time.perf_counter()
+    address, nbytes = memory.data_ptr(), memory.nbytes()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for offset in range(0, nbytes, PREFAULT_CHUNK_BYTES):
@@ -108,7 +111,7 @@ def prefault_kv(memory: torch.UntypedStorage) -> threading.Thread | None:
         log.info("engine.kv_prefault_skipped", reason="the cache is large for the memory available now",
                  mb=nbytes // 2**20, available_mb=None if available is None else available // 2**20)  # fmt: skip
         return None
-    thread = threading.Thread(target=_populate, args=(address, nbytes), name="llmc-kv-prefault", daemon=True)
+    thread = threading.Thread(target=_populate, args=(memory,), name="llmc-kv-prefault", daemon=True)
     thread.start()
     return thread
 

@@ -210,15 +210,18 @@ void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* ws = w + s * kQ4KSuperBytes;
     const Q4KSuper f = q4k_super(sc, s);
-    // the offsets' part first, so that its sums need no registers during the groups
+    // The offsets' part first, so that its sums need no registers during the groups: kept in L1
+    // and added after the groups' part, the order of the float sums the first version of this
+    // loop had (adding it first changed last bits, enough to flip SmolLM2's greedy near-ties
+    // against llama.cpp's, tests/builder/test_quantize.py).
     const uint8_t* mn = ws + kQ4KValueBytes + kQ4KGroups * kRows;
+    alignas(64) int32_t mins[kBatch][kRows];
     for (int m = 0; m < kBatch; ++m) {
-      __m512i mins = _mm512_setzero_si512();
+      __m512i sum = _mm512_setzero_si512();
       for (int j = 0; j < kQ4KGroups / 2; ++j)
-        mins = _mm512_dpwssd_epi32(mins, factor_pairs<false>(mn + 2 * j * kRows, mn + (2 * j + 1) * kRows),
-                                   sum_pair(a.sums + m * groups + s * kQ4KGroups + 2 * j));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(f.neg_dmin, _mm512_set1_ps(a.scale[m * supers + s])),
-                               acc[m]);
+        sum = _mm512_dpwssd_epi32(sum, factor_pairs<false>(mn + 2 * j * kRows, mn + (2 * j + 1) * kRows),
+                                  sum_pair(a.sums + m * groups + s * kQ4KGroups + 2 * j));
+      _mm512_store_si512(mins[m], sum);
     }
     __m512i scaled[kBatch];
     for (int m = 0; m < kBatch; ++m) scaled[m] = _mm512_setzero_si512();
@@ -231,9 +234,11 @@ void q4k_super_rows(const uint8_t* w, const Half16* sc, const SuperActivations& 
           _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + kQ4KValueBytes + g * kRows)));
       for (int m = 0; m < kBatch; ++m) scaled[m] = _mm512_add_epi32(scaled[m], _mm512_mullo_epi32(scg, dot[m]));
     }
-    for (int m = 0; m < kBatch; ++m)
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[m]), _mm512_mul_ps(f.d, _mm512_set1_ps(a.scale[m * supers + s])),
-                               acc[m]);
+    for (int m = 0; m < kBatch; ++m) {
+      const __m512 dx = _mm512_set1_ps(a.scale[m * supers + s]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[m]), _mm512_mul_ps(f.d, dx), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(mins[m])), _mm512_mul_ps(f.neg_dmin, dx), acc[m]);
+    }
   }
   for (int m = 0; m < kBatch; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }

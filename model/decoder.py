@@ -132,6 +132,7 @@ class CausalLM(nn.Module):
                 + ", ".join(SUPPORTED_ARCHITECTURES)
             )
         self.spec = spec
+        self.max_positions = max_positions  # the rope tables' rows: the positions it can run
         self.dtype = torch.float32  # the compute dtype: activations and KV cache (build_model sets it)
         self.attention: PagedAttention = PagedAttention()  # the device's (build_model sets it)
         self.model = Backbone(spec, max_positions)

@@ -111,6 +111,11 @@ def _sign_first_half(sin: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_long: torch.Tensor
+    sin_long: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,
@@ -123,16 +128,23 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         self.rotary_dim = int(head_dim * partial_factor)
         self.interleaved = interleaved
-        # The sine tables of the half-split layout carry rotate_half's sign (see _rotate).
-        self.cos, self.sin = _table(max_positions, self.rotary_dim, theta, scaling, interleaved, long=False)
-        self.sin = self.sin if interleaved else _sign_first_half(self.sin)
+        self.max_positions = max_positions
+        # The tables are buffers (never saved: computed from the config), so that a compiled step
+        # takes the runtime's tables at load like its weights, sized to the context served,
+        # instead of keeping its own copy of the build's (Llama 3's 131072 positions: 128 MB per
+        # program, issue 24). The sine tables of the half-split layout carry rotate_half's sign
+        # (see _rotate).
+        cos, sin = _table(max_positions, self.rotary_dim, theta, scaling, interleaved, long=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin if interleaved else _sign_first_half(sin), persistent=False)
         # longrope switches to its long factors once a sequence outgrows the original context.
         self.long_after: int | None = None
         if rope_kind(scaling) == "longrope":
             assert scaling is not None
             self.long_after = int(scaling["original_max_position_embeddings"])
-            self.cos_long, self.sin_long = _table(max_positions, self.rotary_dim, theta, scaling, interleaved, True)
-            self.sin_long = self.sin_long if interleaved else _sign_first_half(self.sin_long)
+            cos_long, sin_long = _table(max_positions, self.rotary_dim, theta, scaling, interleaved, True)
+            self.register_buffer("cos_long", cos_long, persistent=False)
+            self.register_buffer("sin_long", sin_long if interleaved else _sign_first_half(sin_long), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, use_long: torch.Tensor | None = None

@@ -18,12 +18,15 @@ class BucketedStep(ABC):
     """Call with the decode step's inputs (model/decode_step.py's DecodeStep.forward) and the pad
     slot for [B, vocab] float32 logits."""
 
-    def __init__(self, info: CompiledStep, num_slots: int) -> None:
+    def __init__(self, info: CompiledStep, num_slots: int, max_positions: int | None = None) -> None:
+        """`max_positions`: the rows of the position tables the step reads (the runtime model's
+        rope tables, handed to it at load); None: the compiled maximum sequence length."""
         self.info = info
         self.buckets = info.buckets
         self.max_batch = info.buckets[-1]
         self.max_blocks = info.max_seq_len // info.block_size
         self._num_slots = num_slots
+        self._max_positions = info.max_seq_len if max_positions is None else max_positions
         self.calls = 0  # steps this executor ran
 
     @abstractmethod
@@ -50,7 +53,7 @@ class BucketedStep(ABC):
         """Pad the batch up to its bucket (padding rows write `pad_slot` and read block
         pad_slot // block_size), run, and return the real rows' logits."""
         batch, width = block_tables.shape
-        self._validate(batch, width, slot_mapping, block_tables, context_lens, kv_caches, pad_slot)
+        self._validate(batch, width, positions, slot_mapping, block_tables, context_lens, kv_caches, pad_slot)
         padded = self.bucket(batch)
         if padded != batch:
             extra = padded - batch
@@ -68,6 +71,7 @@ class BucketedStep(ABC):
         self,
         batch: int,
         width: int,
+        positions: torch.Tensor,
         slot_mapping: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
@@ -80,8 +84,8 @@ class BucketedStep(ABC):
         problems = []
         if not 1 <= batch <= self.max_batch or not 1 <= width <= self.max_blocks:
             problems.append(f"batch {batch} x {width} blocks is outside 1..{self.max_batch} x 1..{self.max_blocks}")
-        if slot_mapping.shape != (batch,) or context_lens.shape != (batch,):
-            problems.append("slot_mapping and context_lens must have one entry per sequence")
+        if positions.shape != (batch,) or slot_mapping.shape != (batch,) or context_lens.shape != (batch,):
+            problems.append("positions, slot_mapping and context_lens must have one entry per sequence")
         if any(cache.shape[0] != num_slots for cache in kv_caches):
             problems.append(f"every KV cache must have {num_slots} slots")
         if not problems:
@@ -91,5 +95,7 @@ class BucketedStep(ABC):
                 problems.append("a block id is outside the KV cache")
             if int(context_lens.min()) < 1 or int(context_lens.max()) > width * self.info.block_size:
                 problems.append("a context length is outside its block table")
+            if int(positions.min()) < 0 or int(positions.max()) >= self._max_positions:
+                problems.append(f"a position is outside the rope tables' {self._max_positions} rows")
         if problems:
             raise InternalError("compiled decode step refused its inputs: " + "; ".join(problems))

@@ -6,8 +6,8 @@ dimensions (a static package per bucket took ~2 minutes each to compile on 2 cor
 docs/notes/aot-compile-spike.md). The package holds no weights
 (`aot_inductor.package_constants_in_so=False`): the runtime prepares the artifact's tensors as
 for eager execution (the packed int4 layout depends on the CPU anyway) and hands them over at
-load. The few constants the compiler makes itself (the int4 kernel's group size, traced rope
-tables) are saved beside the package.
+load, the rope tables too (sized to the context it serves). The few constants the compiler makes
+itself (the int4 kernel's group size) are saved beside the package.
 """
 
 from __future__ import annotations
@@ -464,15 +464,16 @@ def model_from_stage(
     prepared form the weight forms need (the dense copies too), computed as fake tensors: the
     packages hold no weights (the runtime feeds the prepared tensors at load), so the trace needs
     only shapes, dtypes and strides, and the compile holds no weight whatever the model's size.
-    The constants the model computes itself (rope tables) are built outside the fake mode and stay
-    real. llmc's CPU kernels come from the staged `library` (loaded into this process) if any."""
+    The tables the model computes itself (rope) are built outside the fake mode and stay real
+    (buffers the runtime hands over like the weights). llmc's CPU kernels come from the staged
+    `library` (loaded into this process) if any."""
     _, max_seq_len = check_options(options, spec)
     if library is not None:
         reason = cpu_kernels.load(stage / library.file, library.isa)
         if reason is not None:
             raise InternalError(f"the CPU kernels just compiled do not load: {reason}; build with --no-cpu-kernels")
     # The shape environment with tracked fakes is what torch.export asks of a fake mode it adopts;
-    # non-fake inputs are allowed for the real constants the model mixes in (rope tables).
+    # non-fake inputs are allowed for the real tables the model mixes in (rope).
     mode = FakeTensorMode(shape_env=ShapeEnv(tracked_fakes=[]), allow_non_fake_inputs=True)
     weights = staged_fakes(stage, tensor_files, mode)
     loaded = library is not None  # the quantized matmul and the paged decode attention kernel

@@ -143,7 +143,7 @@ class AOTInductorStep(BucketedStep):
         logits: torch._C._aoti.AOTIModelPackageLoader | None,
         num_slots: int,
     ) -> None:
-        super().__init__(info, num_slots)
+        super().__init__(info, num_slots, model.max_positions)
         self._model = model
         # (first layer, layers, loader, whether its program embeds by a select, whether it computes
         # the logits by a flag)

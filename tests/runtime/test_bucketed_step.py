@@ -31,8 +31,8 @@ def _info(buckets: list[int]) -> CompiledStep:
 class Recording(BucketedStep):
     """Returns each row's input id and slot as its "logits", and keeps the padded inputs."""
 
-    def __init__(self, buckets: list[int]) -> None:
-        super().__init__(_info(buckets), NUM_SLOTS)
+    def __init__(self, buckets: list[int], max_positions: int | None = None) -> None:
+        super().__init__(_info(buckets), NUM_SLOTS, max_positions)
         self.seen: list[torch.Tensor] = []
 
     def _run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -77,6 +77,8 @@ def test_buckets_and_limits() -> None:
         ({"slots": torch.tensor([NUM_SLOTS])}, "slot"),
         ({"tables": torch.tensor([[NUM_SLOTS // BLOCK]])}, "block id"),
         ({"lens": torch.tensor([BLOCK + 1])}, "context length"),
+        ({"positions": torch.tensor([4 * BLOCK])}, "position"),
+        ({"positions": torch.tensor([-1])}, "position"),
     ],
 )
 def test_inputs_the_executor_would_trust_blindly_are_refused(change: dict[str, torch.Tensor], problem: str) -> None:
@@ -91,3 +93,15 @@ def test_inputs_the_executor_would_trust_blindly_are_refused(change: dict[str, t
     with pytest.raises(InternalError, match=problem):
         step(*inputs.values(), [torch.zeros(NUM_SLOTS, 1, 2)], PAD_SLOT)
     assert step.calls == 0
+
+
+def test_positions_are_bounded_by_the_tables_the_step_was_handed() -> None:
+    """The runtime's rope tables hold the context it serves, which may be less than the compiled
+    maximum: a position past them would read outside the table."""
+    step = Recording([1], max_positions=6)
+    kv = [torch.zeros(NUM_SLOTS, 1, 2)]
+    ids, slots, tables = torch.tensor([1]), torch.tensor([0]), torch.tensor([[0, 1]])
+    step(ids, torch.tensor([5]), slots, tables, torch.tensor([6]), kv, PAD_SLOT)
+    with pytest.raises(InternalError, match="outside the rope tables' 6 rows"):
+        step(ids, torch.tensor([6]), slots, tables, torch.tensor([7]), kv, PAD_SLOT)
+    assert step.calls == 1

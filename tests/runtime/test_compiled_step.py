@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
+from safetensors.torch import load as safetensors_load
 
 from llmc.artifacts.manifest import KernelLibrary, Manifest
 from llmc.artifacts.reader import Artifact
@@ -79,6 +80,23 @@ def tiny_compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tiny_compiled_matches_eager(tiny_compiled: Path) -> None:
     vocab = json.loads((tiny_compiled / "manifest.json").read_text())["model"]["vocab_size"]
     _compare(tiny_compiled, vocab, (1, 3, 16))
+
+
+def test_the_rope_tables_are_the_runtimes_not_the_packages(tiny_compiled: Path) -> None:
+    """A package keeps no rope table of its own (Llama 3's 131072 positions took 128 MB per
+    program, read and held by every server): the runtime hands it its tables, sized to the context
+    it serves, and the compiled step still gives eager's tokens from tables shorter than the
+    compiled maximum."""
+    manifest = json.loads((tiny_compiled / "manifest.json").read_text())
+    [step] = manifest["targets"]["cpu"]["compiled"]
+    for program in step["programs"]:
+        made = safetensors_load((tiny_compiled / program["constants"]).read_bytes())
+        assert all(tensor.numel() < step["max_seq_len"] for tensor in made.values()), {
+            name: tuple(tensor.shape) for name, tensor in made.items()
+        }
+    # 40 prompt tokens and 24 generated reach position 63: the runtime's tables hold 64 of 256.
+    assert step["max_seq_len"] == 256
+    _compare(tiny_compiled, manifest["model"]["vocab_size"], (1, 3), max_model_len=64)
 
 
 def test_runs_of_layers_share_one_program_and_match_eager(tmp_path: Path) -> None:

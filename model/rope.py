@@ -128,7 +128,6 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         self.rotary_dim = int(head_dim * partial_factor)
         self.interleaved = interleaved
-        self.max_positions = max_positions
         # The tables are buffers (never saved: computed from the config), so that a compiled step
         # takes the runtime's tables at load like its weights, sized to the context served,
         # instead of keeping its own copy of the build's (Llama 3's 131072 positions: 128 MB per

@@ -2,11 +2,16 @@
 and the resident memory of the server's processes then (anonymous and file-backed apart), beside
 the artifact's weight bytes, so "RSS at ready ≈ weights + KV cache" can be checked at any size.
 
-    python -m llmc.benchmarks.ready ARTIFACT [--threads 2] [--mem 1024]
+    python -m llmc.benchmarks.ready ARTIFACT [--threads 2] [--mem 1024] [--no-kv-prefault]
+        [--gguf FILE.gguf --llama-server .cache/llama.cpp/build/bin/llama-server]
 
-File-backed pages are the artifact's weights mapped in place (safetensors maps them, nothing is
-copied); anonymous pages are what the runtime made: prepared weight forms, the KV cache pages
-touched so far, the Python and torch heaps.
+File-backed pages are weights read in place from a mapped file; anonymous pages are what the
+process made. For llmc's torch runtime that is the weights in the CPU kernel's forms (a copy
+made at load, after which the file's pages are dropped), the KV cache pages touched so far
+(all of them unless --no-kv-prefault) and the Python and torch heaps. With --gguf, llama-server
+is measured the same way right after, on that file with a context of PEER_CONTEXT tokens, and
+its KV cache's bytes (float16, computed from the file's fields) are reported beside it, so
+that both servers' memory besides the KV cache can be compared.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ import httpx
 STARTUP_LIMIT_S = 600
 # /health polling interval: short against the seconds a load takes.
 _POLL_S = 0.05
+# llama-server's context with --gguf: small, so that its KV cache (cleared, hence resident, at
+# load) is a few MB at these sizes and the rest of its memory stands out.
+PEER_CONTEXT = 256
+_F16_BYTES = 2
 
 
 def _free_port() -> int:
@@ -87,6 +96,46 @@ def measure(artifact: Path, threads: int, mem_mb: int, extra: list[str]) -> dict
     return {"artifact": str(artifact), "ready_s": round(ready, 2), **memory, "weights_mb": round(weights / 2**20, 1)}
 
 
+def gguf_kv_mb(gguf_path: Path, context: int) -> float:
+    """llama.cpp's float16 KV cache for `context` tokens of this GGUF's model, in MB."""
+    import gguf
+
+    fields = gguf.GGUFReader(gguf_path).fields
+
+    def field(key: str) -> int | None:
+        found = fields.get(key)
+        return int(found.contents()) if found is not None else None
+
+    arch = str(fields["general.architecture"].contents())
+    layers, heads = field(f"{arch}.block_count"), field(f"{arch}.attention.head_count")
+    kv_heads, width = field(f"{arch}.attention.head_count_kv"), field(f"{arch}.embedding_length")
+    if layers is None or heads is None or width is None:
+        raise SystemExit(f"{gguf_path}: no layer, head or width count for {arch}")
+    key_length = field(f"{arch}.attention.key_length") or width // heads
+    value_length = field(f"{arch}.attention.value_length") or width // heads
+    per_token = layers * (kv_heads or heads) * (key_length + value_length) * _F16_BYTES
+    return round(per_token * context / 2**20, 1)
+
+
+def measure_llama_server(server: Path, gguf_path: Path, threads: int) -> dict[str, object]:
+    """llama-server's ready time and memory at ready on `gguf_path`, PEER_CONTEXT tokens, 1 slot."""
+    port = _free_port()
+    cmd = [str(server), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+           "-c", str(PEER_CONTEXT), "-np", "1"]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = wait_healthy(proc, f"http://127.0.0.1:{port}", started, "llama-server")
+        memory = _memory_mb(_tree(proc.pid))
+    finally:
+        proc.terminate()
+        proc.wait()
+    weights_mb = round(gguf_path.stat().st_size / 2**20, 1)
+    kv_mb = gguf_kv_mb(gguf_path, PEER_CONTEXT)
+    return {"llama_server": str(gguf_path), "ready_s": round(ready, 2), **memory, "kv_mb": kv_mb,
+            "weights_mb": weights_mb}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", type=Path)
@@ -96,10 +145,14 @@ def main() -> None:
     parser.add_argument("--no-dense-weights", action="store_true", help="llmc run --no-dense-weights")
     parser.add_argument("--no-autotune", action="store_true", help="llmc run --no-autotune")
     parser.add_argument("--no-kv-prefault", action="store_true", help="llmc run --no-kv-prefault")
+    parser.add_argument("--gguf", type=Path, help="also measure llama-server on this GGUF (the artifact's source)")
+    parser.add_argument("--llama-server", type=Path, default=Path(".cache/llama.cpp/build/bin/llama-server"))
     args = parser.parse_args()
     extra = ["--eager"] * args.eager + ["--no-dense-weights"] * args.no_dense_weights
     extra += ["--no-autotune"] * args.no_autotune + ["--no-kv-prefault"] * args.no_kv_prefault
-    print(json.dumps(measure(args.artifact, args.threads, args.mem, extra)))
+    print(json.dumps(measure(args.artifact, args.threads, args.mem, extra)), flush=True)
+    if args.gguf is not None:
+        print(json.dumps(measure_llama_server(args.llama_server, args.gguf, args.threads)))
 
 
 if __name__ == "__main__":

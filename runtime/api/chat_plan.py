@@ -160,6 +160,9 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments else {}
+        except RecursionError as exc:  # thousands of brackets: deeper than the parser recurses
+            raise BadInputError("a tool call's arguments nest JSON too deeply; flatten them", param="messages") from exc
         except ValueError as exc:
             raise BadInputError("a tool call's arguments are not valid JSON", param="messages") from exc
+        check_depth(arguments, "messages")  # the template walks them recursively
     return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from llmc.errors import BadInputError, LlmcError
+from llmc.errors import BadInputError, InternalError, LlmcError
 from llmc.logs import get_logger
 from llmc.runtime.api.errors import HttpError, error_response
 from llmc.runtime.api.requests import validation_param
@@ -131,6 +131,13 @@ async def stream(send: Send, request_id: str, events: AsyncIterator[bytes]) -> N
         return
     except Exception:
         log.exception("api.stream_failed", request_id=request_id)
+        # A bug of llmc's, not the client's: still a last event, so the client does not take the
+        # stream for a complete answer (no finish_reason would ever come).
+        _, body = error_response(InternalError("internal server error; see the server log"))
+        try:
+            await send({"type": "http.response.body", "body": sse_data(body), "more_body": True})
+        except Exception:  # the client left meanwhile; nothing to do
+            return
     try:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
     except Exception:  # the client left after the last event; nothing to do

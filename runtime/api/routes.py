@@ -217,9 +217,14 @@ class Routes:
         for index in range(len(params)):
             yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))])
         usage = UsageCounter()
+        # Logprobs of tokens whose text the tool-call parser still holds back: sent with the next
+        # delta of their choice (or its finish), so that the stream carries every token's, as the
+        # non-streamed answer does.
+        held: list[list[p.ChatTokenLogprob]] = [[] for _ in params]
         async for index, out in outputs:
             usage.add(out)
-            logprobs = self.render.chat_logprobs(out.logprobs) if out.logprobs else None
+            if out.logprobs:
+                held[index].extend(self.render.chat_logprobs(out.logprobs).content)
             parser = parsers[index]
             news = (
                 deltas(parser, out.text, out.finished, out.finish_reason == "length")
@@ -227,12 +232,15 @@ class Routes:
                 else [p.Delta(content=out.text)]
             )
             for delta in news:
-                if delta.content or delta.tool_calls or logprobs:
+                if delta.content or delta.tool_calls or held[index]:
+                    logprobs = p.ChatLogprobs(content=held[index]) if held[index] else None
                     yield chunk([p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
-                    logprobs = None
+                    held[index] = []
             if out.finished:
                 reason = "tool_calls" if parser and parser.calls else out.finish_reason
-                yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason)])
+                logprobs = p.ChatLogprobs(content=held[index]) if held[index] else None
+                held[index] = []
+                yield chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason, logprobs=logprobs)])
         if include_usage:
             yield chunk([], usage=with_caption_tokens(usage.usage(), caption_tokens))
 

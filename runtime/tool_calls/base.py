@@ -49,16 +49,26 @@ class ToolCallEvent:
 Event = ContentEvent | ToolCallEvent
 
 
+def json_value(text: str) -> Any:
+    """The JSON value `text` holds, or None where it holds none: not JSON, or nested deeper than
+    Python's parser recurses (RecursionError; a model can emit thousands of brackets). Callers
+    want an object or a list, so a JSON `null` reads the same as no JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def arguments_json(arguments: Any) -> str | None:
     """Arguments as JSON object text, or None when they are not a JSON object."""
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return None
+        arguments = json_value(arguments)
     if not isinstance(arguments, dict):
         return None
-    return json.dumps(arguments, ensure_ascii=False)
+    try:
+        return json.dumps(arguments, ensure_ascii=False)
+    except RecursionError:  # parsed, yet too deep to write back: as unusable as unparsable
+        return None
 
 
 def call_from_object(obj: Any) -> tuple[str, str] | None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from llmc.runtime.structured_output import lark_json
-from llmc.runtime.tool_calls.base import ToolCallFormat, call_from_object, one_of_calls
+from llmc.runtime.tool_calls.base import ToolCallFormat, call_from_object, json_value, one_of_calls
 
 
 class HermesFormat(ToolCallFormat):
@@ -15,10 +14,7 @@ class HermesFormat(ToolCallFormat):
     end = "</tool_call>"
 
     def parse_region(self, body: str) -> list[tuple[str, str]] | None:
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return None
+        obj = json_value(body)
         call = call_from_object(obj)
         return [call] if call else None
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from llmc.runtime.structured_output import lark_json
-from llmc.runtime.tool_calls.base import ToolCallFormat, call_from_object, one_of_calls
+from llmc.runtime.tool_calls.base import ToolCallFormat, call_from_object, json_value, one_of_calls
 
 
 class JsonFormat(ToolCallFormat):
@@ -31,10 +31,7 @@ class JsonFormat(ToolCallFormat):
         return any(head.startswith(compact) or compact.startswith(head) for head in ('{"name"', '[{"name"'))
 
     def parse_region(self, body: str) -> list[tuple[str, str]] | None:
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return None
+        obj = json_value(body)
         items = obj if isinstance(obj, list) else [obj]
         calls = [call_from_object(item) for item in items]
         if not calls or any(c is None for c in calls):

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from llmc.runtime.structured_output import lark_json
-from llmc.runtime.tool_calls.base import ToolCallFormat, arguments_json, call_from_object, one_of_calls
+from llmc.runtime.tool_calls.base import ToolCallFormat, arguments_json, call_from_object, json_value, one_of_calls
 
 _ARGS = "[ARGS]"
 
@@ -20,10 +20,7 @@ class MistralFormat(ToolCallFormat):
     def parse_region(self, body: str) -> list[tuple[str, str]] | None:
         text = body.strip()
         if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError:
-                return None
+            items = json_value(text)
             if not isinstance(items, list) or not items:
                 return None
             calls = [call_from_object(item) for item in items]

@@ -147,6 +147,16 @@ def test_tool_call_round_trip(client: OpenAI) -> None:
     assert reasons == ["tool_calls"]
     assert [(names[i], "".join(parts[i])) for i in sorted(names)] == [(call.function.name, call.function.arguments)]
 
+    # Logprobs of the tokens the tool-call parser held back still stream, as many as the
+    # non-streamed answer has (they were dropped: 1 of 27 in the report that found it).
+    with_logprobs = {**args, "logprobs": True}
+    whole = client.chat.completions.create(messages=messages, **with_logprobs)  # type: ignore[call-overload]
+    expected = [e.logprob for e in whole.choices[0].logprobs.content]
+    assert len(expected) == whole.usage.completion_tokens
+    stream = client.chat.completions.create(messages=messages, stream=True, **with_logprobs)  # type: ignore[call-overload]
+    streamed = [e.logprob for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx(expected, abs=1e-4)
+
     messages.append(choice.message.model_dump(exclude_none=True))
     messages.append({"role": "tool", "tool_call_id": call.id, "content": str(arguments["a"] + arguments["b"])})
     final = client.chat.completions.create(

@@ -55,6 +55,12 @@ def _nested(depth: int) -> bytes:
     )
 
 
+def _called(arguments: str) -> list[dict[str, Any]]:
+    """A conversation whose assistant turn called tool f with `arguments` (JSON text)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    return [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]
+
+
 def _tool(name: str = "f", parameters: Any = None) -> dict[str, Any]:
     function: dict[str, Any] = {"name": name}
     if parameters is not None:
@@ -143,6 +149,9 @@ BAD_INPUTS: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("json-nested-5000", CHAT, _nested(5000), 400, None),
     ("json-nested-500", CHAT, _nested(500), 400, "tools"),
     ("json-array-nested-5000", CHAT, b"[" * 5000 + b"]" * 5000, 400, None),
+    # A tool call's arguments are JSON text inside a string, parsed apart from the body.
+    ("tool-call-arguments-3000-deep", CHAT, _chat(messages=_called("[" * 3000 + "]" * 3000)), 400, "messages"),
+    ("tool-call-arguments-200-deep", CHAT, _chat(messages=_called("[" * 200 + "]" * 200)), 400, "messages"),
     ("invalid-utf8-body", CHAT, b"\xff\xfe\x00garbage", 400, None),
     ("invalid-utf8-in-string", CHAT, b'{"model":"tiny","messages":[{"role":"user","content":"\xc3\x28"}]}', 400, None),
     ("not-json", CHAT, b"{not json", 400, None),
@@ -186,6 +195,7 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ("penalties-at-bounds", _chat(temperature=2.0, presence_penalty=-2, frequency_penalty=2, max_tokens=8)),
     ("top-k-huge", _chat(temperature=1.0, top_k=10**12, max_tokens=8)),
     ("min-p-1", _chat(temperature=1.0, min_p=1.0, max_tokens=8)),
+    ("top-p-1e-46-keeps-the-likeliest", _chat(temperature=1.0, top_p=1e-46, max_tokens=8)),
 ]
 
 

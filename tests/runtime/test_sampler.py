@@ -187,6 +187,10 @@ def test_top_k_top_p_and_min_p_cut_the_tail() -> None:
     assert len(set(_draws(logits, SamplingParams(max_tokens=1, temperature=1.0)))) > 10  # no cut: the tail shows
     # A cold temperature sharpens: the best token dominates.
     assert (_draws(logits, SamplingParams(max_tokens=1, temperature=0.005), 200) == 0).all()
+    # A top_p below float32's smallest number still keeps the likeliest token (it read as 0 and
+    # cut every token, failing the request).
+    tiny = _draws(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-46), 50)
+    assert (tiny == 0).all()
 
 
 def test_logit_bias_and_penalties() -> None:

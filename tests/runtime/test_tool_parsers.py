@@ -82,6 +82,20 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("fmt_name", sorted(FORMATS))
+def test_json_nested_past_the_parsers_recursion_is_text_not_a_crash(fmt_name: str) -> None:
+    # A model can emit thousands of brackets (a logit bias makes it); json.loads then raises
+    # RecursionError, which is no ValueError: the server answered 500.
+    deep = "[" * 5000 + "]" * 5000
+    fmt = FORMATS[fmt_name]()
+    bodies = [deep, f'{{"name": "a", "arguments": {deep}}}', f"a>{deep}", f"a[ARGS]{deep}"]
+    assert all(fmt.parse_region(body) is None for body in bodies)
+    wrapped = {"hermes": f"<tool_call>{deep}</tool_call>", "mistral": f"[TOOL_CALLS] {deep}"}
+    text = wrapped.get(fmt_name, f"<function=a>{deep}</function>" if fmt_name == "llama" else deep)
+    assert parse_all(fmt, text)[1] == []
+    assert parse_all(fmt, text, forced=True)[1] == []
+
+
 def _flat(fmt_name: str) -> list[tuple[str, str, str, list[tuple[str, dict[str, object]]]]]:
     return [(fmt_name, text, content, calls) for text, content, calls in CASES[fmt_name]]
 

@@ -295,7 +295,7 @@ class McpManager:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
                 return "error: the arguments are not valid JSON"
         if not isinstance(arguments, dict):
             return "error: the arguments must be a JSON object"

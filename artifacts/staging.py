@@ -246,8 +246,9 @@ def recover(out_dir: Path, *, sweep: bool = True) -> None:
             _remove_if_old_and_empty(path, 0 if ASIDE_INFIX in path.name else _EMPTY_GRACE_S)
         if marker is None or not _owner_gone(marker):
             continue
-        target = parent / str(marker.get("target", ""))
-        if marker.get("role") == "old" and ASIDE_INFIX in path.name and target != parent and not target.exists():
+        name = _aside_target(path, marker)
+        target = parent / name if name is not None else None
+        if marker.get("role") == "old" and target is not None and not target.exists():
             _restore(path, target)
         elif sweep:
             log.info("build.swept_stale", path=str(path), role=marker.get("role"))
@@ -255,6 +256,17 @@ def recover(out_dir: Path, *, sweep: bool = True) -> None:
                 remove_marked(path)
             except OSError as exc:  # another user's, or a read-only folder: leave it, build anyway
                 log.warning("build.sweep_failed", path=str(path), error=str(exc))
+
+
+def _aside_target(aside: Path, marker: dict[str, Any]) -> str | None:
+    """The name a moved-aside artifact goes back to: its marker's `target`, only where that is a
+    plain name in the same folder and the one the aside's own name was made from
+    (`.NAME.llmc-old-XXXX`). A marker is a file anyone can write: an absolute path or `..` there
+    would have this move a folder anywhere."""
+    name = marker.get("target")
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return None
+    return name if aside.name.startswith(f".{name}{ASIDE_INFIX}") else None
 
 
 def _remove_if_old_and_empty(path: Path, grace_s: float) -> None:

@@ -17,6 +17,14 @@ import numpy.typing as npt
 
 # numpy dtypes by (the dtype asked for, byte order): made once, not once per value.
 _DTYPES: dict[tuple[Any, str], np.dtype[Any]] = {}
+# The most items a metadata array may claim. The largest real ones are vocabularies and merge
+# lists (Gemma 3: 262,144 tokens; merges up to ~500,000); the parser keeps a numpy view per item
+# (~100 bytes each), so a count from a stranger's header is bounded here, before the loop.
+MAX_ARRAY_ITEMS = 1 << 21
+# The fewest bytes an array item of a non-scalar type takes: a string's 8-byte length, a nested
+# array's 4-byte type and 8-byte count.
+_MIN_ITEM_BYTES = {int(gguf.GGUFValueType.STRING): 8, int(gguf.GGUFValueType.ARRAY): 12}
+_VALUE_TYPES = frozenset(int(t) for t in gguf.GGUFValueType)
 
 
 class FastGGUFReader(gguf.GGUFReader):
@@ -40,5 +48,24 @@ class FastGGUFReader(gguf.GGUFReader):
         if wanted is None:
             wanted = _DTYPES[key] = np.dtype(dtype).newbyteorder(order)
         count = int(count)
-        # Past the end of the file the slice is short, as the base class's: its caller fails.
-        return plain[offset : offset + wanted.itemsize * count].view(wanted)
+        end = offset + wanted.itemsize * count
+        if offset < 0 or count < 0 or end > len(plain):
+            # The base class returns a short slice here, which an array's loop does not notice: a
+            # 68-byte file claiming 2^62 items grew the reader by GBs without moving forward.
+            raise ValueError(f"the file ends before the {count} value(s) its header places at byte {offset}")
+        return plain[offset:end].view(wanted)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[npt.NDArray[Any]], list[int], Any]:
+        if raw_type == gguf.GGUFValueType.ARRAY:
+            item_type = int(self._get(orig_offs, np.uint32)[0])
+            count = int(self._get(orig_offs + 4, np.uint64)[0])
+            scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(item_type)) if item_type in _VALUE_TYPES else None
+            least = np.dtype(scalar).itemsize if scalar is not None else _MIN_ITEM_BYTES.get(item_type, 1)
+            left = len(self.data) - (orig_offs + 12)
+            if count > MAX_ARRAY_ITEMS or count * least > left:
+                raise ValueError(
+                    f"a metadata array at byte {orig_offs} claims {count} items: more than "
+                    f"{MAX_ARRAY_ITEMS} or than the {left} bytes left in the file hold"
+                )
+        parts: tuple[int, list[npt.NDArray[Any]], list[int], Any] = super()._get_field_parts(orig_offs, raw_type)
+        return parts

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as HfTokenizer
 
 from llmc.artifacts.manifest import TokenizerInfo
 from llmc.artifacts.reader import Artifact
+from llmc.artifacts.tokenizer_file import parse_tokenizer_json
 from llmc.errors import BadArtifactError, BadInputError
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -48,8 +49,8 @@ class Tokenizer:
         info = artifact.manifest.tokenizer
         source = _utf8(artifact.read_verified(info.file), info.file)
         try:
-            tok = HfTokenizer.from_str(source)
-        except Exception as exc:  # tokenizers raises a bare Exception
+            tok = parse_tokenizer_json(source)
+        except ValueError as exc:
             raise BadArtifactError(f"tokenizer file {info.file} cannot be loaded: {exc}") from exc
         template = None
         if info.chat_template_file:

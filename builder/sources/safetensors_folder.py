@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer
 
+from llmc.artifacts.tokenizer_file import parse_tokenizer_json
 from llmc.builder.sources.base import ModelSource, TensorMeta, TokenizerBundle
 from llmc.errors import BadModelError
 
@@ -61,8 +61,8 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any], generation: dict[str
     if len(tokenizer_json) > _MAX_JSON_BYTES:
         raise BadModelError(f"{tok_path} is larger than {_MAX_JSON_BYTES} bytes")
     try:
-        tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        tokenizer = parse_tokenizer_json(tokenizer_json.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # UnicodeDecodeError is a ValueError; said for the reader
         raise BadModelError(f"{tok_path} cannot be loaded by the tokenizers library: {exc}") from exc
     tok_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     template = tok_config.get("chat_template")

@@ -225,6 +225,29 @@ def test_cli_restores_an_artifact_a_killed_build_moved_aside(tiny_llama_dir: Pat
     assert not (art / staging.MARKER_NAME).exists()
 
 
+def test_a_marker_cannot_send_a_moved_aside_folder_elsewhere(tmp_path: Path) -> None:
+    """A marker is a file anyone can write: its target had a folder beside the given path moved
+    to any absolute path, or up with `..`, by any command that recovers (inspect, run, build)."""
+    outside = tmp_path / "outside"
+    here = tmp_path / "here"
+    here.mkdir()
+    targets = {
+        ".evil.llmc-old-0001": str(outside),  # absolute
+        ".evil2.llmc-old-0002": "../outside",
+        ".evil3.llmc-old-0003": "other",  # a plain name, but not the one the aside's name says
+        ".good.llmc-old-0004": "good",  # a genuine one: restored
+    }
+    for name, target in targets.items():
+        (here / name).mkdir()
+        (here / name / "manifest.json").write_text(
+            '{"format_version": 13, "files": [], "build": {"llmc_version": "0.1.0"}}'
+        )
+        _mark(here / name, "old", target, _dead_pid(), "bogus")
+    staging.recover(here / "no_such_artifact", sweep=False)
+    assert not outside.exists() and not (here / "other").exists()
+    assert sorted(p.name for p in here.iterdir()) == sorted([*list(targets)[:3], "good"])
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL at one step of publish: nothing after it runs, no cleanup either."""
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from llmc.builder.gguf_reader import FastGGUFReader
+from llmc.builder.gguf_reader import MAX_ARRAY_ITEMS, FastGGUFReader
+from llmc.builder.sources import open_source
+from llmc.errors import BadModelError
 
 
 def _assert_same(path: Path) -> None:
@@ -71,3 +74,34 @@ def test_a_truncated_file_fails_as_with_ggufs_reader(tmp_path: Path, smollm2_ggu
         gguf.GGUFReader(str(path), "r")
     with pytest.raises(type(expected.value)):
         FastGGUFReader(str(path), "r")
+
+
+def _header(tensors: int, fields: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, fields)
+
+
+def _string(text: str) -> bytes:
+    return struct.pack("<Q", len(text)) + text.encode()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # An array of 2^62 uint8 in a 68-byte file: gguf's reader loops over short reads without
+        # moving forward (GBs within a minute); here it is refused before the loop.
+        _header(0, 1) + _string("general.architecture") + struct.pack("<IIQ", 9, 0, 1 << 62),
+        _header(0, 1) + _string("a") + struct.pack("<IIQ", 9, 8, 1 << 40),  # 2^40 strings
+        _header(0, 1) + _string("a") + struct.pack("<IIQ", 9, 0, MAX_ARRAY_ITEMS + 1) + bytes(MAX_ARRAY_ITEMS + 1),
+        _header(0, 5),  # fields the file does not hold
+        _header(0, 1) + struct.pack("<Q", 1 << 63) + b"abc",  # a key of 2^63 bytes
+        _header(1, 0) + _string("t") + struct.pack("<I", 0xFFFFFFFF) + bytes(64),  # 2^32 dimensions
+    ],
+    ids=["array-2^62", "strings-2^40", "array-over-the-cap", "fields-missing", "key-2^63", "dims-2^32"],
+)
+def test_sizes_a_header_claims_are_bounded_by_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError):
+        FastGGUFReader(str(path), "r")
+    with pytest.raises(BadModelError, match="not a readable GGUF"):
+        open_source(str(path))

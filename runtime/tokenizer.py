@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.runtime import Context
+from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HfTokenizer
 
 from llmc.artifacts.manifest import TokenizerInfo
@@ -24,6 +28,12 @@ _DETOKENIZE_CONTEXT = 5
 # context in milliseconds; one that loops for seconds over a request's data is refused rather
 # than allowed to hold a worker thread (and the GIL) for longer.
 TEMPLATE_RENDER_TIMEOUT_S = 10.0
+# The largest string or list a template may build with `*`, and the widest a width argument
+# (center, indent, a %-format's field) may ask for: a real chat template repeats a few spaces or
+# dashes; a stranger's `'a' * 10**11` would allocate before any output limit could look at it.
+TEMPLATE_MAX_BUILT = 1 << 22
+# The largest exponent of `**` on numbers other than 0, 1 and -1 (2 ** 2 ** 40 never finishes).
+TEMPLATE_MAX_EXPONENT = 1024
 
 
 def _utf8(data: bytes, name: str) -> str:
@@ -95,10 +105,11 @@ class Tokenizer:
         deadline = time.monotonic() + TEMPLATE_RENDER_TIMEOUT_S
         pieces: list[str] = []
         size = 0
+        _RENDER.deadline = deadline  # loops check it too: one that prints nothing yields no piece
         try:
             for piece in self._template.generate(
-                messages=messages,
-                tools=tools,
+                messages=_guarded(messages),
+                tools=_guarded(tools),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.info.bos_token or "",
                 eos_token=self.info.eos_token or "",
@@ -107,12 +118,19 @@ class Tokenizer:
                 size += len(piece)
                 if max_chars is not None and size > max_chars:
                     raise _template_limit(f"the chat template renders these messages to over {max_chars} characters")
-                if time.monotonic() > deadline:
-                    raise _template_limit(
-                        f"the chat template took over {TEMPLATE_RENDER_TIMEOUT_S} s on these messages"
-                    )
+                _check_deadline()
+        except _TemplateTimeoutError as exc:
+            raise _template_limit(
+                f"the chat template took over {TEMPLATE_RENDER_TIMEOUT_S} s on these messages"
+            ) from exc
         except TemplateError as exc:
             raise BadInputError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+        except Exception as exc:  # the template's own failure on this data: 1 // 0, deep recursion, MemoryError
+            raise BadInputError(
+                f"the chat template failed on these messages ({type(exc).__name__}: {exc})", param="messages"
+            ) from exc
+        finally:
+            _RENDER.deadline = None
         return "".join(pieces)
 
 
@@ -141,6 +159,140 @@ class IncrementalDetokenizer:
         return delta
 
 
+# The render under way on this thread: its deadline, read by the loops over its data.
+_RENDER = threading.local()
+
+
+class _TemplateTimeoutError(TemplateError):
+    """The render ran past TEMPLATE_RENDER_TIMEOUT_S."""
+
+
+def _check_deadline() -> None:
+    deadline = getattr(_RENDER, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise _TemplateTimeoutError("over time")
+
+
+class _GuardedList(list[Any]):
+    """A list whose iteration checks the render's deadline: nested loops over a request's data
+    print nothing, so the per-piece check alone never saw them."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in super().__iter__():
+            _check_deadline()
+            yield item
+
+
+class _GuardedDict(dict[Any, Any]):
+    """A dict whose iteration (keys, values, items) checks the render's deadline."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(_GuardedList(super().keys()))
+
+    def keys(self) -> Any:
+        return _GuardedList(super().keys())
+
+    def values(self) -> Any:
+        return _GuardedList(super().values())
+
+    def items(self) -> Any:
+        return _GuardedList(super().items())
+
+
+class _GuardedStr(str):
+    """A string whose iteration, character by character, checks the render's deadline."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[str]:
+        for char in super().__iter__():
+            _check_deadline()
+            yield char
+
+
+def _guarded(value: Any) -> Any:
+    """A request's messages or tools with every list, dict and string guarded (their depth is
+    bounded by the API, api/requests.py check_depth)."""
+    if isinstance(value, dict):
+        return _GuardedDict((key, _guarded(item)) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return _GuardedList(_guarded(item) for item in value)
+    if isinstance(value, str):
+        return _GuardedStr(value)
+    return value
+
+
+class _GuardedRange:
+    """jinja's sandboxed range (at most MAX_RANGE items), iterated with the deadline checked:
+    two nested loops of 10^5 printed nothing for hours."""
+
+    def __init__(self, *args: int) -> None:
+        self._range = range(*args)
+        if len(self._range) > MAX_RANGE:
+            raise TemplateError(f"range() of more than {MAX_RANGE} items")
+
+    def __iter__(self) -> Iterator[int]:
+        for item in self._range:
+            _check_deadline()
+            yield item
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, index: int) -> int:
+        return self._range[index]
+
+
+def _built_size(left: Any, right: Any) -> int:
+    """How many items `left * right` makes where one side is a sequence and the other an int."""
+    for sequence, times in ((left, right), (right, left)):
+        if isinstance(sequence, str | list | tuple) and isinstance(times, int):
+            return len(sequence) * max(times, 0)
+    return 0
+
+
+def _bounded_width(width: Any) -> Any:
+    if isinstance(width, int) and width > TEMPLATE_MAX_BUILT:
+        raise TemplateError(f"a width of more than {TEMPLATE_MAX_BUILT}")
+    return width
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja's immutable sandbox that also bounds what one expression can allocate (`*`, `**`,
+    widths) and how long loops over a request's data or range() may run."""
+
+    intercepted_binops = frozenset({"*", "**"})  # also keeps jinja from folding them when compiling
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*" and _built_size(left, right) > TEMPLATE_MAX_BUILT:
+            raise TemplateError(f"`*` would build more than {TEMPLATE_MAX_BUILT} items")
+        huge = operator == "**" and isinstance(right, int | float) and abs(right) > TEMPLATE_MAX_EXPONENT
+        if huge and not (isinstance(left, int | float) and abs(left) in (0, 1)):
+            raise TemplateError(f"`**` with an exponent above {TEMPLATE_MAX_EXPONENT}")
+        return super().call_binop(context, operator, left, right)
+
+
+def _center(value: str, width: int = 80) -> str:
+    return str(value).center(_bounded_width(width))
+
+
+def _indent(value: str, width: Any = 4, first: bool = False, blank: bool = False) -> str:
+    from jinja2.filters import do_indent
+
+    return do_indent(value, _bounded_width(width), first, blank)
+
+
+_FORMAT_FIELD_WIDTH = re.compile(r"%[-#0 +]*(\d+)|\.(\d+)")
+
+
+def _format(value: str, *args: Any, **kwargs: Any) -> str:
+    from jinja2.filters import do_format
+
+    for match in _FORMAT_FIELD_WIDTH.finditer(str(value)):
+        _bounded_width(int(match.group(1) or match.group(2)))
+    return do_format(value, *args, **kwargs)
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
@@ -156,11 +308,17 @@ def _strftime_now(fmt: str) -> str:
 def _compile_template(source: str) -> Any:
     # Templates come from model authors we do not know: render them sandboxed, with the helpers
     # Hugging Face templates expect (raise_exception, strftime_now, tojson that keeps Unicode).
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["range"] = _GuardedRange
     env.filters["tojson"] = _tojson
+    env.filters["center"] = _center
+    env.filters["indent"] = _indent
+    env.filters["format"] = _format
     try:
         return env.from_string(source)
     except TemplateError as exc:
         raise BadArtifactError(f"the artifact's chat template does not compile: {exc}") from exc
+    except RecursionError as exc:  # thousands of nested blocks or parentheses
+        raise BadArtifactError("the artifact's chat template nests too deeply to compile") from exc

@@ -144,8 +144,8 @@ def load_arg(value: str, flag: str = "--generation-config") -> dict[str, Any]:
         text = path.read_text(encoding="utf-8", errors="replace")
     try:
         config = json.loads(text)
-    except ValueError as exc:
-        raise BadInputError(f"{flag} is not valid JSON: {exc}", param=flag) from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser recurses
+        raise BadInputError(f"{flag} is not valid JSON: {exc or 'nested too deeply'}", param=flag) from exc
     if not isinstance(config, dict):
         raise BadInputError(f'{flag} must be a JSON object such as {{"temperature": 0.7}}', param=flag)
     return parse(config, flag, strict=True)

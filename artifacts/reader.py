@@ -86,6 +86,8 @@ class Artifact:
             header: Any = msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
             raise BadArtifactError(f"{manifest_path} is not valid JSON ({exc}); rebuild the artifact") from exc
+        except RecursionError as exc:  # msgspec decodes untyped JSON recursively
+            raise BadArtifactError(f"{manifest_path} nests JSON too deeply to be a manifest") from exc
         version = header.get("format_version") if isinstance(header, dict) else None
         if version != FORMAT_VERSION:
             raise BadArtifactError(
@@ -196,8 +198,9 @@ class Artifact:
         path = self.path(name)
         try:
             body: dict[str, Any] = msgspec.json.decode(self.read_verified(name))
-        except msgspec.DecodeError as exc:
-            raise BadArtifactError(f"{path} is not valid JSON ({exc}); rebuild the artifact") from exc
+        except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: untyped JSON nested deeply
+            why = exc or "nested too deeply"
+            raise BadArtifactError(f"{path} is not valid JSON ({why}); rebuild the artifact") from exc
         return body
 
     def lazy_weights(self) -> Mapping[str, torch.Tensor]:

@@ -139,7 +139,7 @@ def _manifest_files(root: Path) -> set[str] | None:
         return None
     try:
         body: Any = msgspec.json.decode(path.read_bytes())
-    except (msgspec.DecodeError, OSError):
+    except (msgspec.DecodeError, OSError, RecursionError):  # RecursionError: untyped JSON nested deeply
         return None
     if not isinstance(body, dict) or not isinstance(body.get("format_version"), int):
         return None
@@ -188,7 +188,7 @@ def _read_marker(directory: Path) -> dict[str, Any] | None:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_MARKER_BYTES:
             return None
         body: Any = msgspec.json.decode(path.read_bytes())
-    except (OSError, msgspec.DecodeError):
+    except (OSError, msgspec.DecodeError, RecursionError):
         return None
     if not isinstance(body, dict) or body.get("llmc") != "staging" or not isinstance(body.get("pid"), int):
         return None

@@ -129,7 +129,7 @@ def load(key: str) -> tuple[dict[str, object], dict[str, bytes]] | None:
         meta = index["meta"]
         if not isinstance(meta, dict):
             raise ValueError("bad metadata")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         log.warning("compile_cache.unusable", entry=str(entry), reason=str(exc))
         return None
     return meta, files

@@ -58,7 +58,7 @@ from llmc.builder.sources.gguf_file import (
     longrope_attn_factor,
     split_kv_b,
 )
-from llmc.errors import BadInputError
+from llmc.errors import BadArtifactError, BadInputError
 from llmc.quant.formats import stored_format
 
 # Tensor bytes kept in memory before the export's scratch file spills to disk: a few tensors' worth.
@@ -106,9 +106,23 @@ def _tokenizer_fields(tokenizer_json: dict[str, Any], vocab_size: int) -> dict[s
     name = next((k for k, v in PRE_TOKENIZERS.items() if v == steps), None)
     if name is None:
         raise BadInputError("this tokenizer's pre-tokenizer has no llama.cpp name; it cannot be exported to GGUF")
-    vocab: dict[str, int] = model["vocab"]
-    added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
+    vocab: dict[str, int] = model.get("vocab") or {}
+    added_tokens = tokenizer_json.get("added_tokens") or []
+    if not isinstance(vocab, dict) or not isinstance(added_tokens, list):
+        raise BadArtifactError("the artifact's tokenizer.json has no vocabulary object or added_tokens list")
+    if not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in added_tokens):
+        raise BadArtifactError("the artifact's tokenizer.json has an added token without a string content")
+    added = {t.get("id"): t for t in added_tokens}
     # llama.cpp wants one token per embedding row: pad as its converter does, with unused tokens.
+    # The ids come from a stranger's file: a list as long as the largest one is made below, so
+    # each must be a row of the model or one of the tokens the file lists (3e9 took 7 GB).
+    limit = max(vocab_size, len(vocab) + len(added))
+    for index in [*vocab.values(), *added]:
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < limit:
+            raise BadArtifactError(
+                f"the artifact's tokenizer.json has the token id {index!r}, not in 0..{limit - 1} "
+                f"(the model's {vocab_size} rows, or as many as the file lists); rebuild the artifact"
+            )
     size = max([*vocab.values(), *added, vocab_size - 1]) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [TOKEN_UNUSED] * size
@@ -386,7 +400,10 @@ def export_gguf(artifact_dir: Path, out: Path) -> Path:
     if arch is None:
         raise BadInputError(f"GGUF export supports {', '.join(EXPORTABLE)} artifacts; this one is {spec.architecture}")
     _check_exportable(spec, arch)
-    tokenizer_json = json.loads(artifact.read_verified(manifest.tokenizer.file))
+    try:
+        tokenizer_json = json.loads(artifact.read_verified(manifest.tokenizer.file))
+    except (ValueError, RecursionError) as exc:
+        raise BadArtifactError(f"the artifact's {manifest.tokenizer.file} is not usable JSON ({exc})") from exc
     tok = _tokenizer_fields(tokenizer_json, spec.vocab_size)
     partial = out.parent / f".{out.name}.llmc-export-{secrets.token_hex(4)}"
     try:

@@ -30,6 +30,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadModelError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadModelError(f"{path} nests JSON too deeply to be a model's configuration") from exc
     if not isinstance(data, dict):
         raise BadModelError(f"{path} does not hold a JSON object")
     return data

@@ -278,6 +278,19 @@ def test_fields_the_static_checks_miss_are_caught_against_the_tensor_shapes(copy
         open_engine(copy, kv_blocks=32)
 
 
+def test_json_nested_past_the_parsers_recursion_is_refused(copy: Path) -> None:
+    """msgspec and json raise RecursionError, no DecodeError, on ~10^4 nested brackets: it left
+    `llmc inspect` and `build -o` with a traceback."""
+    deep = "[" * 20000 + "]" * 20000
+    manifest = (copy / MANIFEST_NAME).read_text().rstrip()
+    (copy / MANIFEST_NAME).write_text(manifest[:-1] + f', "deep": {deep}}}')
+    with pytest.raises(BadArtifactError, match="nests JSON too deeply"):
+        Artifact.open(copy, verify=False)
+    from llmc.artifacts.staging import recover
+
+    recover(copy / "next")  # reads the manifests beside it: no exception either
+
+
 def test_the_manifest_digest_can_be_pinned(copy: Path) -> None:
     digest = hashlib.sha256((copy / MANIFEST_NAME).read_bytes()).hexdigest()
     assert Artifact.open(copy, expect_manifest_sha256=digest).manifest_sha256 == digest

@@ -113,3 +113,19 @@ def test_an_f16_artifact_exports_its_vectors_as_f32(smollm2_gguf: Path, tmp_path
     types = {t.name: (len([d for d in t.shape if d > 1]), t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
     assert {kind for dims, kind in types.values() if dims == 1} == {gguf.GGMLQuantizationType.F32}
     assert {kind for dims, kind in types.values() if dims == 2} == {gguf.GGMLQuantizationType.F16}
+
+
+@pytest.mark.parametrize("bad", [3_000_000_000, -1, "7", True])
+def test_token_ids_a_tokenizer_file_gives_are_bounded_before_the_token_list_is_made(bad: object) -> None:
+    # The list is as long as the largest id: 3e9 in a stranger's tokenizer.json took 7 GB.
+    from llmc.builder.gguf_export import _tokenizer_fields
+    from llmc.builder.gguf_tokenizer import PRE_TOKENIZERS
+    from llmc.errors import BadArtifactError
+
+    pre = {"type": "Sequence", "pretokenizers": [*PRE_TOKENIZERS["gpt-2"], {"type": "ByteLevel"}]}
+    tokenizer = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}, "pre_tokenizer": pre}
+    assert _tokenizer_fields(tokenizer, 4)["tokens"] == ["a", "b", "[PAD2]", "[PAD3]"]
+    with pytest.raises(BadArtifactError, match="token id"):
+        _tokenizer_fields({**tokenizer, "added_tokens": [{"id": bad, "content": "<x>"}]}, 4)
+    with pytest.raises(BadArtifactError, match="token id"):
+        _tokenizer_fields({**tokenizer, "model": {**tokenizer["model"], "vocab": {"a": 0, "b": bad}}}, 4)

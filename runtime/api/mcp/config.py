@@ -35,8 +35,8 @@ def load_config(path: str | Path, cwd: str | None = None) -> list[ServerSpec]:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         raise BadInputError(f"{where}: cannot read the file: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise BadInputError(f"{where}: not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser recurses
+        raise BadInputError(f"{where}: not valid JSON: {exc or 'nested too deeply'}") from exc
     servers = data.get("mcpServers") if isinstance(data, dict) else None
     if not isinstance(servers, dict):
         raise BadInputError(f'{where}: expected {{"mcpServers": {{name: {{"command": ...}} or {{"url": ...}}}}}}')

@@ -333,8 +333,27 @@ MAX_POSITION_EMBEDDINGS = 1 << 24
 # allocations before any tensor is read. 2^24 is 60x the largest vocabularies (256k) and hidden
 # sizes (~16k) of released models.
 MAX_DIMENSION = 1 << 24
+# Bound on a head's width (head_dim, and MLA's per-head and latent widths): 16x the widest of
+# released models (Gemma's 256 per head, DeepSeek's 1536-wide q latent is a rank, below). Rope
+# tables and attention buffers are sized by it before any tensor could contradict it.
+MAX_HEAD_DIM = 4096
 _SHA256_HEX_CHARS = 64
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+# The activations, norms and routers the model code has (model/layers.py ACTIVATIONS, model/moe.py).
+HIDDEN_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
+_NORMS = ("rms", "layer")
+_ROUTERS = ("softmax", "group_softmax", "group_sigmoid")
+# What each rope scaling type reads (model/rope.py): required numbers, and optional ones.
+_ROPE_SCALING_NUMBERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "longrope": (("original_max_position_embeddings",), ("max_position_embeddings", "attention_factor")),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow"),
+    ),
+}
 _STORED_DTYPES = ("F32", "F16", "BF16", "I8", "U8", "I32", "I64")
 # A target is named like "cpu" or "cuda": a key the error messages and field names quote, so it is
 # bounded (16 characters name every device torch knows).
@@ -403,9 +422,50 @@ def _positive(field: str, value: float, upper: float = MAX_DIMENSION) -> None:
         raise _bad(field, f"is {value}; it must be in 1..{upper}")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _check_rope_scaling(spec: ModelSpec) -> None:
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return
+    kind = str(scaling.get("rope_type", scaling.get("type", "default")))
+    if kind not in _ROPE_SCALING_NUMBERS:
+        raise _bad("model.rope_scaling", f"has type {kind!r}; llmc knows {', '.join(_ROPE_SCALING_NUMBERS)}")
+    required, optional = _ROPE_SCALING_NUMBERS[kind]
+    for key in required:
+        if not _number(scaling.get(key)):
+            raise _bad(f"model.rope_scaling.{key}", f"is {scaling.get(key)!r}; {kind} scaling needs a positive number")
+    for key in optional:  # 0 reads as unset where model/rope.py uses `or` (mscale_all_dim: 0 in some configs)
+        value = scaling.get(key)
+        if value is not None and not ((value == 0 and not isinstance(value, bool)) or _number(value)):
+            raise _bad(f"model.rope_scaling.{key}", f"is {value!r}; it must be a number of at least 0")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            factors = scaling.get(key)
+            if not isinstance(factors, list) or not 0 < len(factors) <= MAX_HEAD_DIM or not all(map(_number, factors)):
+                raise _bad(f"model.rope_scaling.{key}", "must be a list of positive numbers, one per rotated pair")
+
+
 def _check_model(spec: ModelSpec) -> None:
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{name}", getattr(spec, name))
+    _positive("model.head_dim", spec.head_dim, MAX_HEAD_DIM)
+    for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if not 0 <= getattr(spec, name) <= MAX_HEAD_DIM:
+            raise _bad(f"model.{name}", f"is {getattr(spec, name)}; it must be in 0..{MAX_HEAD_DIM}")
+    for name in ("q_lora_rank", "kv_lora_rank", "shared_expert_intermediate_size", "n_group", "topk_group"):
+        if not 0 <= getattr(spec, name) <= MAX_DIMENSION:
+            raise _bad(f"model.{name}", f"is {getattr(spec, name)}; it must be in 0..{MAX_DIMENSION}")
+    for name, value, allowed in (
+        ("hidden_act", spec.hidden_act, HIDDEN_ACTIVATIONS),
+        ("norm", spec.norm, _NORMS),
+        ("router", spec.router, _ROUTERS),
+    ):
+        if value not in allowed:
+            raise _bad(f"model.{name}", f"is {value!r}; llmc has {', '.join(allowed)}")
+    _check_rope_scaling(spec)
     _positive("model.max_position_embeddings", spec.max_position_embeddings, MAX_POSITION_EMBEDDINGS)
     for name in ("intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         if not 0 <= getattr(spec, name) <= MAX_DIMENSION:

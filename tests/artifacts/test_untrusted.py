@@ -209,6 +209,27 @@ INCONSISTENT: dict[str, tuple[Edit, str]] = {
     "duplicate file": (lambda m: m["files"].append(dict(m["files"][0])), r"twice"),
     "unknown dtype": (_set("tensors", 0, "dtype", value="F64"), r"tensors\[0\]\.dtype"),
     "negative shape": (_set("tensors", 0, "shape", value=[-1, 64]), r"tensors\[0\]\.shape"),
+    # Fields the model code reads that once passed and crashed the load with a traceback.
+    "activation unknown": (_set("model", "hidden_act", value="evil"), r"model\.hidden_act"),
+    "norm unknown": (_set("model", "norm", value="none"), r"model\.norm"),
+    "router unknown": (_set("model", "router", value="x"), r"model\.router"),
+    "rope linear no factor": (_set("model", "rope_scaling", value={"rope_type": "linear"}), r"rope_scaling\.factor"),
+    "rope factor string": (
+        _set("model", "rope_scaling", value={"type": "linear", "factor": "2"}),
+        r"rope_scaling\.factor",
+    ),
+    "rope yarn no original": (
+        _set("model", "rope_scaling", value={"rope_type": "yarn", "factor": 4.0}),
+        r"rope_scaling\.original_max_position_embeddings",
+    ),
+    "rope longrope no factors": (
+        _set("model", "rope_scaling", value={"rope_type": "longrope", "original_max_position_embeddings": 4096}),
+        r"rope_scaling\.short_factor",
+    ),
+    "rope type unknown": (_set("model", "rope_scaling", value={"rope_type": "magic"}), r"model\.rope_scaling"),
+    "mla rope width 2^40": (_set("model", "qk_rope_head_dim", value=2**40), r"model\.qk_rope_head_dim"),
+    "head width 2^20": (_set("model", "head_dim", value=2**20), r"model\.head_dim"),
+    "lora rank negative": (_set("model", "kv_lora_rank", value=-1), r"model\.kv_lora_rank"),
 }
 
 
@@ -289,6 +310,26 @@ def test_json_nested_past_the_parsers_recursion_is_refused(copy: Path) -> None:
     from llmc.artifacts.staging import recover
 
     recover(copy / "next")  # reads the manifests beside it: no exception either
+
+
+def test_a_layout_the_static_checks_cannot_judge_fails_as_a_bad_artifact(copy: Path) -> None:
+    """A quantized layout claimed for a float tensor passes the manifest's checks; building the
+    model then failed with an IndexError traceback."""
+
+    def quantize_a_norm(m: dict[str, Any]) -> None:
+        norm = next(t for t in m["tensors"] if t["name"].endswith("input_layernorm.weight"))
+        norm["quant"] = "q4_0"
+
+    _edit(copy, quantize_a_norm)
+    with pytest.raises(BadArtifactError, match="cannot be built from this artifact"):
+        open_engine(copy, kv_blocks=32)
+
+
+def test_the_models_activations_are_the_ones_the_manifest_allows() -> None:
+    from llmc.artifacts.manifest import HIDDEN_ACTIVATIONS
+    from llmc.model.layers import ACTIVATIONS
+
+    assert set(HIDDEN_ACTIVATIONS) == set(ACTIVATIONS)
 
 
 def test_the_manifest_digest_can_be_pinned(copy: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llmc.artifacts.tokenizer_file import parse_tokenizer_json
 from llmc.builder.sources.base import ModelSource, TensorMeta, TokenizerBundle
@@ -44,12 +44,14 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _as_id_list(value: Any) -> list[int]:
+def _as_id_list(value: Any, where: str) -> list[int]:
+    """A token id or a list of them, as config.json and generation_config.json write them."""
     if value is None:
         return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise BadModelError(f"{where} is {value!r}; it must be a token id or a list of token ids")
+    return list(values)
 
 
 def load_hf_tokenizer(folder: Path, config: dict[str, Any], generation: dict[str, Any]) -> TokenizerBundle:
@@ -69,12 +71,20 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any], generation: dict[str
     tok_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")
+        template = next((t.get("template") for t in named), None)
+    if template is not None and not isinstance(template, str):
+        raise BadModelError(f"{folder / 'tokenizer_config.json'}'s chat_template is neither text nor named templates")
     if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadModelError(f"{folder / 'chat_template.jinja'} is not UTF-8 text ({exc})") from exc
     bos = _token_text(tok_config.get("bos_token"))
     eos = _token_text(tok_config.get("eos_token"))
-    eos_ids = _as_id_list(generation.get("eos_token_id")) or _as_id_list(config.get("eos_token_id"))
+    eos_ids = _as_id_list(generation.get("eos_token_id"), "generation_config.json's eos_token_id") or _as_id_list(
+        config.get("eos_token_id"), "config.json's eos_token_id"
+    )
     if eos is not None and (eos_id := tokenizer.token_to_id(eos)) is not None and eos_id not in eos_ids:
         eos_ids.append(eos_id)
     if bos is None and isinstance(config.get("bos_token_id"), int):
@@ -119,16 +129,22 @@ class SafetensorsFolderSource(ModelSource):
         self._where: dict[str, Path] = {}
         self._meta: dict[str, TensorMeta] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue  # older checkpoints saved the rope table; it is recomputed
-                    tensor_slice = handle.get_slice(key)
-                    dtype = tensor_slice.get_dtype()
-                    if dtype not in _ST_DTYPES:
-                        raise BadModelError(f"tensor {key} in {file.name} has dtype {dtype}; expected F32/F16/BF16")
-                    self._where[key] = file
-                    self._meta[key] = TensorMeta(shape=list(tensor_slice.get_shape()), dtype=_ST_DTYPES[dtype])
+            try:
+                self._index(file)
+            except SafetensorError as exc:  # a damaged or crafted header
+                raise BadModelError(f"{file} is not a readable safetensors file: {exc}") from exc
+
+    def _index(self, file: Path) -> None:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue  # older checkpoints saved the rope table; it is recomputed
+                tensor_slice = handle.get_slice(key)
+                dtype = tensor_slice.get_dtype()
+                if dtype not in _ST_DTYPES:
+                    raise BadModelError(f"tensor {key} in {file.name} has dtype {dtype}; expected F32/F16/BF16")
+                self._where[key] = file
+                self._meta[key] = TensorMeta(shape=list(tensor_slice.get_shape()), dtype=_ST_DTYPES[dtype])
 
     def tensors(self) -> dict[str, TensorMeta]:
         return dict(self._meta)

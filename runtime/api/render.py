@@ -6,6 +6,8 @@ MCP loop render through here so both answer in exactly the same shapes.
 
 from __future__ import annotations
 
+import codecs
+
 import msgspec
 
 from llmc.runtime.api import protocol as p
@@ -71,32 +73,39 @@ class Renderer:
         return msgspec.json.encode(body)
 
     def chat_logprobs(self, logprobs: list[TokenLogprob]) -> p.ChatLogprobs:
+        """`bytes` are each token's own (a piece of a character where the token is one), so that
+        they join into the content's UTF-8 as OpenAI's do; `token` is its text as decoded alone."""
+        spell = self.tokenizer.token_bytes
         content = []
         for lp in logprobs:
-            text = self.token(lp.token_id)
-            top = [p.TopLogprob(self.token(t), v, list(self.token(t).encode())) for t, v in lp.top]
-            content.append(p.ChatTokenLogprob(text, lp.logprob, list(text.encode()), top))
+            top = [p.TopLogprob(self.token(t), v, list(spell(t))) for t, v in lp.top]
+            content.append(p.ChatTokenLogprob(self.token(lp.token_id), lp.logprob, list(spell(lp.token_id)), top))
         return p.ChatLogprobs(content=content)
 
-    def completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> p.CompletionLogprobs:
-        tokens: list[str] = []
-        values: list[float | None] = []
-        tops: list[dict[str, float] | None] = []
-        offsets: list[int] = []
-        for lp in logprobs:
-            text = self.token(lp.token_id)
-            tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({self.token(t): v for t, v in lp.top})
+    def text_offsets(self, ids: list[int], offset: int) -> list[int]:
+        """Where each token starts in the text, in characters from `offset`: a token that ends
+        inside a character adds none, the one that completes it adds it (decoding each token
+        alone counted a U+FFFD for each part)."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        offsets = []
+        for token_id in ids:
             offsets.append(offset)
-            offset += len(text)
-        return p.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+            offset += len(decoder.decode(self.tokenizer.token_bytes(token_id)))
+        return offsets
+
+    def completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> p.CompletionLogprobs:
+        return p.CompletionLogprobs(
+            tokens=[self.token(lp.token_id) for lp in logprobs],
+            token_logprobs=[lp.logprob for lp in logprobs],
+            top_logprobs=[{self.token(t): v for t, v in lp.top} for lp in logprobs],
+            text_offset=self.text_offsets([lp.token_id for lp in logprobs], offset),
+        )
 
     def echo_logprobs(self, ids: list[int], prompt_logprobs: list[TokenLogprob | None] | None) -> p.CompletionLogprobs:
         """The prompt's own tokens, as OpenAI echoes them: the first has no logprob."""
         entries = prompt_logprobs or [None] * len(ids)
         tokens = [self.token(t) for t in ids]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        offsets = self.text_offsets(ids, 0)
         return p.CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[None if lp is None else lp.logprob for lp in entries],

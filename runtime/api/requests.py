@@ -57,6 +57,11 @@ def _unsupported(field: str, issue: str) -> BadInputError:
 def _logprobs(req: ChatCompletionRequest | CompletionRequest) -> int | None:
     """None for no logprobs, else how many alternatives to report per token."""
     if isinstance(req, ChatCompletionRequest):
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):  # the field is shared with completions
+            raise BadInputError(
+                "logprobs is true or false for chat completions; ask for alternatives with top_logprobs",
+                param="logprobs",
+            )
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise BadInputError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
         if not req.logprobs:

@@ -260,3 +260,27 @@ def test_parse_with_a_pydantic_model_ends_with_bounded_numbers(client: OpenAI) -
     assert choice.finish_reason == "stop"
     city = choice.message.parsed
     assert city is not None and abs(city.population) < 10**16 and abs(city.area_km2) < 1e16
+
+
+def test_logprobs_of_a_character_split_over_tokens(client: OpenAI, smollm2_artifact: Path) -> None:
+    """SmolLM2 spells 🌍 as three byte-level tokens. Each token's `bytes` are its own (they were
+    U+FFFD's, from decoding it alone), and text offsets count the character once."""
+    from llmc.artifacts.reader import Artifact
+    from llmc.runtime.api.render import Renderer
+    from llmc.runtime.sampling_params import TokenLogprob
+    from llmc.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_artifact(Artifact.open(smollm2_artifact))
+    ids = tokenizer.encode("🌍 hello")
+    render = Renderer(tokenizer, MODEL)
+    content = render.chat_logprobs([TokenLogprob(t, -1.0, []) for t in ids]).content
+    assert b"".join(bytes(e.bytes) for e in content) == "🌍 hello".encode()
+    assert len(ids) > 2 and render.text_offsets(ids, 0)[-1] == 1  # " hello" starts after one character
+
+    echoed = client.completions.create(
+        model=MODEL, prompt="🌍 hello", max_tokens=1, temperature=0, echo=True, logprobs=0
+    )
+    logprobs = echoed.choices[0].logprobs
+    assert logprobs is not None and logprobs.text_offset is not None
+    assert logprobs.text_offset[: len(ids)] == render.text_offsets(ids, 0)
+    assert logprobs.text_offset[len(ids)] == len("🌍 hello")  # the completion starts where the prompt ends

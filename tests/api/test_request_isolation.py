@@ -116,6 +116,7 @@ BAD_INPUTS: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("stop-token-ids-negative", CHAT, _chat(stop_token_ids=[-1]), 400, "stop_token_ids"),
     ("top-logprobs-without-logprobs", CHAT, _chat(top_logprobs=3), 400, "top_logprobs"),
     ("top-logprobs-50", CHAT, _chat(logprobs=True, top_logprobs=50), 400, "top_logprobs"),
+    ("chat-logprobs-integer", CHAT, _chat(logprobs=5), 400, "logprobs"),
     (
         "tool-choice-function-string",
         CHAT,

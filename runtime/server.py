@@ -204,6 +204,9 @@ def serve(config: ServeConfig) -> None:
             host=config.host,
             advice="put a reverse proxy (TLS, rate limits, client timeouts) in front of llmc",
         )
+    if config.api_key is not None and not any(key.strip() for key in config.api_key.split(",")):
+        # App drops blank keys, which would leave the server (and its MCP tools) open to everyone.
+        raise BadInputError("--api-key holds no key, only blanks or commas; give one or several keys, comma-separated")
     mcp_config = None
     if config.mcp_config is not None:  # a bad config fails before the model loads
         check_sdk()

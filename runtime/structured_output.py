@@ -152,7 +152,14 @@ class GrammarCompiler:
         """A grammar for JSON matching `schema` (any JSON object when None)."""
         if schema is not None and len(json.dumps(schema)) > MAX_GRAMMAR_CHARS:
             raise BadInputError(f"the schema is larger than {MAX_GRAMMAR_CHARS} characters", param=param)
-        text = json.dumps(bounded_schema(schema) if schema is not None else any_json_object_schema())
+        if isinstance(schema, dict) and "x-guidance" in schema:
+            # llguidance's own options (separators, leniency) are the server's to set: a client's
+            # made `[1 ; 2]` (no JSON) and unsupported keywords silently ignored.
+            raise BadInputError("the schema's x-guidance key is not accepted; remove it", param=param)
+        bounded = bounded_schema(schema) if schema is not None else any_json_object_schema()
+        if isinstance(bounded, dict):
+            bounded = {**bounded, "x-guidance": JSON_OPTIONS}
+        text = json.dumps(bounded)
         try:
             grammar = self._llg.LLMatcher.grammar_from_json_schema(text, defaults=cast(Any, JSON_OPTIONS))
         except (ValueError, RuntimeError) as exc:

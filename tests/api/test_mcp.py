@@ -301,6 +301,17 @@ def test_config_resolves_server_directories(tmp_path: Path) -> None:
     assert [(s.name, s.cwd) for s in specs] == [("a", "/start"), ("b", "/start/sub")]
 
 
+def test_a_config_file_is_read_only_up_to_its_cap(tmp_path: Path) -> None:
+    # /dev/zero (or any huge file) was read whole: a MemoryError, or the machine's memory.
+    from llmc.runtime.api.mcp.config import MAX_CONFIG_BYTES
+
+    big = tmp_path / "mcp.json"
+    big.write_text('{"mcpServers": {}, "pad": "' + "x" * MAX_CONFIG_BYTES + '"}')
+    for path in (big, Path("/dev/zero")):
+        with pytest.raises(BadInputError, match="over"):
+            load_config(path)
+
+
 def test_bad_config_stops_llmc_run_before_serving(tiny_4k: Path, tmp_path: Path) -> None:
     path = tmp_path / "mcp.json"
     path.write_text('{"mcpServers": {"x": {}}}')

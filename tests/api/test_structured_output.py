@@ -128,6 +128,15 @@ def test_forced_tool_choice_gives_a_valid_call(base_url: str, choice: object) ->
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
+        (  # llguidance's options are the server's: a client's made `[1 ; 2]`, which is no JSON
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "x-guidance": {"item_separator": " ; "}}},
+                }
+            },
+            "response_format",
+        ),
     ],
 )
 def test_bad_tool_and_format_requests(base_url: str, extra: dict[str, Any], param: str) -> None:

@@ -157,3 +157,13 @@ def test_startup_lines_say_where_to_go(host: str, ui: bool, expected: list[str])
     for line, want in zip(lines, expected, strict=True):
         assert want in line
     assert not any("0.0.0.0:2000/" in line or "http://[::]" in line for line in lines)  # no unusable URL
+
+
+@pytest.mark.parametrize("key", ["", " ", ",", " , "])
+def test_an_api_key_of_blanks_is_refused_not_taken_as_none(tiny_4k: Path, tmp_path: Path, key: str) -> None:
+    # The server dropped blank keys and so served everyone, MCP tools included (--mcp-config
+    # only asks that --api-key be given).
+    command = [sys.executable, "-m", "llmc", "run", str(tiny_4k), "--p", str(free_port()), "--api-key", key]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2  # bad input, before the model loads
+    assert "--api-key holds no key" in result.stderr

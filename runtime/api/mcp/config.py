@@ -13,6 +13,9 @@ from pathlib import Path
 
 from llmc.errors import BadInputError
 
+# An mcp.json names a few servers: a few KB. Read no more than this (the file may be a device or huge).
+MAX_CONFIG_BYTES = 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ServerSpec:
@@ -32,7 +35,11 @@ def load_config(path: str | Path, cwd: str | None = None) -> list[ServerSpec]:
     """
     where = f"--mcp-config {path}"
     try:
-        data = json.loads(Path(path).read_text())
+        with open(path, "rb") as file:  # read at most one byte past the cap: /dev/zero has no size
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise BadInputError(f"{where}: over {MAX_CONFIG_BYTES} bytes; is it an mcp.json?")
+        data = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise BadInputError(f"{where}: cannot read the file: {exc.strerror or exc}") from exc
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser recurses

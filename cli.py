@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import sys
 import threading
@@ -14,7 +15,7 @@ import msgspec
 
 from llmc.builder import BUILD_DTYPES, CPU_ISAS, DEFAULT_BUCKETS, DEFAULT_CPU_ISA, ISQ_FORMATS
 from llmc.builder.targets import TARGET_NAMES
-from llmc.errors import BadInputError, LlmcError
+from llmc.errors import BadInputError, LlmcError, OutOfResourcesError
 from llmc.logs import configure
 from llmc.runtime.api.http_guard import BODY_TIMEOUT_S
 from llmc.runtime.api.requests import MAX_TEMPERATURE
@@ -94,13 +95,39 @@ def log_level(meta: dict[str, Any], default: str) -> str:
     return LEVEL_ORDER[max(0, min(index, len(LEVEL_ORDER) - 1))]
 
 
+# Operating-system errors that are the machine's or the caller's, not llmc's: said as LlmcErrors
+# with their exit codes (5 out of resources, 2 bad input) rather than tracebacks and exit 1.
+_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG})
+_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP, errno.EILSEQ})
+
+
+def os_error(exc: OSError) -> LlmcError | None:
+    """The LlmcError an OSError stands for, or None where it is not one of the above."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in _RESOURCE_ERRNOS:
+        return OutOfResourcesError(f"{exc.strerror or exc}{where}: free disk space or memory, or ask for less")
+    if exc.errno in _PATH_ERRNOS:
+        return BadInputError(f"{exc.strerror or exc}{where}: choose a path this user can use")
+    return None
+
+
 class _Command(click.Command):
-    """Configures logging once every flag (before and after the subcommand) has been read."""
+    """Configures logging once every flag (before and after the subcommand) has been read, and
+    reports a full disk, exhausted memory or an unusable path as an llmc error."""
 
     def invoke(self, ctx: click.Context) -> Any:
         default = DEFAULT_RUN_LOG_LEVEL if self.name == "run" else DEFAULT_LOG_LEVEL
         configure(log_level(ctx.meta, default))
-        return super().invoke(ctx)
+        as_json = bool(ctx.params.get("as_json"))
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            error = os_error(exc)
+            if error is None:
+                raise
+            _fail(error, as_json)
+        except MemoryError:
+            _fail(OutOfResourcesError("out of memory: free memory, or use a smaller model or --mem"), as_json)
 
 
 class _Group(click.Group):

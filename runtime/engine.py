@@ -378,6 +378,7 @@ class Engine:
         """Undo whatever `_accept` did for a submission and end each of its sequences with `reason`."""
         self._followers.pop(item.seqs[0].seq_id, None)
         for seq in item.seqs:
+            self._scheduled(seq)  # it leaves the waiting count, or its slot under --max-waiting stays taken
             self.scheduler.finish(seq)
             self.outputs.discard(seq)
             self._sinks.pop(seq.seq_id, None)

@@ -53,9 +53,14 @@ class InputBatch:
                 # longrope picks its factors by the sequence's whole length (HF: the longest
                 # position in the forward pass), so every chunk of a long prompt agrees.
                 out.long_rope.extend([len(tokens) > long_rope_after] * count)
-            if seq.params.prompt_logprobs is not None and start < len(seq.prompt_ids) - 1:
-                first = len(out.input_ids) - count
-                out.prompt_rows[seq.seq_id] = list(range(first, first + min(end, len(seq.prompt_ids) - 1) - start))
+            # Rows predicting prompt tokens whose logprobs are not recorded yet: a preempted
+            # sequence recomputes its prompt from 0, and its recorded ones stand (rows for them
+            # again ran the record past the prompt's end: an IndexError, a 500).
+            needed = max(start, len(seq.prompt_logprobs) - 1)
+            stop = min(end, len(seq.prompt_ids) - 1)
+            if seq.params.prompt_logprobs is not None and needed < stop:
+                first = len(out.input_ids) - count + needed - start
+                out.prompt_rows[seq.seq_id] = list(range(first, first + stop - needed))
             seq.num_computed = end
             if end == len(tokens):
                 out.done.append(seq)

@@ -377,3 +377,20 @@ def test_the_command_skips_finalizing_but_ends_as_a_normal_exit(tmp_path: Path, 
     assert result.stdout == "buffered"
     assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
     assert result.stderr == ("a message\n" if how == "a message" else "")
+
+
+def test_a_full_disk_or_an_unusable_path_is_an_llmc_error_not_a_traceback(tmp_path: Path) -> None:
+    """A path component over 255 bytes crashed build, inspect and export; a full disk at build or
+    export and ENOMEM from the KV cache's mmap exited 1 with a traceback (exit 5 is out of resources)."""
+    import errno
+
+    from llmc.cli import main, os_error
+
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / ("a" * 300)), "--json"])
+    assert result.exit_code == EXIT_CODES[ErrorKind.BAD_INPUT], result.output
+    assert json.loads(result.output)["error"]["message"].startswith("File name too long")
+    full = os_error(OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors"))
+    assert full is not None and full.exit_code == EXIT_CODES[ErrorKind.OUT_OF_RESOURCES]
+    assert "/out/model.safetensors" in full.message
+    assert os_error(OSError(errno.ENOMEM, "Cannot allocate memory")).kind == ErrorKind.OUT_OF_RESOURCES  # type: ignore[union-attr]
+    assert os_error(OSError(errno.EIO, "I/O error")) is None  # not the machine's limits: a traceback still

@@ -208,3 +208,23 @@ def test_the_heap_is_trimmed_once_each_time_the_engine_goes_idle(tiny: Path, mon
         assert len(trims) == at_ready + 2
     finally:
         engine.stop()
+
+
+def test_prompt_logprobs_survive_a_preemption(tiny: Path) -> None:
+    """A preempted sequence recomputes its prompt from 0: rows for prompt logprobs it had recorded
+    ran the record past the prompt's end (IndexError: a 500 for `echo` with `logprobs` under load)."""
+    prompts = _prompts(3, seed=11, low=30, high=31)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    alone: list[RequestOutput] = []
+    generate(open_engine(tiny), prompts[:1], params, collect=alone)
+    engine = open_engine(tiny, kv_blocks=8)  # 3 x 70 tokens in 8 blocks of 16: someone is preempted
+    outputs: list[RequestOutput] = []
+    generate(engine, prompts, params, collect=outputs)
+    assert engine.scheduler.num_preemptions > 0
+    assert all(o.finish_reason != "error" for o in outputs)
+    first = next(o for o in outputs if o.request_id == "r0" and o.prompt_logprobs is not None)
+    expected = alone[0].prompt_logprobs
+    assert expected is not None and first.prompt_logprobs is not None
+    assert [e.token_id for e in first.prompt_logprobs[1:]] == [e.token_id for e in expected[1:]]  # type: ignore[union-attr]
+    got = [e.logprob for e in first.prompt_logprobs[1:]]  # type: ignore[union-attr]
+    assert got == pytest.approx([e.logprob for e in expected[1:]], abs=1e-4)  # type: ignore[union-attr]

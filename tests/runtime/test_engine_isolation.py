@@ -121,6 +121,8 @@ def test_accept_failure_fails_only_its_request(tiny: Path, alone: list[list[int]
     assert sorted(o.request_id for o in failed) == ["bad/0", "bad/1"]
     assert all(o.finished and o.finish_reason == "error" and o.error for o in failed)
     assert engine._by_request == {} and engine._sinks == {} and engine._followers == {}
+    # Nor do they keep their places under --max-waiting: 256 such rejections answered 503 to all.
+    assert engine.num_waiting == 0
 
 
 def test_runner_failure_fails_its_batch_and_the_engine_keeps_serving(tiny: Path, alone: list[list[int]]) -> None:

@@ -80,20 +80,27 @@ def wait_healthy(proc: subprocess.Popen[bytes], base: str, started: float, what:
         time.sleep(poll_s)
 
 
-def measure(artifact: Path, threads: int, mem_mb: int, extra: list[str]) -> dict[str, object]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)]
-    cmd += ["--mem", str(mem_mb), *extra]
+def _started(cmd: list[str], port: int, what: str) -> dict[str, float]:
+    """Start the server `cmd` (listening on `port`), wait for /health, measure, stop it: its ready
+    time and the memory of its processes then."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        ready = wait_healthy(proc, f"http://127.0.0.1:{port}", started, "llmc run")
+        ready = wait_healthy(proc, f"http://127.0.0.1:{port}", started, what)
         memory = _memory_mb(_tree(proc.pid))
     finally:
         proc.terminate()
         proc.wait()
+    return {"ready_s": round(ready, 2), **memory}
+
+
+def measure(artifact: Path, threads: int, mem_mb: int, extra: list[str]) -> dict[str, object]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)]
+    cmd += ["--mem", str(mem_mb), *extra]
+    measured = _started(cmd, port, "llmc run")
     weights = sum(f.stat().st_size for f in artifact.glob("*.safetensors"))
-    return {"artifact": str(artifact), "ready_s": round(ready, 2), **memory, "weights_mb": round(weights / 2**20, 1)}
+    return {"artifact": str(artifact), **measured, "weights_mb": round(weights / 2**20, 1)}
 
 
 def gguf_kv_mb(gguf_path: Path, context: int) -> float:
@@ -122,18 +129,10 @@ def measure_llama_server(server: Path, gguf_path: Path, threads: int) -> dict[st
     port = _free_port()
     cmd = [str(server), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
            "-c", str(PEER_CONTEXT), "-np", "1"]  # fmt: skip
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        ready = wait_healthy(proc, f"http://127.0.0.1:{port}", started, "llama-server")
-        memory = _memory_mb(_tree(proc.pid))
-    finally:
-        proc.terminate()
-        proc.wait()
+    measured = _started(cmd, port, "llama-server")
     weights_mb = round(gguf_path.stat().st_size / 2**20, 1)
     kv_mb = gguf_kv_mb(gguf_path, PEER_CONTEXT)
-    return {"llama_server": str(gguf_path), "ready_s": round(ready, 2), **memory, "kv_mb": kv_mb,
-            "weights_mb": weights_mb}  # fmt: skip
+    return {"llama_server": str(gguf_path), **measured, "kv_mb": kv_mb, "weights_mb": weights_mb}
 
 
 def main() -> None:

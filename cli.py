@@ -395,6 +395,8 @@ def export(artifact: Path, gguf_path: Path) -> None:
     from llmc.builder.gguf_export import export_gguf
 
     try:
+        _recover(artifact)  # as inspect and run: put back an artifact a killed build moved aside
+        _check_directory(artifact)  # a typo is bad input (2), not a damaged artifact (4)
         export_gguf(artifact, gguf_path)
     except LlmcError as exc:
         _fail(exc, False)

@@ -386,6 +386,8 @@ def test_a_full_disk_or_an_unusable_path_is_an_llmc_error_not_a_traceback(tmp_pa
 
     from llmc.cli import main, os_error
 
+    missing = CliRunner().invoke(main, ["export", str(tmp_path / "typo"), "--gguf", str(tmp_path / "x.gguf")])
+    assert missing.exit_code == EXIT_CODES[ErrorKind.BAD_INPUT], missing.output  # as inspect: was 4
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / ("a" * 300)), "--json"])
     assert result.exit_code == EXIT_CODES[ErrorKind.BAD_INPUT], result.output
     assert json.loads(result.output)["error"]["message"].startswith("File name too long")

@@ -28,7 +28,7 @@ import httpx
 import torch
 
 from llmc.artifacts.reader import Artifact
-from llmc.benchmarks.ready import _free_port, wait_healthy
+from llmc.benchmarks.ready import free_port, wait_healthy
 from llmc.benchmarks.step_times import step_ms
 from llmc.benchmarks.weight_forms import median_ms
 from llmc.kernels.cpu import qmatmul_vnni
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     llama_cmd = [str(args.llama_server), "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
                  "-t", str(args.threads), "-c", str(PEER_CONTEXT), "-np", "1"]  # fmt: skip

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from llmc.benchmarks.ready import wait_healthy
+from llmc.benchmarks.ready import free_port, wait_healthy
 
 PROMPT = "The history of the printing press begins"
 # Long enough for a stable rate, short enough to stay inside a small context.
@@ -36,12 +35,6 @@ _HEALTH_POLL_S = 0.02
 # Token ids of the prefill prompts: ordinary vocabulary entries of SmolLM2 (below its 49152),
 # varied per run so that no prefix cache can help.
 _PREFILL_BASE_ID = 1000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bench_build(gguf: Path, out: Path, dtype: str, isq: str | None = None) -> dict[str, float]:
@@ -95,7 +88,7 @@ def stream_completion(base: str, max_tokens: int, prompt: str | list[int] = PROM
 
 
 def bench_llmc_server(artifact: Path, threads: int, runs: int, eager: bool) -> dict[str, float]:
-    port = _free_port()
+    port = free_port()
     started = time.perf_counter()
     flags = ["--eager"] if eager else []
     proc = subprocess.Popen(

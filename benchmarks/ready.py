@@ -36,7 +36,8 @@ PEER_CONTEXT = 256
 _F16_BYTES = 2
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback now, for a server the benchmark starts."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -95,7 +96,7 @@ def _started(cmd: list[str], port: int, what: str) -> dict[str, float]:
 
 
 def measure(artifact: Path, threads: int, mem_mb: int, extra: list[str]) -> dict[str, object]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "llmc", "run", str(artifact), "--p", str(port), "--threads", str(threads)]
     cmd += ["--mem", str(mem_mb), *extra]
     measured = _started(cmd, port, "llmc run")
@@ -126,7 +127,7 @@ def gguf_kv_mb(gguf_path: Path, context: int) -> float:
 
 def measure_llama_server(server: Path, gguf_path: Path, threads: int) -> dict[str, object]:
     """llama-server's ready time and memory at ready on `gguf_path`, PEER_CONTEXT tokens, 1 slot."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(server), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
            "-c", str(PEER_CONTEXT), "-np", "1"]  # fmt: skip
     measured = _started(cmd, port, "llama-server")
